@@ -1,0 +1,22 @@
+"""jbilevel: validation-guided data curation for LLM fine-tuning in JAX.
+
+The public research API (DESIGN.md section 3) is re-exported here lazily, so that
+``import jbilevel`` stays cheap and jaxopt is only imported when a hypergradient is asked for.
+"""
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "hypergrad": "jbilevel.implicit",
+    "implicit_solver": "jbilevel.implicit",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'jbilevel' has no attribute {name!r}")
