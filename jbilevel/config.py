@@ -1,0 +1,185 @@
+"""Frozen dataclass configs from YAML files and ``key=value`` overrides, checked on the way in.
+
+A config is a tree of frozen dataclasses. :func:`load` reads a YAML file into it, applies
+command-line overrides such as ``train.lr_omega=0.3`` or ``mesh.data=-1`` (values parsed as
+YAML, so ``true``, ``1e-4`` and ``[q_proj, v_proj]`` mean what they look like), and checks
+every key and type. Errors name the file, the dotted key and the fix; invariants between
+fields belong in each dataclass's ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the config's dataclasses."""
+
+
+def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Builds ``cls`` from an optional YAML file and ``key=value`` overrides.
+
+    Args:
+      cls: the (frozen) dataclass type at the root of the config tree.
+      path: a YAML file whose mapping mirrors ``cls``; missing keys keep their defaults.
+      overrides: strings ``dotted.key=value``, applied after the file, in order.
+    Returns:
+      An instance of ``cls``; every nested dataclass's ``__post_init__`` has run.
+    """
+    source = "<defaults>"
+    tree: dict[str, Any] = {}
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+        tree = loaded
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr_omega=0.3")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from None
+        _set_dotted(tree, key.strip().split("."), value, f"override {item!r}")
+    return from_dict(cls, tree, source)
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], source: str = "<dict>", prefix: str = "") -> T:
+    """Builds dataclass ``cls`` from a nested mapping, checking keys and types."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: {prefix or 'config'} must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"{source}: unknown key {dotted!r} (valid keys here: {', '.join(fields)}){hint}"
+            )
+        kwargs[key] = _coerce(hints[key], value, source, dotted)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        where = f" in {prefix.rstrip('.')!r}" if prefix else ""
+        raise ConfigError(f"{source}{where}: {e}") from None
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The plain nested-dict form of a config (tuples as lists), ready for YAML or JSON."""
+
+    def plain(x):
+        if dataclasses.is_dataclass(x):
+            return {f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+        if isinstance(x, tuple | list):
+            return [plain(v) for v in x]
+        return x
+
+    return plain(config)
+
+
+def dump(config: Any, path: str | Path) -> None:
+    """Writes ``config`` as YAML that :func:`load` reads back to an equal config."""
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def _set_dotted(tree: dict, keys: list[str], value: Any, where: str) -> None:
+    node = tree
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: {k!r} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
+    """``value`` checked (and, where lossless, converted) against annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    def fail(expected: str):
+        raise ConfigError(
+            f"{source}: {key} must be {expected}, got {value!r} ({type(value).__name__})"
+        )
+
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return from_dict(tp, value if value is not None else {}, source, key + ".")
+    if origin is typing.Literal:
+        if value not in args:
+            fail("one of " + ", ".join(repr(a) for a in args))
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arm in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arm, value, source, key)
+            except ConfigError:
+                continue
+        fail(" or ".join(_type_name(a) for a in args))
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            fail(f"a list ({_type_name(tp)})")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, source, f"{key}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            fail(f"a list of {len(args)} items")
+        pairs = enumerate(zip(args, value, strict=True))
+        return tuple(_coerce(a, v, source, f"{key}[{i}]") for i, (a, v) in pairs)
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            fail("a mapping")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            fail("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            fail("a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            fail("a string")
+        return value
+    if isinstance(tp, type) and not isinstance(value, tp):
+        fail(_type_name(tp))
+    return value
