@@ -1,0 +1,197 @@
+"""Pure step functions for every offline method, on one code path.
+
+- ``sft`` / ``mix`` / ``val`` / ``oracle``: uniform weighted-SFT steps; they differ only in
+  which examples the data layer feeds (all, train + validation, validation, known-good).
+- ``bmo``: the first-order penalty method of the paper's code. Per step, with stop-gradients
+  ``sg``: ``theta -= grad[lam f(theta) + (1 - lam) mean sg(s_b) l_b(theta)]`` and
+  ``omega -= grad_omega mean s_b(omega) sg(l_b(theta_before))``.
+- ``bds``: alternating approximate implicit differentiation: inner steps on the weighted loss
+  ``g(theta, omega)`` and, every ``hyper_every`` steps, an omega step along the implicit
+  hypergradient of the validation loss (CG with ridge damping, ``cg_iters`` iterations).
+
+Every step is ``step(state, batch[, val_batch]) -> (state, metrics)`` and pure, so the
+trainer jits it once with shardings and donation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Literal
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from jbilevel import losses, weights
+from jbilevel.objectives import ExampleLoss, inner_objective, outer_objective
+
+METHODS = ("sft", "mix", "val", "oracle", "bmo", "bds")
+UNIFORM_METHODS = ("sft", "mix", "val", "oracle")
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodConfig:
+    """Optimisation settings of a method. Defaults are the tiny-CPU-scale ones (DESIGN.md 1)."""
+
+    method: Literal["sft", "mix", "val", "oracle", "bmo", "bds"] = "bds"  # training method
+    weighting: Literal["softmax", "sigmoid"] = "softmax"  # omega -> weights map
+    lr_theta: float = 1e-3  # Adam step size for the model (paper code: 1e-5 full FT)
+    lr_omega: float = 0.3  # Adam step size for the data logits (bds 0.3, bmo 1e-2 here)
+    b1: float = 0.9  # Adam beta1 for both optimizers (paper code)
+    b2: float = 0.95  # Adam beta2 for both optimizers (paper code)
+    clip: float = 1.0  # global-norm gradient clip for theta (0 disables)
+    lam: float = 0.5  # bmo: weight of the validation loss in the theta update
+    lam_decay: float = 0.0  # bmo: lam decreases by this much per epoch (paper code: 0.1)
+    lam_min: float = 0.0  # bmo: floor of the lam schedule
+    hyper_every: int = 100  # bds: inner steps between two hypergradient steps
+    cg_iters: int = 5  # bds: CG iterations of the Hessian solve
+    ridge: float = 10.0  # bds: damping added to the inner Hessian (ridge 1 flipped signs here)
+    mu: float = 0.0  # bds: proximal/L2 strength inside the inner objective
+
+    def __post_init__(self):
+        for name in ("lr_theta", "lr_omega", "hyper_every", "cg_iters"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        for name in ("clip", "ridge", "mu", "lam_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if not 0.0 <= self.lam_min <= self.lam <= 1.0:
+            raise ValueError(f"need 0 <= lam_min <= lam <= 1, got lam={self.lam}, "
+                             f"lam_min={self.lam_min}")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a method updates; a pytree (checkpointed and sharded as one)."""
+
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    theta: Any  # model parameters (or LoRA adapters)
+    opt_theta: Any  # optax state for theta
+    omega: jax.Array  # (N,) data-weight logits, one per training example
+    opt_omega: Any  # optax state for omega
+    lam: jax.Array  # float32 scalar: bmo's current validation weight
+
+
+def theta_optimizer(cfg: MethodConfig) -> optax.GradientTransformation:
+    adam = optax.adam(cfg.lr_theta, b1=cfg.b1, b2=cfg.b2)
+    return optax.chain(optax.clip_by_global_norm(cfg.clip), adam) if cfg.clip else adam
+
+
+def omega_optimizer(cfg: MethodConfig) -> optax.GradientTransformation:
+    return optax.adam(cfg.lr_omega, b1=cfg.b1, b2=cfg.b2)
+
+
+def init_state(theta: Any, n_examples: int, cfg: MethodConfig) -> TrainState:
+    """Fresh state: every data weight 1, both optimizers at zero, lam at its start value."""
+    omega_N = weights.init_logits(n_examples, cfg.weighting)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        theta=theta,
+        opt_theta=theta_optimizer(cfg).init(theta),
+        omega=omega_N,
+        opt_omega=omega_optimizer(cfg).init(omega_N),
+        lam=jnp.asarray(cfg.lam, jnp.float32),
+    )
+
+
+def lambda_at(cfg: MethodConfig, epoch: int) -> float:
+    """bmo's lam for a given epoch: ``max(lam_min, lam - lam_decay * epoch)``."""
+    return max(cfg.lam_min, cfg.lam - cfg.lam_decay * epoch)
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """The pure step functions of one method (unused ones are None)."""
+
+    train: Callable  # (state, batch[, val_batch]) -> (state, metrics): one theta step
+    hyper: Callable | None = None  # bds: (state, hyper_batch, val_batch) -> (state, metrics)
+    evaluate: Callable | None = None  # (theta, batch) -> loss_B per example
+
+
+def _apply(tx, grads, opt_state, params):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
+def make_steps(example_loss: ExampleLoss, cfg: MethodConfig, hypergrad_fn: Callable | None = None
+               ) -> Steps:
+    """Builds the pure step functions of ``cfg.method``.
+
+    Args:
+      example_loss: pure ``(theta, batch) -> loss_B`` (e.g. ``objectives.lm_example_loss``).
+      cfg: method settings.
+      hypergrad_fn: the hypergradient (default ``jbilevel.hypergrad``); same signature.
+    Returns:
+      ``Steps``; ``train`` takes ``(state, batch)`` for uniform methods and bds, and
+      ``(state, batch, val_batch)`` for bmo.
+    """
+    tx_theta, tx_omega = theta_optimizer(cfg), omega_optimizer(cfg)
+    inner = inner_objective(example_loss, weighting=cfg.weighting, mu=cfg.mu)
+    outer = outer_objective(example_loss)
+
+    def uniform_step(state: TrainState, batch: dict):
+        loss, grads = jax.value_and_grad(outer)(state.theta, batch)
+        theta, opt_theta = _apply(tx_theta, grads, state.opt_theta, state.theta)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return state.replace(step=state.step + 1, theta=theta, opt_theta=opt_theta), metrics
+
+    def weighted_step(state: TrainState, batch: dict):
+        omega_N = jax.lax.stop_gradient(state.omega)
+
+        def loss_fn(theta):
+            loss_B = example_loss(theta, batch)
+            g = inner.data_term(loss_B, omega_N, batch) + inner.regulariser(theta)
+            return g, loss_B
+
+        (g, loss_B), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.theta)
+        theta, opt_theta = _apply(tx_theta, grads, state.opt_theta, state.theta)
+        valid_B = batch.get("valid", jnp.ones_like(loss_B))
+        metrics = {"loss": losses.weighted_mean(loss_B, jnp.ones_like(loss_B), valid_B),
+                   "weighted_loss": g, "grad_norm": optax.tree.norm(grads)}
+        return state.replace(step=state.step + 1, theta=theta, opt_theta=opt_theta), metrics
+
+    def bmo_step(state: TrainState, batch: dict, val_batch: dict):
+        s_B = jax.lax.stop_gradient(
+            weights.batch_weights(state.omega, batch["ids"], cfg.weighting))
+
+        def loss_fn(theta):
+            loss_B = example_loss(theta, batch)
+            valid_B = batch.get("valid", jnp.ones_like(loss_B))
+            train = losses.weighted_mean(loss_B, s_B.astype(loss_B.dtype), valid_B)
+            val = outer(theta, val_batch)
+            return state.lam * val + (1.0 - state.lam) * train, (loss_B, val)
+
+        (total, (loss_B, val)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.theta)
+        loss_B = jax.lax.stop_gradient(loss_B)  # losses at theta before its update
+        omega_loss, d_omega = jax.value_and_grad(inner.data_term, argnums=1)(
+            loss_B, state.omega, batch)
+        theta, opt_theta = _apply(tx_theta, grads, state.opt_theta, state.theta)
+        omega, opt_omega = _apply(tx_omega, d_omega, state.opt_omega, state.omega)
+        valid_B = batch.get("valid", jnp.ones_like(loss_B))
+        metrics = {"loss": losses.weighted_mean(loss_B, jnp.ones_like(loss_B), valid_B),
+                   "weighted_loss": omega_loss, "val_loss": val, "total_loss": total,
+                   "grad_norm": optax.tree.norm(grads)}
+        new = state.replace(step=state.step + 1, theta=theta, opt_theta=opt_theta,
+                            omega=omega, opt_omega=opt_omega)
+        return new, metrics
+
+    def hyper_step(state: TrainState, hyper_batch: dict, val_batch: dict):
+        fn = hypergrad_fn
+        if fn is None:
+            from jbilevel.implicit import hypergrad as fn
+        d_omega, info = fn(inner, outer, state.theta, state.omega, hyper_batch, val_batch,
+                           solver="cg", maxiter=cfg.cg_iters, tol=0.0, ridge=cfg.ridge,
+                           return_info=True)
+        omega, opt_omega = _apply(tx_omega, d_omega, state.opt_omega, state.omega)
+        metrics = {"val_loss": outer(state.theta, val_batch),
+                   "hypergrad_norm": jnp.linalg.norm(d_omega),
+                   "cg_residual": info.residual}
+        return state.replace(omega=omega, opt_omega=opt_omega), metrics
+
+    if cfg.method in UNIFORM_METHODS:
+        return Steps(train=uniform_step, evaluate=example_loss)
+    if cfg.method == "bmo":
+        return Steps(train=bmo_step, evaluate=example_loss)
+    return Steps(train=weighted_step, hyper=hyper_step, evaluate=example_loss)
