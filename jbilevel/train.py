@@ -1,0 +1,315 @@
+"""The host loop: jitted, sharded, donated steps; evaluation, logging and checkpoints.
+
+Each method's pure steps (``jbilevel.algorithms``) are jitted once here, with the state's
+shardings from the logical-axis table and the batch split over the data axes. The loop
+dispatches step N before it reads step N-1's metrics, saves composite checkpoints (state +
+data-iterator position) atomically, resumes exactly from the newest one, writes a checkpoint
+and exits cleanly on SIGTERM (preemption), and stops with a clear message on a non-finite
+loss, leaving the last good checkpoint in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jbilevel import sharding as sh
+from jbilevel import weights
+from jbilevel.algorithms.offline import (
+    MethodConfig,
+    Steps,
+    TrainState,
+    lambda_at,
+    omega_optimizer,
+    theta_optimizer,
+)
+from jbilevel.checkpoint import Checkpointer, abstract_like
+
+
+class BatchSource(Protocol):
+    """What the loop needs of a data iterator: batches, and a position it can save."""
+
+    def __next__(self) -> dict[str, np.ndarray]: ...
+
+    def state(self) -> dict: ...
+
+    def restore(self, state: dict) -> None: ...
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; the last good checkpoint is left intact."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """How long to train and how often to look, save and log."""
+
+    steps: int = 1000  # total optimizer steps on theta
+    steps_per_epoch: int = 0  # for bmo's lambda schedule; 0 = never advance the epoch
+    log_every: int = 50  # steps between metric records (JSONL, TensorBoard, progress bar)
+    checkpoint_every: int = 500  # steps between checkpoints (0 = only at the end / SIGTERM)
+    keep: int = 3  # checkpoints kept on disk
+    progress: bool = True  # show a progress bar
+
+    def __post_init__(self):
+        for name in ("steps", "log_every", "keep"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if self.checkpoint_every < 0 or self.steps_per_epoch < 0:
+            raise ValueError("checkpoint_every and steps_per_epoch must be >= 0")
+
+
+def state_shardings(mesh, rules: sh.AxisRules, state_shapes: TrainState, theta_axes: Any,
+                    cfg: MethodConfig) -> TrainState:
+    """NamedShardings for a TrainState: optimizer moments follow their parameters."""
+    rep = sh.replicated(mesh)
+    theta_sh = sh.tree_shardings(mesh, rules, theta_axes, state_shapes.theta)
+    omega_sh = rules.sharding(mesh, ("examples",), state_shapes.omega.shape, "omega")
+
+    def follow(tx, opt_shapes, param_sh):
+        return optax.tree_map_params(tx, lambda _, s: s, opt_shapes, param_sh,
+                                     transform_non_params=lambda _: rep)
+
+    return TrainState(
+        step=rep,
+        theta=theta_sh,
+        opt_theta=follow(theta_optimizer(cfg), state_shapes.opt_theta, theta_sh),
+        omega=omega_sh,
+        opt_omega=follow(omega_optimizer(cfg), state_shapes.opt_omega, omega_sh),
+        lam=rep,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledSteps:
+    train: Callable
+    hyper: Callable | None
+    with_val: bool  # train step takes (state, batch, val_batch)
+
+
+def compile_steps(steps: Steps, cfg: MethodConfig, mesh, rules: sh.AxisRules,
+                  state_sh: TrainState) -> CompiledSteps:
+    """``jax.jit`` of the method's steps with state/batch shardings and state donation."""
+    rep = sh.replicated(mesh)
+    batch_sh = sh.batch_sharding(mesh, rules, 1)  # a prefix: every batch leaf split on dim 0
+    with_val = cfg.method == "bmo"
+    n_batches = 2 if with_val else 1
+    train = jax.jit(steps.train, in_shardings=(state_sh,) + (batch_sh,) * n_batches,
+                    out_shardings=(state_sh, rep), donate_argnums=0)
+    hyper = None
+    if steps.hyper is not None:
+        hyper = jax.jit(steps.hyper, in_shardings=(state_sh, batch_sh, batch_sh),
+                        out_shardings=(state_sh, rep), donate_argnums=0)
+    return CompiledSteps(train, hyper, with_val)
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            self.requested = True
+
+        try:
+            self._previous = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread: preemption is the caller's business
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class MetricsLog:
+    """Appends metric records to ``metrics.jsonl`` and, if available, TensorBoard."""
+
+    def __init__(self, out_dir: Path, tensorboard: bool = True):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(out_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
+        self._tb = None
+        if tensorboard and jax.process_index() == 0:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def write(self, step: int, record: dict[str, float]) -> None:
+        self._file.write(json.dumps({"step": step, **record}) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in record.items():
+                self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _as_floats(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+@jax.jit
+def _health(omega_N):
+    return weights.health(weights.weights(omega_N, "softmax"))
+
+
+def restore_or_init(ckpt: Checkpointer, init_fn: Callable[[], TrainState],
+                    state_sh: TrainState, sources: dict[str, BatchSource]
+                    ) -> tuple[TrainState, int]:
+    """The newest checkpoint if there is one, else a fresh state.
+
+    Args:
+      ckpt: the run's checkpoints.
+      init_fn: builds a fresh state (traced only for its shapes when restoring).
+      state_sh: the state's shardings on the current mesh (which may differ from the saver's).
+      sources: the run's data iterators by name (as passed to :func:`run`); restored in place.
+    Returns:
+      ``(state, step)``.
+    """
+    shapes = jax.eval_shape(init_fn)
+    if ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(abstract_like(shapes, state_sh))
+        for name, source in sources.items():
+            if name not in meta["data"]:
+                raise ValueError(f"{ckpt.directory}: checkpoint has no position for data "
+                                 f"source {name!r} (it has {sorted(meta['data'])})")
+            source.restore(meta["data"][name])
+        return state, int(meta["step"])
+    return jax.jit(init_fn, out_shardings=state_sh)(), 0
+
+
+def data_sources(data, val_batches, hyper_batches=None) -> dict[str, BatchSource]:
+    """The iterators whose positions a checkpoint must hold for an exact resume."""
+    named = {"train": data, "val": val_batches, "hyper": hyper_batches}
+    return {k: v for k, v in named.items() if hasattr(v, "state") and hasattr(v, "restore")}
+
+
+def run(
+    compiled: CompiledSteps,
+    cfg: MethodConfig,
+    loop: LoopConfig,
+    state: TrainState,
+    data: BatchSource,
+    val_batches: Iterator[dict],
+    *,
+    start_step: int = 0,
+    ckpt: Checkpointer | None = None,
+    hyper_batches: Iterator[dict] | None = None,
+    log: MetricsLog | None = None,
+    on_log: Callable[[int, dict], None] | None = None,
+) -> tuple[TrainState, int]:
+    """Trains from ``start_step`` to ``loop.steps`` (or until SIGTERM).
+
+    Args:
+      compiled: jitted steps from :func:`compile_steps`.
+      cfg: the method settings (bds hypergradient period, bmo lambda schedule).
+      loop: run length and logging / checkpoint periods.
+      state: the state at ``start_step`` (fresh or restored).
+      data: training batches.
+      val_batches: validation batches (bmo's penalty term, bds's outer loss). The position
+        of every iterator that has ``state()``/``restore()`` is saved with each checkpoint.
+      ckpt: where checkpoints go (None: no checkpoints).
+      hyper_batches: bds: the training batches the hypergradient is taken over.
+      log: metric sink; ``on_log(step, record)`` is also called for each record.
+    Returns:
+      ``(state, step)``: the final state and the number of steps it has taken.
+    Raises:
+      NonFiniteLossError: a loss became NaN/inf; nothing after the last good checkpoint is
+        saved.
+    """
+    if compiled.hyper is not None and hyper_batches is None:
+        raise ValueError("bds needs hyper_batches: the training data the hypergradient sees")
+    progress = None
+    if loop.progress and jax.process_index() == 0:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=loop.steps, initial=start_step, desc=cfg.method, leave=False)
+    pending: tuple[int, dict] | None = None  # (step, metrics) not yet read back
+    state_lam_sh = state.lam.sharding
+    sources = data_sources(data, val_batches, hyper_batches)
+    hyper_metrics: dict = {}
+    t0 = time.perf_counter()
+    step = start_step
+
+    def save(at_step: int):
+        if ckpt is not None:
+            positions = {k: v.state() for k, v in sources.items()}
+            ckpt.save(at_step, state, {"step": at_step, "data": positions})
+
+    def read(pending):
+        at, metrics = pending
+        record = _as_floats(metrics)
+        bad = [k for k, v in record.items()
+               if ("loss" in k or "norm" in k) and not math.isfinite(v)]
+        if bad:
+            where = f"{ckpt.directory} step {ckpt.latest_step()}" if ckpt else "none (no ckpt)"
+            raise NonFiniteLossError(
+                f"step {at}: non-finite {', '.join(f'{k}={record[k]}' for k in bad)}; the run "
+                f"stopped and nothing after the last good checkpoint was saved (last good: "
+                f"{where}). Lower lr_theta / lr_omega, or check the data for empty responses."
+            )
+        if at % loop.log_every == 0 or at == loop.steps:
+            record.update(_as_floats(_health(state.omega)))
+            record["lam"] = float(state.lam)
+            record["steps_per_s"] = (at - start_step) / max(time.perf_counter() - t0, 1e-9)
+            if log is not None and jax.process_index() == 0:
+                log.write(at, record)
+            if on_log is not None:
+                on_log(at, record)
+            if progress is not None:
+                progress.set_postfix({k: f"{record[k]:.4g}" for k in
+                                      ("loss", "val_loss", "ess") if k in record})
+
+    with _Preemption() as preempt:
+        while step < loop.steps:
+            if loop.steps_per_epoch and step and step % loop.steps_per_epoch == 0:
+                lam = lambda_at(cfg, step // loop.steps_per_epoch)
+                state = state.replace(lam=jax.device_put(jnp.float32(lam), state_lam_sh))
+            batch = next(data)
+            if compiled.with_val:
+                state, metrics = compiled.train(state, batch, next(val_batches))
+            else:
+                state, metrics = compiled.train(state, batch)
+            step += 1
+            if compiled.hyper is not None and step % cfg.hyper_every == 0:
+                state, hyper_metrics = compiled.hyper(state, next(hyper_batches),
+                                                      next(val_batches))
+            if hyper_metrics:
+                metrics = {**metrics, **hyper_metrics}
+            if pending is not None:
+                read(pending)  # step N-1's numbers, while step N runs
+            pending = (step, metrics)
+            if progress is not None:
+                progress.update(1)
+            if loop.checkpoint_every and step % loop.checkpoint_every == 0:
+                read(pending)
+                pending = None
+                save(step)
+            if preempt.requested:
+                break
+        if pending is not None:
+            read(pending)
+        if not loop.checkpoint_every or step % loop.checkpoint_every:
+            save(step)
+    if ckpt is not None:
+        ckpt.wait()
+    if progress is not None:
+        progress.close()
+    return state, step

@@ -1,0 +1,150 @@
+"""Trainer: sharded parity, exact resume after SIGKILL, restore onto another mesh, failures."""
+
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import toy
+
+from jbilevel import sharding as sh
+from jbilevel import train
+from jbilevel.checkpoint import Checkpointer
+
+ONE = sh.MeshConfig(data=1, fsdp=1, tensor=1)
+MESH_2x4 = sh.MeshConfig(data=2, fsdp=4, tensor=1)
+MESH_222 = sh.MeshConfig(data=2, fsdp=2, tensor=2)
+TESTS = Path(__file__).parent
+
+
+def _leaves(state):
+    return [np.asarray(x) for x in jax.tree.leaves(state)]
+
+
+def _one_step(method, mesh_cfg):
+    train_set, val_set, _ = toy.problem()
+    cfg, compiled, state_sh, init = toy.setup(method, mesh_cfg)
+    state = jax.jit(init, out_shardings=state_sh)()
+    batch = toy.Batches(train_set, toy.B).__next__()
+    val = toy.Batches(val_set, 16).__next__()
+    if method == "bmo":
+        state, metrics = compiled.train(state, batch, val)
+    else:
+        state, metrics = compiled.train(state, batch)
+        state, hyper = compiled.hyper(state, {k: v for k, v in train_set.items()}, val)
+        metrics = {**metrics, **hyper}
+    return state, jax.device_get(metrics)
+
+
+@pytest.mark.parametrize("method", ["bmo", "bds"])
+def test_one_step_parity_single_device_vs_2x4_mesh(method):
+    single, m1 = _one_step(method, ONE)
+    sharded, m8 = _one_step(method, MESH_2x4)
+    assert sharded.theta["w"].sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
+    for a, b in zip(_leaves(single), _leaves(sharded), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for k in m1:
+        np.testing.assert_allclose(m1[k], m8[k], rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(sharded.omega).max()) > 0  # omega moved: the hypergradient reached it
+
+
+@pytest.mark.parametrize("method", ["bmo", "bds"])
+def test_learns_clean_weights(method):
+    state, step = toy.run_to(method, MESH_222, 120)
+    _, _, good = toy.problem()
+    s_N = np.asarray(jax.nn.softmax(state.omega))
+    assert step == 120
+    assert s_N[good].sum() > 0.9
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
+    """Kill a run hard after its step-12 checkpoint; the resumed run ends bit-identical."""
+    ckpt = tmp_path / "ckpt"
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(TESTS)!r})
+        import jax
+        jax.config.update("jax_num_cpu_devices", 8)
+        import toy
+        from jbilevel import sharding as sh, train
+        real_save = train.Checkpointer.save
+        def save_then_die(self, step, *a, **k):
+            out = real_save(self, step, *a, **k)
+            if step == 12:
+                self.wait()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return out
+        train.Checkpointer.save = save_then_die
+        toy.run_to("bds", sh.MeshConfig(data=2, fsdp=4, tensor=1), 20, {str(ckpt)!r}, 4)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-3000:]
+    with Checkpointer(ckpt) as c:
+        assert c.latest_step() == 12
+    resumed, step = toy.run_to("bds", MESH_2x4, 20, ckpt, 4)
+    straight, _ = toy.run_to("bds", MESH_2x4, 20)
+    assert step == 20
+    for a, b in zip(_leaves(resumed), _leaves(straight), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_restore_onto_another_mesh(tmp_path):
+    toy.run_to("bmo", MESH_2x4, 8, tmp_path / "c", 8)
+    state, step = toy.run_to("bmo", MESH_222, 8, tmp_path / "c", 8)  # nothing left to run
+    reference, _ = toy.run_to("bmo", MESH_2x4, 8)
+    assert step == 8
+    assert state.theta["w"].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    for a, b in zip(_leaves(state), _leaves(reference), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_sigterm_writes_checkpoint_and_exits(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(TESTS)!r})
+        import toy
+        from jbilevel import sharding as sh, train
+        calls = []
+        class Source(toy.Batches):
+            def __next__(self):
+                calls.append(1)
+                if len(calls) == 7:
+                    os.kill(os.getpid(), signal.SIGTERM)  # preemption notice mid-run
+                return super().__next__()
+        toy.Batches = Source
+        state, step = toy.run_to("sft", sh.MeshConfig(data=-1), 1000, {str(ckpt)!r}, 0)
+        print("STOPPED AT", step)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    assert b"STOPPED AT 7" in proc.stdout
+    with Checkpointer(ckpt) as c:
+        assert c.latest_step() == 7
+
+
+def test_non_finite_loss_stops_with_message_and_keeps_checkpoint(tmp_path):
+    train_set, val_set, _ = toy.problem()
+    cfg, compiled, state_sh, init = toy.setup("sft", ONE)
+    train_set = dict(train_set, y=train_set["y"].copy())
+    train_set["y"][5] = np.nan
+    data = toy.Batches(train_set, toy.N)  # every batch holds the NaN example
+    with Checkpointer(tmp_path / "c") as ckpt:
+        ckpt.save(0, jax.jit(init, out_shardings=state_sh)(),
+                  {"step": 0, "data": {"train": data.state()}})
+        ckpt.wait()
+        state = jax.jit(init, out_shardings=state_sh)()
+        loop = train.LoopConfig(steps=10, checkpoint_every=2, progress=False)
+        with pytest.raises(train.NonFiniteLossError,
+                           match=r"step 1: non-finite .*loss=nan.*last good: .* step 0"):
+            train.run(compiled, cfg, loop, state, data, iter(()), ckpt=ckpt)
+        assert ckpt.all_steps() == [0]
