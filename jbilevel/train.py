@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jbilevel import distributed, weights
 from jbilevel import sharding as sh
-from jbilevel import weights
 from jbilevel.algorithms.offline import (
     MethodConfig,
     Steps,
@@ -96,6 +96,7 @@ class CompiledSteps:
     train: Callable
     hyper: Callable | None
     with_val: bool  # train step takes (state, batch, val_batch)
+    batch_sharding: Any  # where every batch leaf goes (rows split over the data axes)
 
 
 def compile_steps(steps: Steps, cfg: MethodConfig, mesh, rules: sh.AxisRules,
@@ -111,7 +112,7 @@ def compile_steps(steps: Steps, cfg: MethodConfig, mesh, rules: sh.AxisRules,
     if steps.hyper is not None:
         hyper = jax.jit(steps.hyper, in_shardings=(state_sh, batch_sh, batch_sh),
                         out_shardings=(state_sh, rep), donate_argnums=0)
-    return CompiledSteps(train, hyper, with_val)
+    return CompiledSteps(train, hyper, with_val, batch_sh)
 
 
 class _Preemption:
@@ -222,7 +223,7 @@ def run(
       cfg: the method settings (bds hypergradient period, bmo lambda schedule).
       loop: run length and logging / checkpoint periods.
       state: the state at ``start_step`` (fresh or restored).
-      data: training batches.
+      data: training batches: this process's rows of each global batch.
       val_batches: validation batches (bmo's penalty term, bds's outer loss). The position
         of every iterator that has ``state()``/``restore()`` is saved with each checkpoint.
       ckpt: where checkpoints go (None: no checkpoints).
@@ -244,6 +245,9 @@ def run(
     pending: tuple[int, dict] | None = None  # (step, metrics) not yet read back
     state_lam_sh = state.lam.sharding
     sources = data_sources(data, val_batches, hyper_batches)
+
+    def put(batch):  # this process's rows -> global arrays on the mesh
+        return distributed.global_batch(batch, compiled.batch_sharding)
     hyper_metrics: dict = {}
     t0 = time.perf_counter()
     step = start_step
@@ -282,15 +286,15 @@ def run(
             if loop.steps_per_epoch and step and step % loop.steps_per_epoch == 0:
                 lam = lambda_at(cfg, step // loop.steps_per_epoch)
                 state = state.replace(lam=jax.device_put(jnp.float32(lam), state_lam_sh))
-            batch = next(data)
+            batch = put(next(data))
             if compiled.with_val:
-                state, metrics = compiled.train(state, batch, next(val_batches))
+                state, metrics = compiled.train(state, batch, put(next(val_batches)))
             else:
                 state, metrics = compiled.train(state, batch)
             step += 1
             if compiled.hyper is not None and step % cfg.hyper_every == 0:
-                state, hyper_metrics = compiled.hyper(state, next(hyper_batches),
-                                                      next(val_batches))
+                state, hyper_metrics = compiled.hyper(state, put(next(hyper_batches)),
+                                                      put(next(val_batches)))
             if hyper_metrics:
                 metrics = {**metrics, **hyper_metrics}
             if pending is not None:

@@ -1,5 +1,6 @@
 """Trainer: sharded parity, exact resume after SIGKILL, restore onto another mesh, failures."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -148,3 +149,49 @@ def test_non_finite_loss_stops_with_message_and_keeps_checkpoint(tmp_path):
                            match=r"step 1: non-finite .*loss=nan.*last good: .* step 0"):
             train.run(compiled, cfg, loop, state, data, iter(()), ckpt=ckpt)
         assert ckpt.all_steps() == [0]
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("method", ["bmo", "bds"])
+def test_two_processes_equal_one(tmp_path, method):
+    """The same run as 2 local processes (4 CPU devices each) and as 1 process (8)."""
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(TESTS)!r})
+        import jax
+        jax.config.update("jax_num_cpu_devices", 4)
+        from jbilevel import distributed
+        assert distributed.initialize()
+        import numpy as np
+        from jax.experimental import multihost_utils
+        import toy
+        from jbilevel import sharding as sh
+        state, step = toy.run_to({method!r}, sh.MeshConfig(data=2, fsdp=4, tensor=1), 8)
+        leaves = [np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                  for x in jax.tree.leaves(state)]
+        if jax.process_index() == 0:
+            np.savez({str(tmp_path / "out.npz")!r}, *leaves)
+        """
+    )
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        env = dict(os.environ, JBILEVEL_COORDINATOR=f"127.0.0.1:{port}",
+                   JBILEVEL_NUM_PROCESSES="2", JBILEVEL_PROCESS_ID=str(pid))
+        procs.append(subprocess.Popen([sys.executable, "-c", script], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()[-3000:]
+    multi = np.load(tmp_path / "out.npz")
+    single, _ = toy.run_to(method, MESH_2x4, 8)
+    for i, want in enumerate(_leaves(single)):
+        np.testing.assert_allclose(multi[f"arr_{i}"], want, rtol=1e-5, atol=1e-6)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from jbilevel import distributed, train
 from jbilevel import sharding as sh
-from jbilevel import train
 from jbilevel.algorithms import MethodConfig, init_state, make_steps
 
 N, D, B = 64, 8, 16
@@ -57,6 +57,7 @@ class Batches:
         order = np.random.default_rng((self.seed, self.epoch)).permutation(self.n)
         idx = order[self.position:self.position + self.batch_size]
         self.position += self.batch_size
+        idx = idx[distributed.process_slice(self.batch_size)]  # this process's rows
         return {k: v[idx] for k, v in self.arrays.items()}
 
     def state(self) -> dict:
