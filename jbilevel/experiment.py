@@ -1,0 +1,233 @@
+"""One experiment end to end: a task, a model, a method; train, evaluate, report.
+
+``run(config, out_dir)`` is what ``jbilevel train`` and ``jbilevel demo`` call. It builds the
+built-in task, picks each method's training data (all of D_t, D_t + D_v, D_v, or the known-good
+examples), trains with the sharded host loop (resuming from ``out_dir/checkpoints``), decodes
+the test prompts greedily, scores the learned weights against the ground truth and writes the
+run report: ``results.json``, ``weights.csv``, plots, the curated dataset and the model.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jbilevel import config as config_lib
+from jbilevel import sharding as sh
+from jbilevel import train, weights
+from jbilevel.algorithms import MethodConfig, init_state, make_steps
+from jbilevel.checkpoint import Checkpointer
+from jbilevel.objectives import lm_example_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """A built-in task (``jbilevel.data.make_task``)."""
+
+    name: Literal["quality", "safety"] = "quality"  # which built-in task
+    seed: int = 0  # task generation seed (data, corruption)
+    options: dict = dataclasses.field(default_factory=dict)  # make_task options, e.g. n_train
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A randomly initialised decoder (vocabulary taken from the task's tokenizer)."""
+
+    family: Literal["llama", "gpt_neox", "gpt2"] = "llama"  # architecture family
+    hidden_size: int = 128  # model width
+    num_layers: int = 2  # decoder blocks
+    num_heads: int = 4  # attention heads
+    intermediate_size: int = 512  # MLP width
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything one run needs; ``jbilevel train --config X.yaml key=value`` fills it."""
+
+    task: TaskConfig = TaskConfig()  # the data
+    model: ModelSpec = ModelSpec()  # the model
+    method: MethodConfig = MethodConfig()  # the algorithm and its step sizes
+    loop: train.LoopConfig = train.LoopConfig()  # run length, logging, checkpoints
+    mesh: sh.MeshConfig = sh.MeshConfig()  # device mesh (data, fsdp, tensor)
+    batch_size: int = 64  # training rows per step (global, all processes)
+    val_batch_size: int = 64  # validation rows per bmo / bds step
+    hyper_batch_size: int = 0  # bds: train rows per hypergradient (0: all of them)
+    eval_batch_size: int = 250  # prompts per generation batch at evaluation
+    seed: int = 0  # model init and data order
+
+    def __post_init__(self):
+        for name in ("batch_size", "val_batch_size", "eval_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if self.hyper_batch_size < 0:
+            raise ValueError(f"hyper_batch_size={self.hyper_batch_size} must be >= 0")
+
+
+def training_set(task, method: str):
+    """The examples a method trains theta on, and the ids' ground truth (None if unknown)."""
+    if method == "val":
+        return task.validation, None
+    if method == "mix":
+        mixed = task.train.concat(task.validation)
+        return mixed, np.concatenate([task.good_N, np.ones(len(task.validation), np.int32)])
+    if method == "oracle":
+        ids = task.oracle_ids()
+        return task.train.subset(ids), task.good_N[ids]
+    return task.train, task.good_N
+
+
+def _process_batcher(dataset, batch_size: int, mesh, rules, **kw):
+    from jbilevel.data import Batcher
+
+    ways = sh.data_parallel_size(mesh, rules)
+    if batch_size % ways:
+        raise ValueError(
+            f"batch size {batch_size} is not divisible by the mesh's data-parallel size {ways} "
+            "(data x fsdp); change the batch size or the mesh"
+        )
+    count = jax.process_count()
+    return Batcher(dataset, batch_size // count, process_index=jax.process_index(),
+                   process_count=count, buckets=(dataset.max_len,), **kw)
+
+
+def evaluate(model, params, task, split: str = "test", batch_size: int = 250) -> dict:
+    """Greedy-decodes every prompt of ``split`` and scores the answers with the task metric."""
+    from jbilevel.models import generate
+
+    ds = task.splits[split]
+    max_new = int((ds.length_N - ds.prompt_len_N).max())
+    predictions: list[str] = []
+    for batch in ds.prompt_batches(batch_size):
+        out = generate(model, params, batch["prompt_ids"], batch["prompt_mask"],
+                       jax.random.key(0), max_new_tokens=max_new, greedy=True,
+                       eos_id=task.tokenizer.eos_id, pad_id=task.tokenizer.pad_id)
+        tokens_BxT = np.asarray(out.tokens_BxGxT)[:, 0, :]
+        for b in np.flatnonzero(batch["valid"]):
+            predictions.append(task.tokenizer.decode(tokens_BxT[b]))
+    return {**task.score(predictions, split), "predictions": predictions}
+
+
+def mean_loss(example_loss, params, dataset, batch_size: int) -> float:
+    """Mean per-example loss over a whole split (fixed-shape batches, padding rows ignored)."""
+    from jbilevel.data import Batcher
+
+    fn = jax.jit(example_loss)
+    total = count = 0.0
+    for batch in Batcher(dataset, batch_size, shuffle=False,
+                         buckets=(dataset.max_len,)).epoch_batches():
+        loss_B = np.asarray(fn(params, batch))
+        total += float((loss_B * batch["valid"]).sum())
+        count += float(batch["valid"].sum())
+    return total / count
+
+
+def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = None) -> dict:
+    """Trains and evaluates one configuration; resumable from ``out_dir/checkpoints``.
+
+    Returns:
+      The results record also written to ``out_dir/results.json``.
+    """
+    from jbilevel.data import make_task
+    from jbilevel.models import ModelConfig, build
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config_lib.dump(cfg, out / "config.yaml")
+    loop = cfg.loop if progress is None else dataclasses.replace(cfg.loop, progress=progress)
+    task = make_task(cfg.task.name, seed=cfg.task.seed, **cfg.task.options)
+    data_set, good_N = training_set(task, cfg.method.method)
+    n = len(data_set)
+    spec = cfg.model
+    model = build(ModelConfig(
+        family=spec.family, vocab_size=task.tokenizer.vocab_size, hidden_size=spec.hidden_size,
+        num_layers=spec.num_layers, num_heads=spec.num_heads,
+        intermediate_size=spec.intermediate_size, max_position_embeddings=data_set.max_len,
+        eos_token_id=task.tokenizer.eos_id, pad_token_id=task.tokenizer.pad_id,
+        bos_token_id=task.tokenizer.bos_id))
+    example_loss = lm_example_loss(model.forward)
+
+    mesh = sh.make_mesh(cfg.mesh)
+    rules = sh.AxisRules()
+
+    def init():
+        return init_state(model.init(jax.random.key(cfg.seed)), n, cfg.method)
+
+    state_sh = train.state_shardings(mesh, rules, jax.eval_shape(init), model.param_axes(),
+                                     cfg.method)
+    compiled = train.compile_steps(make_steps(example_loss, cfg.method), cfg.method, mesh, rules,
+                                   state_sh)
+    data = _process_batcher(data_set, cfg.batch_size, mesh, rules, seed=cfg.seed)
+    val = _process_batcher(task.validation, cfg.val_batch_size, mesh, rules, seed=cfg.seed + 1)
+    hyper = None
+    if cfg.method.method == "bds":
+        hyper_bs = cfg.hyper_batch_size or n
+        hyper_bs += -hyper_bs % (sh.data_parallel_size(mesh, rules) * jax.process_count())
+        hyper = _process_batcher(data_set, hyper_bs, mesh, rules, seed=cfg.seed + 2,
+                                 shuffle=cfg.hyper_batch_size > 0)
+    t0 = time.perf_counter()
+    with Checkpointer(out / "checkpoints", keep=loop.keep) as ckpt:
+        state, start = train.restore_or_init(ckpt, init, state_sh,
+                                             train.data_sources(data, val, hyper))
+        log = train.MetricsLog(out)
+        try:
+            state, step = train.run(compiled, cfg.method, loop, state, data, val,
+                                    start_step=start, ckpt=ckpt, hyper_batches=hyper, log=log)
+        finally:
+            log.close()
+    train_seconds = time.perf_counter() - t0
+
+    params = jax.device_get(state.theta)
+    s_N = np.asarray(weights.weights(state.omega, cfg.method.weighting))
+    result: dict[str, Any] = {
+        "method": cfg.method.method, "task": cfg.task.name, "steps": step,
+        "train_seconds": round(train_seconds, 2),
+        "val_loss": mean_loss(example_loss, params, task.validation, cfg.eval_batch_size),
+    }
+    test = evaluate(model, params, task, "test", cfg.eval_batch_size)
+    predictions = test.pop("predictions")
+    result.update({f"test_{k}": v for k, v in test.items()})
+    if cfg.method.method in ("bds", "bmo"):
+        result.update({f"weight_{k}": v for k, v in task.score_weights(s_N).items()})
+        health = weights.health(jnp.asarray(s_N))
+        result.update({f"weight_{k}": float(v) for k, v in health.items()})
+    if jax.process_index() == 0:
+        write_report(out, result, task, data_set, good_N, s_N, predictions, model, params,
+                     learned=cfg.method.method in ("bds", "bmo"))
+    return result
+
+
+def write_report(out: Path, result: dict, task, data_set, good_N, s_N, predictions, model,
+                 params, *, learned: bool) -> None:
+    """results.json, weights.csv, test predictions, plots, curated data and the model."""
+    from jbilevel import report
+    from jbilevel.data import export_curated
+    from jbilevel.models import save_pretrained
+
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    with open(out / "weights.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "weight", "good", "preview"])
+        for i in range(len(data_set)):
+            row = data_set.rows[i]
+            preview = f"{row.get('question', '')} -> {row.get('response', '')}"[:80]
+            writer.writerow([i, f"{s_N[i]:.6g}", "" if good_N is None else int(good_N[i]),
+                             preview])
+    with open(out / "test_predictions.jsonl", "w") as f:
+        for row, pred in zip(task.test.rows, predictions, strict=True):
+            f.write(json.dumps({"question": row["question"], "prediction": pred,
+                                "answer": row.get("answer", row.get("response"))}) + "\n")
+    report.plot_curves(out / "metrics.jsonl", out / "curves.png")
+    if learned:
+        report.plot_weights(s_N, good_N, out / "weights.png", title=result["method"])
+        export_curated(data_set, s_N, str(out / "curated.jsonl"))
+        export_curated(data_set, s_N, str(out / "curated_top50.jsonl"), top_frac=0.5)
+    save_pretrained(str(out / "model"), params, model.config)
+    task.tokenizer.to_hf(str(out / "model"))

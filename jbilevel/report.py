@@ -1,0 +1,64 @@
+"""Plots of a run: learned weights by ground truth, training curves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_weights(s_N, good_N, path: str | Path, title: str = "") -> None:
+    """Histogram of learned weights, split by ground truth (good / bad) when it is known."""
+    plt = _pyplot()
+    s_N = np.asarray(s_N, np.float64)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bins = np.linspace(0.0, max(float(s_N.max()), 1e-6), 41)
+    if good_N is None:
+        ax.hist(s_N, bins=bins, color="tab:blue")
+    else:
+        good = np.asarray(good_N) > 0
+        ax.hist(s_N[good], bins=bins, alpha=0.7, label=f"good ({good.sum()})", color="tab:green")
+        ax.hist(s_N[~good], bins=bins, alpha=0.7, label=f"bad ({(~good).sum()})", color="tab:red")
+        ax.legend()
+    ax.set_xlabel("learned weight")
+    ax.set_ylabel("examples")
+    ax.set_yscale("log")
+    ax.set_title(f"{title} data weights".strip())
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(metrics_path: str | Path, path: str | Path,
+                keys: tuple[str, ...] = ("loss", "val_loss", "ess")) -> None:
+    """Training curves from ``metrics.jsonl``: one panel per metric that was recorded."""
+    plt = _pyplot()
+    records = read_metrics(metrics_path)
+    present = [k for k in keys if any(k in r for r in records)]
+    fig, axes = plt.subplots(1, max(len(present), 1), figsize=(4 * max(len(present), 1), 3.2))
+    axes = np.atleast_1d(axes)
+    for ax, key in zip(axes, present, strict=False):
+        pts = [(r["step"], r[key]) for r in records if key in r]
+        ax.plot(*zip(*pts, strict=True))
+        ax.set_xlabel("step")
+        ax.set_title(key)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
