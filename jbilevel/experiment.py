@@ -76,7 +76,9 @@ def training_set(task, method: str):
     if method == "val":
         return task.validation, None
     if method == "mix":
-        mixed = task.train.concat(task.validation)
+        from jbilevel.data import concat
+
+        mixed = concat([task.train, task.validation])
         return mixed, np.concatenate([task.good_N, np.ones(len(task.validation), np.int32)])
     if method == "oracle":
         ids = task.oracle_ids()
@@ -109,7 +111,7 @@ def evaluate(model, params, task, split: str = "test", batch_size: int = 250) ->
         out = generate(model, params, batch["prompt_ids"], batch["prompt_mask"],
                        jax.random.key(0), max_new_tokens=max_new, greedy=True,
                        eos_id=task.tokenizer.eos_id, pad_id=task.tokenizer.pad_id)
-        tokens_BxT = np.asarray(out.tokens_BxGxT)[:, 0, :]
+        tokens_BxT = np.asarray(out.tokens)[:, 0, :]
         for b in np.flatnonzero(batch["valid"]):
             predictions.append(task.tokenizer.decode(tokens_BxT[b]))
     return {**task.score(predictions, split), "predictions": predictions}

@@ -310,8 +310,8 @@ def run(
                 break
         if pending is not None:
             read(pending)
-        if not loop.checkpoint_every or step % loop.checkpoint_every:
-            save(step)
+        if step > start_step and (not loop.checkpoint_every or step % loop.checkpoint_every):
+            save(step)  # the final state, unless the periodic save just wrote it
     if ckpt is not None:
         ckpt.wait()
     if progress is not None:
