@@ -161,7 +161,9 @@ def hf_entries(c: ModelConfig) -> list[_Entry]:
 _ALIASES = {"embed_out.weight": ("lm_head.weight",)}
 
 
-def _get(tree, path):
+def _get(tree, path, layer=None):
+    if layer is not None:
+        tree = tree["layers"]
     for p in path:
         tree = tree[p]
     return tree
@@ -262,7 +264,7 @@ def load_pretrained(path: str, dtype=jnp.float32):
                                      f"{shape}, config.json implies {e.hf_shape}")
                 t = fh.get_tensor(name)
                 for (p, layer), val in zip(e.targets, e.to_internal(t), strict=True):
-                    leaf = _get(host, p)
+                    leaf = _get(host, p, layer)
                     if layer is None:
                         leaf[...] = val
                     else:
@@ -289,7 +291,7 @@ def save_pretrained(path: str, params, config: ModelConfig) -> None:
     for e in hf_entries(config):
         vals = []
         for p, layer in e.targets:
-            leaf = _get(host, p)
+            leaf = _get(host, p, layer)
             vals.append(leaf if layer is None else leaf[layer])
         t = np.ascontiguousarray(e.to_hf(tuple(vals)))
         if t.shape != e.hf_shape:
