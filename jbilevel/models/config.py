@@ -206,7 +206,7 @@ class ModelConfig:
             num_layers=d["num_hidden_layers"],
             num_heads=d["num_attention_heads"],
             num_kv_heads=d.get("num_key_value_heads"),
-            head_dim=d.get("head_dim"),
+            head_dim=_head_dim(d),
             intermediate_size=d["intermediate_size"],
             norm_eps=d.get("rms_norm_eps", 1e-6),
             activation=_act(d.get("hidden_act", "silu")),
@@ -297,3 +297,8 @@ def _act(name: str) -> str:
     if name not in ACTIVATIONS:
         raise ValueError(f"config.json: activation {name!r} is not supported ({ACTIVATIONS})")
     return name
+
+
+def _head_dim(d):
+    hd = d.get("head_dim")
+    return None if hd == d["hidden_size"] // d["num_attention_heads"] else hd

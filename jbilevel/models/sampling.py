@@ -52,9 +52,9 @@ def _process(logits_BxV, temperature, top_k: int, top_p: float):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "c", "max_new_tokens", "num_samples", "top_k", "top_p", "greedy", "eos_id", "pad_id"))
-def _generate(c, params, ids_BxP, mask_BxP, rng, temperature, lora, *, max_new_tokens,
-              num_samples, top_k, top_p, greedy, eos_id, pad_id):
+    "c", "max_new_tokens", "num_samples", "top_k", "top_p", "greedy"))
+def _generate(c, params, ids_BxP, mask_BxP, rng, temperature, eos_id, pad_id, lora, *,
+              max_new_tokens, num_samples, top_k, top_p, greedy):
     g, t_new = num_samples, max_new_tokens
     b, p = ids_BxP.shape
     ids = jnp.repeat(ids_BxP, g, axis=0)
@@ -84,8 +84,7 @@ def _generate(c, params, ids_BxP, mask_BxP, rng, temperature, lora, *, max_new_t
         lp_B = jnp.take_along_axis(lp_model_BxV, tok_B[:, None], axis=-1)[:, 0]
         valid_B = ~done_B
         tok_B = jnp.where(valid_B, tok_B, pad_id).astype(ids.dtype)
-        if eos_id is not None:
-            done_B = done_B | (tok_B == eos_id)
+        done_B = done_B | (tok_B == eos_id)  # eos_id -1: never
         new_logits, cache = apply(c, params, tok_B[:, None], (next_pos_B + t)[:, None],
                                   kv_mask_BxS, lora=lora, cache=cache, cache_index=p + t)
         out = (tok_B, jnp.where(valid_B, lp_B, 0.0), valid_B.astype(jnp.int32),
@@ -128,6 +127,7 @@ def generate(model, params, prompt_ids_BxP, prompt_mask_BxP, rng, *, max_new_tok
     if not greedy and temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0 (or use greedy=True)")
     return _generate(model.config, params, jnp.asarray(prompt_ids_BxP),
-                     jnp.asarray(prompt_mask_BxP), rng, jnp.float32(temperature), lora,
+                     jnp.asarray(prompt_mask_BxP), rng, jnp.float32(temperature),
+                     jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id), lora,
                      max_new_tokens=max_new_tokens, num_samples=num_samples, top_k=int(top_k),
-                     top_p=float(top_p), greedy=bool(greedy), eos_id=eos_id, pad_id=pad_id)
+                     top_p=float(top_p), greedy=bool(greedy))
