@@ -203,7 +203,7 @@ def _layer(c: ModelConfig, sites: dict, scale, x_BxLxD, p, lw, cos_sin, mask_inf
 
     def proj(name, y, eq):
         out = _add_bias(jnp.einsum(eq, y, p[name]["kernel"]), p[name])
-        delta = _lora_delta(lw, sites.get(name), scale, y)
+        delta = _lora_delta(lw, sites.get(name), scale, y.reshape(b, seq, -1))
         if delta is not None:
             out = out + delta.reshape(out.shape)
         return out
