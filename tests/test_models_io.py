@@ -123,8 +123,9 @@ def test_right_padding_and_param_axes():
     assert axes["layers"]["k"]["kernel"] == ("layers", "embed", "kv_heads", "head_dim")
     ids = jax.random.randint(jax.random.key(1), (2, 8), 0, 64)
     mask = jnp.asarray([[1] * 8, [1] * 5 + [0] * 3])
-    padded = model.forward(params, ids, attention_mask=mask)
-    short = model.forward(params, ids[1:, :5])
+    forward = jax.jit(model.forward)
+    padded = forward(params, ids, attention_mask=mask)
+    short = forward(params, ids[1:, :5])
     np.testing.assert_allclose(np.asarray(padded[1, :5]), np.asarray(short[0]), atol=1e-5)
 
 
@@ -139,13 +140,13 @@ def test_bf16_params_compute_dtype_and_remat():
     def loss(m, p):
         return jnp.mean(jax.nn.log_softmax(m.forward(p, ids)) ** 2)
 
-    g = jax.grad(lambda p: loss(model, p))(params)
-    g_remat = jax.grad(lambda p: loss(build(config.replace(remat=True)), p))(params)
+    g = jax.jit(jax.grad(lambda p: loss(model, p)))(params)
+    g_remat = jax.jit(jax.grad(lambda p: loss(build(config.replace(remat=True)), p)))(params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g, g_remat)
     bf16 = model.init(jax.random.key(0), dtype=jnp.bfloat16)
     assert jax.tree.leaves(bf16)[0].dtype == jnp.bfloat16
-    logits_bf16 = build(config.replace(compute_dtype="bfloat16")).forward(params, ids)
-    logits = model.forward(params, ids)
+    logits_bf16 = jax.jit(build(config.replace(compute_dtype="bfloat16")).forward)(params, ids)
+    logits = jax.jit(model.forward)(params, ids)
     assert logits_bf16.dtype == jnp.float32
     assert 0 < float(jnp.abs(logits_bf16 - logits).max()) < 0.05
 

@@ -67,7 +67,7 @@ def test_lora_gradients_and_default_targets():
     def loss(lo):
         return jnp.mean(model.forward(params, ids, lora=lo) ** 2)
 
-    grads = jax.grad(loss)(lora)
+    grads = jax.jit(jax.grad(loss))(lora)
     assert isinstance(grads, LoRA) and grads.rank == 2
     # B = 0: A gets no gradient yet, B does.
     np.testing.assert_array_equal(np.asarray(grads.weights["q_proj"]["a"]), 0.0)

@@ -20,6 +20,8 @@ hf_io.py maps this to and from the exact HF tensor names.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -90,6 +92,25 @@ def _is_spec(x) -> bool:
     return isinstance(x, tuple) and len(x) == 3 and isinstance(x[2], str)
 
 
+@functools.partial(jax.jit, static_argnames=("c", "dtype"))
+def _init(c: ModelConfig, rng, dtype):
+    specs = _specs(c)
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
+    # One normal draw for all weights, sliced: one RNG op compiles far faster than dozens.
+    sizes = [math.prod(shape) if kind == "normal" else 0 for shape, _, kind in leaves]
+    flat = 0.02 * jax.random.normal(rng, (sum(sizes),), jnp.float32)
+    out, start = [], 0
+    for size, (shape, _, kind) in zip(sizes, leaves, strict=True):
+        if kind == "ones":
+            out.append(jnp.ones(shape, dtype))
+        elif kind == "zeros":
+            out.append(jnp.zeros(shape, dtype))
+        else:
+            out.append(flat[start:start + size].reshape(shape).astype(dtype))
+            start += size
+    return jax.tree.unflatten(treedef, out)
+
+
 @dataclasses.dataclass(frozen=True)
 class Model:
     """A decoder LM bound to its config. All methods are pure; `forward` is jittable."""
@@ -105,18 +126,7 @@ class Model:
         Returns:
           Nested dict pytree, layout in this module's docstring.
         """
-        specs = _specs(self.config)
-        leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
-        keys = jax.random.split(rng, len(leaves))
-        out = []
-        for key, (shape, _, kind) in zip(keys, leaves, strict=True):
-            if kind == "ones":
-                out.append(jnp.ones(shape, dtype))
-            elif kind == "zeros":
-                out.append(jnp.zeros(shape, dtype))
-            else:
-                out.append((0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype))
-        return jax.tree.unflatten(treedef, out)
+        return _init(self.config, rng, jnp.dtype(dtype))
 
     def param_axes(self) -> dict:
         """Same structure as params; leaves are tuples of logical axis names (or None)."""
