@@ -98,7 +98,7 @@ def torch_side(c: ModelConfig, ids: np.ndarray, steps: int):
     model = transformers.LlamaForCausalLM(hf_cfg).float()
     model.config._attn_implementation = "eager"
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    x = torch.tensor(ids)
+    x = torch.tensor(ids.astype(np.int64))
 
     def run():
         opt.zero_grad(set_to_none=True)

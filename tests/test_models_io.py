@@ -162,3 +162,19 @@ def test_save_bf16_writes_bf16(tmp_path):
     _, loaded, config2 = load_pretrained(str(tmp_path), dtype=jnp.bfloat16)
     assert config2 == config.replace(model_type="gpt2")
     jax.tree.map(np.testing.assert_array_equal, params, loaded)
+
+
+def test_load_tokenizer_from_local_dir(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    from jbilevel.models import load_tokenizer
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "hello": 3, "world": 4, "[UNK]": 5}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
+                                                bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(str(tmp_path))
+    loaded = load_tokenizer(str(tmp_path))
+    assert loaded("hello world there")["input_ids"] == [3, 4, 5]
+    assert loaded.pad_token_id == 0
