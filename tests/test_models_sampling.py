@@ -76,18 +76,18 @@ def test_top_k_top_p_filtering():
 def test_eos_stops_and_masks(llama):
     _, params, config, ref = llama
     greedy = ref["greedy"]
-    eos = int(greedy[0, 1])
-    assert eos not in greedy[0, :1]
+    eos = [int(greedy[0, 1]), int(greedy[1, 2])]  # a list, as HF eos_token_id may be
+    assert greedy[0, 0] not in eos
     gen = generate(build(config), params, ref["prompt_ids"], ref["prompt_mask"],
                    jax.random.key(0), max_new_tokens=8, greedy=True, eos_id=eos, pad_id=0)
     toks, mask = np.asarray(gen.tokens[:, 0]), np.asarray(gen.mask[:, 0])
     np.testing.assert_array_equal(mask[0], [1, 1, 0, 0, 0, 0, 0, 0])
     np.testing.assert_array_equal(toks[0], list(greedy[0, :2]) + [0] * 6)
     np.testing.assert_array_equal(np.asarray(gen.logprobs[0, 0, 2:]), 0.0)
-    hits = np.nonzero(greedy[1] == eos)[0]
-    stop = hits[0] + 1 if len(hits) else 8
+    stop = np.nonzero(np.isin(greedy[1], eos))[0][0] + 1
     np.testing.assert_array_equal(mask[1], [1] * stop + [0] * (8 - stop))
     np.testing.assert_array_equal(toks[1, :stop], greedy[1, :stop])
+    np.testing.assert_array_equal(toks[1, stop:], 0)
 
 
 def test_generate_rejects_bad_arguments(llama):

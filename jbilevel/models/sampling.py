@@ -84,7 +84,7 @@ def _generate(c, params, ids_BxP, mask_BxP, rng, temperature, eos_id, pad_id, lo
         lp_B = jnp.take_along_axis(lp_model_BxV, tok_B[:, None], axis=-1)[:, 0]
         valid_B = ~done_B
         tok_B = jnp.where(valid_B, tok_B, pad_id).astype(ids.dtype)
-        done_B = done_B | (tok_B == eos_id)  # eos_id -1: never
+        done_B = done_B | jnp.any(tok_B[:, None] == eos_id[None, :], axis=1)  # -1: never
         new_logits, cache = apply(c, params, tok_B[:, None], (next_pos_B + t)[:, None],
                                   kv_mask_BxS, lora=lora, cache=cache, cache_index=p + t)
         out = (tok_B, jnp.where(valid_B, lp_B, 0.0), valid_B.astype(jnp.int32),
@@ -102,7 +102,7 @@ def _generate(c, params, ids_BxP, mask_BxP, rng, temperature, eos_id, pad_id, lo
 
 def generate(model, params, prompt_ids_BxP, prompt_mask_BxP, rng, *, max_new_tokens: int,
              num_samples: int = 1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             greedy: bool = False, eos_id: int | None = None, pad_id: int = 0,
+             greedy: bool = False, eos_id: int | list[int] | None = None, pad_id: int = 0,
              lora=None) -> Generation:
     """Samples num_samples continuations per prompt through a KV cache (one jitted program).
 
@@ -116,7 +116,8 @@ def generate(model, params, prompt_ids_BxP, prompt_mask_BxP, rng, *, max_new_tok
       num_samples: G continuations per prompt (rows b*G .. b*G+G-1 share prompt b).
       temperature, top_k (0 = off), top_p (1 = off): the sampling distribution.
       greedy: argmax decoding (HF do_sample=False).
-      eos_id: stop token; it is kept (mask 1) and later positions get pad_id and mask 0.
+      eos_id: stop token (or list of them, as HF eos_token_id); it is kept (mask 1) and
+        later positions get pad_id and mask 0.
       lora: optional LoRA adapters.
     Returns:
       Generation(tokens_BxGxT, logprobs_BxGxT, mask_BxGxT, sampling_logprobs_BxGxT); see its
@@ -126,8 +127,10 @@ def generate(model, params, prompt_ids_BxP, prompt_mask_BxP, rng, *, max_new_tok
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     if not greedy and temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0 (or use greedy=True)")
+    eos_list = [] if eos_id is None else ([eos_id] if isinstance(eos_id, int) else list(eos_id))
+    eos = jnp.asarray(eos_list or [-1], jnp.int32)
     return _generate(model.config, params, jnp.asarray(prompt_ids_BxP),
                      jnp.asarray(prompt_mask_BxP), rng, jnp.float32(temperature),
-                     jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id), lora,
+                     eos, jnp.int32(pad_id), lora,
                      max_new_tokens=max_new_tokens, num_samples=num_samples, top_k=int(top_k),
                      top_p=float(top_p), greedy=bool(greedy))
