@@ -127,14 +127,17 @@ def main():
     ap.add_argument("--no-torch", action="store_true")
     args = ap.parse_args()
     peak = matmul_peak()
-    print(f"XLA f32 2048^3 matmul peak: {peak:.0f} GFLOP/s   devices: {jax.devices()}")
+    print(f"XLA f32 2048^3 matmul peak: {peak:.0f} GFLOP/s   devices: {jax.devices()}",
+          flush=True)
     rows = []
     for d in args.sizes:
         c = _config(d)
         ids = np.random.RandomState(0).randint(3, VOCAB, size=(BATCH, SEQ)).astype(np.int32)
         jt, jg = jax_side(c, ids, args.steps)
+        print(f"d={d} JAX: train step {jt:.3f} s, generate {jg:.3f} s", flush=True)
         tt, tg = (float("nan"), float("nan")) if args.no_torch else torch_side(c, ids,
                                                                                 args.steps)
+        print(f"d={d} torch: train step {tt:.3f} s, generate {tg:.3f} s", flush=True)
         gflops = train_flops(c) / jt / 1e9
         rows.append((d, BATCH * SEQ / jt, BATCH * SEQ / tt, BATCH * NEW / jg, BATCH * NEW / tg,
                      gflops, 100 * gflops / peak))
