@@ -270,8 +270,13 @@ def load_pretrained(path: str, dtype=jnp.float32):
                     else:
                         leaf[layer] = val
                 del t
-    params = jax.tree.map(jnp.asarray, host)
-    return model.forward, params, config
+    # Move leaf by leaf, dropping each host copy, so peak memory is one model plus one leaf.
+    leaves, treedef = jax.tree.flatten(host)
+    del host
+    moved = []
+    while leaves:
+        moved.append(jnp.asarray(leaves.pop(0)))
+    return model.forward, jax.tree.unflatten(treedef, moved), config
 
 
 def save_pretrained(path: str, params, config: ModelConfig) -> None:
