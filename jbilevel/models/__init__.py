@@ -1,0 +1,26 @@
+"""Flax/JAX decoder LMs with exact HF checkpoint parity, LoRA and KV-cached sampling.
+
+Families: Llama (also Qwen2, Mistral), GPT-NeoX, GPT-2. Everything is a pure function of a
+plain dict parameter pytree; see `transformer.py` for the layout and `hf_io.py` for HF names.
+"""
+
+from jbilevel.models.config import ModelConfig
+from jbilevel.models.hf_io import load_pretrained, load_tokenizer, read_config, save_pretrained
+from jbilevel.models.lora import LoRA, init_lora, merge_lora
+from jbilevel.models.sampling import Generation, generate
+from jbilevel.models.transformer import Model, build
+
+__all__ = [
+    "Generation",
+    "LoRA",
+    "Model",
+    "ModelConfig",
+    "build",
+    "generate",
+    "init_lora",
+    "load_pretrained",
+    "load_tokenizer",
+    "merge_lora",
+    "read_config",
+    "save_pretrained",
+]

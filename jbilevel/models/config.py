@@ -1,0 +1,304 @@
+"""One frozen config for every supported decoder family, read from and written to HF config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+FAMILIES = ("llama", "gpt_neox", "gpt2")
+# HF model_type -> family. Qwen2 and Mistral are Llama with options (qkv bias, sliding window).
+MODEL_TYPES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "gpt_neox": "gpt_neox",
+    "gpt2": "gpt2",
+}
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+ACTIVATIONS = ("silu", "gelu", "gelu_new")
+_ARCH = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "gpt_neox": "GPTNeoXForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a decoder-only LM; hashable, so it can be a static jit argument."""
+
+    family: str = "llama"  # "llama" (also Qwen2, Mistral), "gpt_neox" or "gpt2"
+    vocab_size: int = 256  # rows of the token embedding and of the output head
+    hidden_size: int = 64  # model width D
+    num_layers: int = 2  # decoder blocks
+    num_heads: int = 4  # query heads H
+    num_kv_heads: int | None = None  # key/value heads (GQA); None means num_heads
+    head_dim: int | None = None  # per-head width; None means hidden_size // num_heads
+    intermediate_size: int | None = None  # MLP width F; None means 4 * hidden_size
+    max_position_embeddings: int = 2048  # learned positions (gpt2) / RoPE scaling reference
+    norm_eps: float = 1e-6  # RMSNorm (llama) or LayerNorm epsilon
+    activation: str = "silu"  # "silu" (SwiGLU), "gelu" (exact), "gelu_new" (tanh approximation)
+    tie_word_embeddings: bool = False  # output head shares the token embedding
+    rope_theta: float = 10000.0  # RoPE base wavelength
+    rope_type: str = "default"  # "default", "linear", "dynamic" (NTK) or "llama3"
+    rope_factor: float = 1.0  # scaling factor of linear / dynamic / llama3 RoPE
+    rope_low_freq_factor: float = 1.0  # llama3 RoPE only
+    rope_high_freq_factor: float = 4.0  # llama3 RoPE only
+    rope_original_max_position_embeddings: int | None = None  # llama3 RoPE context length
+    partial_rotary_factor: float = 1.0  # fraction of head_dim that is rotated (GPT-NeoX: 0.25)
+    qkv_bias: bool = False  # bias on the q/k/v projections (Qwen2, GPT-NeoX, GPT-2)
+    o_bias: bool = False  # bias on the attention output projection
+    mlp_bias: bool = False  # bias on the MLP projections
+    parallel_residual: bool = False  # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
+    sliding_window: int | None = None  # Mistral: attend to the last `sliding_window` tokens only
+    model_type: str | None = None  # HF model_type written to config.json; None: family default
+    bos_token_id: int | None = None  # copied to/from config.json
+    eos_token_id: int | list[int] | None = None  # copied to/from config.json
+    pad_token_id: int | None = None  # copied to/from config.json
+    compute_dtype: str | None = None  # e.g. "bfloat16": params cast for compute; None: as stored
+    remat: bool = False  # jax.checkpoint each decoder layer (recompute activations in backward)
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"family={self.family!r} is not supported (choose from {FAMILIES})")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_type={self.rope_type!r} is not supported (choose {ROPE_TYPES})")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation={self.activation!r} is not supported ({ACTIVATIONS})")
+        if self.num_heads % self.kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.kv_heads}"
+            )
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} not divisible by num_heads={self.num_heads}; "
+                "set head_dim explicitly"
+            )
+        if self.rotary_dim % 2:
+            raise ValueError(f"rotary dimension {self.rotary_dim} must be even")
+        if self.family != "llama" and self.kv_heads != self.num_heads:
+            raise ValueError(f"family={self.family!r} has no grouped-query attention")
+        if self.model_type is not None and MODEL_TYPES.get(self.model_type) != self.family:
+            raise ValueError(
+                f"model_type={self.model_type!r} does not match family {self.family!r}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.hidden_size // self.num_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def mlp_size(self) -> int:
+        return 4 * self.hidden_size if self.intermediate_size is None else self.intermediate_size
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.dim_per_head * self.partial_rotary_factor)
+
+    @property
+    def hf_model_type(self) -> str:
+        return self.model_type or self.family
+
+    def replace(self, **kw) -> ModelConfig:
+        return dataclasses.replace(self, **kw)
+
+    # ----------------------------------------------------------------------------- HF mapping
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> ModelConfig:
+        """Reads a HF config.json dict (transformers 5 names; older rope_scaling/rope_theta too).
+
+        Args:
+          d: the parsed config.json.
+        Returns:
+          The ModelConfig; raises ValueError naming the field for anything unsupported.
+        """
+        mt = d.get("model_type")
+        if mt not in MODEL_TYPES:
+            raise ValueError(
+                f"config.json: unsupported architecture model_type={mt!r} "
+                f"(architectures={d.get('architectures')}); supported: {sorted(MODEL_TYPES)}"
+            )
+        family = MODEL_TYPES[mt]
+        common = dict(
+            family=family,
+            model_type=mt,
+            vocab_size=d["vocab_size"],
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=d.get("eos_token_id"),
+            pad_token_id=d.get("pad_token_id"),
+        )
+        if family == "gpt2":
+            if d.get("scale_attn_by_inverse_layer_idx") or d.get("reorder_and_upcast_attn"):
+                raise ValueError("config.json: gpt2 scale_attn_by_inverse_layer_idx/"
+                                 "reorder_and_upcast_attn are not supported")
+            if d.get("scale_attn_weights") is False:
+                raise ValueError("config.json: gpt2 scale_attn_weights=false is not supported")
+            act = d.get("activation_function", "gelu_new")
+            return cls(
+                **common,
+                hidden_size=d["n_embd"],
+                num_layers=d["n_layer"],
+                num_heads=d["n_head"],
+                intermediate_size=d.get("n_inner"),
+                max_position_embeddings=d.get("n_positions", 1024),
+                norm_eps=d.get("layer_norm_epsilon", 1e-5),
+                activation=_act(act),
+                tie_word_embeddings=d.get("tie_word_embeddings", True),
+                qkv_bias=True,
+                o_bias=True,
+                mlp_bias=True,
+            )
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        if "rope_theta" not in rope:
+            rope["rope_theta"] = d.get("rope_theta", d.get("rotary_emb_base", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"config.json: rope_type={rope_type!r} is not supported {ROPE_TYPES}")
+        default_partial = 0.25 if family == "gpt_neox" else 1.0
+        partial = rope.get("partial_rotary_factor",
+                           d.get("partial_rotary_factor", d.get("rotary_pct", default_partial)))
+        rope_kw = dict(
+            rope_theta=float(rope["rope_theta"]),
+            rope_type=rope_type,
+            rope_factor=float(rope.get("factor", 1.0)),
+            rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+            rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+            rope_original_max_position_embeddings=rope.get("original_max_position_embeddings"),
+            partial_rotary_factor=float(partial),
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+        )
+        if family == "gpt_neox":
+            bias = d.get("attention_bias", True)
+            return cls(
+                **common,
+                **rope_kw,
+                hidden_size=d["hidden_size"],
+                num_layers=d["num_hidden_layers"],
+                num_heads=d["num_attention_heads"],
+                intermediate_size=d.get("intermediate_size"),
+                norm_eps=d.get("layer_norm_eps", 1e-5),
+                activation=_act(d.get("hidden_act", "gelu")),
+                tie_word_embeddings=d.get("tie_word_embeddings", False),
+                qkv_bias=bias,
+                o_bias=bias,
+                mlp_bias=True,
+                parallel_residual=d.get("use_parallel_residual", True),
+            )
+        if mt == "qwen2":
+            qkv_bias, o_bias = True, False
+        else:
+            qkv_bias = o_bias = bool(d.get("attention_bias", False))
+        window = d.get("sliding_window")
+        if mt == "qwen2" and not d.get("use_sliding_window", False):
+            window = None
+        if mt == "llama":
+            window = None
+        return cls(
+            **common,
+            **rope_kw,
+            hidden_size=d["hidden_size"],
+            num_layers=d["num_hidden_layers"],
+            num_heads=d["num_attention_heads"],
+            num_kv_heads=d.get("num_key_value_heads"),
+            head_dim=_head_dim(d),
+            intermediate_size=d["intermediate_size"],
+            norm_eps=d.get("rms_norm_eps", 1e-6),
+            activation=_act(d.get("hidden_act", "silu")),
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            sliding_window=window,
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """Returns a config.json dict that transformers 5 loads as the same architecture."""
+        mt = self.hf_model_type
+        out: dict[str, Any] = dict(
+            architectures=[_ARCH[mt]],
+            model_type=mt,
+            vocab_size=self.vocab_size,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            tie_word_embeddings=self.tie_word_embeddings,
+        )
+        if self.family == "gpt2":
+            out.update(
+                n_embd=self.hidden_size,
+                n_layer=self.num_layers,
+                n_head=self.num_heads,
+                n_inner=self.intermediate_size,
+                n_positions=self.max_position_embeddings,
+                layer_norm_epsilon=self.norm_eps,
+                activation_function=self.activation,
+            )
+            return out
+        rope: dict[str, Any] = dict(rope_type=self.rope_type, rope_theta=self.rope_theta)
+        if self.rope_type != "default":
+            rope["factor"] = self.rope_factor
+        if self.rope_type == "llama3":
+            rope.update(
+                low_freq_factor=self.rope_low_freq_factor,
+                high_freq_factor=self.rope_high_freq_factor,
+                original_max_position_embeddings=self.rope_original_max_position_embeddings,
+            )
+        if self.partial_rotary_factor != 1.0 or self.family == "gpt_neox":
+            rope["partial_rotary_factor"] = self.partial_rotary_factor
+        out.update(
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            intermediate_size=self.mlp_size,
+            max_position_embeddings=self.max_position_embeddings,
+            hidden_act=self.activation,
+            rope_parameters=rope,
+        )
+        if self.family == "gpt_neox":
+            if self.qkv_bias != self.o_bias:
+                raise ValueError("gpt_neox needs qkv_bias == o_bias (HF attention_bias)")
+            out.update(
+                layer_norm_eps=self.norm_eps,
+                use_parallel_residual=self.parallel_residual,
+                attention_bias=self.qkv_bias,
+            )
+            return out
+        out.update(
+            num_key_value_heads=self.kv_heads,
+            head_dim=self.dim_per_head,
+            rms_norm_eps=self.norm_eps,
+            mlp_bias=self.mlp_bias,
+        )
+        if mt == "qwen2":
+            if not self.qkv_bias or self.o_bias:
+                raise ValueError("qwen2 needs qkv_bias=True, o_bias=False")
+            out.update(use_sliding_window=self.sliding_window is not None,
+                       sliding_window=self.sliding_window)
+        elif mt == "mistral":
+            out["sliding_window"] = self.sliding_window
+        elif self.sliding_window is not None:
+            raise ValueError("llama has no sliding window: use model_type='mistral'")
+        if mt != "qwen2":
+            if self.qkv_bias != self.o_bias:
+                raise ValueError(f"{mt} needs qkv_bias == o_bias (HF attention_bias)")
+            out["attention_bias"] = self.qkv_bias
+        return out
+
+
+def _act(name: str) -> str:
+    if name in ("gelu_pytorch_tanh", "gelu_new"):
+        return "gelu_new"
+    if name not in ACTIVATIONS:
+        raise ValueError(f"config.json: activation {name!r} is not supported ({ACTIVATIONS})")
+    return name
+
+
+def _head_dim(d):
+    hd = d.get("head_dim")
+    return None if hd == d["hidden_size"] // d["num_attention_heads"] else hd

@@ -1,0 +1,136 @@
+"""KV-cached sampling from left-padded prompts, with per-token log-probs."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jbilevel.models.transformer import apply
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """Sampled continuations; unpacks as (tokens, logprobs, mask).
+
+    tokens_BxGxT: sampled ids (pad_id after EOS). mask_BxGxT: 1 up to and including the first
+    EOS, 0 after. logprobs_BxGxT: log-prob of each token under the *untempered* model,
+    log_softmax(logits)[token], i.e. what `forward` gives for the same tokens (what the
+    importance ratio of online self-refinement needs). sampling_logprobs_BxGxT: log-prob under
+    the distribution actually sampled from (temperature, top-k, top-p applied; 0 for greedy).
+    Masked positions hold 0 in both.
+    """
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    mask: jax.Array
+    sampling_logprobs: jax.Array
+
+    def __iter__(self):
+        return iter((self.tokens, self.logprobs, self.mask))
+
+
+jax.tree_util.register_dataclass(
+    Generation, data_fields=["tokens", "logprobs", "mask", "sampling_logprobs"], meta_fields=[])
+
+
+def _process(logits_BxV, temperature, top_k: int, top_p: float):
+    z = logits_BxV / temperature
+    if top_k > 0:
+        kth_Bx1 = jax.lax.top_k(z, top_k)[0][:, -1:]
+        z = jnp.where(z < kth_Bx1, -jnp.inf, z)
+    if top_p < 1.0:
+        sorted_BxV = jnp.flip(jnp.sort(z, axis=-1), axis=-1)
+        probs = jax.nn.softmax(sorted_BxV, axis=-1)
+        before_BxV = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
+        keep = before_BxV < top_p  # always keeps the top token
+        cutoff_Bx1 = jnp.min(jnp.where(keep, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+        z = jnp.where(z < cutoff_Bx1, -jnp.inf, z)
+    return z
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "c", "max_new_tokens", "num_samples", "top_k", "top_p", "greedy"))
+def _generate(c, params, ids_BxP, mask_BxP, rng, temperature, eos_id, pad_id, lora, *,
+              max_new_tokens, num_samples, top_k, top_p, greedy):
+    g, t_new = num_samples, max_new_tokens
+    b, p = ids_BxP.shape
+    ids = jnp.repeat(ids_BxP, g, axis=0)
+    mask = jnp.repeat(mask_BxP.astype(jnp.int32), g, axis=0)
+    bg = b * g
+    dtype = jnp.dtype(c.compute_dtype) if c.compute_dtype else params["embed"]["embedding"].dtype
+    shape = (c.num_layers, bg, p + t_new, c.kv_heads, c.dim_per_head)
+    cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    kv_mask_BxS = jnp.concatenate([mask, jnp.ones((bg, t_new), jnp.int32)], axis=1)
+    pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    logits, cache = apply(c, params, ids, pos, kv_mask_BxS, lora=lora, cache=cache,
+                          cache_index=0)
+    next_pos_B = jnp.sum(mask, axis=1)
+
+    def step(carry, t):
+        cache, logits_BxV, done_B, key = carry
+        key, sub = jax.random.split(key)
+        lp_model_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
+        if greedy:
+            tok_B = jnp.argmax(logits_BxV, axis=-1)
+            lp_sample_B = jnp.zeros((bg,), jnp.float32)
+        else:
+            z = _process(logits_BxV, temperature, top_k, top_p)
+            tok_B = jax.random.categorical(sub, z, axis=-1)
+            lp_sample_B = jnp.take_along_axis(
+                jax.nn.log_softmax(z, axis=-1), tok_B[:, None], axis=-1)[:, 0]
+        lp_B = jnp.take_along_axis(lp_model_BxV, tok_B[:, None], axis=-1)[:, 0]
+        valid_B = ~done_B
+        tok_B = jnp.where(valid_B, tok_B, pad_id).astype(ids.dtype)
+        done_B = done_B | jnp.any(tok_B[:, None] == eos_id[None, :], axis=1)  # -1: never
+        new_logits, cache = apply(c, params, tok_B[:, None], (next_pos_B + t)[:, None],
+                                  kv_mask_BxS, lora=lora, cache=cache, cache_index=p + t)
+        out = (tok_B, jnp.where(valid_B, lp_B, 0.0), valid_B.astype(jnp.int32),
+               jnp.where(valid_B, lp_sample_B, 0.0))
+        return (cache, new_logits[:, 0], done_B, key), out
+
+    init = (cache, logits[:, -1], jnp.zeros((bg,), bool), rng)
+    _, (toks, lps, masks, slps) = jax.lax.scan(step, init, jnp.arange(t_new))
+
+    def shape_out(x_TxBG):
+        return x_TxBG.T.reshape(b, g, t_new)
+
+    return Generation(shape_out(toks), shape_out(lps), shape_out(masks), shape_out(slps))
+
+
+def generate(model, params, prompt_ids_BxP, prompt_mask_BxP, rng, *, max_new_tokens: int,
+             num_samples: int = 1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             greedy: bool = False, eos_id: int | list[int] | None = None, pad_id: int = 0,
+             lora=None) -> Generation:
+    """Samples num_samples continuations per prompt through a KV cache (one jitted program).
+
+    Args:
+      model: a Model (its config is the static part of the jit).
+      params: parameter pytree.
+      prompt_ids_BxP, prompt_mask_BxP: LEFT-padded prompts (mask 1 = real token, at least one
+        real token per row); positions start at 0 on the first real token, as HF generate.
+      rng: PRNG key (unused when greedy).
+      max_new_tokens: T, the number of sampled steps.
+      num_samples: G continuations per prompt (rows b*G .. b*G+G-1 share prompt b).
+      temperature, top_k (0 = off), top_p (1 = off): the sampling distribution.
+      greedy: argmax decoding (HF do_sample=False).
+      eos_id: stop token (or list of them, as HF eos_token_id); it is kept (mask 1) and
+        later positions get pad_id and mask 0.
+      lora: optional LoRA adapters.
+    Returns:
+      Generation(tokens_BxGxT, logprobs_BxGxT, mask_BxGxT, sampling_logprobs_BxGxT); see its
+      docstring for which log-prob is which.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if not greedy and temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0 (or use greedy=True)")
+    eos_list = [] if eos_id is None else ([eos_id] if isinstance(eos_id, int) else list(eos_id))
+    eos = jnp.asarray(eos_list or [-1], jnp.int32)
+    return _generate(model.config, params, jnp.asarray(prompt_ids_BxP),
+                     jnp.asarray(prompt_mask_BxP), rng, jnp.float32(temperature),
+                     eos, jnp.int32(pad_id), lora,
+                     max_new_tokens=max_new_tokens, num_samples=num_samples, top_k=int(top_k),
+                     top_p=float(top_p), greedy=bool(greedy))

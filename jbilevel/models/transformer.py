@@ -1,0 +1,319 @@
+"""Decoder-only LM (Llama/Qwen2/Mistral, GPT-NeoX, GPT-2) as pure functions over a dict pytree.
+
+Parameter layout (layers stacked on a leading axis N and scanned with lax.scan):
+
+    embed/embedding        (V, D)          ("vocab", "embed")
+    pos_embed/embedding    (P, D)          gpt2 only
+    layers/attn_norm/{scale,bias}   (N, D)  bias: LayerNorm families only
+    layers/{q}/kernel      (N, D, H, K)    layers/{k,v}/kernel (N, D, KV, K); bias (N, H|KV, K)
+    layers/o/kernel        (N, H, K, D)    bias (N, D)
+    layers/mlp_norm/{scale,bias}
+    layers/gate/kernel     (N, D, F)       llama only (SwiGLU)
+    layers/up/kernel       (N, D, F)       bias (N, F)
+    layers/down/kernel     (N, F, D)       bias (N, D)
+    final_norm/{scale,bias}
+    lm_head/kernel         (V, D)          absent when tie_word_embeddings
+
+hf_io.py maps this to and from the exact HF tensor names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jbilevel.models import rope
+from jbilevel.models.config import ModelConfig
+
+# LoRA target (HF module name) -> projection site in this module, per family.
+LORA_SITES = {
+    "llama": {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
+              "gate_proj": "gate", "up_proj": "up", "down_proj": "down"},
+    "gpt_neox": {"query_key_value": "qkv", "dense": "o", "dense_h_to_4h": "up",
+                 "dense_4h_to_h": "down"},
+    "gpt2": {"c_attn": "qkv", "attn.c_proj": "o", "c_fc": "up", "mlp.c_proj": "down"},
+}
+_NEG = -1e30
+
+
+def _specs(c: ModelConfig) -> dict:
+    """Nested dict of (shape, logical axes, init kind) for every parameter."""
+    n, d, v = c.num_layers, c.hidden_size, c.vocab_size
+    h, kv, k, f = c.num_heads, c.kv_heads, c.dim_per_head, c.mlp_size
+    ln = c.family != "llama"
+
+    def norm(prefix_shape, prefix_axes):
+        out = {"scale": (prefix_shape + (d,), prefix_axes + ("embed",), "ones")}
+        if ln:
+            out["bias"] = (prefix_shape + (d,), prefix_axes + ("embed",), "zeros")
+        return out
+
+    L = ("layers",)
+    layers = {
+        "attn_norm": norm((n,), L),
+        "q": {"kernel": ((n, d, h, k), L + ("embed", "heads", "head_dim"), "normal")},
+        "k": {"kernel": ((n, d, kv, k), L + ("embed", "kv_heads", "head_dim"), "normal")},
+        "v": {"kernel": ((n, d, kv, k), L + ("embed", "kv_heads", "head_dim"), "normal")},
+        "o": {"kernel": ((n, h, k, d), L + ("heads", "head_dim", "embed"), "normal")},
+        "mlp_norm": norm((n,), L),
+        "up": {"kernel": ((n, d, f), L + ("embed", "mlp"), "normal")},
+        "down": {"kernel": ((n, f, d), L + ("mlp", "embed"), "normal")},
+    }
+    if c.qkv_bias:
+        layers["q"]["bias"] = ((n, h, k), L + ("heads", "head_dim"), "zeros")
+        for name in ("k", "v"):
+            layers[name]["bias"] = ((n, kv, k), L + ("kv_heads", "head_dim"), "zeros")
+    if c.o_bias:
+        layers["o"]["bias"] = ((n, d), L + ("embed",), "zeros")
+    if c.family == "llama":
+        layers["gate"] = {"kernel": ((n, d, f), L + ("embed", "mlp"), "normal")}
+    if c.mlp_bias:
+        for name in ("gate", "up") if c.family == "llama" else ("up",):
+            layers[name]["bias"] = ((n, f), L + ("mlp",), "zeros")
+        layers["down"]["bias"] = ((n, d), L + ("embed",), "zeros")
+    specs = {
+        "embed": {"embedding": ((v, d), ("vocab", "embed"), "normal")},
+        "layers": layers,
+        "final_norm": norm((), ()),
+    }
+    if c.family == "gpt2":
+        specs["pos_embed"] = {
+            "embedding": ((c.max_position_embeddings, d), (None, "embed"), "normal")}
+    if not c.tie_word_embeddings:
+        specs["lm_head"] = {"kernel": ((v, d), ("vocab", "embed"), "normal")}
+    return specs
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, tuple) and len(x) == 3 and isinstance(x[2], str)
+
+
+@functools.partial(jax.jit, static_argnames=("c", "dtype"))
+def _init(c: ModelConfig, rng, dtype):
+    specs = _specs(c)
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
+    # One normal draw for all weights, sliced: one RNG op compiles far faster than dozens.
+    sizes = [math.prod(shape) if kind == "normal" else 0 for shape, _, kind in leaves]
+    flat = 0.02 * jax.random.normal(rng, (sum(sizes),), jnp.float32)
+    out, start = [], 0
+    for size, (shape, _, kind) in zip(sizes, leaves, strict=True):
+        if kind == "ones":
+            out.append(jnp.ones(shape, dtype))
+        elif kind == "zeros":
+            out.append(jnp.zeros(shape, dtype))
+        else:
+            out.append(flat[start:start + size].reshape(shape).astype(dtype))
+            start += size
+    return jax.tree.unflatten(treedef, out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A decoder LM bound to its config. All methods are pure; `forward` is jittable."""
+
+    config: ModelConfig
+
+    def init(self, rng: jax.Array, dtype=jnp.float32) -> dict:
+        """Random parameters (normal(0, 0.02) weights, unit norms, zero biases).
+
+        Args:
+          rng: PRNG key.
+          dtype: parameter dtype (f32 or bf16).
+        Returns:
+          Nested dict pytree, layout in this module's docstring.
+        """
+        return _init(self.config, rng, jnp.dtype(dtype))
+
+    def param_axes(self) -> dict:
+        """Same structure as params; leaves are tuples of logical axis names (or None)."""
+        return jax.tree.map(lambda s: s[1], _specs(self.config), is_leaf=_is_spec)
+
+    def forward(self, params, input_ids_BxL, *, attention_mask=None, positions=None, lora=None):
+        """Logits of a batch of token ids.
+
+        Args:
+          params: parameter pytree from `init` or `load_pretrained`.
+          input_ids_BxL: int token ids.
+          attention_mask: (B, L), 1 = real token, 0 = padding (left or right). Default all ones.
+          positions: (B, L) position ids. Default: cumsum(mask) - 1 clipped at 0, which is
+            0, 1, 2, ... from the first real token (so left padding gets the HF generate
+            positions and right padding the plain arange).
+          lora: optional `jbilevel.models.lora.LoRA` adapters.
+        Returns:
+          logits_BxLxV in float32. Rows of padded query positions are finite but meaningless.
+        """
+        mask_BxL, pos_BxL = _mask_positions(input_ids_BxL, attention_mask, positions)
+        logits, _ = apply(self.config, params, input_ids_BxL, pos_BxL, mask_BxL, lora=lora)
+        return logits
+
+
+def build(config: ModelConfig) -> Model:
+    """Returns the Model for `config` (any supported family)."""
+    return Model(config)
+
+
+def _mask_positions(ids_BxL, attention_mask, positions):
+    if attention_mask is None:
+        mask_BxL = jnp.ones(ids_BxL.shape, jnp.int32)
+    else:
+        mask_BxL = jnp.asarray(attention_mask).astype(jnp.int32)
+    if positions is None:
+        positions = jnp.maximum(jnp.cumsum(mask_BxL, axis=1) - 1, 0)
+    return mask_BxL, jnp.asarray(positions).astype(jnp.int32)
+
+
+def _rms_norm(x_BxLxD, p, eps):
+    x32 = x_BxLxD.astype(jnp.float32)
+    var_BxLx1 = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+    y = (x32 * jax.lax.rsqrt(var_BxLx1 + eps)).astype(x_BxLxD.dtype)
+    return p["scale"][None, None, :] * y
+
+
+def _layer_norm(x_BxLxD, p, eps):
+    x32 = x_BxLxD.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    y = y * p["scale"].astype(jnp.float32)[None, None, :] + p["bias"].astype(jnp.float32)[
+        None, None, :]
+    return y.astype(x_BxLxD.dtype)
+
+
+def _act(name, x):
+    if name == "silu":
+        return jax.nn.silu(x)
+    return jax.nn.gelu(x, approximate=(name == "gelu_new"))
+
+
+def _add_bias(y, p):
+    if "bias" not in p:
+        return y
+    b = p["bias"]
+    return y + b.reshape((1,) * (y.ndim - b.ndim) + b.shape)
+
+
+def _lora_delta(lw, hf_name, scale, x_BxLxI):
+    """scale * (x @ A) @ B for one layer's adapter, or None when the site has none."""
+    if hf_name is None or hf_name not in lw:
+        return None
+    a_IxR, b_RxO = lw[hf_name]["a"], lw[hf_name]["b"]
+    xa_BxLxR = jnp.einsum("bli,ir->blr", x_BxLxI, a_IxR.astype(x_BxLxI.dtype))
+    return scale * jnp.einsum("blr,ro->blo", xa_BxLxR, b_RxO.astype(x_BxLxI.dtype))
+
+
+def _layer(c: ModelConfig, sites: dict, scale, x_BxLxD, p, lw, cos_sin, mask_info, cache_kv):
+    """One decoder block. Returns (x_BxLxD, new cache (k, v) or None)."""
+    norm = _rms_norm if c.family == "llama" else _layer_norm
+    b, seq, _ = x_BxLxD.shape
+    h, kv, k = c.num_heads, c.kv_heads, c.dim_per_head
+
+    def proj(name, y, eq):
+        out = _add_bias(jnp.einsum(eq, y, p[name]["kernel"]), p[name])
+        delta = _lora_delta(lw, sites.get(name), scale, y.reshape(b, seq, -1))
+        if delta is not None:
+            out = out + delta.reshape(out.shape)
+        return out
+
+    def attention(y_BxLxD):
+        q = proj("q", y_BxLxD, "bld,dhk->blhk")
+        kk = proj("k", y_BxLxD, "bld,dhk->blhk")
+        vv = proj("v", y_BxLxD, "bld,dhk->blhk")
+        fused = _lora_delta(lw, sites.get("qkv"), scale, y_BxLxD)
+        if fused is not None:
+            if c.family == "gpt_neox":  # HF packs (H, 3, K)
+                f = fused.reshape(b, seq, h, 3, k)
+                dq, dk, dv = f[:, :, :, 0], f[:, :, :, 1], f[:, :, :, 2]
+            else:  # gpt2 packs (3, H, K)
+                f = fused.reshape(b, seq, 3, h, k)
+                dq, dk, dv = f[:, :, 0], f[:, :, 1], f[:, :, 2]
+            q, kk, vv = q + dq, kk + dk, vv + dv
+        if cos_sin is not None:
+            q = rope.apply(q, *cos_sin)
+            kk = rope.apply(kk, *cos_sin)
+        kv_mask_BxS, q_slot_L, cache_index = mask_info
+        if cache_kv is None:
+            k_all, v_all = kk, vv
+            new_cache = None
+        else:
+            ck, cv = cache_kv
+            k_all = jax.lax.dynamic_update_slice(ck, kk.astype(ck.dtype), (0, cache_index, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(cv, vv.astype(cv.dtype), (0, cache_index, 0, 0))
+            new_cache = (k_all, v_all)
+        s = k_all.shape[1]
+        k_slot_S = jnp.arange(s)
+        allowed_1xLxS = k_slot_S[None, None, :] <= q_slot_L[None, :, None]
+        if c.sliding_window is not None:
+            allowed_1xLxS &= (q_slot_L[None, :, None] - k_slot_S[None, None, :]) < c.sliding_window
+        allowed_BxLxS = allowed_1xLxS & (kv_mask_BxS[:, None, :] > 0)
+        q5 = q.reshape(b, seq, kv, h // kv, k)
+        scores = jnp.einsum("blngk,bsnk->bngls", q5, k_all.astype(q5.dtype),
+                            preferred_element_type=jnp.float32) * (k ** -0.5)
+        scores = jnp.where(allowed_BxLxS[:, None, None, :, :], scores, _NEG)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v_all.dtype)
+        o5 = jnp.einsum("bngls,bsnk->blngk", probs, v_all).astype(y_BxLxD.dtype)
+        out = proj("o", o5.reshape(b, seq, h, k), "blhk,hkd->bld")
+        return out, new_cache
+
+    def mlp(y_BxLxD):
+        up = proj("up", y_BxLxD, "bld,df->blf")
+        if c.family == "llama":
+            hid = _act(c.activation, proj("gate", y_BxLxD, "bld,df->blf")) * up
+        else:
+            hid = _act(c.activation, up)
+        return proj("down", hid, "blf,fd->bld")
+
+    attn_out, new_cache = attention(norm(x_BxLxD, p["attn_norm"], c.norm_eps))
+    if c.parallel_residual:
+        x_BxLxD = x_BxLxD + attn_out + mlp(norm(x_BxLxD, p["mlp_norm"], c.norm_eps))
+    else:
+        x_BxLxD = x_BxLxD + attn_out
+        x_BxLxD = x_BxLxD + mlp(norm(x_BxLxD, p["mlp_norm"], c.norm_eps))
+    return x_BxLxD, new_cache
+
+
+def apply(c: ModelConfig, params, ids_BxL, pos_BxL, kv_mask_BxS, *, lora=None, cache=None,
+          cache_index=0):
+    """Core forward, optionally through a KV cache.
+
+    Args:
+      c: config; params: parameter pytree; ids_BxL, pos_BxL: tokens and their positions.
+      kv_mask_BxS: 1 for key slots that hold real tokens. Without a cache S == L; with a cache
+        S is the cache length and the L new tokens are written at slots cache_index..+L.
+      lora: optional LoRA adapters; cache: {"k","v": (N, B, S, KV, K)} or None.
+    Returns:
+      (logits_BxLxV float32, updated cache or None).
+    """
+    if c.compute_dtype is not None:
+        cd = jnp.dtype(c.compute_dtype)
+        params = jax.tree.map(lambda a: a.astype(cd), params)
+    x = jnp.take(params["embed"]["embedding"], ids_BxL, axis=0)
+    if c.family == "gpt2":
+        x = x + jnp.take(params["pos_embed"]["embedding"], pos_BxL, axis=0)
+    cs = None if c.family == "gpt2" else rope.cos_sin(c, pos_BxL)
+    q_slot_L = cache_index + jnp.arange(ids_BxL.shape[1])
+    mask_info = (kv_mask_BxS, q_slot_L, cache_index)
+    if lora is None:
+        lw, scale, sites = {}, 0.0, {}
+    else:
+        lw, scale = lora.weights, lora.scale
+        sites = {site: name for name, site in LORA_SITES[c.family].items()}
+
+    def body(x_BxLxD, xs):
+        p, lwl, ckv = xs
+        x_BxLxD, new = _layer(c, sites, scale, x_BxLxD, p, lwl, cs, mask_info, ckv)
+        return x_BxLxD, new
+
+    if c.remat:
+        body = jax.checkpoint(body, prevent_cse=False)
+    ckv = None if cache is None else (cache["k"], cache["v"])
+    x, new_kv = jax.lax.scan(body, x, (params["layers"], lw, ckv))
+    norm = _rms_norm if c.family == "llama" else _layer_norm
+    x = norm(x, params["final_norm"], c.norm_eps)
+    head = params["embed"]["embedding"] if c.tie_word_embeddings else params["lm_head"]["kernel"]
+    logits = jnp.einsum("bld,vd->blv", x, head, preferred_element_type=jnp.float32)
+    new_cache = None if cache is None else {"k": new_kv[0], "v": new_kv[1]}
+    return logits, new_cache

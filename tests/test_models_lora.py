@@ -1,0 +1,81 @@
+"""LoRA: zero-init invariance, merge equivalence (also through HF), targets, gradients."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jbilevel.models import ModelConfig, build, load_pretrained, save_pretrained
+from jbilevel.models.lora import LoRA, init_lora, merge_lora
+
+ROOT = os.path.join(os.path.dirname(__file__), "fixtures", "models")
+TARGETS = {
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "gpt_neox": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+    "gpt2": ("c_attn", "c_proj", "c_fc"),
+}
+
+
+def _randomise_b(lora: LoRA, rng) -> LoRA:
+    leaves, treedef = jax.tree.flatten(lora)
+    keys = jax.random.split(rng, len(leaves))
+    new = [0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+    return jax.tree.unflatten(treedef, new)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt_neox", "gpt2"])
+def test_lora_zero_init_merge_and_hf(name, tmp_path):
+    forward, params, config = load_pretrained(os.path.join(ROOT, name))
+    forward = jax.jit(forward)
+    ref = np.load(os.path.join(ROOT, name, "ref.npz"))
+    ids = jnp.asarray(ref["input_ids"])
+    lora = init_lora(config, jax.random.key(0), rank=4, alpha=8.0, targets=TARGETS[name])
+    assert lora.scale == 2.0
+    if name == "gpt2":  # "c_proj" means both GPT-2 c_proj modules, as in PEFT
+        assert sorted(lora.weights) == ["attn.c_proj", "c_attn", "c_fc", "mlp.c_proj"]
+    base = forward(params, ids)
+    np.testing.assert_array_equal(np.asarray(forward(params, ids, lora=lora)), np.asarray(base))
+    lora = _randomise_b(lora, jax.random.key(1))
+    with_lora = np.asarray(forward(params, ids, lora=lora))
+    assert np.abs(with_lora - np.asarray(base)).max() > 0.1
+    merged = merge_lora(params, lora, config)
+    np.testing.assert_allclose(np.asarray(forward(merged, ids)), with_lora, atol=1e-4, rtol=0)
+    # The merged checkpoint is a plain HF checkpoint: HF's own fused-qkv layout must agree.
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    save_pretrained(str(tmp_path), merged, config)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        hf_logits = hf(torch.tensor(ref["input_ids"])).logits.numpy()
+    np.testing.assert_allclose(hf_logits, with_lora, atol=1e-4, rtol=0)
+
+
+def test_lora_gradients_and_default_targets():
+    config = ModelConfig(family="llama", vocab_size=64, hidden_size=32, num_layers=2,
+                         num_heads=4, num_kv_heads=2, intermediate_size=48)
+    model = build(config)
+    params = model.init(jax.random.key(0))
+    lora = init_lora(model, jax.random.key(1), rank=2, alpha=2.0)
+    assert sorted(lora.weights) == ["q_proj", "v_proj"]
+    assert lora.weights["q_proj"]["a"].shape == (2, 32, 2)
+    assert lora.weights["v_proj"]["b"].shape == (2, 2, 16)  # 2 kv heads x head_dim 8
+    ids = jnp.arange(12, dtype=jnp.int32).reshape(2, 6)
+
+    def loss(lo):
+        return jnp.mean(model.forward(params, ids, lora=lo) ** 2)
+
+    grads = jax.jit(jax.grad(loss))(lora)
+    assert isinstance(grads, LoRA) and grads.rank == 2
+    # B = 0: A gets no gradient yet, B does.
+    np.testing.assert_array_equal(np.asarray(grads.weights["q_proj"]["a"]), 0.0)
+    assert float(jnp.abs(grads.weights["q_proj"]["b"]).max()) > 0
+
+
+def test_lora_unknown_target_names_the_choices():
+    config = ModelConfig(family="gpt_neox", vocab_size=64, hidden_size=32, num_layers=1,
+                         num_heads=4)
+    with pytest.raises(ValueError, match="q_proj.*query_key_value"):
+        init_lora(config, jax.random.key(0), rank=2, alpha=4.0, targets=("q_proj",))
