@@ -66,7 +66,7 @@ class CharTokenizer:
 
         model = models.WordLevel({t: i for i, t in enumerate(self.vocab)}, unk_token="<unk>")
         tok = Tokenizer(model)
-        tok.pre_tokenizer = pre_tokenizers.Split(Regex("(?s)."), behavior="isolated")
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
         tok.decoder = decoders.Fuse()
         hf = PreTrainedTokenizerFast(
             tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
