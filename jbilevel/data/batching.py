@@ -114,9 +114,7 @@ class Batcher:
         part = slice(self.process_index * self.batch_size,
                      (self.process_index + 1) * self.batch_size)
         self.position += 1
-        batch = self.dataset.batch(gids[part], seq_len, valid[part])
-        batch["epoch"] = np.int32(self.epoch)
-        return batch
+        return self.dataset.batch(gids[part], seq_len, valid[part])
 
     def epoch_batches(self):
         """Yield the rest of the current epoch's batches (then stop)."""
