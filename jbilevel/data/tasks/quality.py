@@ -39,7 +39,7 @@ def score_quality(predictions: list[str], rows: list[dict]) -> dict:
 
 def make_quality(seed: int = 0, *, n_train: int = 4000, n_val: int = 200, n_test: int = 500,
                  corrupt_frac: float = 0.3, corruption: str = "rule",
-                 max_len: int = 40) -> Task:
+                 max_len: int = 48) -> Task:
     """Build the quality task.
 
     Args:
