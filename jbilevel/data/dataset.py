@@ -152,14 +152,13 @@ def tokenize_pairs(pairs, rows, where, tokenizer, *, max_len: int, overlength: s
     responses_tok = tokenizer.encode_batch([r for _, r in pairs])
     head = [tokenizer.bos_id] if (add_bos and tokenizer.bos_id is not None) else []
     tail = [tokenizer.eos_id]
-    seqs, prompt_lens, kept_rows, kept_where = [], [], [], []
+    pieces, prompt_lens, lengths, kept_rows, kept_where = [], [], [], [], []
     for k, (p, r) in enumerate(zip(prompts_tok, responses_tok, strict=True)):
-        p, r = head + list(p), list(r) + tail
-        if not p:
-            _bad(report, "on_bad_row", DataError(f"{where[k]}: the prompt is empty",
-                                                 "empty_prompt"), "error")
-        if len(p) + len(r) > max_len:
-            msg = (f"{where[k]}: {len(p) + len(r)} tokens (prompt {len(p)}, response {len(r)}) > "
+        n_p, n_r = len(head) + len(p), len(r) + 1
+        if n_p == 0:
+            raise DataError(f"{where[k]}: the prompt is empty", "empty_prompt")
+        if n_p + n_r > max_len:
+            msg = (f"{where[k]}: {n_p + n_r} tokens (prompt {n_p}, response {n_r}) > "
                    f"max_len={max_len}")
             if overlength == "error":
                 raise DataError(f"{msg}; raise max_len or set overlength='truncate' or 'skip'",
@@ -168,19 +167,28 @@ def tokenize_pairs(pairs, rows, where, tokenizer, *, max_len: int, overlength: s
                 report.skip("too_long", msg)
                 continue
             report.truncate(msg)
-            if len(p) < max_len:
+            p, r = head + list(p), list(r) + tail
+            if len(p) < max_len:  # cut the response's end first, then the prompt's start
                 r = r[: max_len - len(p)]
             else:
                 p, r = p[-(max_len - 1) :], r[:1]
-        seqs.append(p + r)
-        prompt_lens.append(len(p))
+            pieces.append(p + r)
+            n_p, n_r = len(p), len(r)
+        else:
+            pieces.extend((head, p, r, tail))
+        prompt_lens.append(n_p)
+        lengths.append(n_p + n_r)
         kept_rows.append(rows[k])
         kept_where.append(where[k])
-    if not seqs:
+    if not lengths:
         raise DataError(f"no examples left: {report}", "empty")
-    lengths = np.fromiter((len(s) for s in seqs), np.int64, len(seqs))
-    tokens_T = np.fromiter(itertools.chain.from_iterable(seqs), np.int32, int(lengths.sum()))
-    report.n_kept = len(seqs)
+    lengths = np.asarray(lengths, np.int64)
+    if all(isinstance(x, np.ndarray) for x in pieces[1::4]):
+        tokens_T = np.concatenate([np.asarray(x, np.int32) for x in pieces])
+    else:
+        tokens_T = np.fromiter(itertools.chain.from_iterable(pieces), np.int32,
+                               int(lengths.sum()))
+    report.n_kept = len(lengths)
     return SFTDataset(
         tokens_T=tokens_T,
         offsets_N1=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
@@ -193,7 +201,7 @@ def tokenize_pairs(pairs, rows, where, tokenizer, *, max_len: int, overlength: s
     )
 
 
-def _bad(report: LoadReport, name: str, err: DataError, policy: str) -> None:
+def _bad(report: LoadReport, err: DataError, policy: str) -> None:
     if policy == "error":
         raise err
     report.skip(err.reason, str(err))
@@ -229,7 +237,7 @@ def load_sft(source, *, schema: str = "auto", tokenizer=None, max_len: int = 512
     for loc, row in iter_rows(source, split=split):
         report.n_read += 1
         if isinstance(row, DataError):
-            _bad(report, "on_bad_row", row, on_bad_row)
+            _bad(report, row, on_bad_row)
             continue
         if formatter is None:
             name = detect_schema(row, loc) if schema == "auto" else schema
@@ -238,7 +246,7 @@ def load_sft(source, *, schema: str = "auto", tokenizer=None, max_len: int = 512
         try:
             pairs.append(formatter(row, loc))
         except DataError as err:
-            _bad(report, "on_bad_row", err, on_bad_row)
+            _bad(report, err, on_bad_row)
             continue
         rows.append(row)
         where.append(loc)
