@@ -90,6 +90,23 @@ def test_state_restore_resumes_at_same_example(ds):
         for k in want:
             np.testing.assert_array_equal(got[k], want[k], err_msg=k)
     assert resumed.state() == ref.state()
+    again = Batcher.from_state(ds, 8, state)
+    np.testing.assert_array_equal(next(again)["ids"], stream[10]["ids"])
+
+
+def test_prompt_batches_cover_every_prompt_once(ds):
+    batches = list(ds.prompt_batches(8))
+    assert len(batches) == 7
+    p = int(ds.prompt_len_N.max())
+    assert all(b["prompt_ids"].shape == (8, p) for b in batches)
+    ids = np.concatenate([b["ids"][b["valid"] > 0] for b in batches])
+    np.testing.assert_array_equal(ids, np.arange(53))
+    for b in batches:
+        for row, i in enumerate(b["ids"][b["valid"] > 0]):
+            n_p = int(ds.prompt_len_N[i])
+            np.testing.assert_array_equal(b["prompt_ids"][row, p - n_p :], ds.sequence(i)[:n_p])
+            assert b["prompt_mask"][row].sum() == n_p and b["prompt_mask"][row, -1] == 1
+    assert batches[-1]["valid"].sum() == 5 and batches[-1]["prompt_mask"][5:].sum() == 0
 
 
 def test_buckets(ds):

@@ -125,3 +125,11 @@ def test_padding_rows_carry_no_loss():
     assert (b["input_ids"][1] == PAD).all()
     with pytest.raises(ValueError, match="seq_len 3 < longest sequence 4"):
         ds.batch([0], 3)
+
+
+def test_non_ascii_text_maps_to_unk():
+    ds = load_sft([{"question": "café?", "response": "oui"}, {"question": "a", "response": "b"}],
+                  prompt_template="{question}", max_len=16)
+    np.testing.assert_array_equal(ds.sequence(0), [BOS] + TOK.encode("caf") + [TOK.unk_id]
+                                  + TOK.encode("?oui") + [EOS])
+    np.testing.assert_array_equal(ds.sequence(1), [BOS, _c("a"), _c("b"), EOS])

@@ -91,6 +91,11 @@ class Batcher:
         self._order = None
         return self
 
+    @classmethod
+    def from_state(cls, dataset: SFTDataset, batch_size: int, state: dict, **kwargs) -> Batcher:
+        """Args: as ``__init__`` plus a ``state()`` dict. Returns: a Batcher resuming there."""
+        return cls(dataset, batch_size, **kwargs).restore(state)
+
     def bucket(self, length: int) -> int:
         """Args: a sequence length. Returns: the smallest bucket length that holds it."""
         return self.buckets[int(np.searchsorted(self.buckets, length))]
