@@ -97,6 +97,15 @@ def test_nonexistent_file(tmp_path):
         load_sft(missing)
 
 
+def test_hub_names_vs_paths():
+    from jbilevel.data.readers import looks_like_hub_name
+
+    for name in ("Open-Orca/OpenOrca", "yahma/alpaca-cleaned", "BlueOrca/RedOrca", "gsm8k"):
+        assert looks_like_hub_name(name), name
+    for path in ("data/train.jsonl", "/abs/dir/x", "./rel", "a/b/c", "x.parquet"):
+        assert not looks_like_hub_name(path), path
+
+
 def test_skip_policy_counts_every_reason(bad_file):
     ds = load_sft(bad_file, schema="alpaca", max_len=256, on_bad_row="skip", overlength="skip")
     assert len(ds) == 2

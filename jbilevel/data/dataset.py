@@ -8,6 +8,7 @@ prompt/response boundary is exact. The loss covers the response tokens and the e
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 
 import numpy as np
@@ -46,7 +47,7 @@ class SFTDataset:
     def __len__(self) -> int:
         return len(self.prompt_len_N)
 
-    @property
+    @functools.cached_property
     def length_N(self) -> np.ndarray:
         return np.diff(self.offsets_N1).astype(np.int32)
 

@@ -10,11 +10,18 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from collections.abc import Iterator
 
 from jbilevel.data.report import DataError
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def looks_like_hub_name(path: str) -> bool:
+    """Args: a source string that is not an existing path. Returns: whether to try the hub."""
+    return bool(_HUB_NAME.match(path)) and not path.endswith(SUFFIXES)
 
 
 def iter_rows(source, *, split: str = "train") -> Iterator[tuple[str, dict | DataError]]:
@@ -43,8 +50,9 @@ def iter_rows(source, *, split: str = "train") -> Iterator[tuple[str, dict | Dat
         yield from _iter_hf(ds, name)
         return
     if not os.path.exists(path):
-        if path.endswith(SUFFIXES) or os.sep in path or path.startswith("."):
-            raise DataError(f"{path}: file not found (working directory {os.getcwd()})")
+        if not looks_like_hub_name(path):
+            raise DataError(f"{path}: file not found (working directory {os.getcwd()})",
+                            "not_found")
         yield from _iter_hub(path, split)
         return
     if os.path.getsize(path) == 0:
