@@ -125,3 +125,19 @@ def test_task_batches_fit_default_buckets(quality):
             target = b["labels"][row][b["loss_mask"][row] > 0]
             assert quality.tokenizer.decode(target) == quality.train.rows[i]["response"]
             assert target[-1] == quality.tokenizer.eos_id
+
+
+def test_baseline_datasets_oracle_and_mix(quality):
+    from jbilevel.data import concat
+
+    oracle = quality.train.subset(quality.oracle_ids())
+    assert len(oracle) == 2800 and all(r["good"] == 1 for r in oracle.rows)
+    for j, i in ((0, quality.oracle_ids()[0]), (2799, quality.oracle_ids()[-1])):
+        np.testing.assert_array_equal(oracle.sequence(j), quality.train.sequence(i))
+        assert oracle.prompt_len_N[j] == quality.train.prompt_len_N[i]
+    mix = concat([quality.train, quality.validation])
+    assert len(mix) == 4200 and mix.rows[4000] == quality.validation.rows[0]
+    np.testing.assert_array_equal(mix.sequence(4199), quality.validation.sequence(199))
+    b = mix.batch([4000], 48)
+    assert quality.tokenizer.decode(b["labels"][0][b["loss_mask"][0] > 0]) == (
+        quality.validation.rows[0]["response"])

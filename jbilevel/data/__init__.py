@@ -10,7 +10,7 @@ Public API::
 """
 
 from jbilevel.data.batching import Batcher, default_buckets
-from jbilevel.data.dataset import SFTDataset, load_sft, tokenize_pairs
+from jbilevel.data.dataset import SFTDataset, concat, load_sft, tokenize_pairs
 from jbilevel.data.export import export_curated, select_ids
 from jbilevel.data.metrics import auroc, weight_mass_on_good
 from jbilevel.data.report import DataError, LoadReport
@@ -27,6 +27,7 @@ __all__ = [
     "Task",
     "as_tokenizer",
     "auroc",
+    "concat",
     "default_buckets",
     "export_curated",
     "load_sft",

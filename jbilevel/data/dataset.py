@@ -128,10 +128,52 @@ class SFTDataset:
             valid = ids < len(self)
             yield self.prompt_batch(np.where(valid, ids, 0), prompt_len, valid)
 
+    def subset(self, ids_M) -> SFTDataset:
+        """Args: ids_M, example ids to keep (in this order).
+
+        Returns: a new dataset whose example j is this dataset's ``ids_M[j]`` (new ids 0..M-1;
+        e.g. the ``oracle`` baseline's good-only data). ``report`` is shared.
+        """
+        ids_M = np.asarray(ids_M, np.int64).reshape(-1)
+        return concat([self], [ids_M])
+
     def response_text(self, i: int) -> str:
         """Args: id. Returns: the decoded response of example i (eos dropped)."""
         seq = self.sequence(i)
         return self.tokenizer.decode(seq[self.prompt_len_N[i] :])
+
+
+def concat(datasets: list[SFTDataset], ids_per_dataset=None) -> SFTDataset:
+    """Concatenate datasets (e.g. the ``mix`` baseline: train then validation).
+
+    Args:
+      datasets: SFTDatasets sharing one tokenizer.
+      ids_per_dataset: optional ids to take from each (default: all, in order).
+    Returns: a dataset with ids 0..M-1 in concatenation order; ``max_len`` is the largest.
+    """
+    if ids_per_dataset is None:
+        ids_per_dataset = [np.arange(len(d)) for d in datasets]
+    pieces, lengths, prompt_lens, rows, where = [], [], [], [], []
+    for d, ids in zip(datasets, ids_per_dataset, strict=True):
+        if d.tokenizer is not datasets[0].tokenizer:
+            raise ValueError("concat needs datasets built with the same tokenizer object")
+        for i in np.asarray(ids, np.int64):
+            pieces.append(d.sequence(i))
+            rows.append(d.rows[i])
+            where.append(d.where[i])
+        lengths.append(d.length_N[ids])
+        prompt_lens.append(d.prompt_len_N[ids])
+    lengths = np.concatenate(lengths).astype(np.int64)
+    return SFTDataset(
+        tokens_T=np.concatenate(pieces).astype(np.int32) if pieces else np.zeros(0, np.int32),
+        offsets_N1=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        prompt_len_N=np.concatenate(prompt_lens).astype(np.int32),
+        rows=rows,
+        where=where,
+        tokenizer=datasets[0].tokenizer,
+        max_len=max(d.max_len for d in datasets),
+        report=datasets[0].report,
+    )
 
 
 def tokenize_pairs(pairs, rows, where, tokenizer, *, max_len: int, overlength: str = "error",
