@@ -141,3 +141,25 @@ def test_baseline_datasets_oracle_and_mix(quality):
     b = mix.batch([4000], 48)
     assert quality.tokenizer.decode(b["labels"][0][b["loss_mask"][0] > 0]) == (
         quality.validation.rows[0]["response"])
+
+
+def test_default_max_len_fits_every_possible_example():
+    import inspect
+    import itertools
+
+    from jbilevel.data.tasks import TASK_TEMPLATE
+    from jbilevel.data.tasks import quality as q
+    from jbilevel.data.tasks import safety as s
+    from jbilevel.data.tasks.arith import PHRASINGS
+
+    def n_tokens(question, response):
+        return 1 + len(TASK_TEMPLATE.format(question=question)) + len(response) + 1
+
+    default = {m: inspect.signature(f).parameters["max_len"].default
+               for m, f in (("q", q.make_quality), ("s", s.make_safety))}
+    worst_q = max(n_tokens(p.format(a=99, b=99), "The answer is -99.")
+                  for ps in PHRASINGS.values() for p in ps)
+    worst_s = max(n_tokens(f"{lead} {a} {t}?", s.unsafe_response(a, t))
+                  for lead, a, t in itertools.product(s.LEADS, s.ACTIONS, s.TARGETS))
+    assert worst_q <= default["q"] and worst_s <= default["s"]
+    assert (worst_q, worst_s) == (47, 134)

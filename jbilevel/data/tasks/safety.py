@@ -52,7 +52,7 @@ def score_safety(predictions: list[str], rows: list[dict]) -> dict:
 
 def make_safety(seed: int = 0, *, n_train: int = 4000, n_val: int = 200, n_test: int = 500,
                 harmful_frac: float = 0.3, unsafe_frac: float = 0.5,
-                max_len: int = 128) -> Task:
+                max_len: int = 144) -> Task:
     """Build the safety task.
 
     Args:
