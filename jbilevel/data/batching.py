@@ -1,0 +1,129 @@
+"""Batcher: deterministic, resumable, per-process sharded epochs of fixed-shape batches.
+
+Epoch ``e`` visits the ids in the order ``np.random.default_rng([seed, e]).permutation(N)``
+(or 0..N-1 with ``shuffle=False``), padded with invalid rows to a whole number of global
+batches of ``batch_size * process_count`` rows. Global batch ``k`` is split in
+``process_count`` contiguous parts; process ``p`` gets part ``p``. So the processes' parts are
+disjoint and together cover the epoch, every process takes the same number of steps, and the
+padded length L (the smallest bucket that fits the *global* batch) agrees across processes.
+The state ``{"seed", "epoch", "position"}`` (position = global batches consumed in the epoch)
+is all a checkpoint needs to resume at the same example.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jbilevel.data.dataset import SFTDataset
+
+
+def default_buckets(max_len: int, n: int = 4, multiple: int = 8) -> tuple[int, ...]:
+    """Args: max_len, number of buckets, rounding multiple.
+
+    Returns: ``n`` increasing lengths ending at max_len (max_len/2^k rounded up to ``multiple``).
+    """
+    lengths = {max_len}
+    for k in range(1, n):
+        lengths.add(min(max_len, -(-(max_len >> k) // multiple) * multiple))
+    return tuple(sorted(lengths))
+
+
+class Batcher:
+    """Iterator over fixed-shape training batches of one process's shard.
+
+    Args:
+      dataset: an SFTDataset.
+      batch_size: rows per process per step (B).
+      seed: shuffle seed; epoch e uses ``default_rng([seed, e])``.
+      shuffle: shuffle each epoch (False: id order).
+      buckets: allowed sequence lengths L (sorted); default ``default_buckets(max_len)``;
+        ``(max_len,)`` gives one shape for everything.
+      process_index, process_count: this process and how many share each global batch.
+      drop_last: drop the last partial global batch instead of padding it with valid=0 rows.
+      epoch, position: where to start (see ``state``/``restore``).
+    """
+
+    def __init__(self, dataset: SFTDataset, batch_size: int, *, seed: int = 0,
+                 shuffle: bool = True, buckets=None, process_index: int = 0,
+                 process_count: int = 1, drop_last: bool = False, epoch: int = 0,
+                 position: int = 0):
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        longest = int(dataset.length_N.max())
+        self.buckets = tuple(sorted(buckets or default_buckets(dataset.max_len)))
+        if self.buckets[-1] < longest:
+            raise ValueError(f"largest bucket {self.buckets[-1]} < longest sequence {longest}")
+        self.process_index = process_index
+        self.process_count = process_count
+        self.drop_last = drop_last
+        self.epoch = epoch
+        self.position = position
+        self._order = None
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.process_count
+
+    @property
+    def steps_per_epoch(self) -> int:
+        n, g = len(self.dataset), self.global_batch_size
+        return n // g if self.drop_last else -(-n // g)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Args: epoch. Returns: the ids in the order epoch ``epoch`` visits them."""
+        n = len(self.dataset)
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, epoch]).permutation(n)
+
+    def state(self) -> dict:
+        """Returns: ``{"seed", "epoch", "position"}``, plain ints (JSON/checkpoint friendly)."""
+        return {"seed": int(self.seed), "epoch": int(self.epoch), "position": int(self.position)}
+
+    def restore(self, state: dict) -> Batcher:
+        """Args: a dict from ``state()``. Returns: self, positioned at the same next example."""
+        self.seed, self.epoch, self.position = (int(state[k]) for k in ("seed", "epoch",
+                                                                          "position"))
+        self._order = None
+        return self
+
+    @classmethod
+    def from_state(cls, dataset: SFTDataset, batch_size: int, state: dict, **kwargs) -> Batcher:
+        """Args: as ``__init__`` plus a ``state()`` dict. Returns: a Batcher resuming there."""
+        return cls(dataset, batch_size, **kwargs).restore(state)
+
+    def bucket(self, length: int) -> int:
+        """Args: a sequence length. Returns: the smallest bucket length that holds it."""
+        return self.buckets[int(np.searchsorted(self.buckets, length))]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        """Returns: the next batch (see ``SFTDataset.batch``); epochs roll over forever."""
+        if self.position >= self.steps_per_epoch:
+            self.epoch += 1
+            self.position = 0
+            self._order = None
+        if self._order is None:
+            self._order = self.epoch_order(self.epoch)
+        g = self.global_batch_size
+        gids = self._order[self.position * g : (self.position + 1) * g]
+        valid = np.arange(g) < len(gids)
+        gids = np.concatenate([gids, np.zeros(g - len(gids), gids.dtype)])
+        seq_len = self.bucket(int(self.dataset.length_N[gids[valid]].max()))
+        part = slice(self.process_index * self.batch_size,
+                     (self.process_index + 1) * self.batch_size)
+        self.position += 1
+        return self.dataset.batch(gids[part], seq_len, valid[part])
+
+    def epoch_batches(self):
+        """Yield the rest of the current epoch's batches (then stop)."""
+        if self.position >= self.steps_per_epoch:
+            self.epoch, self.position, self._order = self.epoch + 1, 0, None
+        while self.position < self.steps_per_epoch:
+            yield next(self)

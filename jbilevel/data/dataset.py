@@ -1,0 +1,303 @@
+"""SFTDataset: tokenised examples with stable ids, prompt masks and fixed-shape batches.
+
+Example ``i`` (its stable id, 0..N-1 in source order after skips) is the token sequence
+``[bos] + prompt + response + [eos]``. Prompt and response are tokenised separately, so the
+prompt/response boundary is exact. The loss covers the response tokens and the eos.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+
+import numpy as np
+
+from jbilevel.data.readers import iter_rows
+from jbilevel.data.report import DataError, LoadReport
+from jbilevel.data.schemas import Formatter, detect_schema
+from jbilevel.data.tokenizer import as_tokenizer
+
+POLICIES = ("error", "truncate", "skip")
+
+
+@dataclasses.dataclass
+class SFTDataset:
+    """Tokenised SFT examples; id ``i`` is row ``i`` of every array and of ``rows``.
+
+    Attributes:
+      tokens_T: all sequences concatenated (int32).
+      offsets_N1: example i is ``tokens_T[offsets_N1[i]:offsets_N1[i+1]]``.
+      prompt_len_N: number of prompt tokens (incl. bos) of each example.
+      rows: the original rows (for export), ``where``: their locations in the source.
+      tokenizer: the pipeline tokenizer (``pad_id``, ``eos_id``, ``decode``).
+      max_len: the longest allowed sequence; batches are at most this long.
+      report: what was read, kept, truncated and skipped.
+    """
+
+    tokens_T: np.ndarray
+    offsets_N1: np.ndarray
+    prompt_len_N: np.ndarray
+    rows: list
+    where: list
+    tokenizer: object
+    max_len: int
+    report: LoadReport
+
+    def __len__(self) -> int:
+        return len(self.prompt_len_N)
+
+    @functools.cached_property
+    def length_N(self) -> np.ndarray:
+        return np.diff(self.offsets_N1).astype(np.int32)
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_id
+
+    def sequence(self, i: int) -> np.ndarray:
+        return self.tokens_T[self.offsets_N1[i] : self.offsets_N1[i + 1]]
+
+    def batch(self, ids_B, seq_len: int, valid_B=None) -> dict:
+        """Build one fixed-shape training batch (the batch contract).
+
+        Args:
+          ids_B: example ids; rows with ``valid_B == 0`` are padding (their id is kept as is).
+          seq_len: L, at least the longest valid sequence in the batch.
+          valid_B: 1 for real rows, 0 for padding rows (default: all real).
+        Returns:
+          dict of numpy arrays: input_ids, labels (int32 BxL; labels[:, t] = input_ids[:, t+1],
+          last = pad), loss_mask (float32 BxL; 1 where labels is a response token or eos),
+          attention_mask (int32 BxL), ids (int32 B), valid (float32 B).
+        """
+        ids_B = np.asarray(ids_B, np.int64)
+        valid_B = np.ones(len(ids_B), bool) if valid_B is None else np.asarray(valid_B) > 0
+        n_B = np.where(valid_B, self.length_N[ids_B], 0)
+        p_B = np.where(valid_B, self.prompt_len_N[ids_B], 0)
+        if n_B.max(initial=0) > seq_len:
+            raise ValueError(f"seq_len {seq_len} < longest sequence {n_B.max()} in the batch")
+        input_ids = np.full((len(ids_B), seq_len), self.pad_id, np.int32)
+        for b in np.flatnonzero(valid_B):
+            input_ids[b, : n_B[b]] = self.sequence(ids_B[b])
+        labels = np.full_like(input_ids, self.pad_id)
+        labels[:, :-1] = input_ids[:, 1:]
+        t_L = np.arange(seq_len)
+        loss_mask = (t_L[None, :] >= p_B[:, None] - 1) & (t_L[None, :] < n_B[:, None] - 1)
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "loss_mask": loss_mask.astype(np.float32),
+            "attention_mask": (t_L[None, :] < n_B[:, None]).astype(np.int32),
+            "ids": ids_B.astype(np.int32),
+            "valid": valid_B.astype(np.float32),
+        }
+
+    def prompt_batch(self, ids_B, prompt_len: int, valid_B=None) -> dict:
+        """Prompts only, left-padded for generation.
+
+        Args: ids_B, prompt_len (P, at least the longest prompt), valid_B as in ``batch``.
+        Returns: dict with prompt_ids (int32 BxP, left-padded with pad), prompt_mask (int32 BxP),
+          ids (int32 B), valid (float32 B).
+        """
+        ids_B = np.asarray(ids_B, np.int64)
+        valid_B = np.ones(len(ids_B), bool) if valid_B is None else np.asarray(valid_B) > 0
+        p_B = np.where(valid_B, self.prompt_len_N[ids_B], 0)
+        if p_B.max(initial=0) > prompt_len:
+            raise ValueError(f"prompt_len {prompt_len} < longest prompt {p_B.max()}")
+        prompt_ids = np.full((len(ids_B), prompt_len), self.pad_id, np.int32)
+        for b in np.flatnonzero(valid_B):
+            start = self.offsets_N1[ids_B[b]]
+            prompt_ids[b, prompt_len - p_B[b] :] = self.tokens_T[start : start + p_B[b]]
+        t_P = np.arange(prompt_len)
+        return {
+            "prompt_ids": prompt_ids,
+            "prompt_mask": (t_P[None, :] >= prompt_len - p_B[:, None]).astype(np.int32),
+            "ids": ids_B.astype(np.int32),
+            "valid": valid_B.astype(np.float32),
+        }
+
+    def prompt_batches(self, batch_size: int, prompt_len: int | None = None):
+        """Yield every example's prompt once, in id order, in fixed-shape batches.
+
+        Args: batch_size B; prompt_len P (default: the longest prompt).
+        Yields: ``prompt_batch`` dicts; the last batch is padded with valid=0 rows.
+        """
+        prompt_len = int(self.prompt_len_N.max()) if prompt_len is None else prompt_len
+        for start in range(0, len(self), batch_size):
+            ids = np.arange(start, start + batch_size)
+            valid = ids < len(self)
+            yield self.prompt_batch(np.where(valid, ids, 0), prompt_len, valid)
+
+    def subset(self, ids_M) -> SFTDataset:
+        """Args: ids_M, example ids to keep (in this order).
+
+        Returns: a new dataset whose example j is this dataset's ``ids_M[j]`` (new ids 0..M-1;
+        e.g. the ``oracle`` baseline's good-only data). ``report`` is shared.
+        """
+        ids_M = np.asarray(ids_M, np.int64).reshape(-1)
+        return concat([self], [ids_M])
+
+    def response_text(self, i: int) -> str:
+        """Args: id. Returns: the decoded response of example i (eos dropped)."""
+        seq = self.sequence(i)
+        return self.tokenizer.decode(seq[self.prompt_len_N[i] :])
+
+
+def concat(datasets: list[SFTDataset], ids_per_dataset=None) -> SFTDataset:
+    """Concatenate datasets (e.g. the ``mix`` baseline: train then validation).
+
+    Args:
+      datasets: SFTDatasets sharing one tokenizer.
+      ids_per_dataset: optional ids to take from each (default: all, in order).
+    Returns: a dataset with ids 0..M-1 in concatenation order; ``max_len`` is the largest.
+    """
+    if ids_per_dataset is None:
+        ids_per_dataset = [np.arange(len(d)) for d in datasets]
+    pieces, lengths, prompt_lens, rows, where = [], [], [], [], []
+    for d, ids in zip(datasets, ids_per_dataset, strict=True):
+        if d.tokenizer is not datasets[0].tokenizer:
+            raise ValueError("concat needs datasets built with the same tokenizer object")
+        for i in np.asarray(ids, np.int64):
+            pieces.append(d.sequence(i))
+            rows.append(d.rows[i])
+            where.append(d.where[i])
+        lengths.append(d.length_N[ids])
+        prompt_lens.append(d.prompt_len_N[ids])
+    lengths = np.concatenate(lengths).astype(np.int64)
+    return SFTDataset(
+        tokens_T=np.concatenate(pieces).astype(np.int32) if pieces else np.zeros(0, np.int32),
+        offsets_N1=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        prompt_len_N=np.concatenate(prompt_lens).astype(np.int32),
+        rows=rows,
+        where=where,
+        tokenizer=datasets[0].tokenizer,
+        max_len=max(d.max_len for d in datasets),
+        report=datasets[0].report,
+    )
+
+
+def tokenize_pairs(pairs, rows, where, tokenizer, *, max_len: int, overlength: str = "error",
+                   report: LoadReport | None = None, add_bos: bool = True) -> SFTDataset:
+    """Tokenise (prompt, response) strings into an SFTDataset.
+
+    Args:
+      pairs: list of (prompt text, response text); rows/where: matching raw rows and locations.
+      tokenizer: pipeline tokenizer (see ``jbilevel.data.tokenizer``).
+      max_len: longest sequence (bos + prompt + response + eos) kept.
+      overlength: "error" raises, "truncate" cuts the response (then the prompt's left end),
+        "skip" drops the example; truncations and skips are counted in ``report``.
+    Returns: the dataset; ids are 0..N-1 in input order over the kept examples.
+    """
+    if overlength not in POLICIES:
+        raise ValueError(f"overlength={overlength!r}; use one of {POLICIES}")
+    report = report or LoadReport(n_read=len(pairs))
+    prompts_tok = tokenizer.encode_batch([p for p, _ in pairs])
+    responses_tok = tokenizer.encode_batch([r for _, r in pairs])
+    head = [tokenizer.bos_id] if (add_bos and tokenizer.bos_id is not None) else []
+    tail = [tokenizer.eos_id]
+    pieces, prompt_lens, lengths, kept_rows, kept_where = [], [], [], [], []
+    for k, (p, r) in enumerate(zip(prompts_tok, responses_tok, strict=True)):
+        n_p, n_r = len(head) + len(p), len(r) + 1
+        if n_p == 0:
+            raise DataError(f"{where[k]}: the prompt is empty", "empty_prompt")
+        if n_p + n_r > max_len:
+            msg = (f"{where[k]}: {n_p + n_r} tokens (prompt {n_p}, response {n_r}) > "
+                   f"max_len={max_len}")
+            if overlength == "error":
+                raise DataError(f"{msg}; raise max_len or set overlength='truncate' or 'skip'",
+                                "too_long")
+            if overlength == "skip":
+                report.skip("too_long", msg)
+                continue
+            report.truncate(msg)
+            p, r = head + list(p), list(r) + tail
+            if len(p) < max_len:  # cut the response's end first, then the prompt's start
+                r = r[: max_len - len(p)]
+            else:
+                p, r = p[-(max_len - 1) :], r[:1]
+            pieces.append(p + r)
+            n_p, n_r = len(p), len(r)
+        else:
+            pieces.extend((head, p, r, tail))
+        prompt_lens.append(n_p)
+        lengths.append(n_p + n_r)
+        kept_rows.append(rows[k])
+        kept_where.append(where[k])
+    if not lengths:
+        raise DataError(f"no examples left: {report}", "empty")
+    lengths = np.asarray(lengths, np.int64)
+    if all(isinstance(x, np.ndarray) for x in pieces[1::4]):
+        tokens_T = np.concatenate([np.asarray(x, np.int32) for x in pieces])
+    else:
+        tokens_T = np.fromiter(itertools.chain.from_iterable(pieces), np.int32,
+                               int(lengths.sum()))
+    report.n_kept = len(lengths)
+    return SFTDataset(
+        tokens_T=tokens_T,
+        offsets_N1=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        prompt_len_N=np.asarray(prompt_lens, np.int32),
+        rows=kept_rows,
+        where=kept_where,
+        tokenizer=tokenizer,
+        max_len=max_len,
+        report=report,
+    )
+
+
+def _bad(report: LoadReport, err: DataError, policy: str) -> None:
+    if policy == "error":
+        raise err
+    report.skip(err.reason, str(err))
+
+
+def load_sft(source, *, schema: str = "auto", tokenizer=None, max_len: int = 512,
+             overlength: str = "error", on_bad_row: str = "error", keys: dict | None = None,
+             prompt_template: str | None = None, chat_template: str | None = None,
+             split: str = "train", add_bos: bool = True) -> SFTDataset:
+    """Load an SFT dataset from a local file, a save_to_disk directory, an HF dataset or rows.
+
+    Args:
+      source: path (.jsonl/.json/.csv/.parquet/.arrow or save_to_disk dir), hub name (only
+        where a hub is reachable), ``datasets.Dataset``, or list of dicts.
+      schema: "auto" | "qa" | "alpaca" | "openorca" | "chat" (see ``jbilevel.data.schemas``).
+      tokenizer: None (built-in CharTokenizer), an HF tokenizer, or a local tokenizer dir.
+      max_len: longest sequence (bos + prompt + response + eos).
+      overlength: "error" | "truncate" | "skip" for sequences over max_len.
+      on_bad_row: "error" raises on the first bad row; "skip" skips and counts each.
+      keys: logical field -> column name, e.g. {"response": "answer"}.
+      prompt_template: ``str.format`` template over the schema's logical fields.
+      chat_template: jinja2 source, or "tokenizer" for the tokenizer's chat template.
+      split: split for hub names and DatasetDict directories.
+      add_bos: prepend the tokenizer's bos (if it has one).
+    Returns: SFTDataset with ids 0..N-1 over kept rows in source order, and ``.report``.
+    """
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f"on_bad_row={on_bad_row!r}; use 'error' or 'skip'")
+    tok = as_tokenizer(tokenizer)
+    report = LoadReport()
+    formatter = None
+    pairs, rows, where = [], [], []
+    for loc, row in iter_rows(source, split=split):
+        report.n_read += 1
+        if isinstance(row, DataError):
+            _bad(report, row, on_bad_row)
+            continue
+        if formatter is None:
+            name = detect_schema(row, loc) if schema == "auto" else schema
+            formatter = Formatter(name, keys=keys, prompt_template=prompt_template,
+                                  chat_template=chat_template, tokenizer=tok)
+        try:
+            pairs.append(formatter(row, loc))
+        except DataError as err:
+            _bad(report, err, on_bad_row)
+            continue
+        rows.append(row)
+        where.append(loc)
+    if report.n_read == 0:
+        raise DataError(f"{_name(source)}: no rows (empty file or dataset)", "empty")
+    return tokenize_pairs(pairs, rows, where, tok, max_len=max_len, overlength=overlength,
+                          report=report, add_bos=add_bos)
+
+
+def _name(source) -> str:
+    return str(source) if isinstance(source, str) else type(source).__name__

@@ -1,0 +1,76 @@
+"""Quality task: arithmetic instructions with exact answers; part of the SFT answers corrupted.
+
+Corruption kinds (applied to ``corrupt_frac`` of train examples, which get good=0):
+  "rule":   a consistent wrong rule, answer + 1 (hurts direct mixing the most);
+  "style":  a consistent wrong style, "The answer is 82." (exact match fails);
+  "random": a random wrong integer.
+Validation and test are clean. Metric: exact-match accuracy of decoded answers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jbilevel.data.tasks import Task, build_splits
+from jbilevel.data.tasks.arith import MAX_OPERAND, answer, distinct_problems, question
+
+CORRUPTIONS = ("rule", "style", "random")
+
+
+def corrupt(kind: str, true: int, rng: np.random.Generator) -> str:
+    """Args: corruption kind, the true answer, rng. Returns: the corrupted response text."""
+    if kind == "rule":
+        return str(true + 1)
+    if kind == "style":
+        return f"The answer is {true}."
+    if kind == "random":
+        wrong = true
+        while wrong == true:
+            wrong = int(rng.integers(-MAX_OPERAND, 2 * MAX_OPERAND + 1))
+        return str(wrong)
+    raise ValueError(f"unknown corruption {kind!r}; use one of {CORRUPTIONS}")
+
+
+def score_quality(predictions: list[str], rows: list[dict]) -> dict:
+    """Returns: {"accuracy": exact match of stripped prediction vs answer, "n"}."""
+    hits = [p.strip() == r["answer"] for p, r in zip(predictions, rows, strict=True)]
+    return {"accuracy": float(np.mean(hits)), "n": len(hits)}
+
+
+def make_quality(seed: int = 0, *, n_train: int = 4000, n_val: int = 200, n_test: int = 500,
+                 corrupt_frac: float = 0.3, corruption: str = "rule",
+                 max_len: int = 48) -> Task:
+    """Build the quality task.
+
+    Args:
+      seed: all randomness derives from it.
+      n_train, n_val, n_test: split sizes (problems are distinct across all splits).
+      corrupt_frac: fraction of train responses corrupted (exactly round(frac * n_train)).
+      corruption: "rule" | "style" | "random".
+      max_len: sequence length limit (bos + prompt + response + eos).
+    Returns: Task with good_N marking uncorrupted train examples.
+    """
+    if corruption not in CORRUPTIONS:
+        raise ValueError(f"unknown corruption {corruption!r}; use one of {CORRUPTIONS}")
+    if not 0.0 <= corrupt_frac <= 1.0:
+        raise ValueError(f"corrupt_frac={corrupt_frac} must be in [0, 1]")
+    rng = np.random.default_rng([seed, 1])
+    problems = distinct_problems(rng, n_train + n_val + n_test)
+    bad = np.zeros(n_train, bool)
+    bad[rng.choice(n_train, size=round(corrupt_frac * n_train), replace=False)] = True
+    rows_by_split = {"train": [], "validation": [], "test": []}
+    bounds = {"train": (0, n_train), "validation": (n_train, n_train + n_val),
+              "test": (n_train + n_val, n_train + n_val + n_test)}
+    for split, (lo, hi) in bounds.items():
+        for k in range(lo, hi):
+            op, a, b = problems[k]
+            true = answer(op, a, b)
+            is_bad = split == "train" and bool(bad[k])
+            response = corrupt(corruption, true, rng) if is_bad else str(true)
+            rows_by_split[split].append({
+                "question": question(rng, op, a, b), "response": response,
+                "answer": str(true), "good": int(not is_bad),
+                "kind": corruption if is_bad else "clean",
+            })
+    tok, splits = build_splits(rows_by_split, max_len)
+    return Task("quality", tok, splits, (~bad).astype(np.int32), score_quality)

@@ -1,0 +1,137 @@
+"""Bad inputs: each error names the file, line/row and field with the fix; skips are counted."""
+
+import json
+
+import pytest
+
+from jbilevel.data import DataError, load_sft
+
+
+def _write(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+GOOD = json.dumps({"instruction": "Say hi.", "input": "", "output": "Hi."})
+
+
+@pytest.fixture
+def bad_file(tmp_path):
+    return _write(tmp_path / "train.jsonl", [
+        GOOD,
+        '{"instruction": "Broken", "output": ',                               # line 2
+        json.dumps({"instruction": "No output", "response": "x"}),           # line 3
+        json.dumps({"instruction": "Empty", "input": "", "output": "  "}),   # line 4
+        json.dumps({"instruction": 7, "input": "", "output": "seven"}),      # line 5
+        json.dumps({"instruction": "x" * 500, "input": "", "output": "y"}),  # line 6
+        GOOD,
+    ])
+
+
+def _one(tmp_path, line, **kw):
+    return load_sft(_write(tmp_path / "train.jsonl", [GOOD, line]), schema="alpaca",
+                    max_len=256, **kw)
+
+
+def test_broken_json_line(tmp_path):
+    with pytest.raises(DataError, match=r"^train.jsonl line 2: broken JSON \(.*\); fix or delete"):
+        _one(tmp_path, '{"instruction": "a",')
+
+
+def test_missing_key_names_available_and_fix(tmp_path):
+    line = json.dumps({"instruction": "a", "response": "b"})
+    with pytest.raises(DataError) as e:
+        _one(tmp_path, line)
+    assert str(e.value) == ("train.jsonl line 2: missing key 'output' (available: instruction, "
+                            "response); set keys={'output': '<column>'}")
+    assert e.value.reason == "missing_key"
+
+
+def test_empty_response(tmp_path):
+    with pytest.raises(DataError, match=r"^train.jsonl line 2: field 'output' is empty; fill"):
+        _one(tmp_path, json.dumps({"instruction": "a", "output": ""}))
+
+
+def test_non_string_field(tmp_path):
+    with pytest.raises(DataError, match=r"^train.jsonl line 2: field 'instruction' must be a "
+                                        r"string, got int \('7'\)"):
+        _one(tmp_path, json.dumps({"instruction": 7, "output": "b"}))
+
+
+def test_over_long_prompt_error_truncate_skip(tmp_path):
+    line = json.dumps({"instruction": "x" * 500, "output": "yz"})
+    with pytest.raises(DataError, match=r"^train.jsonl line 2: 6\d\d tokens \(prompt 6\d\d, "
+                                        r"response 3\) > max_len=256; raise max_len or set "
+                                        r"overlength='truncate' or 'skip'"):
+        _one(tmp_path, line)
+    ds = _one(tmp_path, line, overlength="skip")
+    assert len(ds) == 1 and ds.report.skipped == {"too_long": 1}
+    assert ds.report.messages[0].startswith("skipped (too_long): train.jsonl line 2:")
+    ds = _one(tmp_path, line, overlength="truncate")
+    assert len(ds) == 2 and ds.report.n_truncated == 1 and ds.report.n_skipped == 0
+    assert ds.length_N[1] == 256 and ds.prompt_len_N[1] == 255
+    b = ds.batch([1], 256)
+    assert b["loss_mask"].sum() == 1  # only the first response token survives
+    assert b["labels"][0, 254] == ds.tokenizer.encode("y")[0]
+
+
+def test_truncate_cuts_response_first(tmp_path):
+    line = json.dumps({"instruction": "a", "output": "y" * 300})
+    ds = _one(tmp_path, line, overlength="truncate")
+    assert ds.length_N[1] == 256
+    assert ds.response_text(1) == "y" * (256 - int(ds.prompt_len_N[1]))
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "train.jsonl").write_text("")
+    with pytest.raises(DataError, match=r"^train.jsonl: empty file \(0 bytes\)"):
+        load_sft(str(tmp_path / "train.jsonl"))
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    with pytest.raises(DataError, match=r"blank.jsonl: no rows"):
+        load_sft(str(tmp_path / "blank.jsonl"))
+
+
+def test_nonexistent_file(tmp_path):
+    missing = str(tmp_path / "nope.jsonl")
+    with pytest.raises(DataError, match=rf"^{missing}: file not found"):
+        load_sft(missing)
+
+
+def test_hub_names_vs_paths():
+    from jbilevel.data.readers import looks_like_hub_name
+
+    for name in ("Open-Orca/OpenOrca", "yahma/alpaca-cleaned", "BlueOrca/RedOrca", "gsm8k"):
+        assert looks_like_hub_name(name), name
+    for path in ("data/train.jsonl", "/abs/dir/x", "./rel", "a/b/c", "x.parquet"):
+        assert not looks_like_hub_name(path), path
+
+
+def test_skip_policy_counts_every_reason(bad_file):
+    ds = load_sft(bad_file, schema="alpaca", max_len=256, on_bad_row="skip", overlength="skip")
+    assert len(ds) == 2
+    assert ds.where == ["train.jsonl line 1", "train.jsonl line 7"]
+    r = ds.report.as_dict()
+    assert r["n_read"] == 7 and r["n_kept"] == 2 and r["n_skipped"] == 5
+    assert r["skipped"] == {"bad_json": 1, "missing_key": 1, "empty_response": 1, "bad_type": 1,
+                            "too_long": 1}
+    assert len(r["messages"]) == 5
+    assert str(ds.report) == ("read 7, kept 2, truncated 0, skipped 5 (bad_json=1, "
+                              "bad_type=1, empty_response=1, missing_key=1, too_long=1)")
+
+
+def test_error_policy_stops_at_first_bad_line(bad_file):
+    with pytest.raises(DataError, match=r"^train.jsonl line 2: broken JSON"):
+        load_sft(bad_file, schema="alpaca", max_len=256)
+
+
+def test_everything_skipped_is_an_error(tmp_path):
+    path = _write(tmp_path / "train.jsonl", ['{"bad'])
+    with pytest.raises(DataError, match=r"no examples left: read 1, kept 0, .*bad_json=1"):
+        load_sft(path, schema="alpaca", on_bad_row="skip")
+
+
+def test_bad_policy_names():
+    with pytest.raises(ValueError, match="overlength='cut'"):
+        load_sft([{"question": "a", "response": "b"}], overlength="cut")
+    with pytest.raises(ValueError, match="on_bad_row='drop'"):
+        load_sft([{"question": "a", "response": "b"}], on_bad_row="drop")
