@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.extend.core as jcore
 import jax.numpy as jnp
+import numpy as np
 
 from jbilevel import linsolve
 from jbilevel import weights as weights_lib
@@ -353,6 +354,10 @@ def hypergrad(
     _check_omega_used(inner_loss, theta, omega, inner_batch)
 
     f_val, grad_f = jax.value_and_grad(outer_loss)(theta, outer_batch)
+    if jnp.ndim(f_val) != 0:
+        raise ValueError(f"hypergrad: outer_loss must return a scalar, got shape {jnp.shape(f_val)}")
+    if _is_concrete(f_val) and not np.isfinite(np.asarray(f_val)):
+        raise ValueError(f"hypergrad: outer loss is not finite ({float(f_val)}) at theta")
     if isinstance(method, Unrolled):
         d_omega = _unrolled(method, inner_loss, outer_loss, theta, omega, inner_batch, outer_batch)
         iterations = jnp.asarray(method.steps, jnp.int32)
@@ -362,7 +367,7 @@ def hypergrad(
             method, inner_loss, theta, omega, inner_batch, grad_f
         )
     if _is_concrete(d_omega) and not all(
-        bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(d_omega)
+        np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(d_omega)
     ):
         _raise_non_finite(inner_loss, outer_loss, theta, omega, inner_batch, outer_batch, f_val)
     if return_info:

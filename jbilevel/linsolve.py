@@ -31,7 +31,8 @@ def _norm(x) -> jax.Array:
 
 
 def _relative(r_norm, b_norm):
-    return jnp.where(b_norm > 0, r_norm / jnp.where(b_norm > 0, b_norm, 1.0), 0.0)
+    # NaN in, NaN out: a non-finite right-hand side must not look like a converged solve.
+    return jnp.where(b_norm == 0, 0.0, r_norm / jnp.where(b_norm == 0, 1.0, b_norm))
 
 
 def _true_residual(matvec, x, b):
@@ -52,7 +53,8 @@ def cg(matvec: Callable, b, *, maxiter: int, tol: float):
 
     def cond(state):
         _, _, _, rr, k = state
-        return (k < maxiter) & (jnp.sqrt(rr) > tol * b_norm)
+        # Written as "not converged" so that a NaN residual keeps iterating (and stays NaN).
+        return (k < maxiter) & ~(jnp.sqrt(rr) <= tol * b_norm)
 
     def body(state):
         x, r, p, rr, k = state

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jbilevel import losses, weights
 
@@ -71,10 +72,13 @@ def check_ids(omega_N: jax.Array, batch: dict) -> jax.Array:
     if ids_B.ndim != 1:
         raise ValueError(f"batch['ids'] must have shape (B,), got {ids_B.shape}")
     if _is_concrete(ids_B) and ids_B.size:
+        # numpy, not jnp: inside a trace even jnp ops on concrete arrays return tracers.
+        ids = np.asarray(ids_B)
         valid_B = batch.get("valid")
-        real = ids_B if valid_B is None or not _is_concrete(valid_B) else ids_B[valid_B > 0]
+        if valid_B is not None and _is_concrete(valid_B):
+            ids = ids[np.asarray(valid_B) > 0]
         n = omega_N.shape[0]
-        bad = real[(real < 0) | (real >= n)]
+        bad = ids[(ids < 0) | (ids >= n)]
         if bad.size:
             raise ValueError(
                 f"batch['ids'] holds ids outside [0, {n}) (omega has N={n} logits): "
