@@ -355,7 +355,9 @@ def hypergrad(
 
     f_val, grad_f = jax.value_and_grad(outer_loss)(theta, outer_batch)
     if jnp.ndim(f_val) != 0:
-        raise ValueError(f"hypergrad: outer_loss must return a scalar, got shape {jnp.shape(f_val)}")
+        raise ValueError(
+            f"hypergrad: outer_loss must return a scalar, got shape {jnp.shape(f_val)}"
+        )
     if _is_concrete(f_val) and not np.isfinite(np.asarray(f_val)):
         raise ValueError(f"hypergrad: outer loss is not finite ({float(f_val)}) at theta")
     if isinstance(method, Unrolled):

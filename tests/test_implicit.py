@@ -117,7 +117,8 @@ def test_jit_and_vmap_over_omegas(x64):
 def test_pytree_theta_and_omega(x64):
     train, val, _ = ridge_data()
     rng = np.random.default_rng(3)
-    omega = {"scale": jnp.asarray(0.3 * rng.normal(size=N)), "gate": jnp.asarray(rng.normal(size=N))}
+    omega = {"scale": jnp.asarray(0.3 * rng.normal(size=N)),
+             "gate": jnp.asarray(rng.normal(size=N))}
 
     def loss_B(theta, batch):
         return 0.5 * (batch["x"] @ theta["w"] + theta["b"] - batch["y"]) ** 2

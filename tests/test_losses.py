@@ -48,7 +48,9 @@ def test_bf16_logits_give_f32_loss():
 def test_per_example_nll_bad_inputs():
     logits = _logits()
     with pytest.raises(ValueError, match="reduction"):
-        losses.per_example_nll(logits, jnp.zeros((3, 4), jnp.int32), jnp.ones((3, 4)), reduction="x")
+        losses.per_example_nll(
+            logits, jnp.zeros((3, 4), jnp.int32), jnp.ones((3, 4)), reduction="x"
+        )
     with pytest.raises(ValueError, match="shapes disagree"):
         losses.per_example_nll(logits, jnp.zeros((3, 5), jnp.int32), jnp.ones((3, 5)))
 
