@@ -7,6 +7,7 @@ import pytest
 from _problems import (
     MU,
     N,
+    jit_hypergrad,
     rel_err,
     ridge_closed_form_hypergrad,
     ridge_data,
@@ -26,8 +27,9 @@ def test_ridge_matches_closed_form(x64, solver):
     train, val, omega = ridge_data()
     g, f = ridge_objectives()
     theta = ridge_solution(omega, train)
-    d_omega, info = hypergrad(g, f, theta, omega, train, val, solver=solver, return_info=True,
-                              **EXACT)
+    d_omega, info = jit_hypergrad(g, f, train, val, solver=solver, return_info=True, **EXACT)(
+        theta, omega
+    )
     assert rel_err(d_omega, ridge_closed_form_hypergrad(omega, train, val)) < 1e-10
     assert float(info.residual) < 1e-10
     if solver in ("cg", "normal_cg"):
@@ -40,10 +42,10 @@ def test_jaxopt_fast_and_native_paths_agree(x64, kind):
     train, val, omega = ridge_data(1)
     g, f = ridge_objectives(kind)
     theta = ridge_solution(omega, train, kind)
-    common = (g, f, theta, omega, train, val)
-    jaxopt_path = hypergrad(*common, method=Implicit(backend="jaxopt", fast=False, **EXACT))
-    fast_path = hypergrad(*common, method=Implicit(backend="native", fast=True, **EXACT))
-    native_path = hypergrad(*common, method=Implicit(backend="native", fast=False, **EXACT))
+    run = lambda m: jit_hypergrad(g, f, train, val, method=m)(theta, omega)
+    jaxopt_path = run(Implicit(backend="jaxopt", fast=False, **EXACT))
+    fast_path = run(Implicit(backend="native", fast=True, **EXACT))
+    native_path = run(Implicit(backend="native", fast=False, **EXACT))
     assert rel_err(fast_path, jaxopt_path) < 1e-10
     assert rel_err(native_path, jaxopt_path) < 1e-10
     assert rel_err(jaxopt_path, ridge_closed_form_hypergrad(omega, train, val, kind)) < 1e-10
@@ -62,12 +64,10 @@ def test_unrolled_and_neumann_converge_to_implicit(x64):
     train, val, omega = ridge_data()
     g, f = ridge_objectives()
     theta = ridge_solution(omega, train)
-    exact = hypergrad(g, f, theta, omega, train, val, **EXACT)
-    unrolled = [rel_err(hypergrad(g, f, theta, omega, train, val,
-                                  method=Unrolled(steps=k, lr=0.3)), exact) for k in (5, 20, 80)]
-    neumann = [rel_err(hypergrad(g, f, theta, omega, train, val,
-                                 method=Neumann(steps=k - 1, alpha=0.3)), exact)
-               for k in (5, 20, 80)]
+    run = lambda m: jit_hypergrad(g, f, train, val, method=m)(theta, omega)
+    exact = run(Implicit(**EXACT))
+    unrolled = [rel_err(run(Unrolled(steps=k, lr=0.3)), exact) for k in (5, 20, 80)]
+    neumann = [rel_err(run(Neumann(steps=k - 1, alpha=0.3)), exact) for k in (5, 20, 80)]
     assert unrolled[0] > unrolled[1] > unrolled[2]
     assert unrolled[2] < 1e-3
     # Started at theta*, K unrolled GD steps are the K-term Neumann series with alpha = lr.
@@ -80,9 +80,10 @@ def test_unrolled_with_optax_optimizer(x64):
     train, val, omega = ridge_data()
     g, f = ridge_objectives()
     theta = ridge_solution(omega, train)
-    exact = hypergrad(g, f, theta, omega, train, val, **EXACT)
-    approx = hypergrad(g, f, theta, omega, train, val,
-                       method=Unrolled(steps=80, optimizer=optax.sgd(0.3)))
+    exact = jit_hypergrad(g, f, train, val, **EXACT)(theta, omega)
+    approx = jit_hypergrad(g, f, train, val, method=Unrolled(steps=80, optimizer=optax.sgd(0.3)))(
+        theta, omega
+    )
     assert rel_err(approx, exact) < 1e-3
 
 
@@ -92,7 +93,7 @@ def test_softmax_reaches_all_logits_sigmoid_only_batch_ids(x64):
     for kind in ("softmax", "sigmoid"):
         g, f = ridge_objectives(kind)
         theta = ridge_solution(omega, sub, kind)
-        d = np.asarray(hypergrad(g, f, theta, omega, sub, val, **EXACT))
+        d = np.asarray(jit_hypergrad(g, f, sub, val, **EXACT)(theta, omega))
         assert np.all(d[:8] != 0)
         if kind == "softmax":
             assert np.all(d[8:] != 0)
@@ -142,7 +143,7 @@ def test_pytree_theta_and_omega(x64):
     theta = solve(omega)
     exact = jax.grad(lambda om: outer(solve(om), val))(omega)
     for backend in ("jaxopt", "native"):
-        d = hypergrad(inner, outer, theta, omega, train, val, backend=backend, **EXACT)
+        d = jit_hypergrad(inner, outer, train, val, backend=backend, **EXACT)(theta, omega)
         assert jax.tree.structure(d) == jax.tree.structure(omega)
         assert rel_err(d, exact) < 1e-10
 
@@ -157,7 +158,7 @@ def test_implicit_solver_matches_closed_form(x64, backend):
         return theta_init * 0 + sol
 
     solve = implicit_solver(g, gd, backend=backend, **EXACT)
-    d = jax.grad(lambda om: f(solve(jnp.zeros(5), om, train), val))(omega)
+    d = jax.jit(jax.grad(lambda om: f(solve(jnp.zeros(5), om, train), val)))(omega)
     assert rel_err(d, ridge_closed_form_hypergrad(omega, train, val)) < 1e-10
 
 
