@@ -220,3 +220,10 @@ def test_bad_method_values():
         Implicit(solver="lu")
     with pytest.raises(ValueError, match="backend must be one of"):
         Implicit(backend="torch")
+
+
+def test_package_reexports_public_api():
+    import jbilevel
+
+    assert jbilevel.hypergrad is hypergrad
+    assert jbilevel.implicit_solver is implicit_solver
