@@ -21,11 +21,10 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
-import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
 
-from jbilevel import linsolve
+from jbilevel import checks, linsolve
 from jbilevel import weights as weights_lib
 from jbilevel.objectives import InnerObjective, check_ids
 
@@ -128,78 +127,6 @@ class HypergradInfo(NamedTuple):
     residual: jax.Array
     iterations: jax.Array
     outer_loss: jax.Array
-
-
-# --------------------------------------------------------------------------- checks
-
-
-def _is_concrete(tree) -> bool:
-    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
-
-
-def _check_float_tree(name: str, tree) -> None:
-    leaves = jax.tree.leaves(tree)
-    if not leaves:
-        raise ValueError(f"hypergrad: {name} has no array leaves")
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-            raise ValueError(
-                f"hypergrad: {name}{jax.tree_util.keystr(path)} has dtype "
-                f"{jnp.result_type(leaf)}; differentiated pytrees need float leaves"
-            )
-
-
-def _grad_depends_on_omega(inner_loss, theta, omega, batch) -> bool:
-    """Whether ``grad_theta inner_loss`` reads omega, by forward taint through its jaxpr."""
-    fun = lambda th, om, b: jax.grad(inner_loss)(th, om, b)
-    jaxpr = jax.make_jaxpr(fun)(theta, omega, batch).jaxpr
-    n_theta = len(jax.tree.leaves(theta))
-    n_omega = len(jax.tree.leaves(omega))
-    tainted = set(jaxpr.invars[n_theta : n_theta + n_omega])
-    for eqn in jaxpr.eqns:
-        # Conservative for nested jaxprs (pjit, custom_jvp, scan): any tainted input taints
-        # every output.
-        if any(not isinstance(v, jcore.Literal) and v in tainted for v in eqn.invars):
-            tainted.update(eqn.outvars)
-    return any(not isinstance(v, jcore.Literal) and v in tainted for v in jaxpr.outvars)
-
-
-def _check_omega_used(inner_loss, theta, omega, batch) -> None:
-    if not _grad_depends_on_omega(inner_loss, theta, omega, batch):
-        raise ValueError(
-            "grad_theta inner_loss(theta, omega, batch) does not depend on omega, so the "
-            "hypergradient would be identically zero. If the data weights are captured in a "
-            "closure, pass them as omega instead: inner_loss(theta, omega, batch) must compute "
-            "its weights from omega (STYLE.md 3)."
-        )
-
-
-def _check_inner_batch(inner_loss, omega, batch) -> None:
-    if isinstance(inner_loss, InnerObjective):
-        check_ids(omega, batch)  # raises on shape / range problems
-
-
-def _raise_non_finite(inner_loss, outer_loss, theta, omega, inner_batch, outer_batch, f_val):
-    """Called with concrete values once a non-finite hypergradient is seen: name the cause."""
-    if not jnp.isfinite(f_val):
-        raise ValueError(f"hypergrad: outer loss is not finite ({float(f_val)}) at theta")
-    if isinstance(inner_loss, InnerObjective):
-        loss_B = inner_loss.example_loss(theta, inner_batch)
-        bad = jnp.nonzero(~jnp.isfinite(loss_B))[0]
-        if bad.size:
-            ids = inner_batch["ids"][bad]
-            raise ValueError(
-                f"hypergrad: inner per-example losses are not finite for batch rows "
-                f"{bad[:5].tolist()} (example ids {ids[:5].tolist()})"
-            )
-    g_val = inner_loss(theta, omega, inner_batch)
-    if not jnp.isfinite(g_val):
-        raise ValueError(f"hypergrad: inner loss is not finite ({float(g_val)}) at theta")
-    raise ValueError(
-        "hypergrad: the hypergradient is not finite although both losses are: the inner "
-        "Hessian is probably singular or indefinite at theta; add ridge > 0 or use "
-        "solver='normal_cg'"
-    )
 
 
 # --------------------------------------------------------------------------- pieces
@@ -348,17 +275,17 @@ def hypergrad(
         method = Implicit(solver=solver, maxiter=maxiter, tol=tol, ridge=ridge, backend=backend)
     if not isinstance(method, Implicit | Neumann | Unrolled):
         raise ValueError(f"hypergrad: method must be Implicit, Neumann or Unrolled, got {method!r}")
-    _check_float_tree("theta", theta)
-    _check_float_tree("omega", omega)
-    _check_inner_batch(inner_loss, omega, inner_batch)
-    _check_omega_used(inner_loss, theta, omega, inner_batch)
+    checks.check_float_tree("theta", theta)
+    checks.check_float_tree("omega", omega)
+    checks.check_inner_batch(inner_loss, omega, inner_batch)
+    checks.check_omega_used(inner_loss, theta, omega, inner_batch)
 
     f_val, grad_f = jax.value_and_grad(outer_loss)(theta, outer_batch)
     if jnp.ndim(f_val) != 0:
         raise ValueError(
             f"hypergrad: outer_loss must return a scalar, got shape {jnp.shape(f_val)}"
         )
-    if _is_concrete(f_val) and not np.isfinite(np.asarray(f_val)):
+    if checks.is_concrete(f_val) and not np.isfinite(np.asarray(f_val)):
         raise ValueError(f"hypergrad: outer loss is not finite ({float(f_val)}) at theta")
     if isinstance(method, Unrolled):
         d_omega = _unrolled(method, inner_loss, outer_loss, theta, omega, inner_batch, outer_batch)
@@ -368,10 +295,10 @@ def hypergrad(
         d_omega, iterations, residual = _solve_and_mix(
             method, inner_loss, theta, omega, inner_batch, grad_f
         )
-    if _is_concrete(d_omega) and not all(
+    if checks.is_concrete(d_omega) and not all(
         np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(d_omega)
     ):
-        _raise_non_finite(inner_loss, outer_loss, theta, omega, inner_batch, outer_batch, f_val)
+        checks.raise_non_finite(inner_loss, theta, omega, inner_batch, f_val)
     if return_info:
         return d_omega, HypergradInfo(residual, iterations, f_val)
     return d_omega
@@ -439,14 +366,14 @@ def implicit_solver(
         inner_solve.defvjp(fwd, bwd)
 
     def solve(theta_init, omega, batch):
-        _check_inner_batch(inner_loss, omega, batch)
+        checks.check_inner_batch(inner_loss, omega, batch)
         out = jax.eval_shape(solve_fn, theta_init, omega, batch)
         if jax.tree.structure(out) != jax.tree.structure(theta_init):
             raise ValueError(
                 "implicit_solver: solve_fn returned a pytree with structure "
                 f"{jax.tree.structure(out)}, but theta_init has {jax.tree.structure(theta_init)}"
             )
-        _check_omega_used(inner_loss, theta_init, omega, batch)
+        checks.check_omega_used(inner_loss, theta_init, omega, batch)
         return inner_solve(theta_init, omega, batch)
 
     return solve
