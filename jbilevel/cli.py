@@ -15,6 +15,13 @@ def _build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the built-in end-to-end example on the CPU")
     demo.add_argument("--out", default="runs/demo", help="output directory")
     demo.add_argument("--seed", type=int, default=0)
+
+    tr = sub.add_parser(
+        "train", help="train one configuration on a built-in task and write its run report",
+        description="Example: jbilevel train --config configs/quality_bds.yaml loop.steps=500")
+    tr.add_argument("--config", help="YAML file (fields of jbilevel.experiment.ExperimentConfig)")
+    tr.add_argument("--out", default=None, help="output directory (default runs/<method>)")
+    tr.add_argument("overrides", nargs="*", help="dotted key=value, e.g. method.lr_omega=0.3")
     return parser
 
 
@@ -24,7 +31,27 @@ def main(argv: list[str] | None = None) -> int:
         from jbilevel import demo
 
         return demo.main(args)
-    raise AssertionError(args.command)  # argparse rejects unknown commands
+    if args.command == "train":
+        return _train(args)
+    raise AssertionError(args.command)
+
+
+def _train(args) -> int:
+    import json
+
+    from jbilevel import config, distributed, experiment
+
+    distributed.initialize()
+    try:
+        cfg = config.load(experiment.ExperimentConfig, args.config, args.overrides)
+    except config.ConfigError as e:
+        print(f"jbilevel train: {e}", file=sys.stderr)
+        return 2
+    out = args.out or f"runs/{cfg.method.method}"
+    result = experiment.run(cfg, out)
+    print(json.dumps(result, indent=2))
+    print(f"run report in {out}/ (results.json, weights.csv, curves.png, model/)")
+    return 0  # argparse rejects unknown commands
 
 
 if __name__ == "__main__":
