@@ -11,6 +11,7 @@ loss, leaving the last good checkpoint in place.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import signal
@@ -166,9 +167,9 @@ def _as_floats(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-@jax.jit
-def _health(omega_N):
-    return weights.health(weights.weights(omega_N, "softmax"))
+@functools.partial(jax.jit, static_argnums=1)
+def _health(omega_N, weighting: str):
+    return weights.health(weights.weights(omega_N, weighting))
 
 
 def restore_or_init(ckpt: Checkpointer, init_fn: Callable[[], TrainState],
@@ -270,7 +271,7 @@ def run(
                 f"{where}). Lower lr_theta / lr_omega, or check the data for empty responses."
             )
         if at % loop.log_every == 0 or at == loop.steps:
-            record.update(_as_floats(_health(state.omega)))
+            record.update(_as_floats(_health(state.omega, cfg.weighting)))
             record["lam"] = float(state.lam)
             record["steps_per_s"] = (at - start_step) / max(time.perf_counter() - t0, 1e-9)
             if log is not None and jax.process_index() == 0:
