@@ -328,7 +328,10 @@ def implicit_solver(
         (``jax.custom_vjp``).
 
     Returns:
-      ``solve(theta_init, omega, batch) -> theta*``.
+      ``solve(theta_init, omega, batch) -> theta*``. ``solve.backward_residual(theta, omega,
+      batch, cotangent) -> (residual, iterations)`` runs the backward pass's linear solve for
+      a cotangent on theta* (e.g. ``grad_theta f``) and reports its relative residual
+      ``|(H + ridge I) v - c| / |c|``, so truncated solves are never hidden.
     """
     Implicit(solver=solver, maxiter=maxiter, tol=tol, ridge=ridge, backend=backend)  # validate
 
@@ -376,4 +379,10 @@ def implicit_solver(
         checks.check_omega_used(inner_loss, theta_init, omega, batch)
         return inner_solve(theta_init, omega, batch)
 
+    def backward_residual(theta, omega, batch, cotangent):
+        hvp = _hvp(inner_loss, theta, omega, batch, ridge)
+        _, iterations, residual = linsolve.solve(solver, hvp, cotangent, maxiter=maxiter, tol=tol)
+        return residual, iterations
+
+    solve.backward_residual = backward_residual
     return solve

@@ -160,6 +160,13 @@ def test_implicit_solver_matches_closed_form(x64, backend):
     solve = implicit_solver(g, gd, backend=backend, **EXACT)
     d = jax.jit(jax.grad(lambda om: f(solve(jnp.zeros(5), om, train), val)))(omega)
     assert rel_err(d, ridge_closed_form_hypergrad(omega, train, val)) < 1e-10
+    # The backward solve's residual is reported: tiny when solved, large when truncated.
+    theta = solve(jnp.zeros(5), omega, train)
+    grad_f = jax.grad(f)(theta, val)
+    residual, _ = solve.backward_residual(theta, omega, train, grad_f)
+    assert float(residual) < 1e-10
+    short = implicit_solver(g, gd, backend=backend, maxiter=1, tol=0.0)
+    assert float(short.backward_residual(theta, omega, train, grad_f)[0]) > 1e-3
 
 
 # ----------------------------------------------------------------------------- bad input
