@@ -110,6 +110,13 @@ class Steps:
     evaluate: Callable | None = None  # (theta, batch) -> loss_B per example
 
 
+def _mean(loss_B, batch, w_B=None):
+    """Mean over the batch's valid rows, optionally weighted."""
+    ones_B = jnp.ones_like(loss_B)
+    return losses.weighted_mean(loss_B, ones_B if w_B is None else w_B,
+                                batch.get("valid", ones_B))
+
+
 def _apply(tx, grads, opt_state, params):
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
@@ -147,9 +154,8 @@ def make_steps(example_loss: ExampleLoss, cfg: MethodConfig, hypergrad_fn: Calla
 
         (g, loss_B), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.theta)
         theta, opt_theta = _apply(tx_theta, grads, state.opt_theta, state.theta)
-        valid_B = batch.get("valid", jnp.ones_like(loss_B))
-        metrics = {"loss": losses.weighted_mean(loss_B, jnp.ones_like(loss_B), valid_B),
-                   "weighted_loss": g, "grad_norm": optax.tree.norm(grads)}
+        metrics = {"loss": _mean(loss_B, batch), "weighted_loss": g,
+                   "grad_norm": optax.tree.norm(grads)}
         return state.replace(step=state.step + 1, theta=theta, opt_theta=opt_theta), metrics
 
     def bmo_step(state: TrainState, batch: dict, val_batch: dict):
@@ -158,8 +164,7 @@ def make_steps(example_loss: ExampleLoss, cfg: MethodConfig, hypergrad_fn: Calla
 
         def loss_fn(theta):
             loss_B = example_loss(theta, batch)
-            valid_B = batch.get("valid", jnp.ones_like(loss_B))
-            train = losses.weighted_mean(loss_B, s_B.astype(loss_B.dtype), valid_B)
+            train = _mean(loss_B, batch, s_B.astype(loss_B.dtype))
             val = outer(theta, val_batch)
             return state.lam * val + (1.0 - state.lam) * train, (loss_B, val)
 
@@ -169,10 +174,8 @@ def make_steps(example_loss: ExampleLoss, cfg: MethodConfig, hypergrad_fn: Calla
             loss_B, state.omega, batch)
         theta, opt_theta = _apply(tx_theta, grads, state.opt_theta, state.theta)
         omega, opt_omega = _apply(tx_omega, d_omega, state.opt_omega, state.omega)
-        valid_B = batch.get("valid", jnp.ones_like(loss_B))
-        metrics = {"loss": losses.weighted_mean(loss_B, jnp.ones_like(loss_B), valid_B),
-                   "weighted_loss": omega_loss, "val_loss": val, "total_loss": total,
-                   "grad_norm": optax.tree.norm(grads)}
+        metrics = {"loss": _mean(loss_B, batch), "weighted_loss": omega_loss, "val_loss": val,
+                   "total_loss": total, "grad_norm": optax.tree.norm(grads)}
         new = state.replace(step=state.step + 1, theta=theta, opt_theta=opt_theta,
                             omega=omega, opt_omega=opt_omega)
         return new, metrics
