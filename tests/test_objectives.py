@@ -65,3 +65,22 @@ def test_lm_example_loss_reads_batch_fields():
     loss = objectives.lm_example_loss(forward)(table, batch)
     lsm = jax.nn.log_softmax(table)
     np.testing.assert_allclose(loss, [-(lsm[2, 3] + lsm[3, 0]) / 2, -lsm[4, 0]], rtol=1e-6)
+
+
+def test_lm_padding_rows_with_no_real_tokens_give_finite_gradients():
+    # The Batcher pads a last partial batch with rows whose attention mask is all zero; the
+    # model and the loss must keep those rows out without NaNs leaking into the gradient.
+    from jbilevel.models import ModelConfig, build
+
+    model = build(ModelConfig(vocab_size=50, hidden_size=32, num_layers=1, num_heads=2))
+    params = model.init(jax.random.key(0))
+    batch = {
+        "input_ids": jnp.ones((2, 8), jnp.int32), "labels": jnp.ones((2, 8), jnp.int32),
+        "loss_mask": jnp.stack([jnp.ones(8), jnp.zeros(8)]),
+        "attention_mask": jnp.stack([jnp.ones(8, jnp.int32), jnp.zeros(8, jnp.int32)]),
+        "ids": jnp.array([0, 1], jnp.int32), "valid": jnp.array([1.0, 0.0]),
+    }
+    f = objectives.outer_objective(objectives.lm_example_loss(model.forward))
+    loss, grads = jax.value_and_grad(f)(params, batch)
+    assert bool(jnp.isfinite(loss))
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
