@@ -249,6 +249,10 @@ def run(
 
     def put(batch):  # this process's rows -> global arrays on the mesh
         return distributed.global_batch(batch, compiled.batch_sharding)
+
+    def logged(at: int) -> bool:
+        return at % loop.log_every == 0 or at == loop.steps
+
     hyper_metrics: dict = {}
     t0 = time.perf_counter()
     step = start_step
@@ -270,9 +274,7 @@ def run(
                 f"stopped and nothing after the last good checkpoint was saved (last good: "
                 f"{where}). Lower lr_theta / lr_omega, or check the data for empty responses."
             )
-        if at % loop.log_every == 0 or at == loop.steps:
-            record.update(_as_floats(_health(state.omega, cfg.weighting)))
-            record["lam"] = float(state.lam)
+        if logged(at):
             record["steps_per_s"] = (at - start_step) / max(time.perf_counter() - t0, 1e-9)
             if log is not None and jax.process_index() == 0:
                 log.write(at, record)
@@ -298,6 +300,9 @@ def run(
                                                       put(next(val_batches)))
             if hyper_metrics:
                 metrics = {**metrics, **hyper_metrics}
+            if logged(step):  # this step's weight health; lam copied as state is donated next
+                health = _health(state.omega, cfg.weighting)
+                metrics = {**metrics, **health, "lam": jnp.copy(state.lam)}
             if pending is not None:
                 read(pending)  # step N-1's numbers, while step N runs
             pending = (step, metrics)
