@@ -25,6 +25,7 @@ from jbilevel import config as config_lib
 from jbilevel import sharding as sh
 from jbilevel import train, weights
 from jbilevel.algorithms import MethodConfig, init_state, make_steps
+from jbilevel.algorithms import online as online_lib
 from jbilevel.checkpoint import Checkpointer
 from jbilevel.objectives import lm_example_loss
 
@@ -56,6 +57,7 @@ class ExperimentConfig:
     task: TaskConfig = TaskConfig()  # the data
     model: ModelSpec = ModelSpec()  # the model
     method: MethodConfig = MethodConfig()  # the algorithm and its step sizes
+    online: online_lib.OnlineConfig = online_lib.OnlineConfig()  # self-refining generation
     loop: train.LoopConfig = train.LoopConfig()  # run length, logging, checkpoints
     mesh: sh.MeshConfig = sh.MeshConfig()  # device mesh (data, fsdp, tensor)
     batch_size: int = 64  # training rows per step (global, all processes)
@@ -70,6 +72,9 @@ class ExperimentConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         if self.hyper_batch_size < 0:
             raise ValueError(f"hyper_batch_size={self.hyper_batch_size} must be >= 0")
+        if self.online.enabled and self.method.method not in online_lib.BASES:
+            raise ValueError(f"online.every={self.online.every} runs on top of bmo or bds, not "
+                             f"method {self.method.method!r}; set method.method or online.every=0")
 
 
 def training_set(task, method: str):
@@ -165,10 +170,14 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
     data_set, good_N = training_set(task, cfg.method.method)
     n = len(data_set)
     spec = cfg.model
+    positions = data_set.max_len
+    if cfg.online.enabled:  # generated rows: longest prompt + sampled tokens
+        positions = max(positions, int(data_set.prompt_len_N.max()) + (
+            cfg.online.max_new_tokens or int((data_set.length_N - data_set.prompt_len_N).max())))
     model = build(ModelConfig(
         family=spec.family, vocab_size=task.tokenizer.vocab_size, hidden_size=spec.hidden_size,
         num_layers=spec.num_layers, num_heads=spec.num_heads,
-        intermediate_size=spec.intermediate_size, max_position_embeddings=data_set.max_len,
+        intermediate_size=spec.intermediate_size, max_position_embeddings=positions,
         eos_token_id=task.tokenizer.eos_id, pad_token_id=task.tokenizer.pad_id,
         bos_token_id=task.tokenizer.bos_id))
     example_loss = lm_example_loss(model.forward)
@@ -176,13 +185,26 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
     mesh = sh.make_mesh(cfg.mesh)
     rules = sh.AxisRules()
 
-    def init():
-        return init_state(model.init(jax.random.key(cfg.seed)), n, cfg.method)
+    refresher = None
+    if cfg.online.enabled:
+        refresher = online_lib.Refresher(
+            cfg.online, model, data_set, weighting=cfg.method.weighting,
+            batch_sharding=sh.batch_sharding(mesh, rules, 1), seed=cfg.seed, log_dir=out,
+            scorer=task.scorer)
 
-    state_sh = train.state_shardings(mesh, rules, jax.eval_shape(init), model.param_axes(),
-                                     cfg.method)
-    compiled = train.compile_steps(make_steps(example_loss, cfg.method), cfg.method, mesh, rules,
-                                   state_sh)
+    def init():
+        state = init_state(model.init(jax.random.key(cfg.seed)), n, cfg.method)
+        return state if refresher is None else state.replace(online=refresher.init_buffer())
+
+    shapes = jax.eval_shape(init)
+    state_sh = train.state_shardings(mesh, rules, shapes, model.param_axes(), cfg.method)
+    steps = make_steps(example_loss, cfg.method)
+    if refresher is not None:
+        state_sh = state_sh.replace(online=online_lib.buffer_shardings(mesh, rules,
+                                                                       shapes.online))
+        steps = online_lib.make_online_steps(example_loss, model.forward, cfg.method,
+                                             cfg.online, seed=cfg.seed)
+    compiled = train.compile_steps(steps, cfg.method, mesh, rules, state_sh)
     data = _process_batcher(data_set, cfg.batch_size, mesh, rules, seed=cfg.seed)
     val = _process_batcher(task.validation, cfg.val_batch_size, mesh, rules, seed=cfg.seed + 1)
     hyper = None
@@ -200,7 +222,10 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
         try:
             state, step = train.run(compiled, cfg.method, loop, state, data, val,
                                     start_step=start, ckpt=ckpt, hyper_batches=hyper, log=log,
-                                    eval_fn=lambda theta: {"val_loss": val_loss(theta)})
+                                    eval_fn=lambda theta: {"val_loss": val_loss(theta)},
+                                    before_step=refresher)
+            if refresher is not None and step > start:
+                refresher.log_buffer(state, step)
         finally:
             log.close()
     train_seconds = time.perf_counter() - t0
@@ -208,7 +233,8 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
     params = jax.device_get(state.theta)
     s_N = np.asarray(weights.weights(state.omega, cfg.method.weighting))
     result: dict[str, Any] = {
-        "method": cfg.method.method, "task": cfg.task.name, "steps": step,
+        "method": cfg.method.method, "online": refresher is not None, "task": cfg.task.name,
+        "steps": step,
         "train_seconds": round(train_seconds, 2),
         "val_loss": mean_loss(example_loss, params, task.validation, cfg.eval_batch_size),
     }

@@ -72,6 +72,7 @@ class TrainState:
     omega: jax.Array  # (N,) data-weight logits, one per training example
     opt_omega: Any  # optax state for omega
     lam: jax.Array  # float32 scalar: bmo's current validation weight
+    online: Any = None  # online generation's buffer of generated pairs (None when offline)
 
 
 def theta_optimizer(cfg: MethodConfig) -> optax.GradientTransformation:
