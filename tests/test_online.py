@@ -1,6 +1,7 @@
 """Online self-refining generation: ratios by hand, the sampling log-probs used, selection,
 omega gradients through generated rows, and an exact resume with the buffer checkpointed."""
 
+import functools
 import math
 
 import jax
@@ -80,8 +81,40 @@ def test_config_checks():
 
 
 # ---------------------------------------------------------------- a tiny LM on the quality task
+# One (2, 4)-mesh setup shared by the tests below: LM steps take seconds to compile here.
 
-ONLINE = ol.OnlineConfig(every=3, fraction=0.25, num_samples=2, batch_size=8, max_new_tokens=6)
+ONLINE = ol.OnlineConfig(every=3, fraction=0.25, num_samples=2, batch_size=8, max_new_tokens=5)
+
+
+class Setup:
+    """Task, model, mesh, refresher, shardings and compiled online steps for one method."""
+
+    def __init__(self, task, model, method: MethodConfig, online: ol.OnlineConfig = ONLINE,
+                 sharded: bool = True):
+        self.task, self.model, self.method = task, model, method
+        self.mesh = (sh.make_mesh(sh.MeshConfig(data=2, fsdp=4, tensor=1)) if sharded else
+                     sh.make_mesh(sh.MeshConfig(data=1), jax.devices()[:1]))
+        rules = sh.AxisRules()
+        self.refresher = ol.Refresher(online, model, task.train, weighting=method.weighting,
+                                      batch_sharding=sh.batch_sharding(self.mesh, rules, 1))
+        shapes = jax.eval_shape(self.init)
+        self.state_sh = train.state_shardings(self.mesh, rules, shapes, model.param_axes(),
+                                              method).replace(
+            online=ol.buffer_shardings(self.mesh, rules, shapes.online))
+        self.loss = lm_example_loss(model.forward)
+        self.logprobs = jax.jit(functools.partial(ol.token_logprobs, model.forward))
+        steps = ol.make_online_steps(self.loss, model.forward, method, online)
+        self.compiled = train.compile_steps(steps, method, self.mesh, rules, self.state_sh)
+
+    def init(self):
+        state = init_state(self.model.init(jax.random.key(0)), len(self.task.train), self.method)
+        return state.replace(online=self.refresher.init_buffer())
+
+    def fresh(self):
+        return jax.jit(self.init, out_shardings=self.state_sh)()
+
+    def put(self, batch):
+        return jax.device_put(batch, self.compiled.batch_sharding)
 
 
 @pytest.fixture(scope="module")
@@ -97,152 +130,118 @@ def lm():
     return task, model
 
 
-BMO = MethodConfig(method="bmo")
+@pytest.fixture(scope="module")
+def bmo(lm):
+    """bmo + online with sigmoid weights (only ids in a batch get an omega gradient)."""
+    return Setup(*lm, MethodConfig(method="bmo", weighting="sigmoid", lr_omega=0.1))
 
 
-def _mesh(sharded: bool):
-    """The (2, 4) mesh of 8 fake devices, or one device (compiles faster)."""
-    if sharded:
-        return sh.make_mesh(sh.MeshConfig(data=2, fsdp=4, tensor=1)), sh.AxisRules()
-    return sh.make_mesh(sh.MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1]), sh.AxisRules()
-
-
-def _refresh(lm, online=ONLINE, method=BMO):
-    """A fresh state (one device) after one refresh at step 0."""
-    task, model = lm
-    mesh, rules = _mesh(False)
-    ref = ol.Refresher(online, model, task.train, weighting=method.weighting,
-                       batch_sharding=sh.batch_sharding(mesh, rules, 1), seed=0)
-
-    def init():
-        state = init_state(model.init(jax.random.key(0)), len(task.train), method)
-        return state.replace(online=ref.init_buffer())
-
-    shapes = jax.eval_shape(init)
-    state_sh = train.state_shardings(mesh, rules, shapes, model.param_axes(), method)
-    state_sh = state_sh.replace(online=ol.buffer_shardings(mesh, rules, shapes.online))
-    state = jax.jit(init, out_shardings=state_sh)()
-    state, metrics = ref(state, 0)
-    return state, metrics, ref, state_sh, (mesh, rules)
-
-
-def test_refresh_fills_the_buffer_with_model_logprobs(lm):
-    task, model = lm
-    state, metrics, ref, _, _ = _refresh(lm)
+def test_refresh_stores_sampling_logprobs_and_unchanged_model_gives_sft_loss(bmo):
+    task, model = bmo.task, bmo.model
+    state, metrics = bmo.refresher(bmo.fresh(), 0)
     buf = jax.device_get(state.online)
-    assert ref.capacity == 12 and buf.valid.sum() == 12  # 6 questions x 2 samples
+    assert bmo.refresher.capacity == 16 and buf.valid.sum() == 12  # 6 questions x 2, 2 slots pad
     assert metrics["online_refreshed"] == 6 and int(buf.born) == 0
-    gen = ol.draw(state.online, jax.random.key(0), 12)
-    assert float(jnp.sum(gen["valid"])) == 12  # draws take valid rows first
+    assert float(jnp.sum(ol.draw(state.online, jax.random.key(0), 12)["valid"])) == 12
     # the stored log-probs are the sampling model's: at the same theta, ratio 1 on every token
-    logp = ol.token_logprobs(model.forward, state.theta, buf.batch())
+    logp = bmo.logprobs(state.theta, buf.batch())
     mask = buf.loss_mask > 0
-    assert mask.sum() > 12
+    assert mask.sum() > 12 and not mask[buf.valid == 0].any()
     np.testing.assert_allclose(np.asarray(logp)[mask], buf.logp[mask], atol=2e-5)
     ratio, _ = ol.importance_ratio(logp, buf.logp, buf.loss_mask, kind="per_sequence", clip=10.0,
                                    floor=-10.0)
     np.testing.assert_allclose(np.asarray(ratio)[mask], 1.0, atol=1e-4)
-    # a generated row's loss is then the plain SFT loss on its tokens, times its scale
-    mixed_loss = ol.online_example_loss(lm_example_loss(model.forward), model.forward)
+    # so a generated row's loss is the plain SFT loss on its tokens, times its mixing scale
+    mixed_loss = jax.jit(ol.online_example_loss(bmo.loss, model.forward))
     off = task.train.batch(np.arange(8), task.train.max_len)
-    gen = {**buf.batch(), "ratio": np.asarray(ratio)}
-    both = ol.combine(off, gen, 0.25)
-    got = mixed_loss(state.theta, both)
-    plain = lm_example_loss(model.forward)
-    want_off, want_gen = plain(state.theta, off), plain(state.theta, buf.batch())
+    both = ol.combine(off, {**buf.batch(), "ratio": np.asarray(ratio)}, 0.25)
+    got = np.asarray(mixed_loss(state.theta, both))
+    loss = jax.jit(bmo.loss)
+    want_off, want_gen = loss(state.theta, off), loss(state.theta, buf.batch())
     n_off, n_gen = 8, 12
-    n = n_off + n_gen
-    want = np.concatenate([want_off * 0.75 * n / n_off, want_gen * 0.25 * n / n_gen])
+    want = np.concatenate([want_off * 0.75 * (n_off + n_gen) / n_off,
+                           want_gen * 0.25 * (n_off + n_gen) / n_gen])
     np.testing.assert_allclose(got, want, rtol=1e-4)
-    # weighted mean over valid rows = 0.75 mean_offline + 0.25 mean_generated
+    # and the valid-row mean is 0.75 mean_offline + 0.25 mean_generated
     valid = np.asarray(both["valid"])
-    mixed = (np.asarray(got) * valid).sum() / valid.sum()
     gen_mean = (np.asarray(want_gen) * buf.valid).sum() / n_gen
-    np.testing.assert_allclose(mixed, 0.75 * np.mean(want_off) + 0.25 * gen_mean, rtol=1e-5)
+    np.testing.assert_allclose((got * valid).sum() / valid.sum(),
+                               0.75 * np.mean(want_off) + 0.25 * gen_mean, rtol=1e-5)
 
 
-def test_sampler_denominator_stores_the_tempered_logprobs(lm):
-    _, model = lm
+def test_sampler_denominator_stores_the_tempered_logprobs(bmo):
     online = ol.OnlineConfig(every=3, fraction=0.25, num_samples=2, batch_size=8,
-                             max_new_tokens=6, temperature=0.5, denominator="sampler")
-    state, _, _, _, _ = _refresh(lm, online)
+                             max_new_tokens=5, temperature=0.5, denominator="sampler")
+    ref = ol.Refresher(online, bmo.model, bmo.task.train, weighting="sigmoid",
+                       batch_sharding=bmo.refresher.batch_sharding)
+    state, _ = ref(bmo.fresh(), 0)
     buf = jax.device_get(state.online)
-    logits = model.forward(state.theta, buf.input_ids, attention_mask=buf.attention_mask)
+    logits = jax.jit(bmo.model.forward)(state.theta, buf.input_ids,
+                                        attention_mask=buf.attention_mask)
     tempered = jax.nn.log_softmax(logits / 0.5, axis=-1)
     want = np.take_along_axis(np.asarray(tempered), buf.labels[..., None], axis=-1)[..., 0]
     mask = buf.loss_mask > 0
     np.testing.assert_allclose(buf.logp[mask], want[mask], atol=5e-5)
-    untempered = ol.token_logprobs(model.forward, state.theta, buf.batch())
+    untempered = bmo.logprobs(state.theta, buf.batch())
     assert np.abs(np.asarray(untempered)[mask] - buf.logp[mask]).max() > 0.1  # not these
 
 
-@pytest.mark.parametrize("base", ["bmo", "bds"])
-def test_generated_rows_move_their_question_weight(lm, base):
-    """Sigmoid weights: only ids in a batch get gradient, so omega of a question that is in
-    the buffer but not in the offline batch moves only through its generated rows."""
-    task, model = lm
-    method = MethodConfig(method=base, weighting="sigmoid", lr_omega=0.1, hyper_every=1)
-    state, _, _, state_sh, (mesh, rules) = _refresh(lm, method=method)
-    assert not np.any(np.asarray(state.omega))
+def _question_split(state, n):
     in_buffer = set(np.asarray(state.online.ids)[np.asarray(state.online.valid) > 0].tolist())
-    offline_ids = [i for i in range(len(task.train)) if i not in in_buffer][:8]
-    steps = ol.make_online_steps(lm_example_loss(model.forward), model.forward, method, ONLINE)
-    compiled = train.compile_steps(steps, method, mesh, rules, state_sh)
-    batch = compiled_put(task.train.batch(offline_ids, task.train.max_len), compiled)
-    val = compiled_put(task.validation.batch(np.arange(8), task.validation.max_len), compiled)
-    if base == "bmo":
-        state, metrics = compiled.train(state, batch, val)
-    else:
-        state, metrics = compiled.hyper(state, batch, val)
+    offline = [i for i in range(n) if i not in in_buffer][:8]
+    return in_buffer, offline, set(range(n)) - in_buffer - set(offline)
+
+
+def test_bmo_generated_rows_move_their_question_weight(bmo):
+    """Omega of a question that is in the buffer but not in the offline batch moves only
+    through its generated rows (sigmoid weights: ids outside the batch get no gradient)."""
+    task = bmo.task
+    state, _ = bmo.refresher(bmo.fresh(), 0)
+    in_buffer, offline, untouched = _question_split(state, len(task.train))
+    state, metrics = bmo.compiled.train(
+        state, bmo.put(task.train.batch(offline, task.train.max_len)),
+        bmo.put(task.validation.batch(np.arange(8), task.validation.max_len)))
     omega = np.asarray(state.omega)
-    untouched = set(range(len(task.train))) - in_buffer - set(offline_ids)
-    assert all(omega[i] == 0 for i in untouched)
-    assert all(omega[i] != 0 for i in in_buffer)
-    if base == "bmo":
-        assert 0 < metrics["online_ratio_mean"] and np.isfinite(metrics["online_gen_loss"])
+    assert all(omega[i] == 0 for i in untouched) and all(omega[i] != 0 for i in in_buffer)
+    np.testing.assert_allclose(metrics["online_ratio_mean"], 1.0, atol=1e-4)  # theta unchanged
+    assert metrics["online_clipped"] == 0 and np.isfinite(metrics["online_gen_loss"])
 
 
-def compiled_put(batch, compiled):
-    return jax.device_put(batch, compiled.batch_sharding)
+def test_bds_hypergradient_reaches_questions_through_generated_rows(lm):
+    s = Setup(*lm, MethodConfig(method="bds", weighting="sigmoid", lr_omega=0.1, cg_iters=2),
+              sharded=False)
+    task = s.task
+    state, _ = s.refresher(s.fresh(), 0)
+    in_buffer, offline, untouched = _question_split(state, len(task.train))
+    state, _ = s.compiled.hyper(
+        state, s.put(task.train.batch(offline, task.train.max_len)),
+        s.put(task.validation.batch(np.arange(8), task.validation.max_len)))
+    omega = np.asarray(state.omega)
+    assert all(omega[i] == 0 for i in untouched) and all(omega[i] != 0 for i in in_buffer)
 
 
-def test_interrupted_online_run_resumes_exactly(lm, tmp_path):
-    """bds + online, refresh every 3 steps, hypergradient every 4: a run stopped after step 7
-    (buffer from the step-6 refresh in its checkpoint) and resumed to 10 equals a straight run."""
+def test_interrupted_online_run_resumes_exactly(bmo, tmp_path):
+    """Refresh every 3 steps: a run stopped after step 7 (its checkpoint holds the step-6
+    buffer) and resumed to 10 ends bit-identical to a straight run, refresh at 9 included."""
     from jbilevel.data import Batcher
 
-    task, model = lm
-    method = MethodConfig(method="bds", hyper_every=4, lr_omega=0.1)
-    mesh, rules = _mesh(True)
-    ref = ol.Refresher(ONLINE, model, task.train, weighting=method.weighting,
-                       batch_sharding=sh.batch_sharding(mesh, rules, 1), seed=0)
-
-    def init():
-        state = init_state(model.init(jax.random.key(0)), len(task.train), method)
-        return state.replace(online=ref.init_buffer())
-
-    shapes = jax.eval_shape(init)
-    state_sh = train.state_shardings(mesh, rules, shapes, model.param_axes(), method)
-    state_sh = state_sh.replace(online=ol.buffer_shardings(mesh, rules, shapes.online))
-    steps = ol.make_online_steps(lm_example_loss(model.forward), model.forward, method, ONLINE)
-    compiled = train.compile_steps(steps, method, mesh, rules, state_sh)
+    task = bmo.task
 
     def run(total, ckpt_dir=None):
         buckets = (task.train.max_len,)
         data = Batcher(task.train, 8, seed=0, buckets=buckets)
         val = Batcher(task.validation, 8, seed=1, buckets=buckets)
-        hyper = Batcher(task.train, 24, seed=2, shuffle=False, buckets=buckets)
         loop = train.LoopConfig(steps=total, log_every=5, checkpoint_every=0, progress=False)
         ckpt = Checkpointer(ckpt_dir) if ckpt_dir else None
         if ckpt is None:
-            state, start = jax.jit(init, out_shardings=state_sh)(), 0
+            state, start = bmo.fresh(), 0
         else:
-            state, start = train.restore_or_init(ckpt, init, state_sh,
-                                                 train.data_sources(data, val, hyper))
+            state, start = train.restore_or_init(ckpt, bmo.init, bmo.state_sh,
+                                                 train.data_sources(data, val))
         records = []
-        state, step = train.run(compiled, method, loop, state, data, val, start_step=start,
-                                ckpt=ckpt, hyper_batches=hyper, before_step=ref,
-                                on_log=lambda s, r: records.append((s, r)))
+        state, step = train.run(bmo.compiled, bmo.method, loop, state, data, val,
+                                start_step=start, ckpt=ckpt, before_step=bmo.refresher,
+                                on_log=lambda at, r: records.append((at, r)))
         if ckpt is not None:
             ckpt.close()
         return jax.device_get(state), step, records
@@ -254,11 +253,9 @@ def test_interrupted_online_run_resumes_exactly(lm, tmp_path):
     assert step == 10 and int(resumed.online.born) == 9
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight), strict=True):
         np.testing.assert_array_equal(a, b)
-    assert _same_but_speed(records[-1], straight_records[-1])
-    assert records[-1][1]["online_refreshed"] == 6
-
-
-def _same_but_speed(a, b):
-    drop = {"steps_per_s"}
-    return a[0] == b[0] and {k: v for k, v in a[1].items() if k not in drop} == {
-        k: v for k, v in b[1].items() if k not in drop}
+    assert not np.array_equal(resumed.online.input_ids, first.online.input_ids)  # refreshed
+    last, want = records[-1], straight_records[-1]
+    assert last[0] == want[0] == 10 and last[1]["online_refreshed"] == 6
+    for k in want[1]:
+        if k != "steps_per_s":
+            assert last[1][k] == want[1][k], k
