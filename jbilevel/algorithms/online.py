@@ -235,6 +235,8 @@ def make_online_steps(example_loss: ExampleLoss, forward, method: MethodConfig,
     draw_key = jax.random.fold_in(jax.random.key(seed), 1)
 
     def with_ratios(theta, gen: dict):
+        # a separate no-grad forward: the ratio enters the loss as data (stop-gradient, also
+        # inside the hypergradient) and its statistics become metrics
         logp_cur = token_logprobs(forward, jax.lax.stop_gradient(theta), gen)
         ratio, clipped = importance_ratio(logp_cur, gen["logp"], gen["loss_mask"],
                                           kind=cfg.ratio, clip=cfg.clip, floor=cfg.floor)
