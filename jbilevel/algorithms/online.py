@@ -44,6 +44,7 @@ class OnlineConfig:
     """Online self-refining generation; off unless ``every > 0`` (then method is bmo or bds)."""
 
     every: int = 0  # T: steps between buffer refreshes (0 = online generation off)
+    start: int = 0  # step of the first refresh (train offline only until the model can answer)
     select: Literal["random", "dynamic"] = "dynamic"  # refresh a random r, or the lowest-weighted
     fraction: float = 0.1  # r: fraction of the training questions refreshed each time
     num_samples: int = 4  # G: responses sampled per refreshed question
@@ -62,6 +63,8 @@ class OnlineConfig:
     def __post_init__(self):
         if self.every < 0:
             raise ValueError(f"every={self.every} must be >= 0 (0 turns online generation off)")
+        if self.start < 0:
+            raise ValueError(f"start={self.start} must be >= 0")
         if not 0.0 < self.fraction <= 1.0:
             raise ValueError(f"fraction={self.fraction} must be in (0, 1]")
         for name in ("num_samples", "batch_size"):
@@ -324,8 +327,9 @@ def _host(x) -> np.ndarray:
 
 class Refresher:
     """The host side of online generation: ``(state, step) -> (state, metrics)`` before each
-    train step; every ``cfg.every`` steps it regenerates the buffer (``train.run``'s
-    ``before_step``).
+    train step; at ``cfg.start`` and every ``cfg.every`` steps after it regenerates the buffer
+    (``train.run``'s ``before_step``). Before the first refresh the buffer is empty and the
+    steps train on offline rows only.
 
     Args:
       cfg: online settings.
@@ -387,7 +391,7 @@ class Refresher:
         return init_buffer(self.capacity, self.length)
 
     def __call__(self, state: TrainState, step: int) -> tuple[TrainState, dict]:
-        if step % self.cfg.every:
+        if step < self.cfg.start or (step - self.cfg.start) % self.cfg.every:
             return state, {}
         from jbilevel.models import generate
 
