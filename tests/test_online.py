@@ -271,17 +271,20 @@ def test_cli_trains_online_and_logs_generations(tmp_path):
         "task:\n  options: {n_train: 32, n_val: 16, n_test: 16}\n"
         "model: {hidden_size: 16, num_layers: 1, num_heads: 2, intermediate_size: 32}\n"
         "method: {method: bmo}\n"
-        "online: {every: 2, fraction: 0.25, num_samples: 2, batch_size: 8, max_new_tokens: 4}\n"
+        "online: {every: 2, start: 1, fraction: 0.25, num_samples: 2, batch_size: 8,\n"
+        "         max_new_tokens: 4}\n"
         "batch_size: 16\nval_batch_size: 16\neval_batch_size: 16\n")
     out = tmp_path / "o"
-    assert cli.main(["train", "--config", str(path), "--out", str(out), "loop.steps=3",
-                     "loop.log_every=3", "loop.progress=false"]) == 0
+    assert cli.main(["train", "--config", str(path), "--out", str(out), "loop.steps=4",
+                     "loop.log_every=1", "loop.progress=false"]) == 0
     result = json.loads((out / "results.json").read_text())
-    assert result["online"] is True and result["steps"] == 3
-    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    assert record["online_refreshed"] == 8 and "online_gen_accuracy" in record
-    # refreshes at steps 0 and 2: the step-0 rows are logged when replaced, the step-2 rows
-    # at the end; 8 questions x 2 samples each time
+    assert result["online"] is True and result["steps"] == 4
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "online_refreshed" not in records[0]  # step 1 trained offline only (start: 1)
+    assert records[0]["online_ratio_mean"] == 0  # nothing drawn from the empty buffer
+    assert records[-1]["online_refreshed"] == 8 and "online_gen_accuracy" in records[-1]
+    # refreshes before steps 2 and 4: the first rows are logged when replaced, the second at
+    # the end; 8 questions x 2 samples each time
     rows = [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["generated_at"]) for r in rows] == [(2, 0)] * 16 + [(3, 2)] * 16
+    assert [(r["step"], r["generated_at"]) for r in rows] == [(3, 1)] * 16 + [(4, 3)] * 16
     assert {"id", "sample", "text", "ratio", "weight", "logp"} <= set(rows[0])
