@@ -57,8 +57,9 @@ def least_squares_run(problem: problems.LeastSquares, *, steps: int, lr: float, 
 
     Returns:
       dict of per-iteration lists ``useless_mass`` (fraction of the total weight on useless
-      examples, before each step), ``gap`` (validation loss minus the clean-data solution's),
-      ``cg_residual``, and scalars ``mix_gap`` / ``mix_useless_mass`` for direct mixing.
+      examples, before each step) and ``gap`` (validation loss minus the clean-data
+      solution's), the largest relative CG residual ``max_cg_residual``, and
+      ``mix_gap`` / ``mix_useless_mass`` for direct mixing.
     """
     train = jax.tree.map(jnp.asarray, problem.train)
     val = jax.tree.map(jnp.asarray, problem.val)
@@ -92,8 +93,8 @@ def least_squares_run(problem: problems.LeastSquares, *, steps: int, lr: float, 
         rows.append(row)
     mass, loss, residual = (np.asarray(x) for x in zip(*jax.device_get(rows), strict=True))
     n_val = val["y"].shape[0]
-    return {"useless_mass": mass.tolist(), "gap": (loss - float(clean_loss)).tolist(),
-            "cg_residual": residual.tolist(), "clean_loss": float(clean_loss),
+    return {"useless_mass": _rounded(mass), "gap": _rounded(loss - float(clean_loss)),
+            "max_cg_residual": float(residual.max()), "clean_loss": float(clean_loss),
             "mix_gap": float(mix_loss - clean_loss),
             "mix_useless_mass": float(np.sum(problem.useless_N) / (n + n_val))}
 
@@ -125,7 +126,7 @@ def least_squares_table(result: dict) -> list[dict]:
         for c in checkpoints:
             row[f"useless mass @{c}"] = _mean_pm(mass[:, c])
         row["gap @end"] = _mean_pm(gap[:, -1])
-        row["max cg residual"] = f"{max(max(r['cg_residual']) for r in runs):.1e}"
+        row["max cg residual"] = f"{max(r['max_cg_residual'] for r in runs):.1e}"
         row["mix: useless mass"] = f"{runs[0]['mix_useless_mass']:.3f}"
         row["mix: gap"] = _mean_pm(np.array([r["mix_gap"] for r in runs]))
         rows.append(row)
@@ -209,12 +210,16 @@ def transformer_run(method: str, seed: int, *, steps: int, batch_size: int, hype
         if i % eval_every == 0 or i == steps:
             curve_steps.append(i)
             curve.append(mean_loss(state.theta, val))
-    curve = [float(x) for x in jax.device_get(curve)]
+    curve = _rounded(jax.device_get(curve))
     seconds = time.perf_counter() - start
     s_N = np.asarray(weights.weights(state.omega, cfg.weighting))
+    if method == "mix":  # uniform weights over the training and the validation rows
+        corrupt_mass = float(corrupt_N.sum() / len(source["ids"]))
+    else:
+        corrupt_mass = float(s_N[corrupt_N].sum() / n)
     return {"steps": curve_steps, "val_loss": curve, "final_val_loss": curve[-1],
             "final_test_loss": float(mean_loss(state.theta, test)),
-            "corrupt_mass": float(s_N[corrupt_N].sum() / n), "seconds": seconds}
+            "corrupt_mass": corrupt_mass, "seconds": seconds}
 
 
 def transformer_experiment(seeds=(0, 1, 2), *, methods=tuple(TRANSFORMER_METHODS),
@@ -415,6 +420,10 @@ def cg_error_plot(result: dict, path: Path) -> None:
 # --------------------------------------------------------------------------- output
 
 
+def _rounded(x_T: np.ndarray) -> list[float]:
+    return [float(f"{v:.4g}") for v in np.asarray(x_T, float)]
+
+
 def _mean_pm(x: np.ndarray) -> str:
     x = np.asarray(x, float)
     return f"{x.mean():.3g} ± {x.std():.2g}" if x.size > 1 else f"{x.mean():.3g}"
@@ -454,7 +463,7 @@ def write(name: str, result: dict, out: Path, command: str) -> list[dict]:
     _, table, plot = RUNNERS[name]
     out.mkdir(parents=True, exist_ok=True)
     rows = table(result)
-    (out / f"{name}.json").write_text(json.dumps({"command": command, **result}, indent=1))
+    (out / f"{name}.json").write_text(json.dumps({"command": command, **result}) + "\n")
     (out / f"{name}.md").write_text(f"Made by `{command}` ({result['seconds']:.0f} s).\n\n"
                                     + markdown_table(rows))
     plot(result, out / f"{name}.png")
