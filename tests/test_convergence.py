@@ -30,7 +30,7 @@ def test_least_squares_bds_drops_useless_examples(convergence, tmp_path):
     runs = result["settings"]["other_param"]["runs"]
     for run in runs:
         mass, gap = np.array(run["useless_mass"]), np.array(run["gap"])
-        assert mass[0] == pytest.approx(4 / 28)  # uniform weights
+        assert mass[0] == pytest.approx(4 / 28, rel=1e-3)  # uniform weights (stored to 4 digits)
         # Measured after 60 steps: mass 0.0090 and 0.0030, gap -0.0055 and -0.0035, mixing
         # gap 0.088 and 0.070. They change only with the problem generator or the update.
         assert mass[-1] < 0.1 * mass[0]
