@@ -5,7 +5,7 @@ import re
 import textwrap
 from pathlib import Path
 
-import pytest
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "compose.py"
@@ -43,7 +43,7 @@ def test_compose_example_runs(capsys):
     assert errors["hypergrad"] < 1e-8
     assert errors["neumann"] < 1e-4 and errors["unrolled"] < 1e-4
     assert errors["damped_cg5_ridge1"] > 0.1  # damped and truncated: biased, as documented
-    # 100 exact-hypergradient steps: measured useless mass 0.016 (uniform 0.2).
-    assert out["loop"]["useless_mass"] < 0.03
-    assert out["lm"]["val_loss"] == pytest.approx(out["lm"]["val_loss"])  # finite
-    assert out["lm"]["val_loss"] < 2.0  # from ~2.5 at init (uniform over 12 tokens)
+    # Measured: useless mass 0.010 after 100 exact-hypergradient steps (uniform: 0.2); LM
+    # validation loss 1.32 after 40 bds steps (2.48 at init, uniform over 12 tokens).
+    assert out["loop"]["useless_mass"] < 0.02
+    assert np.isfinite(out["lm"]["val_loss"]) and out["lm"]["val_loss"] < 1.6
