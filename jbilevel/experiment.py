@@ -212,7 +212,7 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
         hyper_bs = cfg.hyper_batch_size or n
         hyper_bs += -hyper_bs % (sh.data_parallel_size(mesh, rules) * jax.process_count())
         hyper = _process_batcher(data_set, hyper_bs, mesh, rules, seed=cfg.seed + 2,
-                                 shuffle=cfg.hyper_batch_size > 0)
+                                 shuffle=True)  # a fresh Hessian sample each time
     t0 = time.perf_counter()
     with Checkpointer(out / "checkpoints", keep=loop.keep) as ckpt:
         state, start = train.restore_or_init(ckpt, init, state_sh,

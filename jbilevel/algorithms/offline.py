@@ -7,7 +7,9 @@
   ``omega -= grad_omega mean s_b(omega) sg(l_b(theta_before))``.
 - ``bds``: alternating approximate implicit differentiation: inner steps on the weighted loss
   ``g(theta, omega)`` and, every ``hyper_every`` steps, an omega step along the implicit
-  hypergradient of the validation loss (CG with ridge damping, ``cg_iters`` iterations).
+  hypergradient of the validation loss (CG with ridge damping, ``cg_iters`` iterations),
+  with the Hessian on ``hessian_rows`` rows of the hyper batch and the per-example term over
+  all of its rows, ``hyper_chunk`` at a time (``jbilevel.implicit.hypergrad_chunked``).
 
 Every step is ``step(state, batch[, val_batch]) -> (state, metrics)`` and pure, so the
 trainer jits it once with shardings and donation.
@@ -49,12 +51,14 @@ class MethodConfig:
     cg_iters: int = 5  # bds: CG iterations of the Hessian solve
     ridge: float = 10.0  # bds: damping added to the inner Hessian (ridge 1 flipped signs here)
     mu: float = 0.0  # bds: proximal/L2 strength inside the inner objective
+    hessian_rows: int = 512  # bds: hyper-batch rows the Hessian is estimated on (0: all rows)
+    hyper_chunk: int = 512  # bds: rows per JVP of the per-example term (0: unchunked hypergrad)
 
     def __post_init__(self):
         for name in ("lr_theta", "lr_omega", "hyper_every", "cg_iters"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
-        for name in ("clip", "ridge", "mu", "lam_decay"):
+        for name in ("clip", "ridge", "mu", "lam_decay", "hessian_rows", "hyper_chunk"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if not 0.0 <= self.lam_min <= self.lam <= 1.0:
@@ -116,6 +120,19 @@ def _mean(loss_B, batch, w_B=None):
     ones_B = jnp.ones_like(loss_B)
     return losses.weighted_mean(loss_B, ones_B if w_B is None else w_B,
                                 batch.get("valid", ones_B))
+
+
+def hessian_sample(hyper_batch: dict, cfg: MethodConfig) -> dict:
+    """The ``cfg.hessian_rows`` rows of the hyper batch the bds Hessian is estimated on.
+
+    Evenly strided, so rows split over a data axis stay balanced across devices; the trainer
+    reshuffles the hyper batch each time, so the sample changes every hypergradient.
+    """
+    n = hyper_batch["ids"].shape[0]
+    if not cfg.hessian_rows or cfg.hessian_rows >= n:
+        return hyper_batch
+    stride = n // cfg.hessian_rows
+    return jax.tree.map(lambda x: x[: stride * cfg.hessian_rows : stride], hyper_batch)
 
 
 def _apply(tx, grads, opt_state, params):
@@ -182,12 +199,21 @@ def make_steps(example_loss: ExampleLoss, cfg: MethodConfig, hypergrad_fn: Calla
         return new, metrics
 
     def hyper_step(state: TrainState, hyper_batch: dict, val_batch: dict):
-        fn = hypergrad_fn
-        if fn is None:
-            from jbilevel.implicit import hypergrad as fn
-        d_omega, info = fn(inner, outer, state.theta, state.omega, hyper_batch, val_batch,
-                           solver="cg", maxiter=cfg.cg_iters, tol=0.0, ridge=cfg.ridge,
-                           return_info=True)
+        if hypergrad_fn is None and cfg.hyper_chunk:
+            from jbilevel.implicit import Implicit, hypergrad_chunked
+
+            d_omega, info = hypergrad_chunked(
+                inner, outer, state.theta, state.omega, hessian_sample(hyper_batch, cfg),
+                hyper_batch, val_batch, chunk=cfg.hyper_chunk,
+                method=Implicit("cg", maxiter=cfg.cg_iters, tol=0.0, ridge=cfg.ridge),
+                return_info=True)
+        else:
+            fn = hypergrad_fn
+            if fn is None:
+                from jbilevel.implicit import hypergrad as fn
+            d_omega, info = fn(inner, outer, state.theta, state.omega, hyper_batch, val_batch,
+                               solver="cg", maxiter=cfg.cg_iters, tol=0.0, ridge=cfg.ridge,
+                               return_info=True)
         omega, opt_omega = _apply(tx_omega, d_omega, state.opt_omega, state.omega)
         metrics = {"val_loss": outer(state.theta, val_batch),
                    "hypergrad_norm": jnp.linalg.norm(d_omega),

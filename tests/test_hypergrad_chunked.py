@@ -1,0 +1,112 @@
+"""The chunked hypergradient (Hessian on a sample, per-example term in chunks), in float64.
+
+With the Hessian on the whole set it must equal ``jbilevel.hypergrad`` for any chunk size;
+with the Hessian on a sample it must equal the formula of DESIGN.md section 1 written out
+with a dense Hessian; and the bds hyper step must take it when ``hyper_chunk`` is set.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from jbilevel import objectives, weights
+from jbilevel.algorithms import MethodConfig, init_state, make_steps
+from jbilevel.algorithms.offline import hessian_sample
+from jbilevel.implicit import Implicit, hypergrad, hypergrad_chunked
+
+N, PAD, D, H = 37, 3, 3, 4  # N real rows (prime, so few chunk sizes divide it) + PAD padding
+
+
+def mlp_loss(theta, batch):
+    hidden = jnp.tanh(batch["x"] @ theta["w1"] + theta["b1"][None, :])
+    return 0.5 * (hidden @ theta["w2"] - batch["y"]) ** 2
+
+
+def _problem():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(N + PAD, D))
+    y = np.sin(x @ rng.normal(size=D))
+    # Padding rows first (so a chunk padded by repeating the last row repeats a real one):
+    # finite garbage with ids that collide with a real example's; none of it may count.
+    x[:PAD] = 50.0
+    ids = np.concatenate([np.zeros(PAD, int), np.arange(N)])
+    train = {"x": jnp.asarray(x), "y": jnp.asarray(y), "ids": jnp.asarray(ids, jnp.int32),
+             "valid": jnp.asarray(np.arange(N + PAD) >= PAD, float)}
+    xv = rng.normal(size=(11, D))
+    val = {"x": jnp.asarray(xv), "y": jnp.asarray(np.sin(xv @ rng.normal(size=D)))}
+    theta = {"w1": jnp.asarray(rng.normal(size=(D, H))), "b1": jnp.asarray(rng.normal(size=H)),
+             "w2": jnp.asarray(rng.normal(size=H))}
+    omega = jnp.asarray(0.3 * rng.normal(size=N))
+    return train, val, theta, omega
+
+
+@pytest.mark.parametrize("weighting", ["softmax", "sigmoid"])
+def test_equals_unchunked_hypergrad_with_whole_set_hessian(x64, weighting):
+    train, val, theta, omega = _problem()
+    inner = objectives.inner_objective(mlp_loss, weighting=weighting, mu=0.05)
+    outer = objectives.outer_objective(mlp_loss)
+    method = Implicit(maxiter=30, tol=0.0, ridge=0.5)
+    ref = jax.jit(lambda th, om: hypergrad(inner, outer, th, om, train, val,
+                                           method=method))(theta, omega)
+    assert float(jnp.linalg.norm(ref)) > 1e-3
+    chunks = (3, 8, 64) if weighting == "softmax" else (7,)  # of 40 rows: 3, 7 leave a remainder
+    for chunk in chunks:
+        got = jax.jit(lambda th, om, c=chunk: hypergrad_chunked(
+            inner, outer, th, om, train, train, val, chunk=c, method=method))(theta, omega)
+        err = float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref)))
+        assert err <= 1e-10, (chunk, err)
+
+
+def test_hessian_on_a_sample_matches_dense_formula(x64):
+    train, val, theta, omega = _problem()
+    inner = objectives.inner_objective(mlp_loss, mu=0.05)
+    outer = objectives.outer_objective(mlp_loss)
+    sample = jax.tree.map(lambda a: a[::3], train)  # 14 rows, one of them padding
+    ridge = 0.5
+    method = Implicit(maxiter=40, tol=1e-13, ridge=ridge)
+    got, info = jax.jit(lambda th, om: hypergrad_chunked(
+        inner, outer, th, om, sample, train, val, chunk=6, method=method,
+        return_info=True))(theta, omega)
+    assert float(info.residual) < 1e-10
+    # Dense: v = (H_sample + ridge I)^-1 grad f; u_i = grad l_i . v; d = -(1/N) J_s^T u.
+    flat, unravel = ravel_pytree(theta)
+    h = jax.jit(jax.hessian(lambda p: inner(unravel(p), omega, sample)))(flat)
+    v = jnp.linalg.solve(h + ridge * jnp.eye(flat.size), ravel_pytree(
+        jax.grad(outer)(theta, val))[0])
+    real = jax.tree.map(lambda a: a[PAD:], train)
+    jac_NxP = jax.jit(jax.jacobian(lambda p: mlp_loss(unravel(p), real)))(flat)
+    want = -weights.weights_vjp(omega, jac_NxP @ v / N, "softmax")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-9, atol=1e-12)
+
+
+def test_bds_hyper_step_uses_chunks_and_hessian_sample(x64):
+    train, val, theta, _ = _problem()
+    n_rows = N + PAD
+    base = dict(method="bds", lr_omega=0.3, cg_iters=8, ridge=0.5)
+    state = init_state(theta, N, MethodConfig(**base))
+    omega_of = lambda cfg: jax.jit(make_steps(mlp_loss, cfg).hyper)(state, train, val)[0].omega
+    unchunked = omega_of(MethodConfig(**base, hyper_chunk=0, hessian_rows=0))
+    chunked = omega_of(MethodConfig(**base, hyper_chunk=7, hessian_rows=0))
+    np.testing.assert_allclose(np.asarray(chunked), np.asarray(unchunked), rtol=1e-10)
+    sampled = omega_of(MethodConfig(**base, hyper_chunk=7, hessian_rows=10))
+    assert not np.allclose(np.asarray(sampled), np.asarray(unchunked))
+    # The sample is 10 rows evenly strided over the 40, so a data axis stays balanced.
+    picked = hessian_sample(train, MethodConfig(**base, hessian_rows=10))["ids"]
+    np.testing.assert_array_equal(np.asarray(picked), np.asarray(train["ids"][0:40:4]))
+    assert hessian_sample(train, MethodConfig(**base, hessian_rows=n_rows)) is train
+
+
+def test_errors_name_the_problem():
+    inner = objectives.inner_objective(mlp_loss)
+    outer = objectives.outer_objective(mlp_loss)
+    train, val, theta, omega = _problem()
+    theta = jax.tree.map(lambda a: a.astype(jnp.float32), theta)
+    with pytest.raises(ValueError, match="chunk=0 must be >= 1"):
+        hypergrad_chunked(inner, outer, theta, omega, train, train, val, chunk=0)
+    with pytest.raises(ValueError, match="must be an InnerObjective"):
+        hypergrad_chunked(lambda t, o, b: inner(t, o, b), outer, theta, omega, train, train,
+                          val, chunk=4)
+    with pytest.raises(ValueError, match="hyper_chunk=-1 must be >= 0"):
+        MethodConfig(hyper_chunk=-1)
