@@ -110,3 +110,18 @@ def test_errors_name_the_problem():
                           val, chunk=4)
     with pytest.raises(ValueError, match="hyper_chunk=-1 must be >= 0"):
         MethodConfig(hyper_chunk=-1)
+
+
+def test_rows_split_over_8_devices_give_the_same_result(x64):
+    train, val, theta, omega = _problem()
+    inner = objectives.inner_objective(mlp_loss, mu=0.05)
+    outer = objectives.outer_objective(mlp_loss)
+    fn = jax.jit(lambda th, om, b: hypergrad_chunked(
+        inner, outer, th, om, jax.tree.map(lambda a: a[::2], b), b, val, chunk=8,
+        method=Implicit(maxiter=5, tol=0.0, ridge=0.5)))  # 5 CG steps, as bds
+    single = fn(theta, omega, train)
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    split = fn(theta, omega, jax.device_put(train, rows))
+    assert len(jax.tree.leaves(jax.device_put(train, rows))[0].sharding.device_set) == 8
+    np.testing.assert_allclose(np.asarray(split), np.asarray(single), rtol=1e-10, atol=1e-14)
