@@ -79,7 +79,7 @@ def _jitted(kind: str):
 
 
 def _config(method: str) -> MethodConfig:
-    return MethodConfig(method=method, lr_theta=1.1e-2, lr_omega=0.3, cg_iters=3, ridge=1.0,
+    return MethodConfig(method=method, lr_theta=1e-2, lr_omega=0.3, cg_iters=3, ridge=1.0,
                         hessian_rows=6, hyper_chunk=5)
 
 
