@@ -9,7 +9,8 @@
   ``g(theta, omega)`` and, every ``hyper_every`` steps, an omega step along the implicit
   hypergradient of the validation loss (CG with ridge damping, ``cg_iters`` iterations),
   with the Hessian on ``hessian_rows`` rows of the hyper batch and the per-example term over
-  all of its rows, ``hyper_chunk`` at a time (``jbilevel.implicit.hypergrad_chunked``).
+  all of its rows, ``hyper_chunk`` at a time (``jbilevel.implicit.hypergrad_chunked``;
+  online batches, whose rows live under separate keys, take ``jbilevel.hypergrad`` whole).
 
 Every step is ``step(state, batch[, val_batch]) -> (state, metrics)`` and pure, so the
 trainer jits it once with shardings and donation.
@@ -122,6 +123,16 @@ def _mean(loss_B, batch, w_B=None):
                                 batch.get("valid", ones_B))
 
 
+def _row_aligned(batch: dict) -> bool:
+    """Every leaf has one entry per row of ``ids``: the batch can be split into row chunks.
+
+    Online batches (offline and generated rows under separate keys) are not; their
+    hypergradient is taken over the whole batch at once.
+    """
+    n = batch["ids"].shape[0]
+    return all(x.ndim and x.shape[0] == n for x in jax.tree.leaves(batch))
+
+
 def hessian_sample(hyper_batch: dict, cfg: MethodConfig) -> dict:
     """The ``cfg.hessian_rows`` rows of the hyper batch the bds Hessian is estimated on.
 
@@ -199,7 +210,7 @@ def make_steps(example_loss: ExampleLoss, cfg: MethodConfig, hypergrad_fn: Calla
         return new, metrics
 
     def hyper_step(state: TrainState, hyper_batch: dict, val_batch: dict):
-        if hypergrad_fn is None and cfg.hyper_chunk:
+        if hypergrad_fn is None and cfg.hyper_chunk and _row_aligned(hyper_batch):
             from jbilevel.implicit import Implicit, hypergrad_chunked
 
             d_omega, info = hypergrad_chunked(
