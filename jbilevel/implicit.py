@@ -337,7 +337,8 @@ def _interleaved_chunks(batch: dict, chunk: int) -> dict:
         return jnp.swapaxes(x.reshape(chunk, k, *x.shape[1:]), 0, 1)
 
     # Padding repeats the last row (a well-formed input) and marks it invalid.
-    out = {name: split(x, "edge") for name, x in batch.items() if name != "valid"}
+    out = {name: jax.tree.map(lambda x: split(x, "edge"), value)
+           for name, value in batch.items() if name != "valid"}
     out["valid"] = split(valid_B, "constant")
     return out
 
@@ -397,6 +398,15 @@ def hypergrad_chunked(
     checks.check_inner_batch(inner_loss, omega, hessian_batch)
     checks.check_omega_used(inner_loss, theta, omega, hessian_batch)
     ids_B = check_ids(omega, example_batch)
+    unaligned = [jax.tree_util.keystr(path) for path, x in
+                 jax.tree_util.tree_leaves_with_path(example_batch)
+                 if not (jnp.ndim(x) and jnp.shape(x)[0] == ids_B.shape[0])]
+    if unaligned:
+        raise ValueError(
+            f"hypergrad_chunked: example_batch leaves {', '.join(unaligned)} do not have one "
+            f"entry per row of ids ({ids_B.shape[0]}); chunks are cut by rows, so every leaf "
+            "needs the rows on axis 0 (use hypergrad for other batch layouts)"
+        )
 
     f_val, grad_f = jax.value_and_grad(outer_loss)(theta, outer_batch)
     matvec = _hvp(inner_loss, theta, omega, hessian_batch, method.ridge)

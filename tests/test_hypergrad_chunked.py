@@ -108,6 +108,9 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="must be an InnerObjective"):
         hypergrad_chunked(lambda t, o, b: inner(t, o, b), outer, theta, omega, train, train,
                           val, chunk=4)
+    with pytest.raises(ValueError, match=r"leaves \['y'\] do not have one entry per row"):
+        hypergrad_chunked(inner, outer, theta, omega, train, {**train, "y": train["y"][:5]},
+                          val, chunk=4)
     with pytest.raises(ValueError, match="hyper_chunk=-1 must be >= 0"):
         MethodConfig(hyper_chunk=-1)
 
