@@ -72,9 +72,19 @@ class LoopConfig:
 
 
 def state_shardings(mesh, rules: sh.AxisRules, state_shapes: TrainState, theta_axes: Any,
-                    cfg: MethodConfig) -> TrainState:
-    """NamedShardings for a TrainState: optimizer moments follow their parameters."""
+                    cfg: MethodConfig, frozen_axes: Any = None) -> TrainState:
+    """NamedShardings for a TrainState: optimizer moments follow their parameters.
+
+    ``theta_axes`` / ``frozen_axes``: logical axes of theta and of the frozen base params
+    (LoRA runs: ``lora_axes`` and ``Model.param_axes()``; ``frozen_axes`` unused otherwise).
+    """
     rep = sh.replicated(mesh)
+    frozen_sh = None
+    if state_shapes.frozen is not None:
+        if frozen_axes is None:
+            raise ValueError("state has frozen base params: pass frozen_axes (the model's "
+                             "param_axes()) to state_shardings")
+        frozen_sh = sh.tree_shardings(mesh, rules, frozen_axes, state_shapes.frozen)
     theta_sh = sh.tree_shardings(mesh, rules, theta_axes, state_shapes.theta)
     omega_sh = rules.sharding(mesh, ("examples",), state_shapes.omega.shape, "omega")
 
@@ -89,6 +99,7 @@ def state_shardings(mesh, rules: sh.AxisRules, state_shapes: TrainState, theta_a
         omega=omega_sh,
         opt_omega=follow(omega_optimizer(cfg), state_shapes.opt_omega, omega_sh),
         lam=rep,
+        frozen=frozen_sh,
     )
 
 
