@@ -2,30 +2,24 @@
 
 import csv
 import json
-import shutil
-from pathlib import Path
 
+import _llm
 import jax
 import numpy as np
 import pytest
 
 from jbilevel import experiment, inputs, train
 from jbilevel.algorithms import MethodConfig
-from jbilevel.data import CharTokenizer, load_sft
+from jbilevel.data import load_sft
 from jbilevel.models import load_pretrained
 from jbilevel.objectives import lm_example_loss
 
-FIXTURES = Path(__file__).parent / "fixtures"
-DATA = FIXTURES / "data"
+DATA = _llm.DATA
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """The tiny llama fixture (vocab 128, pad 0 / bos 1 / eos 2) plus a character tokenizer."""
-    path = tmp_path_factory.mktemp("model") / "llama"
-    shutil.copytree(FIXTURES / "models" / "llama", path)
-    CharTokenizer().to_hf(str(path))
-    return path
+    return _llm.model_dir(tmp_path_factory.mktemp("model"))
 
 
 def _cfg(model_dir, method, theta, **kw):
