@@ -10,8 +10,12 @@ DATA = FIXTURES / "data"
 
 
 def model_dir(root: Path) -> Path:
-    """The tiny llama fixture (vocab 128, pad 0 / bos 1 / eos 2) plus a character tokenizer."""
+    """The tiny llama fixture (vocab 128, pad 0 / bos 1 / eos 2) plus a character tokenizer
+    with a chat template."""
     path = root / "llama"
     shutil.copytree(FIXTURES / "models" / "llama", path)
-    CharTokenizer().to_hf(str(path))
+    hf = CharTokenizer().to_hf()
+    hf.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+                        "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    hf.save_pretrained(str(path))
     return path

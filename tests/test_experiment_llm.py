@@ -2,13 +2,14 @@
 
 import csv
 import json
+from pathlib import Path
 
 import _llm
 import jax
 import numpy as np
 import pytest
 
-from jbilevel import experiment, inputs, train
+from jbilevel import config, experiment, inputs, train
 from jbilevel.algorithms import MethodConfig
 from jbilevel.data import load_sft
 from jbilevel.models import load_pretrained
@@ -92,3 +93,20 @@ def test_results_json_round_trip(tmp_path, model_dir):
     result = experiment.run(_cfg(model_dir, "mix", inputs.ThetaConfig()), tmp_path)
     assert result["n_train"] == 6  # mix: alpaca train + openorca validation
     assert json.loads((tmp_path / "results.json").read_text()) == result
+
+
+def test_shipped_llama3_lora_config_runs_on_the_tiny_fixture(tmp_path, model_dir):
+    """The shipped LLM config as is (LoRA, bf16 base, remat, chat template, lam schedule, the
+    8-GPU mesh override), with only paths, sizes and lengths pointed at the fixtures."""
+    path = Path(__file__).parent.parent / "configs" / "llama3_8b_lora_bmo.yaml"
+    cfg = config.load(experiment.ExperimentConfig, path, [
+        f"model.path={model_dir}", f"data.train={DATA / 'alpaca_cleaned.json'}",
+        f"data.validation={DATA / 'openorca.jsonl'}", f"data.test={DATA / 'redorca.jsonl'}",
+        "data.max_len=192", "mesh.fsdp=8", "batch_size=8", "val_batch_size=8",
+        "eval_batch_size=8", "loop.steps=2", "loop.steps_per_epoch=1", "loop.log_every=1",
+        "loop.progress=false"])
+    result = experiment.run(cfg, tmp_path)
+    assert result["theta"] == "lora" and result["steps"] == 2
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lam"] for r in records] == pytest.approx([0.5, 0.4])  # -0.1 per epoch
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["dtype"] == "bfloat16"
