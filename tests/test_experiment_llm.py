@@ -110,3 +110,15 @@ def test_shipped_llama3_lora_config_runs_on_the_tiny_fixture(tmp_path, model_dir
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["lam"] for r in records] == pytest.approx([0.5, 0.4])  # -0.1 per epoch
     assert json.loads((tmp_path / "model" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_file_task_uses_the_model_tokenizer_and_options(model_dir):
+    data = inputs.DataConfig(train=str(DATA / "alpaca_cleaned.json"),
+                             validation=str(DATA / "openorca.jsonl"), max_len=400)
+    spec = experiment.ModelSpec(path=str(model_dir))
+    with_bos = inputs.load_task(experiment.TaskConfig(), data, spec)
+    assert with_bos.test is None and len(with_bos.train) == 3 and with_bos.good_N is None
+    assert int(with_bos.train.sequence(0)[0]) == 1  # the model tokenizer's bos
+    no_bos = inputs.load_task(experiment.TaskConfig(), inputs.DataConfig(
+        train=data.train, validation=data.validation, max_len=400, add_bos=False), spec)
+    np.testing.assert_array_equal(no_bos.train.sequence(0), with_bos.train.sequence(0)[1:])
