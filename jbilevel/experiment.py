@@ -143,12 +143,15 @@ def mean_loss(example_loss, params, dataset, batch_size: int) -> float:
     return total / count
 
 
-def _state_setup(cfg: ExperimentConfig, model, n: int, mesh, rules, resuming: bool):
-    """``(init_fn, init_args, state_shardings, example_loss)`` for a fresh or resumed run.
+def state_setup(cfg: ExperimentConfig, model, n: int, mesh, rules, *, load_weights: bool):
+    """``(init_fn, init_args, state_shardings, example_loss)`` of a run's TrainState.
 
-    A pretrained model's params are read only for a fresh run, straight into their shards,
-    and handed to the init program as (donated) arguments; a LoRA run keeps them as
-    ``state.frozen``.
+    ``init_fn(*init_args)`` builds the fresh state. With ``model.path`` and ``load_weights``
+    the pretrained params are read straight into their shards and passed as (donated)
+    ``init_args``; without ``load_weights`` (resuming, or compile-only checks) ``init_args``
+    are ``jax.ShapeDtypeStruct``s: enough for ``jax.eval_shape`` and a checkpoint restore. A
+    LoRA run keeps the base params as ``state.frozen``; ``example_loss`` matches
+    ``make_steps(..., frozen=cfg.theta.kind == "lora")``.
     """
     from jbilevel.models import init_lora, load_pretrained, lora_axes
 
@@ -174,7 +177,7 @@ def _state_setup(cfg: ExperimentConfig, model, n: int, mesh, rules, resuming: bo
     theta_axes = lora_axes(model.config, shapes.theta) if lora else param_axes
     state_sh = train.state_shardings(mesh, rules, shapes, theta_axes, cfg.method,
                                      frozen_axes=param_axes)
-    if cfg.model.path is not None and not resuming:
+    if cfg.model.path is not None and load_weights:
         param_sh = sh.tree_shardings(mesh, rules, param_axes, param_shapes)
         _, params, _ = load_pretrained(cfg.model.path, dtype, shardings=param_sh)
         init_args = (params,)
@@ -221,8 +224,8 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
                                  shuffle=cfg.hyper_batch_size > 0)
     t0 = time.perf_counter()
     with Checkpointer(out / "checkpoints", keep=loop.keep) as ckpt:
-        init, init_args, state_sh, example_loss = _state_setup(
-            cfg, model, n, mesh, rules, resuming=ckpt.latest_step() is not None)
+        init, init_args, state_sh, example_loss = state_setup(
+            cfg, model, n, mesh, rules, load_weights=ckpt.latest_step() is None)
         compiled = train.compile_steps(make_steps(example_loss, cfg.method, frozen=lora),
                                        cfg.method, mesh, rules, state_sh)
         state, start = train.restore_or_init(ckpt, init, state_sh,

@@ -122,3 +122,18 @@ def test_file_task_uses_the_model_tokenizer_and_options(model_dir):
     no_bos = inputs.load_task(experiment.TaskConfig(), inputs.DataConfig(
         train=data.train, validation=data.validation, max_len=400, add_bos=False), spec)
     np.testing.assert_array_equal(no_bos.train.sequence(0), with_bos.train.sequence(0)[1:])
+
+
+def test_load_pretrained_straight_into_shards(model_dir):
+    from jbilevel import sharding as sh
+    from jbilevel.models import build, read_config
+
+    model = build(read_config(str(model_dir)))
+    mesh = sh.make_mesh(sh.MeshConfig(data=1, fsdp=8, tensor=1))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0)))
+    shardings = sh.tree_shardings(mesh, sh.AxisRules(), model.param_axes(), shapes)
+    _, plain, _ = load_pretrained(str(model_dir))
+    _, sharded, _ = load_pretrained(str(model_dir), shardings=shardings)
+    assert sharded["layers"]["q"]["kernel"].sharding.spec[1] == "fsdp"
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(sharded), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
