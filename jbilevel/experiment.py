@@ -249,11 +249,17 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
                                              train.data_sources(data, val, hyper), init_args)
         del init_args
         log = train.MetricsLog(out)
-        val_loss = split_loss(example_loss, task.validation, cfg.eval_batch_size)
+        if lora:  # eval sees (adapters, base): the base rides in the state, never a constant
+            val_loss = split_loss(lambda p, b: example_loss(p[0], p[1], b), task.validation,
+                                  cfg.eval_batch_size)
+            eval_fn = lambda s: {"val_loss": val_loss((s.theta, s.frozen))}  # noqa: E731
+        else:
+            val_loss = split_loss(example_loss, task.validation, cfg.eval_batch_size)
+            eval_fn = lambda s: {"val_loss": val_loss(s.theta)}  # noqa: E731
         try:
             state, step = train.run(compiled, cfg.method, loop, state, data, val,
                                     start_step=start, ckpt=ckpt, hyper_batches=hyper, log=log,
-                                    eval_fn=lambda theta: {"val_loss": val_loss(theta)})
+                                    eval_fn=eval_fn)
         finally:
             log.close()
     train_seconds = time.perf_counter() - t0

@@ -1,6 +1,7 @@
 """Real-model runs end to end: a local HF model directory, SFT files, full FT and LoRA."""
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -68,7 +69,10 @@ def test_pretrained_model_on_sft_files(tmp_path, model_dir, method, theta):
 
 def test_lora_run_keeps_the_base_frozen_and_resumes(tmp_path, model_dir):
     cfg = _cfg(model_dir, "sft", inputs.ThetaConfig(kind="lora", rank=2, alpha=4.0))
+    cfg = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, eval_every=2))
     first = experiment.run(cfg, tmp_path)
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["eval_val_loss"] == pytest.approx(first["val_loss"], rel=1e-5)  # adapters + base
     _, base, _ = load_pretrained(str(model_dir))
     _, saved, _ = load_pretrained(str(tmp_path / "model"))
     moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
