@@ -47,6 +47,8 @@ class ModelSpec:
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # parameter storage dtype
     compute_dtype: Literal["float32", "bfloat16"] | None = None  # matmul dtype (None: storage)
     remat: bool = False  # recompute each layer's activations in the backward pass
+    remat_policy: Literal["nothing", "dots"] = "nothing"  # with remat: what is kept
+    attention: Literal["xla", "dot_product", "cudnn"] = "xla"  # "cudnn": flash attention (GPU)
     family: Literal["llama", "gpt_neox", "gpt2"] = "llama"  # random model: architecture family
     hidden_size: int = 128  # random model: width (vocabulary comes from the tokenizer)
     num_layers: int = 2  # random model: decoder blocks

@@ -127,7 +127,8 @@ def model_config(model_spec, tokenizer, max_len: int):
     """ModelConfig of ``model.path`` (a local HF directory) or of the random spec."""
     from jbilevel.models import ModelConfig, read_config
 
-    compute = {"compute_dtype": model_spec.compute_dtype, "remat": model_spec.remat}
+    compute = {"compute_dtype": model_spec.compute_dtype, "remat": model_spec.remat,
+               "remat_policy": model_spec.remat_policy, "attention": model_spec.attention}
     if model_spec.path is None:
         return ModelConfig(
             family=model_spec.family, vocab_size=tokenizer.vocab_size,

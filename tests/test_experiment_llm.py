@@ -126,6 +126,11 @@ def test_file_task_uses_the_model_tokenizer_and_options(model_dir):
     no_bos = inputs.load_task(experiment.TaskConfig(), inputs.DataConfig(
         train=data.train, validation=data.validation, max_len=400, add_bos=False), spec)
     np.testing.assert_array_equal(no_bos.train.sequence(0), with_bos.train.sequence(0)[1:])
+    spec = experiment.ModelSpec(path=str(model_dir), compute_dtype="bfloat16", remat=True,
+                                remat_policy="dots", attention="dot_product")
+    c = inputs.model_config(spec, with_bos.tokenizer, 400)
+    assert (c.compute_dtype, c.remat, c.remat_policy, c.attention, c.hidden_size) == (
+        "bfloat16", True, "dots", "dot_product", 32)
 
 
 def test_load_pretrained_straight_into_shards(model_dir):
