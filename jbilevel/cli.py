@@ -21,8 +21,9 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="built-in task (quality: 50%% of answers follow a wrong rule)")
     demo.add_argument("--size", default="tiny", choices=["tiny", "small"], help="model size")
     demo.add_argument("--steps", type=int, default=2000, help="training steps per method")
-    demo.add_argument("--methods", default="mix,bmo,bds",
-                      help="comma-separated: sft, mix, val, oracle, bmo, bds")
+    demo.add_argument("--methods", default="mix,bmo,bds,online",
+                      help="comma-separated: sft, mix, val, oracle, bmo, bds, online (bmo plus "
+                           "self-refining generation)")
     demo.add_argument("--seed", type=int, default=0)
 
     tr = sub.add_parser(

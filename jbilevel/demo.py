@@ -16,6 +16,7 @@ from pathlib import Path
 
 from jbilevel import experiment, train
 from jbilevel.algorithms import MethodConfig
+from jbilevel.algorithms.online import OnlineConfig
 
 # Model sizes (all from scratch; the vocabulary comes from the task's character tokenizer).
 SIZES = {
@@ -34,6 +35,12 @@ METHOD_SETTINGS = {
     "bmo": {"lr_omega": 0.01, "lam": 0.5},
     "bds": {"lr_omega": 0.3, "ridge": 10.0, "cg_iters": 5, "hyper_every": 100},
 }
+# "online" = bmo plus self-refining generation (configs/quality_online.yaml's settings), which
+# starts after a quarter of the steps, once the model's own answers are worth training on.
+ONLINE_BASE = "bmo"
+ONLINE_SETTINGS = {"every": 50, "select": "dynamic", "fraction": 0.2, "num_samples": 4,
+                   "temperature": 1.0, "ratio": "per_token", "clip": 2.0, "floor": -10.0,
+                   "batch_size": 16, "gen_weight": 0.25}
 TASK_OPTIONS = {
     "quality": {"n_train": 4000, "n_val": 200, "n_test": 500, "corrupt_frac": 0.5,
                 "corruption": "rule"},
@@ -47,12 +54,18 @@ def demo_config(method: str, *, task: str = "quality", size: str = "tiny", steps
                 seed: int = 0, changes: dict | None = None) -> experiment.ExperimentConfig:
     """The configuration the demo runs for one method (``changes``: top-level field values
     that replace the demo's, e.g. a smaller task for a quick check)."""
-    if method not in METHOD_SETTINGS:
-        raise ValueError(f"unknown method {method!r}; choose from {sorted(METHOD_SETTINGS)}")
+    if method not in METHOD_SETTINGS and method != "online":
+        raise ValueError(f"unknown method {method!r}; choose from "
+                         f"{sorted(METHOD_SETTINGS) + ['online']}")
+    online = OnlineConfig()
+    if method == "online":
+        online = OnlineConfig(start=steps // 4, **ONLINE_SETTINGS)
+        method = ONLINE_BASE
     cfg = experiment.ExperimentConfig(
         task=experiment.TaskConfig(name=task, seed=seed, options=dict(TASK_OPTIONS[task])),
         model=SIZES[size],
         method=MethodConfig(method=method, lr_theta=1e-3, **METHOD_SETTINGS[method]),
+        online=online,
         loop=train.LoopConfig(steps=steps, log_every=50, checkpoint_every=500,
                               eval_every=max(steps // 20, 1)),
         batch_size=64, val_batch_size=64, seed=seed)
@@ -82,7 +95,7 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(out: str | Path, *, methods=("mix", "bmo", "bds"), task: str = "quality",
+def run(out: str | Path, *, methods=("mix", "bmo", "bds", "online"), task: str = "quality",
         size: str = "tiny", steps: int = 2000, seed: int = 0, progress: bool = True,
         changes: dict | None = None) -> dict:
     """Runs every method and writes ``results.json``, ``results.md`` and the plots to ``out``."""

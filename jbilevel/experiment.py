@@ -25,6 +25,7 @@ from jbilevel import config as config_lib
 from jbilevel import inputs, train, weights
 from jbilevel import sharding as sh
 from jbilevel.algorithms import MethodConfig, init_state, make_steps
+from jbilevel.algorithms import online as online_lib
 from jbilevel.checkpoint import Checkpointer
 from jbilevel.objectives import lm_example_loss, lm_lora_example_loss
 
@@ -65,6 +66,7 @@ class ExperimentConfig:
     model: ModelSpec = ModelSpec()  # the model
     theta: inputs.ThetaConfig = inputs.ThetaConfig()  # full fine-tuning or LoRA adapters
     method: MethodConfig = MethodConfig()  # the algorithm and its step sizes
+    online: online_lib.OnlineConfig = online_lib.OnlineConfig()  # self-refining generation
     loop: train.LoopConfig = train.LoopConfig()  # run length, logging, checkpoints
     mesh: sh.MeshConfig = sh.MeshConfig()  # device mesh (data, fsdp, tensor)
     batch_size: int = 64  # training rows per step (global, all processes)
@@ -79,6 +81,9 @@ class ExperimentConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         if self.hyper_batch_size < 0:
             raise ValueError(f"hyper_batch_size={self.hyper_batch_size} must be >= 0")
+        if self.online.enabled and self.method.method not in online_lib.BASES:
+            raise ValueError(f"online.every={self.online.every} runs on top of bmo or bds, not "
+                             f"method {self.method.method!r}; set method.method or online.every=0")
 
 
 def training_set(task, method: str):
@@ -228,11 +233,24 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
     task = inputs.load_task(cfg.task, cfg.data, cfg.model)
     data_set, good_N = training_set(task, cfg.method.method)
     n = len(data_set)
-    model = build(inputs.model_config(cfg.model, task.tokenizer, data_set.max_len))
     lora = cfg.theta.kind == "lora"
+    if cfg.online.enabled and lora:
+        raise ValueError("online generation trains theta = the full model; set theta.kind=full "
+                         "or online.every=0 (LoRA + online is not supported yet)")
+    positions = data_set.max_len
+    if cfg.online.enabled:  # generated rows: longest prompt + sampled tokens
+        positions = max(positions, int(data_set.prompt_len_N.max()) + (
+            cfg.online.max_new_tokens or int((data_set.length_N - data_set.prompt_len_N).max())))
+    model = build(inputs.model_config(cfg.model, task.tokenizer, positions))
 
     mesh = sh.make_mesh(cfg.mesh)
     rules = sh.AxisRules()
+    refresher = None
+    if cfg.online.enabled:
+        refresher = online_lib.Refresher(
+            cfg.online, model, data_set, weighting=cfg.method.weighting,
+            batch_sharding=sh.batch_sharding(mesh, rules, 1), seed=cfg.seed, log_dir=out,
+            scorer=getattr(task, "scorer", None))
     data = _process_batcher(data_set, cfg.batch_size, mesh, rules, seed=cfg.seed)
     val = _process_batcher(task.validation, cfg.val_batch_size, mesh, rules, seed=cfg.seed + 1)
     hyper = None
@@ -245,8 +263,19 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
     with Checkpointer(out / "checkpoints", keep=loop.keep) as ckpt:
         init, init_args, state_sh, example_loss = state_setup(
             cfg, model, n, mesh, rules, load_weights=ckpt.latest_step() is None)
-        compiled = train.compile_steps(make_steps(example_loss, cfg.method, frozen=lora),
-                                       cfg.method, mesh, rules, state_sh)
+        steps = make_steps(example_loss, cfg.method, frozen=lora)
+        if refresher is not None:  # the state also carries the buffer of generated pairs
+            offline_init = init
+
+            def init(*args):
+                return offline_init(*args).replace(online=refresher.init_buffer())
+
+            shapes = jax.eval_shape(init, *init_args)
+            state_sh = state_sh.replace(online=online_lib.buffer_shardings(mesh, rules,
+                                                                           shapes.online))
+            steps = online_lib.make_online_steps(example_loss, model.forward, cfg.method,
+                                                 cfg.online, seed=cfg.seed)
+        compiled = train.compile_steps(steps, cfg.method, mesh, rules, state_sh)
         state, start = train.restore_or_init(ckpt, init, state_sh,
                                              train.data_sources(data, val, hyper), init_args)
         del init_args
@@ -261,7 +290,9 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
         try:
             state, step = train.run(compiled, cfg.method, loop, state, data, val,
                                     start_step=start, ckpt=ckpt, hyper_batches=hyper, log=log,
-                                    eval_fn=eval_fn)
+                                    eval_fn=eval_fn, before_step=refresher)
+            if refresher is not None and step > start:
+                refresher.log_buffer(state, step)
         finally:
             log.close()
     train_seconds = time.perf_counter() - t0
@@ -271,8 +302,9 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
     s_N = np.asarray(inputs.to_host(weights.weights(state.omega, cfg.method.weighting)))
     learned = cfg.method.method in ("bds", "bmo")
     result: dict[str, Any] = {
-        "method": cfg.method.method, "task": task.name, "theta": cfg.theta.kind,
-        "n_train": n, "steps": step, "train_seconds": round(train_seconds, 2),
+        "method": cfg.method.method, "online": refresher is not None, "task": task.name,
+        "theta": cfg.theta.kind, "n_train": n, "steps": step,
+        "train_seconds": round(train_seconds, 2),
         "val_loss": mean_loss(plain_loss, params, task.validation, cfg.eval_batch_size),
     }
     predictions = None

@@ -234,6 +234,7 @@ def run(
     log: MetricsLog | None = None,
     on_log: Callable[[int, dict], None] | None = None,
     eval_fn: Callable[[Any], dict[str, float]] | None = None,
+    before_step: Callable[[TrainState, int], tuple[TrainState, dict]] | None = None,
 ) -> tuple[TrainState, int]:
     """Trains from ``start_step`` to ``loop.steps`` (or until SIGTERM).
 
@@ -252,6 +253,9 @@ def run(
         TrainState, so a LoRA run's eval sees ``state.frozen`` too), run
         every ``loop.eval_every`` steps and at the end; its values join that step's record
         with an ``eval_`` prefix.
+      before_step: ``(state, step) -> (state, metrics)`` on the host before each train step
+        (online generation refreshes its buffer here); non-empty metrics are logged with
+        every later step until it returns new ones.
     Returns:
       ``(state, step)``: the final state and the number of steps it has taken.
     Raises:
@@ -280,6 +284,7 @@ def run(
         return at % loop.log_every == 0 or at == loop.steps or evaluated(at)
 
     hyper_metrics: dict = {}
+    hook_metrics: dict = {}
     t0 = time.perf_counter()
     step = start_step
 
@@ -315,6 +320,9 @@ def run(
             if loop.steps_per_epoch and step and step % loop.steps_per_epoch == 0:
                 lam = lambda_at(cfg, step // loop.steps_per_epoch)
                 state = state.replace(lam=jax.device_put(jnp.float32(lam), state_lam_sh))
+            if before_step is not None:
+                state, hooked = before_step(state, step)
+                hook_metrics = hooked or hook_metrics
             batch = put(next(data))
             if compiled.with_val:
                 state, metrics = compiled.train(state, batch, put(next(val_batches)))
@@ -324,8 +332,8 @@ def run(
             if compiled.hyper is not None and step % cfg.hyper_every == 0:
                 state, hyper_metrics = compiled.hyper(state, put(next(hyper_batches)),
                                                       put(next(val_batches)))
-            if hyper_metrics:
-                metrics = {**metrics, **hyper_metrics}
+            if hyper_metrics or hook_metrics:
+                metrics = {**metrics, **hyper_metrics, **hook_metrics}
             if logged(step):  # this step's weight health; lam copied as state is donated next
                 health = _health(state.omega, cfg.weighting)
                 metrics = {**metrics, **health, "lam": jnp.copy(state.lam)}

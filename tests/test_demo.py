@@ -16,10 +16,12 @@ SMALL = {
 
 
 def test_demo_writes_table_plots_and_runs(tmp_path, capsys):
-    summary = demo.run(tmp_path, methods=("mix", "bds"), steps=4, progress=False,
+    summary = demo.run(tmp_path, methods=("mix", "bds", "online"), steps=4, progress=False,
                        changes=SMALL)
-    assert [r["method"] for r in summary["rows"]] == ["mix", "bds"]
-    mix, bds = summary["rows"]
+    assert [r["method"] for r in summary["rows"]] == ["mix", "bds", "online"]
+    mix, bds, online = summary["rows"]
+    assert summary["config"]["online"]["online"]["every"] == 50
+    assert summary["config"]["online"]["method"]["method"] == "bmo"
     assert mix["weight_auroc"] is None and 0.0 <= bds["weight_auroc"] <= 1.0
     assert 0.0 <= bds["test_accuracy"] <= 1.0 and bds["val_loss"] > 0
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == summary["rows"]

@@ -79,6 +79,7 @@ class TrainState:
     opt_omega: Any  # optax state for omega
     lam: jax.Array  # float32 scalar: bmo's current validation weight
     frozen: Any = None  # untrained base params of a LoRA run (None: theta is the full model)
+    online: Any = None  # online generation's buffer of generated pairs (None when offline)
 
 
 def theta_optimizer(cfg: MethodConfig) -> optax.GradientTransformation:

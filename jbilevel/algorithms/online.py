@@ -1,0 +1,492 @@
+"""Online self-refining generation on top of bmo or bds (DESIGN.md section 1).
+
+Offline selection drops a bad response together with its question; online generation keeps the
+question and regenerates. Every ``every`` steps the host loop (:class:`Refresher`) picks
+questions (a random fraction, or the lowest-weighted ones: "dynamic"), samples ``G`` responses
+per question from the current theta through the KV-cache sampler and stores tokens, the
+sampling log-probs and the source question id in a fixed-shape :class:`Buffer` held in
+``TrainState.online`` (so checkpoints carry it and a resume is exact). Each train step draws
+``batch_size`` buffer rows and trains on them with a stop-gradient importance ratio between
+the current and the sampling model (per token or per sequence, clipped above, sampling
+log-probs floored) times the source question's weight ``s_i(omega)``:
+
+    l_gen_g = sum_t m_gt sg(r_gt) nll_gt / sum_t m_gt
+    theta loss (data part) = (1 - gen_weight) mean_b s_b l_b + gen_weight mean_g s_{q_g} l_gen_g
+
+Generated rows carry the source question's id, so the omega gradients of bmo and the implicit
+hypergradient of bds see them through ``s(omega)[ids]`` like offline rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from pathlib import Path
+from typing import Literal
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jbilevel import distributed, losses, weights
+from jbilevel import sharding as sh
+from jbilevel.algorithms.offline import MethodConfig, Steps, TrainState, make_steps
+from jbilevel.objectives import ExampleLoss
+
+BASES = ("bmo", "bds")
+
+
+@dataclasses.dataclass(frozen=True)
+class OnlineConfig:
+    """Online self-refining generation; off unless ``every > 0`` (then method is bmo or bds)."""
+
+    every: int = 0  # T: steps between buffer refreshes (0 = online generation off)
+    start: int = 0  # step of the first refresh (train offline only until the model can answer)
+    select: Literal["random", "dynamic"] = "dynamic"  # refresh a random r, or the lowest-weighted
+    fraction: float = 0.1  # r: fraction of the training questions refreshed each time
+    num_samples: int = 4  # G: responses sampled per refreshed question
+    temperature: float = 1.0  # tau: sampling temperature
+    top_p: float = 1.0  # nucleus sampling mass (1 = off)
+    max_new_tokens: int = 0  # sampled tokens per response (0: longest training response + eos)
+    ratio: Literal["per_token", "per_sequence"] = "per_token"  # importance-ratio granularity
+    clip: float = 2.0  # importance ratios are clipped above at this value
+    floor: float = -10.0  # sampling log-probs are floored at this value in the ratio
+    denominator: Literal["model", "sampler"] = "model"  # sampling log-prob: untempered theta_old
+    # ("model": ratio 1 until theta moves) or the tempered/top-p law actually sampled ("sampler")
+    batch_size: int = 32  # generated rows drawn from the buffer per train step
+    gen_weight: float = 0.5  # share of the theta data loss on generated pairs (rest: offline)
+    generate_batch_size: int = 0  # prompts per sampler call (0: all selected questions at once)
+
+    def __post_init__(self):
+        if self.every < 0:
+            raise ValueError(f"every={self.every} must be >= 0 (0 turns online generation off)")
+        if self.start < 0:
+            raise ValueError(f"start={self.start} must be >= 0")
+        if not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"fraction={self.fraction} must be in (0, 1]")
+        for name in ("num_samples", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.clip <= 0:
+            raise ValueError(f"clip={self.clip} must be > 0 (ratios are clipped above at it)")
+        if not 0.0 <= self.gen_weight <= 1.0:
+            raise ValueError(f"gen_weight={self.gen_weight} must be in [0, 1]")
+        for name in ("max_new_tokens", "generate_batch_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.every > 0
+
+
+@flax.struct.dataclass
+class Buffer:
+    """The latest refresh's generated pairs, R rows of length L = prompt P + new tokens T.
+
+    Rows are prompt (left-padded) then response, laid out like a training batch: ``labels`` is
+    ``input_ids`` shifted left, ``loss_mask`` marks generated tokens (through the first eos),
+    ``logp`` holds the sampling log-prob of each label (0 off the mask).
+    """
+
+    input_ids: jax.Array  # int32 RxL
+    attention_mask: jax.Array  # int32 RxL
+    labels: jax.Array  # int32 RxL
+    loss_mask: jax.Array  # float32 RxL
+    logp: jax.Array  # float32 RxL: sampling log-probs (see OnlineConfig.denominator)
+    ids: jax.Array  # int32 R: source question id (indexes omega)
+    valid: jax.Array  # float32 R: 1 for a generated row, 0 for an empty slot
+    born: jax.Array  # int32 scalar: step of the refresh that wrote the rows (-1: never)
+
+    def batch(self) -> dict:
+        """The rows as a batch dict (what the generated-pair loss reads)."""
+        return {k: getattr(self, k) for k in
+                ("input_ids", "attention_mask", "labels", "loss_mask", "logp", "ids", "valid")}
+
+
+def init_buffer(capacity: int, length: int) -> Buffer:
+    """An empty buffer (every row invalid) of ``capacity`` rows of ``length`` tokens."""
+    zeros = jnp.zeros((capacity, length), jnp.int32)
+    return Buffer(input_ids=zeros, attention_mask=zeros, labels=zeros,
+                  loss_mask=jnp.zeros((capacity, length), jnp.float32),
+                  logp=jnp.zeros((capacity, length), jnp.float32),
+                  ids=jnp.zeros((capacity,), jnp.int32), valid=jnp.zeros((capacity,), jnp.float32),
+                  born=jnp.full((), -1, jnp.int32))
+
+
+def buffer_shardings(mesh, rules: sh.AxisRules, shapes: Buffer) -> Buffer:
+    """Buffer rows split over the data axes like a batch; ``born`` replicated."""
+    return jax.tree.map(
+        lambda x: sh.batch_sharding(mesh, rules, x.ndim) if x.ndim else sh.replicated(mesh),
+        shapes)
+
+
+def importance_ratio(logp_cur_BxL, logp_samp_BxL, mask_BxL, *, kind: str, clip: float,
+                     floor: float) -> tuple[jax.Array, jax.Array]:
+    """Stop-gradient importance ratio between the current and the sampling model.
+
+    Args:
+      logp_cur_BxL: log-probs of the generated tokens under the current theta.
+      logp_samp_BxL: the stored sampling log-probs; floored at ``floor`` first.
+      mask_BxL: 1 on generated tokens.
+      kind: "per_token": ``r_t = exp(lc_t - max(ls_t, floor))``; "per_sequence":
+        ``r = exp(sum_t m_t (lc_t - max(ls_t, floor)))`` broadcast over the row's tokens.
+      clip: ratios are clipped above at ``clip`` (in log space, so no overflow).
+    Returns:
+      ``(ratio_BxL, clipped_BxL)``: the ratio (0 off the mask, no gradient) and where the
+      clip was active (per row for per_sequence, broadcast like the ratio).
+    """
+    mask = mask_BxL > 0
+    log_r = jax.lax.stop_gradient(logp_cur_BxL) - jnp.maximum(logp_samp_BxL, floor)
+    log_r = jnp.where(mask, log_r, 0.0)
+    if kind == "per_sequence":
+        log_r = jnp.broadcast_to(jnp.sum(log_r, axis=-1, keepdims=True), log_r.shape)
+    elif kind != "per_token":
+        raise ValueError(f"ratio kind {kind!r}: use 'per_token' or 'per_sequence'")
+    log_clip = math.log(clip)
+    ratio = jnp.where(mask, jnp.exp(jnp.minimum(log_r, log_clip)), 0.0)
+    return ratio, mask & (log_r > log_clip)
+
+
+def token_logprobs(forward, theta, batch: dict) -> jax.Array:
+    """``log p_theta(labels_t | prefix)`` for every position (float32 BxL)."""
+    logits = forward(theta, batch["input_ids"], attention_mask=batch["attention_mask"])
+    return -losses.token_nll(logits, batch["labels"])
+
+
+def ratio_weighted_nll(nll_BxL, ratio_BxL, mask_BxL) -> jax.Array:
+    """``loss_B = sum_t m_t r_t nll_t / sum_t m_t``: the mean token NLL with ratio weights."""
+    mask = mask_BxL.astype(jnp.float32)
+    total_B = jnp.sum(jnp.where(mask > 0, nll_BxL, 0.0) * ratio_BxL * mask, axis=-1)
+    count_B = jnp.sum(mask, axis=-1)
+    return total_B / jnp.where(count_B > 0, count_B, 1.0)
+
+
+def online_example_loss(example_loss: ExampleLoss, forward) -> ExampleLoss:
+    """Per-row loss of a batch that may mix offline and generated rows.
+
+    A plain batch goes to ``example_loss``. A batch from :func:`combine` (keys ``offline``,
+    ``generated``, ``ids``, ``valid``, ``scale``) gives ``concat(offline losses, generated
+    ratio-weighted losses) * scale``, one per row of ``ids``, so the weighted objectives and
+    the hypergradient treat generated rows like examples of their source question.
+    """
+
+    def loss(theta, batch: dict) -> jax.Array:
+        if "generated" not in batch:
+            return example_loss(theta, batch)
+        gen = batch["generated"]
+        logits = forward(theta, gen["input_ids"], attention_mask=gen["attention_mask"])
+        gen_G = ratio_weighted_nll(losses.token_nll(logits, gen["labels"]), gen["ratio"],
+                                   gen["loss_mask"])
+        off_B = example_loss(theta, batch["offline"])
+        return jnp.concatenate([off_B, gen_G]) * batch["scale"]
+
+    return loss
+
+
+def combine(offline: dict, generated: dict, gen_weight: float) -> dict:
+    """One batch of offline and generated rows whose valid-row mean is
+    ``(1 - gen_weight) mean_offline + gen_weight mean_generated`` (all offline if none is
+    generated)."""
+    v_off, v_gen = offline["valid"].astype(jnp.float32), generated["valid"].astype(jnp.float32)
+    n_off, n_gen = jnp.sum(v_off), jnp.sum(v_gen)
+    n = n_off + n_gen
+    scale_off = jnp.where(n_gen > 0, (1.0 - gen_weight) * n / jnp.maximum(n_off, 1.0), 1.0)
+    scale_gen = gen_weight * n / jnp.maximum(n_gen, 1.0)
+    scale = jnp.concatenate([jnp.broadcast_to(scale_off, v_off.shape),
+                             jnp.broadcast_to(scale_gen, v_gen.shape)])
+    return {"offline": offline, "generated": generated,
+            "ids": jnp.concatenate([offline["ids"], generated["ids"]]).astype(jnp.int32),
+            "valid": jnp.concatenate([v_off, v_gen]), "scale": scale}
+
+
+def draw(buffer: Buffer, key, n: int) -> dict:
+    """``n`` distinct buffer rows, uniformly among the valid ones (invalid only if too few)."""
+    valid_R = buffer.valid
+    total = jnp.sum(valid_R)
+    p_R = jnp.where(total > 0, valid_R / jnp.maximum(total, 1.0), 1.0 / valid_R.shape[0])
+    idx = jax.random.choice(key, valid_R.shape[0], (n,), replace=False, p=p_R)
+    return jax.tree.map(lambda x: jnp.take(x, idx, axis=0), buffer.batch())
+
+
+def make_online_steps(example_loss: ExampleLoss, forward, method: MethodConfig,
+                      cfg: OnlineConfig, *, seed: int = 0) -> Steps:
+    """bmo/bds steps that also train on the generated pairs in ``state.online``.
+
+    Args:
+      example_loss: offline per-example loss ``(theta, batch) -> loss_B``.
+      forward: ``forward(theta, input_ids, attention_mask=) -> logits`` of the same model.
+      method: bmo or bds settings.
+      cfg: online settings.
+      seed: the per-step draw of buffer rows uses ``fold_in(key(seed), step)`` (resumable).
+    Returns:
+      ``Steps`` with the signatures of ``make_steps(method)``; train metrics add
+      ``online_ratio_mean`` / ``online_clipped`` (fractions over tokens, or rows for
+      per_sequence) and ``online_gen_loss`` (mean NLL of the drawn generated rows).
+    """
+    if method.method not in BASES:
+        raise ValueError(f"online generation runs on top of {BASES}, not method "
+                         f"{method.method!r}; set method.method to bmo or bds")
+    base = make_steps(online_example_loss(example_loss, forward), method)
+    draw_key = jax.random.fold_in(jax.random.key(seed), 1)
+
+    def with_ratios(theta, gen: dict):
+        # a separate no-grad forward: the ratio enters the loss as data (stop-gradient, also
+        # inside the hypergradient) and its statistics become metrics
+        logp_cur = token_logprobs(forward, jax.lax.stop_gradient(theta), gen)
+        ratio, clipped = importance_ratio(logp_cur, gen["logp"], gen["loss_mask"],
+                                          kind=cfg.ratio, clip=cfg.clip, floor=cfg.floor)
+        mask = gen["loss_mask"] * gen["valid"][:, None]
+        if cfg.ratio == "per_sequence":  # one ratio per row
+            mask = gen["valid"] * (jnp.sum(gen["loss_mask"], axis=-1) > 0)
+            ratio_s, clipped_s = ratio.max(axis=-1), clipped.any(axis=-1)
+        else:
+            ratio_s, clipped_s = ratio, clipped
+        count = jnp.maximum(jnp.sum(mask), 1.0)
+        nll_B = ratio_weighted_nll(-logp_cur, jnp.ones_like(ratio), gen["loss_mask"])
+        stats = {"online_ratio_mean": jnp.sum(ratio_s * mask) / count,
+                 "online_clipped": jnp.sum(clipped_s * mask) / count,
+                 "online_gen_loss": losses.weighted_mean(nll_B, jnp.ones_like(nll_B),
+                                                         gen["valid"])}
+        return {**gen, "ratio": ratio}, stats
+
+    def generated(state: TrainState):
+        key = jax.random.fold_in(draw_key, state.step)
+        return with_ratios(state.theta, draw(state.online, key, cfg.batch_size))
+
+    def bmo_train(state: TrainState, batch: dict, val_batch: dict):
+        gen, stats = generated(state)
+        state, metrics = base.train(state, combine(batch, gen, cfg.gen_weight), val_batch)
+        return state, {**metrics, **stats}
+
+    def bds_train(state: TrainState, batch: dict):
+        gen, stats = generated(state)
+        state, metrics = base.train(state, combine(batch, gen, cfg.gen_weight))
+        return state, {**metrics, **stats}
+
+    def bds_hyper(state: TrainState, hyper_batch: dict, val_batch: dict):
+        gen, _ = with_ratios(state.theta, state.online.batch())  # the whole buffer
+        return base.hyper(state, combine(hyper_batch, gen, cfg.gen_weight), val_batch)
+
+    if method.method == "bmo":
+        return Steps(train=bmo_train, evaluate=example_loss)
+    return Steps(train=bds_train, hyper=bds_hyper, evaluate=example_loss)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "mode", "weighting"))
+def select_questions(key, omega_N, *, n: int, mode: str, weighting: str) -> jax.Array:
+    """The ``n`` questions to refresh: random, or the lowest-weighted ("dynamic", ties broken
+    at random). Returns ids_n (int32)."""
+    perm_N = jax.random.permutation(key, omega_N.shape[0])
+    if mode == "random":
+        return perm_N[:n].astype(jnp.int32)
+    if mode != "dynamic":
+        raise ValueError(f"select={mode!r}: use 'random' or 'dynamic'")
+    s_N = jnp.take(weights.weights(omega_N, weighting), perm_N)
+    return jnp.take(perm_N, jnp.argsort(s_N, stable=True)[:n]).astype(jnp.int32)
+
+
+def pack(prompt_ids_BxP, prompt_mask_BxP, tokens_BxGxT, mask_BxGxT, logp_BxGxT, ids_B, valid_B,
+         pad_id: int) -> dict:
+    """Generated samples as training rows (the :class:`Buffer` layout), G rows per prompt;
+    rows of invalid prompts get no loss tokens."""
+    b, g, t = tokens_BxGxT.shape
+    rep = functools.partial(jnp.repeat, repeats=g, axis=0)
+    tokens, mask = tokens_BxGxT.reshape(b * g, t), mask_BxGxT.reshape(b * g, t)
+    input_ids = jnp.concatenate([rep(prompt_ids_BxP), tokens], axis=1).astype(jnp.int32)
+    attention = jnp.concatenate([rep(prompt_mask_BxP), mask], axis=1).astype(jnp.int32)
+    pad_col = jnp.full((b * g, 1), pad_id, jnp.int32)
+    lead = jnp.zeros((b * g, prompt_ids_BxP.shape[1] - 1), jnp.float32)
+    tail = jnp.zeros((b * g, 1), jnp.float32)
+    valid_R = rep(valid_B).astype(jnp.float32)
+    loss_mask = jnp.concatenate([lead, mask.astype(jnp.float32) * valid_R[:, None], tail],
+                                axis=1)
+    logp_RxT = jnp.where(loss_mask[:, prompt_ids_BxP.shape[1] - 1:-1] > 0,
+                       logp_BxGxT.reshape(b * g, t), 0.0)
+    logp = jnp.concatenate([lead, logp_RxT, tail], axis=1)
+    return {"input_ids": input_ids, "attention_mask": attention,
+            "labels": jnp.concatenate([input_ids[:, 1:], pad_col], axis=1),
+            "loss_mask": loss_mask, "logp": logp, "ids": rep(ids_B).astype(jnp.int32),
+            "valid": valid_R}
+
+
+def _host(x) -> np.ndarray:
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+class Refresher:
+    """The host side of online generation: ``(state, step) -> (state, metrics)`` before each
+    train step; at ``cfg.start`` and every ``cfg.every`` steps after it regenerates the buffer
+    (``train.run``'s ``before_step``). Before the first refresh the buffer is empty and the
+    steps train on offline rows only.
+
+    Args:
+      cfg: online settings.
+      model: the Model (its ``config`` drives the sampler; ``forward`` the ratios in the log).
+      dataset: the training SFTDataset (questions = its prompts; ids index omega).
+      weighting: omega -> weights map (for "dynamic" selection and the log).
+      batch_sharding: where batch rows go (its mesh also places the selected ids).
+      seed: refresh ``k`` uses ``fold_in(key(seed), step)`` (so resumes are exact).
+      log_dir: where ``generations.jsonl`` goes (None: no log).
+      scorer: optional ``scorer(texts, rows) -> {metric: value}`` (a task's metric) to score
+        each refresh's responses against their source rows.
+    """
+
+    def __init__(self, cfg: OnlineConfig, model, dataset, *, weighting: str, batch_sharding,
+                 seed: int = 0, log_dir: str | Path | None = None, scorer=None):
+        if not cfg.enabled:
+            raise ValueError("Refresher needs online.every > 0")
+        self.cfg, self.model, self.dataset = cfg, model, dataset
+        self.weighting, self.batch_sharding, self.seed = weighting, batch_sharding, seed
+        self.scorer = scorer
+        self.log_path = None if log_dir is None else Path(log_dir) / "generations.jsonl"
+        n = len(dataset)
+        self.n_select = max(1, round(cfg.fraction * n))
+        mesh = batch_sharding.mesh
+        ways = math.lcm(math.prod(mesh.shape[a] for a in _batch_axes(batch_sharding)),
+                        jax.process_count())  # sampler calls split like batches
+        chunk = cfg.generate_batch_size or self.n_select
+        self.chunk = -(-chunk // ways) * ways
+        self.n_chunks = -(-self.n_select // self.chunk)
+        self.prompt_len = int(dataset.prompt_len_N.max())
+        longest = int((dataset.length_N - dataset.prompt_len_N).max())
+        self.max_new_tokens = cfg.max_new_tokens or longest
+        if cfg.batch_size > self.capacity:
+            raise ValueError(
+                f"online.batch_size={cfg.batch_size} > the buffer's {self.capacity} rows "
+                f"(fraction {cfg.fraction} x {n} questions x {cfg.num_samples} samples); lower "
+                "online.batch_size or raise online.fraction / online.num_samples")
+        rep = sh.replicated(batch_sharding.mesh)
+        self._select = jax.jit(functools.partial(
+            select_questions, n=self.n_select, mode=cfg.select, weighting=weighting),
+            out_shardings=rep)
+        self._pack = jax.jit(functools.partial(pack, pad_id=dataset.pad_id))
+        self._weights = jax.jit(lambda omega, ids: weights.batch_weights(omega, ids, weighting),
+                                out_shardings=rep)
+        self._ratios = jax.jit(self._row_ratios)
+        self._concat = None  # jitted on the first refresh (needs the buffer's shardings)
+
+    @property
+    def capacity(self) -> int:
+        """Buffer rows: selected questions (padded to whole sampler calls) x G."""
+        return self.n_chunks * self.chunk * self.cfg.num_samples
+
+    @property
+    def length(self) -> int:
+        """Buffer row length: longest prompt + max_new_tokens."""
+        return self.prompt_len + self.max_new_tokens
+
+    def init_buffer(self) -> Buffer:
+        return init_buffer(self.capacity, self.length)
+
+    def __call__(self, state: TrainState, step: int) -> tuple[TrainState, dict]:
+        if step < self.cfg.start or (step - self.cfg.start) % self.cfg.every:
+            return state, {}
+        from jbilevel.models import generate
+
+        self.log_buffer(state, step)  # the rows being replaced, with their final ratios
+        key_sel, key_gen = jax.random.split(jax.random.fold_in(jax.random.key(self.seed), step))
+        chosen = _host(self._select(key_sel, state.omega))
+        padded = np.zeros(self.n_chunks * self.chunk, np.int64)
+        padded[: len(chosen)] = chosen
+        valid = np.arange(len(padded)) < len(chosen)
+        rows = []
+        for c in range(self.n_chunks):
+            part = slice(c * self.chunk, (c + 1) * self.chunk)
+            # padding slots sample question 0 (the sampler needs a real prompt), marked invalid
+            prompts = self.dataset.prompt_batch(padded[part], self.prompt_len)
+            prompts["valid"] = valid[part].astype(np.float32)
+            local = distributed.process_slice(self.chunk)
+            prompts = distributed.global_batch({k: v[local] for k, v in prompts.items()},
+                                               self.batch_sharding)
+            gen = generate(self.model, state.theta, prompts["prompt_ids"],
+                           prompts["prompt_mask"], jax.random.fold_in(key_gen, c),
+                           max_new_tokens=self.max_new_tokens, num_samples=self.cfg.num_samples,
+                           temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+                           eos_id=self.dataset.tokenizer.eos_id, pad_id=self.dataset.pad_id)
+            logp = gen.logprobs if self.cfg.denominator == "model" else gen.sampling_logprobs
+            rows.append(self._pack(prompts["prompt_ids"], prompts["prompt_mask"], gen.tokens,
+                                   gen.mask, logp, prompts["ids"], prompts["valid"]))
+        buffer = self._assemble(rows, step, state.online)
+        state = state.replace(online=buffer)
+        metrics = {"online_refreshed": float(len(chosen)),
+                   "online_selected_weight": float(np.mean(_host(
+                       self._weights(state.omega, jnp.asarray(chosen, jnp.int32)))))}
+        gen_len = _host(jnp.sum(buffer.loss_mask, axis=1))[_host(buffer.valid) > 0]
+        metrics["online_gen_len"] = float(gen_len.mean())
+        if self.scorer is not None:
+            ids_R, texts = self._texts(buffer)
+            scored = self.scorer(texts, [self.dataset.rows[i] for i in ids_R])
+            metrics.update({f"online_gen_{k}": float(v) for k, v in scored.items()
+                            if k != "n" and isinstance(v, int | float)})
+        return state, metrics
+
+    def _assemble(self, rows: list[dict], step: int, like: Buffer) -> Buffer:
+        if self._concat is None:
+            def concat(rows, step):
+                cat = {k: jnp.concatenate([r[k] for r in rows]) for k in rows[0]}
+                return Buffer(**cat, born=jnp.asarray(step, jnp.int32))
+
+            self._concat = jax.jit(concat, out_shardings=jax.tree.map(lambda x: x.sharding,
+                                                                       like))
+        return self._concat(rows, step)
+
+    def _row_ratios(self, theta, buffer: Buffer):
+        gen = buffer.batch()
+        logp_cur = token_logprobs(self.model.forward, theta, gen)
+        ratio, _ = importance_ratio(logp_cur, gen["logp"], gen["loss_mask"], kind=self.cfg.ratio,
+                                    clip=self.cfg.clip, floor=self.cfg.floor)
+        count = jnp.maximum(jnp.sum(gen["loss_mask"], axis=-1), 1.0)
+        return jnp.sum(ratio, axis=-1) / count, jnp.sum(gen["logp"], axis=-1)
+
+    def _texts(self, buffer: Buffer) -> tuple[np.ndarray, list[str]]:
+        valid = _host(buffer.valid) > 0
+        ids = _host(buffer.ids)[valid]
+        tokens = _host(buffer.input_ids)[valid, self.prompt_len:]
+        mask = _host(buffer.attention_mask)[valid, self.prompt_len:] > 0
+        tok = self.dataset.tokenizer
+        eos = tok.eos_id
+        texts = [tok.decode([t for t in row[m] if t != eos]) for row, m in zip(tokens, mask,
+                                                                                strict=True)]
+        return ids, texts
+
+    def log_buffer(self, state: TrainState, step: int) -> None:
+        """Appends the buffer's rows to ``generations.jsonl``: ``step`` (now), ``generated_at``,
+        question ``id``, ``sample``, ``text``, ``ratio`` (the row's mean token ratio under the
+        current theta; per_sequence: the sequence ratio), ``weight`` s_id(omega) now and
+        ``logp`` (summed sampling log-prob)."""
+        born = int(_host(state.online.born))
+        if self.log_path is None or born < 0:
+            return
+        ratio_R, logp_R = (_host(x) for x in self._ratios(state.theta, state.online))
+        valid = _host(state.online.valid) > 0
+        ids, texts = self._texts(state.online)
+        w = _host(self._weights(state.omega, jnp.asarray(ids, jnp.int32)))
+        rows = np.flatnonzero(valid)
+        if jax.process_index() != 0:
+            return
+        with open(self.log_path, "a") as f:
+            for k, r in enumerate(rows):
+                f.write(json.dumps({
+                    "step": step, "generated_at": born, "id": int(ids[k]),
+                    "sample": int(r % self.cfg.num_samples), "text": texts[k],
+                    "ratio": round(float(ratio_R[r]), 6), "weight": round(float(w[k]), 6),
+                    "logp": round(float(logp_R[r]), 4)}) + "\n")
+
+
+def _batch_axes(sharding) -> tuple[str, ...]:
+    spec = sharding.spec[0] if len(sharding.spec) else None
+    if spec is None:
+        return ()
+    return (spec,) if isinstance(spec, str) else tuple(spec)

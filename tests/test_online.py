@@ -1,0 +1,290 @@
+"""Online self-refining generation: ratios by hand, the sampling log-probs used, selection,
+omega gradients through generated rows, and an exact resume with the buffer checkpointed."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jbilevel import sharding as sh
+from jbilevel import train
+from jbilevel.algorithms import MethodConfig, init_state
+from jbilevel.algorithms import online as ol
+from jbilevel.checkpoint import Checkpointer
+from jbilevel.objectives import lm_example_loss
+
+# logp_cur, logp_samp, mask: row 0 exercises the clip and the floor, row 1 neither.
+CUR = np.array([[-1.0, -0.5, -2.0, -9.0], [-1.0, -1.0, -3.0, -3.0]], np.float32)
+SAMP = np.array([[-1.5, -4.0, -20.0, -1.0], [-0.8, -1.1, -3.0, -3.0]], np.float32)
+MASK = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], np.float32)
+
+
+def test_importance_ratio_per_token_by_hand():
+    ratio, clipped = ol.importance_ratio(CUR, SAMP, MASK, kind="per_token", clip=3.0, floor=-5.0)
+    # row 0: log r = 0.5, 3.5 (clipped to log 3), -2 - max(-20, -5) = 3 (clipped), masked.
+    want = [[math.exp(0.5), 3.0, 3.0, 0.0], [math.exp(-0.2), math.exp(0.1), 0.0, 0.0]]
+    np.testing.assert_allclose(ratio, want, rtol=1e-6)
+    np.testing.assert_array_equal(clipped, [[0, 1, 1, 0], [0, 0, 0, 0]])
+
+
+def test_importance_ratio_per_sequence_by_hand():
+    ratio, clipped = ol.importance_ratio(CUR, SAMP, MASK, kind="per_sequence", clip=3.0,
+                                         floor=-5.0)
+    # row 0: exp(0.5 + 3.5 + 3) = e^7, clipped to 3; row 1: exp(-0.2 + 0.1) on its 2 tokens.
+    want = [[3.0, 3.0, 3.0, 0.0], [math.exp(-0.1), math.exp(-0.1), 0.0, 0.0]]
+    np.testing.assert_allclose(ratio, want, rtol=1e-6)
+    np.testing.assert_array_equal(clipped, [[1, 1, 1, 0], [0, 0, 0, 0]])
+    # no floor in play: sampling log-prob -20 enters as is, e^(0.5 + 3.5 + 18) is clipped too
+    loose, _ = ol.importance_ratio(CUR[1:], SAMP[1:], MASK[1:], kind="per_sequence", clip=1e9,
+                                   floor=-100.0)
+    np.testing.assert_allclose(loose[0, :2], math.exp(-0.1), rtol=1e-6)
+
+
+def test_importance_ratio_has_no_gradient():
+    grad = jax.grad(lambda c: ol.importance_ratio(c, SAMP, MASK, kind="per_token", clip=3.0,
+                                                  floor=-5.0)[0].sum())(jnp.asarray(CUR))
+    np.testing.assert_array_equal(grad, 0.0)
+
+
+def test_ratio_weighted_nll_by_hand():
+    nll = np.array([[2.0, 1.0, 4.0, 7.0]], np.float32)
+    ratio = np.array([[0.5, 2.0, 1.0, 0.0]], np.float32)
+    got = ol.ratio_weighted_nll(nll, ratio, MASK[:1])
+    np.testing.assert_allclose(got, [(0.5 * 2 + 2 * 1 + 1 * 4) / 3], rtol=1e-6)
+
+
+def test_dynamic_selection_picks_the_lowest_weighted():
+    omega = jnp.asarray([0.3, -1.0, 2.0, -1.0, 0.5, -2.0, 1.0, 0.0])
+    for kind in ("softmax", "sigmoid"):
+        got = ol.select_questions(jax.random.key(0), omega, n=3, mode="dynamic", weighting=kind)
+        assert sorted(np.asarray(got).tolist()) == [1, 3, 5]
+    picks = {int(ol.select_questions(jax.random.key(k), omega, n=2, mode="dynamic",
+                                     weighting="softmax")[1]) for k in range(16)}
+    assert picks == {1, 3}  # the tie between ids 1 and 3 is broken at random
+    rand = np.asarray(ol.select_questions(jax.random.key(1), omega, n=5, mode="random",
+                                          weighting="softmax"))
+    assert len(set(rand.tolist())) == 5 and rand.min() >= 0 and rand.max() < 8
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="fraction"):
+        ol.OnlineConfig(every=1, fraction=0.0)
+    with pytest.raises(ValueError, match="clip"):
+        ol.OnlineConfig(clip=0.0)
+    from jbilevel.experiment import ExperimentConfig
+
+    with pytest.raises(ValueError, match="on top of bmo or bds"):
+        ExperimentConfig(method=MethodConfig(method="sft"), online=ol.OnlineConfig(every=5))
+
+
+# ---------------------------------------------------------------- a tiny LM on the quality task
+# One (2, 4)-mesh setup shared by the tests below: LM steps take seconds to compile here.
+
+ONLINE = ol.OnlineConfig(every=3, fraction=0.25, num_samples=2, batch_size=8, max_new_tokens=5)
+
+
+class Setup:
+    """Task, model, mesh, refresher, shardings and compiled online steps for one method."""
+
+    def __init__(self, task, model, method: MethodConfig, online: ol.OnlineConfig = ONLINE,
+                 sharded: bool = True):
+        self.task, self.model, self.method = task, model, method
+        self.mesh = (sh.make_mesh(sh.MeshConfig(data=2, fsdp=4, tensor=1)) if sharded else
+                     sh.make_mesh(sh.MeshConfig(data=1), jax.devices()[:1]))
+        rules = sh.AxisRules()
+        self.refresher = ol.Refresher(online, model, task.train, weighting=method.weighting,
+                                      batch_sharding=sh.batch_sharding(self.mesh, rules, 1))
+        shapes = jax.eval_shape(self.init)
+        self.state_sh = train.state_shardings(self.mesh, rules, shapes, model.param_axes(),
+                                              method).replace(
+            online=ol.buffer_shardings(self.mesh, rules, shapes.online))
+        self.loss = lm_example_loss(model.forward)
+        self.logprobs = jax.jit(functools.partial(ol.token_logprobs, model.forward))
+        steps = ol.make_online_steps(self.loss, model.forward, method, online)
+        self.compiled = train.compile_steps(steps, method, self.mesh, rules, self.state_sh)
+
+    def init(self):
+        state = init_state(self.model.init(jax.random.key(0)), len(self.task.train), self.method)
+        return state.replace(online=self.refresher.init_buffer())
+
+    def fresh(self):
+        return jax.jit(self.init, out_shardings=self.state_sh)()
+
+    def put(self, batch):
+        return jax.device_put(batch, self.compiled.batch_sharding)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    from jbilevel.data import make_task
+    from jbilevel.models import ModelConfig, build
+
+    task = make_task("quality", seed=0, n_train=24, n_val=8, n_test=8)
+    tok = task.tokenizer
+    model = build(ModelConfig(vocab_size=tok.vocab_size, hidden_size=16, num_layers=1,
+                              num_heads=2, intermediate_size=32, max_position_embeddings=64,
+                              eos_token_id=tok.eos_id, pad_token_id=tok.pad_id))
+    return task, model
+
+
+@pytest.fixture(scope="module")
+def bmo(lm):
+    """bmo + online with sigmoid weights (only ids in a batch get an omega gradient)."""
+    return Setup(*lm, MethodConfig(method="bmo", weighting="sigmoid", lr_omega=0.1))
+
+
+def test_refresh_stores_sampling_logprobs_and_unchanged_model_gives_sft_loss(bmo):
+    task, model = bmo.task, bmo.model
+    state, metrics = bmo.refresher(bmo.fresh(), 0)
+    buf = jax.device_get(state.online)
+    assert bmo.refresher.capacity == 16 and buf.valid.sum() == 12  # 6 questions x 2, 2 slots pad
+    assert metrics["online_refreshed"] == 6 and int(buf.born) == 0
+    assert float(jnp.sum(ol.draw(state.online, jax.random.key(0), 12)["valid"])) == 12
+    # the stored log-probs are the sampling model's: at the same theta, ratio 1 on every token
+    logp = bmo.logprobs(state.theta, buf.batch())
+    mask = buf.loss_mask > 0
+    assert mask.sum() > 12 and not mask[buf.valid == 0].any()
+    np.testing.assert_allclose(np.asarray(logp)[mask], buf.logp[mask], atol=2e-5)
+    ratio, _ = ol.importance_ratio(logp, buf.logp, buf.loss_mask, kind="per_sequence", clip=10.0,
+                                   floor=-10.0)
+    np.testing.assert_allclose(np.asarray(ratio)[mask], 1.0, atol=1e-4)
+    # so a generated row's loss is the plain SFT loss on its tokens, times its mixing scale
+    mixed_loss = jax.jit(ol.online_example_loss(bmo.loss, model.forward))
+    off = task.train.batch(np.arange(8), task.train.max_len)
+    both = ol.combine(off, {**buf.batch(), "ratio": np.asarray(ratio)}, 0.25)
+    got = np.asarray(mixed_loss(state.theta, both))
+    loss = jax.jit(bmo.loss)
+    want_off, want_gen = loss(state.theta, off), loss(state.theta, buf.batch())
+    n_off, n_gen = 8, 12
+    want = np.concatenate([want_off * 0.75 * (n_off + n_gen) / n_off,
+                           want_gen * 0.25 * (n_off + n_gen) / n_gen])
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    # and the valid-row mean is 0.75 mean_offline + 0.25 mean_generated
+    valid = np.asarray(both["valid"])
+    gen_mean = (np.asarray(want_gen) * buf.valid).sum() / n_gen
+    np.testing.assert_allclose((got * valid).sum() / valid.sum(),
+                               0.75 * np.mean(want_off) + 0.25 * gen_mean, rtol=1e-5)
+
+
+def test_sampler_denominator_stores_the_tempered_logprobs(bmo):
+    online = ol.OnlineConfig(every=3, fraction=0.25, num_samples=2, batch_size=8,
+                             max_new_tokens=5, temperature=0.5, denominator="sampler")
+    ref = ol.Refresher(online, bmo.model, bmo.task.train, weighting="sigmoid",
+                       batch_sharding=bmo.refresher.batch_sharding)
+    state, _ = ref(bmo.fresh(), 0)
+    buf = jax.device_get(state.online)
+    logits = jax.jit(bmo.model.forward)(state.theta, buf.input_ids,
+                                        attention_mask=buf.attention_mask)
+    tempered = jax.nn.log_softmax(logits / 0.5, axis=-1)
+    want = np.take_along_axis(np.asarray(tempered), buf.labels[..., None], axis=-1)[..., 0]
+    mask = buf.loss_mask > 0
+    np.testing.assert_allclose(buf.logp[mask], want[mask], atol=5e-5)
+    untempered = bmo.logprobs(state.theta, buf.batch())
+    assert np.abs(np.asarray(untempered)[mask] - buf.logp[mask]).max() > 0.1  # not these
+
+
+def _question_split(state, n):
+    in_buffer = set(np.asarray(state.online.ids)[np.asarray(state.online.valid) > 0].tolist())
+    offline = [i for i in range(n) if i not in in_buffer][:8]
+    return in_buffer, offline, set(range(n)) - in_buffer - set(offline)
+
+
+def test_bmo_generated_rows_move_their_question_weight(bmo):
+    """Omega of a question that is in the buffer but not in the offline batch moves only
+    through its generated rows (sigmoid weights: ids outside the batch get no gradient)."""
+    task = bmo.task
+    state, _ = bmo.refresher(bmo.fresh(), 0)
+    in_buffer, offline, untouched = _question_split(state, len(task.train))
+    state, metrics = bmo.compiled.train(
+        state, bmo.put(task.train.batch(offline, task.train.max_len)),
+        bmo.put(task.validation.batch(np.arange(8), task.validation.max_len)))
+    omega = np.asarray(state.omega)
+    assert all(omega[i] == 0 for i in untouched) and all(omega[i] != 0 for i in in_buffer)
+    np.testing.assert_allclose(metrics["online_ratio_mean"], 1.0, atol=1e-4)  # theta unchanged
+    assert metrics["online_clipped"] == 0 and np.isfinite(metrics["online_gen_loss"])
+
+
+def test_bds_hypergradient_reaches_questions_through_generated_rows(lm):
+    s = Setup(*lm, MethodConfig(method="bds", weighting="sigmoid", lr_omega=0.1, cg_iters=2),
+              sharded=False)
+    task = s.task
+    state, _ = s.refresher(s.fresh(), 0)
+    in_buffer, offline, untouched = _question_split(state, len(task.train))
+    state, _ = s.compiled.hyper(
+        state, s.put(task.train.batch(offline, task.train.max_len)),
+        s.put(task.validation.batch(np.arange(8), task.validation.max_len)))
+    omega = np.asarray(state.omega)
+    assert all(omega[i] == 0 for i in untouched) and all(omega[i] != 0 for i in in_buffer)
+
+
+def test_interrupted_online_run_resumes_exactly(bmo, tmp_path):
+    """Refresh every 3 steps: a run stopped after step 7 (its checkpoint holds the step-6
+    buffer) and resumed to 10 ends bit-identical to a straight run, refresh at 9 included."""
+    from jbilevel.data import Batcher
+
+    task = bmo.task
+
+    def run(total, ckpt_dir=None):
+        buckets = (task.train.max_len,)
+        data = Batcher(task.train, 8, seed=0, buckets=buckets)
+        val = Batcher(task.validation, 8, seed=1, buckets=buckets)
+        loop = train.LoopConfig(steps=total, log_every=5, checkpoint_every=0, progress=False)
+        ckpt = Checkpointer(ckpt_dir) if ckpt_dir else None
+        if ckpt is None:
+            state, start = bmo.fresh(), 0
+        else:
+            state, start = train.restore_or_init(ckpt, bmo.init, bmo.state_sh,
+                                                 train.data_sources(data, val))
+        records = []
+        state, step = train.run(bmo.compiled, bmo.method, loop, state, data, val,
+                                start_step=start, ckpt=ckpt, before_step=bmo.refresher,
+                                on_log=lambda at, r: records.append((at, r)))
+        if ckpt is not None:
+            ckpt.close()
+        return jax.device_get(state), step, records
+
+    first, step, _ = run(7, tmp_path / "c")
+    assert step == 7 and int(first.online.born) == 6
+    resumed, step, records = run(10, tmp_path / "c")
+    straight, _, straight_records = run(10)
+    assert step == 10 and int(resumed.online.born) == 9
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(resumed.online.input_ids, first.online.input_ids)  # refreshed
+    last, want = records[-1], straight_records[-1]
+    assert last[0] == want[0] == 10 and last[1]["online_refreshed"] == 6
+    for k in want[1]:
+        if k != "steps_per_s":
+            assert last[1][k] == want[1][k], k
+
+
+def test_cli_trains_online_and_logs_generations(tmp_path):
+    import json
+
+    from jbilevel import cli
+
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "task:\n  options: {n_train: 32, n_val: 16, n_test: 16}\n"
+        "model: {hidden_size: 16, num_layers: 1, num_heads: 2, intermediate_size: 32}\n"
+        "method: {method: bmo}\n"
+        "online: {every: 2, start: 1, fraction: 0.25, num_samples: 2, batch_size: 8,\n"
+        "         max_new_tokens: 4}\n"
+        "batch_size: 16\nval_batch_size: 16\neval_batch_size: 16\n")
+    out = tmp_path / "o"
+    assert cli.main(["train", "--config", str(path), "--out", str(out), "loop.steps=4",
+                     "loop.log_every=1", "loop.progress=false"]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["online"] is True and result["steps"] == 4
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "online_refreshed" not in records[0]  # step 1 trained offline only (start: 1)
+    assert records[0]["online_ratio_mean"] == 0  # nothing drawn from the empty buffer
+    assert records[-1]["online_refreshed"] == 8 and "online_gen_accuracy" in records[-1]
+    # refreshes before steps 2 and 4: the first rows are logged when replaced, the second at
+    # the end; 8 questions x 2 samples each time
+    rows = [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["generated_at"]) for r in rows] == [(3, 1)] * 16 + [(4, 3)] * 16
+    assert {"id", "sample", "text", "ratio", "weight", "logp"} <= set(rows[0])
