@@ -44,3 +44,11 @@ def test_batch_must_split_over_the_mesh():
     with pytest.raises(ValueError, match="batch_size=4 must be a multiple .* size 8"):
         aot.compile_memory(TINY, MethodConfig(method="bmo"), MeshConfig(data=1, fsdp=8),
                            aot.Shapes(batch_size=4))
+
+
+def test_list_eos_token_id_keeps_the_config_hashable():
+    # Llama-3's config.json has eos_token_id [128001, 128009]; jit needs a hashable config.
+    config = preset("llama-3-8b")
+    assert config.eos_token_id == (128001, 128009)
+    assert hash(config) == hash(preset("llama-3-8b"))
+    assert config.to_hf()["eos_token_id"] == [128001, 128009]
