@@ -12,8 +12,17 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Validation-guided data curation for LLM fine-tuning (bilevel data selection).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the built-in end-to-end example on the CPU")
+    demo = sub.add_parser(
+        "demo", help="compare methods on a built-in task with a tiny model (CPU, minutes)",
+        description="Trains a tiny decoder from scratch with each method on the built-in task "
+                    "and prints a comparison table; everything lands in --out.")
     demo.add_argument("--out", default="runs/demo", help="output directory")
+    demo.add_argument("--task", default="quality", choices=["quality", "safety"],
+                      help="built-in task (quality: 50%% of answers follow a wrong rule)")
+    demo.add_argument("--size", default="tiny", choices=["tiny", "small"], help="model size")
+    demo.add_argument("--steps", type=int, default=2000, help="training steps per method")
+    demo.add_argument("--methods", default="mix,bmo,bds",
+                      help="comma-separated: sft, mix, val, oracle, bmo, bds")
     demo.add_argument("--seed", type=int, default=0)
 
     tr = sub.add_parser(

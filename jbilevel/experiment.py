@@ -13,6 +13,7 @@ import csv
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -97,7 +98,12 @@ def _process_batcher(dataset, batch_size: int, mesh, rules, **kw):
         )
     count = jax.process_count()
     return Batcher(dataset, batch_size // count, process_index=jax.process_index(),
-                   process_count=count, buckets=(dataset.max_len,), **kw)
+                   process_count=count, buckets=(_longest(dataset),), **kw)
+
+
+def _longest(dataset) -> int:
+    """One bucket: the longest sequence rounded up to 8 (one compile, little padding)."""
+    return min(dataset.max_len, -(-int(dataset.length_N.max()) // 8) * 8)
 
 
 def evaluate(model, params, task, split: str = "test", batch_size: int = 250) -> dict:
@@ -117,18 +123,29 @@ def evaluate(model, params, task, split: str = "test", batch_size: int = 250) ->
     return {**task.score(predictions, split), "predictions": predictions}
 
 
-def mean_loss(example_loss, params, dataset, batch_size: int) -> float:
-    """Mean per-example loss over a whole split (fixed-shape batches, padding rows ignored)."""
+def split_loss(example_loss, dataset, batch_size: int) -> Callable[[Any], float]:
+    """``params -> mean per-example loss over a whole split`` (fixed-shape batches, jitted once,
+    padding rows ignored)."""
     from jbilevel.data import Batcher
 
     fn = jax.jit(example_loss)
-    total = count = 0.0
-    for batch in Batcher(dataset, batch_size, shuffle=False,
-                         buckets=(dataset.max_len,)).epoch_batches():
-        loss_B = np.asarray(fn(params, batch))
-        total += float((loss_B * batch["valid"]).sum())
-        count += float(batch["valid"].sum())
-    return total / count
+    batches = list(Batcher(dataset, batch_size, shuffle=False,
+                           buckets=(_longest(dataset),)).epoch_batches())
+
+    def mean(params) -> float:
+        total = count = 0.0
+        for batch in batches:
+            loss_B = np.asarray(fn(params, batch))
+            total += float((loss_B * batch["valid"]).sum())
+            count += float(batch["valid"].sum())
+        return total / count
+
+    return mean
+
+
+def mean_loss(example_loss, params, dataset, batch_size: int) -> float:
+    """Mean per-example loss over a whole split (fixed-shape batches, padding rows ignored)."""
+    return split_loss(example_loss, dataset, batch_size)(params)
 
 
 def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = None) -> dict:
@@ -179,9 +196,11 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
         state, start = train.restore_or_init(ckpt, init, state_sh,
                                              train.data_sources(data, val, hyper))
         log = train.MetricsLog(out)
+        val_loss = split_loss(example_loss, task.validation, cfg.eval_batch_size)
         try:
             state, step = train.run(compiled, cfg.method, loop, state, data, val,
-                                    start_step=start, ckpt=ckpt, hyper_batches=hyper, log=log)
+                                    start_step=start, ckpt=ckpt, hyper_batches=hyper, log=log,
+                                    eval_fn=lambda theta: {"val_loss": val_loss(theta)})
         finally:
             log.close()
     train_seconds = time.perf_counter() - t0

@@ -62,3 +62,20 @@ def plot_curves(metrics_path: str | Path, path: str | Path,
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_comparison(metrics_paths: dict[str, str | Path], path: str | Path,
+                    key: str = "eval_val_loss") -> None:
+    """One metric against steps for several runs (e.g. full validation loss per method)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, metrics_path in metrics_paths.items():
+        pts = [(r["step"], r[key]) for r in read_metrics(metrics_path) if key in r]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel(key)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -62,13 +62,14 @@ class LoopConfig:
     checkpoint_every: int = 500  # steps between checkpoints (0 = only at the end / SIGTERM)
     keep: int = 3  # checkpoints kept on disk
     progress: bool = True  # show a progress bar
+    eval_every: int = 0  # steps between full validation-loss evaluations (0 = never)
 
     def __post_init__(self):
         for name in ("steps", "log_every", "keep"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
-        if self.checkpoint_every < 0 or self.steps_per_epoch < 0:
-            raise ValueError("checkpoint_every and steps_per_epoch must be >= 0")
+        if min(self.checkpoint_every, self.steps_per_epoch, self.eval_every) < 0:
+            raise ValueError("checkpoint_every, steps_per_epoch and eval_every must be >= 0")
 
 
 def state_shardings(mesh, rules: sh.AxisRules, state_shapes: TrainState, theta_axes: Any,
@@ -225,6 +226,7 @@ def run(
     hyper_batches: Iterator[dict] | None = None,
     log: MetricsLog | None = None,
     on_log: Callable[[int, dict], None] | None = None,
+    eval_fn: Callable[[Any], dict[str, float]] | None = None,
 ) -> tuple[TrainState, int]:
     """Trains from ``start_step`` to ``loop.steps`` (or until SIGTERM).
 
@@ -239,6 +241,9 @@ def run(
       ckpt: where checkpoints go (None: no checkpoints).
       hyper_batches: bds: the training batches the hypergradient is taken over.
       log: metric sink; ``on_log(step, record)`` is also called for each record.
+      eval_fn: ``theta -> {name: value}`` (e.g. the loss on the whole validation set), run
+        every ``loop.eval_every`` steps and at the end; its values join that step's record
+        with an ``eval_`` prefix.
     Returns:
       ``(state, step)``: the final state and the number of steps it has taken.
     Raises:
@@ -259,8 +264,12 @@ def run(
     def put(batch):  # this process's rows -> global arrays on the mesh
         return distributed.global_batch(batch, compiled.batch_sharding)
 
+    def evaluated(at: int) -> bool:
+        return eval_fn is not None and loop.eval_every > 0 and (
+            at % loop.eval_every == 0 or at == loop.steps)
+
     def logged(at: int) -> bool:
-        return at % loop.log_every == 0 or at == loop.steps
+        return at % loop.log_every == 0 or at == loop.steps or evaluated(at)
 
     hyper_metrics: dict = {}
     t0 = time.perf_counter()
@@ -312,6 +321,8 @@ def run(
             if logged(step):  # this step's weight health; lam copied as state is donated next
                 health = _health(state.omega, cfg.weighting)
                 metrics = {**metrics, **health, "lam": jnp.copy(state.lam)}
+            if evaluated(step):
+                metrics = {**metrics, **{f"eval_{k}": v for k, v in eval_fn(state.theta).items()}}
             if pending is not None:
                 read(pending)  # step N-1's numbers, while step N runs
             pending = (step, metrics)

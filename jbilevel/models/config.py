@@ -16,6 +16,8 @@ MODEL_TYPES = {
 }
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 ACTIVATIONS = ("silu", "gelu", "gelu_new")
+ATTENTIONS = ("xla", "dot_product", "cudnn")
+REMAT_POLICIES = ("nothing", "dots")
 _ARCH = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -59,6 +61,13 @@ class ModelConfig:
     pad_token_id: int | None = None  # copied to/from config.json
     compute_dtype: str | None = None  # e.g. "bfloat16": params cast for compute; None: as stored
     remat: bool = False  # jax.checkpoint each decoder layer (recompute activations in backward)
+    # with remat: "nothing" saved (recompute the whole layer) or "dots" (keep matmul outputs)
+    remat_policy: str = "nothing"
+    # "xla": explicit scores (any padding). "dot_product": jax.nn.dot_product_attention with
+    # its default implementation; "cudnn": the same forced onto cuDNN flash attention (GPU,
+    # bf16/f16). Both fused paths serve cache-free forwards and assume right padding (real
+    # tokens first, as in jbilevel's training batches); KV-cache decoding always uses "xla".
+    attention: str = "xla"
 
     def __post_init__(self):
         if isinstance(self.eos_token_id, list):  # as in config.json; a tuple keeps it hashable
@@ -67,6 +76,11 @@ class ModelConfig:
             raise ValueError(f"family={self.family!r} is not supported (choose from {FAMILIES})")
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(f"rope_type={self.rope_type!r} is not supported (choose {ROPE_TYPES})")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention={self.attention!r} is not supported ({ATTENTIONS})")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy={self.remat_policy!r} is not supported "
+                             f"({REMAT_POLICIES})")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation={self.activation!r} is not supported ({ACTIVATIONS})")
         if self.num_heads % self.kv_heads:

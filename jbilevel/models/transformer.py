@@ -207,6 +207,20 @@ def _lora_delta(lw, hf_name, scale, x_BxLxI):
     return scale * jnp.einsum("blr,ro->blo", xa_BxLxR, b_RxO.astype(x_BxLxI.dtype))
 
 
+def _fused_attention(c: ModelConfig, q_BxLxHxK, k_BxLxKVxK, v_BxLxKVxK, mask_BxL):
+    """Causal attention via ``jax.nn.dot_product_attention`` (optionally cuDNN flash attention).
+
+    Padding is given as per-row lengths, so rows must be right-padded (real tokens first).
+    """
+    lengths_B = mask_BxL.sum(axis=-1).astype(jnp.int32)
+    window = None if c.sliding_window is None else (c.sliding_window - 1, 0)
+    dtype = q_BxLxHxK.dtype
+    return jax.nn.dot_product_attention(
+        q_BxLxHxK, k_BxLxKVxK.astype(dtype), v_BxLxKVxK.astype(dtype), is_causal=True,
+        query_seq_lengths=lengths_B, key_value_seq_lengths=lengths_B, local_window_size=window,
+        implementation="cudnn" if c.attention == "cudnn" else None)
+
+
 def _layer(c: ModelConfig, sites: dict, scale, x_BxLxD, p, lw, cos_sin, mask_info, cache_kv):
     """One decoder block. Returns (x_BxLxD, new cache (k, v) or None)."""
     norm = _rms_norm if c.family == "llama" else _layer_norm
@@ -237,6 +251,8 @@ def _layer(c: ModelConfig, sites: dict, scale, x_BxLxD, p, lw, cos_sin, mask_inf
             q = rope.apply(q, *cos_sin)
             kk = rope.apply(kk, *cos_sin)
         kv_mask_BxS, q_slot_L, cache_index = mask_info
+        if cache_kv is None and c.attention != "xla":
+            return proj("o", _fused_attention(c, q, kk, vv, kv_mask_BxS), "blhk,hkd->bld"), None
         if cache_kv is None:
             k_all, v_all = kk, vv
             new_cache = None
@@ -312,7 +328,9 @@ def apply(c: ModelConfig, params, ids_BxL, pos_BxL, kv_mask_BxS, *, lora=None, c
         return x_BxLxD, new
 
     if c.remat:
-        body = jax.checkpoint(body, prevent_cse=False)
+        policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+                  if c.remat_policy == "dots" else None)
+        body = jax.checkpoint(body, prevent_cse=False, policy=policy)
     ckv = None if cache is None else (cache["k"], cache["v"])
     x, new_kv = jax.lax.scan(body, x, (params["layers"], lw, ckv))
     norm = _rms_norm if c.family == "llama" else _layer_norm

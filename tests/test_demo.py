@@ -1,0 +1,50 @@
+"""`jbilevel demo`: the comparison runs end to end and writes its table, plots and runs."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from jbilevel import config, demo, experiment
+
+SMALL = {
+    "task": experiment.TaskConfig(options={"n_train": 64, "n_val": 16, "n_test": 16}),
+    "model": experiment.ModelSpec(hidden_size=32, num_layers=1, num_heads=2,
+                                  intermediate_size=64),
+    "batch_size": 16, "val_batch_size": 16, "eval_batch_size": 16,
+}
+
+
+def test_demo_writes_table_plots_and_runs(tmp_path, capsys):
+    summary = demo.run(tmp_path, methods=("mix", "bds"), steps=4, progress=False,
+                       changes=SMALL)
+    assert [r["method"] for r in summary["rows"]] == ["mix", "bds"]
+    mix, bds = summary["rows"]
+    assert mix["weight_auroc"] is None and 0.0 <= bds["weight_auroc"] <= 1.0
+    assert 0.0 <= bds["test_accuracy"] <= 1.0 and bds["val_loss"] > 0
+    assert json.loads((tmp_path / "results.json").read_text())["rows"] == summary["rows"]
+    table = (tmp_path / "results.md").read_text()
+    assert table.startswith("| method | test_accuracy | val_loss | weight_auroc")
+    for name in ("curves.png", "mix/results.json", "bds/weights.csv", "bds/curated.jsonl",
+                 "bds/weights.png", "bds/model/config.json"):
+        assert (tmp_path / name).exists(), name
+    # The curves come from full validation-set evaluations logged during training.
+    records = [json.loads(x) for x in (tmp_path / "bds/metrics.jsonl").read_text().split("\n")
+               if x]
+    assert [r["step"] for r in records if "eval_val_loss" in r] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("method", ["mix", "bmo", "bds"])
+def test_shipped_quality_configs_are_the_demo_settings(method):
+    path = Path(__file__).parent.parent / "configs" / f"quality_{method}.yaml"
+    shipped = config.load(experiment.ExperimentConfig, path)
+    want = demo.demo_config(method)
+    assert shipped.method == want.method
+    assert shipped.model == want.model and shipped.task == want.task
+    assert (shipped.batch_size, shipped.val_batch_size) == (want.batch_size, want.val_batch_size)
+
+
+def test_table_leaves_out_columns_no_method_has():
+    rows = [demo.row("mix", {"test_accuracy": 0.5, "val_loss": 1.0}, 3.0)]
+    assert demo.format_table(rows).splitlines()[0] == (
+        "| method | test_accuracy | val_loss | wall_seconds |")
