@@ -31,6 +31,29 @@ def _build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", help="YAML file (fields of jbilevel.experiment.ExperimentConfig)")
     tr.add_argument("--out", default=None, help="output directory (default runs/<method>)")
     tr.add_argument("overrides", nargs="*", help="dotted key=value, e.g. method.lr_omega=0.3")
+
+    ev = sub.add_parser(
+        "eval", help="validation/test loss (and task score) of a saved model",
+        description="Examples: jbilevel eval --run runs/bds   |   "
+                    "jbilevel eval --model runs/bds/model --data val.jsonl")
+    ev.add_argument("--run", help="a run directory written by `jbilevel train --out`")
+    ev.add_argument("--model", help="a local HF model directory (with --data)")
+    ev.add_argument("--data", help="an SFT file to score --model on")
+    ev.add_argument("--tokenizer", default=None, help="tokenizer dir (default: --model's)")
+    ev.add_argument("--schema", default="auto", help="schema of --data (default: detect)")
+    ev.add_argument("--max-len", type=int, default=512, help="longest sequence in tokens")
+    ev.add_argument("--batch-size", type=int, default=16)
+
+    ex = sub.add_parser(
+        "export", help="a curated dataset from a run's learned weights",
+        description="Example: jbilevel export --run runs/bds --out curated.jsonl --top-frac 0.5")
+    ex.add_argument("--run", required=True, help="a run directory written by `jbilevel train`")
+    ex.add_argument("--out", required=True, help=".jsonl file, or a directory (HF dataset)")
+    pick = ex.add_mutually_exclusive_group()
+    pick.add_argument("--top-frac", type=float, help="keep this fraction, highest weights first")
+    pick.add_argument("--min-weight", type=float, help="keep examples with weight >= this")
+    ex.add_argument("--format", choices=("jsonl", "hf"), default=None,
+                    help="default: jsonl if --out ends with .jsonl, else hf")
     return parser
 
 
@@ -42,7 +65,47 @@ def main(argv: list[str] | None = None) -> int:
         return demo.main(args)
     if args.command == "train":
         return _train(args)
+    if args.command == "eval":
+        return _eval(args)
+    if args.command == "export":
+        return _export(args)
     raise AssertionError(args.command)
+
+
+def _eval(args) -> int:
+    import json
+
+    from jbilevel import distributed, saved
+
+    if bool(args.run) == bool(args.model) or bool(args.model) != bool(args.data):
+        print("jbilevel eval: give --run DIR, or --model PATH with --data PATH", file=sys.stderr)
+        return 2
+    distributed.initialize()
+    try:
+        if args.run:
+            result = saved.evaluate_run(args.run)
+        else:
+            result = saved.evaluate_model(args.model, args.data, tokenizer=args.tokenizer,
+                                          schema=args.schema, max_len=args.max_len,
+                                          batch_size=args.batch_size)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"jbilevel eval: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _export(args) -> int:
+    from jbilevel import saved
+
+    try:
+        n = saved.export_run(args.run, args.out, top_frac=args.top_frac,
+                             min_weight=args.min_weight, format=args.format)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"jbilevel export: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {n} examples with their learned weights to {args.out}")
+    return 0
 
 
 def _train(args) -> int:

@@ -22,11 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbilevel import config as config_lib
+from jbilevel import inputs, train, weights
 from jbilevel import sharding as sh
-from jbilevel import train, weights
 from jbilevel.algorithms import MethodConfig, init_state, make_steps
 from jbilevel.checkpoint import Checkpointer
-from jbilevel.objectives import lm_example_loss
+from jbilevel.objectives import lm_example_loss, lm_lora_example_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,21 +40,28 @@ class TaskConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """A randomly initialised decoder (vocabulary taken from the task's tokenizer)."""
+    """A pretrained local HF model (``path``) or a random decoder (the shape fields below)."""
 
-    family: Literal["llama", "gpt_neox", "gpt2"] = "llama"  # architecture family
-    hidden_size: int = 128  # model width
-    num_layers: int = 2  # decoder blocks
-    num_heads: int = 4  # attention heads
-    intermediate_size: int = 512  # MLP width
+    path: str | None = None  # local HF model directory (config.json + *.safetensors)
+    tokenizer: str | None = None  # HF tokenizer directory (default: path), or "char"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # parameter storage dtype
+    compute_dtype: Literal["float32", "bfloat16"] | None = None  # matmul dtype (None: storage)
+    remat: bool = False  # recompute each layer's activations in the backward pass
+    family: Literal["llama", "gpt_neox", "gpt2"] = "llama"  # random model: architecture family
+    hidden_size: int = 128  # random model: width (vocabulary comes from the tokenizer)
+    num_layers: int = 2  # random model: decoder blocks
+    num_heads: int = 4  # random model: attention heads
+    intermediate_size: int = 512  # random model: MLP width
 
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     """Everything one run needs; ``jbilevel train --config X.yaml key=value`` fills it."""
 
-    task: TaskConfig = TaskConfig()  # the data
+    task: TaskConfig = TaskConfig()  # the built-in task (used when data.train is empty)
+    data: inputs.DataConfig = inputs.DataConfig()  # SFT files (train/validation/test)
     model: ModelSpec = ModelSpec()  # the model
+    theta: inputs.ThetaConfig = inputs.ThetaConfig()  # full fine-tuning or LoRA adapters
     method: MethodConfig = MethodConfig()  # the algorithm and its step sizes
     loop: train.LoopConfig = train.LoopConfig()  # run length, logging, checkpoints
     mesh: sh.MeshConfig = sh.MeshConfig()  # device mesh (data, fsdp, tensor)
@@ -80,8 +87,13 @@ def training_set(task, method: str):
         from jbilevel.data import concat
 
         mixed = concat([task.train, task.validation])
+        if task.good_N is None:
+            return mixed, None
         return mixed, np.concatenate([task.good_N, np.ones(len(task.validation), np.int32)])
     if method == "oracle":
+        if task.good_N is None:
+            raise ValueError("method 'oracle' needs known-good examples: only built-in tasks "
+                             "have them (data.train files have no ground truth)")
         ids = task.oracle_ids()
         return task.train.subset(ids), task.good_N[ids]
     return task.train, task.good_N
@@ -148,41 +160,74 @@ def mean_loss(example_loss, params, dataset, batch_size: int) -> float:
     return split_loss(example_loss, dataset, batch_size)(params)
 
 
+def _state_setup(cfg: ExperimentConfig, model, n: int, mesh, rules, resuming: bool):
+    """``(init_fn, init_args, state_shardings, example_loss)`` for a fresh or resumed run.
+
+    A pretrained model's params are read only for a fresh run, straight into their shards,
+    and handed to the init program as (donated) arguments; a LoRA run keeps them as
+    ``state.frozen``.
+    """
+    from jbilevel.models import init_lora, load_pretrained, lora_axes
+
+    lora = cfg.theta.kind == "lora"
+    dtype = jnp.dtype(cfg.model.param_dtype)
+    key = jax.random.key(cfg.seed)
+    param_shapes = jax.eval_shape(lambda: model.init(key, dtype))
+    param_axes = model.param_axes()
+
+    def init(params=None):
+        if params is None:
+            params = model.init(key, dtype)
+        if not lora:
+            return init_state(params, n, cfg.method)
+        adapters = init_lora(model, jax.random.fold_in(key, 1), rank=cfg.theta.rank,
+                             alpha=cfg.theta.alpha, targets=cfg.theta.targets)
+        return init_state(adapters, n, cfg.method, frozen=params)
+
+    init_args: tuple = ()
+    if cfg.model.path is not None:
+        init_args = (param_shapes,)
+    shapes = jax.eval_shape(init, *init_args)
+    theta_axes = lora_axes(model.config, shapes.theta) if lora else param_axes
+    state_sh = train.state_shardings(mesh, rules, shapes, theta_axes, cfg.method,
+                                     frozen_axes=param_axes)
+    if cfg.model.path is not None and not resuming:
+        param_sh = sh.tree_shardings(mesh, rules, param_axes, param_shapes)
+        _, params, _ = load_pretrained(cfg.model.path, dtype, shardings=param_sh)
+        init_args = (params,)
+    loss = lm_lora_example_loss(model.forward) if lora else lm_example_loss(model.forward)
+    return init, init_args, state_sh, loss
+
+
+def final_params(state, model, lora: bool):
+    """The trained model's full params, on device: LoRA adapters merged into the base."""
+    if not lora:
+        return state.theta
+    from jbilevel.models import merge_lora
+
+    return jax.jit(merge_lora, static_argnums=2)(state.frozen, state.theta, model.config)
+
+
 def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = None) -> dict:
     """Trains and evaluates one configuration; resumable from ``out_dir/checkpoints``.
 
     Returns:
       The results record also written to ``out_dir/results.json``.
     """
-    from jbilevel.data import make_task
-    from jbilevel.models import ModelConfig, build
+    from jbilevel.models import build
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config_lib.dump(cfg, out / "config.yaml")
     loop = cfg.loop if progress is None else dataclasses.replace(cfg.loop, progress=progress)
-    task = make_task(cfg.task.name, seed=cfg.task.seed, **cfg.task.options)
+    task = inputs.load_task(cfg.task, cfg.data, cfg.model)
     data_set, good_N = training_set(task, cfg.method.method)
     n = len(data_set)
-    spec = cfg.model
-    model = build(ModelConfig(
-        family=spec.family, vocab_size=task.tokenizer.vocab_size, hidden_size=spec.hidden_size,
-        num_layers=spec.num_layers, num_heads=spec.num_heads,
-        intermediate_size=spec.intermediate_size, max_position_embeddings=data_set.max_len,
-        eos_token_id=task.tokenizer.eos_id, pad_token_id=task.tokenizer.pad_id,
-        bos_token_id=task.tokenizer.bos_id))
-    example_loss = lm_example_loss(model.forward)
+    model = build(inputs.model_config(cfg.model, task.tokenizer, data_set.max_len))
+    lora = cfg.theta.kind == "lora"
 
     mesh = sh.make_mesh(cfg.mesh)
     rules = sh.AxisRules()
-
-    def init():
-        return init_state(model.init(jax.random.key(cfg.seed)), n, cfg.method)
-
-    state_sh = train.state_shardings(mesh, rules, jax.eval_shape(init), model.param_axes(),
-                                     cfg.method)
-    compiled = train.compile_steps(make_steps(example_loss, cfg.method), cfg.method, mesh, rules,
-                                   state_sh)
     data = _process_batcher(data_set, cfg.batch_size, mesh, rules, seed=cfg.seed)
     val = _process_batcher(task.validation, cfg.val_batch_size, mesh, rules, seed=cfg.seed + 1)
     hyper = None
@@ -193,8 +238,13 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
                                  shuffle=cfg.hyper_batch_size > 0)
     t0 = time.perf_counter()
     with Checkpointer(out / "checkpoints", keep=loop.keep) as ckpt:
+        init, init_args, state_sh, example_loss = _state_setup(
+            cfg, model, n, mesh, rules, resuming=ckpt.latest_step() is not None)
+        compiled = train.compile_steps(make_steps(example_loss, cfg.method, frozen=lora),
+                                       cfg.method, mesh, rules, state_sh)
         state, start = train.restore_or_init(ckpt, init, state_sh,
-                                             train.data_sources(data, val, hyper))
+                                             train.data_sources(data, val, hyper), init_args)
+        del init_args
         log = train.MetricsLog(out)
         val_loss = split_loss(example_loss, task.validation, cfg.eval_batch_size)
         try:
@@ -205,50 +255,62 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
             log.close()
     train_seconds = time.perf_counter() - t0
 
-    params = jax.device_get(state.theta)
-    s_N = np.asarray(weights.weights(state.omega, cfg.method.weighting))
+    params = final_params(state, model, lora)
+    plain_loss = lm_example_loss(model.forward)
+    s_N = np.asarray(inputs.to_host(weights.weights(state.omega, cfg.method.weighting)))
+    learned = cfg.method.method in ("bds", "bmo")
     result: dict[str, Any] = {
-        "method": cfg.method.method, "task": cfg.task.name, "steps": step,
-        "train_seconds": round(train_seconds, 2),
-        "val_loss": mean_loss(example_loss, params, task.validation, cfg.eval_batch_size),
+        "method": cfg.method.method, "task": task.name, "theta": cfg.theta.kind,
+        "n_train": n, "steps": step, "train_seconds": round(train_seconds, 2),
+        "val_loss": mean_loss(plain_loss, params, task.validation, cfg.eval_batch_size),
     }
-    test = evaluate(model, params, task, "test", cfg.eval_batch_size)
-    predictions = test.pop("predictions")
-    result.update({f"test_{k}": v for k, v in test.items()})
-    if cfg.method.method in ("bds", "bmo"):
-        result.update({f"weight_{k}": v for k, v in task.score_weights(s_N).items()})
+    predictions = None
+    if task.test is not None:
+        result["test_loss"] = mean_loss(plain_loss, params, task.test, cfg.eval_batch_size)
+    if task.good_N is not None:  # a built-in task: decode the test prompts and score them
+        test = evaluate(model, params, task, "test", cfg.eval_batch_size)
+        predictions = test.pop("predictions")
+        result.update({f"test_{k}": v for k, v in test.items()})
+    if learned:
+        if good_N is not None:
+            result.update({f"weight_{k}": v for k, v in task.score_weights(s_N).items()})
         health = weights.health(jnp.asarray(s_N))
         result.update({f"weight_{k}": float(v) for k, v in health.items()})
+    host_params = inputs.to_host(params)
     if jax.process_index() == 0:
-        write_report(out, result, task, data_set, good_N, s_N, predictions, model, params,
-                     learned=cfg.method.method in ("bds", "bmo"))
+        write_report(out, result, task, data_set, good_N, s_N, predictions, model, host_params,
+                     learned=learned)
     return result
 
 
 def write_report(out: Path, result: dict, task, data_set, good_N, s_N, predictions, model,
                  params, *, learned: bool) -> None:
-    """results.json, weights.csv, test predictions, plots, curated data and the model."""
+    """results.json, weights.csv (+ .npy), test predictions, plots, curated data and the model.
+
+    ``good_N`` None (data from files: no ground truth) leaves the csv's ``good`` column empty;
+    ``predictions`` None (no task metric) writes no test_predictions.jsonl.
+    """
     from jbilevel import report
     from jbilevel.data import export_curated
     from jbilevel.models import save_pretrained
 
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    np.save(out / "weights.npy", np.asarray(s_N, np.float32))
     with open(out / "weights.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["id", "weight", "good", "preview"])
         for i in range(len(data_set)):
-            row = data_set.rows[i]
-            preview = f"{row.get('question', '')} -> {row.get('response', '')}"[:80]
             writer.writerow([i, f"{s_N[i]:.6g}", "" if good_N is None else int(good_N[i]),
-                             preview])
-    with open(out / "test_predictions.jsonl", "w") as f:
-        for row, pred in zip(task.test.rows, predictions, strict=True):
-            f.write(json.dumps({"question": row["question"], "prediction": pred,
-                                "answer": row.get("answer", row.get("response"))}) + "\n")
+                             inputs.preview(data_set.rows[i])])
+    if predictions is not None:
+        with open(out / "test_predictions.jsonl", "w") as f:
+            for row, pred in zip(task.test.rows, predictions, strict=True):
+                f.write(json.dumps({"question": row["question"], "prediction": pred,
+                                    "answer": row.get("answer", row.get("response"))}) + "\n")
     report.plot_curves(out / "metrics.jsonl", out / "curves.png")
     if learned:
         report.plot_weights(s_N, good_N, out / "weights.png", title=result["method"])
         export_curated(data_set, s_N, str(out / "curated.jsonl"))
         export_curated(data_set, s_N, str(out / "curated_top50.jsonl"), top_frac=0.5)
     save_pretrained(str(out / "model"), params, model.config)
-    task.tokenizer.to_hf(str(out / "model"))
+    inputs.save_tokenizer(task.tokenizer, str(out / "model"))

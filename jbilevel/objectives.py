@@ -207,3 +207,23 @@ def lm_example_loss(forward: Callable[..., jax.Array], *, reduction: str = "mean
         )
 
     return example_loss
+
+
+def lm_lora_example_loss(forward: Callable[..., jax.Array], *, reduction: str = "mean"
+                         ) -> Callable[[Any, Any, dict], jax.Array]:
+    """Per-example masked NLL of a causal LM through LoRA adapters over frozen base params.
+
+    Args:
+      forward: ``forward(params, input_ids_BxL, attention_mask=, lora=) -> logits_BxLxV``.
+      reduction: as in :func:`lm_example_loss`.
+
+    Returns:
+      ``example_loss(lora, base_params, batch) -> loss_B``, the signature of
+      ``make_steps(..., frozen=True)``; differentiable in ``lora`` only by design.
+    """
+
+    def example_loss(lora, base_params, batch: dict) -> jax.Array:
+        through = lambda p, ids, **kw: forward(base_params, ids, lora=p, **kw)  # noqa: E731
+        return lm_example_loss(through, reduction=reduction)(lora, batch)
+
+    return example_loss

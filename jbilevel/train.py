@@ -73,9 +73,19 @@ class LoopConfig:
 
 
 def state_shardings(mesh, rules: sh.AxisRules, state_shapes: TrainState, theta_axes: Any,
-                    cfg: MethodConfig) -> TrainState:
-    """NamedShardings for a TrainState: optimizer moments follow their parameters."""
+                    cfg: MethodConfig, frozen_axes: Any = None) -> TrainState:
+    """NamedShardings for a TrainState: optimizer moments follow their parameters.
+
+    ``theta_axes`` / ``frozen_axes``: logical axes of theta and of the frozen base params
+    (LoRA runs: ``lora_axes`` and ``Model.param_axes()``; ``frozen_axes`` unused otherwise).
+    """
     rep = sh.replicated(mesh)
+    frozen_sh = None
+    if state_shapes.frozen is not None:
+        if frozen_axes is None:
+            raise ValueError("state has frozen base params: pass frozen_axes (the model's "
+                             "param_axes()) to state_shardings")
+        frozen_sh = sh.tree_shardings(mesh, rules, frozen_axes, state_shapes.frozen)
     theta_sh = sh.tree_shardings(mesh, rules, theta_axes, state_shapes.theta)
     omega_sh = rules.sharding(mesh, ("examples",), state_shapes.omega.shape, "omega")
 
@@ -90,6 +100,7 @@ def state_shardings(mesh, rules: sh.AxisRules, state_shapes: TrainState, theta_a
         omega=omega_sh,
         opt_omega=follow(omega_optimizer(cfg), state_shapes.opt_omega, omega_sh),
         lam=rep,
+        frozen=frozen_sh,
     )
 
 
@@ -182,20 +193,24 @@ def _health(omega_N, weighting: str):
     return weights.health(weights.weights(omega_N, weighting))
 
 
-def restore_or_init(ckpt: Checkpointer, init_fn: Callable[[], TrainState],
-                    state_sh: TrainState, sources: dict[str, BatchSource]
-                    ) -> tuple[TrainState, int]:
+def restore_or_init(ckpt: Checkpointer, init_fn: Callable[..., TrainState],
+                    state_sh: TrainState, sources: dict[str, BatchSource],
+                    init_args: tuple = ()) -> tuple[TrainState, int]:
     """The newest checkpoint if there is one, else a fresh state.
 
     Args:
       ckpt: the run's checkpoints.
-      init_fn: builds a fresh state (traced only for its shapes when restoring).
+      init_fn: ``init_fn(*init_args)`` builds a fresh state (traced only for its shapes when
+        restoring).
       state_sh: the state's shardings on the current mesh (which may differ from the saver's).
       sources: the run's data iterators by name (as passed to :func:`run`); restored in place.
+      init_args: e.g. pretrained params, passed as (donated) arguments so they never become
+        constants of the init program; ``jax.ShapeDtypeStruct`` leaves suffice when a
+        checkpoint exists.
     Returns:
       ``(state, step)``.
     """
-    shapes = jax.eval_shape(init_fn)
+    shapes = jax.eval_shape(init_fn, *init_args)
     if ckpt.latest_step() is not None:
         state, meta = ckpt.restore(abstract_like(shapes, state_sh))
         for name, source in sources.items():
@@ -204,7 +219,8 @@ def restore_or_init(ckpt: Checkpointer, init_fn: Callable[[], TrainState],
                                  f"source {name!r} (it has {sorted(meta['data'])})")
             source.restore(meta["data"][name])
         return state, int(meta["step"])
-    return jax.jit(init_fn, out_shardings=state_sh)(), 0
+    donate = tuple(range(len(init_args)))
+    return jax.jit(init_fn, out_shardings=state_sh, donate_argnums=donate)(*init_args), 0
 
 
 def data_sources(data, val_batches, hyper_batches=None) -> dict[str, BatchSource]:

@@ -18,4 +18,29 @@ def test_shipped_config_loads(path):
 
 
 def test_configs_exist():
-    assert len(CONFIGS) >= 4
+    assert len(CONFIGS) >= 7
+
+
+LLM = {"pythia1b_bmo.yaml": ("full", 1e-5), "llama3_8b_lora_bmo.yaml": ("lora", 5e-6),
+       "llama3_8b_lora_safety_bmo.yaml": ("lora", 5e-6)}
+
+
+@pytest.mark.parametrize("name", sorted(LLM))
+def test_llm_configs_paper_defaults_and_meshes(name):
+    path = Path(__file__).parent.parent / "configs" / name
+    cfg = config.load(experiment.ExperimentConfig, path)
+    kind, lr_theta = LLM[name]
+    m = cfg.method
+    assert (cfg.theta.kind, m.lr_theta, m.lr_omega, m.b1, m.b2, m.clip) == (
+        kind, lr_theta, 1e-4, 0.9, 0.95, 1.0)
+    assert (m.lam, m.lam_decay, cfg.model.compute_dtype) == (0.5, 0.1, "bfloat16")
+    if kind == "lora":
+        assert (cfg.theta.rank, cfg.theta.targets) == (16, ("q_proj", "v_proj"))
+    assert cfg.model.path and cfg.data.train and cfg.data.validation
+    assert cfg.model.path in path.read_text().split("\nmodel:")[0]  # documented in the header
+    # Pod slices (16 and 64 chips) as shipped; one 8-GPU host with the documented override.
+    gpu = config.load(experiment.ExperimentConfig, path, ["mesh.fsdp=8"])
+    for mesh, devices in ((cfg.mesh, 16), (cfg.mesh, 64), (gpu.mesh, 8)):
+        data, fsdp, tensor = mesh.resolve(devices)
+        assert cfg.batch_size % (data * fsdp) == 0 and cfg.val_batch_size % (data * fsdp) == 0
+    assert "mesh.fsdp=8" in path.read_text()

@@ -11,6 +11,12 @@
 
 Every step is ``step(state, batch[, val_batch]) -> (state, metrics)`` and pure, so the
 trainer jits it once with shardings and donation.
+
+theta is either the full parameters or LoRA adapters. With adapters the base parameters ride
+in ``state.frozen``: each step binds them to the loss per call, so they enter the jitted step
+as a (sharded, donated) argument, never as a baked-in constant, and every derivative (the
+gradient, Adam's moments, bds's Hessian-vector products and CG vectors) lives on the adapters
+only.
 """
 
 from __future__ import annotations
@@ -72,6 +78,7 @@ class TrainState:
     omega: jax.Array  # (N,) data-weight logits, one per training example
     opt_omega: Any  # optax state for omega
     lam: jax.Array  # float32 scalar: bmo's current validation weight
+    frozen: Any = None  # untrained base params of a LoRA run (None: theta is the full model)
 
 
 def theta_optimizer(cfg: MethodConfig) -> optax.GradientTransformation:
@@ -83,8 +90,11 @@ def omega_optimizer(cfg: MethodConfig) -> optax.GradientTransformation:
     return optax.adam(cfg.lr_omega, b1=cfg.b1, b2=cfg.b2)
 
 
-def init_state(theta: Any, n_examples: int, cfg: MethodConfig) -> TrainState:
-    """Fresh state: every data weight 1, both optimizers at zero, lam at its start value."""
+def init_state(theta: Any, n_examples: int, cfg: MethodConfig, frozen: Any = None) -> TrainState:
+    """Fresh state: every data weight 1, both optimizers at zero, lam at its start value.
+
+    ``frozen``: the base parameters when theta is LoRA adapters (see ``make_steps(frozen=)``).
+    """
     omega_N = weights.init_logits(n_examples, cfg.weighting)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -93,6 +103,7 @@ def init_state(theta: Any, n_examples: int, cfg: MethodConfig) -> TrainState:
         omega=omega_N,
         opt_omega=omega_optimizer(cfg).init(omega_N),
         lam=jnp.asarray(cfg.lam, jnp.float32),
+        frozen=frozen,
     )
 
 
@@ -122,29 +133,48 @@ def _apply(tx, grads, opt_state, params):
     return optax.apply_updates(params, updates), opt_state
 
 
-def make_steps(example_loss: ExampleLoss, cfg: MethodConfig, hypergrad_fn: Callable | None = None
-               ) -> Steps:
+def make_steps(example_loss: ExampleLoss, cfg: MethodConfig, hypergrad_fn: Callable | None = None,
+               *, frozen: bool = False) -> Steps:
     """Builds the pure step functions of ``cfg.method``.
 
     Args:
-      example_loss: pure ``(theta, batch) -> loss_B`` (e.g. ``objectives.lm_example_loss``).
+      example_loss: pure ``(theta, batch) -> loss_B`` (e.g. ``objectives.lm_example_loss``),
+        or with ``frozen=True`` ``(theta, frozen, batch) -> loss_B`` (e.g.
+        ``objectives.lm_lora_example_loss``).
       cfg: method settings.
       hypergrad_fn: the hypergradient (default ``jbilevel.hypergrad``); same signature.
+      frozen: theta is adapters over ``state.frozen``, which every step binds to the loss
+        per call and never differentiates or updates.
     Returns:
       ``Steps``; ``train`` takes ``(state, batch)`` for uniform methods and bds, and
-      ``(state, batch, val_batch)`` for bmo.
+      ``(state, batch, val_batch)`` for bmo. ``evaluate`` is ``example_loss`` as given.
     """
     tx_theta, tx_omega = theta_optimizer(cfg), omega_optimizer(cfg)
-    inner = inner_objective(example_loss, weighting=cfg.weighting, mu=cfg.mu)
-    outer = outer_objective(example_loss)
+
+    def bind(state: TrainState):
+        """This call's ``(theta, batch) -> loss_B`` and the objectives built on it."""
+        loss = example_loss
+        if frozen:
+            if state.frozen is None:
+                raise ValueError("make_steps(frozen=True) needs state.frozen (the base params); "
+                                 "pass frozen= to init_state")
+            base = state.frozen
+            loss = lambda theta, batch: example_loss(theta, base, batch)  # noqa: E731
+        elif state.frozen is not None:
+            raise ValueError("state.frozen is set but make_steps was built without frozen=True, "
+                             "so example_loss would ignore the base params")
+        return (loss, inner_objective(loss, weighting=cfg.weighting, mu=cfg.mu),
+                outer_objective(loss))
 
     def uniform_step(state: TrainState, batch: dict):
+        _, _, outer = bind(state)
         loss, grads = jax.value_and_grad(outer)(state.theta, batch)
         theta, opt_theta = _apply(tx_theta, grads, state.opt_theta, state.theta)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         return state.replace(step=state.step + 1, theta=theta, opt_theta=opt_theta), metrics
 
     def weighted_step(state: TrainState, batch: dict):
+        example_loss, inner, _ = bind(state)
         omega_N = jax.lax.stop_gradient(state.omega)
 
         def loss_fn(theta):
@@ -159,6 +189,7 @@ def make_steps(example_loss: ExampleLoss, cfg: MethodConfig, hypergrad_fn: Calla
         return state.replace(step=state.step + 1, theta=theta, opt_theta=opt_theta), metrics
 
     def bmo_step(state: TrainState, batch: dict, val_batch: dict):
+        example_loss, inner, outer = bind(state)
         s_B = jax.lax.stop_gradient(
             weights.batch_weights(state.omega, batch["ids"], cfg.weighting))
 
@@ -181,6 +212,7 @@ def make_steps(example_loss: ExampleLoss, cfg: MethodConfig, hypergrad_fn: Calla
         return new, metrics
 
     def hyper_step(state: TrainState, hyper_batch: dict, val_batch: dict):
+        _, inner, outer = bind(state)
         fn = hypergrad_fn
         if fn is None:
             from jbilevel.implicit import hypergrad as fn

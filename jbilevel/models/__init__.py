@@ -6,7 +6,7 @@ plain dict parameter pytree; see `transformer.py` for the layout and `hf_io.py` 
 
 from jbilevel.models.config import ModelConfig
 from jbilevel.models.hf_io import load_pretrained, load_tokenizer, read_config, save_pretrained
-from jbilevel.models.lora import LoRA, init_lora, merge_lora
+from jbilevel.models.lora import LoRA, init_lora, lora_axes, merge_lora
 from jbilevel.models.sampling import Generation, generate
 from jbilevel.models.transformer import Model, build
 
@@ -20,6 +20,7 @@ __all__ = [
     "init_lora",
     "load_pretrained",
     "load_tokenizer",
+    "lora_axes",
     "merge_lora",
     "read_config",
     "save_pretrained",

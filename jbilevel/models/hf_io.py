@@ -221,13 +221,16 @@ def read_config(path: str) -> ModelConfig:
         raise ValueError(f"{cfg_path}: {e}") from None
 
 
-def load_pretrained(path: str, dtype=jnp.float32):
+def load_pretrained(path: str, dtype=jnp.float32, *, shardings=None):
     """Loads a local HF causal-LM directory (config.json + *.safetensors) tensor by tensor.
 
     Args:
       path: directory with config.json and model.safetensors, or shards listed in
         model.safetensors.index.json. Pickled .bin/.pt are refused.
       dtype: parameter dtype.
+      shardings: optional pytree of ``NamedSharding`` like the params: each leaf goes
+        straight from host memory to its shards (no device ever holds a whole model; works
+        across processes when every process reads the same directory).
     Returns:
       (forward, params, config): forward is `Model.forward` bound (pure, jittable).
     """
@@ -273,9 +276,14 @@ def load_pretrained(path: str, dtype=jnp.float32):
     # Move leaf by leaf, dropping each host copy, so peak memory is one model plus one leaf.
     leaves, treedef = jax.tree.flatten(host)
     del host
+    targets = [None] * len(leaves) if shardings is None else treedef.flatten_up_to(shardings)
     moved = []
     while leaves:
-        moved.append(jnp.asarray(leaves.pop(0)))
+        leaf, target = leaves.pop(0), targets.pop(0)
+        if target is None:
+            moved.append(jnp.asarray(leaf))
+        else:
+            moved.append(jax.make_array_from_callback(leaf.shape, target, leaf.__getitem__))
     return model.forward, jax.tree.unflatten(treedef, moved), config
 
 

@@ -42,6 +42,26 @@ def _site_dims(c: ModelConfig, site: str) -> tuple[int, int]:
             "up": (d, f), "down": (f, d), "qkv": (d, hk + 2 * kvk)}[site]
 
 
+# Logical axes of each site's (input, output) dimension, for sharding the adapters like the
+# kernels they adapt (A's input dim as the kernel's, B's output dim as the kernel's).
+_SITE_AXES = {"q": ("embed", "heads"), "k": ("embed", "kv_heads"), "v": ("embed", "kv_heads"),
+              "o": ("heads", "embed"), "gate": ("embed", "mlp"), "up": ("embed", "mlp"),
+              "down": ("mlp", "embed"), "qkv": ("embed", "heads")}
+
+
+def lora_axes(config: ModelConfig, lora: LoRA) -> LoRA:
+    """Logical axes of the adapters (same pytree as ``lora``), for ``sharding.tree_shardings``.
+
+    A (N, in, r) is sharded on its input dim and B (N, r, out) on its output dim like the
+    adapted kernel; the rank dim is whole.
+    """
+    axes = {}
+    for name in lora.weights:
+        i, o = _SITE_AXES[LORA_SITES[config.family][name]]
+        axes[name] = {"a": ("layers", i, None), "b": ("layers", None, o)}
+    return LoRA(axes, lora.alpha, lora.rank)
+
+
 def resolve_targets(c: ModelConfig, targets) -> list[str]:
     """HF module names -> this family's LoRA site keys ("c_proj" means both GPT-2 c_projs)."""
     sites = LORA_SITES[c.family]

@@ -1,0 +1,172 @@
+"""What a run trains: theta (full model or LoRA adapters), the data (built-in task or SFT files).
+
+``load_task`` returns a built-in ``Task`` or a :class:`FileTask` over local SFT files read with
+the run's tokenizer (a local HF tokenizer directory, by default the model's own);
+``model_config`` gives the ModelConfig of a local HF model directory or of a random spec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import numpy as np
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ThetaConfig:
+    """What the optimizer trains: every parameter, or LoRA adapters over frozen base params."""
+
+    kind: Literal["full", "lora"] = "full"  # "full" fine-tuning or "lora" adapters
+    rank: int = 16  # LoRA rank r
+    alpha: float = 32.0  # LoRA alpha: the update is scaled by alpha / rank
+    targets: tuple[str, ...] = ("q_proj", "v_proj")  # HF module names that get adapters
+
+    def __post_init__(self):
+        if self.rank <= 0 or self.alpha <= 0:
+            raise ValueError(f"theta: rank={self.rank} and alpha={self.alpha} must be > 0")
+        if not self.targets:
+            raise ValueError("theta.targets is empty; name the projections, e.g. [q_proj, v_proj]")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """SFT data from local files (jsonl/json/csv/parquet/arrow or a save_to_disk directory).
+
+    Leave ``train`` empty to use the built-in task (``task``) instead.
+    """
+
+    train: str | None = None  # the SFT set D_t whose examples get weights
+    validation: str | None = None  # the trusted validation set D_v (required with train)
+    test: str | None = None  # optional held-out set: its loss is reported
+    schema: str = "auto"  # auto | qa | alpaca | openorca | chat, detected per file when auto
+    keys: dict = dataclasses.field(default_factory=dict)  # logical field -> column name
+    prompt_template: str | None = None  # str.format template over the schema's fields
+    chat_template: str | None = None  # jinja2 source, or "tokenizer" for the tokenizer's own
+    max_len: int = 512  # longest sequence (bos + prompt + response + eos), in tokens
+    overlength: Literal["error", "truncate", "skip"] = "truncate"  # longer sequences
+    on_bad_row: Literal["error", "skip"] = "error"  # malformed rows: stop, or skip and count
+
+    def __post_init__(self):
+        if self.train and not self.validation:
+            raise ValueError("data.validation is required with data.train (the trusted set)")
+        if not self.train and (self.validation or self.test):
+            raise ValueError("data.validation/test given without data.train; set data.train")
+        if self.max_len <= 1:
+            raise ValueError(f"data.max_len={self.max_len} must be > 1")
+
+
+@dataclasses.dataclass
+class FileTask:
+    """SFT splits from files; no ground truth, so ``good_N`` is None and there is no score."""
+
+    name: str
+    tokenizer: Any
+    splits: dict
+    good_N: None = None
+
+    @property
+    def train(self):
+        return self.splits["train"]
+
+    @property
+    def validation(self):
+        return self.splits["validation"]
+
+    @property
+    def test(self):
+        return self.splits.get("test")
+
+
+def load_tokenizer(model_spec, fallback=None):
+    """The run's tokenizer: ``model.tokenizer`` ("char": built-in), else the model directory."""
+    from jbilevel.data import CharTokenizer, as_tokenizer
+
+    where = model_spec.tokenizer or model_spec.path
+    if where == "char" or where is None:
+        return fallback if fallback is not None else CharTokenizer()
+    from jbilevel.models import load_tokenizer as hf_tokenizer
+
+    try:
+        return as_tokenizer(hf_tokenizer(where))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model.tokenizer: cannot load a tokenizer from {where!r} ({e}); "
+                         "point model.tokenizer at a local HF tokenizer directory, or 'char'"
+                         ) from None
+
+
+def load_task(task_cfg, data_cfg: DataConfig, model_spec):
+    """The built-in task, or the SFT files of ``data_cfg`` tokenised for the run's model."""
+    if not data_cfg.train:
+        from jbilevel.data import make_task
+
+        if model_spec.path is not None:
+            raise ValueError("model.path is set but the built-in tasks use their own character "
+                             "tokenizer; set data.train/data.validation to SFT files to "
+                             "fine-tune a pretrained model")
+        return make_task(task_cfg.name, seed=task_cfg.seed, **task_cfg.options)
+    from jbilevel.data import load_sft
+
+    tokenizer = load_tokenizer(model_spec)
+    splits = {}
+    for split in ("train", "validation", "test"):
+        path = getattr(data_cfg, split)
+        if path:
+            splits[split] = load_sft(
+                path, schema=data_cfg.schema, tokenizer=tokenizer, max_len=data_cfg.max_len,
+                overlength=data_cfg.overlength, on_bad_row=data_cfg.on_bad_row,
+                keys=data_cfg.keys or None, prompt_template=data_cfg.prompt_template,
+                chat_template=data_cfg.chat_template)
+    return FileTask(name=str(data_cfg.train), tokenizer=tokenizer, splits=splits)
+
+
+def model_config(model_spec, tokenizer, max_len: int):
+    """ModelConfig of ``model.path`` (a local HF directory) or of the random spec."""
+    from jbilevel.models import ModelConfig, read_config
+
+    compute = {"compute_dtype": model_spec.compute_dtype, "remat": model_spec.remat}
+    if model_spec.path is None:
+        return ModelConfig(
+            family=model_spec.family, vocab_size=tokenizer.vocab_size,
+            hidden_size=model_spec.hidden_size, num_layers=model_spec.num_layers,
+            num_heads=model_spec.num_heads, intermediate_size=model_spec.intermediate_size,
+            max_position_embeddings=max_len, eos_token_id=tokenizer.eos_id,
+            pad_token_id=tokenizer.pad_id, bos_token_id=tokenizer.bos_id, **compute)
+    config = read_config(model_spec.path).replace(**compute)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"{model_spec.path}: the tokenizer has {tokenizer.vocab_size} tokens but "
+                         f"the model only {config.vocab_size}; is model.tokenizer the model's?")
+    if config.family == "gpt2" and max_len > config.max_position_embeddings:
+        raise ValueError(f"data.max_len={max_len} exceeds {model_spec.path}'s "
+                         f"max_position_embeddings={config.max_position_embeddings}")
+    return config
+
+
+def save_tokenizer(tokenizer, directory: str) -> None:
+    """Writes the run's tokenizer next to the saved model (HF format)."""
+    if hasattr(tokenizer, "to_hf"):
+        tokenizer.to_hf(directory)
+    elif hasattr(tokenizer, "hf"):
+        tokenizer.hf.save_pretrained(directory)
+
+
+def preview(row: dict, width: int = 80) -> str:
+    """A one-line text preview of a source row, whatever its schema."""
+    if "question" in row or "response" in row:
+        text = f"{row.get('question', '')} -> {row.get('response', '')}"
+    else:
+        text = " | ".join(str(v) for v in row.values() if isinstance(v, str) and v)
+    return " ".join(text.split())[:width]
+
+
+def to_host(tree):
+    """Numpy copy of a (possibly multi-process sharded) pytree."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.tree.map(np.asarray, jax.device_get(tree))

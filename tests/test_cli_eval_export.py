@@ -1,0 +1,89 @@
+"""`jbilevel eval` and `jbilevel export` on finished run directories."""
+
+import json
+
+import _llm
+import numpy as np
+import pytest
+
+from jbilevel import cli, config, experiment, inputs
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """A 2-step bmo LoRA run of the tiny llama fixture on the SFT files."""
+    root = tmp_path_factory.mktemp("run")
+    model = _llm.model_dir(root)
+    (root / "run.yaml").write_text(
+        f"data: {{train: {_llm.DATA / 'alpaca_cleaned.json'}, "
+        f"validation: {_llm.DATA / 'openorca.jsonl'}, test: {_llm.DATA / 'redorca.jsonl'}, "
+        f"max_len: 160}}\nmodel: {{path: {model}}}\ntheta: {{kind: lora, rank: 4, alpha: 8}}\n"
+        "method: {method: bmo, lr_theta: 0.01, lr_omega: 0.5}\n"
+        "loop: {steps: 2, progress: false}\nbatch_size: 8\nval_batch_size: 8\n"
+        "eval_batch_size: 8\n")
+    out = root / "out"
+    assert cli.main(["train", "--config", str(root / "run.yaml"), "--out", str(out)]) == 0
+    return out
+
+
+def test_eval_run_reproduces_the_report(lora_run, capsys):
+    capsys.readouterr()
+    assert cli.main(["eval", "--run", str(lora_run)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    trained = json.loads((lora_run / "results.json").read_text())
+    for key in ("val_loss", "test_loss"):
+        np.testing.assert_allclose(printed[key], trained[key], rtol=1e-5, err_msg=key)
+    assert json.loads((lora_run / "eval.json").read_text()) == printed
+
+
+def test_eval_model_on_a_file(lora_run, capsys):
+    capsys.readouterr()
+    args = ["eval", "--model", str(lora_run / "model"), "--data",
+            str(_llm.DATA / "openorca.jsonl"), "--max-len", "160"]
+    assert cli.main(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    trained = json.loads((lora_run / "results.json").read_text())
+    assert printed["n"] == 3
+    np.testing.assert_allclose(printed["loss"], trained["val_loss"], rtol=1e-5)
+
+
+def test_export_top_frac_and_min_weight(lora_run, tmp_path):
+    s_N = np.load(lora_run / "weights.npy")
+    assert np.ptp(s_N) > 0  # bmo moved the weights
+    out = tmp_path / "top.jsonl"
+    assert cli.main(["export", "--run", str(lora_run), "--out", str(out),
+                     "--top-frac", "0.34"]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 2  # ceil(0.34 * 3)
+    assert sorted(r["example_id"] for r in rows) == sorted(np.argsort(-s_N)[:2].tolist())
+    assert {"instruction", "input", "output", "weight"} <= set(rows[0])
+    cut = float(np.sort(s_N)[1])
+    assert cli.main(["export", "--run", str(lora_run), "--out", str(out),
+                     "--min-weight", str(cut)]) == 0
+    assert len(out.read_text().splitlines()) == 2
+
+
+def test_eval_built_in_task_scores_the_test_split(tmp_path, capsys):
+    cfg = experiment.ExperimentConfig(
+        task=experiment.TaskConfig(options={"n_train": 32, "n_val": 16, "n_test": 16}),
+        model=experiment.ModelSpec(hidden_size=32, num_layers=1, num_heads=2,
+                                   intermediate_size=64),
+        theta=inputs.ThetaConfig(kind="lora", rank=2, alpha=2.0),
+        loop=config.from_dict(experiment.train.LoopConfig, {"steps": 2, "progress": False}),
+        method=experiment.MethodConfig(method="sft"),
+        batch_size=16, val_batch_size=16, eval_batch_size=16)
+    trained = experiment.run(cfg, tmp_path)
+    capsys.readouterr()
+    assert cli.main(["eval", "--run", str(tmp_path)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["test_accuracy"] == trained["test_accuracy"]
+    np.testing.assert_allclose(printed["val_loss"], trained["val_loss"], rtol=1e-5)
+
+
+def test_eval_and_export_errors(tmp_path, capsys):
+    assert cli.main(["eval", "--model", str(tmp_path)]) == 2
+    assert "--model PATH with --data PATH" in capsys.readouterr().err
+    assert cli.main(["eval", "--run", str(tmp_path)]) == 2
+    assert "config.yaml: not found" in capsys.readouterr().err
+    assert cli.main(["export", "--run", str(tmp_path), "--out", str(tmp_path / "x.jsonl")]) == 2
+    assert "config.yaml: not found" in capsys.readouterr().err

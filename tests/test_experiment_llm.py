@@ -1,0 +1,112 @@
+"""Real-model runs end to end: a local HF model directory, SFT files, full FT and LoRA."""
+
+import csv
+import json
+from pathlib import Path
+
+import _llm
+import jax
+import numpy as np
+import pytest
+
+from jbilevel import config, experiment, inputs, train
+from jbilevel.algorithms import MethodConfig
+from jbilevel.data import load_sft
+from jbilevel.models import load_pretrained
+from jbilevel.objectives import lm_example_loss
+
+DATA = _llm.DATA
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return _llm.model_dir(tmp_path_factory.mktemp("model"))
+
+
+def _cfg(model_dir, method, theta, **kw):
+    return experiment.ExperimentConfig(
+        data=inputs.DataConfig(train=str(DATA / "alpaca_cleaned.json"),
+                               validation=str(DATA / "openorca.jsonl"),
+                               test=str(DATA / "redorca.jsonl"), max_len=160),
+        model=experiment.ModelSpec(path=str(model_dir)),
+        theta=theta, method=MethodConfig(method=method, lr_theta=1e-2, lr_omega=0.1,
+                                         hyper_every=2, cg_iters=2),
+        loop=train.LoopConfig(steps=2, log_every=1, checkpoint_every=0, progress=False),
+        batch_size=8, val_batch_size=8, eval_batch_size=8, **kw)
+
+
+def _loss(model_path, split):
+    forward, params, _ = load_pretrained(str(model_path))
+    ds = load_sft(str(DATA / split), tokenizer=str(model_path), max_len=160)
+    return experiment.mean_loss(lm_example_loss(forward), params, ds, 8)
+
+
+@pytest.mark.parametrize("method,theta", [
+    ("bmo", inputs.ThetaConfig(kind="lora", rank=4, alpha=8.0)),
+    ("bds", inputs.ThetaConfig(kind="full")),
+])
+def test_pretrained_model_on_sft_files(tmp_path, model_dir, method, theta):
+    result = experiment.run(_cfg(model_dir, method, theta), tmp_path)
+    assert result["steps"] == 2 and result["n_train"] == 3 and result["theta"] == theta.kind
+    base_val = _loss(model_dir, "openorca.jsonl")
+    # The saved model is a plain HF checkpoint (LoRA merged): its losses are the report's.
+    np.testing.assert_allclose(_loss(tmp_path / "model", "openorca.jsonl"), result["val_loss"],
+                               rtol=1e-5)
+    np.testing.assert_allclose(_loss(tmp_path / "model", "redorca.jsonl"), result["test_loss"],
+                               rtol=1e-5)
+    assert abs(result["val_loss"] - base_val) > 1e-4  # training changed the model
+    with open(tmp_path / "weights.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["good"] for r in rows] == ["", "", ""]  # no ground truth for files
+    assert rows[1]["preview"] == "Sum the numbers. | 2, 3 | 5"
+    assert np.load(tmp_path / "weights.npy").shape == (3,)
+    assert "weight_auroc" not in result and "weight_ess" in result
+    assert (tmp_path / "weights.png").exists() and (tmp_path / "curated.jsonl").exists()
+    assert not (tmp_path / "test_predictions.jsonl").exists()
+    assert (tmp_path / "model" / "tokenizer.json").exists()
+
+
+def test_lora_run_keeps_the_base_frozen_and_resumes(tmp_path, model_dir):
+    cfg = _cfg(model_dir, "sft", inputs.ThetaConfig(kind="lora", rank=2, alpha=4.0))
+    first = experiment.run(cfg, tmp_path)
+    _, base, _ = load_pretrained(str(model_dir))
+    _, saved, _ = load_pretrained(str(tmp_path / "model"))
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                         base, saved)
+    assert moved["layers"]["q"]["kernel"] > 0 and moved["layers"]["v"]["kernel"] > 0
+    assert moved["layers"]["k"]["kernel"] == 0 and moved["embed"]["embedding"] == 0
+    again = experiment.run(cfg, tmp_path)  # resumes from the final checkpoint (no reload)
+    assert again["val_loss"] == pytest.approx(first["val_loss"], rel=1e-6)
+
+
+def test_data_and_model_errors_name_the_fix(tmp_path, model_dir):
+    with pytest.raises(ValueError, match="data.validation is required"):
+        inputs.DataConfig(train="x.jsonl")
+    with pytest.raises(ValueError, match="set data.train"):
+        experiment.run(experiment.ExperimentConfig(
+            model=experiment.ModelSpec(path=str(model_dir))), tmp_path)
+    with pytest.raises(ValueError, match="oracle.*built-in"):
+        experiment.training_set(inputs.FileTask("f", None, {}), "oracle")
+
+
+def test_results_json_round_trip(tmp_path, model_dir):
+    result = experiment.run(_cfg(model_dir, "mix", inputs.ThetaConfig()), tmp_path)
+    assert result["n_train"] == 6  # mix: alpaca train + openorca validation
+    assert json.loads((tmp_path / "results.json").read_text()) == result
+
+
+def test_shipped_llama3_lora_config_runs_on_the_tiny_fixture(tmp_path, model_dir):
+    """The shipped LLM config as is (LoRA, bf16 base, remat, chat template, lam schedule, the
+    8-GPU mesh override), with only paths, sizes and lengths pointed at the fixtures."""
+    path = Path(__file__).parent.parent / "configs" / "llama3_8b_lora_bmo.yaml"
+    cfg = config.load(experiment.ExperimentConfig, path, [
+        f"model.path={model_dir}", f"data.train={DATA / 'alpaca_cleaned.json'}",
+        f"data.validation={DATA / 'openorca.jsonl'}", f"data.test={DATA / 'redorca.jsonl'}",
+        "data.max_len=192", "mesh.fsdp=8", "batch_size=8", "val_batch_size=8",
+        "eval_batch_size=8", "loop.steps=2", "loop.steps_per_epoch=1", "loop.log_every=1",
+        "loop.progress=false"])
+    result = experiment.run(cfg, tmp_path)
+    assert result["theta"] == "lora" and result["steps"] == 2
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lam"] for r in records] == pytest.approx([0.5, 0.4])  # -0.1 per epoch
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["dtype"] == "bfloat16"
