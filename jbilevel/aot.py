@@ -22,8 +22,9 @@ import jax.numpy as jnp
 from jbilevel import sharding as sh
 from jbilevel import train
 from jbilevel.algorithms import MethodConfig, init_state, make_steps
-from jbilevel.models import ModelConfig, build
-from jbilevel.objectives import lm_example_loss
+from jbilevel.inputs import ThetaConfig
+from jbilevel.models import ModelConfig, build, init_lora, lora_axes
+from jbilevel.objectives import lm_example_loss, lm_lora_example_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +66,8 @@ class MemoryReport:
 
     devices: int  # devices in the mesh
     mesh_shape: dict  # {"data": ., "fsdp": ., "tensor": .}
-    state_total: int  # bytes of theta + opt_theta summed over the whole model
-    state_per_device: int  # bytes of theta + opt_theta on the most loaded device
+    state_total: int  # bytes of theta + opt_theta (+ frozen base params for LoRA), all devices
+    state_per_device: int  # the same bytes on the most loaded device
     steps: dict  # step name ("train", "hyper") -> StepMemory
     errors: dict  # step name -> XLA's message, for steps that do not fit the devices' memory
 
@@ -117,8 +118,8 @@ def _memory(compiled, seconds: float) -> StepMemory:
 
 def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config: sh.MeshConfig,
                    shapes: Shapes = Shapes(), *, devices: Sequence[Any] | None = None,
-                   param_dtype: str = "float32", rules: sh.AxisRules | None = None
-                   ) -> MemoryReport:
+                   param_dtype: str = "float32", theta: ThetaConfig | None = None,
+                   rules: sh.AxisRules | None = None) -> MemoryReport:
     """Compiles ``method``'s steps for a mesh without materialising any array.
 
     Args:
@@ -130,6 +131,8 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
       devices: target devices (default ``jax.devices()``); TPU topology devices compile
         ahead-of-time.
       param_dtype: dtype of the parameters and hence of Adam's moments.
+      theta: full fine-tuning, or LoRA adapters trained over frozen base params (which then
+        count in the state, as the trainer holds them in ``state.frozen``). Default: full.
       rules: the logical-to-mesh axis table (default ``sh.AxisRules()``).
     Returns:
       The per-device memory of every step and the parameter + optimizer-state split. The
@@ -144,14 +147,25 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
                              f"data-parallel size {ways} (data x fsdp)")
     model = build(model_config)
     dtype = jnp.dtype(param_dtype)
+    theta = theta or ThetaConfig()
+    lora = theta.kind == "lora"
 
     def init():
-        return init_state(model.init(jax.random.key(0), dtype), shapes.n_examples, method)
+        params = model.init(jax.random.key(0), dtype)
+        if not lora:
+            return init_state(params, shapes.n_examples, method)
+        adapters = init_lora(model, jax.random.key(1), rank=theta.rank, alpha=theta.alpha,
+                             targets=theta.targets)  # f32 adapters, as the trainer makes
+        return init_state(adapters, shapes.n_examples, method, frozen=params)
 
     state_shapes = jax.eval_shape(init)
-    state_sh = train.state_shardings(mesh, rules, state_shapes, model.param_axes(), method)
-    compiled = train.compile_steps(make_steps(lm_example_loss(model.forward), method), method,
-                                   mesh, rules, state_sh)
+    param_axes = model.param_axes()
+    theta_axes = lora_axes(model_config, state_shapes.theta) if lora else param_axes
+    state_sh = train.state_shardings(mesh, rules, state_shapes, theta_axes, method,
+                                     frozen_axes=param_axes)
+    loss = lm_lora_example_loss(model.forward) if lora else lm_example_loss(model.forward)
+    compiled = train.compile_steps(make_steps(loss, method, frozen=lora), method, mesh, rules,
+                                   state_sh)
     state = _abstract(state_shapes, state_sh)
     batch_sh = compiled.batch_sharding
     train_batch = _batch(shapes.batch_size, shapes.seq_len, batch_sh)
@@ -173,7 +187,8 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
             errors[name] = str(e).splitlines()[0]
             continue
         steps[name] = _memory(exe, time.perf_counter() - t0)
-    held = (state_shapes.theta, state_shapes.opt_theta)
-    total, per_device = _per_device_bytes(held, (state_sh.theta, state_sh.opt_theta))
+    held = (state_shapes.theta, state_shapes.opt_theta, state_shapes.frozen)
+    total, per_device = _per_device_bytes(
+        held, (state_sh.theta, state_sh.opt_theta, state_sh.frozen))
     return MemoryReport(devices=mesh.size, mesh_shape=dict(mesh.shape), state_total=total,
                         state_per_device=per_device, steps=steps, errors=errors)

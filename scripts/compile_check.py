@@ -43,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="bfloat16",
                    help="dtype the forward pass casts parameters to")
     p.add_argument("--remat", action="store_true", help="recompute each layer in backward")
+    p.add_argument("--theta", choices=["full", "lora"], default="full",
+                   help="train every parameter, or LoRA adapters over frozen base params")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-alpha", type=float, default=32.0)
+    p.add_argument("--lora-targets", nargs="+", default=["q_proj", "v_proj"])
     p.add_argument("--max-ratio", type=float, default=1.25)
     p.add_argument("--markdown", default=None, help="append the table to this file")
     return p
@@ -75,6 +80,7 @@ def main(argv=None) -> int:
 
     from jbilevel import aot
     from jbilevel.algorithms import MethodConfig
+    from jbilevel.inputs import ThetaConfig
     from jbilevel.models.presets import param_count, preset
     from jbilevel.sharding import MeshConfig
 
@@ -84,13 +90,17 @@ def main(argv=None) -> int:
     if args.layers is not None:
         overrides["num_layers"] = args.layers
     model = preset(args.model, **overrides)
+    theta = ThetaConfig(kind=args.theta, rank=args.lora_rank, alpha=args.lora_alpha,
+                        targets=tuple(args.lora_targets))
+    theta_name = "full" if args.theta == "full" else (
+        f"LoRA r{args.lora_rank} on {'/'.join(args.lora_targets)}")
     full = preset(args.model)
     print(f"{args.model}: {param_count(model) / 1e9:.3f}B parameters compiled "
           f"({model.num_layers} of {full.num_layers} layers; full model "
           f"{param_count(full) / 1e9:.3f}B), seq {args.seq_len}, {args.per_device_batch} "
           f"row(s)/device, params {args.param_dtype}, compute {args.compute_dtype}, "
-          f"remat {args.remat}", flush=True)
-    header = ("| model | method | mesh | step | params+opt total GiB | per device GiB | ratio "
+          f"remat {args.remat}, theta {theta_name}", flush=True)
+    header = ("| model | theta | method | mesh | step | state total GiB | per device GiB | ratio "
               "to total/n | args GiB | out GiB | alias GiB | temp GiB | peak GiB | compile s |")
     rows = [header, "|" + "---|" * (header.count("|") - 1)]
     print(header, flush=True)
@@ -104,17 +114,20 @@ def main(argv=None) -> int:
         for method in args.methods:
             report = aot.compile_memory(model, MethodConfig(method=method),
                                         MeshConfig(data=1, fsdp=n, tensor=1), shapes,
-                                        devices=devices, param_dtype=args.param_dtype)
+                                        devices=devices, param_dtype=args.param_dtype,
+                                        theta=theta)
             worst = max(worst, report.state_ratio)
             for step, m in report.steps.items():
-                row = (f"| {args.model} ({model.num_layers}L) | {method} | {target} fsdp={n} | "
+                row = (f"| {args.model} ({model.num_layers}L) | {args.theta} | {method} | "
+                       f"{target} fsdp={n} | "
                        f"{step} | {_gib(report.state_total)} | {_gib(report.state_per_device)} "
                        f"| {report.state_ratio:.3f} | {_gib(m.argument)} | {_gib(m.output)} | "
                        f"{_gib(m.alias)} | {_gib(m.temp)} | {_gib(m.peak)} | {m.compile_s} |")
                 rows.append(row)
                 print(row, flush=True)
             for step, message in report.errors.items():
-                row = (f"| {args.model} ({model.num_layers}L) | {method} | {target} fsdp={n} | "
+                row = (f"| {args.model} ({model.num_layers}L) | {args.theta} | {method} | "
+                       f"{target} fsdp={n} | "
                        f"{step} | {_gib(report.state_total)} | {_gib(report.state_per_device)} "
                        f"| {report.state_ratio:.3f} | does not fit: {message} | | | | | |")
                 rows.append(row)

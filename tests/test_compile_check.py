@@ -52,3 +52,19 @@ def test_list_eos_token_id_keeps_the_config_hashable():
     assert config.eos_token_id == (128001, 128009)
     assert hash(config) == hash(preset("llama-3-8b"))
     assert config.to_hf()["eos_token_id"] == [128001, 128009]
+
+
+def test_lora_state_counts_the_frozen_base_and_splits_evenly():
+    from jbilevel.inputs import ThetaConfig
+
+    n = 8
+    report = aot.compile_memory(TINY, MethodConfig(method="sft"), MeshConfig(data=1, fsdp=n),
+                                aot.Shapes(seq_len=16, batch_size=n, val_batch_size=n,
+                                           hyper_batch_size=n, n_examples=1000),
+                                devices=jax.devices()[:n],
+                                theta=ThetaConfig(kind="lora", rank=4))
+    # f32 base params (frozen, no moments) + adapters q (64->64) and v (64->32) at rank 4
+    # over 2 layers with their Adam mu and nu, plus Adam's step count.
+    adapters = 2 * 4 * ((64 + 64) + (64 + 32))
+    assert report.state_total == 4 * param_count(TINY) + 3 * 4 * adapters + 4
+    assert report.state_per_device <= 1.25 * report.state_total / n
