@@ -9,6 +9,9 @@ the parameters + optimizer state split.
     # TPU v5e slices of 8, 16 and 64 chips (the table in docs/scale.md):
     python scripts/compile_check.py --model llama-3-8b --platform tpu \
         --topology v5e:2x4 v5e:4x4 v5e:8x8 --param-dtype bfloat16 --remat
+    # the Llama-3-8B LoRA reference run (r16 on q_proj/v_proj over the frozen bf16 base):
+    python scripts/compile_check.py --model llama-3-8b --platform tpu --topology v5e:2x4 \
+        --param-dtype bfloat16 --remat --theta lora --methods bmo
     # fake CPU devices (no libtpu):
     python scripts/compile_check.py --model pythia-1b --platform cpu --devices 8 16 64
 
