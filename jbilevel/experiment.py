@@ -47,6 +47,8 @@ class ModelSpec:
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # parameter storage dtype
     compute_dtype: Literal["float32", "bfloat16"] | None = None  # matmul dtype (None: storage)
     remat: bool = False  # recompute each layer's activations in the backward pass
+    remat_policy: Literal["nothing", "dots"] = "nothing"  # with remat: what is kept
+    attention: Literal["xla", "dot_product", "cudnn"] = "xla"  # "cudnn": flash attention (GPU)
     family: Literal["llama", "gpt_neox", "gpt2"] = "llama"  # random model: architecture family
     hidden_size: int = 128  # random model: width (vocabulary comes from the tokenizer)
     num_layers: int = 2  # random model: decoder blocks
@@ -160,12 +162,15 @@ def mean_loss(example_loss, params, dataset, batch_size: int) -> float:
     return split_loss(example_loss, dataset, batch_size)(params)
 
 
-def _state_setup(cfg: ExperimentConfig, model, n: int, mesh, rules, resuming: bool):
-    """``(init_fn, init_args, state_shardings, example_loss)`` for a fresh or resumed run.
+def state_setup(cfg: ExperimentConfig, model, n: int, mesh, rules, *, load_weights: bool):
+    """``(init_fn, init_args, state_shardings, example_loss)`` of a run's TrainState.
 
-    A pretrained model's params are read only for a fresh run, straight into their shards,
-    and handed to the init program as (donated) arguments; a LoRA run keeps them as
-    ``state.frozen``.
+    ``init_fn(*init_args)`` builds the fresh state. With ``model.path`` and ``load_weights``
+    the pretrained params are read straight into their shards and passed as (donated)
+    ``init_args``; without ``load_weights`` (resuming, or compile-only checks) ``init_args``
+    are ``jax.ShapeDtypeStruct``s: enough for ``jax.eval_shape`` and a checkpoint restore. A
+    LoRA run keeps the base params as ``state.frozen``; ``example_loss`` matches
+    ``make_steps(..., frozen=cfg.theta.kind == "lora")``.
     """
     from jbilevel.models import init_lora, load_pretrained, lora_axes
 
@@ -191,7 +196,7 @@ def _state_setup(cfg: ExperimentConfig, model, n: int, mesh, rules, resuming: bo
     theta_axes = lora_axes(model.config, shapes.theta) if lora else param_axes
     state_sh = train.state_shardings(mesh, rules, shapes, theta_axes, cfg.method,
                                      frozen_axes=param_axes)
-    if cfg.model.path is not None and not resuming:
+    if cfg.model.path is not None and load_weights:
         param_sh = sh.tree_shardings(mesh, rules, param_axes, param_shapes)
         _, params, _ = load_pretrained(cfg.model.path, dtype, shardings=param_sh)
         init_args = (params,)
@@ -238,19 +243,25 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
                                  shuffle=cfg.hyper_batch_size > 0)
     t0 = time.perf_counter()
     with Checkpointer(out / "checkpoints", keep=loop.keep) as ckpt:
-        init, init_args, state_sh, example_loss = _state_setup(
-            cfg, model, n, mesh, rules, resuming=ckpt.latest_step() is not None)
+        init, init_args, state_sh, example_loss = state_setup(
+            cfg, model, n, mesh, rules, load_weights=ckpt.latest_step() is None)
         compiled = train.compile_steps(make_steps(example_loss, cfg.method, frozen=lora),
                                        cfg.method, mesh, rules, state_sh)
         state, start = train.restore_or_init(ckpt, init, state_sh,
                                              train.data_sources(data, val, hyper), init_args)
         del init_args
         log = train.MetricsLog(out)
-        val_loss = split_loss(example_loss, task.validation, cfg.eval_batch_size)
+        if lora:  # eval sees (adapters, base): the base rides in the state, never a constant
+            val_loss = split_loss(lambda p, b: example_loss(p[0], p[1], b), task.validation,
+                                  cfg.eval_batch_size)
+            eval_fn = lambda s: {"val_loss": val_loss((s.theta, s.frozen))}  # noqa: E731
+        else:
+            val_loss = split_loss(example_loss, task.validation, cfg.eval_batch_size)
+            eval_fn = lambda s: {"val_loss": val_loss(s.theta)}  # noqa: E731
         try:
             state, step = train.run(compiled, cfg.method, loop, state, data, val,
                                     start_step=start, ckpt=ckpt, hyper_batches=hyper, log=log,
-                                    eval_fn=lambda theta: {"val_loss": val_loss(theta)})
+                                    eval_fn=eval_fn)
         finally:
             log.close()
     train_seconds = time.perf_counter() - t0

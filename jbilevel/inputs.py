@@ -48,6 +48,7 @@ class DataConfig:
     max_len: int = 512  # longest sequence (bos + prompt + response + eos), in tokens
     overlength: Literal["error", "truncate", "skip"] = "truncate"  # longer sequences
     on_bad_row: Literal["error", "skip"] = "error"  # malformed rows: stop, or skip and count
+    add_bos: bool = True  # prepend the tokenizer's bos (false when the chat template writes it)
 
     def __post_init__(self):
         if self.train and not self.validation:
@@ -118,7 +119,7 @@ def load_task(task_cfg, data_cfg: DataConfig, model_spec):
                 path, schema=data_cfg.schema, tokenizer=tokenizer, max_len=data_cfg.max_len,
                 overlength=data_cfg.overlength, on_bad_row=data_cfg.on_bad_row,
                 keys=data_cfg.keys or None, prompt_template=data_cfg.prompt_template,
-                chat_template=data_cfg.chat_template)
+                chat_template=data_cfg.chat_template, add_bos=data_cfg.add_bos)
     return FileTask(name=str(data_cfg.train), tokenizer=tokenizer, splits=splits)
 
 
@@ -126,7 +127,8 @@ def model_config(model_spec, tokenizer, max_len: int):
     """ModelConfig of ``model.path`` (a local HF directory) or of the random spec."""
     from jbilevel.models import ModelConfig, read_config
 
-    compute = {"compute_dtype": model_spec.compute_dtype, "remat": model_spec.remat}
+    compute = {"compute_dtype": model_spec.compute_dtype, "remat": model_spec.remat,
+               "remat_policy": model_spec.remat_policy, "attention": model_spec.attention}
     if model_spec.path is None:
         return ModelConfig(
             family=model_spec.family, vocab_size=tokenizer.vocab_size,

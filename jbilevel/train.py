@@ -257,7 +257,8 @@ def run(
       ckpt: where checkpoints go (None: no checkpoints).
       hyper_batches: bds: the training batches the hypergradient is taken over.
       log: metric sink; ``on_log(step, record)`` is also called for each record.
-      eval_fn: ``theta -> {name: value}`` (e.g. the loss on the whole validation set), run
+      eval_fn: ``state -> {name: value}`` (e.g. the loss on the whole validation set; a
+        TrainState, so a LoRA run's eval sees ``state.frozen`` too), run
         every ``loop.eval_every`` steps and at the end; its values join that step's record
         with an ``eval_`` prefix.
     Returns:
@@ -338,7 +339,7 @@ def run(
                 health = _health(state.omega, cfg.weighting)
                 metrics = {**metrics, **health, "lam": jnp.copy(state.lam)}
             if evaluated(step):
-                metrics = {**metrics, **{f"eval_{k}": v for k, v in eval_fn(state.theta).items()}}
+                metrics = {**metrics, **{f"eval_{k}": v for k, v in eval_fn(state).items()}}
             if pending is not None:
                 read(pending)  # step N-1's numbers, while step N runs
             pending = (step, metrics)

@@ -39,8 +39,9 @@ def test_llm_configs_paper_defaults_and_meshes(name):
     assert cfg.model.path and cfg.data.train and cfg.data.validation
     assert cfg.model.path in path.read_text().split("\nmodel:")[0]  # documented in the header
     # Pod slices (16 and 64 chips) as shipped; one 8-GPU host with the documented override.
-    gpu = config.load(experiment.ExperimentConfig, path, ["mesh.fsdp=8"])
+    gpu = config.load(experiment.ExperimentConfig, path, ["mesh.fsdp=8", "model.attention=cudnn"])
+    assert gpu.model.attention == "cudnn"
     for mesh, devices in ((cfg.mesh, 16), (cfg.mesh, 64), (gpu.mesh, 8)):
         data, fsdp, tensor = mesh.resolve(devices)
         assert cfg.batch_size % (data * fsdp) == 0 and cfg.val_batch_size % (data * fsdp) == 0
-    assert "mesh.fsdp=8" in path.read_text()
+    assert "`mesh.fsdp=8 model.attention=cudnn`" in path.read_text()

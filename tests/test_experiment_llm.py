@@ -1,6 +1,7 @@
 """Real-model runs end to end: a local HF model directory, SFT files, full FT and LoRA."""
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -68,7 +69,10 @@ def test_pretrained_model_on_sft_files(tmp_path, model_dir, method, theta):
 
 def test_lora_run_keeps_the_base_frozen_and_resumes(tmp_path, model_dir):
     cfg = _cfg(model_dir, "sft", inputs.ThetaConfig(kind="lora", rank=2, alpha=4.0))
+    cfg = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, eval_every=2))
     first = experiment.run(cfg, tmp_path)
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["eval_val_loss"] == pytest.approx(first["val_loss"], rel=1e-5)  # adapters + base
     _, base, _ = load_pretrained(str(model_dir))
     _, saved, _ = load_pretrained(str(tmp_path / "model"))
     moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
@@ -110,3 +114,35 @@ def test_shipped_llama3_lora_config_runs_on_the_tiny_fixture(tmp_path, model_dir
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["lam"] for r in records] == pytest.approx([0.5, 0.4])  # -0.1 per epoch
     assert json.loads((tmp_path / "model" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_file_task_uses_the_model_tokenizer_and_options(model_dir):
+    data = inputs.DataConfig(train=str(DATA / "alpaca_cleaned.json"),
+                             validation=str(DATA / "openorca.jsonl"), max_len=400)
+    spec = experiment.ModelSpec(path=str(model_dir))
+    with_bos = inputs.load_task(experiment.TaskConfig(), data, spec)
+    assert with_bos.test is None and len(with_bos.train) == 3 and with_bos.good_N is None
+    assert int(with_bos.train.sequence(0)[0]) == 1  # the model tokenizer's bos
+    no_bos = inputs.load_task(experiment.TaskConfig(), inputs.DataConfig(
+        train=data.train, validation=data.validation, max_len=400, add_bos=False), spec)
+    np.testing.assert_array_equal(no_bos.train.sequence(0), with_bos.train.sequence(0)[1:])
+    spec = experiment.ModelSpec(path=str(model_dir), compute_dtype="bfloat16", remat=True,
+                                remat_policy="dots", attention="dot_product")
+    c = inputs.model_config(spec, with_bos.tokenizer, 400)
+    assert (c.compute_dtype, c.remat, c.remat_policy, c.attention, c.hidden_size) == (
+        "bfloat16", True, "dots", "dot_product", 32)
+
+
+def test_load_pretrained_straight_into_shards(model_dir):
+    from jbilevel import sharding as sh
+    from jbilevel.models import build, read_config
+
+    model = build(read_config(str(model_dir)))
+    mesh = sh.make_mesh(sh.MeshConfig(data=1, fsdp=8, tensor=1))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0)))
+    shardings = sh.tree_shardings(mesh, sh.AxisRules(), model.param_axes(), shapes)
+    _, plain, _ = load_pretrained(str(model_dir))
+    _, sharded, _ = load_pretrained(str(model_dir), shardings=shardings)
+    assert sharded["layers"]["q"]["kernel"].sharding.spec[1] == "fsdp"
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(sharded), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
