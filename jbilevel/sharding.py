@@ -8,6 +8,8 @@ run is a config change, never a code change.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
@@ -216,3 +218,38 @@ def init_sharded(init_fn, mesh: Mesh, rules: AxisRules, axes_tree: Any, *args):
     shapes = jax.eval_shape(init_fn, *args)
     shardings = tree_shardings(mesh, rules, axes_tree, shapes)
     return jax.jit(init_fn, out_shardings=shardings)(*args), shardings
+
+
+# (mesh, rules) that model code constrains activations against while a step is traced.
+_ACTIVATIONS: contextvars.ContextVar = contextvars.ContextVar("jbilevel_activations",
+                                                              default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: AxisRules):
+    """Within this context, :func:`constrain` pins activations to ``rules`` on ``mesh``."""
+    token = _ACTIVATIONS.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVATIONS.reset(token)
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    """``x`` with its dimensions pinned to the mesh axes of their logical names.
+
+    FSDP needs this: with the batch and the parameters' embedding dimension both split over
+    ``fsdp``, XLA may otherwise gather the activations instead of the (smaller) weights.
+    Outside :func:`activation_sharding`, or where a dimension does not divide over its mesh
+    axes (a chunk of a batch, a vmapped row), ``x`` is returned unchanged.
+    """
+    ctx = _ACTIVATIONS.get()
+    if ctx is None or x.ndim != len(logical):
+        return x
+    mesh, rules = ctx
+    spec = rules.spec(logical, None, mesh)
+    for size, axes in zip(x.shape, spec, strict=True):
+        axes = (axes,) if isinstance(axes, str) else (axes or ())
+        if size % math.prod(mesh.shape[a] for a in axes):
+            return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

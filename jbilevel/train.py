@@ -119,11 +119,20 @@ def compile_steps(steps: Steps, cfg: MethodConfig, mesh, rules: sh.AxisRules,
     batch_sh = sh.batch_sharding(mesh, rules, 1)  # a prefix: every batch leaf split on dim 0
     with_val = cfg.method == "bmo"
     n_batches = 2 if with_val else 1
-    train = jax.jit(steps.train, in_shardings=(state_sh,) + (batch_sh,) * n_batches,
+
+    def pinned(step):  # traced with the model's activations pinned to the batch sharding
+        @functools.wraps(step)
+        def traced(*args):
+            with sh.activation_sharding(mesh, rules):
+                return step(*args)
+
+        return traced
+
+    train = jax.jit(pinned(steps.train), in_shardings=(state_sh,) + (batch_sh,) * n_batches,
                     out_shardings=(state_sh, rep), donate_argnums=0)
     hyper = None
     if steps.hyper is not None:
-        hyper = jax.jit(steps.hyper, in_shardings=(state_sh, batch_sh, batch_sh),
+        hyper = jax.jit(pinned(steps.hyper), in_shardings=(state_sh, batch_sh, batch_sh),
                         out_shardings=(state_sh, rep), donate_argnums=0)
     return CompiledSteps(train, hyper, with_val, batch_sh)
 

@@ -57,7 +57,7 @@ class ModelConfig:
     sliding_window: int | None = None  # Mistral: attend to the last `sliding_window` tokens only
     model_type: str | None = None  # HF model_type written to config.json; None: family default
     bos_token_id: int | None = None  # copied to/from config.json
-    eos_token_id: int | list[int] | None = None  # copied to/from config.json
+    eos_token_id: int | tuple[int, ...] | None = None  # copied to/from config.json (a list there)
     pad_token_id: int | None = None  # copied to/from config.json
     compute_dtype: str | None = None  # e.g. "bfloat16": params cast for compute; None: as stored
     remat: bool = False  # jax.checkpoint each decoder layer (recompute activations in backward)
@@ -70,6 +70,8 @@ class ModelConfig:
     attention: str = "xla"
 
     def __post_init__(self):
+        if isinstance(self.eos_token_id, list):  # as in config.json; a tuple keeps it hashable
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if self.family not in FAMILIES:
             raise ValueError(f"family={self.family!r} is not supported (choose from {FAMILIES})")
         if self.rope_type not in ROPE_TYPES:
@@ -239,7 +241,8 @@ class ModelConfig:
             model_type=mt,
             vocab_size=self.vocab_size,
             bos_token_id=self.bos_token_id,
-            eos_token_id=self.eos_token_id,
+            eos_token_id=(list(self.eos_token_id) if isinstance(self.eos_token_id, tuple)
+                          else self.eos_token_id),
             pad_token_id=self.pad_token_id,
             tie_word_embeddings=self.tie_word_embeddings,
         )

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from jbilevel.models import rope
 from jbilevel.models.config import ModelConfig
+from jbilevel.sharding import constrain
 
 # LoRA target (HF module name) -> projection site in this module, per family.
 LORA_SITES = {
@@ -38,6 +39,7 @@ LORA_SITES = {
     "gpt2": {"c_attn": "qkv", "attn.c_proj": "o", "c_fc": "up", "mlp.c_proj": "down"},
 }
 _NEG = -1e30
+_ACT = ("batch", None, None)  # activations (B, L, D): rows split, so FSDP gathers weights
 
 
 def _specs(c: ModelConfig) -> dict:
@@ -309,6 +311,7 @@ def apply(c: ModelConfig, params, ids_BxL, pos_BxL, kv_mask_BxS, *, lora=None, c
     x = jnp.take(params["embed"]["embedding"], ids_BxL, axis=0)
     if c.family == "gpt2":
         x = x + jnp.take(params["pos_embed"]["embedding"], pos_BxL, axis=0)
+    x = constrain(x, _ACT)
     cs = None if c.family == "gpt2" else rope.cos_sin(c, pos_BxL)
     q_slot_L = cache_index + jnp.arange(ids_BxL.shape[1])
     mask_info = (kv_mask_BxS, q_slot_L, cache_index)
@@ -320,6 +323,7 @@ def apply(c: ModelConfig, params, ids_BxL, pos_BxL, kv_mask_BxS, *, lora=None, c
 
     def body(x_BxLxD, xs):
         p, lwl, ckv = xs
+        x_BxLxD = constrain(x_BxLxD, _ACT)
         x_BxLxD, new = _layer(c, sites, scale, x_BxLxD, p, lwl, cs, mask_info, ckv)
         return x_BxLxD, new
 
@@ -333,5 +337,6 @@ def apply(c: ModelConfig, params, ids_BxL, pos_BxL, kv_mask_BxS, *, lora=None, c
     x = norm(x, params["final_norm"], c.norm_eps)
     head = params["embed"]["embedding"] if c.tie_word_embeddings else params["lm_head"]["kernel"]
     logits = jnp.einsum("bld,vd->blv", x, head, preferred_element_type=jnp.float32)
+    logits = constrain(logits, ("batch", None, "vocab"))
     new_cache = None if cache is None else {"k": new_kv[0], "v": new_kv[1]}
     return logits, new_cache

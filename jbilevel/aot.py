@@ -1,0 +1,194 @@
+"""Compile-only checks: lower and compile the training steps for a target mesh, no weights.
+
+Before any pod time is spent, :func:`compile_memory` builds the train state as shapes only
+(``jax.eval_shape``), gives every leaf its ``NamedSharding`` from the logical-axis table, and
+compiles the same jitted, donated steps the trainer runs (``train.compile_steps``) for the
+target devices: fake CPU devices, or a TPU topology from ``jax.experimental.topologies``
+(ahead-of-time, no TPU attached; needs libtpu). It reports XLA's per-device memory of each
+step and how evenly the parameters and optimizer state are split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jbilevel import sharding as sh
+from jbilevel import train
+from jbilevel.algorithms import MethodConfig, init_state, make_steps
+from jbilevel.inputs import ThetaConfig
+from jbilevel.models import ModelConfig, build, init_lora, lora_axes
+from jbilevel.objectives import lm_example_loss, lm_lora_example_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """Batch geometry of the compiled steps (global rows over all devices)."""
+
+    seq_len: int = 512  # tokens per row
+    batch_size: int = 8  # training rows per step
+    val_batch_size: int = 8  # validation rows per bmo / bds step
+    hyper_batch_size: int = 8  # bds: training rows per hypergradient
+    n_examples: int = 51760  # length of omega (Alpaca-cleaned has 51,760 examples)
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) <= 0:
+                raise ValueError(f"{f.name}={getattr(self, f.name)} must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMemory:
+    """XLA's memory analysis of one compiled step, per device, in bytes."""
+
+    argument: int  # inputs resident on the device (state shards + batch shards)
+    output: int  # outputs (new state shards + metrics)
+    alias: int  # output bytes that reuse donated input buffers
+    temp: int  # scratch: activations, gathered weights, gradients
+    code: int  # generated code
+    compile_s: float  # wall time of lower + compile
+
+    @property
+    def peak(self) -> int:
+        """Live bytes while the step runs: inputs, non-aliased outputs and temporaries."""
+        return self.argument + self.output - self.alias + self.temp
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryReport:
+    """Per-device memory of a method's steps and the split of its parameters and optimizer."""
+
+    devices: int  # devices in the mesh
+    mesh_shape: dict  # {"data": ., "fsdp": ., "tensor": .}
+    state_total: int  # bytes of theta + opt_theta (+ frozen base params for LoRA), all devices
+    state_per_device: int  # the same bytes on the most loaded device
+    steps: dict  # step name ("train", "hyper") -> StepMemory
+    errors: dict  # step name -> XLA's message, for steps that do not fit the devices' memory
+
+    @property
+    def state_ratio(self) -> float:
+        """state_per_device / (state_total / devices): 1.0 is a perfect split."""
+        return self.state_per_device / (self.state_total / self.devices)
+
+
+def _per_device_bytes(shapes: Any, shardings: Any) -> tuple[int, int]:
+    """(total bytes, bytes held by the most loaded device) of a pytree of sharded shapes."""
+    total = 0
+    per_device: dict[Any, int] = {}
+    for s, shd in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings), strict=True):
+        itemsize = jnp.dtype(s.dtype).itemsize
+        total += math.prod(s.shape) * itemsize
+        shard = math.prod(shd.shard_shape(s.shape)) * itemsize
+        for d in shd.device_set:
+            per_device[d] = per_device.get(d, 0) + shard
+    return total, max(per_device.values())
+
+
+def _abstract(shapes: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda s, shd: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shd),
+                        shapes, shardings)
+
+
+def _batch(rows: int, seq_len: int, sharding) -> dict:
+    def leaf(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    return {
+        "input_ids": leaf((rows, seq_len), jnp.int32),
+        "labels": leaf((rows, seq_len), jnp.int32),
+        "loss_mask": leaf((rows, seq_len), jnp.float32),
+        "attention_mask": leaf((rows, seq_len), jnp.int32),
+        "ids": leaf((rows,), jnp.int32),
+        "valid": leaf((rows,), jnp.float32),
+    }
+
+
+def _memory(compiled, seconds: float) -> StepMemory:
+    m = compiled.memory_analysis()
+    return StepMemory(argument=m.argument_size_in_bytes, output=m.output_size_in_bytes,
+                      alias=m.alias_size_in_bytes, temp=m.temp_size_in_bytes,
+                      code=m.generated_code_size_in_bytes, compile_s=round(seconds, 1))
+
+
+def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config: sh.MeshConfig,
+                   shapes: Shapes = Shapes(), *, devices: Sequence[Any] | None = None,
+                   param_dtype: str = "float32", theta: ThetaConfig | None = None,
+                   rules: sh.AxisRules | None = None) -> MemoryReport:
+    """Compiles ``method``'s steps for a mesh without materialising any array.
+
+    Args:
+      model_config: the architecture (e.g. ``jbilevel.models.presets.preset("llama-3-8b")``).
+      method: the method settings; its steps are what the trainer jits (bmo: one train step;
+        bds: the inner step and the hypergradient step).
+      mesh_config: mesh axis sizes over ``devices``.
+      shapes: sequence length and batch sizes (global rows; must divide over data x fsdp).
+      devices: target devices (default ``jax.devices()``); TPU topology devices compile
+        ahead-of-time.
+      param_dtype: dtype of the parameters and hence of Adam's moments.
+      theta: full fine-tuning, or LoRA adapters trained over frozen base params (which then
+        count in the state, as the trainer holds them in ``state.frozen``). Default: full.
+      rules: the logical-to-mesh axis table (default ``sh.AxisRules()``).
+    Returns:
+      The per-device memory of every step and the parameter + optimizer-state split. The
+      invariant checked by the tests: ``state_ratio`` is close to 1 for an fsdp mesh.
+    """
+    rules = rules or sh.AxisRules()
+    mesh = sh.make_mesh(mesh_config, devices)
+    ways = sh.data_parallel_size(mesh, rules)
+    for name in ("batch_size", "val_batch_size", "hyper_batch_size"):
+        if getattr(shapes, name) % ways:
+            raise ValueError(f"{name}={getattr(shapes, name)} must be a multiple of the mesh's "
+                             f"data-parallel size {ways} (data x fsdp)")
+    model = build(model_config)
+    dtype = jnp.dtype(param_dtype)
+    theta = theta or ThetaConfig()
+    lora = theta.kind == "lora"
+
+    def init():
+        params = model.init(jax.random.key(0), dtype)
+        if not lora:
+            return init_state(params, shapes.n_examples, method)
+        adapters = init_lora(model, jax.random.key(1), rank=theta.rank, alpha=theta.alpha,
+                             targets=theta.targets)  # f32 adapters, as the trainer makes
+        return init_state(adapters, shapes.n_examples, method, frozen=params)
+
+    state_shapes = jax.eval_shape(init)
+    param_axes = model.param_axes()
+    theta_axes = lora_axes(model_config, state_shapes.theta) if lora else param_axes
+    state_sh = train.state_shardings(mesh, rules, state_shapes, theta_axes, method,
+                                     frozen_axes=param_axes)
+    loss = lm_lora_example_loss(model.forward) if lora else lm_example_loss(model.forward)
+    compiled = train.compile_steps(make_steps(loss, method, frozen=lora), method, mesh, rules,
+                                   state_sh)
+    state = _abstract(state_shapes, state_sh)
+    batch_sh = compiled.batch_sharding
+    train_batch = _batch(shapes.batch_size, shapes.seq_len, batch_sh)
+    val_batch = _batch(shapes.val_batch_size, shapes.seq_len, batch_sh)
+    args = {"train": (state, train_batch, val_batch) if compiled.with_val else
+            (state, train_batch)}
+    if compiled.hyper is not None:
+        hyper_batch = _batch(shapes.hyper_batch_size, shapes.seq_len, batch_sh)
+        args["hyper"] = (state, hyper_batch, val_batch)
+    steps: dict[str, StepMemory] = {}
+    errors: dict[str, str] = {}
+    for name, step_args in args.items():
+        t0 = time.perf_counter()
+        try:
+            exe = getattr(compiled, name).lower(*step_args).compile()
+        except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses what cannot fit
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            errors[name] = str(e).splitlines()[0]
+            continue
+        steps[name] = _memory(exe, time.perf_counter() - t0)
+    held = (state_shapes.theta, state_shapes.opt_theta, state_shapes.frozen)
+    total, per_device = _per_device_bytes(
+        held, (state_sh.theta, state_sh.opt_theta, state_sh.frozen))
+    return MemoryReport(devices=mesh.size, mesh_shape=dict(mesh.shape), state_total=total,
+                        state_per_device=per_device, steps=steps, errors=errors)

@@ -1,0 +1,58 @@
+"""Named architectures of the paper's reference runs, as :class:`ModelConfig` values.
+
+Each preset is the model's HF ``config.json`` read through :meth:`ModelConfig.from_hf`, so a
+preset and ``load_pretrained`` of the real checkpoint describe the same parameter tree. They
+let compile-only checks and configs name a model without its weights.
+"""
+
+from __future__ import annotations
+
+from jbilevel.models.config import ModelConfig
+
+# The architecture fields of each model's HF config.json (EleutherAI/pythia-1b,
+# meta-llama/Meta-Llama-3-8B-Instruct).
+_HF = {
+    "pythia-1b": {
+        "model_type": "gpt_neox", "vocab_size": 50304, "hidden_size": 2048,
+        "num_hidden_layers": 16, "num_attention_heads": 8, "intermediate_size": 8192,
+        "hidden_act": "gelu", "rotary_pct": 0.25, "rotary_emb_base": 10000,
+        "max_position_embeddings": 2048, "layer_norm_eps": 1e-5,
+        "use_parallel_residual": True, "tie_word_embeddings": False,
+        "bos_token_id": 0, "eos_token_id": 0,
+    },
+    "llama-3-8b": {
+        "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "intermediate_size": 14336, "hidden_act": "silu", "rope_theta": 500000.0,
+        "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+        "attention_bias": False, "mlp_bias": False,
+        "bos_token_id": 128000, "eos_token_id": [128001, 128009],
+    },
+}
+PRESETS = tuple(_HF)
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """The named architecture, optionally with fields replaced (e.g. ``num_layers=4``).
+
+    Args:
+      name: one of :data:`PRESETS`.
+      overrides: ModelConfig fields to change (``compute_dtype``, ``remat``, ``num_layers``...).
+    Returns:
+      The ModelConfig.
+    """
+    if name not in _HF:
+        raise ValueError(f"unknown model preset {name!r} (available: {', '.join(PRESETS)})")
+    return ModelConfig.from_hf(_HF[name]).replace(**overrides)
+
+
+def param_count(config: ModelConfig) -> int:
+    """Number of parameters of the architecture (no arrays are built)."""
+    import math
+
+    import jax
+
+    from jbilevel.models.transformer import _is_spec, _specs
+
+    leaves = jax.tree.leaves(_specs(config), is_leaf=_is_spec)
+    return sum(math.prod(shape) for shape, _, _ in leaves)

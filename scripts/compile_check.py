@@ -1,0 +1,157 @@
+"""Compile the training steps for a target mesh and model, no weights, and print memory.
+
+Run this before spending pod time: it lowers and compiles the same jitted, sharded, donated
+bmo / bds steps that ``jbilevel train`` runs, for fsdp meshes of fake CPU devices or of a
+TPU topology (ahead-of-time, no TPU needed; ``pip install libtpu==0.0.42.*``, the version
+``jax[tpu]==0.10.2`` pins), and prints XLA's per-device memory of every step and how evenly
+the parameters + optimizer state split.
+
+    # TPU v5e slices of 8, 16 and 64 chips (the table in docs/scale.md):
+    python scripts/compile_check.py --model llama-3-8b --platform tpu \
+        --topology v5e:2x4 v5e:4x4 v5e:8x8 --param-dtype bfloat16 --remat
+    # the Llama-3-8B LoRA reference run (r16 on q_proj/v_proj over the frozen bf16 base):
+    python scripts/compile_check.py --model llama-3-8b --platform tpu --topology v5e:2x4 \
+        --param-dtype bfloat16 --remat --theta lora --methods bmo
+    # fake CPU devices (no libtpu):
+    python scripts/compile_check.py --model pythia-1b --platform cpu --devices 8 16 64
+
+Exits 1 if parameters + optimizer state per device exceed ``--max-ratio`` x total / n, or if
+a step does not fit the devices' memory (the TPU compiler's RESOURCE_EXHAUSTED).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="pythia-1b", help="preset (jbilevel.models.presets)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="compile with this many decoder layers instead of the preset's")
+    p.add_argument("--methods", nargs="+", default=["bmo", "bds"], choices=["bmo", "bds"])
+    p.add_argument("--platform", choices=["cpu", "tpu", "gpu"], default="cpu",
+                   help="cpu: fake host devices; tpu: a topology, ahead-of-time; gpu: this "
+                   "host's GPUs")
+    p.add_argument("--devices", type=int, nargs="+", default=[8, 16, 64],
+                   help="cpu / gpu: fsdp mesh sizes")
+    p.add_argument("--topology", nargs="+", default=["v5e:2x4", "v5e:4x4", "v5e:8x8"],
+                   help="tpu: topologies (jax.experimental.topologies names); fsdp over all")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--per-device-batch", type=int, default=1,
+                   help="rows per device of the train, validation and hypergradient batches")
+    p.add_argument("--n-examples", type=int, default=51760, help="training examples (omega)")
+    p.add_argument("--param-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="parameters and Adam moments")
+    p.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="bfloat16",
+                   help="dtype the forward pass casts parameters to")
+    p.add_argument("--remat", action="store_true", help="recompute each layer in backward")
+    p.add_argument("--theta", choices=["full", "lora"], default="full",
+                   help="train every parameter, or LoRA adapters over frozen base params")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-alpha", type=float, default=32.0)
+    p.add_argument("--lora-targets", nargs="+", default=["q_proj", "v_proj"])
+    p.add_argument("--max-ratio", type=float, default=1.25)
+    p.add_argument("--markdown", default=None, help="append each table row to this file")
+    return p
+
+
+def _targets(args) -> list[tuple[str, list]]:
+    import jax
+
+    if args.platform == "tpu":
+        from jax.experimental import topologies
+
+        return [(t, list(topologies.get_topology_desc(t, "tpu").devices))
+                for t in args.topology]
+    if args.platform == "cpu":
+        jax.config.update("jax_num_cpu_devices", max(args.devices))
+    devices = jax.devices(args.platform)
+    if len(devices) < max(args.devices):
+        raise SystemExit(f"--devices {max(args.devices)}: only {len(devices)} "
+                         f"{args.platform} devices here")
+    return [(f"{args.platform} x{n}", devices[:n]) for n in args.devices]
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    targets = _targets(args)  # sets the CPU device count before any other JAX call
+
+    from jbilevel import aot
+    from jbilevel.algorithms import MethodConfig
+    from jbilevel.inputs import ThetaConfig
+    from jbilevel.models.presets import param_count, preset
+    from jbilevel.sharding import MeshConfig
+
+    overrides = {"remat": args.remat}
+    if args.compute_dtype != args.param_dtype:
+        overrides["compute_dtype"] = args.compute_dtype
+    if args.layers is not None:
+        overrides["num_layers"] = args.layers
+    model = preset(args.model, **overrides)
+    theta = ThetaConfig(kind=args.theta, rank=args.lora_rank, alpha=args.lora_alpha,
+                        targets=tuple(args.lora_targets))
+    theta_name = "full" if args.theta == "full" else (
+        f"LoRA r{args.lora_rank} on {'/'.join(args.lora_targets)}")
+    full = preset(args.model)
+    print(f"{args.model}: {param_count(model) / 1e9:.3f}B parameters compiled "
+          f"({model.num_layers} of {full.num_layers} layers; full model "
+          f"{param_count(full) / 1e9:.3f}B), seq {args.seq_len}, {args.per_device_batch} "
+          f"row(s)/device, params {args.param_dtype}, compute {args.compute_dtype}, "
+          f"remat {args.remat}, theta {theta_name}", flush=True)
+    header = ("| model | theta | method | mesh | step | state total GiB | per device GiB | ratio "
+              "to total/n | args GiB | out GiB | alias GiB | temp GiB | peak GiB | compile s |")
+
+    def emit(row: str) -> None:  # printed and appended as soon as it is measured
+        print(row, flush=True)
+        if args.markdown:
+            with open(args.markdown, "a") as f:
+                f.write(row + "\n")
+
+    emit(header)
+    emit("|" + "---|" * (header.count("|") - 1))
+    worst = 0.0
+    unfit = 0
+    for target, devices in targets:
+        n = len(devices)
+        b = args.per_device_batch * n
+        shapes = aot.Shapes(seq_len=args.seq_len, batch_size=b, val_batch_size=b,
+                            hyper_batch_size=b, n_examples=args.n_examples)
+        for method in args.methods:
+            report = aot.compile_memory(model, MethodConfig(method=method),
+                                        MeshConfig(data=1, fsdp=n, tensor=1), shapes,
+                                        devices=devices, param_dtype=args.param_dtype,
+                                        theta=theta)
+            worst = max(worst, report.state_ratio)
+            for step, m in report.steps.items():
+                row = (f"| {args.model} ({model.num_layers}L) | {args.theta} | {method} | "
+                       f"{target} fsdp={n} | "
+                       f"{step} | {_gib(report.state_total)} | {_gib(report.state_per_device)} "
+                       f"| {report.state_ratio:.3f} | {_gib(m.argument)} | {_gib(m.output)} | "
+                       f"{_gib(m.alias)} | {_gib(m.temp)} | {_gib(m.peak)} | {m.compile_s} |")
+                emit(row)
+            for step, message in report.errors.items():
+                row = (f"| {args.model} ({model.num_layers}L) | {args.theta} | {method} | "
+                       f"{target} fsdp={n} | "
+                       f"{step} | {_gib(report.state_total)} | {_gib(report.state_per_device)} "
+                       f"| {report.state_ratio:.3f} | does not fit: {message} | | | | | |")
+                emit(row)
+                unfit += 1
+    if worst > args.max_ratio:
+        print(f"FAIL: parameters + optimizer state per device are {worst:.3f}x total/n "
+              f"(> {args.max_ratio})", file=sys.stderr)
+        return 1
+    if unfit:
+        print(f"FAIL: {unfit} step(s) do not fit the devices' memory", file=sys.stderr)
+        return 1
+    print(f"ok: parameters + optimizer state per device <= {worst:.3f}x total/n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Compile-only memory check (jbilevel.aot) on the 8 fake CPU test devices."""
+
+import jax
+import pytest
+
+from jbilevel import aot
+from jbilevel.algorithms import MethodConfig
+from jbilevel.models import ModelConfig
+from jbilevel.models.presets import param_count, preset
+from jbilevel.sharding import MeshConfig
+
+TINY = ModelConfig(family="llama", vocab_size=256, hidden_size=64, num_layers=2, num_heads=4,
+                   num_kv_heads=2, intermediate_size=128)
+
+
+def test_presets_match_the_published_parameter_counts():
+    # EleutherAI/pythia-1b: 1,011,781,632; Meta-Llama-3-8B: 8,030,261,248 (HF model cards).
+    assert param_count(preset("pythia-1b")) == 1_011_781_632
+    assert param_count(preset("llama-3-8b")) == 8_030_261_248
+    assert preset("llama-3-8b", num_layers=2).num_layers == 2
+    with pytest.raises(ValueError, match="available: pythia-1b, llama-3-8b"):
+        preset("gpt-5")
+
+
+def test_fsdp8_splits_params_and_optimizer_state_evenly():
+    n = 8
+    report = aot.compile_memory(TINY, MethodConfig(method="bmo"), MeshConfig(data=1, fsdp=n),
+                                aot.Shapes(seq_len=16, batch_size=n, val_batch_size=n,
+                                           hyper_batch_size=n, n_examples=1000),
+                                devices=jax.devices()[:n])
+    params = param_count(TINY)
+    # f32 params + Adam mu and nu, plus Adam's int32 step count.
+    assert report.state_total == 3 * 4 * params + 4
+    assert report.state_per_device <= 1.25 * report.state_total / n
+    assert report.state_ratio == pytest.approx(1.0, abs=1e-3)
+    train = report.steps["train"]
+    # XLA's own count of the inputs on a device: the state shard, omega (1000 logits and two
+    # Adam moments, replicated) and one row of each of the two batches.
+    assert report.state_per_device + 12_000 < train.argument < report.state_per_device + 14_000
+    assert train.alias >= report.state_per_device  # the donated state is updated in place
+
+
+def test_batch_must_split_over_the_mesh():
+    with pytest.raises(ValueError, match="batch_size=4 must be a multiple .* size 8"):
+        aot.compile_memory(TINY, MethodConfig(method="bmo"), MeshConfig(data=1, fsdp=8),
+                           aot.Shapes(batch_size=4))
+
+
+def test_list_eos_token_id_keeps_the_config_hashable():
+    # Llama-3's config.json has eos_token_id [128001, 128009]; jit needs a hashable config.
+    config = preset("llama-3-8b")
+    assert config.eos_token_id == (128001, 128009)
+    assert hash(config) == hash(preset("llama-3-8b"))
+    assert config.to_hf()["eos_token_id"] == [128001, 128009]
+
+
+def test_lora_state_counts_the_frozen_base_and_splits_evenly():
+    from jbilevel.inputs import ThetaConfig
+
+    n = 8
+    report = aot.compile_memory(TINY, MethodConfig(method="sft"), MeshConfig(data=1, fsdp=n),
+                                aot.Shapes(seq_len=16, batch_size=n, val_batch_size=n,
+                                           hyper_batch_size=n, n_examples=1000),
+                                devices=jax.devices()[:n],
+                                theta=ThetaConfig(kind="lora", rank=4))
+    # f32 base params (frozen, no moments) + adapters q (64->64) and v (64->32) at rank 4
+    # over 2 layers with their Adam mu and nu, plus Adam's step count.
+    adapters = 2 * 4 * ((64 + 64) + (64 + 32))
+    assert report.state_total == 4 * param_count(TINY) + 3 * 4 * adapters + 4
+    assert report.state_per_device <= 1.25 * report.state_total / n
