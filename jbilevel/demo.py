@@ -33,7 +33,8 @@ METHOD_SETTINGS = {
     "val": {},
     "oracle": {},
     "bmo": {"lr_omega": 0.01, "lam": 0.5},
-    "bds": {"lr_omega": 0.3, "ridge": 10.0, "cg_iters": 5, "hyper_every": 100},
+    "bds": {"lr_omega": 0.3, "ridge": 10.0, "cg_iters": 5, "hyper_every": 100,
+            "hessian_rows": 64, "hyper_chunk": 500},
 }
 # "online" = bmo plus self-refining generation (configs/quality_online.yaml's settings), which
 # starts after a quarter of the steps, once the model's own answers are worth training on.
@@ -67,7 +68,7 @@ def demo_config(method: str, *, task: str = "quality", size: str = "tiny", steps
         method=MethodConfig(method=method, lr_theta=1e-3, **METHOD_SETTINGS[method]),
         online=online,
         loop=train.LoopConfig(steps=steps, log_every=50, checkpoint_every=500,
-                              eval_every=max(steps // 20, 1)),
+                              eval_every=max(steps // 10, 1)),
         batch_size=64, val_batch_size=64, seed=seed)
     return dataclasses.replace(cfg, **(changes or {}))
 
