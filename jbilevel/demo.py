@@ -103,20 +103,19 @@ def run(out: str | Path, *, methods=("mix", "bmo", "bds", "online"), task: str =
     from jbilevel import report
 
     out = Path(out)
-    rows, runs = [], {}
+    rows, runs, configs = [], {}, {}
     for method in methods:
         cfg = demo_config(method, task=task, size=size, steps=steps, seed=seed, changes=changes)
         t0 = time.perf_counter()
         result = experiment.run(cfg, out / method, progress=progress)
         rows.append(row(method, result, time.perf_counter() - t0))
         runs[method] = str(out / method)
+        configs[method] = dataclasses.asdict(cfg)
         print(f"[{method}] done: " + ", ".join(
             f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
             for k, v in rows[-1].items() if k != "method" and v is not None), flush=True)
     summary = {"task": task, "size": size, "steps": steps, "seed": seed, "rows": rows,
-               "runs": runs, "config": {m: dataclasses.asdict(demo_config(
-                   m, task=task, size=size, steps=steps, seed=seed, changes=changes))
-                   for m in methods}}
+               "runs": runs, "config": configs}
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "results.md").write_text(format_table(rows) + "\n")
     report.plot_comparison({m: out / m / "metrics.jsonl" for m in methods},

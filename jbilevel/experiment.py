@@ -280,11 +280,12 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
                                              train.data_sources(data, val, hyper), init_args)
         del init_args
         log = train.MetricsLog(out)
-        if lora:  # eval sees (adapters, base): the base rides in the state, never a constant
+        eval_fn = None  # full validation loss every loop.eval_every steps
+        if loop.eval_every and lora:  # (adapters, base): the base rides in the state
             val_loss = split_loss(lambda p, b: example_loss(p[0], p[1], b), task.validation,
                                   cfg.eval_batch_size)
             eval_fn = lambda s: {"val_loss": val_loss((s.theta, s.frozen))}  # noqa: E731
-        else:
+        elif loop.eval_every:
             val_loss = split_loss(example_loss, task.validation, cfg.eval_batch_size)
             eval_fn = lambda s: {"val_loss": val_loss(s.theta)}  # noqa: E731
         try:
