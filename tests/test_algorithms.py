@@ -12,6 +12,7 @@ import pytest
 
 from jbilevel import weights
 from jbilevel.algorithms import MethodConfig, init_state, lambda_at, make_steps
+from jbilevel.algorithms.offline import theta_optimizer
 
 N, D = 200, 8
 
@@ -93,3 +94,27 @@ def test_lambda_schedule_and_config_errors():
         MethodConfig(lr_omega=0.0)
     with pytest.raises(ValueError, match="lam_min <= lam"):
         MethodConfig(lam=0.2, lam_min=0.3)
+
+
+def test_bmo_sgd_omega_step_is_the_plain_gradient_step():
+    # d/domega_i of mean_b s_b l_b with s = N softmax(omega), at omega = 0 (s = 1), is
+    # (l_i - mean_b l_b) / B for a full batch (B = N): SGD moves each logit by lr times that.
+    train, val, _ = _problem()
+    cfg = MethodConfig(method="bmo", lr_theta=0.1, lr_omega=2.0, omega_optim="sgd")
+    state = init_state({"w": jnp.zeros(D)}, N, cfg)
+    new, _ = jax.jit(make_steps(example_loss, cfg).train)(state, train, val)
+    loss_B = np.asarray(example_loss(state.theta, train), np.float64)
+    np.testing.assert_allclose(np.asarray(new.omega), -2.0 * (loss_B - loss_B.mean()) / N,
+                               rtol=1e-4, atol=1e-7)
+
+
+def test_weight_decay_shrinks_matrices_only():
+    # With a zero gradient, AdamW's step is -lr * weight_decay * x on matrices; vectors stay.
+    cfg = MethodConfig(method="sft", lr_theta=0.1, weight_decay=0.5, clip=0.0)
+    theta = {"m": jnp.full((2, 3), 2.0), "v": jnp.full((3,), 2.0)}
+    tx = theta_optimizer(cfg)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, theta), tx.init(theta), theta)
+    np.testing.assert_allclose(np.asarray(updates["m"]), -0.1 * 0.5 * 2.0, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(updates["v"]), 0.0, atol=0)
+    with pytest.raises(ValueError, match="weight_decay=-1"):
+        MethodConfig(weight_decay=-1)

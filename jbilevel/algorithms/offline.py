@@ -51,6 +51,8 @@ class MethodConfig:
     b1: float = 0.9  # Adam beta1 for both optimizers (paper code)
     b2: float = 0.95  # Adam beta2 for both optimizers (paper code)
     clip: float = 1.0  # global-norm gradient clip for theta (0 disables)
+    weight_decay: float = 0.0  # decoupled (AdamW) decay of theta's matrices (0: plain Adam)
+    omega_optim: Literal["adam", "sgd"] = "adam"  # optimizer of the data logits
     lam: float = 0.5  # bmo: weight of the validation loss in the theta update
     lam_decay: float = 0.0  # bmo: lam decreases by this much per epoch (paper code: 0.1)
     lam_min: float = 0.0  # bmo: floor of the lam schedule
@@ -65,7 +67,8 @@ class MethodConfig:
         for name in ("lr_theta", "lr_omega", "hyper_every", "cg_iters"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
-        for name in ("clip", "ridge", "mu", "lam_decay", "hessian_rows", "hyper_chunk"):
+        for name in ("clip", "weight_decay", "ridge", "mu", "lam_decay", "hessian_rows",
+                     "hyper_chunk"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if not 0.0 <= self.lam_min <= self.lam <= 1.0:
@@ -88,11 +91,20 @@ class TrainState:
 
 
 def theta_optimizer(cfg: MethodConfig) -> optax.GradientTransformation:
-    adam = optax.adam(cfg.lr_theta, b1=cfg.b1, b2=cfg.b2)
+    """Adam (AdamW on matrices when weight_decay > 0), after a global-norm clip if set."""
+    if cfg.weight_decay:
+        adam = optax.adamw(cfg.lr_theta, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
+                           mask=lambda theta: jax.tree.map(lambda x: x.ndim >= 2, theta))
+    else:
+        adam = optax.adam(cfg.lr_theta, b1=cfg.b1, b2=cfg.b2)
     return optax.chain(optax.clip_by_global_norm(cfg.clip), adam) if cfg.clip else adam
 
 
 def omega_optimizer(cfg: MethodConfig) -> optax.GradientTransformation:
+    """Adam, or plain SGD: Adam rescales the tiny softmax-coupling gradient of every logit to a
+    full step, SGD moves each logit in proportion to its own gradient."""
+    if cfg.omega_optim == "sgd":
+        return optax.sgd(cfg.lr_omega)
     return optax.adam(cfg.lr_omega, b1=cfg.b1, b2=cfg.b2)
 
 
