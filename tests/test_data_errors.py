@@ -73,6 +73,8 @@ def test_over_long_prompt_error_truncate_skip(tmp_path):
     b = ds.batch([1], 256)
     assert b["loss_mask"].sum() == 1  # only the first response token survives
     assert b["labels"][0, 254] == ds.tokenizer.encode("y")[0]
+    seq = ds.sequence(1)  # bos, then the prompt's end: its start ("x" * 500...) got cut
+    assert seq[0] == ds.tokenizer.bos_id and seq[1] == ds.tokenizer.encode("x")[0]
 
 
 def test_truncate_cuts_response_first(tmp_path):

@@ -184,7 +184,8 @@ def tokenize_pairs(pairs, rows, where, tokenizer, *, max_len: int, overlength: s
       pairs: list of (prompt text, response text); rows/where: matching raw rows and locations.
       tokenizer: pipeline tokenizer (see ``jbilevel.data.tokenizer``).
       max_len: longest sequence (bos + prompt + response + eos) kept.
-      overlength: "error" raises, "truncate" cuts the response (then the prompt's left end),
+      overlength: "error" raises, "truncate" cuts the response's end (then the prompt's start,
+        after bos),
         "skip" drops the example; truncations and skips are counted in ``report``.
     Returns: the dataset; ids are 0..N-1 in input order over the kept examples.
     """
@@ -210,11 +211,11 @@ def tokenize_pairs(pairs, rows, where, tokenizer, *, max_len: int, overlength: s
                 report.skip("too_long", msg)
                 continue
             report.truncate(msg)
-            p, r = head + list(p), list(r) + tail
-            if len(p) < max_len:  # cut the response's end first, then the prompt's start
-                r = r[: max_len - len(p)]
-            else:
-                p, r = p[-(max_len - 1) :], r[:1]
+            r = list(r) + tail
+            if n_p < max_len:  # cut the response's end first, then the prompt's start
+                p, r = head + list(p), r[: max_len - n_p]
+            else:  # keep bos, the prompt's end and one response token
+                p, r = head + list(p)[len(p) - (max_len - 1 - len(head)) :], r[:1]
             pieces.append(p + r)
             n_p, n_r = len(p), len(r)
         else:
