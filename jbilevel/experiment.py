@@ -172,9 +172,10 @@ def state_setup(cfg: ExperimentConfig, model, n: int, mesh, rules, *, load_weigh
 
     ``init_fn(*init_args)`` builds the fresh state. With ``model.path`` and ``load_weights``
     the pretrained params are read straight into their shards and passed as (donated)
-    ``init_args``; without ``load_weights`` (resuming, or compile-only checks) ``init_args``
-    are ``jax.ShapeDtypeStruct``s: enough for ``jax.eval_shape`` and a checkpoint restore. A
-    LoRA run keeps the base params as ``state.frozen``; ``example_loss`` matches
+    ``init_args``; without ``load_weights`` (resuming a full fine-tuning run, or compile-only
+    checks) ``init_args`` are ``jax.ShapeDtypeStruct``s: enough for ``jax.eval_shape`` and a
+    checkpoint restore. A LoRA run keeps the base params as ``state.frozen``, which
+    checkpoints leave out (resuming reads the base again); ``example_loss`` matches
     ``make_steps(..., frozen=cfg.theta.kind == "lora")``.
     """
     from jbilevel.models import init_lora, load_pretrained, lora_axes
@@ -262,7 +263,7 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
     t0 = time.perf_counter()
     with Checkpointer(out / "checkpoints", keep=loop.keep) as ckpt:
         init, init_args, state_sh, example_loss = state_setup(
-            cfg, model, n, mesh, rules, load_weights=ckpt.latest_step() is None)
+            cfg, model, n, mesh, rules, load_weights=ckpt.latest_step() is None or lora)
         steps = make_steps(example_loss, cfg.method, frozen=lora)
         if refresher is not None:  # the state also carries the buffer of generated pairs
             offline_init = init

@@ -206,21 +206,31 @@ def restore_or_init(ckpt: Checkpointer, init_fn: Callable[..., TrainState],
       sources: the run's data iterators by name (as passed to :func:`run`); restored in place.
       init_args: e.g. pretrained params, passed as (donated) arguments so they never become
         constants of the init program; ``jax.ShapeDtypeStruct`` leaves suffice when a
-        checkpoint exists.
+        checkpoint exists, except for LoRA runs: their frozen base is rebuilt from them.
     Returns:
       ``(state, step)``.
     """
     shapes = jax.eval_shape(init_fn, *init_args)
-    if ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(abstract_like(shapes, state_sh))
-        for name, source in sources.items():
-            if name not in meta["data"]:
-                raise ValueError(f"{ckpt.directory}: checkpoint has no position for data "
-                                 f"source {name!r} (it has {sorted(meta['data'])})")
-            source.restore(meta["data"][name])
-        return state, int(meta["step"])
     donate = tuple(range(len(init_args)))
-    return jax.jit(init_fn, out_shardings=state_sh, donate_argnums=donate)(*init_args), 0
+    if ckpt.latest_step() is None:
+        return jax.jit(init_fn, out_shardings=state_sh, donate_argnums=donate)(*init_args), 0
+    state, meta = ckpt.restore(abstract_like(checkpointed(shapes), checkpointed(state_sh)))
+    if shapes.frozen is not None:  # a LoRA run's base is rebuilt (read again), never saved
+        state = state.replace(frozen=jax.jit(lambda *a: init_fn(*a).frozen,
+                                             out_shardings=state_sh.frozen,
+                                             donate_argnums=donate)(*init_args))
+    for name, source in sources.items():
+        if name not in meta["data"]:
+            raise ValueError(f"{ckpt.directory}: checkpoint has no position for data "
+                             f"source {name!r} (it has {sorted(meta['data'])})")
+        source.restore(meta["data"][name])
+    return state, int(meta["step"])
+
+
+def checkpointed(state: TrainState) -> TrainState:
+    """The part of a state that checkpoints hold: all of it but a LoRA run's frozen base
+    (the pretrained weights, up to ~16 GB at 8B; rebuilt from ``model.path`` on resume)."""
+    return state.replace(frozen=None)
 
 
 def data_sources(data, val_batches, hyper_batches=None) -> dict[str, BatchSource]:
@@ -300,7 +310,7 @@ def run(
     def save(at_step: int):
         if ckpt is not None:
             positions = {k: v.state() for k, v in sources.items()}
-            ckpt.save(at_step, state, {"step": at_step, "data": positions})
+            ckpt.save(at_step, checkpointed(state), {"step": at_step, "data": positions})
 
     def read(pending):
         at, metrics = pending

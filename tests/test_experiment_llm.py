@@ -1,5 +1,6 @@
 """Real-model runs end to end: a local HF model directory, SFT files, full FT and LoRA."""
 
+import ast
 import csv
 import dataclasses
 import json
@@ -79,7 +80,12 @@ def test_lora_run_keeps_the_base_frozen_and_resumes(tmp_path, model_dir):
                          base, saved)
     assert moved["layers"]["q"]["kernel"] > 0 and moved["layers"]["v"]["kernel"] > 0
     assert moved["layers"]["k"]["kernel"] == 0 and moved["embed"]["embedding"] == 0
-    again = experiment.run(cfg, tmp_path)  # resumes from the final checkpoint (no reload)
+    # Checkpoints hold the adapters and optimizer states, not the frozen base.
+    meta = json.loads((tmp_path / "checkpoints" / "2" / "state" / "_METADATA").read_text())
+    paths = [ast.literal_eval(k) for k in meta["tree_metadata"]]
+    assert any(p[0] == "theta" for p in paths)
+    assert not [p for p in paths if p[0] == "frozen" and len(p) > 1]
+    again = experiment.run(cfg, tmp_path)  # resumes from the final checkpoint, base reread
     assert again["val_loss"] == pytest.approx(first["val_loss"], rel=1e-6)
 
 
