@@ -24,7 +24,7 @@ import numpy as np
 from jbilevel import config as config_lib
 from jbilevel import inputs, train, weights
 from jbilevel import sharding as sh
-from jbilevel.algorithms import MethodConfig, init_state, make_steps
+from jbilevel.algorithms import MethodConfig, init_state, make_steps, refresh
 from jbilevel.algorithms import online as online_lib
 from jbilevel.checkpoint import Checkpointer
 from jbilevel.objectives import lm_example_loss, lm_lora_example_loss
@@ -248,7 +248,7 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
     rules = sh.AxisRules()
     refresher = None
     if cfg.online.enabled:
-        refresher = online_lib.Refresher(
+        refresher = refresh.Refresher(
             cfg.online, model, data_set, weighting=cfg.method.weighting,
             batch_sharding=sh.batch_sharding(mesh, rules, 1), seed=cfg.seed, log_dir=out,
             scorer=getattr(task, "scorer", None))

@@ -11,7 +11,7 @@ import pytest
 
 from jbilevel import sharding as sh
 from jbilevel import train
-from jbilevel.algorithms import MethodConfig, init_state
+from jbilevel.algorithms import MethodConfig, init_state, refresh
 from jbilevel.algorithms import online as ol
 from jbilevel.checkpoint import Checkpointer
 from jbilevel.objectives import lm_example_loss
@@ -59,12 +59,13 @@ def test_ratio_weighted_nll_by_hand():
 def test_dynamic_selection_picks_the_lowest_weighted():
     omega = jnp.asarray([0.3, -1.0, 2.0, -1.0, 0.5, -2.0, 1.0, 0.0])
     for kind in ("softmax", "sigmoid"):
-        got = ol.select_questions(jax.random.key(0), omega, n=3, mode="dynamic", weighting=kind)
+        got = refresh.select_questions(jax.random.key(0), omega, n=3, mode="dynamic",
+                                       weighting=kind)
         assert sorted(np.asarray(got).tolist()) == [1, 3, 5]
-    picks = {int(ol.select_questions(jax.random.key(k), omega, n=2, mode="dynamic",
+    picks = {int(refresh.select_questions(jax.random.key(k), omega, n=2, mode="dynamic",
                                      weighting="softmax")[1]) for k in range(16)}
     assert picks == {1, 3}  # the tie between ids 1 and 3 is broken at random
-    rand = np.asarray(ol.select_questions(jax.random.key(1), omega, n=5, mode="random",
+    rand = np.asarray(refresh.select_questions(jax.random.key(1), omega, n=5, mode="random",
                                           weighting="softmax"))
     assert len(set(rand.tolist())) == 5 and rand.min() >= 0 and rand.max() < 8
 
@@ -95,7 +96,7 @@ class Setup:
         self.mesh = (sh.make_mesh(sh.MeshConfig(data=2, fsdp=4, tensor=1)) if sharded else
                      sh.make_mesh(sh.MeshConfig(data=1), jax.devices()[:1]))
         rules = sh.AxisRules()
-        self.refresher = ol.Refresher(online, model, task.train, weighting=method.weighting,
+        self.refresher = refresh.Refresher(online, model, task.train, weighting=method.weighting,
                                       batch_sharding=sh.batch_sharding(self.mesh, rules, 1))
         shapes = jax.eval_shape(self.init)
         self.state_sh = train.state_shardings(self.mesh, rules, shapes, model.param_axes(),
@@ -172,7 +173,7 @@ def test_refresh_stores_sampling_logprobs_and_unchanged_model_gives_sft_loss(bmo
 def test_sampler_denominator_stores_the_tempered_logprobs(bmo):
     online = ol.OnlineConfig(every=3, fraction=0.25, num_samples=2, batch_size=8,
                              max_new_tokens=5, temperature=0.5, denominator="sampler")
-    ref = ol.Refresher(online, bmo.model, bmo.task.train, weighting="sigmoid",
+    ref = refresh.Refresher(online, bmo.model, bmo.task.train, weighting="sigmoid",
                        batch_sharding=bmo.refresher.batch_sharding)
     state, _ = ref(bmo.fresh(), 0)
     buf = jax.device_get(state.online)

@@ -1,0 +1,237 @@
+"""The host side of online generation: which questions to refresh, the sampler calls, the
+buffer of generated pairs and its log (``generations.jsonl``). The training steps that consume
+the buffer are in :mod:`jbilevel.algorithms.online`."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jbilevel import distributed, weights
+from jbilevel import sharding as sh
+from jbilevel.algorithms.offline import TrainState
+from jbilevel.algorithms.online import (
+    Buffer,
+    OnlineConfig,
+    importance_ratio,
+    init_buffer,
+    token_logprobs,
+)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "mode", "weighting"))
+def select_questions(key, omega_N, *, n: int, mode: str, weighting: str) -> jax.Array:
+    """The ``n`` questions to refresh: random, or the lowest-weighted ("dynamic", ties broken
+    at random). Returns ids_n (int32)."""
+    perm_N = jax.random.permutation(key, omega_N.shape[0])
+    if mode == "random":
+        return perm_N[:n].astype(jnp.int32)
+    if mode != "dynamic":
+        raise ValueError(f"select={mode!r}: use 'random' or 'dynamic'")
+    s_N = jnp.take(weights.weights(omega_N, weighting), perm_N)
+    return jnp.take(perm_N, jnp.argsort(s_N, stable=True)[:n]).astype(jnp.int32)
+
+
+def pack(prompt_ids_BxP, prompt_mask_BxP, tokens_BxGxT, mask_BxGxT, logp_BxGxT, ids_B, valid_B,
+         pad_id: int) -> dict:
+    """Generated samples as training rows (the :class:`Buffer` layout), G rows per prompt;
+    rows of invalid prompts get no loss tokens."""
+    b, g, t = tokens_BxGxT.shape
+    rep = functools.partial(jnp.repeat, repeats=g, axis=0)
+    tokens, mask = tokens_BxGxT.reshape(b * g, t), mask_BxGxT.reshape(b * g, t)
+    input_ids = jnp.concatenate([rep(prompt_ids_BxP), tokens], axis=1).astype(jnp.int32)
+    attention = jnp.concatenate([rep(prompt_mask_BxP), mask], axis=1).astype(jnp.int32)
+    pad_col = jnp.full((b * g, 1), pad_id, jnp.int32)
+    lead = jnp.zeros((b * g, prompt_ids_BxP.shape[1] - 1), jnp.float32)
+    tail = jnp.zeros((b * g, 1), jnp.float32)
+    valid_R = rep(valid_B).astype(jnp.float32)
+    loss_mask = jnp.concatenate([lead, mask.astype(jnp.float32) * valid_R[:, None], tail],
+                                axis=1)
+    logp_RxT = jnp.where(loss_mask[:, prompt_ids_BxP.shape[1] - 1:-1] > 0,
+                       logp_BxGxT.reshape(b * g, t), 0.0)
+    logp = jnp.concatenate([lead, logp_RxT, tail], axis=1)
+    return {"input_ids": input_ids, "attention_mask": attention,
+            "labels": jnp.concatenate([input_ids[:, 1:], pad_col], axis=1),
+            "loss_mask": loss_mask, "logp": logp, "ids": rep(ids_B).astype(jnp.int32),
+            "valid": valid_R}
+
+
+def _host(x) -> np.ndarray:
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+class Refresher:
+    """The host side of online generation: ``(state, step) -> (state, metrics)`` before each
+    train step; at ``cfg.start`` and every ``cfg.every`` steps after it regenerates the buffer
+    (``train.run``'s ``before_step``). Before the first refresh the buffer is empty and the
+    steps train on offline rows only.
+
+    Args:
+      cfg: online settings.
+      model: the Model (its ``config`` drives the sampler; ``forward`` the ratios in the log).
+      dataset: the training SFTDataset (questions = its prompts; ids index omega).
+      weighting: omega -> weights map (for "dynamic" selection and the log).
+      batch_sharding: where batch rows go (its mesh also places the selected ids).
+      seed: refresh ``k`` uses ``fold_in(key(seed), step)`` (so resumes are exact).
+      log_dir: where ``generations.jsonl`` goes (None: no log).
+      scorer: optional ``scorer(texts, rows) -> {metric: value}`` (a task's metric) to score
+        each refresh's responses against their source rows.
+    """
+
+    def __init__(self, cfg: OnlineConfig, model, dataset, *, weighting: str, batch_sharding,
+                 seed: int = 0, log_dir: str | Path | None = None, scorer=None):
+        if not cfg.enabled:
+            raise ValueError("Refresher needs online.every > 0")
+        self.cfg, self.model, self.dataset = cfg, model, dataset
+        self.weighting, self.batch_sharding, self.seed = weighting, batch_sharding, seed
+        self.scorer = scorer
+        self.log_path = None if log_dir is None else Path(log_dir) / "generations.jsonl"
+        n = len(dataset)
+        self.n_select = max(1, round(cfg.fraction * n))
+        mesh = batch_sharding.mesh
+        ways = math.lcm(math.prod(mesh.shape[a] for a in _batch_axes(batch_sharding)),
+                        jax.process_count())  # sampler calls split like batches
+        chunk = cfg.generate_batch_size or self.n_select
+        self.chunk = -(-chunk // ways) * ways
+        self.n_chunks = -(-self.n_select // self.chunk)
+        self.prompt_len = int(dataset.prompt_len_N.max())
+        longest = int((dataset.length_N - dataset.prompt_len_N).max())
+        self.max_new_tokens = cfg.max_new_tokens or longest
+        if cfg.batch_size > self.capacity:
+            raise ValueError(
+                f"online.batch_size={cfg.batch_size} > the buffer's {self.capacity} rows "
+                f"(fraction {cfg.fraction} x {n} questions x {cfg.num_samples} samples); lower "
+                "online.batch_size or raise online.fraction / online.num_samples")
+        rep = sh.replicated(batch_sharding.mesh)
+        self._select = jax.jit(functools.partial(
+            select_questions, n=self.n_select, mode=cfg.select, weighting=weighting),
+            out_shardings=rep)
+        self._pack = jax.jit(functools.partial(pack, pad_id=dataset.pad_id))
+        self._weights = jax.jit(lambda omega, ids: weights.batch_weights(omega, ids, weighting),
+                                out_shardings=rep)
+        self._ratios = jax.jit(self._row_ratios)
+        self._concat = None  # jitted on the first refresh (needs the buffer's shardings)
+
+    @property
+    def capacity(self) -> int:
+        """Buffer rows: selected questions (padded to whole sampler calls) x G."""
+        return self.n_chunks * self.chunk * self.cfg.num_samples
+
+    @property
+    def length(self) -> int:
+        """Buffer row length: longest prompt + max_new_tokens."""
+        return self.prompt_len + self.max_new_tokens
+
+    def init_buffer(self) -> Buffer:
+        return init_buffer(self.capacity, self.length)
+
+    def __call__(self, state: TrainState, step: int) -> tuple[TrainState, dict]:
+        if step < self.cfg.start or (step - self.cfg.start) % self.cfg.every:
+            return state, {}
+        from jbilevel.models import generate
+
+        self.log_buffer(state, step)  # the rows being replaced, with their final ratios
+        key_sel, key_gen = jax.random.split(jax.random.fold_in(jax.random.key(self.seed), step))
+        chosen = _host(self._select(key_sel, state.omega))
+        padded = np.zeros(self.n_chunks * self.chunk, np.int64)
+        padded[: len(chosen)] = chosen
+        valid = np.arange(len(padded)) < len(chosen)
+        rows = []
+        for c in range(self.n_chunks):
+            part = slice(c * self.chunk, (c + 1) * self.chunk)
+            # padding slots sample question 0 (the sampler needs a real prompt), marked invalid
+            prompts = self.dataset.prompt_batch(padded[part], self.prompt_len)
+            prompts["valid"] = valid[part].astype(np.float32)
+            local = distributed.process_slice(self.chunk)
+            prompts = distributed.global_batch({k: v[local] for k, v in prompts.items()},
+                                               self.batch_sharding)
+            gen = generate(self.model, state.theta, prompts["prompt_ids"],
+                           prompts["prompt_mask"], jax.random.fold_in(key_gen, c),
+                           max_new_tokens=self.max_new_tokens, num_samples=self.cfg.num_samples,
+                           temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+                           eos_id=self.dataset.tokenizer.eos_id, pad_id=self.dataset.pad_id)
+            logp = gen.logprobs if self.cfg.denominator == "model" else gen.sampling_logprobs
+            rows.append(self._pack(prompts["prompt_ids"], prompts["prompt_mask"], gen.tokens,
+                                   gen.mask, logp, prompts["ids"], prompts["valid"]))
+        buffer = self._assemble(rows, step, state.online)
+        state = state.replace(online=buffer)
+        metrics = {"online_refreshed": float(len(chosen)),
+                   "online_selected_weight": float(np.mean(_host(
+                       self._weights(state.omega, jnp.asarray(chosen, jnp.int32)))))}
+        gen_len = _host(jnp.sum(buffer.loss_mask, axis=1))[_host(buffer.valid) > 0]
+        metrics["online_gen_len"] = float(gen_len.mean())
+        if self.scorer is not None:
+            ids_R, texts = self._texts(buffer)
+            scored = self.scorer(texts, [self.dataset.rows[i] for i in ids_R])
+            metrics.update({f"online_gen_{k}": float(v) for k, v in scored.items()
+                            if k != "n" and isinstance(v, int | float)})
+        return state, metrics
+
+    def _assemble(self, rows: list[dict], step: int, like: Buffer) -> Buffer:
+        if self._concat is None:
+            def concat(rows, step):
+                cat = {k: jnp.concatenate([r[k] for r in rows]) for k in rows[0]}
+                return Buffer(**cat, born=jnp.asarray(step, jnp.int32))
+
+            self._concat = jax.jit(concat, out_shardings=jax.tree.map(lambda x: x.sharding,
+                                                                       like))
+        return self._concat(rows, step)
+
+    def _row_ratios(self, theta, buffer: Buffer):
+        gen = buffer.batch()
+        logp_cur = token_logprobs(self.model.forward, theta, gen)
+        ratio, _ = importance_ratio(logp_cur, gen["logp"], gen["loss_mask"], kind=self.cfg.ratio,
+                                    clip=self.cfg.clip, floor=self.cfg.floor)
+        count = jnp.maximum(jnp.sum(gen["loss_mask"], axis=-1), 1.0)
+        return jnp.sum(ratio, axis=-1) / count, jnp.sum(gen["logp"], axis=-1)
+
+    def _texts(self, buffer: Buffer) -> tuple[np.ndarray, list[str]]:
+        valid = _host(buffer.valid) > 0
+        ids = _host(buffer.ids)[valid]
+        tokens = _host(buffer.input_ids)[valid, self.prompt_len:]
+        mask = _host(buffer.attention_mask)[valid, self.prompt_len:] > 0
+        tok = self.dataset.tokenizer
+        eos = tok.eos_id
+        texts = [tok.decode([t for t in row[m] if t != eos]) for row, m in zip(tokens, mask,
+                                                                                strict=True)]
+        return ids, texts
+
+    def log_buffer(self, state: TrainState, step: int) -> None:
+        """Appends the buffer's rows to ``generations.jsonl``: ``step`` (now), ``generated_at``,
+        question ``id``, ``sample``, ``text``, ``ratio`` (the row's mean token ratio under the
+        current theta; per_sequence: the sequence ratio), ``weight`` s_id(omega) now and
+        ``logp`` (summed sampling log-prob)."""
+        born = int(_host(state.online.born))
+        if self.log_path is None or born < 0:
+            return
+        ratio_R, logp_R = (_host(x) for x in self._ratios(state.theta, state.online))
+        valid = _host(state.online.valid) > 0
+        ids, texts = self._texts(state.online)
+        w = _host(self._weights(state.omega, jnp.asarray(ids, jnp.int32)))
+        rows = np.flatnonzero(valid)
+        if jax.process_index() != 0:
+            return
+        with open(self.log_path, "a") as f:
+            for k, r in enumerate(rows):
+                f.write(json.dumps({
+                    "step": step, "generated_at": born, "id": int(ids[k]),
+                    "sample": int(r % self.cfg.num_samples), "text": texts[k],
+                    "ratio": round(float(ratio_R[r]), 6), "weight": round(float(w[k]), 6),
+                    "logp": round(float(logp_R[r]), 4)}) + "\n")
+
+
+def _batch_axes(sharding) -> tuple[str, ...]:
+    spec = sharding.spec[0] if len(sharding.spec) else None
+    if spec is None:
+        return ()
+    return (spec,) if isinstance(spec, str) else tuple(spec)
