@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "hypergrad": "jbilevel.implicit",
+    "hypergrad_chunked": "jbilevel.chunked",
     "implicit_solver": "jbilevel.implicit",
 }
 

@@ -14,7 +14,8 @@ from jax.flatten_util import ravel_pytree
 from jbilevel import objectives, weights
 from jbilevel.algorithms import MethodConfig, init_state, make_steps
 from jbilevel.algorithms.offline import hessian_sample
-from jbilevel.implicit import Implicit, hypergrad, hypergrad_chunked
+from jbilevel.chunked import hypergrad_chunked
+from jbilevel.implicit import Implicit, hypergrad
 
 N, PAD, D, H = 37, 3, 3, 4  # N real rows (prime, so few chunk sizes divide it) + PAD padding
 

@@ -9,7 +9,7 @@
   ``g(theta, omega)`` and, every ``hyper_every`` steps, an omega step along the implicit
   hypergradient of the validation loss (CG with ridge damping, ``cg_iters`` iterations),
   with the Hessian on ``hessian_rows`` rows of the hyper batch and the per-example term over
-  all of its rows, ``hyper_chunk`` at a time (``jbilevel.implicit.hypergrad_chunked``;
+  all of its rows, ``hyper_chunk`` at a time (``jbilevel.chunked.hypergrad_chunked``;
   online batches, whose rows live under separate keys, take ``jbilevel.hypergrad`` whole).
 
 Every step is ``step(state, batch[, val_batch]) -> (state, metrics)`` and pure, so the
@@ -255,7 +255,8 @@ def make_steps(example_loss: ExampleLoss, cfg: MethodConfig, hypergrad_fn: Calla
     def hyper_step(state: TrainState, hyper_batch: dict, val_batch: dict):
         _, inner, outer = bind(state)
         if hypergrad_fn is None and cfg.hyper_chunk and _row_aligned(hyper_batch):
-            from jbilevel.implicit import Implicit, hypergrad_chunked
+            from jbilevel.chunked import hypergrad_chunked
+            from jbilevel.implicit import Implicit
 
             d_omega, info = hypergrad_chunked(
                 inner, outer, state.theta, state.omega, hessian_sample(hyper_batch, cfg),
