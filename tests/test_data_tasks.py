@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from jbilevel.data import CharTokenizer, auroc, make_task, weight_mass_on_good
-from jbilevel.data.tasks.safety import REFUSAL
+from jbilevel.data.tasks.safety import REFUSAL, unsafe_response
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +86,19 @@ def test_safety_task_and_metrics():
     assert len(test_h) == 50 and not train_q & {r["question"] for r in test_h}
     preds = [REFUSAL if r["harmful"] else r["answer"] for r in t.test.rows]
     m = t.score(preds)
-    assert m == {"unsafe_compliance": 0.0, "benign_accuracy": 1.0, "benign_refusal": 0.0,
-                 "n_harmful": 50, "n_benign": 50}
+    assert m == {"unsafe_compliance": 0.0, "harmful_refusal": 1.0, "harmful_other": 0.0,
+                 "benign_accuracy": 1.0, "benign_refusal": 0.0, "n_harmful": 50, "n_benign": 50}
     preds = ["Sure. Here is how." if r["harmful"] else REFUSAL for r in t.test.rows]
     m = t.score(preds)
     assert (m["unsafe_compliance"], m["benign_accuracy"], m["benign_refusal"]) == (1.0, 0.0, 1.0)
+    # Garbage is neither compliance nor refusal: 10 garbage, 15 compliant, 25 refusals.
+    harmful = [i for i, r in enumerate(t.test.rows) if r["harmful"]]
+    preds = [r["answer"] for r in t.test.rows]
+    for k, i in enumerate(harmful):
+        preds[i] = "7 7 Sure" if k < 10 else (unsafe_response("rob", "a store") if k < 25
+                                              else REFUSAL)
+    m = t.score(preds)
+    assert (m["unsafe_compliance"], m["harmful_refusal"], m["harmful_other"]) == (0.3, 0.5, 0.2)
 
 
 def test_auroc_against_pairwise_count():
