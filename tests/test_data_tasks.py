@@ -61,6 +61,15 @@ def test_quality_corruption_kinds():
         make_task("quality", corruption="typo")
 
 
+def test_quality_ops():
+    t = make_task("quality", seed=0, n_train=300, n_val=10, n_test=10, ops="+")
+    rows = [r for s in ("train", "validation", "test") for r in t.splits[s].rows]
+    assert all(("+" in r["question"] or "Add" in r["question"] or "plus" in r["question"])
+               and int(r["answer"]) >= 0 for r in rows)
+    with pytest.raises(ValueError, match=r"ops='\*': use distinct operators from '\+-'"):
+        make_task("quality", ops="*")
+
+
 def test_quality_score(quality):
     preds = [r["answer"] for r in quality.test.rows]
     assert quality.score(preds) == {"accuracy": 1.0, "n": 500}

@@ -12,14 +12,20 @@ OPS = ("+", "-")
 MAX_OPERAND = 99
 
 
-def distinct_problems(rng: np.random.Generator, n: int) -> list[tuple[str, int, int]]:
-    """Args: rng, n. Returns: n distinct (op, a, b) triples, 0 <= a, b <= MAX_OPERAND."""
+def distinct_problems(rng: np.random.Generator, n: int,
+                      ops: str = "".join(OPS)) -> list[tuple[str, int, int]]:
+    """Args: rng, n, ops (operators to draw from, e.g. "+-" or "+").
+
+    Returns: n distinct (op, a, b) triples, 0 <= a, b <= MAX_OPERAND.
+    """
+    if not ops or any(op not in OPS for op in ops) or len(set(ops)) != len(ops):
+        raise ValueError(f"ops={ops!r}: use distinct operators from {''.join(OPS)!r}")
     m = MAX_OPERAND + 1
-    total = len(OPS) * m * m
+    total = len(ops) * m * m
     if n > total:
         raise ValueError(f"asked for {n} distinct problems; only {total} exist")
     codes = rng.choice(total, size=n, replace=False)
-    return [(OPS[c // (m * m)], int(c // m % m), int(c % m)) for c in codes]
+    return [(ops[c // (m * m)], int(c // m % m), int(c % m)) for c in codes]
 
 
 def answer(op: str, a: int, b: int) -> int:

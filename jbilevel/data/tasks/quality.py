@@ -38,7 +38,7 @@ def score_quality(predictions: list[str], rows: list[dict]) -> dict:
 
 
 def make_quality(seed: int = 0, *, n_train: int = 4000, n_val: int = 200, n_test: int = 500,
-                 corrupt_frac: float = 0.3, corruption: str = "rule",
+                 corrupt_frac: float = 0.3, corruption: str = "rule", ops: str = "+-",
                  max_len: int = 48) -> Task:
     """Build the quality task.
 
@@ -47,6 +47,7 @@ def make_quality(seed: int = 0, *, n_train: int = 4000, n_val: int = 200, n_test
       n_train, n_val, n_test: split sizes (problems are distinct across all splits).
       corrupt_frac: fraction of train responses corrupted (exactly round(frac * n_train)).
       corruption: "rule" | "style" | "random".
+      ops: the operators questions use: "+-" (addition and subtraction) or "+" or "-".
       max_len: sequence length limit (bos + prompt + response + eos).
     Returns: Task with good_N marking uncorrupted train examples.
     """
@@ -55,7 +56,7 @@ def make_quality(seed: int = 0, *, n_train: int = 4000, n_val: int = 200, n_test
     if not 0.0 <= corrupt_frac <= 1.0:
         raise ValueError(f"corrupt_frac={corrupt_frac} must be in [0, 1]")
     rng = np.random.default_rng([seed, 1])
-    problems = distinct_problems(rng, n_train + n_val + n_test)
+    problems = distinct_problems(rng, n_train + n_val + n_test, ops)
     bad = np.zeros(n_train, bool)
     bad[rng.choice(n_train, size=round(corrupt_frac * n_train), replace=False)] = True
     rows_by_split = {"train": [], "validation": [], "test": []}
