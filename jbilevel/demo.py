@@ -44,7 +44,7 @@ ONLINE_SETTINGS = {"every": 50, "select": "dynamic", "fraction": 0.2, "num_sampl
                    "batch_size": 16, "gen_weight": 0.25}
 TASK_OPTIONS = {
     "quality": {"n_train": 4000, "n_val": 200, "n_test": 500, "corrupt_frac": 0.5,
-                "corruption": "rule"},
+                "corruption": "rule", "ops": "+"},
     "safety": {"n_train": 4000, "n_val": 200, "n_test": 500},
 }
 COLUMNS = ("method", "test_accuracy", "unsafe_compliance", "val_loss", "weight_auroc",
