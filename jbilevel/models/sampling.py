@@ -8,7 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jbilevel.models.transformer import apply
+from jbilevel.models.transformer import apply, unstack_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,13 +61,15 @@ def _generate(c, params, ids_BxP, mask_BxP, rng, temperature, eos_id, pad_id, lo
     mask = jnp.repeat(mask_BxP.astype(jnp.int32), g, axis=0)
     bg = b * g
     dtype = jnp.dtype(c.compute_dtype) if c.compute_dtype else params["embed"]["embedding"].dtype
-    shape = (c.num_layers, bg, p + t_new, c.kv_heads, c.dim_per_head)
-    cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    shape = (bg, c.kv_heads, p + t_new, c.dim_per_head)
+    cache = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+                  for _ in range(c.num_layers))
     kv_mask_BxS = jnp.concatenate([mask, jnp.ones((bg, t_new), jnp.int32)], axis=1)
     pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
     logits, cache = apply(c, params, ids, pos, kv_mask_BxS, lora=lora, cache=cache,
                           cache_index=0)
     next_pos_B = jnp.sum(mask, axis=1)
+    params, lora = unstack_layers(c, params, lora)
 
     def step(carry, t):
         cache, logits_BxV, done_B, key = carry
