@@ -67,7 +67,7 @@ def _generate(c, params, ids_BxP, mask_BxP, rng, temperature, eos_id, pad_id, lo
     kv_mask_BxS = jnp.concatenate([mask, jnp.ones((bg, t_new), jnp.int32)], axis=1)
     pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
     logits, cache = apply(c, params, ids, pos, kv_mask_BxS, lora=lora, cache=cache,
-                          cache_index=0)
+                          cache_index=0, last_only=True)
     next_pos_B = jnp.sum(mask, axis=1)
     params, lora = unstack_layers(c, params, lora)
 

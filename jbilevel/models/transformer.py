@@ -319,7 +319,7 @@ def unstack_layers(c: ModelConfig, params, lora=None):
 
 
 def apply(c: ModelConfig, params, ids_BxL, pos_BxL, kv_mask_BxS, *, lora=None, cache=None,
-          cache_index=0):
+          cache_index=0, last_only=False):
     """Core forward, optionally through a KV cache.
 
     Args:
@@ -330,6 +330,7 @@ def apply(c: ModelConfig, params, ids_BxL, pos_BxL, kv_mask_BxS, *, lora=None, c
       cache: None, or a tuple with one (k, v) pair per layer, each (B, KV, S, K). With a cache
         the layers run unrolled: scanning them would restack the whole cache on every call
         (every decoded token), while separate buffers are updated in place.
+      last_only: logits of the last position only, L -> 1 (a prefill before decoding).
     Returns:
       (logits_BxLxV float32, updated cache (same structure) or None).
     """
@@ -372,6 +373,8 @@ def apply(c: ModelConfig, params, ids_BxL, pos_BxL, kv_mask_BxS, *, lora=None, c
             x, new = body(x, (p_i, lw_i, ckv))
             new_cache.append(new)
         new_cache = tuple(new_cache)
+    if last_only:
+        x = x[:, -1:]
     norm = _rms_norm if c.family == "llama" else _layer_norm
     x = norm(x, params["final_norm"], c.norm_eps)
     head = params["embed"]["embedding"] if c.tie_word_embeddings else params["lm_head"]["kernel"]
