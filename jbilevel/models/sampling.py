@@ -74,10 +74,10 @@ def _generate(c, params, ids_BxP, mask_BxP, rng, temperature, eos_id, pad_id, lo
                   for _ in range(c.num_layers))
     kv_mask_BxS = jnp.concatenate([mask, jnp.ones((bg, t_new - 1), jnp.int32)], axis=1)
     pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    params, lora = unstack_layers(c, params, lora)  # once, for the prefill and the loop
     logits, cache = apply(c, params, ids, pos, kv_mask_BxS, lora=lora, cache=cache,
                           cache_index=0, last_only=True)
     next_pos_B = jnp.sum(mask, axis=1)
-    params, lora = unstack_layers(c, params, lora)
 
     def pick(logits_BxV, done_B, key):
         key, sub = jax.random.split(key)
