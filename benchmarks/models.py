@@ -1,12 +1,14 @@
 """Small-Llama speed, side by side: jbilevel (JAX/XLA) vs HF transformers (PyTorch eager), CPU.
 
-    PYTHONPATH=. python benchmarks/models.py [--sizes 256 512] [--steps 5]
+    PYTHONPATH=. python benchmarks/models.py [--sizes 256 512] [--steps 5] [--data-parallel 2]
 
 Train step = forward + backward + SGD update on next-token NLL (batch 16, seq 128, 4 layers).
 Generation = greedy, batch 16, 64-token prompt, 64 new tokens, KV cache on both sides.
 GFLOP/s uses 6 * matmul params * tokens + 12 * layers * seq * d * tokens (attention) per step
 and is compared with a measured jitted XLA f32 2048^3 matmul. Timings are only meaningful on
 an otherwise idle machine (PyTorch slows down several-fold when other processes run).
+--data-parallel N adds a JAX row per size with the batch split over N CPU devices (one XLA
+device per core; parameters replicated), the same work in one SPMD program.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jbilevel import sharding
 from jbilevel.models import ModelConfig, build, generate
 
 BATCH, SEQ, LAYERS, VOCAB = 16, 128, 4, 4096
@@ -54,10 +57,21 @@ def train_flops(c: ModelConfig) -> float:
     return 6 * matmul_params * tokens + 12 * n * SEQ * d * tokens
 
 
-def jax_side(c: ModelConfig, ids: np.ndarray, steps: int):
+def jax_side(c: ModelConfig, ids: np.ndarray, steps: int, mesh=None):
+    """(train step s, generate s); with a mesh the batch is split over its data axis."""
     model = build(c)
     params = model.init(jax.random.key(0))
+    x = jnp.asarray(ids)
+    if mesh is not None:
+        rules = sharding.AxisRules()
+        params = jax.device_put(params, sharding.replicated(mesh))
+        x = jax.device_put(x, sharding.batch_sharding(mesh, rules, 2))
+        with sharding.activation_sharding(mesh, rules):
+            return _jax_timings(model, params, x, steps)
+    return _jax_timings(model, params, x, steps)
 
+
+def _jax_timings(model, params, x, steps: int):
     def loss_fn(p, ids_BxL):
         logits = model.forward(p, ids_BxL)
         logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
@@ -69,7 +83,6 @@ def jax_side(c: ModelConfig, ids: np.ndarray, steps: int):
         return jax.tree.map(lambda a, b: a - 1e-3 * b, p, g), loss
 
     state = {"p": params}
-    x = jnp.asarray(ids)
 
     def run():
         state["p"], loss = step(state["p"], x)
@@ -125,7 +138,13 @@ def main():
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--data-parallel", type=int, default=1,
+                    help="N > 1 adds JAX rows with the batch split over N CPU devices")
     args = ap.parse_args()
+    if BATCH % args.data_parallel:
+        raise SystemExit(f"--data-parallel {args.data_parallel} must divide the batch {BATCH}")
+    if args.data_parallel > 1:
+        jax.config.update("jax_num_cpu_devices", args.data_parallel)
     peak = matmul_peak()
     print(f"XLA f32 2048^3 matmul peak: {peak:.0f} GFLOP/s   devices: {jax.devices()}",
           flush=True)
@@ -138,16 +157,23 @@ def main():
         tt, tg = (float("nan"), float("nan")) if args.no_torch else torch_side(c, ids,
                                                                                 args.steps)
         print(f"d={d} torch: train step {tt:.3f} s, generate {tg:.3f} s", flush=True)
-        gflops = train_flops(c) / jt / 1e9
-        rows.append((d, BATCH * SEQ / jt, BATCH * SEQ / tt, BATCH * NEW / jg, BATCH * NEW / tg,
-                     gflops, 100 * gflops / peak))
-    hdr = ("d", "train tok/s JAX", "train tok/s torch", "gen tok/s JAX", "gen tok/s torch",
-           "JAX GFLOP/s", "% of XLA peak")
+        rows.append((str(d), c, jt, jg, tt, tg))
+        if args.data_parallel > 1:
+            mesh = sharding.make_mesh(sharding.MeshConfig(data=args.data_parallel),
+                                      jax.devices()[:args.data_parallel])
+            jt, jg = jax_side(c, ids, args.steps, mesh)
+            print(f"d={d} JAX data-parallel {args.data_parallel}: train step {jt:.3f} s, "
+                  f"generate {jg:.3f} s", flush=True)
+            rows.append((f"{d} (JAX dp {args.data_parallel})", c, jt, jg, tt, tg))
+    hdr = ("d", "train tok/s JAX", "train tok/s torch", "train JAX/torch", "gen tok/s JAX",
+           "gen tok/s torch", "gen JAX/torch", "JAX GFLOP/s", "% of XLA peak")
     print("| " + " | ".join(hdr) + " |")
     print("|" + "---|" * len(hdr))
-    for r in rows:
-        print(f"| {r[0]} | {r[1]:.0f} | {r[2]:.0f} | {r[3]:.0f} | {r[4]:.0f} | {r[5]:.0f} | "
-              f"{r[6]:.0f}% |")
+    for label, c, jt, jg, tt, tg in rows:
+        gflops = train_flops(c) / jt / 1e9
+        print(f"| {label} | {BATCH * SEQ / jt:.0f} | {BATCH * SEQ / tt:.0f} | {tt / jt:.2f}x | "
+              f"{BATCH * NEW / jg:.0f} | {BATCH * NEW / tg:.0f} | {tg / jg:.2f}x | "
+              f"{gflops:.0f} | {100 * gflops / peak:.0f}% |")
 
 
 if __name__ == "__main__":

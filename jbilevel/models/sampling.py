@@ -8,7 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jbilevel.models.transformer import apply
+from jbilevel.models.transformer import apply, unstack_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +51,13 @@ def _process(logits_BxV, temperature, top_k: int, top_p: float):
     return z
 
 
+def _token_logprob(logits_BxV, tok_B):
+    """log_softmax(logits)[tok] without materialising the (B, V) log-softmax."""
+    shifted_BxV = logits_BxV - jax.lax.stop_gradient(jnp.max(logits_BxV, axis=-1, keepdims=True))
+    lse_B = jnp.log(jnp.sum(jnp.exp(shifted_BxV), axis=-1))
+    return jnp.take_along_axis(shifted_BxV, tok_B[:, None], axis=-1)[:, 0] - lse_B
+
+
 @functools.partial(jax.jit, static_argnames=(
     "c", "max_new_tokens", "num_samples", "top_k", "top_p", "greedy"))
 def _generate(c, params, ids_BxP, mask_BxP, rng, temperature, eos_id, pad_id, lora, *,
@@ -61,38 +68,46 @@ def _generate(c, params, ids_BxP, mask_BxP, rng, temperature, eos_id, pad_id, lo
     mask = jnp.repeat(mask_BxP.astype(jnp.int32), g, axis=0)
     bg = b * g
     dtype = jnp.dtype(c.compute_dtype) if c.compute_dtype else params["embed"]["embedding"].dtype
-    shape = (c.num_layers, bg, p + t_new, c.kv_heads, c.dim_per_head)
-    cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-    kv_mask_BxS = jnp.concatenate([mask, jnp.ones((bg, t_new), jnp.int32)], axis=1)
+    # The last sampled token is never fed back, so the cache holds p + t_new - 1 slots.
+    shape = (bg, c.kv_heads, p + t_new - 1, c.dim_per_head)
+    cache = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+                  for _ in range(c.num_layers))
+    kv_mask_BxS = jnp.concatenate([mask, jnp.ones((bg, t_new - 1), jnp.int32)], axis=1)
     pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    params, lora = unstack_layers(c, params, lora)  # once, for the prefill and the loop
     logits, cache = apply(c, params, ids, pos, kv_mask_BxS, lora=lora, cache=cache,
-                          cache_index=0)
+                          cache_index=0, last_only=True)
     next_pos_B = jnp.sum(mask, axis=1)
 
-    def step(carry, t):
-        cache, logits_BxV, done_B, key = carry
+    def pick(logits_BxV, done_B, key):
         key, sub = jax.random.split(key)
-        lp_model_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
         if greedy:
             tok_B = jnp.argmax(logits_BxV, axis=-1)
             lp_sample_B = jnp.zeros((bg,), jnp.float32)
         else:
             z = _process(logits_BxV, temperature, top_k, top_p)
             tok_B = jax.random.categorical(sub, z, axis=-1)
-            lp_sample_B = jnp.take_along_axis(
-                jax.nn.log_softmax(z, axis=-1), tok_B[:, None], axis=-1)[:, 0]
-        lp_B = jnp.take_along_axis(lp_model_BxV, tok_B[:, None], axis=-1)[:, 0]
+            lp_sample_B = _token_logprob(z, tok_B)
+        lp_B = _token_logprob(logits_BxV, tok_B)
         valid_B = ~done_B
         tok_B = jnp.where(valid_B, tok_B, pad_id).astype(ids.dtype)
         done_B = done_B | jnp.any(tok_B[:, None] == eos_id[None, :], axis=1)  # -1: never
-        new_logits, cache = apply(c, params, tok_B[:, None], (next_pos_B + t)[:, None],
-                                  kv_mask_BxS, lora=lora, cache=cache, cache_index=p + t)
         out = (tok_B, jnp.where(valid_B, lp_B, 0.0), valid_B.astype(jnp.int32),
                jnp.where(valid_B, lp_sample_B, 0.0))
+        return out, done_B, key
+
+    def step(carry, t):
+        cache, logits_BxV, done_B, key = carry
+        out, done_B, key = pick(logits_BxV, done_B, key)
+        new_logits, cache = apply(c, params, out[0][:, None], (next_pos_B + t)[:, None],
+                                  kv_mask_BxS, lora=lora, cache=cache, cache_index=p + t)
         return (cache, new_logits[:, 0], done_B, key), out
 
     init = (cache, logits[:, -1], jnp.zeros((bg,), bool), rng)
-    _, (toks, lps, masks, slps) = jax.lax.scan(step, init, jnp.arange(t_new))
+    (_, last_logits, done, key), outs = jax.lax.scan(step, init, jnp.arange(t_new - 1))
+    last, _, _ = pick(last_logits, done, key)
+    toks, lps, masks, slps = (jnp.concatenate([o_TxB, o_B[None]])
+                              for o_TxB, o_B in zip(outs, last, strict=True))
 
     def shape_out(x_TxBG):
         return x_TxBG.T.reshape(b, g, t_new)

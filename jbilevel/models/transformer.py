@@ -254,25 +254,29 @@ def _layer(c: ModelConfig, sites: dict, scale, x_BxLxD, p, lw, cos_sin, mask_inf
         if cache_kv is None and c.attention != "xla":
             return proj("o", _fused_attention(c, q, kk, vv, kv_mask_BxS), "blhk,hkd->bld"), None
         if cache_kv is None:
-            k_all, v_all = kk, vv
+            k_all, v_all, kv_axes = kk, vv, "bsnk"
             new_cache = None
-        else:
+        else:  # cache (B, KV, S, K): batch axes lead, so attention reads it without a copy
             ck, cv = cache_kv
-            k_all = jax.lax.dynamic_update_slice(ck, kk.astype(ck.dtype), (0, cache_index, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(cv, vv.astype(cv.dtype), (0, cache_index, 0, 0))
+            start = (0, 0, cache_index, 0)
+            k_all = jax.lax.dynamic_update_slice(ck, kk.transpose(0, 2, 1, 3).astype(ck.dtype),
+                                                 start)
+            v_all = jax.lax.dynamic_update_slice(cv, vv.transpose(0, 2, 1, 3).astype(cv.dtype),
+                                                 start)
+            kv_axes = "bnsk"
             new_cache = (k_all, v_all)
-        s = k_all.shape[1]
+        s = k_all.shape[kv_axes.index("s")]
         k_slot_S = jnp.arange(s)
         allowed_1xLxS = k_slot_S[None, None, :] <= q_slot_L[None, :, None]
         if c.sliding_window is not None:
             allowed_1xLxS &= (q_slot_L[None, :, None] - k_slot_S[None, None, :]) < c.sliding_window
         allowed_BxLxS = allowed_1xLxS & (kv_mask_BxS[:, None, :] > 0)
         q5 = q.reshape(b, seq, kv, h // kv, k)
-        scores = jnp.einsum("blngk,bsnk->bngls", q5, k_all.astype(q5.dtype),
+        scores = jnp.einsum(f"blngk,{kv_axes}->bngls", q5, k_all.astype(q5.dtype),
                             preferred_element_type=jnp.float32) * (k ** -0.5)
         scores = jnp.where(allowed_BxLxS[:, None, None, :, :], scores, _NEG)
         probs = jax.nn.softmax(scores, axis=-1).astype(v_all.dtype)
-        o5 = jnp.einsum("bngls,bsnk->blngk", probs, v_all).astype(y_BxLxD.dtype)
+        o5 = jnp.einsum(f"bngls,{kv_axes}->blngk", probs, v_all).astype(y_BxLxD.dtype)
         out = proj("o", o5.reshape(b, seq, h, k), "blhk,hkd->bld")
         return out, new_cache
 
@@ -293,17 +297,42 @@ def _layer(c: ModelConfig, sites: dict, scale, x_BxLxD, p, lw, cos_sin, mask_inf
     return x_BxLxD, new_cache
 
 
+def _per_layer(c: ModelConfig, stacked) -> tuple:
+    """A stacked (N, ...) layer pytree as N per-layer pytrees; a tuple passes through."""
+    if isinstance(stacked, tuple):
+        return stacked
+    return tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(c.num_layers))
+
+
+def unstack_layers(c: ModelConfig, params, lora=None):
+    """(params, lora) with the stacked layer weights split into tuples of per-layer pytrees.
+
+    `apply` with a cache takes either form. Decoding loops split once, outside the loop:
+    slicing a stacked weight inside the loop body copies it on every iteration. The
+    optimization barrier keeps XLA from sinking the slices back into the loop.
+    """
+    layers = _per_layer(c, params["layers"])
+    lw = _per_layer(c, {} if lora is None else lora.weights)
+    layers, lw = jax.lax.optimization_barrier((layers, lw))
+    params = dict(params, layers=layers)
+    return params, None if lora is None else dataclasses.replace(lora, weights=lw)
+
+
 def apply(c: ModelConfig, params, ids_BxL, pos_BxL, kv_mask_BxS, *, lora=None, cache=None,
-          cache_index=0):
+          cache_index=0, last_only=False):
     """Core forward, optionally through a KV cache.
 
     Args:
       c: config; params: parameter pytree; ids_BxL, pos_BxL: tokens and their positions.
       kv_mask_BxS: 1 for key slots that hold real tokens. Without a cache S == L; with a cache
         S is the cache length and the L new tokens are written at slots cache_index..+L.
-      lora: optional LoRA adapters; cache: {"k","v": (N, B, S, KV, K)} or None.
+      lora: optional LoRA adapters.
+      cache: None, or a tuple with one (k, v) pair per layer, each (B, KV, S, K). With a cache
+        the layers run unrolled: scanning them would restack the whole cache on every call
+        (every decoded token), while separate buffers are updated in place.
+      last_only: logits of the last position only, L -> 1 (a prefill before decoding).
     Returns:
-      (logits_BxLxV float32, updated cache or None).
+      (logits_BxLxV float32, updated cache (same structure) or None).
     """
     if c.compute_dtype is not None:
         cd = jnp.dtype(c.compute_dtype)
@@ -331,12 +360,24 @@ def apply(c: ModelConfig, params, ids_BxL, pos_BxL, kv_mask_BxS, *, lora=None, c
         policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
                   if c.remat_policy == "dots" else None)
         body = jax.checkpoint(body, prevent_cse=False, policy=policy)
-    ckv = None if cache is None else (cache["k"], cache["v"])
-    x, new_kv = jax.lax.scan(body, x, (params["layers"], lw, ckv))
+    if cache is None:
+        x, _ = jax.lax.scan(body, x, (params["layers"], lw, None))
+        new_cache = None
+    else:
+        if len(cache) != c.num_layers:
+            raise ValueError(f"cache has {len(cache)} layers, the model {c.num_layers}")
+        new_cache = []
+        layers, lw_layers = _per_layer(c, params["layers"]), _per_layer(c, lw)
+        for i, ckv in enumerate(cache):
+            p_i, lw_i = layers[i], lw_layers[i]
+            x, new = body(x, (p_i, lw_i, ckv))
+            new_cache.append(new)
+        new_cache = tuple(new_cache)
+    if last_only:
+        x = x[:, -1:]
     norm = _rms_norm if c.family == "llama" else _layer_norm
     x = norm(x, params["final_norm"], c.norm_eps)
     head = params["embed"]["embedding"] if c.tie_word_embeddings else params["lm_head"]["kernel"]
     logits = jnp.einsum("bld,vd->blv", x, head, preferred_element_type=jnp.float32)
     logits = constrain(logits, ("batch", None, "vocab"))
-    new_cache = None if cache is None else {"k": new_kv[0], "v": new_kv[1]}
     return logits, new_cache
