@@ -348,7 +348,8 @@ def run(
             else:
                 state, metrics = compiled.train(state, batch)
             step += 1
-            if compiled.hyper is not None and step % cfg.hyper_every == 0:
+            if (compiled.hyper is not None and step % cfg.hyper_every == 0
+                    and step >= cfg.hyper_start):
                 state, hyper_metrics = compiled.hyper(state, put(next(hyper_batches)),
                                                       put(next(val_batches)))
             if hyper_metrics or hook_metrics:

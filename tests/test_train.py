@@ -63,6 +63,14 @@ def test_learns_clean_weights(method):
     assert s_N[good].sum() > 0.9
 
 
+def test_hyper_start_delays_the_first_hypergradient():
+    # hyper_every 4, hyper_start 12: no hypergradient at steps 4 and 8, the first at step 12.
+    before, _ = toy.run_to("bds", ONE, 11, hyper_start=12)
+    after, _ = toy.run_to("bds", ONE, 12, hyper_start=12)
+    assert float(jnp.abs(before.omega).max()) == 0.0
+    assert float(jnp.abs(after.omega).max()) > 0.0
+
+
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     """Kill a run hard after its step-12 checkpoint; the resumed run ends bit-identical."""
     ckpt = tmp_path / "ckpt"

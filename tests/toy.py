@@ -87,12 +87,12 @@ def setup(method: str, mesh_cfg: sh.MeshConfig, **overrides):
 
 
 def run_to(method: str, mesh_cfg: sh.MeshConfig, steps: int, ckpt_dir=None,
-           checkpoint_every: int = 0, seed: int = 0):
+           checkpoint_every: int = 0, seed: int = 0, **overrides):
     """Trains ``method`` on the toy problem, resuming from ``ckpt_dir`` when it has a checkpoint."""
     from jbilevel.checkpoint import Checkpointer
 
     train_set, val_set, _ = problem(seed)
-    cfg, compiled, state_sh, init = setup(method, mesh_cfg)
+    cfg, compiled, state_sh, init = setup(method, mesh_cfg, **overrides)
     data = Batches(train_set, B, seed)
     val, hyper = Batches(val_set, 16, seed + 1), Batches(train_set, N, seed + 2)
     ckpt = Checkpointer(ckpt_dir, keep=2) if ckpt_dir else None

@@ -57,6 +57,7 @@ class MethodConfig:
     lam_decay: float = 0.0  # bmo: lam decreases by this much per epoch (paper code: 0.1)
     lam_min: float = 0.0  # bmo: floor of the lam schedule
     hyper_every: int = 100  # bds: inner steps between two hypergradient steps
+    hyper_start: int = 0  # bds: no hypergradient step before this step (theta warm-up)
     cg_iters: int = 5  # bds: CG iterations of the Hessian solve
     ridge: float = 10.0  # bds: damping added to the inner Hessian (ridge 1 flipped signs here)
     mu: float = 0.0  # bds: proximal/L2 strength inside the inner objective
@@ -67,8 +68,8 @@ class MethodConfig:
         for name in ("lr_theta", "lr_omega", "hyper_every", "cg_iters"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
-        for name in ("clip", "weight_decay", "ridge", "mu", "lam_decay", "hessian_rows",
-                     "hyper_chunk"):
+        for name in ("clip", "weight_decay", "ridge", "mu", "lam_decay", "hyper_start",
+                     "hessian_rows", "hyper_chunk"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if not 0.0 <= self.lam_min <= self.lam <= 1.0:
