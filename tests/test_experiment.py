@@ -55,3 +55,24 @@ def test_cli_train_config_and_errors(tmp_path, capsys):
     assert "unknown key 'loop.stepz'" in capsys.readouterr().err
     assert cli.main(["train", "--config", str(path), "method.method=adam"]) == 2
     assert "method.method must be one of" in capsys.readouterr().err
+
+
+def test_hypergrad_signal_script_on_a_finished_run(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "hypergrad_signal", Path(__file__).parents[1] / "scripts" / "hypergrad_signal.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    cfg = experiment.ExperimentConfig(
+        **TINY, method=MethodConfig(method="mix"),
+        loop=train.LoopConfig(steps=2, log_every=1, checkpoint_every=0, progress=False))
+    experiment.run(cfg, tmp_path)
+    capsys.readouterr()
+    script.main([str(tmp_path), "--ridge", "10", "--rows", "16", "--chunk", "32"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"{tmp_path}: 64 training examples, 45 clean"
+    rows = [line.split("|")[1:-1] for line in out if line.startswith("| 1")]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [("10", "16")]
+    assert all(0.0 <= float(r[2]) <= 1.0 for r in rows)
