@@ -36,6 +36,9 @@ METHOD_SETTINGS = {
     "bds": {"lr_omega": 0.3, "ridge": 10.0, "cg_iters": 5, "hyper_every": 100,
             "hessian_rows": 64, "hyper_chunk": 500},
 }
+# bds takes no hypergradient step in the first half of the steps (``hyper_start``): until the
+# model has learned the task, its hypergradients are noise (docs/results.md).
+HYPER_START_FRAC = 0.5
 # "online" = bmo plus self-refining generation (configs/quality_online.yaml's settings), which
 # starts after a quarter of the steps, once the model's own answers are worth training on.
 ONLINE_BASE = "bmo"
@@ -65,7 +68,9 @@ def demo_config(method: str, *, task: str = "quality", size: str = "tiny", steps
     cfg = experiment.ExperimentConfig(
         task=experiment.TaskConfig(name=task, seed=seed, options=dict(TASK_OPTIONS[task])),
         model=SIZES[size],
-        method=MethodConfig(method=method, lr_theta=1e-3, **METHOD_SETTINGS[method]),
+        method=MethodConfig(method=method, lr_theta=1e-3, **METHOD_SETTINGS[method],
+                            **({"hyper_start": int(HYPER_START_FRAC * steps)}
+                               if method == "bds" else {})),
         online=online,
         loop=train.LoopConfig(steps=steps, log_every=50, checkpoint_every=500,
                               eval_every=max(steps // 10, 1)),
