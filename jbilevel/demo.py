@@ -32,7 +32,7 @@ METHOD_SETTINGS = {
     "mix": {},
     "val": {},
     "oracle": {},
-    "bmo": {"lr_omega": 0.01, "lam": 0.5},
+    "bmo": {"lr_omega": 5.0, "omega_optim": "sgd", "lam": 0.5},
     "bds": {"lr_omega": 0.3, "ridge": 10.0, "cg_iters": 5, "hyper_every": 100,
             "hessian_rows": 64, "hyper_chunk": 500},
 }
