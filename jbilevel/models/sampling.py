@@ -8,6 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jbilevel.losses import token_nll
 from jbilevel.models.transformer import apply, unstack_layers
 
 
@@ -53,9 +54,7 @@ def _process(logits_BxV, temperature, top_k: int, top_p: float):
 
 def _token_logprob(logits_BxV, tok_B):
     """log_softmax(logits)[tok] without materialising the (B, V) log-softmax."""
-    shifted_BxV = logits_BxV - jax.lax.stop_gradient(jnp.max(logits_BxV, axis=-1, keepdims=True))
-    lse_B = jnp.log(jnp.sum(jnp.exp(shifted_BxV), axis=-1))
-    return jnp.take_along_axis(shifted_BxV, tok_B[:, None], axis=-1)[:, 0] - lse_B
+    return -token_nll(logits_BxV[:, None, :], tok_B[:, None])[:, 0]
 
 
 @functools.partial(jax.jit, static_argnames=(
