@@ -185,8 +185,7 @@ def tokenize_pairs(pairs, rows, where, tokenizer, *, max_len: int, overlength: s
       tokenizer: pipeline tokenizer (see ``jbilevel.data.tokenizer``).
       max_len: longest sequence (bos + prompt + response + eos) kept.
       overlength: "error" raises, "truncate" cuts the response's end (then the prompt's start,
-        after bos),
-        "skip" drops the example; truncations and skips are counted in ``report``.
+        after bos), "skip" drops the example; truncations and skips are counted in ``report``.
     Returns: the dataset; ids are 0..N-1 in input order over the kept examples.
     """
     if overlength not in POLICIES:
