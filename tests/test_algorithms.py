@@ -118,3 +118,18 @@ def test_weight_decay_shrinks_matrices_only():
     np.testing.assert_allclose(np.asarray(updates["v"]), 0.0, atol=0)
     with pytest.raises(ValueError, match="weight_decay=-1"):
         MethodConfig(weight_decay=-1)
+
+
+def test_warmup_ramps_the_theta_step_size_linearly():
+    # A constant gradient makes every Adam step lr_t * sign(g); lr_t = lr * min(t / warmup, 1).
+    cfg = MethodConfig(method="sft", lr_theta=0.1, warmup=4, clip=0.0)
+    tx = theta_optimizer(cfg)
+    theta = {"m": jnp.ones((2, 2))}
+    grads = jax.tree.map(jnp.ones_like, theta)
+    state, steps = tx.init(theta), []
+    for _ in range(6):
+        updates, state = tx.update(grads, state, theta)
+        steps.append(float(updates["m"][0, 0]))
+    np.testing.assert_allclose(steps, [0.0, -0.025, -0.05, -0.075, -0.1, -0.1], rtol=1e-5)
+    with pytest.raises(ValueError, match="warmup=-1"):
+        MethodConfig(warmup=-1)

@@ -52,6 +52,7 @@ class MethodConfig:
     b2: float = 0.95  # Adam beta2 for both optimizers (paper code)
     clip: float = 1.0  # global-norm gradient clip for theta (0 disables)
     weight_decay: float = 0.0  # decoupled (AdamW) decay of theta's matrices (0: plain Adam)
+    warmup: int = 0  # theta's step size rises linearly from 0 to lr_theta over this many steps
     omega_optim: Literal["adam", "sgd"] = "adam"  # optimizer of the data logits
     lam: float = 0.5  # bmo: weight of the validation loss in the theta update
     lam_decay: float = 0.0  # bmo: lam decreases by this much per epoch (paper code: 0.1)
@@ -68,7 +69,7 @@ class MethodConfig:
         for name in ("lr_theta", "lr_omega", "hyper_every", "cg_iters"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
-        for name in ("clip", "weight_decay", "ridge", "mu", "lam_decay", "hyper_start",
+        for name in ("clip", "weight_decay", "warmup", "ridge", "mu", "lam_decay", "hyper_start",
                      "hessian_rows", "hyper_chunk"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
@@ -92,12 +93,14 @@ class TrainState:
 
 
 def theta_optimizer(cfg: MethodConfig) -> optax.GradientTransformation:
-    """Adam (AdamW on matrices when weight_decay > 0), after a global-norm clip if set."""
+    """Adam (AdamW on matrices when weight_decay > 0), after a global-norm clip if set; the step
+    size warms up linearly over ``cfg.warmup`` steps, then stays at ``lr_theta``."""
+    lr = optax.linear_schedule(0.0, cfg.lr_theta, cfg.warmup) if cfg.warmup else cfg.lr_theta
     if cfg.weight_decay:
-        adam = optax.adamw(cfg.lr_theta, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
+        adam = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
                            mask=lambda theta: jax.tree.map(lambda x: x.ndim >= 2, theta))
     else:
-        adam = optax.adam(cfg.lr_theta, b1=cfg.b1, b2=cfg.b2)
+        adam = optax.adam(lr, b1=cfg.b1, b2=cfg.b2)
     return optax.chain(optax.clip_by_global_norm(cfg.clip), adam) if cfg.clip else adam
 
 
