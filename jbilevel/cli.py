@@ -18,10 +18,15 @@ def _build_parser() -> argparse.ArgumentParser:
                     "and prints a comparison table; everything lands in --out.")
     demo.add_argument("--out", default="runs/demo", help="output directory")
     demo.add_argument("--task", default="quality", choices=["quality", "safety"],
-                      help="built-in task (quality: 50%% of answers follow a wrong rule)")
+                      help="built-in task (quality: 50%% of the answers are wrong, see --corruption)")
     demo.add_argument("--size", default="tiny", choices=["tiny", "small"], help="model size")
-    demo.add_argument("--steps", type=int, default=200,
-                      help="training steps per method (200 fits ten minutes on 2 CPU cores)")
+    demo.add_argument("--steps", type=int, default=400,
+                      help="training steps per method (400 fits ten minutes on 2 CPU cores; "
+                           "the model learns addition around step 1000)")
+    demo.add_argument("--corruption", default="style", choices=["style", "rule", "random"],
+                      help="quality task: how the bad half of the answers is wrong. style "
+                           "('The answer is 82.') is told apart within the default steps; rule "
+                           "(a+b+1, the shipped configs) needs --steps 2000 (docs/results.md)")
     demo.add_argument("--methods", default="mix,bmo,bds,online",
                       help="comma-separated: sft, mix, val, oracle, bmo, bds, online (bmo plus "
                            "self-refining generation)")

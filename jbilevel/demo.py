@@ -37,8 +37,10 @@ METHOD_SETTINGS = {
             "hessian_rows": 64, "hyper_chunk": 500},
 }
 # bds takes no hypergradient step in the first half of the steps (``hyper_start``): until the
-# model has learned the task, its hypergradients are noise (docs/results.md).
+# model has learned the task, its hypergradients are noise (docs/results.md). Short runs take
+# one every steps/8 steps (at most every hyper_every), so the second half has at least four.
 HYPER_START_FRAC = 0.5
+HYPER_STEPS_PER_RUN = 8
 # "online" = bmo plus self-refining generation (configs/quality_online.yaml's settings), which
 # starts after a quarter of the steps, once the model's own answers are worth training on.
 ONLINE_BASE = "bmo"
@@ -55,9 +57,14 @@ COLUMNS = ("method", "test_accuracy", "unsafe_compliance", "val_loss", "weight_a
 
 
 def demo_config(method: str, *, task: str = "quality", size: str = "tiny", steps: int = 2000,
-                seed: int = 0, changes: dict | None = None) -> experiment.ExperimentConfig:
-    """The configuration the demo runs for one method (``changes``: top-level field values
-    that replace the demo's, e.g. a smaller task for a quick check)."""
+                seed: int = 0, corruption: str | None = None, changes: dict | None = None
+                ) -> experiment.ExperimentConfig:
+    """The configuration the demo runs for one method.
+
+    ``corruption``: the quality task's corruption kind (default: the shipped configs' "rule");
+    ``changes``: top-level field values that replace the demo's, e.g. a smaller task for a
+    quick check.
+    """
     if method not in METHOD_SETTINGS and method != "online":
         raise ValueError(f"unknown method {method!r}; choose from "
                          f"{sorted(METHOD_SETTINGS) + ['online']}")
@@ -65,12 +72,20 @@ def demo_config(method: str, *, task: str = "quality", size: str = "tiny", steps
     if method == "online":
         online = OnlineConfig(start=steps // 4, **ONLINE_SETTINGS)
         method = ONLINE_BASE
+    options = dict(TASK_OPTIONS[task])
+    if corruption is not None:
+        if "corruption" not in options:
+            raise ValueError(f"task {task!r} has no corruption option (only 'quality' does)")
+        options["corruption"] = corruption
+    settings = dict(METHOD_SETTINGS[method])
+    if method == "bds":
+        settings["hyper_start"] = int(HYPER_START_FRAC * steps)
+        settings["hyper_every"] = max(min(settings["hyper_every"],
+                                          steps // HYPER_STEPS_PER_RUN), 1)
     cfg = experiment.ExperimentConfig(
-        task=experiment.TaskConfig(name=task, seed=seed, options=dict(TASK_OPTIONS[task])),
+        task=experiment.TaskConfig(name=task, seed=seed, options=options),
         model=SIZES[size],
-        method=MethodConfig(method=method, lr_theta=1e-3, **METHOD_SETTINGS[method],
-                            **({"hyper_start": int(HYPER_START_FRAC * steps)}
-                               if method == "bds" else {})),
+        method=MethodConfig(method=method, lr_theta=1e-3, **settings),
         online=online,
         loop=train.LoopConfig(steps=steps, log_every=50, checkpoint_every=500,
                               eval_every=max(steps // 10, 1)),
@@ -102,15 +117,16 @@ def format_table(rows: list[dict]) -> str:
 
 
 def run(out: str | Path, *, methods=("mix", "bmo", "bds", "online"), task: str = "quality",
-        size: str = "tiny", steps: int = 2000, seed: int = 0, progress: bool = True,
-        changes: dict | None = None) -> dict:
+        size: str = "tiny", steps: int = 2000, seed: int = 0, corruption: str | None = None,
+        progress: bool = True, changes: dict | None = None) -> dict:
     """Runs every method and writes ``results.json``, ``results.md`` and the plots to ``out``."""
     from jbilevel import report
 
     out = Path(out)
     rows, runs, configs = [], {}, {}
     for method in methods:
-        cfg = demo_config(method, task=task, size=size, steps=steps, seed=seed, changes=changes)
+        cfg = demo_config(method, task=task, size=size, steps=steps, seed=seed,
+                          corruption=corruption, changes=changes)
         t0 = time.perf_counter()
         result = experiment.run(cfg, out / method, progress=progress)
         rows.append(row(method, result, time.perf_counter() - t0))
@@ -119,7 +135,9 @@ def run(out: str | Path, *, methods=("mix", "bmo", "bds", "online"), task: str =
         print(f"[{method}] done: " + ", ".join(
             f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
             for k, v in rows[-1].items() if k != "method" and v is not None), flush=True)
-    summary = {"task": task, "size": size, "steps": steps, "seed": seed, "rows": rows,
+    summary = {"task": task, "corruption": corruption or TASK_OPTIONS[task].get("corruption"),
+               "size": size,
+               "steps": steps, "seed": seed, "rows": rows,
                "runs": runs, "config": configs}
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "results.md").write_text(format_table(rows) + "\n")
@@ -130,8 +148,9 @@ def run(out: str | Path, *, methods=("mix", "bmo", "bds", "online"), task: str =
 
 def main(args) -> int:
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    corruption = args.corruption if args.task == "quality" else None
     summary = run(args.out, methods=methods, task=args.task, size=args.size, steps=args.steps,
-                  seed=args.seed)
+                  seed=args.seed, corruption=corruption)
     out = Path(args.out)
     print()
     print(format_table(summary["rows"]))

@@ -50,3 +50,12 @@ def test_table_leaves_out_columns_no_method_has():
     rows = [demo.row("mix", {"test_accuracy": 0.5, "val_loss": 1.0}, 3.0)]
     assert demo.format_table(rows).splitlines()[0] == (
         "| method | test_accuracy | val_loss | wall_seconds |")
+
+
+def test_short_demo_runs_keep_four_hypergradient_steps_and_pick_the_corruption():
+    cfg = demo.demo_config("bds", steps=400, corruption="style")
+    assert cfg.task.options["corruption"] == "style"
+    assert (cfg.method.hyper_start, cfg.method.hyper_every) == (200, 50)
+    assert demo.demo_config("bds").method.hyper_every == 100  # 2000 steps: the shipped value
+    with pytest.raises(ValueError, match="no corruption option"):
+        demo.demo_config("mix", task="safety", corruption="style")
