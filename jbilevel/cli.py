@@ -20,8 +20,8 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--task", default="quality", choices=["quality", "safety"],
                       help="built-in task (quality: 50%% of the answers are wrong, see --corruption)")
     demo.add_argument("--size", default="tiny", choices=["tiny", "small"], help="model size")
-    demo.add_argument("--steps", type=int, default=400,
-                      help="training steps per method (400 fits ten minutes on 2 CPU cores; "
+    demo.add_argument("--steps", type=int, default=300,
+                      help="training steps per method (300: ~7.5 minutes on 2 CPU cores; "
                            "the model learns addition around step 1000)")
     demo.add_argument("--corruption", default="style", choices=["style", "rule", "random"],
                       help="quality task: how the bad half of the answers is wrong. style "
