@@ -22,6 +22,7 @@ import numpy as np
 
 from jbilevel import sharding
 from jbilevel.models import ModelConfig, build, generate
+from jbilevel.xla_options import train_compiler_options
 
 BATCH, SEQ, LAYERS, VOCAB = 16, 128, 4, 4096
 PROMPT, NEW = 64, 64
@@ -77,10 +78,12 @@ def _jax_timings(model, params, x, steps: int):
         logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
         return -jnp.mean(jnp.take_along_axis(logp, ids_BxL[:, 1:, None], axis=-1))
 
-    @jax.jit
-    def step(p, ids_BxL):
+    def sgd_step(p, ids_BxL):
         loss, g = jax.value_and_grad(loss_fn)(p, ids_BxL)
         return jax.tree.map(lambda a, b: a - 1e-3 * b, p, g), loss
+
+    # the trainer's compile options for its steps (jbilevel/xla_options.py)
+    step = jax.jit(sgd_step, compiler_options=train_compiler_options(x.devices().pop().platform))
 
     state = {"p": params}
 

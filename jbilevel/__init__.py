@@ -6,10 +6,6 @@ The public research API (DESIGN.md section 3) is re-exported here lazily, so tha
 
 __version__ = "0.1.0"
 
-from jbilevel._xla_flags import apply_cpu_defaults as _apply_cpu_defaults
-
-_apply_cpu_defaults()  # before any JAX backend starts (see jbilevel/_xla_flags.py)
-
 _LAZY = {
     "hypergrad": "jbilevel.implicit",
     "hypergrad_chunked": "jbilevel.chunked",

@@ -18,7 +18,8 @@ def _build_parser() -> argparse.ArgumentParser:
                     "and prints a comparison table; everything lands in --out.")
     demo.add_argument("--out", default="runs/demo", help="output directory")
     demo.add_argument("--task", default="quality", choices=["quality", "safety"],
-                      help="built-in task (quality: 50%% of the answers are wrong, see --corruption)")
+                      help="built-in task (quality: 50%% of the answers are wrong; "
+                           "see --corruption)")
     demo.add_argument("--size", default="tiny", choices=["tiny", "small"], help="model size")
     demo.add_argument("--steps", type=int, default=300,
                       help="training steps per method (300: ~7.5 minutes on 2 CPU cores; "

@@ -36,6 +36,7 @@ from jbilevel.algorithms.offline import (
     theta_optimizer,
 )
 from jbilevel.checkpoint import Checkpointer, abstract_like
+from jbilevel.xla_options import train_compiler_options
 
 
 class BatchSource(Protocol):
@@ -128,12 +129,14 @@ def compile_steps(steps: Steps, cfg: MethodConfig, mesh, rules: sh.AxisRules,
 
         return traced
 
+    options = train_compiler_options(mesh.devices.flat[0].platform)
     train = jax.jit(pinned(steps.train), in_shardings=(state_sh,) + (batch_sh,) * n_batches,
-                    out_shardings=(state_sh, rep), donate_argnums=0)
+                    out_shardings=(state_sh, rep), donate_argnums=0, compiler_options=options)
     hyper = None
     if steps.hyper is not None:
         hyper = jax.jit(pinned(steps.hyper), in_shardings=(state_sh, batch_sh, batch_sh),
-                        out_shardings=(state_sh, rep), donate_argnums=0)
+                        out_shardings=(state_sh, rep), donate_argnums=0,
+                        compiler_options=options)
     return CompiledSteps(train, hyper, with_val, batch_sh)
 
 
