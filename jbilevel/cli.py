@@ -22,12 +22,12 @@ def _build_parser() -> argparse.ArgumentParser:
                            "see --corruption)")
     demo.add_argument("--size", default="tiny", choices=["tiny", "small"], help="model size")
     demo.add_argument("--steps", type=int, default=300,
-                      help="training steps per method (300: ~7.5 minutes on 2 CPU cores; "
+                      help="training steps per method (300: ~8 minutes on 2 CPU cores; "
                            "the model learns addition around step 1000)")
-    demo.add_argument("--corruption", default="style", choices=["style", "rule", "random"],
-                      help="quality task: how the bad half of the answers is wrong. style "
-                           "('The answer is 82.') is told apart within the default steps; rule "
-                           "(a+b+1, the shipped configs) needs --steps 2000 (docs/results.md)")
+    demo.add_argument("--corruption", default=None, choices=["style", "rule", "random"],
+                      help="quality task: how the bad half of the answers is wrong (default "
+                           "style: 'The answer is 82.', told apart within the default steps; "
+                           "rule: a+b+1, the shipped configs, needs --steps 2000)")
     demo.add_argument("--methods", default="mix,bmo,bds,online",
                       help="comma-separated: sft, mix, val, oracle, bmo, bds, online (bmo plus "
                            "self-refining generation)")

@@ -136,9 +136,8 @@ def run(out: str | Path, *, methods=("mix", "bmo", "bds", "online"), task: str =
             f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
             for k, v in rows[-1].items() if k != "method" and v is not None), flush=True)
     summary = {"task": task, "corruption": corruption or TASK_OPTIONS[task].get("corruption"),
-               "size": size,
-               "steps": steps, "seed": seed, "rows": rows,
-               "runs": runs, "config": configs}
+               "size": size, "steps": steps, "seed": seed, "rows": rows, "runs": runs,
+               "config": configs}
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "results.md").write_text(format_table(rows) + "\n")
     report.plot_comparison({m: out / m / "metrics.jsonl" for m in methods},
@@ -148,7 +147,9 @@ def run(out: str | Path, *, methods=("mix", "bmo", "bds", "online"), task: str =
 
 def main(args) -> int:
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    corruption = args.corruption if args.task == "quality" else None
+    # the quality task's demo default is "style" (see the --corruption help); other tasks have
+    # no corruption option, and demo_config says so if one is asked for
+    corruption = args.corruption or ("style" if args.task == "quality" else None)
     summary = run(args.out, methods=methods, task=args.task, size=args.size, steps=args.steps,
                   seed=args.seed, corruption=corruption)
     out = Path(args.out)

@@ -59,3 +59,11 @@ def test_short_demo_runs_keep_four_hypergradient_steps_and_pick_the_corruption()
     assert demo.demo_config("bds").method.hyper_every == 100  # 2000 steps: the shipped value
     with pytest.raises(ValueError, match="no corruption option"):
         demo.demo_config("mix", task="safety", corruption="style")
+
+
+def test_cli_demo_refuses_a_corruption_the_task_does_not_have(tmp_path):
+    from jbilevel import cli
+
+    with pytest.raises(ValueError, match="no corruption option"):
+        cli.main(["demo", "--task", "safety", "--corruption", "rule", "--out", str(tmp_path)])
+    assert not (tmp_path / "results.json").exists()
