@@ -21,8 +21,8 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="built-in task (quality: 50%% of the answers are wrong; "
                            "see --corruption)")
     demo.add_argument("--size", default="tiny", choices=["tiny", "small"], help="model size")
-    demo.add_argument("--steps", type=int, default=300,
-                      help="training steps per method (300: ~8 minutes on 2 CPU cores; "
+    demo.add_argument("--steps", type=int, default=250,
+                      help="training steps per method (250: ~7 minutes on 2 CPU cores; "
                            "the model learns addition around step 1000)")
     demo.add_argument("--corruption", default=None, choices=["style", "rule", "random"],
                       help="quality task: how the bad half of the answers is wrong (default "
