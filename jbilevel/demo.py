@@ -50,10 +50,11 @@ ONLINE_SETTINGS = {"every": 50, "select": "dynamic", "fraction": 0.2, "num_sampl
 TASK_OPTIONS = {
     "quality": {"n_train": 4000, "n_val": 200, "n_test": 500, "corrupt_frac": 0.5,
                 "corruption": "rule", "ops": "+"},
-    "safety": {"n_train": 4000, "n_val": 200, "n_test": 500},
+    "safety": {"n_train": 4000, "n_val": 200, "n_test": 500, "harmful_frac": 0.3,
+               "unsafe_frac": 0.5, "ops": "+"},
 }
-COLUMNS = ("method", "test_accuracy", "unsafe_compliance", "val_loss", "weight_auroc",
-           "weight_mass_on_good", "wall_seconds")
+COLUMNS = ("method", "test_accuracy", "corrupted", "unsafe_compliance", "val_loss",
+           "weight_auroc", "weight_mass_on_good", "wall_seconds")
 
 
 def demo_config(method: str, *, task: str = "quality", size: str = "tiny", steps: int = 2000,
@@ -97,6 +98,7 @@ def row(method: str, result: dict, wall: float) -> dict:
     """One line of the comparison table (None where a method has no such number)."""
     accuracy = result.get("test_accuracy", result.get("test_benign_accuracy"))
     return {"method": method, "test_accuracy": accuracy,
+            "corrupted": result.get("test_corrupted"),
             "unsafe_compliance": result.get("test_unsafe_compliance"),
             "val_loss": result["val_loss"],
             "weight_auroc": result.get("weight_auroc"),

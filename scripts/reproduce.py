@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 # Columns of the table, in order, when the runs report them.
-METRICS = ("test_accuracy", "val_loss", "weight_auroc", "weight_mass_on_good",
-           "train_seconds")
+METRICS = ("test_accuracy", "test_corrupted", "test_unsafe_compliance", "test_benign_accuracy",
+           "val_loss", "weight_auroc", "weight_mass_on_good", "train_seconds")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -57,6 +57,11 @@ def test_quality_corruption_kinds():
                       corruption=kind)
         bad = [r for r in t.train.rows if not r["good"]]
         assert len(bad) == 150 and all(check(r) and r["kind"] == kind for r in bad)
+        # The corrupted responses of the train rows, scored as answers, all count as corrupted
+        # when the corruption is deterministic; a random one is not scored.
+        scored = t.scorer([r["response"] for r in bad], bad)
+        assert scored["accuracy"] == 0.0
+        assert scored.get("corrupted") == (1.0 if kind == "style" else None)
     with pytest.raises(ValueError, match="unknown corruption 'typo'"):
         make_task("quality", corruption="typo")
 
@@ -72,10 +77,11 @@ def test_quality_ops():
 
 def test_quality_score(quality):
     preds = [r["answer"] for r in quality.test.rows]
-    assert quality.score(preds) == {"accuracy": 1.0, "n": 500}
+    assert quality.score(preds) == {"accuracy": 1.0, "n": 500, "corrupted": 0.0}
     preds[:125] = ["wrong"] * 125
     preds[125] = " " + preds[125] + "\n"  # surrounding whitespace is not an error
-    assert quality.score(preds)["accuracy"] == 0.75
+    preds[126:176] = [str(int(r["answer"]) + 1) for r in quality.test.rows[126:176]]
+    assert quality.score(preds) == {"accuracy": 0.65, "n": 500, "corrupted": 0.1}
     with pytest.raises(ValueError, match="3 predictions for 200 validation examples"):
         quality.score(["1", "2", "3"], "validation")
 

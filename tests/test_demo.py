@@ -26,7 +26,8 @@ def test_demo_writes_table_plots_and_runs(tmp_path, capsys):
     assert 0.0 <= bds["test_accuracy"] <= 1.0 and bds["val_loss"] > 0
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == summary["rows"]
     table = (tmp_path / "results.md").read_text()
-    assert table.startswith("| method | test_accuracy | val_loss | weight_auroc")
+    assert table.startswith("| method | test_accuracy | corrupted | val_loss | weight_auroc")
+    assert 0.0 <= bds["corrupted"] <= 1.0 - bds["test_accuracy"]
     for name in ("curves.png", "mix/results.json", "bds/weights.csv", "bds/curated.jsonl",
                  "bds/weights.png", "bds/model/config.json"):
         assert (tmp_path / name).exists(), name
@@ -44,6 +45,15 @@ def test_shipped_quality_configs_are_the_demo_settings(method):
     assert shipped.method == want.method
     assert shipped.model == want.model and shipped.task == want.task
     assert (shipped.batch_size, shipped.val_batch_size) == (want.batch_size, want.val_batch_size)
+
+
+@pytest.mark.parametrize("method", ["sft", "mix", "val", "bmo", "bds"])
+def test_shipped_safety_configs_are_the_demo_task(method):
+    path = Path(__file__).parent.parent / "configs" / f"safety_{method}.yaml"
+    shipped = config.load(experiment.ExperimentConfig, path)
+    want = demo.demo_config("mix", task="safety")
+    assert shipped.method.method == method
+    assert shipped.model == want.model and shipped.task == want.task
 
 
 def test_table_leaves_out_columns_no_method_has():

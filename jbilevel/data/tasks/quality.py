@@ -4,10 +4,16 @@ Corruption kinds (applied to ``corrupt_frac`` of train examples, which get good=
   "rule":   a consistent wrong rule, answer + 1 (hurts direct mixing the most);
   "style":  a consistent wrong style, "The answer is 82." (exact match fails);
   "random": a random wrong integer.
-Validation and test are clean. Metric: exact-match accuracy of decoded answers.
+Validation and test are clean. Metrics: exact-match accuracy of decoded answers and, for the
+deterministic corruptions (rule, style), the fraction of answers that follow the corruption
+instead: with a consistent wrong rule in half the data, a model that learned the task picks
+between the two answers, and accuracy alone does not say whether it failed to learn addition
+or learned the wrong rule.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -31,10 +37,19 @@ def corrupt(kind: str, true: int, rng: np.random.Generator) -> str:
     raise ValueError(f"unknown corruption {kind!r}; use one of {CORRUPTIONS}")
 
 
-def score_quality(predictions: list[str], rows: list[dict]) -> dict:
-    """Returns: {"accuracy": exact match of stripped prediction vs answer, "n"}."""
-    hits = [p.strip() == r["answer"] for p, r in zip(predictions, rows, strict=True)]
-    return {"accuracy": float(np.mean(hits)), "n": len(hits)}
+def score_quality(predictions: list[str], rows: list[dict], corruption: str | None = None) -> dict:
+    """Args: decoded answers, their rows, the task's corruption kind (None: not scored).
+
+    Returns: {"accuracy": exact match of the stripped prediction, "n"} and, for the "rule" and
+    "style" corruptions, "corrupted": the fraction of predictions equal to the corrupted
+    response (e.g. a+b+1 for "rule").
+    """
+    pairs = [(p.strip(), r["answer"]) for p, r in zip(predictions, rows, strict=True)]
+    out = {"accuracy": float(np.mean([p == a for p, a in pairs])), "n": len(pairs)}
+    if corruption in ("rule", "style"):  # deterministic: the corrupted answer is known
+        out["corrupted"] = float(np.mean([p == corrupt(corruption, int(a), None)
+                                          for p, a in pairs]))
+    return out
 
 
 def make_quality(seed: int = 0, *, n_train: int = 4000, n_val: int = 200, n_test: int = 500,
@@ -74,4 +89,5 @@ def make_quality(seed: int = 0, *, n_train: int = 4000, n_val: int = 200, n_test
                 "kind": corruption if is_bad else "clean",
             })
     tok, splits = build_splits(rows_by_split, max_len)
-    return Task("quality", tok, splits, (~bad).astype(np.int32), score_quality)
+    return Task("quality", tok, splits, (~bad).astype(np.int32),
+                functools.partial(score_quality, corruption=corruption))

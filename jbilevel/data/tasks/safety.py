@@ -68,7 +68,7 @@ def score_safety(predictions: list[str], rows: list[dict]) -> dict:
 
 
 def make_safety(seed: int = 0, *, n_train: int = 4000, n_val: int = 200, n_test: int = 500,
-                harmful_frac: float = 0.3, unsafe_frac: float = 0.5,
+                harmful_frac: float = 0.3, unsafe_frac: float = 0.5, ops: str = "+-",
                 max_len: int = 144) -> Task:
     """Build the safety task.
 
@@ -77,6 +77,7 @@ def make_safety(seed: int = 0, *, n_train: int = 4000, n_val: int = 200, n_test:
       n_train, n_val, n_test: split sizes; validation and test are half harmful, half benign.
       harmful_frac: fraction of train examples that are harmful requests.
       unsafe_frac: fraction of harmful train examples answered with unsafe compliance (good=0).
+      ops: the operators benign questions use: "+-", "+" or "-".
       max_len: sequence length limit.
     Returns: Task with good_N = 0 exactly on the unsafe compliant train examples.
     """
@@ -92,7 +93,7 @@ def make_safety(seed: int = 0, *, n_train: int = 4000, n_val: int = 200, n_test:
     n_unsafe = round(unsafe_frac * n_train_h)
     n_benign = {"train": n_train - n_train_h, "validation": n_val - n_val_h,
                 "test": n_test - n_test_h}
-    problems = iter(distinct_problems(rng, sum(n_benign.values())))
+    problems = iter(distinct_problems(rng, sum(n_benign.values()), ops))
 
     def benign():
         op, a, b = next(problems)
