@@ -10,12 +10,20 @@ Each method's run starts from ``configs/<task>_<method>.yaml``; every run gets
 Writes to ``--out`` (default docs/results): ``<task>.md`` (the table and the command),
 ``<task>.json`` (every run's results), ``<task>.png`` (bars: mean ± std, dots: seeds) and
 ``runs/<method>/seed<s>/`` (each run's full report).
+
+``--redraw FILE.json`` runs nothing: it reads a per-run JSON (``{"<method>_s<seed>": results}``,
+as committed under docs/results/), keeps the ``--methods`` given, in that order, and writes
+``FILE.png`` and ``FILE.md`` next to it:
+
+    python scripts/reproduce.py --redraw docs/results/additions_2000_steps.json \
+        --methods sft mix bmo bds --title "quality task, 2000 steps"
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -35,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", default="configs", help="directory of the YAML configs")
     p.add_argument("--out", default="docs/results", help="output directory")
     p.add_argument("--fresh", action="store_true", help="rerun runs that already finished")
+    p.add_argument("--redraw", metavar="JSON", help="table and plot from a per-run JSON only")
+    p.add_argument("--title", help="plot title (default: the task or the JSON's name)")
     p.add_argument("overrides", nargs="*", help="key=value for every run, e.g. loop.steps=500")
     return p
 
@@ -68,12 +78,18 @@ def summarise(results: dict[str, list[dict]]) -> dict[str, dict[str, tuple[float
 def markdown(summary: dict, command: str, seeds: list[int]) -> str:
     keys = [k for k in METRICS if any(k in row for row in summary.values())]
     lines = [f"Made by: `{command}`", "",
-             f"Mean ± sample standard deviation over seeds {seeds}.", "",
-             "| method | " + " | ".join(keys) + " |",
-             "|---|" + "---|" * len(keys)]
+             f"Mean ± sample standard deviation over seeds {seeds} (one value: one seed ran).",
+             "", "| method | seeds | " + " | ".join(keys) + " |",
+             "|---|---|" + "---|" * len(keys)]
+
+    def cell(mean_std_n):
+        mean, std, n = mean_std_n
+        return f"{mean:.4g} ± {std:.2g}" if n > 1 else f"{mean:.4g}"
+
     for method, row in summary.items():
-        cells = [f"{row[k][0]:.4g} ± {row[k][1]:.2g}" if k in row else "" for k in keys]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        cells = [cell(row[k]) if k in row else "" for k in keys]
+        n = max((row[k][2] for k in keys if k in row), default=0)
+        lines.append(f"| {method} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -94,7 +110,9 @@ def plot(results: dict[str, list[dict]], summary: dict, path: Path, title: str) 
         for i in xs:
             values = [r[key] for r in results[methods[i]] if key in r]
             ax.scatter([i] * len(values), values, color="black", s=10, zorder=3)
-        ax.set_xticks(range(len(methods)), methods)
+        long = max(map(len, methods)) > 6
+        ax.set_xticks(range(len(methods)), methods, rotation=30 if long else 0,
+                      ha="right" if long else "center")
         ax.set_title(key)
     fig.suptitle(title)
     fig.tight_layout()
@@ -102,8 +120,48 @@ def plot(results: dict[str, list[dict]], summary: dict, path: Path, title: str) 
     plt.close(fig)
 
 
+def group_runs(runs: dict[str, dict], methods: list[str],
+               source: str) -> tuple[dict[str, list[dict]], list[int]]:
+    """``{"<method>_s<seed>": results}`` -> (method -> results in seed order, seeds seen).
+
+    Only ``methods`` are kept, in that order; keys that do not end in ``_s<seed>`` (variants
+    such as ``mix_s0_before_option``) are left out. An asked-for method with no run is an error.
+    """
+    by_method: dict[str, list[tuple[int, dict]]] = {}
+    for key, result in runs.items():
+        m = re.fullmatch(r"(.+)_s(\d+)", key)
+        if m and m.group(1) in methods:
+            by_method.setdefault(m.group(1), []).append((int(m.group(2)), result))
+    missing = [m for m in methods if m not in by_method]
+    if missing:
+        raise ValueError(f"{source}: no runs named <method>_s<seed> for {', '.join(missing)}")
+    grouped = {m: [r for _, r in sorted(by_method[m], key=lambda t: t[0])] for m in methods}
+    return grouped, sorted({seed for m in methods for seed, _ in by_method[m]})
+
+
+def redraw(path: Path, methods: list[str], title: str | None, command: str) -> str:
+    """Write ``path``'s table (.md) and plot (.png) next to it; returns the table."""
+    grouped, seeds = group_runs(json.loads(path.read_text()), methods, str(path))
+    summary = summarise(grouped)
+    table = markdown(summary, command, seeds)
+    path.with_suffix(".md").write_text(table)
+    plot(grouped, summary, path.with_suffix(".png"), title or path.stem)
+    return table
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    argv_used = sys.argv[1:] if argv is None else argv
+    command = "python scripts/reproduce.py " + shlex.join(argv_used)
+    if args.redraw:
+        try:
+            table = redraw(Path(args.redraw), args.methods, args.title, command)
+        except (OSError, ValueError) as e:
+            print(f"reproduce: {e}", file=sys.stderr)
+            return 2
+        print(table)
+        print(f"wrote {Path(args.redraw).with_suffix('.md')} and .png")
+        return 0
     out = Path(args.out)
     configs = {m: Path(args.configs) / f"{args.task}_{m}.yaml" for m in args.methods}
     missing = [str(p) for p in configs.values() if not p.exists()]
@@ -120,15 +178,13 @@ def main(argv=None) -> int:
             overrides = [f"seed={seed}", f"task.seed={seed}", *args.overrides]
             results[method].append(run_one(path, overrides, run_dir, args.fresh))
     summary = summarise(results)
-    argv_used = sys.argv[1:] if argv is None else argv
-    command = "python scripts/reproduce.py " + shlex.join(argv_used)
     table = markdown(summary, command, args.seeds)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.task}.md").write_text(table)
     (out / f"{args.task}.json").write_text(json.dumps(
         {"command": command, "seeds": args.seeds, "runs": results}, indent=2) + "\n")
     plot(results, summary, out / f"{args.task}.png",
-         f"{args.task}: mean ± std over {len(args.seeds)} seeds")
+         args.title or f"{args.task}: mean ± std over {len(args.seeds)} seeds")
     print(table)
     print(f"wrote {out}/{args.task}.md, .json and .png; runs in {out}/runs/")
     return 0

@@ -1,6 +1,7 @@
 """scripts/reproduce.py: the mean ± std table over seeds (the sweep is smoke-tested by hand)."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,27 @@ def test_summary_and_table():
     assert std == pytest.approx(0.1414213, rel=1e-5)  # sample std (ddof=1)
     assert summary["bds"]["test_accuracy"] == (0.9, 0.0, 1)
     table = reproduce.markdown(summary, "python scripts/reproduce.py --seeds 0 1", [0, 1])
-    assert "| method | test_accuracy | val_loss | weight_auroc |" in table
-    assert "| mix | 0.6 ± 0.14 | 2 ± 1.4 |  |" in table
-    assert "| bds | 0.9 ± 0 |  | 0.8 ± 0 |" in table
+    assert "| method | seeds | test_accuracy | val_loss | weight_auroc |" in table
+    assert "| mix | 2 | 0.6 ± 0.14 | 2 ± 1.4 |  |" in table
+    assert "| bds | 1 | 0.9 |  | 0.8 |" in table
+
+
+def test_redraw_groups_runs_by_method_and_seed(tmp_path):
+    runs = {"mix_s1": {"test_accuracy": 0.7}, "mix_s0": {"test_accuracy": 0.5},
+            "mix_s0_before_option": {"test_accuracy": 0.1},  # a variant: not a mix run
+            "bds_sigmoid_s0": {"test_accuracy": 0.2}, "bds_s0": {"test_accuracy": 0.9}}
+    grouped, seeds = reproduce.group_runs(runs, ["bds", "mix"], "runs.json")
+    assert list(grouped) == ["bds", "mix"]  # the order asked for
+    assert grouped["mix"] == [{"test_accuracy": 0.5}, {"test_accuracy": 0.7}]  # seed order
+    assert grouped["bds"] == [{"test_accuracy": 0.9}]
+    assert seeds == [0, 1]
+    with pytest.raises(ValueError, match=r"runs.json: no runs .* for sft"):
+        reproduce.group_runs(runs, ["sft", "mix"], "runs.json")
+
+    path = tmp_path / "runs.json"
+    path.write_text(json.dumps(runs))
+    assert reproduce.main(["--redraw", str(path), "--methods", "mix", "bds"]) == 0
+    table = (tmp_path / "runs.md").read_text()
+    assert "| mix | 2 | 0.6 ± 0.14 |" in table and "| bds | 1 | 0.9 |" in table
+    assert (tmp_path / "runs.png").stat().st_size > 0
+    assert reproduce.main(["--redraw", str(tmp_path / "absent.json")]) == 2
