@@ -87,6 +87,33 @@ def test_bmo_and_bds_beat_sft_and_find_clean_data():
         assert val_loss < 0.2 * sft_val
 
 
+def test_bds_hyper_step_gated_on_the_validation_loss():
+    # hyper_max_val_loss: the hypergradient step runs only when the validation batch's loss
+    # is at or below the bar; otherwise omega and its optimizer state stay as they are.
+    train, val, _ = _problem()
+    base = dict(method="bds", lr_theta=0.05, lr_omega=0.3, cg_iters=5, ridge=1.0)
+    state = init_state({"w": jnp.zeros(D)}, N, MethodConfig(**base))
+    val_loss = float(jnp.mean(example_loss(state.theta, val)))
+    ungated, m_ungated = jax.jit(make_steps(example_loss, MethodConfig(**base)).hyper)(
+        state, train, val)
+    assert "hyper_taken" not in m_ungated
+    above = MethodConfig(**base, hyper_max_val_loss=2 * val_loss)
+    taken, m_taken = jax.jit(make_steps(example_loss, above).hyper)(state, train, val)
+    np.testing.assert_array_equal(np.asarray(taken.omega), np.asarray(ungated.omega))
+    assert float(m_taken["hyper_taken"]) == 1.0
+    assert float(m_taken["hypergrad_norm"]) == pytest.approx(float(m_ungated["hypergrad_norm"]))
+    below = MethodConfig(**base, hyper_max_val_loss=0.5 * val_loss)
+    skipped, m_skipped = jax.jit(make_steps(example_loss, below).hyper)(state, train, val)
+    assert not np.allclose(np.asarray(ungated.omega), 0.0)
+    np.testing.assert_array_equal(np.asarray(skipped.omega), np.asarray(state.omega))
+    jax.tree.map(np.testing.assert_array_equal, skipped.opt_omega, state.opt_omega)
+    assert float(m_skipped["hyper_taken"]) == 0.0 and float(m_skipped["hypergrad_norm"]) == 0.0
+    for m in (m_ungated, m_taken, m_skipped):
+        assert float(m["val_loss"]) == pytest.approx(val_loss, rel=1e-6)
+    with pytest.raises(ValueError, match="hyper_max_val_loss=-1.0 must be >= 0"):
+        MethodConfig(hyper_max_val_loss=-1.0)
+
+
 def test_lambda_schedule_and_config_errors():
     cfg = MethodConfig(method="bmo", lam=0.5, lam_decay=0.1, lam_min=0.1)
     assert [lambda_at(cfg, e) for e in range(6)] == pytest.approx([0.5, 0.4, 0.3, 0.2, 0.1, 0.1])

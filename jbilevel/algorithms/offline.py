@@ -59,6 +59,10 @@ class MethodConfig:
     lam_min: float = 0.0  # bmo: floor of the lam schedule
     hyper_every: int = 100  # bds: inner steps between two hypergradient steps
     hyper_start: int = 0  # bds: no hypergradient step before this step (theta warm-up)
+    # bds: skip a hypergradient step while the validation batch's loss is above this (0: never
+    # skip). Until theta fits the task the hypergradient is noise; a loss level marks that
+    # point per run, where hyper_start can only guess a step.
+    hyper_max_val_loss: float = 0.0
     cg_iters: int = 5  # bds: CG iterations of the Hessian solve
     ridge: float = 10.0  # bds: damping added to the inner Hessian (ridge 1 flipped signs here)
     mu: float = 0.0  # bds: proximal/L2 strength inside the inner objective
@@ -70,7 +74,7 @@ class MethodConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         for name in ("clip", "weight_decay", "warmup", "ridge", "mu", "lam_decay", "hyper_start",
-                     "hessian_rows", "hyper_chunk"):
+                     "hessian_rows", "hyper_chunk", "hyper_max_val_loss"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if not 0.0 <= self.lam_min <= self.lam <= 1.0:
@@ -257,6 +261,19 @@ def make_steps(example_loss: ExampleLoss, cfg: MethodConfig, hypergrad_fn: Calla
         return new, metrics
 
     def hyper_step(state: TrainState, hyper_batch: dict, val_batch: dict):
+        val = bind(state)[2](state.theta, val_batch)
+        if not cfg.hyper_max_val_loss:
+            return hyper_update(state, hyper_batch, val_batch, val)
+
+        def skip(state, hyper_batch, val_batch, val):
+            return state, {"val_loss": val, "hypergrad_norm": jnp.zeros((), jnp.float32),
+                           "cg_residual": jnp.zeros((), jnp.float32),
+                           "hyper_taken": jnp.zeros((), jnp.float32)}
+
+        return jax.lax.cond(val <= cfg.hyper_max_val_loss, hyper_update, skip,
+                            state, hyper_batch, val_batch, val)
+
+    def hyper_update(state: TrainState, hyper_batch: dict, val_batch: dict, val: jax.Array):
         _, inner, outer = bind(state)
         if hypergrad_fn is None and cfg.hyper_chunk and _row_aligned(hyper_batch):
             from jbilevel.chunked import hypergrad_chunked
@@ -275,9 +292,10 @@ def make_steps(example_loss: ExampleLoss, cfg: MethodConfig, hypergrad_fn: Calla
                                solver="cg", maxiter=cfg.cg_iters, tol=0.0, ridge=cfg.ridge,
                                return_info=True)
         omega, opt_omega = _apply(tx_omega, d_omega, state.opt_omega, state.omega)
-        metrics = {"val_loss": outer(state.theta, val_batch),
-                   "hypergrad_norm": jnp.linalg.norm(d_omega),
-                   "cg_residual": info.residual}
+        metrics = {"val_loss": val, "hypergrad_norm": jnp.linalg.norm(d_omega).astype(jnp.float32),
+                   "cg_residual": jnp.asarray(info.residual, jnp.float32)}
+        if cfg.hyper_max_val_loss:
+            metrics["hyper_taken"] = jnp.ones((), jnp.float32)
         return state.replace(omega=omega, opt_omega=opt_omega), metrics
 
     if cfg.method in UNIFORM_METHODS:
