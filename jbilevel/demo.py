@@ -34,11 +34,13 @@ METHOD_SETTINGS = {
     "oracle": {},
     "bmo": {"lr_omega": 5.0, "omega_optim": "sgd", "lam": 0.5},
     "bds": {"lr_omega": 0.3, "ridge": 10.0, "cg_iters": 5, "hyper_every": 100,
-            "hessian_rows": 64, "hyper_chunk": 500},
+            "hyper_max_val_loss": 0.5, "hessian_rows": 64, "hyper_chunk": 500},
 }
-# bds takes no hypergradient step in the first half of the steps (``hyper_start``): until the
-# model has learned the task, its hypergradients are noise (docs/results.md). Short runs take
-# one every steps/8 steps (at most every hyper_every), so the second half has at least four.
+# bds skips hypergradient steps while the validation loss is above 0.5: until the model has
+# learned addition its hypergradients are noise (docs/results.md). Runs shorter than
+# FULL_RUN_STEPS end before that, so they take no gate: a hypergradient every steps/8 steps
+# (at most every hyper_every) in the second half of the steps, at least four in all.
+FULL_RUN_STEPS = 2000
 HYPER_START_FRAC = 0.5
 HYPER_STEPS_PER_RUN = 8
 # "online" = bmo plus self-refining generation (configs/quality_online.yaml's settings), which
@@ -79,7 +81,8 @@ def demo_config(method: str, *, task: str = "quality", size: str = "tiny", steps
             raise ValueError(f"task {task!r} has no corruption option (only 'quality' does)")
         options["corruption"] = corruption
     settings = dict(METHOD_SETTINGS[method])
-    if method == "bds":
+    if method == "bds" and steps < FULL_RUN_STEPS:
+        settings["hyper_max_val_loss"] = 0.0
         settings["hyper_start"] = int(HYPER_START_FRAC * steps)
         settings["hyper_every"] = max(min(settings["hyper_every"],
                                           steps // HYPER_STEPS_PER_RUN), 1)

@@ -66,7 +66,9 @@ def test_short_demo_runs_keep_four_hypergradient_steps_and_pick_the_corruption()
     cfg = demo.demo_config("bds", steps=400, corruption="style")
     assert cfg.task.options["corruption"] == "style"
     assert (cfg.method.hyper_start, cfg.method.hyper_every) == (200, 50)
-    assert demo.demo_config("bds").method.hyper_every == 100  # 2000 steps: the shipped value
+    assert cfg.method.hyper_max_val_loss == 0.0  # no gate: the model is not trained by then
+    full = demo.demo_config("bds").method  # 2000 steps: the shipped values
+    assert (full.hyper_start, full.hyper_every, full.hyper_max_val_loss) == (0, 100, 0.5)
     with pytest.raises(ValueError, match="no corruption option"):
         demo.demo_config("mix", task="safety", corruption="style")
 
