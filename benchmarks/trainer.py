@@ -11,9 +11,11 @@ Reported per method: steps/s, seconds per step, the ratio to sft, and compiled m
 (``memory_analysis()``: temp = activations and scratch, args = state + batches) vs sft.
 bds end to end = one weighted step + one hypergradient (Hessian on ``hessian_rows`` rows,
 per-example term over all N examples, ``hyper_chunk`` rows at a time) every ``hyper_every``
-steps. ``mix@B+Bv`` trains on batches of B + Bv rows: the same tokens a bmo step reads, the
-fair denominator for bmo. ``--unchunked`` also compiles (never runs) the unchunked
-hypergradient over all N examples to report the memory it would need. Benchmark on an idle
+steps, every one taken (the ``hyper_max_val_loss`` gate is off here; in a run it skips the
+steps before the model has learned the task, so the run costs less). ``mix@B+Bv`` trains on
+batches of B + Bv rows: the same tokens a bmo step reads, the fair denominator for bmo.
+``--unchunked`` also compiles (never runs) the unchunked hypergradient over all N examples to
+report the memory it would need. Benchmark on an idle
 machine (DESIGN.md section 4).
 """
 
@@ -40,6 +42,8 @@ MiB = 2**20
 
 
 def _setup(exp: ExperimentConfig, method: str, n: int, model, mesh, rules, **method_kw):
+    if method == "bds":  # time the hypergradient itself: the untrained model's validation loss
+        method_kw.setdefault("hyper_max_val_loss", 0.0)  # is above any gate, which would skip it
     cfg = dataclasses.replace(exp.method, method=method, **method_kw)
 
     def init():
