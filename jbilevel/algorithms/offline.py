@@ -261,7 +261,8 @@ def make_steps(example_loss: ExampleLoss, cfg: MethodConfig, hypergrad_fn: Calla
         return new, metrics
 
     def hyper_step(state: TrainState, hyper_batch: dict, val_batch: dict):
-        val = bind(state)[2](state.theta, val_batch)
+        _, _, outer = bind(state)
+        val = outer(state.theta, val_batch)
         if not cfg.hyper_max_val_loss:
             return hyper_update(state, hyper_batch, val_batch, val)
 
