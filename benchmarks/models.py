@@ -2,7 +2,8 @@
 
     PYTHONPATH=. python benchmarks/models.py [--sizes 256 512] [--steps 5] [--data-parallel 2]
 
-Train step = forward + backward + SGD update on next-token NLL (batch 16, seq 128, 4 layers).
+Train step = forward + backward + SGD update on next-token NLL (batch 16, seq 128, 4 layers;
+the loss is jbilevel's ``token_nll``, the layers unrolled: ``ModelConfig.scan_unroll``).
 Generation = greedy, batch 16, 64-token prompt, 64 new tokens, KV cache on both sides.
 GFLOP/s uses 6 * matmul params * tokens + 12 * layers * seq * d * tokens (attention) per step
 and is compared with a measured jitted XLA f32 2048^3 matmul. Timings are only meaningful on
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbilevel import sharding
+from jbilevel.losses import token_nll
 from jbilevel.models import ModelConfig, build, generate
 from jbilevel.xla_options import train_compiler_options
 
@@ -33,7 +35,7 @@ def _config(d: int) -> ModelConfig:
                        num_layers=LAYERS, num_heads=d // 64, num_kv_heads=d // 64,
                        intermediate_size=(8 * d // 3 + 63) // 64 * 64,
                        max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
-                       pad_token_id=0)
+                       pad_token_id=0, scan_unroll=LAYERS)
 
 
 def _timeit(fn, steps: int) -> float:
@@ -73,10 +75,10 @@ def jax_side(c: ModelConfig, ids: np.ndarray, steps: int, mesh=None):
 
 
 def _jax_timings(model, params, x, steps: int):
-    def loss_fn(p, ids_BxL):
+    def loss_fn(p, ids_BxL):  # HF's causal-LM loss: every position but the last, one mean
         logits = model.forward(p, ids_BxL)
-        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-        return -jnp.mean(jnp.take_along_axis(logp, ids_BxL[:, 1:, None], axis=-1))
+        nll_BxL = token_nll(logits, jnp.roll(ids_BxL, -1, axis=1))
+        return jnp.mean(nll_BxL[:, :-1])
 
     def sgd_step(p, ids_BxL):
         loss, g = jax.value_and_grad(loss_fn)(p, ids_BxL)

@@ -50,6 +50,7 @@ class ModelSpec:
     remat: bool = False  # recompute each layer's activations in the backward pass
     remat_policy: Literal["nothing", "dots"] = "nothing"  # with remat: what is kept
     attention: Literal["xla", "dot_product", "cudnn"] = "xla"  # "cudnn": flash attention (GPU)
+    scan_unroll: int = 1  # layers per scan iteration (>= num_layers: all unrolled)
     family: Literal["llama", "gpt_neox", "gpt2"] = "llama"  # random model: architecture family
     hidden_size: int = 128  # random model: width (vocabulary comes from the tokenizer)
     num_layers: int = 2  # random model: decoder blocks

@@ -128,7 +128,8 @@ def model_config(model_spec, tokenizer, max_len: int):
     from jbilevel.models import ModelConfig, read_config
 
     compute = {"compute_dtype": model_spec.compute_dtype, "remat": model_spec.remat,
-               "remat_policy": model_spec.remat_policy, "attention": model_spec.attention}
+               "remat_policy": model_spec.remat_policy, "attention": model_spec.attention,
+               "scan_unroll": model_spec.scan_unroll}
     if model_spec.path is None:
         return ModelConfig(
             family=model_spec.family, vocab_size=tokenizer.vocab_size,

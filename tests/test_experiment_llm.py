@@ -140,10 +140,10 @@ def test_file_task_uses_the_model_tokenizer_and_options(model_dir):
         train=data.train, validation=data.validation, max_len=400, add_bos=False), spec)
     np.testing.assert_array_equal(no_bos.train.sequence(0), with_bos.train.sequence(0)[1:])
     spec = experiment.ModelSpec(path=str(model_dir), compute_dtype="bfloat16", remat=True,
-                                remat_policy="dots", attention="dot_product")
+                                remat_policy="dots", attention="dot_product", scan_unroll=2)
     c = inputs.model_config(spec, with_bos.tokenizer, 400)
-    assert (c.compute_dtype, c.remat, c.remat_policy, c.attention, c.hidden_size) == (
-        "bfloat16", True, "dots", "dot_product", 32)
+    assert (c.compute_dtype, c.remat, c.remat_policy, c.attention, c.scan_unroll,
+            c.hidden_size) == ("bfloat16", True, "dots", "dot_product", 2, 32)
 
 
 def test_load_pretrained_straight_into_shards(model_dir):

@@ -1,4 +1,4 @@
-"""Config mapping, bad-input errors, padding, param axes, dtype and remat options."""
+"""Config mapping, bad-input errors, padding, param axes, dtype, remat and unroll options."""
 
 import json
 import os
@@ -143,6 +143,12 @@ def test_bf16_params_compute_dtype_and_remat():
     g = jax.jit(jax.grad(lambda p: loss(model, p)))(params)
     g_remat = jax.jit(jax.grad(lambda p: loss(build(config.replace(remat=True)), p)))(params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g, g_remat)
+    for unroll in (2, 5):  # all layers unrolled (5 > num_layers is clamped)
+        g_unrolled = jax.jit(jax.grad(
+            lambda p, u=unroll: loss(build(config.replace(scan_unroll=u)), p)))(params)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g, g_unrolled)
+    with pytest.raises(ValueError, match="scan_unroll=0"):
+        config.replace(scan_unroll=0)
     bf16 = model.init(jax.random.key(0), dtype=jnp.bfloat16)
     assert jax.tree.leaves(bf16)[0].dtype == jnp.bfloat16
     logits_bf16 = jax.jit(build(config.replace(compute_dtype="bfloat16")).forward)(params, ids)

@@ -361,7 +361,8 @@ def apply(c: ModelConfig, params, ids_BxL, pos_BxL, kv_mask_BxS, *, lora=None, c
                   if c.remat_policy == "dots" else None)
         body = jax.checkpoint(body, prevent_cse=False, policy=policy)
     if cache is None:
-        x, _ = jax.lax.scan(body, x, (params["layers"], lw, None))
+        x, _ = jax.lax.scan(body, x, (params["layers"], lw, None),
+                            unroll=min(c.scan_unroll, c.num_layers))
         new_cache = None
     else:
         if len(cache) != c.num_layers:
