@@ -63,15 +63,15 @@ def train_flops(c: ModelConfig) -> float:
 def jax_side(c: ModelConfig, ids: np.ndarray, steps: int, mesh=None):
     """(train step s, generate s); with a mesh the batch is split over its data axis."""
     model = build(c)
-    params = model.init(jax.random.key(0))
-    x = jnp.asarray(ids)
-    if mesh is not None:
-        rules = sharding.AxisRules()
-        params = jax.device_put(params, sharding.replicated(mesh))
-        x = jax.device_put(x, sharding.batch_sharding(mesh, rules, 2))
-        with sharding.activation_sharding(mesh, rules):
-            return _jax_timings(model, params, x, steps)
-    return _jax_timings(model, params, x, steps)
+    if mesh is None:
+        return _jax_timings(model, model.init(jax.random.key(0)), jnp.asarray(ids), steps)
+    # Born on the mesh: resharding single-device arrays onto it tripped an assertion inside
+    # jax.device_put (_different_device_order_reshard) in about one run in three.
+    rules = sharding.AxisRules()
+    params = jax.jit(model.init, out_shardings=sharding.replicated(mesh))(jax.random.key(0))
+    x = jax.device_put(ids, sharding.batch_sharding(mesh, rules, 2))
+    with sharding.activation_sharding(mesh, rules):
+        return _jax_timings(model, params, x, steps)
 
 
 def _jax_timings(model, params, x, steps: int):
