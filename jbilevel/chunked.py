@@ -20,7 +20,6 @@ from jbilevel.implicit import (
     HypergradInfo,
     Implicit,
     Neumann,
-    _example_u,
     _hvp,
     _linear_solver,
     _mixed_from_u,
@@ -117,15 +116,37 @@ def hypergrad_chunked(
             "needs the rows on axis 0 (use hypergrad for other batch layouts)"
         )
 
+    v, info = adjoint(inner_loss, outer_loss, theta, omega, hessian_batch, outer_batch, method)
+    u_R, ids_R, valid_R = example_u(inner_loss.example_loss, theta, example_batch, v, chunk)
+    d_omega = finish(inner_loss, theta, omega, hessian_batch, ids_R, u_R, valid_R, info)
+    return (d_omega, info) if return_info else d_omega
+
+
+def adjoint(inner_loss: InnerObjective, outer_loss: Callable, theta, omega, hessian_batch,
+            outer_batch, method: Implicit | Neumann):
+    """``v`` solving ``(H + ridge I) v = grad_theta f``, H the Hessian of
+    ``inner_loss(., omega, hessian_batch)``, and the solve's ``HypergradInfo``."""
     f_val, grad_f = jax.value_and_grad(outer_loss)(theta, outer_batch)
     matvec = _hvp(inner_loss, theta, omega, hessian_batch, method.ridge)
     v, iterations, residual = _linear_solver(method, matvec)(grad_f)
-    chunks = _interleaved_chunks(example_batch, min(chunk, ids_B.shape[0]))
-    u_KxC = jax.lax.map(lambda b: _example_u(inner_loss, theta, b, v), chunks)
-    d_omega = _mixed_from_u(inner_loss, omega, chunks["ids"].reshape(-1), u_KxC.reshape(-1),
-                            chunks["valid"].reshape(-1))
+    return v, HypergradInfo(residual, iterations, f_val)
+
+
+def example_u(example_loss: Callable, theta, batch: dict, v, chunk: int):
+    """``u_b = <grad l_b(theta), v>`` for every row of ``batch``, ``chunk`` rows per JVP.
+
+    Returns ``(u_R, ids_R, valid_R)`` in chunk order (R >= rows: padding rows are invalid).
+    """
+    chunks = _interleaved_chunks(batch, min(chunk, batch["ids"].shape[0]))
+    u_KxC = jax.lax.map(
+        lambda b: jax.jvp(lambda th: example_loss(th, b), (theta,), (v,))[1], chunks)
+    return u_KxC.reshape(-1), chunks["ids"].reshape(-1), chunks["valid"].reshape(-1)
+
+
+def finish(inner_loss: InnerObjective, theta, omega, hessian_batch, ids_R, u_R, valid_R,
+           info: HypergradInfo):
+    """``d omega = -(1/n) J_s^T u`` from the rows' u (n valid rows); non-finite raises."""
+    d_omega = _mixed_from_u(inner_loss, omega, ids_R, u_R, valid_R)
     if checks.is_concrete(d_omega) and not np.all(np.isfinite(np.asarray(d_omega))):
-        checks.raise_non_finite(inner_loss, theta, omega, hessian_batch, f_val)
-    if return_info:
-        return d_omega, HypergradInfo(residual, iterations, f_val)
+        checks.raise_non_finite(inner_loss, theta, omega, hessian_batch, info.outer_loss)
     return d_omega

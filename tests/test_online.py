@@ -221,6 +221,53 @@ def test_bds_hypergradient_reaches_questions_through_generated_rows(lm):
     assert all(omega[i] == 0 for i in untouched) and all(omega[i] != 0 for i in in_buffer)
 
 
+@pytest.mark.parametrize("hessian_rows", [0, 4])
+def test_chunked_online_hypergradient_equals_the_whole_batch_one(bmo, hessian_rows):
+    """Chunks of 5 rows (offline and generated separately) give jbilevel.hypergrad's answer
+    on the combined batch when the Hessian sees every row; a 4-row Hessian sample gives
+    that of hypergrad with the Hessian on the same sample."""
+    import jbilevel
+    from jbilevel.objectives import inner_objective, outer_objective
+
+    task, model = bmo.task, bmo.model
+    state, _ = bmo.refresher(bmo.fresh(), 0)
+    theta = jax.device_get(state.theta)
+    buf = jax.device_get(state.online).batch()
+    ratio = np.where(buf["loss_mask"] > 0, np.linspace(0.5, 1.5, buf["loss_mask"].size).reshape(
+        buf["loss_mask"].shape), 0.0).astype(np.float32)
+    gen = {**buf, "ratio": ratio}
+    off = task.train.batch(np.arange(len(task.train)), task.train.max_len)
+    both = ol.combine(off, gen, 0.3)
+    omega = jnp.asarray(np.random.RandomState(0).normal(size=len(task.train)), jnp.float32)
+    method = MethodConfig(method="bds", hessian_rows=hessian_rows, hyper_chunk=5, cg_iters=3,
+                          ridge=1.0)
+    mixed = ol.online_example_loss(bmo.loss, model.forward)
+    inner, outer = inner_objective(mixed, weighting="softmax"), outer_objective(bmo.loss)
+    val = task.validation.batch(np.arange(8), task.validation.max_len)
+    kw = dict(solver="cg", maxiter=3, tol=0.0, ridge=1.0)
+    got = jax.jit(lambda t, o: ol.chunked_hypergrad(bmo.loss, model.forward, method, 0.3)(
+        inner, outer, t, o, both, val, **kw))(theta, omega)
+    from jbilevel.algorithms.offline import hessian_sample
+
+    hessian = ol.combine(hessian_sample(off, method), hessian_sample(gen, method), 0.3)
+    assert (hessian["ids"].shape[0] == both["ids"].shape[0]) == (hessian_rows == 0)
+    # the reference: jbilevel.hypergrad on the whole combined batch; with a sample, the same
+    # solve on the sample and one unchunked JVP of the combined batch's losses
+    if hessian_rows == 0:
+        want = jax.jit(lambda t, o: jbilevel.hypergrad(inner, outer, t, o, both, val, **kw))(
+            theta, omega)
+    else:
+        from jbilevel import chunked
+        from jbilevel.implicit import Implicit, _mixed_from_u
+
+        v, _ = chunked.adjoint(inner, outer, theta, omega, hessian, val, Implicit(**kw))
+        u_B = jax.jvp(lambda th: mixed(th, both), (theta,), (v,))[1]
+        want = _mixed_from_u(inner, omega, both["ids"], u_B, both["valid"])
+    scale = float(jnp.abs(want).max())
+    assert scale > 0
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * scale)
+
+
 def test_interrupted_online_run_resumes_exactly(bmo, tmp_path):
     """Refresh every 3 steps: a run stopped after step 7 (its checkpoint holds the step-6
     buffer) and resumed to 10 ends bit-identical to a straight run, refresh at 9 included."""

@@ -165,6 +165,17 @@ def ratio_weighted_nll(nll_BxL, ratio_BxL, mask_BxL) -> jax.Array:
     return total_B / jnp.where(count_B > 0, count_B, 1.0)
 
 
+def generated_loss(forward) -> ExampleLoss:
+    """Per-row ratio-weighted NLL of generated rows (a batch carrying ``ratio``)."""
+
+    def loss(theta, gen: dict) -> jax.Array:
+        logits = forward(theta, gen["input_ids"], attention_mask=gen["attention_mask"])
+        return ratio_weighted_nll(losses.token_nll(logits, gen["labels"]), gen["ratio"],
+                                  gen["loss_mask"])
+
+    return loss
+
+
 def online_example_loss(example_loss: ExampleLoss, forward) -> ExampleLoss:
     """Per-row loss of a batch that may mix offline and generated rows.
 
@@ -174,17 +185,52 @@ def online_example_loss(example_loss: ExampleLoss, forward) -> ExampleLoss:
     the hypergradient treat generated rows like examples of their source question.
     """
 
+    gen_loss = generated_loss(forward)
+
     def loss(theta, batch: dict) -> jax.Array:
         if "generated" not in batch:
             return example_loss(theta, batch)
-        gen = batch["generated"]
-        logits = forward(theta, gen["input_ids"], attention_mask=gen["attention_mask"])
-        gen_G = ratio_weighted_nll(losses.token_nll(logits, gen["labels"]), gen["ratio"],
-                                   gen["loss_mask"])
         off_B = example_loss(theta, batch["offline"])
-        return jnp.concatenate([off_B, gen_G]) * batch["scale"]
+        return jnp.concatenate([off_B, gen_loss(theta, batch["generated"])]) * batch["scale"]
 
     return loss
+
+
+def chunked_hypergrad(example_loss: ExampleLoss, forward, method: MethodConfig,
+                      gen_weight: float):
+    """bds's hypergradient over a :func:`combine` batch in bounded memory, the online
+    counterpart of ``jbilevel.chunked.hypergrad_chunked`` (same signature as
+    ``jbilevel.hypergrad``, for ``make_steps(hypergrad_fn=)``).
+
+    The Hessian is estimated on ``method.hessian_rows`` offline rows and as many generated
+    rows, combined with the same ``gen_weight``; ``u = <grad l, v>`` is taken for every
+    offline and every generated row, ``method.hyper_chunk`` rows per JVP, each scaled as in
+    the combined batch. With ``hessian_rows == 0`` it equals ``jbilevel.hypergrad`` on the
+    combined batch.
+    """
+    from jbilevel import chunked
+    from jbilevel.algorithms.offline import hessian_sample
+    from jbilevel.implicit import Implicit
+
+    gen_loss = generated_loss(forward)
+
+    def fn(inner, outer, theta, omega, batch, val_batch, *, solver="cg", maxiter=5, tol=0.0,
+           ridge=0.0, return_info=False):
+        off, gen = batch["offline"], batch["generated"]
+        n_off = off["ids"].shape[0]
+        hessian = combine(hessian_sample(off, method), hessian_sample(gen, method), gen_weight)
+        v, info = chunked.adjoint(inner, outer, theta, omega, hessian, val_batch,
+                                  Implicit(solver, maxiter=maxiter, tol=tol, ridge=ridge))
+        # the scale is one value per group (combine), so it multiplies u after the chunking
+        parts = [chunked.example_u(loss, theta, rows, v, method.hyper_chunk)
+                 for loss, rows in ((example_loss, off), (gen_loss, gen))]
+        (u_off, ids_off, valid_off), (u_gen, ids_gen, valid_gen) = parts
+        u = jnp.concatenate([u_off * batch["scale"][0], u_gen * batch["scale"][n_off]])
+        d_omega = chunked.finish(inner, theta, omega, hessian, jnp.concatenate([ids_off, ids_gen]),
+                                 u, jnp.concatenate([valid_off, valid_gen]), info)
+        return (d_omega, info) if return_info else d_omega
+
+    return fn
 
 
 def combine(offline: dict, generated: dict, gen_weight: float) -> dict:
@@ -230,7 +276,10 @@ def make_online_steps(example_loss: ExampleLoss, forward, method: MethodConfig,
     if method.method not in BASES:
         raise ValueError(f"online generation runs on top of {BASES}, not method "
                          f"{method.method!r}; set method.method to bmo or bds")
-    base = make_steps(online_example_loss(example_loss, forward), method)
+    # bds: the hypergradient over the whole buffer and hyper batch, chunked unless asked not to
+    hyper_fn = (chunked_hypergrad(example_loss, forward, method, cfg.gen_weight)
+                if method.method == "bds" and method.hyper_chunk else None)
+    base = make_steps(online_example_loss(example_loss, forward), method, hypergrad_fn=hyper_fn)
     draw_key = jax.random.fold_in(jax.random.key(seed), 1)
 
     def with_ratios(theta, gen: dict):
