@@ -157,8 +157,8 @@ def _mean(loss_B, batch, w_B=None):
 def _row_aligned(batch: dict) -> bool:
     """Every leaf has one entry per row of ``ids``: the batch can be split into row chunks.
 
-    Online batches (offline and generated rows under separate keys) are not; their
-    hypergradient is taken over the whole batch at once.
+    Online batches (offline and generated rows under separate keys) are not; online bds
+    chunks them with its own ``hypergrad_fn`` (``online.chunked_hypergrad``).
     """
     n = batch["ids"].shape[0]
     return all(x.ndim and x.shape[0] == n for x in jax.tree.leaves(batch))
