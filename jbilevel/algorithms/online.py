@@ -29,7 +29,13 @@ import jax.numpy as jnp
 
 from jbilevel import losses
 from jbilevel import sharding as sh
-from jbilevel.algorithms.offline import MethodConfig, Steps, TrainState, make_steps
+from jbilevel.algorithms.offline import (
+    MethodConfig,
+    Steps,
+    TrainState,
+    hessian_sample,
+    make_steps,
+)
 from jbilevel.objectives import ExampleLoss
 
 BASES = ("bmo", "bds")
@@ -208,14 +214,13 @@ def chunked_hypergrad(example_loss: ExampleLoss, forward, method: MethodConfig,
     the combined batch. With ``hessian_rows == 0`` it equals ``jbilevel.hypergrad`` on the
     combined batch.
     """
-    from jbilevel import chunked
-    from jbilevel.algorithms.offline import hessian_sample
+    from jbilevel import chunked  # imports jaxopt: only when a hypergradient is built
     from jbilevel.implicit import Implicit
 
     gen_loss = generated_loss(forward)
 
-    def fn(inner, outer, theta, omega, batch, val_batch, *, solver="cg", maxiter=5, tol=0.0,
-           ridge=0.0, return_info=False):
+    def fn(inner, outer, theta, omega, batch, val_batch, *, solver, maxiter, tol, ridge,
+           return_info=False):
         off, gen = batch["offline"], batch["generated"]
         n_off = off["ids"].shape[0]
         hessian = combine(hessian_sample(off, method), hessian_sample(gen, method), gen_weight)
