@@ -43,8 +43,9 @@ METHOD_SETTINGS = {
 FULL_RUN_STEPS = 2000
 HYPER_START_FRAC = 0.5
 HYPER_STEPS_PER_RUN = 8
-# "online" = bmo plus self-refining generation (configs/quality_online.yaml's settings), which
-# starts after a quarter of the steps, once the model's own answers are worth training on.
+# "online" = bmo plus self-refining generation (the small-pool settings of docs/online.md's
+# earlier table; configs/quality_online.yaml now runs it on bds), which starts after a quarter
+# of the steps, once the model's own answers are worth training on.
 ONLINE_BASE = "bmo"
 ONLINE_SETTINGS = {"every": 50, "select": "dynamic", "fraction": 0.2, "num_samples": 4,
                    "temperature": 1.0, "ratio": "per_token", "clip": 2.0, "floor": -10.0,
