@@ -20,6 +20,7 @@ from jbilevel.implicit import (
     HypergradInfo,
     Implicit,
     Neumann,
+    _example_u,
     _hvp,
     _linear_solver,
     _mixed_from_u,
@@ -138,8 +139,7 @@ def example_u(example_loss: Callable, theta, batch: dict, v, chunk: int):
     Returns ``(u_R, ids_R, valid_R)`` in chunk order (R >= rows: padding rows are invalid).
     """
     chunks = _interleaved_chunks(batch, min(chunk, batch["ids"].shape[0]))
-    u_KxC = jax.lax.map(
-        lambda b: jax.jvp(lambda th: example_loss(th, b), (theta,), (v,))[1], chunks)
+    u_KxC = jax.lax.map(lambda b: _example_u(example_loss, theta, b, v), chunks)
     return u_KxC.reshape(-1), chunks["ids"].reshape(-1), chunks["valid"].reshape(-1)
 
 

@@ -144,9 +144,9 @@ def _hvp(inner_loss, theta, omega, batch, ridge):
     return matvec
 
 
-def _example_u(inner: InnerObjective, theta, batch, v):
+def _example_u(example_loss, theta, batch, v):
     """``u_B = <grad l_b(theta), v>`` for every row: one forward-mode JVP of ``loss_B``."""
-    return jax.jvp(lambda th: inner.example_loss(th, batch), (theta,), (v,))[1]
+    return jax.jvp(lambda th: example_loss(th, batch), (theta,), (v,))[1]
 
 
 def _mixed_from_u(inner: InnerObjective, omega, ids_B, u_B, valid_B):
@@ -163,7 +163,7 @@ def _mixed_from_u(inner: InnerObjective, omega, ids_B, u_B, valid_B):
 def _mixed_fast(inner: InnerObjective, theta, omega, batch, v):
     """``-(d/domega grad_theta g)^T v`` as one JVP of loss_B plus the weight Jacobian."""
     ids_B = check_ids(omega, batch)
-    u_B = _example_u(inner, theta, batch, v)
+    u_B = _example_u(inner.example_loss, theta, batch, v)
     return _mixed_from_u(inner, omega, ids_B, u_B, batch.get("valid"))
 
 
