@@ -22,6 +22,7 @@ import numpy as np
 
 from jbilevel import objectives
 from jbilevel.implicit import Implicit, _mixed_fast, hypergrad
+from jbilevel.xla_options import tune_host_malloc
 
 
 def init_lm(key, *, vocab, d, layers, heads, seq):
@@ -86,6 +87,7 @@ def measure(fn, args, runs):
 
 
 def main():
+    tune_host_malloc()  # as the jbilevel command does (jbilevel/xla_options.py)
     p = argparse.ArgumentParser()
     p.add_argument("--d", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)

@@ -36,6 +36,7 @@ from jbilevel.data import Batcher, make_task
 from jbilevel.experiment import ExperimentConfig
 from jbilevel.models import ModelConfig, build
 from jbilevel.objectives import lm_example_loss
+from jbilevel.xla_options import tune_host_malloc
 
 MiB = 2**20
 
@@ -64,6 +65,7 @@ def _compile(jitted, *args):
 
 
 def main():
+    tune_host_malloc()  # as the jbilevel command does (jbilevel/xla_options.py)
     p = argparse.ArgumentParser()
     p.add_argument("--config", default="configs/quality_bds.yaml")
     p.add_argument("--rounds", type=int, default=5)

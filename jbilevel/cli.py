@@ -65,6 +65,14 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run() -> int:
+    """The ``jbilevel`` command: ``main`` in a process of its own, host malloc tuned first."""
+    from jbilevel.xla_options import tune_host_malloc
+
+    tune_host_malloc()  # before JAX starts its threads (jbilevel/xla_options.py)
+    return main()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "demo":
@@ -135,4 +143,4 @@ def _train(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

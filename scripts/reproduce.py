@@ -191,4 +191,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from jbilevel.xla_options import tune_host_malloc
+
+    tune_host_malloc()  # as the jbilevel command does, before JAX starts its threads
     sys.exit(main())

@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,3 +42,77 @@ def test_this_jaxlib_compiles_with_the_option_and_keeps_the_numbers():
     plain = jax.jit(jax.grad(loss))(w)
     fused = jax.jit(jax.grad(loss), compiler_options=options)(w)
     np.testing.assert_allclose(np.asarray(fused), np.asarray(plain), rtol=1e-5, atol=1e-4)
+
+
+class _FakeLibc:
+    def __init__(self, accept=1):
+        self.calls, self.accept = [], accept
+
+    def mallopt(self, param, value):
+        self.calls.append((param, value))
+        return self.accept
+
+
+@pytest.fixture
+def jax_not_started(monkeypatch):
+    monkeypatch.setattr(xla_options, "_jax_started", lambda: False)
+    monkeypatch.setattr(xla_options.metadata, "entry_points", lambda group: [])
+
+
+def test_host_malloc_tuning_sets_one_arena_no_mmap_no_trim(jax_not_started):
+    libc = _FakeLibc()
+    assert xla_options.tune_host_malloc({}, libc) is True
+    assert libc.calls == [(-8, 1), (-4, 0), (-1, 2**31 - 1)]
+    assert xla_options.tune_host_malloc({}, _FakeLibc(accept=0)) is False  # glibc refused
+
+
+def test_host_malloc_tuning_is_skipped_off_cpu_opted_out_or_after_jax_started(
+        jax_not_started, monkeypatch):
+    for environ in ({"JAX_PLATFORMS": "cuda"}, {"JAX_PLATFORMS": "tpu,cpu"},
+                    {xla_options.OPT_OUT: "0"}):
+        libc = _FakeLibc()
+        assert xla_options.tune_host_malloc(environ, libc) is False, environ
+        assert libc.calls == [], environ
+    # an accelerator plugin is installed: skipped unless JAX_PLATFORMS puts the CPU first
+    monkeypatch.setattr(xla_options.metadata, "entry_points", lambda group: ["cuda"])
+    assert xla_options.tune_host_malloc({}, _FakeLibc()) is False
+    assert xla_options.tune_host_malloc({"JAX_PLATFORMS": "cpu"}, _FakeLibc()) is True
+    # this test process has started JAX: the arena limit could no longer bind its threads
+    monkeypatch.undo()
+    libc = _FakeLibc()
+    assert xla_options.tune_host_malloc({}, libc) is False and libc.calls == []
+
+
+_FAULT_PROBE = """
+import resource
+from jbilevel.xla_options import tune_host_malloc
+tuned = tune_host_malloc()
+import jax, jax.numpy as jnp
+f = jax.jit(lambda x: jnp.tanh(x @ x.T) @ x)  # x @ x.T: a 64 MiB temporary buffer
+x = jnp.full((4096, 64), 0.01, jnp.float32)
+assert f.lower(x).compile().memory_analysis().temp_size_in_bytes >= 64 * 2**20
+for _ in range(3):
+    f(x).block_until_ready()
+start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    f(x).block_until_ready()
+print(tuned, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 10)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_tuned_process_reuses_xla_temporary_buffers_instead_of_faulting_them_in():
+    # A fresh process each: the tuning is process-wide and must precede JAX's start.
+    def faults_per_call(environ):
+        out = subprocess.run([sys.executable, "-c", _FAULT_PROBE], capture_output=True,
+                             text=True, env=environ, check=True).stdout.split()
+        return out[0] == "True", float(out[1])
+
+    env = {k: v for k, v in os.environ.items() if k != xla_options.OPT_OUT}
+    env["JAX_PLATFORMS"] = "cpu"
+    tuned, tuned_faults = faults_per_call(env)
+    untuned, untuned_faults = faults_per_call(dict(env, **{xla_options.OPT_OUT: "0"}))
+    assert (tuned, untuned) == (True, False)
+    pages = 64 * 2**20 // os.sysconf("SC_PAGE_SIZE")
+    assert untuned_faults > 0.5 * pages  # glibc maps the 64 MiB block afresh on every call
+    assert tuned_faults < 0.02 * pages
