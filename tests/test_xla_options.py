@@ -93,25 +93,27 @@ x = jnp.full((4096, 64), 0.01, jnp.float32)
 assert f.lower(x).compile().memory_analysis().temp_size_in_bytes >= 64 * 2**20
 for _ in range(3):
     f(x).block_until_ready()
-start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
+faults = []
+for _ in range(11):
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     f(x).block_until_ready()
-print(tuned, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 10)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+print(tuned, sorted(faults)[5])  # the median call: now and then the heap still grows once
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_tuned_process_reuses_xla_temporary_buffers_instead_of_faulting_them_in():
     # A fresh process each: the tuning is process-wide and must precede JAX's start.
-    def faults_per_call(environ):
+    def median_faults_per_call(environ):
         out = subprocess.run([sys.executable, "-c", _FAULT_PROBE], capture_output=True,
                              text=True, env=environ, check=True).stdout.split()
         return out[0] == "True", float(out[1])
 
     env = {k: v for k, v in os.environ.items() if k != xla_options.OPT_OUT}
     env["JAX_PLATFORMS"] = "cpu"
-    tuned, tuned_faults = faults_per_call(env)
-    untuned, untuned_faults = faults_per_call(dict(env, **{xla_options.OPT_OUT: "0"}))
+    tuned, tuned_faults = median_faults_per_call(env)
+    untuned, untuned_faults = median_faults_per_call(dict(env, **{xla_options.OPT_OUT: "0"}))
     assert (tuned, untuned) == (True, False)
     pages = 64 * 2**20 // os.sysconf("SC_PAGE_SIZE")
     assert untuned_faults > 0.5 * pages  # glibc maps the 64 MiB block afresh on every call
