@@ -33,7 +33,7 @@ from jbilevel import sharding as sh
 from jbilevel import train
 from jbilevel.algorithms import init_state, make_steps
 from jbilevel.data import Batcher, make_task
-from jbilevel.experiment import ExperimentConfig
+from jbilevel.experiment import ExperimentConfig, _longest
 from jbilevel.models import ModelConfig, build
 from jbilevel.objectives import lm_example_loss
 from jbilevel.xla_options import tune_host_malloc
@@ -88,10 +88,9 @@ def main():
         bos_token_id=task.tokenizer.bos_id))
     mesh, rules = sh.make_mesh(exp.mesh), sh.AxisRules()
     bs, vbs = exp.batch_size, exp.val_batch_size
-    buckets = (data_set.max_len,)
 
-    def batches(dataset, size, seed, count):
-        it = Batcher(dataset, size, seed=seed, buckets=buckets)
+    def batches(dataset, size, seed, count):  # padded as the trainer pads them
+        it = Batcher(dataset, size, seed=seed, buckets=(_longest(dataset),))
         return [next(it) for _ in range(count)]
 
     k = a.steps
@@ -100,7 +99,7 @@ def main():
     val_b = batches(task.validation, vbs, 1, k)
     # bds's hyper batch as the trainer feeds it: all N (or hyper_batch_size) rows, shuffled.
     hyper_rows = exp.hyper_batch_size or n
-    hyper_b = next(Batcher(data_set, hyper_rows, seed=2, buckets=buckets))
+    hyper_b = batches(data_set, hyper_rows, 2, 1)[0]
 
     methods = {  # name -> (method, per-step batches, with validation batch)
         "sft": ("sft", train_b, False), "mix": ("mix", train_b, False),
@@ -164,7 +163,7 @@ def main():
 
     n_params = sum(x.size for x in jax.tree.leaves(runners["sft"]["state"].theta))
     print(f"quality task tiny LM ({a.config}): {n_params / 1e6:.2f}M params, "
-          f"d={spec.hidden_size}, layers={spec.num_layers}, seq={data_set.max_len}, "
+          f"d={spec.hidden_size}, layers={spec.num_layers}, seq={_longest(data_set)}, "
           f"B={bs}, Bv={vbs}, N={n}, devices={mesh.size} ({jax.default_backend()})")
     print(f"bds hypergradient: every {every} steps, Hessian on {hyper_cfg.hessian_rows or n} "
           f"rows, per-example term over {hyper_rows} rows in chunks of {hyper_cfg.hyper_chunk}, "

@@ -32,7 +32,8 @@ from importlib import metadata
 
 CPU_TRAIN_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 CHECKED_JAXLIB = ("0.10.",)  # jaxlib versions known to accept CPU_TRAIN_OPTIONS
-OPT_OUT = "JBILEVEL_XLA_DEFAULTS"
+OPT_OUT = "JBILEVEL_XLA_DEFAULTS"  # "0": neither the compiler option nor the malloc tuning
+MALLOC_OPT_OUT = "JBILEVEL_HOST_MALLOC"  # "0": no malloc tuning
 
 
 def train_compiler_options(platform: str, environ=None) -> dict | None:
@@ -86,7 +87,7 @@ def tune_host_malloc(environ=None, libc=None) -> bool:
     that have not allocated yet. The price is that the process does not hand freed memory
     back to the OS (its RSS stays at its peak), so it is skipped when JAX will compute on an
     accelerator (``JAX_PLATFORMS`` names one first, or a JAX plugin or libtpu is installed),
-    off Linux/glibc, and with ``JBILEVEL_XLA_DEFAULTS=0``.
+    off Linux/glibc, and with ``JBILEVEL_HOST_MALLOC=0`` or ``JBILEVEL_XLA_DEFAULTS=0``.
 
     Args:
       environ: environment mapping (default ``os.environ``).
@@ -95,7 +96,9 @@ def tune_host_malloc(environ=None, libc=None) -> bool:
       True when every ``mallopt`` call was accepted.
     """
     environ = os.environ if environ is None else environ
-    if environ.get(OPT_OUT, "1") == "0" or _accelerator_installed(environ) or _jax_started():
+    if "0" in (environ.get(OPT_OUT), environ.get(MALLOC_OPT_OUT)):
+        return False
+    if _accelerator_installed(environ) or _jax_started():
         return False
     if libc is None:
         if not sys.platform.startswith("linux"):

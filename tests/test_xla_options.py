@@ -69,7 +69,7 @@ def test_host_malloc_tuning_sets_one_arena_no_mmap_no_trim(jax_not_started):
 def test_host_malloc_tuning_is_skipped_off_cpu_opted_out_or_after_jax_started(
         jax_not_started, monkeypatch):
     for environ in ({"JAX_PLATFORMS": "cuda"}, {"JAX_PLATFORMS": "tpu,cpu"},
-                    {xla_options.OPT_OUT: "0"}):
+                    {xla_options.OPT_OUT: "0"}, {xla_options.MALLOC_OPT_OUT: "0"}):
         libc = _FakeLibc()
         assert xla_options.tune_host_malloc(environ, libc) is False, environ
         assert libc.calls == [], environ
@@ -110,10 +110,12 @@ def test_tuned_process_reuses_xla_temporary_buffers_instead_of_faulting_them_in(
                              text=True, env=environ, check=True).stdout.split()
         return out[0] == "True", float(out[1])
 
-    env = {k: v for k, v in os.environ.items() if k != xla_options.OPT_OUT}
+    env = {k: v for k, v in os.environ.items()
+           if k not in (xla_options.OPT_OUT, xla_options.MALLOC_OPT_OUT)}
     env["JAX_PLATFORMS"] = "cpu"
     tuned, tuned_faults = median_faults_per_call(env)
-    untuned, untuned_faults = median_faults_per_call(dict(env, **{xla_options.OPT_OUT: "0"}))
+    untuned, untuned_faults = median_faults_per_call(
+        dict(env, **{xla_options.MALLOC_OPT_OUT: "0"}))
     assert (tuned, untuned) == (True, False)
     pages = 64 * 2**20 // os.sysconf("SC_PAGE_SIZE")
     assert untuned_faults > 0.5 * pages  # glibc maps the 64 MiB block afresh on every call
