@@ -13,13 +13,20 @@ it at d=256.
 checked on (an unknown option fails the compilation).
 
 ``tune_host_malloc`` is the host-side counterpart, for processes that compute on the CPU.
-XLA:CPU allocates each execution's temporary buffer (521 MB for the d=512 benchmark step of
-benchmarks/models.py) with malloc and frees it afterwards. glibc serves any block over 32 MB
-with a fresh mmap and returns it with munmap, so every step page-faults its whole temporary
-buffer in again: 142k minor faults and 0.23 s of kernel time in a 0.79 s step. Keeping freed
-memory in the heap (one arena, no mmap, no trimming) removes them: the step takes 0.65 s.
-The command line, the scripts and the benchmarks call it first thing, before JAX starts
-its threads; a library import never changes the process's allocator.
+XLA:CPU allocates each execution's temporary buffer (521 MB for the d=512 step of
+benchmarks/models.py) with malloc and frees it afterwards. glibc serves blocks over 32 MB with
+a fresh mmap and returns them with munmap, so every step page-faulted its whole temporary
+buffer in again: 142k minor faults and 0.23 s of kernel time in a 0.79 s step. With freed
+memory kept in the heap (mallopt: one arena, no mmap, no trimming) the step takes 0.65 s and
+faults nothing; the quality task's train step goes from 0.062 to 0.047 s. One arena, because
+glibc's per-thread arenas map large blocks themselves whatever M_MMAP_MAX says, and unmap
+whole heaps whatever M_TRIM_THRESHOLD says. The costs: the process keeps its peak memory
+(RSS does not shrink after a peak), and threads share one malloc lock, which made compiling
+20-33% slower here (the d=256 benchmark step on one and on eight CPU devices). So it is a
+per-process choice: the jbilevel command, scripts/reproduce.py and the benchmarks make it
+first thing, before JAX starts its threads; importing jbilevel never changes the process's
+allocator. ``JBILEVEL_HOST_MALLOC=0`` turns it off alone,
+``JBILEVEL_XLA_DEFAULTS=0`` both.
 """
 
 from __future__ import annotations
