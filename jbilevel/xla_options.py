@@ -36,6 +36,7 @@ import ctypes.util
 import os
 import sys
 from importlib import metadata
+from importlib.util import find_spec
 
 CPU_TRAIN_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 CHECKED_JAXLIB = ("0.10.",)  # jaxlib versions known to accept CPU_TRAIN_OPTIONS
@@ -71,11 +72,8 @@ def _accelerator_installed(environ) -> bool:
         return platforms.split(",")[0].strip() != "cpu"
     if any(True for _ in metadata.entry_points(group="jax_plugins")):
         return True  # jax-cuda*-plugin, jax-rocm*-plugin, ...
-    try:
-        metadata.version("libtpu")
-    except metadata.PackageNotFoundError:
-        return False
-    return True
+    # libtpu (also as libtpu-nightly), and plugins in the older jax_plugins namespace package
+    return any(find_spec(name) is not None for name in ("libtpu", "jax_plugins"))
 
 
 def _jax_started() -> bool:

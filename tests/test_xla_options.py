@@ -57,6 +57,7 @@ class _FakeLibc:
 def jax_not_started(monkeypatch):
     monkeypatch.setattr(xla_options, "_jax_started", lambda: False)
     monkeypatch.setattr(xla_options.metadata, "entry_points", lambda group: [])
+    monkeypatch.setattr(xla_options, "find_spec", lambda name: None)
 
 
 def test_host_malloc_tuning_sets_one_arena_no_mmap_no_trim(jax_not_started):
@@ -77,6 +78,10 @@ def test_host_malloc_tuning_is_skipped_off_cpu_opted_out_or_after_jax_started(
     monkeypatch.setattr(xla_options.metadata, "entry_points", lambda group: ["cuda"])
     assert xla_options.tune_host_malloc({}, _FakeLibc()) is False
     assert xla_options.tune_host_malloc({"JAX_PLATFORMS": "cpu"}, _FakeLibc()) is True
+    monkeypatch.setattr(xla_options.metadata, "entry_points", lambda group: [])
+    monkeypatch.setattr(xla_options, "find_spec",  # libtpu is installed
+                        lambda name: object() if name == "libtpu" else None)
+    assert xla_options.tune_host_malloc({}, _FakeLibc()) is False
     # this test process has started JAX: the arena limit could no longer bind its threads
     monkeypatch.undo()
     libc = _FakeLibc()
