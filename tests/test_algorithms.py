@@ -12,7 +12,7 @@ import pytest
 
 from jbilevel import weights
 from jbilevel.algorithms import MethodConfig, init_state, lambda_at, make_steps
-from jbilevel.algorithms.offline import theta_optimizer
+from jbilevel.algorithms.offline import omega_optimizer, theta_optimizer
 
 N, D = 200, 8
 
@@ -160,3 +160,19 @@ def test_warmup_ramps_the_theta_step_size_linearly():
     np.testing.assert_allclose(steps, [0.0, -0.025, -0.05, -0.075, -0.1, -0.1], rtol=1e-5)
     with pytest.raises(ValueError, match="warmup=-1"):
         MethodConfig(warmup=-1)
+
+
+
+def test_omega_step_max_caps_every_logits_step():
+    g = jnp.asarray([1e-5, -1e-4, 1.0])
+    for optim, lr in (("sgd", 1000.0), ("adam", 0.3)):
+        capped = omega_optimizer(MethodConfig(omega_optim=optim, lr_omega=lr,
+                                              omega_step_max=0.05))
+        free = omega_optimizer(MethodConfig(omega_optim=optim, lr_omega=lr))
+        step_capped, _ = capped.update(g, capped.init(g))
+        step_free, _ = free.update(g, free.init(g))
+        np.testing.assert_allclose(step_capped, jnp.clip(step_free, -0.05, 0.05), rtol=1e-6)
+        if optim == "sgd":  # small entries keep their proportion; only the large one is capped
+            np.testing.assert_allclose(step_capped, [-0.01, 0.05, -0.05], rtol=1e-5)
+    with pytest.raises(ValueError, match="omega_step_max"):
+        MethodConfig(omega_step_max=-1.0)

@@ -54,6 +54,10 @@ class MethodConfig:
     weight_decay: float = 0.0  # decoupled (AdamW) decay of theta's matrices (0: plain Adam)
     warmup: int = 0  # theta's step size rises linearly from 0 to lr_theta over this many steps
     omega_optim: Literal["adam", "sgd"] = "adam"  # optimizer of the data logits
+    # largest change of any one data logit per omega step (0: no limit). With sgd and a large
+    # lr_omega, logits move in proportion to their hypergradient up to this cap, so the few
+    # examples with the largest hypergradients cannot take all the weight in one step.
+    omega_step_max: float = 0.0
     lam: float = 0.5  # bmo: weight of the validation loss in the theta update
     lam_decay: float = 0.0  # bmo: lam decreases by this much per epoch (paper code: 0.1)
     lam_min: float = 0.0  # bmo: floor of the lam schedule
@@ -74,7 +78,7 @@ class MethodConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         for name in ("clip", "weight_decay", "warmup", "ridge", "mu", "lam_decay", "hyper_start",
-                     "hessian_rows", "hyper_chunk", "hyper_max_val_loss"):
+                     "hessian_rows", "hyper_chunk", "hyper_max_val_loss", "omega_step_max"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if not 0.0 <= self.lam_min <= self.lam <= 1.0:
@@ -110,10 +114,13 @@ def theta_optimizer(cfg: MethodConfig) -> optax.GradientTransformation:
 
 def omega_optimizer(cfg: MethodConfig) -> optax.GradientTransformation:
     """Adam, or plain SGD: Adam rescales the tiny softmax-coupling gradient of every logit to a
-    full step, SGD moves each logit in proportion to its own gradient."""
+    full step, SGD moves each logit in proportion to its own gradient; then, if
+    ``omega_step_max`` is set, every logit's step is clipped to that size."""
     if cfg.omega_optim == "sgd":
-        return optax.sgd(cfg.lr_omega)
-    return optax.adam(cfg.lr_omega, b1=cfg.b1, b2=cfg.b2)
+        opt = optax.sgd(cfg.lr_omega)
+    else:
+        opt = optax.adam(cfg.lr_omega, b1=cfg.b1, b2=cfg.b2)
+    return optax.chain(opt, optax.clip(cfg.omega_step_max)) if cfg.omega_step_max else opt
 
 
 def init_state(theta: Any, n_examples: int, cfg: MethodConfig, frozen: Any = None) -> TrainState:
