@@ -50,7 +50,7 @@ def _setup(exp: ExperimentConfig, method: str, n: int, model, mesh, rules, **met
         return init_state(model.init(jax.random.key(0)), n, cfg)
 
     state_sh = train.state_shardings(mesh, rules, jax.eval_shape(init), model.param_axes(), cfg)
-    compiled = train.compile_steps(make_steps(lm_example_loss(model.forward), cfg), cfg, mesh,
+    compiled = train.compile_steps(make_steps(lm_example_loss(model), cfg), cfg, mesh,
                                    rules, state_sh)
     return cfg, compiled, jax.jit(init, out_shardings=state_sh)()
 
@@ -167,7 +167,7 @@ def main():
           f"B={bs}, Bv={vbs}, N={n}, devices={mesh.size} ({jax.default_backend()})")
     print(f"bds hypergradient: every {every} steps, Hessian on {hyper_cfg.hessian_rows or n} "
           f"rows, per-example term over {hyper_rows} rows in chunks of {hyper_cfg.hyper_chunk}, "
-          f"{hyper_cfg.cg_iters} CG; one hyper step {hyper_s:.3f} s")
+          f"{hyper_cfg.hypergrad.maxiter} CG; one hyper step {hyper_s:.3f} s")
     print(f"{'method':<26}{'steps/s':>9}{'s/step':>9}{'x sft':>7}{'temp MiB':>10}"
           f"{'args MiB':>10}{'x sft mem':>11}")
     t0, (m0, a0) = step_s["sft"], memory["sft"]

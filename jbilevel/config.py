@@ -80,6 +80,9 @@ def from_dict(cls: type[T], data: Mapping[str, Any], source: str = "<dict>", pre
             raise ConfigError(
                 f"{source}: unknown key {dotted!r} (valid keys here: {', '.join(fields)}){hint}"
             )
+        default = fields[key].default
+        if dataclasses.is_dataclass(default) and isinstance(value, Mapping):
+            value = _over_default(default, value)
         kwargs[key] = _coerce(hints[key], value, source, dotted)
     try:
         return cls(**kwargs)
@@ -88,6 +91,15 @@ def from_dict(cls: type[T], data: Mapping[str, Any], source: str = "<dict>", pre
             raise
         where = f" in {prefix.rstrip('.')!r}" if prefix else ""
         raise ConfigError(f"{source}{where}: {e}") from None
+
+
+def _over_default(default: Any, value: Mapping) -> Mapping:
+    """A partial mapping for a field whose default is a dataclass value (e.g. a method's
+    ``hypergrad: Implicit(maxiter=5, ...)``) completed from that value, not from the class
+    defaults, unless it names another ``kind``."""
+    if "kind" in value and value["kind"] != getattr(default, "kind", None):
+        return value
+    return {**to_dict(default), **value}
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -145,6 +157,12 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        kinds = {getattr(a, "kind", None): a for a in args if dataclasses.is_dataclass(a)}
+        if isinstance(value, Mapping) and "kind" in value and None not in kinds:
+            # a union of dataclass values tagged by ``kind``: pick the arm, report its errors
+            if value["kind"] not in kinds:
+                fail("a mapping whose kind is one of " + ", ".join(repr(k) for k in kinds))
+            return _coerce(kinds[value["kind"]], value, source, key)
         for arm in (a for a in args if a is not type(None)):
             try:
                 return _coerce(arm, value, source, key)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from jbilevel import experiment, train
+from jbilevel.adjoint import Implicit
 from jbilevel.algorithms import MethodConfig
 from jbilevel.algorithms.online import OnlineConfig
 
@@ -33,7 +34,8 @@ METHOD_SETTINGS = {
     "val": {},
     "oracle": {},
     "bmo": {"lr_omega": 5.0, "omega_optim": "sgd", "lam": 0.5},
-    "bds": {"lr_omega": 0.3, "ridge": 10.0, "cg_iters": 5, "hyper_every": 100,
+    "bds": {"lr_omega": 0.3, "hypergrad": Implicit("cg", maxiter=5, tol=0.0, ridge=10.0),
+            "hyper_every": 100,
             "hyper_max_val_loss": 0.5, "hessian_rows": 64, "hyper_chunk": 500},
 }
 # bds skips hypergradient steps while the validation loss is above 0.5: until the model has

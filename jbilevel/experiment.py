@@ -72,7 +72,9 @@ class ExperimentConfig:
     mesh: sh.MeshConfig = sh.MeshConfig()  # device mesh (data, fsdp, tensor)
     batch_size: int = 64  # training rows per step (global, all processes)
     val_batch_size: int = 64  # validation rows per bmo / bds step
-    hyper_batch_size: int = 0  # bds: train rows per hypergradient (0: all of them)
+    # bds: training rows whose weights get a hypergradient each time, a fresh shuffled sample
+    # (0: all N rows; the cost then grows with the data set). Rows per JVP: method.hyper_chunk.
+    hyper_batch_size: int = 512
     eval_batch_size: int = 250  # prompts per generation batch at evaluation
     seed: int = 0  # model init and data order
 
@@ -207,7 +209,7 @@ def state_setup(cfg: ExperimentConfig, model, n: int, mesh, rules, *, load_weigh
         param_sh = sh.tree_shardings(mesh, rules, param_axes, param_shapes)
         _, params, _ = load_pretrained(cfg.model.path, dtype, shardings=param_sh)
         init_args = (params,)
-    loss = lm_lora_example_loss(model.forward) if lora else lm_example_loss(model.forward)
+    loss = lm_lora_example_loss(model) if lora else lm_example_loss(model)
     return init, init_args, state_sh, loss
 
 
@@ -252,12 +254,12 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
         refresher = refresh.Refresher(
             cfg.online, model, data_set, weighting=cfg.method.weighting,
             batch_sharding=sh.batch_sharding(mesh, rules, 1), seed=cfg.seed, log_dir=out,
-            scorer=getattr(task, "scorer", None))
+            scorer=getattr(task, "scorer", None), rules=rules)
     data = _process_batcher(data_set, cfg.batch_size, mesh, rules, seed=cfg.seed)
     val = _process_batcher(task.validation, cfg.val_batch_size, mesh, rules, seed=cfg.seed + 1)
     hyper = None
     if cfg.method.method == "bds":
-        hyper_bs = cfg.hyper_batch_size or n
+        hyper_bs = min(cfg.hyper_batch_size or n, n)
         hyper_bs += -hyper_bs % (sh.data_parallel_size(mesh, rules) * jax.process_count())
         hyper = _process_batcher(data_set, hyper_bs, mesh, rules, seed=cfg.seed + 2,
                                  shuffle=True)  # a fresh Hessian sample each time
@@ -275,7 +277,7 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
             shapes = jax.eval_shape(init, *init_args)
             state_sh = state_sh.replace(online=online_lib.buffer_shardings(mesh, rules,
                                                                            shapes.online))
-            steps = online_lib.make_online_steps(example_loss, model.forward, cfg.method,
+            steps = online_lib.make_online_steps(example_loss, model, cfg.method,
                                                  cfg.online, seed=cfg.seed)
         compiled = train.compile_steps(steps, cfg.method, mesh, rules, state_sh)
         state, start = train.restore_or_init(ckpt, init, state_sh,
@@ -301,7 +303,7 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
     train_seconds = time.perf_counter() - t0
 
     params = final_params(state, model, lora)
-    plain_loss = lm_example_loss(model.forward)
+    plain_loss = lm_example_loss(model)
     s_N = np.asarray(inputs.to_host(weights.weights(state.omega, cfg.method.weighting)))
     learned = cfg.method.method in ("bds", "bmo")
     result: dict[str, Any] = {

@@ -63,7 +63,7 @@ def evaluate_run(run_dir: str | Path) -> dict:
     model, params = _load_model(model_dir, cfg.mesh, cfg.model.param_dtype,
                                 cfg.model.compute_dtype)
     task = _task(cfg, model_dir)
-    loss = lm_example_loss(model.forward)
+    loss = lm_example_loss(model)
     bs = cfg.eval_batch_size
     result = {"run": str(run_dir), "val_loss": experiment.mean_loss(loss, params,
                                                                    task.validation, bs)}
@@ -96,7 +96,7 @@ def evaluate_model(model_dir: str | Path, data: str, *, tokenizer: str | None = 
     spec = experiment.ModelSpec(path=str(model_dir), tokenizer=tokenizer)
     ds = load_sft(data, schema=schema, tokenizer=inputs.load_tokenizer(spec), max_len=max_len,
                   overlength="truncate")
-    loss = experiment.mean_loss(lm_example_loss(model.forward), params, ds, batch_size)
+    loss = experiment.mean_loss(lm_example_loss(model), params, ds, batch_size)
     return {"model": str(model_dir), "data": data, "n": len(ds), "loss": loss}
 
 

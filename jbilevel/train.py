@@ -124,7 +124,7 @@ def compile_steps(steps: Steps, cfg: MethodConfig, mesh, rules: sh.AxisRules,
     def pinned(step):  # traced with the model's activations pinned to the batch sharding
         @functools.wraps(step)
         def traced(*args):
-            with sh.activation_sharding(mesh, rules):
+            with sh.activation_sharding(mesh, rules, state_sh.theta):
                 return step(*args)
 
         return traced

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from jbilevel import weights
+from jbilevel.adjoint import Implicit
 from jbilevel.algorithms import MethodConfig, init_state, lambda_at, make_steps
 from jbilevel.algorithms.offline import omega_optimizer, theta_optimizer
 
@@ -91,7 +92,8 @@ def test_bds_hyper_step_gated_on_the_validation_loss():
     # hyper_max_val_loss: the hypergradient step runs only when the validation batch's loss
     # is at or below the bar; otherwise omega and its optimizer state stay as they are.
     train, val, _ = _problem()
-    base = dict(method="bds", lr_theta=0.05, lr_omega=0.3, cg_iters=5, ridge=1.0)
+    base = dict(method="bds", lr_theta=0.05, lr_omega=0.3,
+                hypergrad=Implicit("cg", maxiter=5, tol=0.0, ridge=1.0))
     state = init_state({"w": jnp.zeros(D)}, N, MethodConfig(**base))
     val_loss = float(jnp.mean(example_loss(state.theta, val)))
     ungated, m_ungated = jax.jit(make_steps(example_loss, MethodConfig(**base)).hyper)(

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jbilevel import config, experiment, inputs, train
+from jbilevel.adjoint import Implicit
 from jbilevel.algorithms import MethodConfig
 from jbilevel.data import load_sft
 from jbilevel.models import load_pretrained
@@ -32,7 +33,9 @@ def _cfg(model_dir, method, theta, **kw):
                                test=str(DATA / "redorca.jsonl"), max_len=160),
         model=experiment.ModelSpec(path=str(model_dir)),
         theta=theta, method=MethodConfig(method=method, lr_theta=1e-2, lr_omega=0.1,
-                                         hyper_every=2, cg_iters=2),
+                                         hyper_every=2,
+                                         hypergrad=Implicit("cg", maxiter=2, tol=0.0,
+                                                            ridge=10.0)),
         loop=train.LoopConfig(steps=2, log_every=1, checkpoint_every=0, progress=False),
         batch_size=8, val_batch_size=8, eval_batch_size=8, **kw)
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jbilevel.adjoint import Implicit
 from jbilevel.algorithms import MethodConfig, init_state, make_steps
 from jbilevel.algorithms.offline import UNIFORM_METHODS
 from jbilevel.data import Batcher, make_task
@@ -79,7 +80,8 @@ def _jitted(kind: str):
 
 
 def _config(method: str) -> MethodConfig:
-    return MethodConfig(method=method, lr_theta=1e-2, lr_omega=0.3, cg_iters=3, ridge=1.0,
+    return MethodConfig(method=method, lr_theta=1e-2, lr_omega=0.3,
+                        hypergrad=Implicit("cg", maxiter=3, tol=0.0, ridge=1.0),
                         hessian_rows=6, hyper_chunk=5)
 
 

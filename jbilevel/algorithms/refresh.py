@@ -78,10 +78,13 @@ class Refresher:
 
     Args:
       cfg: online settings.
-      model: the Model (its ``config`` drives the sampler; ``forward`` the ratios in the log).
+      model: the Model (its ``config`` drives the sampler; its chunked ``token_nll`` gives
+        the ratios in the log).
       dataset: the training SFTDataset (questions = its prompts; ids index omega).
       weighting: omega -> weights map (for "dynamic" selection and the log).
-      batch_sharding: where batch rows go (its mesh also places the selected ids).
+      batch_sharding: where batch rows go (its mesh also places the selected ids, and the
+        sampler runs on it: KV cache split with the rows, weights gathered once per call).
+      rules: the run's logical-axis table (default ``AxisRules()``).
       seed: refresh ``k`` uses ``fold_in(key(seed), step)`` (so resumes are exact).
       log_dir: where ``generations.jsonl`` goes (None: no log).
       scorer: optional ``scorer(texts, rows) -> {metric: value}`` (a task's metric) to score
@@ -89,12 +92,13 @@ class Refresher:
     """
 
     def __init__(self, cfg: OnlineConfig, model, dataset, *, weighting: str, batch_sharding,
-                 seed: int = 0, log_dir: str | Path | None = None, scorer=None):
+                 seed: int = 0, log_dir: str | Path | None = None, scorer=None,
+                 rules: sh.AxisRules | None = None):
         if not cfg.enabled:
             raise ValueError("Refresher needs online.every > 0")
         self.cfg, self.model, self.dataset = cfg, model, dataset
         self.weighting, self.batch_sharding, self.seed = weighting, batch_sharding, seed
-        self.scorer = scorer
+        self.scorer, self.rules = scorer, rules or sh.AxisRules()
         self.log_path = None if log_dir is None else Path(log_dir) / "generations.jsonl"
         n = len(dataset)
         self.n_select = max(1, round(cfg.fraction * n))
@@ -159,7 +163,9 @@ class Refresher:
                            prompts["prompt_mask"], jax.random.fold_in(key_gen, c),
                            max_new_tokens=self.max_new_tokens, num_samples=self.cfg.num_samples,
                            temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-                           eos_id=self.dataset.tokenizer.eos_id, pad_id=self.dataset.pad_id)
+                           eos_id=self.dataset.tokenizer.eos_id, pad_id=self.dataset.pad_id,
+                           mesh=self.batch_sharding.mesh, rules=self.rules,
+                           gather_params=self.cfg.gather_params)
             logp = gen.logprobs if self.cfg.denominator == "model" else gen.sampling_logprobs
             rows.append(self._pack(prompts["prompt_ids"], prompts["prompt_mask"], gen.tokens,
                                    gen.mask, logp, prompts["ids"], prompts["valid"]))
@@ -189,7 +195,7 @@ class Refresher:
 
     def _row_ratios(self, theta, buffer: Buffer):
         gen = buffer.batch()
-        logp_cur = token_logprobs(self.model.forward, theta, gen)
+        logp_cur = token_logprobs(self.model, theta, gen)
         ratio, _ = importance_ratio(logp_cur, gen["logp"], gen["loss_mask"], kind=self.cfg.ratio,
                                     clip=self.cfg.clip, floor=self.cfg.floor)
         count = jnp.maximum(jnp.sum(gen["loss_mask"], axis=-1), 1.0)
