@@ -79,6 +79,18 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] 
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
         tree = loaded
+    _apply(tree, overrides)
+    return from_dict(cls, tree, source)
+
+
+def replace(config: T, overrides: Sequence[str], source: str = "<overrides>") -> T:
+    """``config`` with ``key=value`` overrides applied, checked as :func:`load` checks them."""
+    tree = to_dict(config)
+    _apply(tree, overrides)
+    return from_dict(type(config), tree, source)
+
+
+def _apply(tree: dict, overrides: Sequence[str]) -> None:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -88,7 +100,6 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] 
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from None
         _set_dotted(tree, key.strip().split("."), value, f"override {item!r}")
-    return from_dict(cls, tree, source)
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any], source: str = "<dict>", prefix: str = "") -> T:

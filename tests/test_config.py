@@ -86,3 +86,11 @@ def test_strings_that_look_like_numbers_stay_errors():
     with pytest.raises(cfg.ConfigError, match=r"steps must be an integer, got 1000.0 \(float\)"):
         cfg.load(Run, overrides=["steps=1e3"])  # as in Python: 1e3 is a float
     assert cfg.load(Run, overrides=["out=1e-5x"]).out == "1e-5x"
+
+
+def test_replace_applies_checked_overrides():
+    run = Run(method="sft", targets=("a",))
+    assert cfg.replace(run, ["opt.lr=5e-6", "steps=4"]) == Run(
+        method="sft", targets=("a",), steps=4, opt=Opt(lr=5e-6))
+    with pytest.raises(cfg.ConfigError, match=r"unknown key 'opt.lrr'"):
+        cfg.replace(run, ["opt.lrr=1"])
