@@ -80,6 +80,8 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] 
             raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
         tree = loaded
     _apply(tree, overrides)
+    if overrides:  # errors name where the value came from
+        source = "command line" if path is None else f"{path} + command line"
     return from_dict(cls, tree, source)
 
 

@@ -52,7 +52,7 @@ def test_round_trip(tmp_path):
         ("", ["steps=abc"], r"steps must be an integer, got 'abc'"),
         ("", ["method=adam"], r"method must be one of 'bds', 'bmo', 'sft', got 'adam'"),
         ("", ["opt.betas=[0.9]"], r"opt.betas must be a list of 2 items"),
-        ("", ["batch_size=3"], r"run.yaml: batch_size=3 must be even"),
+        ("", ["batch_size=3"], r"run.yaml \+ command line: batch_size=3 must be even"),
         ("", ["steps"], r"override 'steps': expected key=value"),
         ("- a\n", [], r"run.yaml: the top level must be a mapping"),
     ],
