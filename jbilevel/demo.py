@@ -27,7 +27,7 @@ SIZES = {
                                   intermediate_size=1024),
 }
 # Settings per method at this scale (the same as configs/<task>_<method>.yaml; a test keeps
-# them equal). DESIGN.md section 1 says why they differ from the paper code's LLM defaults.
+# them equal). docs/design.md (Defaults) says why they differ from the paper code's LLM ones.
 METHOD_SETTINGS = {
     "sft": {},
     "mix": {},

@@ -1,10 +1,10 @@
 """Hypergradients of ``f(theta*(omega))`` where ``theta*(omega) = argmin_theta g(theta, omega)``.
 
-The differentiation method is a value (STYLE.md 4): ``Implicit`` (implicit function theorem,
-a Krylov solve of ``H v = grad f``), ``Neumann`` (truncated Neumann series for ``H^-1``) or
-``Unrolled`` (backprop through K inner optimizer steps). All share ``hypergrad``'s signature
-so tests compare them directly. ``jbilevel.chunked.hypergrad_chunked`` is the implicit method
-for a whole training set.
+The differentiation method is a value (docs/design.md, Conventions): ``Implicit`` (implicit
+function theorem, a Krylov solve of ``H v = grad f``), ``Neumann`` (truncated Neumann series
+for ``H^-1``) or ``Unrolled`` (backprop through K inner optimizer steps). All share
+``hypergrad``'s signature so tests compare them directly. ``jbilevel.chunked.hypergrad_chunked``
+is the implicit method for a whole training set.
 
 This is the only module that imports jaxopt, and only lazily (``backend="jaxopt"``), so
 ``backend="native"`` (plain ``jax.custom_vjp`` and our own solvers) works without it.
