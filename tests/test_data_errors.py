@@ -182,8 +182,8 @@ def test_cli_bad_row_is_one_message(tmp_path, capsys, line, message):
                                 r".*\); did you mean 'method.lr_theta'\?$"),
     (["method.lr_theta=fast"], r"command line: method.lr_theta must be a number, got 'fast' "
                                r"\(str\)$"),
-    (["data.overlength=cut"], r"command line: data.overlength must be one of 'error', 'truncate', 'skip', "
-                              r"got 'cut' \(str\)$"),
+    (["data.overlength=cut"], r"command line: data.overlength must be one of 'error', "
+                              r"'truncate', 'skip', got 'cut' \(str\)$"),
     (["model.path=/nonexistent/qwen2-0.5b"],
      r"model.path: /nonexistent/qwen2-0.5b does not exist \(working directory .*\); point "
      r"model.path at a local HF model directory \(config.json, \*.safetensors and the "
