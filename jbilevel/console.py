@@ -114,6 +114,17 @@ class Console:
         self._bar = TrainBar(self, total, initial, desc)
         return self._bar
 
+    def record(self, step: int, record: dict[str, float]) -> None:
+        """A logged training record: onto the bar, and a line of its own with ``--verbose``."""
+        if self._bar is not None:
+            self._bar.record(step, record)
+        self.detail(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items()))
+
+    def hyper_started(self, step: int) -> None:
+        """A hypergradient step was dispatched; the bar says so until its numbers are back."""
+        if self._bar is not None:
+            self._bar.hyper_started(step)
+
     def hyper_finished(self, step: int, record: dict[str, float]) -> None:
         """A hypergradient's numbers are back: warn when its solve did not converge."""
         residual = record.get("cg_residual")
@@ -172,8 +183,6 @@ class TrainBar:
             shown[f"val_loss@{int(hyper_step)}"] = shown.pop("val_loss")
         self._shown = shown
         self._bar.set_postfix({**shown, **self._hyper}, refresh=True)
-        self._console.detail(f"step {step}: " + ", ".join(
-            f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
 
     def hyper_started(self, step: int) -> None:
         self._bar.set_description(f"{self._desc} [hypergradient at step {step} running]")

@@ -1,10 +1,13 @@
 """One experiment end to end: a task, a model, a method; train, evaluate, report.
 
-``run(config, out_dir)`` is what ``jbilevel train`` and ``jbilevel demo`` call. It builds the
-built-in task, picks each method's training data (all of D_t, D_t + D_v, D_v, or the known-good
-examples), trains with the sharded host loop (resuming from ``out_dir/checkpoints``), decodes
-the test prompts greedily, scores the learned weights against the ground truth and writes the
-run report: ``results.json``, ``weights.csv``, plots, the curated dataset and the model.
+``run(config, out_dir)`` is what ``jbilevel train`` and ``jbilevel demo`` call. It checks that
+``out_dir`` is new or holds this same run (``jbilevel.rundir``), reads the data files or builds
+the built-in task (reporting what became of every row), picks each method's training data
+(all of D_t, D_t + D_v, D_v, or the known-good examples), trains with the sharded host loop
+(resuming from ``out_dir/checkpoints``), decodes the test prompts greedily (built-in tasks),
+scores the learned weights against the ground truth where there is one and writes the run
+report: ``results.json``, ``weights.csv``, plots, the curated dataset and the model. Each
+phase says what it does and how long it took (``jbilevel.console``).
 """
 
 from __future__ import annotations

@@ -337,8 +337,7 @@ def run(
                 log.write(at, record)
             if on_log is not None:
                 on_log(at, record)
-            if progress is not None:
-                progress.record(at, record)
+            console.record(at, record)
 
     with _Preemption() as preempt:
         while step < loop.steps:
@@ -359,8 +358,7 @@ def run(
                 state, hyper_metrics = compiled.hyper(state, put(next(hyper_batches)),
                                                       put(next(val_batches)))
                 hyper_metrics = {**hyper_metrics, "hyper_step": step}
-                if progress is not None:
-                    progress.hyper_started(step)
+                console.hyper_started(step)
             if hyper_metrics or hook_metrics:
                 metrics = {**metrics, **hyper_metrics, **hook_metrics}
             if logged(step):  # this step's weight health; lam copied as state is donated next
