@@ -139,7 +139,7 @@ def run(out: str | Path, *, methods=("mix", "bmo", "bds", "online"), task: str =
     configs = {m: demo_config(m, task=task, size=size, steps=steps, seed=seed,
                               corruption=corruption, changes=changes) for m in methods}
     for method, cfg in configs.items():
-        rundir.check_config(out / method, cfg)
+        rundir.check_config(out / method, cfg, named=out)
     rows, runs = [], {}
     for method, cfg in configs.items():
         console.info(f"[{method}]")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -99,16 +100,19 @@ def differences(recorded: Any, now: Any) -> dict[str, tuple[Any, Any]]:
             if k not in RESUMABLE and a.get(k, missing) != b.get(k, missing)}
 
 
-def check_config(out: str | Path, cfg: Any) -> bool:
+def check_config(out: str | Path, cfg: Any, *, named: str | Path | None = None) -> bool:
     """Whether ``out`` already holds this run; raises RunDirError if it holds another one.
 
     Reads only: nothing is written, so a refused run leaves the directory as it was.
+    ``named``: the directory the user gave, when ``out`` is inside it (``jbilevel demo``
+    keeps one run per method under its ``--out``); the ways out name that one.
     Returns:
       False for a new run (no directory, or an empty one), True for one to resume.
     """
     from jbilevel import experiment
 
     out = Path(out)
+    named = Path(named) if named is not None else out
     config_path = out / "config.yaml"
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return False
@@ -132,11 +136,12 @@ def check_config(out: str | Path, cfg: Any) -> bool:
         if one:
             lines += (f"\n  and {len(one)} settings that apply to only one of the two runs: "
                       f"{', '.join(one)}")
+        inside = f" ({out})" if named != out else ""
         raise RunDirError(
-            f"--out {out} holds a different run; its configuration differs in:\n{lines}\n"
-            f"Resuming would mix two runs. Either give this run its own directory (--out "
-            f"{out}_2), or delete the old run to start over ({_remove(out)}). Keys that may "
-            f"differ on resume: {', '.join(RESUMABLE)}.")
+            f"--out {named} holds a different run{inside}; its configuration differs in:\n"
+            f"{lines}\nResuming would mix two runs. Either give this run its own directory "
+            f"(--out {named}_2), or delete the old run to start over ({_remove(named)}). Keys "
+            f"that may differ on resume: {', '.join(RESUMABLE)}.")
     return True
 
 
@@ -197,8 +202,16 @@ def record(out: str | Path, cfg: Any, fingerprint: dict, model_summary: str = ""
     if model_summary:
         header.append(f"# model: {model_summary}")
     body = yaml.safe_dump(applied(cfg), sort_keys=False)
-    (out / "config.yaml").write_text("\n".join(header) + "\n" + body)
-    (out / "run.json").write_text(json.dumps({"fingerprint": fingerprint}, indent=2) + "\n")
+    _write_whole(out / "config.yaml", "\n".join(header) + "\n" + body)
+    _write_whole(out / "run.json", json.dumps({"fingerprint": fingerprint}, indent=2) + "\n")
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Writes by renaming a finished temporary file: a reader (another process, a later
+    start after a kill) sees the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def model_summary(model_config: Any, path: str | None) -> str:

@@ -121,3 +121,15 @@ def test_non_finite_loss_marks_the_run_interrupted(tmp_path, capsys):
     assert reason["last_checkpoint"] == rundir.latest_checkpoint(tmp_path) >= 1
     assert "val_loss" not in result and not (tmp_path / "model").exists()
     assert result["data"]["train"]["n_kept"] == 16
+
+
+def test_demo_refusal_names_the_demo_directory(tmp_path):
+    from jbilevel import demo
+
+    cfg = demo.demo_config("bds", steps=8)
+    rundir.record(tmp_path / "bds", cfg, {"data": {}, "model": None})
+    with pytest.raises(rundir.RunDirError) as e:
+        demo.run(tmp_path, methods=("mix", "bds"), steps=16, console=Console(QUIET))
+    assert str(e.value).startswith(f"--out {tmp_path} holds a different run ({tmp_path / 'bds'})")
+    assert f"(--out {tmp_path}_2)" in str(e.value) and f"(rm -r {tmp_path})" in str(e.value)
+    assert not (tmp_path / "mix").exists()  # refused before the first method ran
