@@ -83,8 +83,9 @@ class Console:
     def first_call(self, fn: Callable | None, what: str) -> Callable | None:
         """``fn`` (a jitted step) reporting how long its first call, the compilation, took.
 
-        A jitted call returns once its program is compiled and dispatched, so the first call's
-        wall time is the compile time; the bar leaves it out of its rate.
+        A jitted call returns once its program is traced, compiled and dispatched (it runs
+        asynchronously), so the first call's wall time is the compile time; the bar leaves it
+        out of its rate.
         """
         if fn is None:
             return None
