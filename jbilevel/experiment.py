@@ -235,11 +235,9 @@ def load_data(cfg: ExperimentConfig, console: Console):
     with console.phase(what) as phase:
         task = inputs.load_task(cfg.task, cfg.data, cfg.model)
         phase.summary = ", ".join(f"{name} {len(ds)}" for name, ds in task.splits.items())
-    for line in (line for name, ds in task.splits.items()
-                 for line in load_report_lines(name, _source(cfg, name), ds.report,
-                                               console.verbosity)):
-        console.info(line)
     for name, ds in task.splits.items():
+        for line in load_report_lines(name, _source(cfg, name), ds.report, console.verbosity):
+            console.info(line)
         if ds.report.n_truncated or ds.report.n_skipped:
             console.warn(f"{name} {_source(cfg, name)}: {ds.report.n_truncated} examples "
                          f"truncated to data.max_len={ds.max_len}, {ds.report.n_skipped} "
