@@ -6,7 +6,7 @@ Prints one table: plain gradient, HVP (forward-over-reverse), the fast mixed ter
 loss_B + weight Jacobian), jaxopt's mixed term (VJP of grad_theta g w.r.t. omega), and full
 hypergradients with k = 1, 5, 10, 20 CG iterations; each as median wall time after compile,
 as a ratio to one plain gradient, and as compiled peak memory (temp + arguments). Then the
-target checks. Benchmark on an idle machine (DESIGN.md section 4).
+target checks. Benchmark on an idle machine (docs/design.md, Measuring).
 """
 
 from __future__ import annotations

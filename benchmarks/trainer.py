@@ -15,7 +15,7 @@ steps, every one taken (the ``hyper_max_val_loss`` gate is off here; in a run it
 steps before the model has learned the task, so the run costs less). ``mix@B+Bv`` trains on
 batches of B + Bv rows: the same tokens a bmo step reads, the fair denominator for bmo.
 ``--unchunked`` also compiles (never runs) the unchunked hypergradient over all N examples to
-report the memory it would need. Benchmark on an idle machine (DESIGN.md section 4).
+report the memory it would need. Benchmark on an idle machine (docs/design.md, Measuring).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """jbilevel: validation-guided data curation for LLM fine-tuning in JAX.
 
-The public research API (docs/api.md) is re-exported here lazily, so that
+The public research API (docs/design.md, Public contract) is re-exported here lazily, so that
 ``import jbilevel`` stays cheap and jaxopt is only imported when a hypergradient is asked for.
 """
 

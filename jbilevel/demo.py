@@ -14,10 +14,11 @@ import json
 import time
 from pathlib import Path
 
-from jbilevel import experiment, train
+from jbilevel import experiment, rundir, train
 from jbilevel.adjoint import Implicit
 from jbilevel.algorithms import MethodConfig
 from jbilevel.algorithms.online import OnlineConfig
+from jbilevel.console import Console
 
 # Model sizes (all from scratch; the vocabulary comes from the task's character tokenizer).
 SIZES = {
@@ -27,7 +28,7 @@ SIZES = {
                                   intermediate_size=1024),
 }
 # Settings per method at this scale (the same as configs/<task>_<method>.yaml; a test keeps
-# them equal). DESIGN.md section 1 says why they differ from the paper code's LLM defaults.
+# them equal). docs/design.md (Defaults) says why they differ from the paper code's LLM ones.
 METHOD_SETTINGS = {
     "sft": {},
     "mix": {},
@@ -126,26 +127,37 @@ def format_table(rows: list[dict]) -> str:
 
 def run(out: str | Path, *, methods=("mix", "bmo", "bds", "online"), task: str = "quality",
         size: str = "tiny", steps: int = 2000, seed: int = 0, corruption: str | None = None,
-        progress: bool = True, changes: dict | None = None) -> dict:
-    """Runs every method and writes ``results.json``, ``results.md`` and the plots to ``out``."""
+        progress: bool = True, changes: dict | None = None,
+        console: Console | None = None) -> dict:
+    """Runs every method and writes ``results.json``, ``results.md`` and the plots to ``out``.
+
+    Each method's run directory ``out/<method>`` is checked before the first one starts, so
+    a demo rerun with other settings into the same ``out`` is refused before any work.
+    """
     from jbilevel import report
 
+    console = console or Console()
     out = Path(out)
-    rows, runs, configs = [], {}, {}
-    for method in methods:
-        cfg = demo_config(method, task=task, size=size, steps=steps, seed=seed,
-                          corruption=corruption, changes=changes)
+    configs = {m: demo_config(m, task=task, size=size, steps=steps, seed=seed,
+                              corruption=corruption, changes=changes) for m in methods}
+    for method, cfg in configs.items():
+        rundir.check_config(out / method, cfg, named=out)
+    rows, runs = [], {}
+    for method, cfg in configs.items():
+        console.info(f"[{method}]")
         t0 = time.perf_counter()
-        result = experiment.run(cfg, out / method, progress=progress)
+        result = experiment.run(cfg, out / method, progress=progress, console=console)
+        if result["interrupted"] is not None:  # experiment.run has said why
+            console.warn(f"[{method}] stopped early; the demo stops here (rerun it to resume)")
+            return {"interrupted": method, "rows": rows, "runs": runs}
         rows.append(row(method, result, time.perf_counter() - t0))
         runs[method] = str(out / method)
-        configs[method] = dataclasses.asdict(cfg)
-        print(f"[{method}] done: " + ", ".join(
+        console.info(f"[{method}] done: " + ", ".join(
             f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in rows[-1].items() if k != "method" and v is not None), flush=True)
+            for k, v in rows[-1].items() if k != "method" and v is not None))
     summary = {"task": task, "corruption": corruption or TASK_OPTIONS[task].get("corruption"),
                "size": size, "steps": steps, "seed": seed, "rows": rows, "runs": runs,
-               "config": configs}
+               "config": {m: dataclasses.asdict(cfg) for m, cfg in configs.items()}}
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "results.md").write_text(format_table(rows) + "\n")
     report.plot_comparison({m: out / m / "metrics.jsonl" for m in methods},
@@ -153,13 +165,17 @@ def run(out: str | Path, *, methods=("mix", "bmo", "bds", "online"), task: str =
     return summary
 
 
-def main(args) -> int:
+def main(args, console: Console | None = None) -> int:
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     # the quality task's demo default is "style" (see the --corruption help); other tasks have
     # no corruption option, and demo_config says so if one is asked for
     corruption = args.corruption or ("style" if args.task == "quality" else None)
     summary = run(args.out, methods=methods, task=args.task, size=args.size, steps=args.steps,
-                  seed=args.seed, corruption=corruption)
+                  seed=args.seed, corruption=corruption, console=console)
+    if "interrupted" in summary:
+        from jbilevel.cli import EXIT_INTERRUPTED
+
+        return EXIT_INTERRUPTED
     out = Path(args.out)
     print()
     print(format_table(summary["rows"]))

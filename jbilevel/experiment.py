@@ -1,10 +1,13 @@
 """One experiment end to end: a task, a model, a method; train, evaluate, report.
 
-``run(config, out_dir)`` is what ``jbilevel train`` and ``jbilevel demo`` call. It builds the
-built-in task, picks each method's training data (all of D_t, D_t + D_v, D_v, or the known-good
-examples), trains with the sharded host loop (resuming from ``out_dir/checkpoints``), decodes
-the test prompts greedily, scores the learned weights against the ground truth and writes the
-run report: ``results.json``, ``weights.csv``, plots, the curated dataset and the model.
+``run(config, out_dir)`` is what ``jbilevel train`` and ``jbilevel demo`` call. It checks that
+``out_dir`` is new or holds this same run (``jbilevel.rundir``), reads the data files or builds
+the built-in task (reporting what became of every row), picks each method's training data
+(all of D_t, D_t + D_v, D_v, or the known-good examples), trains with the sharded host loop
+(resuming from ``out_dir/checkpoints``), decodes the test prompts greedily (built-in tasks),
+scores the learned weights against the ground truth where there is one and writes the run
+report: ``results.json``, ``weights.csv``, plots, the curated dataset and the model. Each
+phase says what it does and how long it took (``jbilevel.console``).
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbilevel import config as config_lib
-from jbilevel import inputs, train, weights
+from jbilevel import inputs, rundir, train, weights
 from jbilevel import sharding as sh
 from jbilevel.algorithms import MethodConfig, init_state, make_steps, refresh
 from jbilevel.algorithms import online as online_lib
 from jbilevel.checkpoint import Checkpointer
+from jbilevel.console import Console, load_report_lines
 from jbilevel.objectives import lm_example_loss, lm_lora_example_loss
 
 
@@ -87,6 +91,10 @@ class ExperimentConfig:
         if self.online.enabled and self.method.method not in online_lib.BASES:
             raise ValueError(f"online.every={self.online.every} runs on top of bmo or bds, not "
                              f"method {self.method.method!r}; set method.method or online.every=0")
+        if self.online.enabled and self.theta.kind == "lora":
+            raise ValueError("online generation trains theta = the full model; set "
+                             "theta.kind=full or online.every=0 (LoRA + online is not supported "
+                             "yet)")
 
 
 def training_set(task, method: str):
@@ -114,9 +122,9 @@ def _process_batcher(dataset, batch_size: int, mesh, rules, **kw):
 
     ways = sh.data_parallel_size(mesh, rules)
     if batch_size % ways:
-        raise ValueError(
+        raise config_lib.ConfigError(
             f"batch size {batch_size} is not divisible by the mesh's data-parallel size {ways} "
-            "(data x fsdp); change the batch size or the mesh"
+            "(mesh.data x mesh.fsdp); change the batch size or the mesh"
         )
     count = jax.process_count()
     return Batcher(dataset, batch_size // count, process_index=jax.process_index(),
@@ -222,30 +230,81 @@ def final_params(state, model, lora: bool):
     return jax.jit(merge_lora, static_argnums=2)(state.frozen, state.theta, model.config)
 
 
-def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = None) -> dict:
-    """Trains and evaluates one configuration; resumable from ``out_dir/checkpoints``.
+def load_data(cfg: ExperimentConfig, console: Console):
+    """The run's task (built-in, or the SFT files tokenised), saying what became of each row."""
+    what = ("reading and tokenising data" if cfg.data.train
+            else f"building the built-in task {cfg.task.name!r}")
+    with console.phase(what) as phase:
+        task = inputs.load_task(cfg.task, cfg.data, cfg.model)
+        phase.summary = ", ".join(f"{name} {len(ds)}" for name, ds in task.splits.items())
+    for name, ds in task.splits.items():
+        for line in load_report_lines(name, _source(cfg, name), ds.report, console.verbosity):
+            console.info(line)
+        if ds.report.n_truncated or ds.report.n_skipped:
+            console.warn(f"{name} {_source(cfg, name)}: {ds.report.n_truncated} examples "
+                         f"truncated to data.max_len={ds.max_len}, {ds.report.n_skipped} "
+                         "rows skipped (listed in results.json under data)")
+    return task
+
+
+def _source(cfg: ExperimentConfig, split: str) -> str:
+    return getattr(cfg.data, split) if cfg.data.train else f"built-in {cfg.task.name}"
+
+
+def data_reports(cfg: ExperimentConfig, task) -> dict:
+    """Per split: its source and what was read, kept, truncated and skipped (and why)."""
+    return {name: {"source": _source(cfg, name), **ds.report.as_dict()}
+            for name, ds in task.splits.items()}
+
+
+def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = None,
+        console: Console | None = None) -> dict:
+    """Trains and evaluates one configuration in its own run directory.
+
+    ``out_dir`` belongs to one run (``jbilevel.rundir``): a new directory records the
+    configuration and a fingerprint of the data; an existing one resumes from its newest
+    checkpoint when it holds the same run and is refused (RunDirError) otherwise, before
+    anything is written. ``progress`` overrides ``loop.progress`` (the bar); ``console``
+    says what each phase does and how long it took (default: stderr, normal verbosity).
 
     Returns:
-      The results record also written to ``out_dir/results.json``.
+      The results record also written to ``out_dir/results.json``. Its ``interrupted`` is
+      None for a finished run; for one that stopped early (a non-finite loss, or the loop
+      returning before ``loop.steps``) it says why, and only results.json is written (the
+      last good checkpoint stays in ``out_dir/checkpoints``).
     """
     from jbilevel.models import build
 
+    console = console or Console()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config_lib.dump(cfg, out / "config.yaml")
+    resuming = rundir.check_config(out, cfg)
     loop = cfg.loop if progress is None else dataclasses.replace(cfg.loop, progress=progress)
-    task = inputs.load_task(cfg.task, cfg.data, cfg.model)
+    if cfg.model.path is not None:
+        inputs.check_model_dir(cfg.model.path)
+    task = load_data(cfg, console)
     data_set, good_N = training_set(task, cfg.method.method)
     n = len(data_set)
     lora = cfg.theta.kind == "lora"
-    if cfg.online.enabled and lora:
-        raise ValueError("online generation trains theta = the full model; set theta.kind=full "
-                         "or online.every=0 (LoRA + online is not supported yet)")
     positions = data_set.max_len
     if cfg.online.enabled:  # generated rows: longest prompt + sampled tokens
         positions = max(positions, int(data_set.prompt_len_N.max()) + (
             cfg.online.max_new_tokens or int((data_set.length_N - data_set.prompt_len_N).max())))
     model = build(inputs.model_config(cfg.model, task.tokenizer, positions))
+    fingerprint = rundir.fingerprint(task, cfg.model.path)
+    latest = None
+    if resuming:
+        rundir.check_fingerprint(out, fingerprint)
+        latest = rundir.latest_checkpoint(out)
+        if latest is not None and latest > loop.steps:
+            raise rundir.RunDirError(
+                f"--out {out}: its newest checkpoint is at step {latest}, beyond "
+                f"loop.steps={loop.steps}; set loop.steps >= {latest} to resume it, or use "
+                "another --out")
+    if jax.process_index() == 0:
+        rundir.record(out, cfg, fingerprint, rundir.model_summary(model.config, cfg.model.path))
+    console.info(f"run directory {out}: " + (
+        f"resuming (newest checkpoint: step {latest})" if latest is not None
+        else "continuing (no checkpoint yet)" if resuming else "new run"))
 
     mesh = sh.make_mesh(cfg.mesh)
     rules = sh.AxisRules()
@@ -264,9 +323,15 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
         hyper = _process_batcher(data_set, hyper_bs, mesh, rules, seed=cfg.seed + 2,
                                  shuffle=True)  # a fresh Hessian sample each time
     t0 = time.perf_counter()
+    interrupted = None
+    step = start = 0
     with Checkpointer(out / "checkpoints", keep=loop.keep) as ckpt:
-        init, init_args, state_sh, example_loss = state_setup(
-            cfg, model, n, mesh, rules, load_weights=ckpt.latest_step() is None or lora)
+        load = cfg.model.path is not None and (ckpt.latest_step() is None or lora)
+        with console.phase(f"loading weights from {cfg.model.path}" if load
+                           else "setting up the model") as phase:
+            init, init_args, state_sh, example_loss = state_setup(
+                cfg, model, n, mesh, rules, load_weights=ckpt.latest_step() is None or lora)
+            phase.summary = rundir.model_summary(model.config, cfg.model.path)
         steps = make_steps(example_loss, cfg.method, frozen=lora)
         if refresher is not None:  # the state also carries the buffer of generated pairs
             offline_init = init
@@ -280,9 +345,23 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
             steps = online_lib.make_online_steps(example_loss, model, cfg.method,
                                                  cfg.online, seed=cfg.seed)
         compiled = train.compile_steps(steps, cfg.method, mesh, rules, state_sh)
-        state, start = train.restore_or_init(ckpt, init, state_sh,
-                                             train.data_sources(data, val, hyper), init_args)
+        compiled = dataclasses.replace(
+            compiled, train=console.first_call(compiled.train, f"{cfg.method.method} train step"),
+            hyper=console.first_call(compiled.hyper, "hypergradient step"))
+        latest = ckpt.latest_step()
+        with console.phase(f"restoring the checkpoint of step {latest}" if latest is not None
+                           else "initialising the train state"):
+            state, start = train.restore_or_init(ckpt, init, state_sh,
+                                                 train.data_sources(data, val, hyper), init_args)
         del init_args
+        if start:
+            console.info(f"resumed from step {start}" + (
+                f" of {loop.steps}: the run is complete; evaluating it again"
+                if start >= loop.steps else f"; training to step {loop.steps}"))
+            if jax.process_index() == 0:
+                from jbilevel import report
+
+                report.trim_metrics(out / "metrics.jsonl", start)
         log = train.MetricsLog(out)
         eval_fn = None  # full validation loss every loop.eval_every steps
         if loop.eval_every and lora:  # (adapters, base): the base rides in the state
@@ -292,64 +371,94 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
         elif loop.eval_every:
             val_loss = split_loss(example_loss, task.validation, cfg.eval_batch_size)
             eval_fn = lambda s: {"val_loss": val_loss(s.theta)}  # noqa: E731
+        step = start
         try:
             state, step = train.run(compiled, cfg.method, loop, state, data, val,
                                     start_step=start, ckpt=ckpt, hyper_batches=hyper, log=log,
-                                    eval_fn=eval_fn, before_step=refresher)
+                                    eval_fn=eval_fn, before_step=refresher, console=console)
             if refresher is not None and step > start:
                 refresher.log_buffer(state, step)
+        except train.NonFiniteLossError as e:
+            interrupted = {"reason": "non_finite_loss", "message": str(e)}
         finally:
             log.close()
+            console.close_bar()
     train_seconds = time.perf_counter() - t0
+    if interrupted is None and step < loop.steps:
+        interrupted = {"reason": "stopped_early",
+                       "message": f"the training loop stopped at step {step} of {loop.steps}; "
+                                  "rerun the same command to resume"}
+    result: dict[str, Any] = {
+        "method": cfg.method.method, "online": refresher is not None, "task": task.name,
+        "theta": cfg.theta.kind, "n_train": n, "steps": step, "resumed_from": start,
+        "train_seconds": round(train_seconds, 2), "interrupted": interrupted,
+    }
+    if interrupted is not None:
+        interrupted["last_checkpoint"] = rundir.latest_checkpoint(out)
+        result["data"] = data_reports(cfg, task)
+        console.warn(f"run interrupted ({interrupted['reason']}): {interrupted['message']}")
+        if jax.process_index() == 0:
+            _write_json(out / "results.json", result)
+        return result
 
     params = final_params(state, model, lora)
     plain_loss = lm_example_loss(model)
     s_N = np.asarray(inputs.to_host(weights.weights(state.omega, cfg.method.weighting)))
     learned = cfg.method.method in ("bds", "bmo")
-    result: dict[str, Any] = {
-        "method": cfg.method.method, "online": refresher is not None, "task": task.name,
-        "theta": cfg.theta.kind, "n_train": n, "steps": step,
-        "train_seconds": round(train_seconds, 2),
-        "val_loss": mean_loss(plain_loss, params, task.validation, cfg.eval_batch_size),
-    }
     predictions = None
-    if task.test is not None:
-        result["test_loss"] = mean_loss(plain_loss, params, task.test, cfg.eval_batch_size)
-    if task.good_N is not None:  # a built-in task: decode the test prompts and score them
-        test = evaluate(model, params, task, "test", cfg.eval_batch_size)
-        predictions = test.pop("predictions")
-        result.update({f"test_{k}": v for k, v in test.items()})
-    if learned:
-        if good_N is not None:
-            result.update({f"weight_{k}": v for k, v in task.score_weights(s_N).items()})
-        health = weights.health(jnp.asarray(s_N))
-        result.update({f"weight_{k}": float(v) for k, v in health.items()})
+    with console.phase("final evaluation") as phase:
+        result["val_loss"] = mean_loss(plain_loss, params, task.validation, cfg.eval_batch_size)
+        if task.test is not None:
+            result["test_loss"] = mean_loss(plain_loss, params, task.test, cfg.eval_batch_size)
+        if task.good_N is not None:  # a built-in task: decode the test prompts and score them
+            test = evaluate(model, params, task, "test", cfg.eval_batch_size)
+            predictions = test.pop("predictions")
+            result.update({f"test_{k}": v for k, v in test.items()})
+        if learned:
+            if good_N is not None:
+                result.update({f"weight_{k}": v for k, v in task.score_weights(s_N).items()})
+            health = weights.health(jnp.asarray(s_N))
+            result.update({f"weight_{k}": float(v) for k, v in health.items()})
+        phase.summary = ", ".join(f"{k} {v:.4g}" for k, v in result.items()
+                                  if k.startswith(("val_", "test_", "weight_"))
+                                  and isinstance(v, float))
+    result["data"] = data_reports(cfg, task)
     host_params = inputs.to_host(params)
     if jax.process_index() == 0:
-        write_report(out, result, task, data_set, good_N, s_N, predictions, model, host_params,
-                     learned=learned)
+        with console.phase(f"writing the run report and the model to {out}"):
+            write_report(out, result, task, data_set, good_N, s_N, predictions, model,
+                         host_params, learned=learned)
     return result
+
+
+def _write_json(path: Path, record: dict) -> None:
+    path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def write_report(out: Path, result: dict, task, data_set, good_N, s_N, predictions, model,
                  params, *, learned: bool) -> None:
     """results.json, weights.csv (+ .npy), test predictions, plots, curated data and the model.
 
+    ``weights.csv`` has one row per training example id with its source file, line (text
+    files) and record index, so it joins back to the source whatever rows were skipped.
     ``good_N`` None (data from files: no ground truth) leaves the csv's ``good`` column empty;
     ``predictions`` None (no task metric) writes no test_predictions.jsonl.
     """
     from jbilevel import report
-    from jbilevel.data import export_curated
+    from jbilevel.data import export_curated, source_of
     from jbilevel.models import save_pretrained
 
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    _write_json(out / "results.json", result)
     np.save(out / "weights.npy", np.asarray(s_N, np.float32))
     with open(out / "weights.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["id", "weight", "good", "preview"])
+        writer.writerow(["id", "weight", "good", "source_file", "source_line", "source_row",
+                         "preview"])
         for i in range(len(data_set)):
+            where = source_of(data_set.where[i])
             writer.writerow([i, f"{s_N[i]:.6g}", "" if good_N is None else int(good_N[i]),
-                             inputs.preview(data_set.rows[i])])
+                             where.get("source_file", ""), _blank(where.get("source_line")),
+                             _blank(where.get("source_row")), inputs.preview(data_set.rows[i])])
     if predictions is not None:
         with open(out / "test_predictions.jsonl", "w") as f:
             for row, pred in zip(task.test.rows, predictions, strict=True):
@@ -362,3 +471,7 @@ def write_report(out: Path, result: dict, task, data_set, good_N, s_N, predictio
         export_curated(data_set, s_N, str(out / "curated_top50.jsonl"), top_frac=0.5)
     save_pretrained(str(out / "model"), params, model.config)
     inputs.save_tokenizer(task.tokenizer, str(out / "model"))
+
+
+def _blank(value) -> str:
+    return "" if value is None else str(value)

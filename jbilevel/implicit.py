@@ -1,11 +1,12 @@
 """Hypergradients of ``f(theta*(omega))`` where ``theta*(omega) = argmin_theta g(theta, omega)``.
 
-The differentiation method is a value: ``Implicit`` (implicit function theorem, a Krylov
-solve of ``H v = grad f``), ``Neumann`` (truncated Neumann series for ``H^-1``) or
-``Unrolled`` (backprop through K inner optimizer steps). All share ``hypergrad``'s signature
-so tests compare them directly. The implicit ones are compositions of the building blocks in
-``jbilevel.adjoint`` (the adjoint solve, the per-example term, the weight Jacobian), as are
-``jbilevel.chunked.hypergrad_chunked`` (a whole training set) and online bds.
+The differentiation method is a value (docs/design.md, Conventions): ``Implicit`` (implicit
+function theorem, a Krylov solve of ``H v = grad f``), ``Neumann`` (truncated Neumann series
+for ``H^-1``) or ``Unrolled`` (backprop through K inner optimizer steps). All share
+``hypergrad``'s signature so tests compare them directly. The implicit ones are compositions
+of the building blocks in ``jbilevel.adjoint`` (the adjoint solve, the per-example term, the
+weight Jacobian), as are ``jbilevel.chunked.hypergrad_chunked`` (a whole training set) and
+online bds.
 
 This is the only module that imports jaxopt, and only lazily (``backend="jaxopt"``), so
 ``backend="native"`` (plain ``jax.custom_vjp`` and our own solvers) works without it.

@@ -8,9 +8,13 @@ the run's tokenizer (a local HF tokenizer directory, by default the model's own)
 from __future__ import annotations
 
 import dataclasses
+import glob
+import os
 from typing import Any, Literal
 
 import numpy as np
+
+from jbilevel.config import ConfigError
 
 DTYPES = ("float32", "bfloat16")
 
@@ -81,6 +85,26 @@ class FileTask:
         return self.splits.get("test")
 
 
+def check_model_dir(path: str, field: str = "model.path") -> None:
+    """Raises a ConfigError naming ``field`` unless ``path`` is a local HF model directory.
+
+    Checked before anything is read or written, so a typo in the path is reported as a missing
+    directory (and not, say, as a malformed hub id by the tokenizer loader).
+    """
+    fix = (f"point {field} at a local HF model directory (config.json, *.safetensors and the "
+           "tokenizer files); nothing is downloaded")
+    if not os.path.exists(path):
+        raise ConfigError(f"{field}: {path} does not exist (working directory {os.getcwd()}); "
+                          f"{fix}")
+    if not os.path.isdir(path):
+        raise ConfigError(f"{field}: {path} is a file, not a directory; {fix}")
+    missing = [name for name, pattern in (("config.json", "config.json"),
+                                          ("*.safetensors weights", "*.safetensors"))
+               if not glob.glob(os.path.join(glob.escape(path), pattern))]
+    if missing:
+        raise ConfigError(f"{field}: {path} has no {' and no '.join(missing)}; {fix}")
+
+
 def load_tokenizer(model_spec, fallback=None):
     """The run's tokenizer: ``model.tokenizer`` ("char": built-in), else the model directory."""
     from jbilevel.data import CharTokenizer, as_tokenizer
@@ -90,12 +114,17 @@ def load_tokenizer(model_spec, fallback=None):
         return fallback if fallback is not None else CharTokenizer()
     from jbilevel.models import load_tokenizer as hf_tokenizer
 
+    field = "model.tokenizer" if model_spec.tokenizer else "model.path"
+    if not os.path.isdir(where):
+        raise ConfigError(f"{field}: {where} is not a directory (working directory "
+                          f"{os.getcwd()}); point it at a local HF tokenizer directory, or set "
+                          "model.tokenizer=char")
     try:
         return as_tokenizer(hf_tokenizer(where))
     except (OSError, ValueError) as e:
-        raise ValueError(f"model.tokenizer: cannot load a tokenizer from {where!r} ({e}); "
-                         "point model.tokenizer at a local HF tokenizer directory, or 'char'"
-                         ) from None
+        raise ConfigError(f"{field}: cannot load a tokenizer from {where} ({e}); point "
+                          "model.tokenizer at a local HF tokenizer directory, or 'char'"
+                          ) from None
 
 
 def load_task(task_cfg, data_cfg: DataConfig, model_spec):
@@ -104,23 +133,44 @@ def load_task(task_cfg, data_cfg: DataConfig, model_spec):
         from jbilevel.data import make_task
 
         if model_spec.path is not None:
-            raise ValueError("model.path is set but the built-in tasks use their own character "
-                             "tokenizer; set data.train/data.validation to SFT files to "
-                             "fine-tune a pretrained model")
+            raise ConfigError("model.path is set but the built-in tasks use their own "
+                              "character tokenizer; set data.train/data.validation to SFT "
+                              "files to fine-tune a pretrained model")
         return make_task(task_cfg.name, seed=task_cfg.seed, **task_cfg.options)
-    from jbilevel.data import load_sft
-
     tokenizer = load_tokenizer(model_spec)
     splits = {}
     for split in ("train", "validation", "test"):
         path = getattr(data_cfg, split)
         if path:
-            splits[split] = load_sft(
-                path, schema=data_cfg.schema, tokenizer=tokenizer, max_len=data_cfg.max_len,
-                overlength=data_cfg.overlength, on_bad_row=data_cfg.on_bad_row,
-                keys=data_cfg.keys or None, prompt_template=data_cfg.prompt_template,
-                chat_template=data_cfg.chat_template, add_bos=data_cfg.add_bos)
+            splits[split] = load_split(path, data_cfg, tokenizer, field=f"data.{split}")
     return FileTask(name=str(data_cfg.train), tokenizer=tokenizer, splits=splits)
+
+
+# Row-level problems the skip policy can count instead of stopping at.
+_ROW_REASONS = ("bad_json", "bad_csv", "missing_key", "bad_type", "empty_response",
+                "empty_prompt")
+
+
+def load_split(path: str, data_cfg: DataConfig, tokenizer, field: str = "data"):
+    """One SFT file tokenised with ``data_cfg``'s formatting (what ``train`` and ``eval`` use).
+
+    Errors name ``field`` (e.g. ``data.train``) before the file and line, and row-level ones
+    add the skip policy as a way out.
+    """
+    from jbilevel.data import DataError, load_sft
+
+    try:
+        return load_sft(
+            path, schema=data_cfg.schema, tokenizer=tokenizer, max_len=data_cfg.max_len,
+            overlength=data_cfg.overlength, on_bad_row=data_cfg.on_bad_row,
+            keys=data_cfg.keys or None, prompt_template=data_cfg.prompt_template,
+            chat_template=data_cfg.chat_template, add_bos=data_cfg.add_bos)
+    except DataError as e:
+        hint = ""
+        if e.reason in _ROW_REASONS:
+            hint = (" (or set data.on_bad_row=skip: such rows are then skipped, counted and "
+                    "listed in results.json)")
+        raise DataError(f"{field}: {e}{hint}", e.reason) from None
 
 
 def model_config(model_spec, tokenizer, max_len: int):
@@ -137,13 +187,18 @@ def model_config(model_spec, tokenizer, max_len: int):
             num_heads=model_spec.num_heads, intermediate_size=model_spec.intermediate_size,
             max_position_embeddings=max_len, eos_token_id=tokenizer.eos_id,
             pad_token_id=tokenizer.pad_id, bos_token_id=tokenizer.bos_id, **compute)
-    config = read_config(model_spec.path).replace(**compute)
+    try:
+        config = read_config(model_spec.path).replace(**compute)
+    except (OSError, ValueError) as e:  # a config.json this library cannot read
+        raise ConfigError(f"model.path: {e}") from None
     if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"{model_spec.path}: the tokenizer has {tokenizer.vocab_size} tokens but "
-                         f"the model only {config.vocab_size}; is model.tokenizer the model's?")
+        raise ConfigError(f"model.path: {model_spec.path}: the tokenizer has "
+                          f"{tokenizer.vocab_size} tokens but the model only "
+                          f"{config.vocab_size}; is model.tokenizer the model's?")
     if config.family == "gpt2" and max_len > config.max_position_embeddings:
-        raise ValueError(f"data.max_len={max_len} exceeds {model_spec.path}'s "
-                         f"max_position_embeddings={config.max_position_embeddings}")
+        raise ConfigError(f"data.max_len={max_len} exceeds {model_spec.path}'s "
+                          f"max_position_embeddings={config.max_position_embeddings}; lower "
+                          "data.max_len")
     return config
 
 

@@ -139,7 +139,7 @@ def per_example_nll(
     *,
     reduction: str = "mean",
 ) -> jax.Array:
-    """Masked per-example NLL: the ``l_i`` of DESIGN.md section 1.
+    """Masked per-example NLL: the ``l_i`` of docs/design.md (The math).
 
     Args:
       logits_BxLxV: next-token logits (any float dtype).

@@ -148,7 +148,7 @@ class InnerObjective:
 def inner_objective(
     example_loss: ExampleLoss, *, weighting: str = "softmax", mu: float = 0.0, theta_ref=None
 ) -> InnerObjective:
-    """Build the weighted inner objective g of DESIGN.md section 1.
+    """Build the weighted inner objective g of docs/design.md (The math).
 
     Args:
       example_loss: pure ``(theta, batch) -> loss_B``.

@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jbilevel.config import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical name -> mesh axes. Parameters are sharded over fsdp (ZeRO-3 style) on their
@@ -64,13 +66,13 @@ class MeshConfig:
         fixed = math.prod(s for s in sizes if s != -1)
         if -1 in sizes:
             if n_devices % fixed:
-                raise ValueError(
+                raise ConfigError(
                     f"mesh: {n_devices} devices cannot be split as {self}: the fixed axes "
                     f"multiply to {fixed}, which does not divide {n_devices}"
                 )
             sizes[sizes.index(-1)] = n_devices // fixed
         elif fixed != n_devices:
-            raise ValueError(
+            raise ConfigError(
                 f"mesh: {self} needs {fixed} devices but {n_devices} are available; "
                 "set one axis to -1 to fill the rest"
             )

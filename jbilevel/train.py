@@ -36,6 +36,7 @@ from jbilevel.algorithms.offline import (
     theta_optimizer,
 )
 from jbilevel.checkpoint import Checkpointer, abstract_like
+from jbilevel.console import Console
 from jbilevel.xla_options import train_compiler_options
 
 
@@ -257,6 +258,7 @@ def run(
     on_log: Callable[[int, dict], None] | None = None,
     eval_fn: Callable[[Any], dict[str, float]] | None = None,
     before_step: Callable[[TrainState, int], tuple[TrainState, dict]] | None = None,
+    console: Console | None = None,
 ) -> tuple[TrainState, int]:
     """Trains from ``start_step`` to ``loop.steps`` (or until SIGTERM).
 
@@ -278,6 +280,9 @@ def run(
       before_step: ``(state, step) -> (state, metrics)`` on the host before each train step
         (online generation refreshes its buffer here); non-empty metrics are logged with
         every later step until it returns new ones.
+      console: where the progress bar (``loop.progress``) and warnings go (default: stderr).
+        A hypergradient's numbers (``val_loss``, ``cg_residual``, ...) join every record
+        until the next one, with ``hyper_step``: the step they were measured at.
     Returns:
       ``(state, step)``: the final state and the number of steps it has taken.
     Raises:
@@ -286,11 +291,8 @@ def run(
     """
     if compiled.hyper is not None and hyper_batches is None:
         raise ValueError("bds needs hyper_batches: the training data the hypergradient sees")
-    progress = None
-    if loop.progress and jax.process_index() == 0:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=loop.steps, initial=start_step, desc=cfg.method, leave=False)
+    console = console or Console()
+    progress = console.train_bar(loop.steps, start_step, cfg.method) if loop.progress else None
     pending: tuple[int, dict] | None = None  # (step, metrics) not yet read back
     state_lam_sh = state.lam.sharding
     sources = data_sources(data, val_batches, hyper_batches)
@@ -327,15 +329,15 @@ def run(
                 f"stopped and nothing after the last good checkpoint was saved (last good: "
                 f"{where}). Lower lr_theta / lr_omega, or check the data for empty responses."
             )
+        if record.get("hyper_step") == at:
+            console.hyper_finished(at, record)
         if logged(at):
             record["steps_per_s"] = (at - start_step) / max(time.perf_counter() - t0, 1e-9)
             if log is not None and jax.process_index() == 0:
                 log.write(at, record)
             if on_log is not None:
                 on_log(at, record)
-            if progress is not None:
-                progress.set_postfix({k: f"{record[k]:.4g}" for k in
-                                      ("loss", "val_loss", "ess") if k in record})
+            console.record(at, record)
 
     with _Preemption() as preempt:
         while step < loop.steps:
@@ -355,6 +357,8 @@ def run(
                     and step >= cfg.hyper_start):
                 state, hyper_metrics = compiled.hyper(state, put(next(hyper_batches)),
                                                       put(next(val_batches)))
+                hyper_metrics = {**hyper_metrics, "hyper_step": step}
+                console.hyper_started(step)
             if hyper_metrics or hook_metrics:
                 metrics = {**metrics, **hyper_metrics, **hook_metrics}
             if logged(step):  # this step's weight health; lam copied as state is donated next
@@ -366,7 +370,7 @@ def run(
                 read(pending)  # step N-1's numbers, while step N runs
             pending = (step, metrics)
             if progress is not None:
-                progress.update(1)
+                progress.update()
             if loop.checkpoint_every and step % loop.checkpoint_every == 0:
                 read(pending)
                 pending = None

@@ -51,13 +51,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def run_one(config_path: Path, overrides: list[str], out_dir: Path, fresh: bool) -> dict:
     """One run's results, reusing ``out_dir/results.json`` if it was made by the same config."""
-    from jbilevel import config, experiment
+    from jbilevel import config, experiment, rundir
 
     cfg = config.load(experiment.ExperimentConfig, config_path, overrides)
     done = out_dir / "results.json"
     if not fresh and done.exists() and (out_dir / "config.yaml").exists():
         saved = config.load(experiment.ExperimentConfig, out_dir / "config.yaml")
-        if saved == cfg:
+        if rundir.applied(saved) == rundir.applied(cfg):  # config.yaml: the applied settings
             return json.loads(done.read_text())
     return experiment.run(cfg, out_dir, progress=False)
 

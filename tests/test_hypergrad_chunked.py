@@ -1,7 +1,7 @@
 """The chunked hypergradient (Hessian on a sample, per-example term in chunks), in float64.
 
 With the Hessian on the whole set it must equal ``jbilevel.hypergrad`` for any chunk size;
-with the Hessian on a sample it must equal the formula of DESIGN.md section 1 written out
+with the Hessian on a sample it must equal the formula of docs/design.md written out
 with a dense Hessian; and the bds hyper step must take it when ``hyper_chunk`` is set.
 """
 

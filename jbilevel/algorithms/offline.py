@@ -45,7 +45,7 @@ UNIFORM_METHODS = ("sft", "mix", "val", "oracle")
 
 @dataclasses.dataclass(frozen=True)
 class MethodConfig:
-    """Optimisation settings of a method. Defaults are the tiny-CPU-scale ones (DESIGN.md 1)."""
+    """Optimisation settings of a method. Defaults are the tiny-CPU-scale ones (docs/design.md)."""
 
     method: Literal["sft", "mix", "val", "oracle", "bmo", "bds"] = "bds"  # training method
     weighting: Literal["softmax", "sigmoid"] = "softmax"  # omega -> weights map

@@ -1,4 +1,4 @@
-"""Online self-refining generation on top of bmo or bds (DESIGN.md section 1).
+"""Online self-refining generation on top of bmo or bds (docs/design.md, The math).
 
 Offline selection drops a bad response together with its question; online generation keeps the
 question and regenerates. Every ``every`` steps the host loop (``refresh.Refresher``) picks

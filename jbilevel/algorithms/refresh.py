@@ -23,6 +23,7 @@ from jbilevel.algorithms.online import (
     init_buffer,
     token_logprobs,
 )
+from jbilevel.config import ConfigError
 
 
 @functools.partial(jax.jit, static_argnames=("n", "mode", "weighting"))
@@ -112,7 +113,7 @@ class Refresher:
         longest = int((dataset.length_N - dataset.prompt_len_N).max())
         self.max_new_tokens = cfg.max_new_tokens or longest
         if cfg.batch_size > self.capacity:
-            raise ValueError(
+            raise ConfigError(
                 f"online.batch_size={cfg.batch_size} > the buffer's {self.capacity} rows "
                 f"(fraction {cfg.fraction} x {n} questions x {cfg.num_samples} samples); lower "
                 "online.batch_size or raise online.fraction / online.num_samples")
