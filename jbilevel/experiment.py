@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -127,7 +128,11 @@ def _longest(dataset) -> int:
 
 
 def evaluate(model, params, task, split: str = "test", batch_size: int = 250) -> dict:
-    """Greedy-decodes every prompt of ``split`` and scores the answers with the task metric."""
+    """Greedy-decodes every prompt of ``split`` and scores the answers with the task metric.
+
+    Every process calls it with the same arguments (params may span processes); the decoded
+    tokens are gathered onto every host, so each returns the same scores.
+    """
     from jbilevel.models import generate
 
     ds = task.splits[split]
@@ -137,25 +142,64 @@ def evaluate(model, params, task, split: str = "test", batch_size: int = 250) ->
         out = generate(model, params, batch["prompt_ids"], batch["prompt_mask"],
                        jax.random.key(0), max_new_tokens=max_new, greedy=True,
                        eos_id=task.tokenizer.eos_id, pad_id=task.tokenizer.pad_id)
-        tokens_BxT = np.asarray(out.tokens)[:, 0, :]
+        tokens_BxT = inputs.to_host(out.tokens)[:, 0, :]
         for b in np.flatnonzero(batch["valid"]):
             predictions.append(task.tokenizer.decode(tokens_BxT[b]))
     return {**task.score(predictions, split), "predictions": predictions}
 
 
+def _mesh_of(params):
+    """The mesh the params are laid out on (None: not on a mesh, e.g. one device)."""
+    for leaf in jax.tree.leaves(params):
+        if isinstance(getattr(leaf, "sharding", None), jax.sharding.NamedSharding):
+            return leaf.sharding.mesh
+    return None
+
+
 def split_loss(example_loss, dataset, batch_size: int) -> Callable[[Any], float]:
     """``params -> mean per-example loss over a whole split`` (fixed-shape batches, jitted once,
-    padding rows ignored)."""
+    padding rows ignored).
+
+    With params on a mesh, each batch's rows are split over its data axes like a training
+    batch (the batch size is rounded up to a multiple of them with padding rows) and the
+    per-row losses come back replicated: params may span several processes, each process
+    holds the whole split, and every process must call the returned function.
+    """
     from jbilevel.data import Batcher
 
-    fn = jax.jit(example_loss)
-    batches = list(Batcher(dataset, batch_size, shuffle=False,
-                           buckets=(_longest(dataset),)).epoch_batches())
+    rules = sh.AxisRules()
+    compiled: dict = {}  # mesh -> (jitted loss, batch sharding)
+
+    def place(mesh):
+        if mesh not in compiled:
+            def pinned(params, batch):
+                with sh.activation_sharding(mesh, rules):
+                    return example_loss(params, batch)
+
+            compiled[mesh] = (jax.jit(pinned, out_shardings=sh.replicated(mesh)),
+                              sh.batch_sharding(mesh, rules, 1))
+        return compiled[mesh]
+
+    batches: dict = {}  # rows per batch -> the split's batches
 
     def mean(params) -> float:
+        mesh = _mesh_of(params)
+        if mesh is None:
+            fn, rows, put = jax.jit(example_loss), batch_size, lambda b: b
+        else:
+            fn, sharding = place(mesh)
+            ways = sh.data_parallel_size(mesh, rules)
+            rows = batch_size + -batch_size % ways
+
+            def put(batch):  # every process holds the whole batch and places its shards
+                return {k: jax.make_array_from_callback(v.shape, sharding, v.__getitem__)
+                        for k, v in batch.items()}
+        if rows not in batches:
+            batches[rows] = list(Batcher(dataset, rows, shuffle=False,
+                                         buckets=(_longest(dataset),)).epoch_batches())
         total = count = 0.0
-        for batch in batches:
-            loss_B = np.asarray(fn(params, batch))
+        for batch in batches[rows]:
+            loss_B = np.asarray(fn(params, put(batch)))
             total += float((loss_B * batch["valid"]).sum())
             count += float(batch["valid"].sum())
         return total / count
@@ -164,7 +208,8 @@ def split_loss(example_loss, dataset, batch_size: int) -> Callable[[Any], float]
 
 
 def mean_loss(example_loss, params, dataset, batch_size: int) -> float:
-    """Mean per-example loss over a whole split (fixed-shape batches, padding rows ignored)."""
+    """Mean per-example loss over a whole split (see :func:`split_loss`; every process calls
+    it when params span several)."""
     return split_loss(example_loss, dataset, batch_size)(params)
 
 
@@ -296,6 +341,9 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
                                     eval_fn=eval_fn, before_step=refresher)
             if refresher is not None and step > start:
                 refresher.log_buffer(state, step)
+        except train.Preempted as stop:
+            mark_interrupted(out, cfg, task.name, n, stop)
+            raise
         finally:
             log.close()
     train_seconds = time.perf_counter() - t0
@@ -322,11 +370,31 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
             result.update({f"weight_{k}": v for k, v in task.score_weights(s_N).items()})
         health = weights.health(jnp.asarray(s_N))
         result.update({f"weight_{k}": float(v) for k, v in health.items()})
-    host_params = inputs.to_host(params)
+    host_params = inputs.to_process0(params)  # leaf by leaf: never whole on every host
     if jax.process_index() == 0:
         write_report(out, result, task, data_set, good_N, s_N, predictions, model, host_params,
                      learned=learned)
+    if jax.process_count() > 1:  # no process reads the report (e.g. `eval` next) before it exists
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jbilevel: run report written")
     return result
+
+
+def mark_interrupted(out: Path, cfg: ExperimentConfig, task_name: str, n: int,
+                     stop: train.Preempted) -> None:
+    """results.json of a run that SIGTERM stopped: how far it got and how to resume, marked
+    ``"interrupted": "sigterm"``. No final evaluation, weights, curated data or model are
+    written, so nothing in ``out`` looks like a finished run's report."""
+    if jax.process_index() != 0:
+        return
+    result = {"method": cfg.method.method, "online": cfg.online.enabled, "task": task_name,
+              "theta": cfg.theta.kind, "n_train": n, "steps": stop.step,
+              "steps_planned": cfg.loop.steps, "interrupted": "sigterm",
+              "checkpoint": stop.checkpoint,
+              "resume": "rerun the same command with the same --out"}
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{out}: {stop}", file=sys.stderr, flush=True)
 
 
 def write_report(out: Path, result: dict, task, data_set, good_N, s_N, predictions, model,

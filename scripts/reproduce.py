@@ -57,8 +57,9 @@ def run_one(config_path: Path, overrides: list[str], out_dir: Path, fresh: bool)
     done = out_dir / "results.json"
     if not fresh and done.exists() and (out_dir / "config.yaml").exists():
         saved = config.load(experiment.ExperimentConfig, out_dir / "config.yaml")
-        if saved == cfg:
-            return json.loads(done.read_text())
+        result = json.loads(done.read_text())
+        if saved == cfg and "interrupted" not in result:  # an interrupted run resumes below
+            return result
     return experiment.run(cfg, out_dir, progress=False)
 
 
