@@ -70,7 +70,8 @@ class ModelConfig:
     # "xla": explicit scores (any padding). "dot_product": jax.nn.dot_product_attention with
     # its default implementation; "cudnn": the same forced onto cuDNN flash attention (GPU,
     # bf16/f16). Both fused paths serve cache-free forwards and assume right padding (real
-    # tokens first, as in jbilevel's training batches); KV-cache decoding always uses "xla".
+    # tokens first, as in jbilevel's training batches and its online buffer's rows); KV-cache
+    # decoding always uses "xla".
     attention: str = "xla"
 
     def __post_init__(self):
