@@ -86,6 +86,28 @@ class ExperimentConfig:
         if self.online.enabled and self.method.method not in online_lib.BASES:
             raise ValueError(f"online.every={self.online.every} runs on top of bmo or bds, not "
                              f"method {self.method.method!r}; set method.method or online.every=0")
+        self._refuse_silently_wrong()
+
+    def _refuse_silently_wrong(self):
+        """Combinations that would run without an error and give a meaningless result."""
+        m = self.method
+        if m.method == "bmo" and m.weighting == "sigmoid":
+            raise ValueError(
+                "method.weighting=sigmoid with method.method=bmo: bmo's omega step lowers "
+                "mean_b s_b(omega) l_b with the losses held fixed, and independent sigmoid "
+                "weights each get a positive gradient s'(omega) l, so every weight falls toward "
+                "0 and nothing is selected. Use weighting=softmax with bmo (weights compete, "
+                "mean 1), or method=bds with sigmoid weights")
+        if m.method == "bmo" and m.lam_decay > 0 and not self.loop.steps_per_epoch:
+            raise ValueError(
+                f"method.lam_decay={m.lam_decay} lowers bmo's lam once per epoch, but "
+                "loop.steps_per_epoch=0 never ends one; set loop.steps_per_epoch to "
+                "ceil(training rows / batch_size), or method.lam_decay=0")
+        if self.online.enabled and self.theta.kind == "lora":
+            raise ValueError(
+                "online.every>0 with theta.kind=lora is not supported: the sampler and the "
+                "importance ratios run the model from theta, which for LoRA holds only the "
+                "adapters; set theta.kind=full, or online.every=0")
 
 
 def training_set(task, method: str):
@@ -281,9 +303,6 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
     data_set, good_N = training_set(task, cfg.method.method)
     n = len(data_set)
     lora = cfg.theta.kind == "lora"
-    if cfg.online.enabled and lora:
-        raise ValueError("online generation trains theta = the full model; set theta.kind=full "
-                         "or online.every=0 (LoRA + online is not supported yet)")
     positions = data_set.max_len
     if cfg.online.enabled:  # generated rows: longest prompt + sampled tokens
         positions = max(positions, int(data_set.prompt_len_N.max()) + (
@@ -300,6 +319,13 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
             scorer=getattr(task, "scorer", None))
     data = _process_batcher(data_set, cfg.batch_size, mesh, rules, seed=cfg.seed)
     val = _process_batcher(task.validation, cfg.val_batch_size, mesh, rules, seed=cfg.seed + 1)
+    if cfg.method.method == "bmo" and cfg.method.lam_decay and (
+            loop.steps_per_epoch != data.steps_per_epoch):
+        raise ValueError(
+            f"loop.steps_per_epoch={loop.steps_per_epoch}, but the training set is "
+            f"{data.steps_per_epoch} steps per epoch ({n} rows, batch_size {cfg.batch_size}): "
+            f"bmo's lam would fall by method.lam_decay every {loop.steps_per_epoch} steps, not "
+            f"every epoch; set loop.steps_per_epoch={data.steps_per_epoch}")
     hyper = None
     if cfg.method.method == "bds":
         hyper_bs = cfg.hyper_batch_size or n
