@@ -180,9 +180,9 @@ def to_process0(tree):
     """Numpy copy of a pytree on process 0 (None on the others), gathered piece by piece.
 
     Every process must call it. Leaves spread over several processes are gathered at most
-    ``_GATHER_BYTES`` at a time (slices along the first axis: a stacked layer, rows of an
-    embedding), so no device holds more than that much extra and processes other than 0
-    hold at most one piece on the host: the model is never copied whole onto every host.
+    ``_GATHER_BYTES`` at a time (slices along the first axis: stacked layers, rows of an
+    embedding; one slice if a single one is larger), and processes other than 0 hold at
+    most one piece on the host: the model is never copied whole onto every host.
     """
     import jax
 
@@ -201,6 +201,8 @@ def _gather(x, keep: bool = True):
 
     if not isinstance(x, jax.Array) or x.is_fully_addressable:
         return np.asarray(jax.device_get(x)) if keep else None
+    if x.is_fully_replicated:  # every process already holds all of it
+        return np.asarray(x.addressable_data(0)) if keep else None
     from jax.experimental import multihost_utils
 
     if x.ndim == 0 or x.nbytes <= _GATHER_BYTES:

@@ -32,7 +32,8 @@ eval_batch_size: 12  # not a multiple of the 8 devices: evaluation pads its batc
 # Launch 1 runs the config straight into A, then again into B, where process 1 sends itself
 # SIGTERM at its 5th batch (step 3) and its later batches take 0.5 s, so the run cannot end
 # before the notice has reached process 0 (JAX's preemption service polls about once a
-# second). Launch 2 reruns B (a resume), then `jbilevel eval --run B`.
+# second). Launch 2 reruns B (a resume), then `jbilevel eval --run B`; it gathers the final
+# model in pieces of at most 256 bytes, so step 3 below also checks the piecewise gather.
 STRAIGHT_THEN_SIGTERM = """\
 import os, signal, sys, time
 import jax
@@ -60,7 +61,8 @@ RESUME_THEN_EVAL = """\
 import sys
 import jax
 jax.config.update("jax_num_cpu_devices", 4)
-from jbilevel import cli
+from jbilevel import cli, inputs
+inputs._GATHER_BYTES = 256  # the final model gathered in many pieces (launch 1: whole leaves)
 code = cli.main(["train", "--config", {config!r}, "--out", {out!r}])
 sys.exit(code or cli.main(["eval", "--run", {out!r}]))
 """
