@@ -104,5 +104,6 @@ def test_sigterm_marks_the_run_interrupted_and_writes_no_report(tmp_path, monkey
                       "n_train": 64, "steps": 2, "steps_planned": 50, "interrupted": "sigterm",
                       "checkpoint": str(tmp_path / "checkpoints" / "2"),
                       "resume": "rerun the same command with the same --out"}
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "checkpoints", "config.yaml", "metrics.jsonl", "results.json", "tensorboard"]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["2"]
+    for name in ("model", "weights.csv", "weights.npy", "test_predictions.jsonl", "curves.png"):
+        assert not (tmp_path / name).exists(), name  # nothing that looks like a finished run
