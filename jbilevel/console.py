@@ -129,11 +129,17 @@ class Console:
     def hyper_finished(self, step: int, record: dict[str, float]) -> None:
         """A hypergradient's numbers are back: warn when its solve did not converge."""
         residual = record.get("cg_residual")
-        if residual is not None and residual > CG_RESIDUAL_WARN:
+        skipped = record.get("hyper_taken") == 0.0 and record.get("hypergrad_norm", 0.0) > 0
+        if record.get("cg_negative_curvature"):
+            self.warn(f"step {step}: the hypergradient's solve met negative curvature (the "
+                      "Hessian plus ridge is not positive definite at this theta): the weight "
+                      "step was skipped; raise method.hypergrad.ridge, or start later "
+                      "(method.hyper_start / method.hyper_max_val_loss)")
+        elif residual is not None and residual > CG_RESIDUAL_WARN:
             self.warn(f"step {step}: the hypergradient's CG residual is {residual:.3g} (> "
-                      f"{CG_RESIDUAL_WARN:g}): the Hessian solve did not converge and the "
-                      "weight update may point the wrong way; raise method.ridge (damping) or "
-                      "method.cg_iters")
+                      f"{CG_RESIDUAL_WARN:g}): the Hessian solve did not converge"
+                      + (" and the weight step was skipped" if skipped else "")
+                      + "; raise method.hypergrad.ridge (damping) or method.hypergrad.maxiter")
         if self._bar is not None:
             self._bar.hyper_finished(step, record)
 

@@ -91,10 +91,28 @@ class ExperimentConfig:
         if self.online.enabled and self.method.method not in online_lib.BASES:
             raise ValueError(f"online.every={self.online.every} runs on top of bmo or bds, not "
                              f"method {self.method.method!r}; set method.method or online.every=0")
+        self._refuse_silently_wrong()
+
+    def _refuse_silently_wrong(self):
+        """Combinations that would run without an error and give a meaningless result."""
+        m = self.method
+        if m.method == "bmo" and m.weighting == "sigmoid":
+            raise ValueError(
+                "method.weighting=sigmoid with method.method=bmo: bmo's omega step lowers "
+                "mean_b s_b(omega) l_b with the losses held fixed, and independent sigmoid "
+                "weights each get a positive gradient s'(omega) l, so every weight falls toward "
+                "0 and nothing is selected. Use weighting=softmax with bmo (weights compete, "
+                "mean 1), or method=bds with sigmoid weights")
+        if m.method == "bmo" and m.lam_decay > 0 and not self.loop.steps_per_epoch:
+            raise ValueError(
+                f"method.lam_decay={m.lam_decay} lowers bmo's lam once per epoch, but "
+                "loop.steps_per_epoch=0 never ends one; set loop.steps_per_epoch to "
+                "ceil(training rows / batch_size), or method.lam_decay=0")
         if self.online.enabled and self.theta.kind == "lora":
-            raise ValueError("online generation trains theta = the full model; set "
-                             "theta.kind=full or online.every=0 (LoRA + online is not supported "
-                             "yet)")
+            raise ValueError(
+                "online.every>0 with theta.kind=lora is not supported: the sampler and the "
+                "importance ratios run the model from theta, which for LoRA holds only the "
+                "adapters; set theta.kind=full, or online.every=0")
 
 
 def training_set(task, method: str):
@@ -137,7 +155,11 @@ def _longest(dataset) -> int:
 
 
 def evaluate(model, params, task, split: str = "test", batch_size: int = 250) -> dict:
-    """Greedy-decodes every prompt of ``split`` and scores the answers with the task metric."""
+    """Greedy-decodes every prompt of ``split`` and scores the answers with the task metric.
+
+    Every process calls it with the same arguments (params may span processes); the decoded
+    tokens are gathered onto every host, so each returns the same scores.
+    """
     from jbilevel.models import generate
 
     ds = task.splits[split]
@@ -147,25 +169,64 @@ def evaluate(model, params, task, split: str = "test", batch_size: int = 250) ->
         out = generate(model, params, batch["prompt_ids"], batch["prompt_mask"],
                        jax.random.key(0), max_new_tokens=max_new, greedy=True,
                        eos_id=task.tokenizer.eos_id, pad_id=task.tokenizer.pad_id)
-        tokens_BxT = np.asarray(out.tokens)[:, 0, :]
+        tokens_BxT = inputs.to_host(out.tokens)[:, 0, :]
         for b in np.flatnonzero(batch["valid"]):
             predictions.append(task.tokenizer.decode(tokens_BxT[b]))
     return {**task.score(predictions, split), "predictions": predictions}
 
 
+def _mesh_of(params):
+    """The mesh the params are laid out on (None: not on a mesh, e.g. one device)."""
+    for leaf in jax.tree.leaves(params):
+        if isinstance(getattr(leaf, "sharding", None), jax.sharding.NamedSharding):
+            return leaf.sharding.mesh
+    return None
+
+
 def split_loss(example_loss, dataset, batch_size: int) -> Callable[[Any], float]:
     """``params -> mean per-example loss over a whole split`` (fixed-shape batches, jitted once,
-    padding rows ignored)."""
+    padding rows ignored).
+
+    With params on a mesh, each batch's rows are split over its data axes like a training
+    batch (the batch size is rounded up to a multiple of them with padding rows) and the
+    per-row losses come back replicated: params may span several processes, each process
+    holds the whole split, and every process must call the returned function.
+    """
     from jbilevel.data import Batcher
 
-    fn = jax.jit(example_loss)
-    batches = list(Batcher(dataset, batch_size, shuffle=False,
-                           buckets=(_longest(dataset),)).epoch_batches())
+    rules = sh.AxisRules()
+    compiled: dict = {}  # mesh -> (jitted loss, batch sharding)
+
+    def place(mesh):
+        if mesh not in compiled:
+            def pinned(params, batch):
+                with sh.activation_sharding(mesh, rules):
+                    return example_loss(params, batch)
+
+            compiled[mesh] = (jax.jit(pinned, out_shardings=sh.replicated(mesh)),
+                              sh.batch_sharding(mesh, rules, 1))
+        return compiled[mesh]
+
+    batches: dict = {}  # rows per batch -> the split's batches
 
     def mean(params) -> float:
+        mesh = _mesh_of(params)
+        if mesh is None:
+            fn, rows, put = jax.jit(example_loss), batch_size, lambda b: b
+        else:
+            fn, sharding = place(mesh)
+            ways = sh.data_parallel_size(mesh, rules)
+            rows = batch_size + -batch_size % ways
+
+            def put(batch):  # every process holds the whole batch and places its shards
+                return {k: jax.make_array_from_callback(v.shape, sharding, v.__getitem__)
+                        for k, v in batch.items()}
+        if rows not in batches:
+            batches[rows] = list(Batcher(dataset, rows, shuffle=False,
+                                         buckets=(_longest(dataset),)).epoch_batches())
         total = count = 0.0
-        for batch in batches:
-            loss_B = np.asarray(fn(params, batch))
+        for batch in batches[rows]:
+            loss_B = np.asarray(fn(params, put(batch)))
             total += float((loss_B * batch["valid"]).sum())
             count += float(batch["valid"].sum())
         return total / count
@@ -174,7 +235,8 @@ def split_loss(example_loss, dataset, batch_size: int) -> Callable[[Any], float]
 
 
 def mean_loss(example_loss, params, dataset, batch_size: int) -> float:
-    """Mean per-example loss over a whole split (fixed-shape batches, padding rows ignored)."""
+    """Mean per-example loss over a whole split (see :func:`split_loss`; every process calls
+    it when params span several)."""
     return split_loss(example_loss, dataset, batch_size)(params)
 
 
@@ -316,6 +378,13 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
             scorer=getattr(task, "scorer", None), rules=rules)
     data = _process_batcher(data_set, cfg.batch_size, mesh, rules, seed=cfg.seed)
     val = _process_batcher(task.validation, cfg.val_batch_size, mesh, rules, seed=cfg.seed + 1)
+    if cfg.method.method == "bmo" and cfg.method.lam_decay and (
+            loop.steps_per_epoch != data.steps_per_epoch):
+        raise ValueError(
+            f"loop.steps_per_epoch={loop.steps_per_epoch}, but the training set is "
+            f"{data.steps_per_epoch} steps per epoch ({n} rows, batch_size {cfg.batch_size}): "
+            f"bmo's lam would fall by method.lam_decay every {loop.steps_per_epoch} steps, not "
+            f"every epoch; set loop.steps_per_epoch={data.steps_per_epoch}")
     hyper = None
     if cfg.method.method == "bds":
         hyper_bs = min(cfg.hyper_batch_size or n, n)
@@ -323,7 +392,7 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
         hyper = _process_batcher(data_set, hyper_bs, mesh, rules, seed=cfg.seed + 2,
                                  shuffle=True)  # a fresh Hessian sample each time
     t0 = time.perf_counter()
-    interrupted = None
+    interrupted, preempted = None, None
     step = start = 0
     with Checkpointer(out / "checkpoints", keep=loop.keep) as ckpt:
         load = cfg.model.path is not None and (ckpt.latest_step() is None or lora)
@@ -380,6 +449,9 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
                 refresher.log_buffer(state, step)
         except train.NonFiniteLossError as e:
             interrupted = {"reason": "non_finite_loss", "message": str(e)}
+        except train.Preempted as stop:  # every process stopped at the same step, saved
+            interrupted = {"reason": "sigterm", "message": str(stop)}
+            preempted = stop
         finally:
             log.close()
             console.close_bar()
@@ -391,14 +463,17 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
     result: dict[str, Any] = {
         "method": cfg.method.method, "online": refresher is not None, "task": task.name,
         "theta": cfg.theta.kind, "n_train": n, "steps": step, "resumed_from": start,
-        "train_seconds": round(train_seconds, 2), "interrupted": interrupted,
+        "train_seconds": round(train_seconds, 2), "steps_planned": loop.steps,
+        "interrupted": interrupted,
     }
-    if interrupted is not None:
+    if interrupted is not None:  # no final evaluation, weights or model: not a finished run
         interrupted["last_checkpoint"] = rundir.latest_checkpoint(out)
         result["data"] = data_reports(cfg, task)
         console.warn(f"run interrupted ({interrupted['reason']}): {interrupted['message']}")
         if jax.process_index() == 0:
             _write_json(out / "results.json", result)
+        if preempted is not None:
+            raise preempted  # exit status 143; the same command resumes
         return result
 
     params = final_params(state, model, lora)
@@ -423,11 +498,15 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
                                   if k.startswith(("val_", "test_", "weight_"))
                                   and isinstance(v, float))
     result["data"] = data_reports(cfg, task)
-    host_params = inputs.to_host(params)
+    host_params = inputs.to_process0(params)  # leaf by leaf: never whole on every host
     if jax.process_index() == 0:
         with console.phase(f"writing the run report and the model to {out}"):
             write_report(out, result, task, data_set, good_N, s_N, predictions, model,
                          host_params, learned=learned)
+    if jax.process_count() > 1:  # no process reads the report (e.g. `eval` next) before it exists
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jbilevel: run report written")
     return result
 
 

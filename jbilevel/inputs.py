@@ -8,6 +8,7 @@ the run's tokenizer (a local HF tokenizer directory, by default the model's own)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import os
 from typing import Any, Literal
@@ -220,11 +221,65 @@ def preview(row: dict, width: int = 80) -> str:
 
 
 def to_host(tree):
-    """Numpy copy of a (possibly multi-process sharded) pytree."""
+    """Numpy copy of a (possibly multi-process sharded) pytree, on every process.
+
+    Every process must call it: a leaf spread over several processes is gathered by a
+    collective. For large trees that only process 0 needs, use :func:`to_process0`.
+    """
     import jax
 
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+    return jax.tree.map(_gather, tree)
 
-        return multihost_utils.process_allgather(tree, tiled=True)
-    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+def to_process0(tree):
+    """Numpy copy of a pytree on process 0 (None on the others), gathered piece by piece.
+
+    Every process must call it. Leaves spread over several processes are gathered at most
+    ``_GATHER_BYTES`` at a time (slices along the first axis: stacked layers, rows of an
+    embedding; one slice if a single one is larger), and processes other than 0 hold at
+    most one piece on the host: the model is never copied whole onto every host.
+    """
+    import jax
+
+    keep = jax.process_index() == 0
+    leaves, treedef = jax.tree.flatten(tree)
+    out = [_gather(leaf, keep=keep) for leaf in leaves]
+    return jax.tree.unflatten(treedef, out) if keep else None
+
+
+_GATHER_BYTES = 1 << 28  # 256 MiB: the most one multi-process gather moves
+
+
+def _gather(x, keep: bool = True):
+    """``x`` as numpy (None when not ``keep``); a collective when x spans processes."""
+    import jax
+
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(jax.device_get(x)) if keep else None
+    if x.is_fully_replicated:  # every process already holds all of it
+        return np.asarray(x.addressable_data(0)) if keep else None
+    from jax.experimental import multihost_utils
+
+    if x.ndim == 0 or x.nbytes <= _GATHER_BYTES:
+        whole = np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return whole if keep else None
+    rows = max(1, _GATHER_BYTES // (x.nbytes // x.shape[0]))
+    out = np.empty(x.shape, x.dtype) if keep else None
+    for start in range(0, x.shape[0], rows):
+        size = min(rows, x.shape[0] - start)
+        piece = multihost_utils.process_allgather(_rows(x, start, size), tiled=True)
+        if keep:
+            out[start:start + size] = piece
+    return out
+
+
+def _rows(x, start: int, size: int):
+    """``x[start:start + size]`` on x's devices (one compiled program per shape)."""
+    return _slicer(size)(x, np.int32(start))
+
+
+@functools.cache
+def _slicer(size: int):
+    import jax
+
+    return jax.jit(lambda x, start: jax.lax.dynamic_slice_in_dim(x, start, size))

@@ -32,7 +32,7 @@ RESUMABLE = (
 _SHAPE = ("family", "hidden_size", "num_layers", "num_heads", "intermediate_size")
 _OMEGA = ("weighting", "lr_omega", "omega_optim", "omega_step_max")
 _BMO = ("lam", "lam_decay", "lam_min")
-_BDS = ("hyper_every", "hyper_start", "hyper_max_val_loss", "cg_iters", "ridge", "mu",
+_BDS = ("hyper_every", "hyper_start", "hyper_max_val_loss", "hypergrad", "mu",
         "hessian_rows", "hyper_chunk")
 _UNIFORM = ("sft", "mix", "val", "oracle")
 

@@ -3,9 +3,19 @@
 Each method's pure steps (``jbilevel.algorithms``) are jitted once here, with the state's
 shardings from the logical-axis table and the batch split over the data axes. The loop
 dispatches step N before it reads step N-1's metrics, saves composite checkpoints (state +
-data-iterator position) atomically, resumes exactly from the newest one, writes a checkpoint
-and exits cleanly on SIGTERM (preemption), and stops with a clear message on a non-finite
-loss, leaving the last good checkpoint in place.
+data-iterator position) atomically, resumes exactly from the newest one, and stops with a
+clear message on a non-finite loss, leaving the last good checkpoint in place.
+
+SIGTERM (preemption) stops the run at a step boundary: every process stops at the same step,
+writes the checkpoint of that step and raises :class:`Preempted` (exit status 143 unless
+caught). What bounds the delay: a compiled program cannot be interrupted, and the loop
+keeps one step in flight, so the programs running or queued when the signal arrives finish
+first: at most two training steps and, at a bds hypergradient step, that hypergradient (one
+program: ``method.hypergrad.maxiter`` Hessian-vector products over ``hessian_rows`` rows and
+a JVP over ``hyper_batch_size`` rows; lower them to shorten it), an online refresh
+(generation) or a ``loop.eval_every`` evaluation if one is running; then the checkpoint is
+written. With several processes the agreement adds about a second (measured with 2 local
+processes on this host).
 """
 
 from __future__ import annotations
@@ -52,6 +62,26 @@ class BatchSource(Protocol):
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss; the last good checkpoint is left intact."""
+
+
+class Preempted(SystemExit):
+    """SIGTERM stopped the run at ``step`` after that step's checkpoint was written.
+
+    A ``SystemExit`` with status 143 (128 + SIGTERM, what a shell reports for a process
+    ended by SIGTERM): uncaught, the process exits with that status and no traceback, and
+    ``except Exception`` handlers let it through. Rerunning the same command resumes.
+    """
+
+    EXIT_STATUS = 128 + signal.SIGTERM
+
+    def __init__(self, step: int, checkpoint: str | None):
+        super().__init__(self.EXIT_STATUS)
+        self.step, self.checkpoint = step, checkpoint
+
+    def __str__(self) -> str:
+        saved = (f"its checkpoint is {self.checkpoint}; rerun the same command to resume"
+                 if self.checkpoint else "no checkpoint directory was given, nothing saved")
+        return f"interrupted by SIGTERM at step {self.step}: {saved}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,13 +172,33 @@ def compile_steps(steps: Steps, cfg: MethodConfig, mesh, rules: sh.AxisRules,
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks between steps."""
+    """SIGTERM as a request to stop at a step boundary, the same step on every process.
+
+    One process: a Python handler sets a flag that :meth:`stop_at` reads. Several
+    processes: JAX's preemption service (started by ``jax.distributed.initialize``, on by
+    default) catches SIGTERM on any process and, in a background thread, agrees with the
+    others through the coordination service on the step at which all stop (one past the
+    furthest step any process had reached). :meth:`stop_at` asks it after every step: a
+    local check (20-40 us measured on this host), no device collective, so the loop's
+    pipelining is untouched. A Python SIGTERM handler installed after
+    ``jax.distributed.initialize`` would replace the service's, hence the warning below.
+    """
 
     def __init__(self):
         self.requested = False
         self._previous = None
+        self._multi = jax.process_count() > 1
 
     def __enter__(self):
+        if self._multi:
+            if callable(signal.getsignal(signal.SIGTERM)):
+                import warnings
+
+                warnings.warn("a Python SIGTERM handler is installed, so JAX's preemption "
+                              "service never sees SIGTERM and the processes cannot agree on "
+                              "a step to stop at; remove that handler", stacklevel=3)
+            return self
+
         def handler(signum, frame):
             self.requested = True
 
@@ -157,6 +207,21 @@ class _Preemption:
         except ValueError:  # not the main thread: preemption is the caller's business
             self._previous = None
         return self
+
+    def stop_at(self, step: int) -> bool:
+        """True when the run should stop after ``step`` (every process gets the same answer
+        for the same step when all call this after every step)."""
+        if not self._multi:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        try:
+            return multihost_utils.reached_preemption_sync_point(step)
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"{e}: a multi-process run needs JAX's preemption service so that a SIGTERM "
+                "on one process stops every process at the same step; leave "
+                "jax_enable_preemption_service at its default (True)") from None
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -260,7 +325,7 @@ def run(
     before_step: Callable[[TrainState, int], tuple[TrainState, dict]] | None = None,
     console: Console | None = None,
 ) -> tuple[TrainState, int]:
-    """Trains from ``start_step`` to ``loop.steps`` (or until SIGTERM).
+    """Trains from ``start_step`` to ``loop.steps``, or until SIGTERM (see the module doc).
 
     Args:
       compiled: jitted steps from :func:`compile_steps`.
@@ -288,6 +353,8 @@ def run(
     Raises:
       NonFiniteLossError: a loss became NaN/inf; nothing after the last good checkpoint is
         saved.
+      Preempted: SIGTERM on any process: every process stopped at the same step and that
+        step's checkpoint is written (when ``ckpt`` is given).
     """
     if compiled.hyper is not None and hyper_batches is None:
         raise ValueError("bds needs hyper_batches: the training data the hypergradient sees")
@@ -339,6 +406,7 @@ def run(
                 on_log(at, record)
             console.record(at, record)
 
+    stopped = False
     with _Preemption() as preempt:
         while step < loop.steps:
             if loop.steps_per_epoch and step and step % loop.steps_per_epoch == 0:
@@ -375,7 +443,8 @@ def run(
                 read(pending)
                 pending = None
                 save(step)
-            if preempt.requested:
+            if preempt.stop_at(step):
+                stopped = True
                 break
         if pending is not None:
             read(pending)
@@ -385,4 +454,6 @@ def run(
         ckpt.wait()
     if progress is not None:
         progress.close()
+    if stopped:
+        raise Preempted(step, str(ckpt.directory / str(step)) if ckpt is not None else None)
     return state, step

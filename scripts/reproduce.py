@@ -57,8 +57,10 @@ def run_one(config_path: Path, overrides: list[str], out_dir: Path, fresh: bool)
     done = out_dir / "results.json"
     if not fresh and done.exists() and (out_dir / "config.yaml").exists():
         saved = config.load(experiment.ExperimentConfig, out_dir / "config.yaml")
-        if rundir.applied(saved) == rundir.applied(cfg):  # config.yaml: the applied settings
-            return json.loads(done.read_text())
+        result = json.loads(done.read_text())
+        # config.yaml holds the applied settings; an interrupted run resumes below
+        if rundir.applied(saved) == rundir.applied(cfg) and "interrupted" not in result:
+            return result
     return experiment.run(cfg, out_dir, progress=False)
 
 

@@ -96,9 +96,10 @@ class OnlineConfig:
 class Buffer:
     """The latest refresh's generated pairs, R rows of length L = prompt P + new tokens T.
 
-    Rows are prompt (left-padded) then response, laid out like a training batch: ``labels`` is
-    ``input_ids`` shifted left, ``loss_mask`` marks generated tokens (through the first eos),
-    ``logp`` holds the sampling log-prob of each label (0 off the mask).
+    Rows are prompt then response, real tokens first (right padding), laid out like a training
+    batch: ``labels`` is ``input_ids`` shifted left, ``loss_mask`` marks generated tokens
+    (through the first eos), ``logp`` holds the sampling log-prob of each label (0 off the
+    mask).
     """
 
     input_ids: jax.Array  # int32 RxL

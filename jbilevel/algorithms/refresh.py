@@ -42,7 +42,13 @@ def select_questions(key, omega_N, *, n: int, mode: str, weighting: str) -> jax.
 def pack(prompt_ids_BxP, prompt_mask_BxP, tokens_BxGxT, mask_BxGxT, logp_BxGxT, ids_B, valid_B,
          pad_id: int) -> dict:
     """Generated samples as training rows (the :class:`Buffer` layout), G rows per prompt;
-    rows of invalid prompts get no loss tokens."""
+    rows of invalid prompts get no loss tokens.
+
+    The sampler's prompts are left-padded; each row is rolled left past its padding so its
+    real tokens come first, as in training batches: the fused attention paths
+    (``model.attention`` dot_product / cudnn) take per-row lengths and would otherwise
+    attend to the padding and miss the response.
+    """
     b, g, t = tokens_BxGxT.shape
     rep = functools.partial(jnp.repeat, repeats=g, axis=0)
     tokens, mask = tokens_BxGxT.reshape(b * g, t), mask_BxGxT.reshape(b * g, t)
@@ -57,10 +63,15 @@ def pack(prompt_ids_BxP, prompt_mask_BxP, tokens_BxGxT, mask_BxGxT, logp_BxGxT, 
     logp_RxT = jnp.where(loss_mask[:, prompt_ids_BxP.shape[1] - 1:-1] > 0,
                        logp_BxGxT.reshape(b * g, t), 0.0)
     logp = jnp.concatenate([lead, logp_RxT, tail], axis=1)
-    return {"input_ids": input_ids, "attention_mask": attention,
+    rows = {"input_ids": input_ids, "attention_mask": attention,
             "labels": jnp.concatenate([input_ids[:, 1:], pad_col], axis=1),
-            "loss_mask": loss_mask, "logp": logp, "ids": rep(ids_B).astype(jnp.int32),
-            "valid": valid_R}
+            "loss_mask": loss_mask, "logp": logp}
+    # the wrapped-around padding lands at the end with no attention and no loss
+    pads_R = prompt_ids_BxP.shape[1] - jnp.sum(rep(prompt_mask_BxP), axis=1)
+    length = input_ids.shape[1]
+    from_RxL = (jnp.arange(length)[None, :] + pads_R[:, None]) % length
+    rows = {k: jnp.take_along_axis(v, from_RxL, axis=1) for k, v in rows.items()}
+    return {**rows, "ids": rep(ids_B).astype(jnp.int32), "valid": valid_R}
 
 
 def _host(x) -> np.ndarray:
@@ -205,8 +216,8 @@ class Refresher:
     def _texts(self, buffer: Buffer) -> tuple[np.ndarray, list[str]]:
         valid = _host(buffer.valid) > 0
         ids = _host(buffer.ids)[valid]
-        tokens = _host(buffer.input_ids)[valid, self.prompt_len:]
-        mask = _host(buffer.attention_mask)[valid, self.prompt_len:] > 0
+        tokens = _host(buffer.labels)[valid]  # the response: the labels that carry a loss
+        mask = _host(buffer.loss_mask)[valid] > 0
         tok = self.dataset.tokenizer
         eos = tok.eos_id
         texts = [tok.decode([t for t in row[m] if t != eos]) for row, m in zip(tokens, mask,

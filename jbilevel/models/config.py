@@ -70,7 +70,8 @@ class ModelConfig:
     # "xla": explicit scores (any padding). "dot_product": jax.nn.dot_product_attention with
     # its default implementation; "cudnn": the same forced onto cuDNN flash attention (GPU,
     # bf16/f16). Both fused paths serve cache-free forwards and assume right padding (real
-    # tokens first, as in jbilevel's training batches); KV-cache decoding always uses "xla".
+    # tokens first, as in jbilevel's training batches and its online buffer's rows); KV-cache
+    # decoding always uses "xla".
     attention: str = "xla"
     # The LM loss applies the output projection this many MiB of float32 logits at a time on
     # each device (``jbilevel.losses.chunked_token_nll``); the [rows, tokens, vocab] logits are

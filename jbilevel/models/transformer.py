@@ -141,7 +141,9 @@ class Model:
         Args:
           params: parameter pytree from `init` or `load_pretrained`.
           input_ids_BxL: int token ids.
-          attention_mask: (B, L), 1 = real token, 0 = padding (left or right). Default all ones.
+          attention_mask: (B, L), 1 = real token, 0 = padding (left or right with attention
+            "xla"; the fused paths take per-row lengths and need right padding). Default all
+            ones.
           positions: (B, L) position ids. Default: cumsum(mask) - 1 clipped at 0, which is
             0, 1, 2, ... from the first real token (so left padding gets the HF generate
             positions and right padding the plain arange).
