@@ -84,7 +84,7 @@ def _mixed_native(inner_loss, theta, omega, batch, v):
     return jax.tree.map(jnp.negative, vjp(cast_like(v, theta))[0])
 
 
-def _solve_and_mix(method, inner_loss, outer_loss, theta, omega, batch, outer_batch):
+def _solve_and_mix(method, inner_loss, outer_loss, theta, omega, batch, outer_batch, chunk=None):
     """Returns (d_omega, HypergradInfo) for Implicit and Neumann."""
     use_fast = method.fast and isinstance(inner_loss, InnerObjective)
     if isinstance(method, Implicit) and method.backend == "jaxopt" and not use_fast:
@@ -105,20 +105,15 @@ def _solve_and_mix(method, inner_loss, outer_loss, theta, omega, batch, outer_ba
         )
         return d_omega, HypergradInfo(info["solve"][1], info["solve"][0], f_val,
                                       info["solve"][2])
-    v, info = adjoint(inner_loss, outer_loss, theta, omega, batch, outer_batch, method)
+    v, info = adjoint(inner_loss, outer_loss, theta, omega, batch, outer_batch, method,
+                      chunk=chunk)
     if use_fast:
-        ids_B = check_ids(omega, batch)
-        u_B, _, _ = example_u(inner_loss.example_loss, theta, batch, v)
-        d_omega = weight_vjp(inner_loss.weighting, omega, ids_B, u_B,
-                             _valid_rows(batch, u_B))
+        check_ids(omega, batch)
+        u_R, ids_R, valid_R = example_u(inner_loss.example_loss, theta, batch, v, chunk=chunk)
+        d_omega = weight_vjp(inner_loss.weighting, omega, ids_R, u_R, valid_R)
     else:
         d_omega = _mixed_native(inner_loss, theta, omega, batch, v)
     return d_omega, info
-
-
-def _valid_rows(batch, u_B):
-    valid_B = batch.get("valid")
-    return jnp.ones_like(u_B) if valid_B is None else valid_B
 
 
 def _unrolled(method: Unrolled, inner_loss, outer_loss, theta, omega, inner_batch, outer_batch):
@@ -143,7 +138,8 @@ def _unrolled(method: Unrolled, inner_loss, outer_loss, theta, omega, inner_batc
 # --------------------------------------------------------------------------- public API
 
 
-def _hypergrad_core(inner_loss, outer_loss, method, theta, omega, inner_batch, outer_batch):
+def _hypergrad_core(inner_loss, outer_loss, method, chunk, theta, omega, inner_batch,
+                    outer_batch):
     """(d_omega, HypergradInfo): the computation behind ``hypergrad``."""
     if isinstance(method, Unrolled):
         f_val = outer_loss(theta, outer_batch)
@@ -154,13 +150,14 @@ def _hypergrad_core(inner_loss, outer_loss, method, theta, omega, inner_batch, o
         return d_omega, HypergradInfo(jnp.full((), jnp.nan, f_val.dtype),
                                       jnp.asarray(method.steps, jnp.int32), f_val,
                                       jnp.zeros((), bool))
-    return _solve_and_mix(method, inner_loss, outer_loss, theta, omega, inner_batch, outer_batch)
+    return _solve_and_mix(method, inner_loss, outer_loss, theta, omega, inner_batch, outer_batch,
+                          chunk)
 
 
 # Called with concrete arrays, hypergrad runs as one compiled program, cached per (losses,
 # method): op by op, the solver's loop compiled afresh on every call (0.2-0.4 s for a
 # 64-example problem).
-_hypergrad_jit = jax.jit(_hypergrad_core, static_argnums=(0, 1, 2))
+_hypergrad_jit = jax.jit(_hypergrad_core, static_argnums=(0, 1, 2, 3))
 
 
 def _cacheable(statics, arrays) -> bool:
@@ -189,6 +186,7 @@ def hypergrad(
     backend: str = DEFAULT_BACKEND,
     method: Implicit | Neumann | Unrolled | None = None,
     return_info: bool = False,
+    chunk: int | None = None,
 ):
     """Hypergradient ``dF/domega`` of ``F(omega) = outer_loss(theta*(omega), outer_batch)``.
 
@@ -208,7 +206,11 @@ def hypergrad(
         with ``ids`` and optional ``valid``).
       solver, maxiter, tol, ridge, backend: build ``Implicit(...)`` when method is None.
       method: ``Implicit | Neumann | Unrolled``; overrides the solver arguments.
-      return_info: also return a ``HypergradInfo`` (residual, iterations, outer loss).
+      return_info: also return a ``HypergradInfo`` (residual, iterations, outer loss,
+        negative curvature).
+      chunk: for an ``InnerObjective`` over a batch with the rows on axis 0, run the
+        Hessian-vector products and the per-example JVPs over this many rows at a time (the
+        same result; memory of a pass over ``chunk`` rows instead of the whole batch).
 
     Returns:
       d_omega with omega's pytree structure, or ``(d_omega, info)`` if return_info.
@@ -223,6 +225,8 @@ def hypergrad(
     rebound keeps the value it was compiled with. Unhashable losses or methods, and batches
     holding Python scalars, run op by op as before.
     """
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"hypergrad: chunk={chunk} must be >= 1 (None: the whole batch)")
     if method is None:
         method = Implicit(solver=solver, maxiter=maxiter, tol=tol, ridge=ridge, backend=backend)
     if not isinstance(method, Implicit | Neumann | Unrolled):
@@ -232,7 +236,8 @@ def hypergrad(
     checks.check_inner_batch(inner_loss, omega, inner_batch)
     checks.check_omega_used(inner_loss, theta, omega, inner_batch)
 
-    statics, arrays = (inner_loss, outer_loss, method), (theta, omega, inner_batch, outer_batch)
+    statics = (inner_loss, outer_loss, method, chunk)
+    arrays = (theta, omega, inner_batch, outer_batch)
     core = _hypergrad_jit if _cacheable(statics, arrays) else _hypergrad_core
     d_omega, info = core(*statics, *arrays)
     f_val = info.outer_loss

@@ -98,3 +98,17 @@ def test_hyper_step_keeps_theta_shaped_vectors_sharded():
     stacked = [s for s in gathered if s.split(",")[0] == str(layers) and s.count(",") >= 1]
     assert gathered and not stacked, stacked
     assert report.steps["hyper"].temp <= 2 * report.steps["train"].temp, report.steps
+
+
+def test_hypergrad_with_row_chunks_equals_the_whole_batch(x64):
+    from jbilevel.implicit import hypergrad
+
+    train, val, theta, omega = _problem()
+    inner = objectives.inner_objective(mlp_loss, mu=0.05)
+    outer = objectives.outer_objective(mlp_loss)
+    method = Implicit(maxiter=30, tol=0.0, ridge=5.0)
+    whole = hypergrad(inner, outer, theta, omega, train, val, method=method)
+    for chunk in (7, 13):
+        chunked = hypergrad(inner, outer, theta, omega, train, val, method=method, chunk=chunk)
+        np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), rtol=1e-10,
+                                   atol=1e-13)
