@@ -384,14 +384,8 @@ def apply(c: ModelConfig, params, ids_BxL, pos_BxL, kv_mask_BxS, *, lora=None, c
         lw, scale = lora.weights, lora.scale
         sites = {site: name for name, site in LORA_SITES[c.family].items()}
 
-    layer_axes = jax.tree.map(lambda s: s[1][1:], _specs(c)["layers"], is_leaf=_is_spec)
-
     def body(x_BxLxD, xs):
         p, lwl, ckv = xs
-        # Each layer's weights keep their own sharding inside the loop body, so FSDP gathers
-        # them here, one layer at a time; unpinned, XLA may gather the whole stack before the
-        # loop (it did in the hypergradient's Hessian-vector products).
-        p = jax.tree.map(constrain, p, layer_axes)
         x_BxLxD = constrain(x_BxLxD, _ACT)
         x_BxLxD, new = _layer(c, sites, scale, x_BxLxD, p, lwl, cs, mask_info, ckv)
         return x_BxLxD, new
