@@ -451,7 +451,7 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
             interrupted = {"reason": "non_finite_loss", "message": str(e)}
         except train.Preempted as stop:  # every process stopped at the same step, saved
             interrupted = {"reason": "sigterm", "message": str(stop)}
-            preempted = stop
+            preempted, step = stop, stop.step
         finally:
             log.close()
             console.close_bar()

@@ -31,7 +31,8 @@ def test_train_refuses_with_the_reason_and_the_choices(tmp_path, capsys, overrid
     path.write_text(CONFIG)
     assert cli.main(["train", "--config", str(path), "--out", str(out), *overrides]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"jbilevel train: {path}: ") and len(err.splitlines()) == 1
+    assert err.startswith(f"jbilevel train: error: {path} + command line: ")
+    assert len(err.splitlines()) == 1
     assert re.search(message, err), err
     assert not out.exists()
 

@@ -60,7 +60,7 @@ def test_bar_labels_a_stale_validation_loss_and_reports_each_hypergradient():
     text = out.getvalue()
     assert ("warning: step 2: the hypergradient's CG residual is 1.7 (> 1): the Hessian solve "
             "did not converge") in text
-    assert "raise method.ridge (damping) or method.cg_iters" in text
+    assert "raise method.hypergrad.ridge (damping) or method.hypergrad.maxiter" in text
     assert "cg_res=1.7@2" in text and "val_loss@2=0.5" in text
     assert "hyper=skipped@4" in text and text.count("warning:") == 1
     assert "step 3: loss=1.25, val_loss=0.5, ess=0.9, hyper_step=2" in text  # --verbose

@@ -20,15 +20,15 @@ def test_saved_config_lists_only_what_applies():
     assert set(files["model"]).isdisjoint(
         {"family", "hidden_size", "num_layers", "num_heads", "intermediate_size"})
     assert files["theta"] == {"kind": "full"}
-    assert "lam" in files["method"] and "ridge" not in files["method"]
+    assert "lam" in files["method"] and "hypergrad" not in files["method"]
     assert "hyper_batch_size" not in files and "steps_per_epoch" in files["loop"]
     built_in = rundir.applied(_cfg("method.method=bds", "theta.kind=lora"))
     assert "data" not in built_in and built_in["task"]["name"] == "quality"
     assert built_in["model"]["hidden_size"] == 128 and built_in["theta"]["rank"] == 16
-    assert "lam" not in built_in["method"] and "ridge" in built_in["method"]
+    assert "lam" not in built_in["method"] and "hypergrad" in built_in["method"]
     assert "steps_per_epoch" not in built_in["loop"]
     sft = rundir.applied(_cfg("method.method=sft"))
-    assert set(sft["method"]).isdisjoint({"lr_omega", "weighting", "lam", "ridge"})
+    assert set(sft["method"]).isdisjoint({"lr_omega", "weighting", "lam", "hypergrad"})
     assert "val_batch_size" not in sft
 
 

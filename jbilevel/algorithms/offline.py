@@ -77,8 +77,10 @@ class MethodConfig:
     mu: float = 0.0  # bds: proximal/L2 strength inside the inner objective
     hessian_rows: int = 64  # bds: hyper-batch rows the Hessian is estimated on (0: all rows)
     # bds: rows per forward-mode pass of the hypergradient (Hessian-vector products and the
-    # per-example JVPs): memory follows it, not the number of rows. 0: all rows in one pass.
-    hyper_chunk: int = 64
+    # per-example JVPs): memory follows it, not the number of rows. A Hessian-vector product
+    # over r rows needs about the memory of a train step over 2r rows, so half the batch size
+    # keeps the hypergradient within a train step's memory. 0: all rows in one pass.
+    hyper_chunk: int = 32
 
     def __post_init__(self):
         for name in ("lr_theta", "lr_omega", "hyper_every"):
