@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jbilevel import linsolve
 from jbilevel import sharding as sh
 from jbilevel import weights as weights_lib
-from jbilevel.objectives import InnerObjective
+from jbilevel.objectives import InnerObjective, OuterObjective
 
 BACKENDS = ("jaxopt", "native")
 # One switch to drop jaxopt: set to "native".
@@ -216,13 +216,14 @@ def adjoint(inner_loss: Callable, outer_loss: Callable, theta, omega, hessian_ba
       theta, omega: the inner solution and the data-weight logits.
       hessian_batch, outer_batch: what the two losses read.
       method: ``Implicit`` (Krylov solve) or ``Neumann`` (truncated series).
-      chunk: Hessian-vector products over this many rows at a time (see :func:`hvp`).
+      chunk: Hessian-vector products, and the gradient of an ``OuterObjective``, over this
+        many rows at a time (see :func:`hvp`).
 
     Returns:
       ``(v, HypergradInfo)``: v float32 with theta's structure (and sharding in a trainer
       step); the info's residual is ``|(H + ridge I) v - grad f| / |grad f|``.
     """
-    f_val, grad_f = jax.value_and_grad(outer_loss)(theta, outer_batch)
+    f_val, grad_f = outer_value_and_grad(outer_loss, theta, outer_batch, chunk=chunk)
     if jnp.ndim(f_val) != 0:
         raise ValueError(
             f"hypergrad: outer_loss must return a scalar, got shape {jnp.shape(f_val)}")
@@ -230,6 +231,43 @@ def adjoint(inner_loss: Callable, outer_loss: Callable, theta, omega, hessian_ba
     matvec = hvp(inner_loss, theta, omega, hessian_batch, method.ridge, chunk=chunk)
     v, iterations, residual, negative = linear_solver(method, matvec)(rhs)
     return v, HypergradInfo(residual, iterations, f_val, negative)
+
+
+def outer_value_and_grad(outer_loss: Callable, theta, batch, *, chunk: int | None = None):
+    """``(f, grad_theta f)``; for an ``OuterObjective`` over a row-aligned batch with more than
+    ``chunk`` rows, summed over row chunks (one reverse pass per chunk, the gradient
+    accumulated in float32 in theta's sharding): the same value, the memory of a pass over
+    ``chunk`` rows."""
+    rows = batch["ids"].shape[0] if isinstance(batch, dict) and "ids" in batch else (
+        jax.tree.leaves(batch)[0].shape[0] if jax.tree.leaves(batch) else 0)
+    if not (chunk and rows > chunk and isinstance(outer_loss, OuterObjective)
+            and isinstance(batch, dict) and all(
+                jnp.ndim(x) and jnp.shape(x)[0] == rows for x in jax.tree.leaves(batch))):
+        return jax.value_and_grad(outer_loss)(theta, batch)
+    if "ids" not in batch:  # interleaved_chunks cuts by the rows of "ids"
+        batch = {**batch, "ids": jnp.zeros((rows,), jnp.int32)}
+    chunks = interleaved_chunks(batch, chunk)
+    n = jnp.sum(chunks["valid"])
+    n = jnp.where(n > 0, n, 1.0)
+
+    def total(th, part):  # this chunk's share of the mean over all n valid rows
+        loss_B = outer_loss.example_loss(th, part)
+        valid_B = part["valid"].astype(loss_B.dtype)
+        return jnp.sum(jnp.where(valid_B > 0, loss_B, 0.0) * valid_B) / n
+
+    def one(carry, part):
+        f, acc = carry
+        value, grad = jax.value_and_grad(total)(theta, part)
+        acc = sh.constrain_like_params(jax.tree.map(jnp.add, acc, as_f32(grad)))
+        return (f + value, acc), None
+
+    zero = sh.constrain_like_params(jax.tree.map(
+        lambda x: jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)), theta))
+    first = jax.tree.map(lambda x: x[0], chunks)
+    f_zero = jnp.zeros((), jnp.promote_types(jax.eval_shape(total, theta, first).dtype,
+                                             jnp.float32))
+    (f_val, grad_f), _ = jax.lax.scan(one, (f_zero, zero), chunks)
+    return f_val, grad_f
 
 
 def interleaved_chunks(batch: dict, chunk: int) -> dict:

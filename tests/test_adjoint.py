@@ -112,3 +112,16 @@ def test_hypergrad_with_row_chunks_equals_the_whole_batch(x64):
         chunked = hypergrad(inner, outer, theta, omega, train, val, method=method, chunk=chunk)
         np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), rtol=1e-10,
                                    atol=1e-13)
+
+
+def test_outer_gradient_over_row_chunks_equals_the_whole_batch(x64):
+    from jbilevel.adjoint import outer_value_and_grad
+
+    train, _, theta, _ = _problem()  # 40 rows, 3 of them padding (valid 0)
+    outer = objectives.outer_objective(mlp_loss)
+    want_f, want_g = jax.value_and_grad(outer)(theta, train)
+    for chunk in (7, 40):
+        f, g = jax.jit(lambda th, c=chunk: outer_value_and_grad(outer, th, train, chunk=c))(theta)
+        np.testing.assert_allclose(float(f), float(want_f), rtol=1e-12)
+        np.testing.assert_allclose(ravel_pytree(g)[0], ravel_pytree(want_g)[0], rtol=1e-10,
+                                   atol=1e-13)
