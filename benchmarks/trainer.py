@@ -1,6 +1,9 @@
 """Trainer step cost, side by side: sft, mix, bmo and bds (with its hypergradient schedule).
 
     PYTHONPATH=. python benchmarks/trainer.py [--rounds 5 --steps 10 --unchunked] [key=value ...]
+    # bds at the shipped hypergradient defaults (the config itself takes all N = 4000 rows):
+    PYTHONPATH=. python benchmarks/trainer.py hyper_batch_size=512 method.hessian_rows=64 \
+        method.hyper_chunk=32
 
 Every method runs the trainer's own jitted, donated step (``train.compile_steps``) with the
 tiny LM and task of configs/quality_bds.yaml, on the same training token batches (bmo also
@@ -98,7 +101,7 @@ def main():
     wide_b = batches(data_set, bs + vbs, 0, k)  # mix@B+Bv: as many rows as bmo reads
     val_b = batches(task.validation, vbs, 1, k)
     # bds's hyper batch as the trainer feeds it: all N (or hyper_batch_size) rows, shuffled.
-    hyper_rows = exp.hyper_batch_size or n
+    hyper_rows = min(exp.hyper_batch_size or n, n)
     hyper_b = batches(data_set, hyper_rows, 2, 1)[0]
 
     methods = {  # name -> (method, per-step batches, with validation batch)
@@ -189,7 +192,7 @@ def main():
           f"{'PASS' if bmo_wide <= 1.15 else 'FAIL'}); vs mix@{bs}: "
           f"{step_s['bmo'] / step_s['mix']:.2f} (bmo also reads {vbs} validation rows)")
     e2e = step_s["bds end to end"] / t0
-    print(f"bds end to end / sft: {e2e:.2f} (target <= 1.5: {'PASS' if e2e <= 1.5 else 'FAIL'})")
+    print(f"bds end to end / sft: {e2e:.2f} (target <= 1.3: {'PASS' if e2e <= 1.3 else 'FAIL'})")
 
 
 if __name__ == "__main__":

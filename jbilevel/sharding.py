@@ -38,6 +38,10 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("layers", ()),
     ("length", ()),
     ("examples", ()),
+    # The LM loss's output projection: vocabulary split over every parameter axis, rows only
+    # over data, so no device holds the whole head or its gradient (a vocab-parallel loss).
+    ("loss_rows", ("data",)),
+    ("loss_vocab", ("fsdp", "tensor")),
 )
 
 

@@ -6,6 +6,8 @@ a forward-over-reverse Hessian-vector product and the per-example JVP, with chun
 and do not divide the sequence, tied and untied heads.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -124,3 +126,29 @@ def test_chunked_nll_rejects_mismatched_shapes():
         losses.chunked_token_nll(h, jnp.zeros((10, 8)), jnp.zeros((2, 4), jnp.int32), chunk=2)
     with pytest.raises(ValueError, match="chunk"):
         losses.chunked_token_nll(h, jnp.zeros((10, 8)), jnp.zeros((2, 5), jnp.int32), chunk=0)
+
+
+def test_vocab_parallel_loss_on_a_mesh_matches_one_device():
+    """On a (data 2, fsdp 4) mesh the loss splits the vocabulary over fsdp (no device holds the
+    whole head or its gradient); loss and gradient equal the single-device ones."""
+    from jbilevel import sharding as sh
+
+    model, params, batch, _ = _setup(False, vocab=96, chunk_mib=1)
+    batch = {k: np.concatenate([v, v, v]) for k, v in batch.items()}  # 9 rows -> pad to 16
+    batch = {k: np.concatenate([v, v[:7]]) for k, v in batch.items()}
+    loss = objectives.lm_example_loss(model)
+    mean = lambda p, b: jnp.mean(loss(p, b))
+    want = jax.jit(jax.value_and_grad(mean))(params, batch)
+    mesh = sh.make_mesh(sh.MeshConfig(data=2, fsdp=4, tensor=1))
+    rules = sh.AxisRules()
+    theta_sh = sh.tree_shardings(mesh, rules, model.param_axes(), params)
+
+    def pinned(p, b):
+        with sh.activation_sharding(mesh, rules, theta_sh):
+            return jax.value_and_grad(mean)(p, b)
+
+    fn = jax.jit(pinned, in_shardings=(theta_sh, sh.batch_sharding(mesh, rules, 1)))
+    got = fn(jax.device_put(params, theta_sh), batch)
+    _close(got, want)
+    hlo = fn.lower(jax.device_put(params, theta_sh), batch).compile().as_text()
+    assert not re.search(r"= f32\[96,32\][^ ]* all-(gather|reduce)", hlo)  # the whole head

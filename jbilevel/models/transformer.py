@@ -181,8 +181,8 @@ class Model:
                                            row_ways=batch_ways())
         return losses.chunked_token_nll(
             hidden_BxLxD, head_VxD, labels_BxL, chunk=chunk,
-            constrain_logits=lambda z: constrain(z, ("batch", None, "vocab")),
-            constrain_head=lambda w: constrain(w, ("vocab", "embed")))
+            constrain_logits=lambda z: constrain(z, ("loss_rows", None, "loss_vocab")),
+            constrain_head=lambda w: constrain(w, ("loss_vocab", None)))
 
 
 def build(config: ModelConfig) -> Model:
