@@ -66,14 +66,25 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _topology(topologies, name: str):
+    """The TPU topology ``name``; one smaller than a host (e.g. v5p:1x1x1, a single chip, as
+    a stand-in for one GPU) is described as a host of exactly that many chips."""
+    try:
+        return topologies.get_topology_desc(name, "tpu")
+    except Exception as e:  # libtpu: "... not divisible by ... chips_per_host_bounds"
+        if "chips_per_host_bounds" not in str(e):
+            raise
+        bounds = [int(x) for x in name.split(":")[1].split("x")]
+        return topologies.get_topology_desc(name, "tpu", chips_per_host_bounds=bounds)
+
+
 def _targets(args) -> list[tuple[str, list]]:
     import jax
 
     if args.platform == "tpu":
         from jax.experimental import topologies
 
-        return [(t, list(topologies.get_topology_desc(t, "tpu").devices))
-                for t in args.topology]
+        return [(t, list(_topology(topologies, t).devices)) for t in args.topology]
     if args.platform == "cpu":
         jax.config.update("jax_num_cpu_devices", max(args.devices))
     devices = jax.devices(args.platform)
