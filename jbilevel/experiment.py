@@ -1,10 +1,12 @@
 """One experiment end to end: a task, a model, a method; train, evaluate, report.
 
 ``run(config, out_dir)`` is what ``jbilevel train`` and ``jbilevel demo`` call. It builds the
-built-in task, picks each method's training data (all of D_t, D_t + D_v, D_v, or the known-good
-examples), trains with the sharded host loop (resuming from ``out_dir/checkpoints``), decodes
-the test prompts greedily, scores the learned weights against the ground truth and writes the
-run report: ``results.json``, ``weights.csv``, plots, the curated dataset and the model.
+task (a built-in task on a pretrained model is first written as SFT files, ``resolve``, and
+then read like a user's), picks each method's training data (all of D_t, D_t + D_v, D_v, or
+the known-good examples), trains with the sharded host loop (resuming from
+``out_dir/checkpoints``), decodes the test prompts greedily, scores the learned weights against
+the ground truth and writes the run report: ``results.json``, ``weights.csv``, plots, the
+curated dataset and the model.
 """
 
 from __future__ import annotations
@@ -32,11 +34,15 @@ from jbilevel.objectives import lm_example_loss, lm_lora_example_loss
 
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
-    """A built-in task (``jbilevel.data.make_task``)."""
+    """A built-in task (``jbilevel.data.tasks``), used when ``data.train`` is empty."""
 
-    name: Literal["quality", "safety"] = "quality"  # which built-in task
+    name: Literal["quality", "safety", "coverage"] = "quality"  # which built-in task
+    # "pretrained": fine-tune model.path (default: the shipped base,
+    # jbilevel.models.base_model_path()) on the task written as JSONL files (run_dir/data/);
+    # "scratch": train the random model of the model fields on the character tokenizer
+    base: Literal["pretrained", "scratch"] = "pretrained"
     seed: int = 0  # task generation seed (data, corruption)
-    options: dict = dataclasses.field(default_factory=dict)  # make_task options, e.g. n_train
+    options: dict = dataclasses.field(default_factory=dict)  # the task's options, e.g. n_train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +106,9 @@ def training_set(task, method: str):
         return mixed, np.concatenate([task.good_N, np.ones(len(task.validation), np.int32)])
     if method == "oracle":
         if task.good_N is None:
-            raise ValueError("method 'oracle' needs known-good examples: only built-in tasks "
-                             "have them (data.train files have no ground truth)")
+            raise ValueError("method 'oracle' needs known-good examples: the built-in tasks "
+                             "have them; for data.train files set data.truth to the column "
+                             "holding each row's ground truth (1 good, 0 bad)")
         ids = task.oracle_ids()
         return task.train.subset(ids), task.good_N[ids]
     return task.train, task.good_N
@@ -220,6 +227,26 @@ def final_params(state, model, lora: bool):
     return jax.jit(merge_lora, static_argnums=2)(state.frozen, state.theta, model.config)
 
 
+def resolve(cfg: ExperimentConfig, out_dir: str | Path) -> ExperimentConfig:
+    """The configuration a run trains with: a built-in task on a pretrained model becomes files.
+
+    With ``task.base: pretrained`` and no ``data.train``, writes the task's splits to
+    ``out_dir/data/{train,validation,test}.jsonl`` (with the ground-truth column ``good``) and
+    returns the config that reads them through the ordinary data path, with ``model.path``
+    the shipped base unless one is set: ``jbilevel train --config out_dir/config.yaml`` runs
+    the same thing from the files. Any other config is returned unchanged.
+    """
+    if cfg.data.train or cfg.task.base == "scratch":
+        return cfg
+    from jbilevel.models import base_model_path
+
+    data = inputs.task_files(cfg.task, Path(out_dir) / "data", cfg.data)
+    model = cfg.model
+    if model.path is None:
+        model = dataclasses.replace(model, path=base_model_path())
+    return dataclasses.replace(cfg, data=data, model=model)
+
+
 def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = None) -> dict:
     """Trains and evaluates one configuration; resumable from ``out_dir/checkpoints``.
 
@@ -230,6 +257,7 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    cfg = resolve(cfg, out)
     config_lib.dump(cfg, out / "config.yaml")
     loop = cfg.loop if progress is None else dataclasses.replace(cfg.loop, progress=progress)
     task = inputs.load_task(cfg.task, cfg.data, cfg.model)
@@ -313,7 +341,7 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
     predictions = None
     if task.test is not None:
         result["test_loss"] = mean_loss(plain_loss, params, task.test, cfg.eval_batch_size)
-    if task.good_N is not None:  # a built-in task: decode the test prompts and score them
+    if task.scorer is not None and task.test is not None:  # decode the test prompts, score
         test = evaluate(model, params, task, "test", cfg.eval_batch_size)
         predictions = test.pop("predictions")
         result.update({f"test_{k}": v for k, v in test.items()})
@@ -351,7 +379,8 @@ def write_report(out: Path, result: dict, task, data_set, good_N, s_N, predictio
     if predictions is not None:
         with open(out / "test_predictions.jsonl", "w") as f:
             for row, pred in zip(task.test.rows, predictions, strict=True):
-                f.write(json.dumps({"question": row["question"], "prediction": pred,
+                f.write(json.dumps({"question": row.get("question", inputs.preview(row)),
+                                    "prediction": pred,
                                     "answer": row.get("answer", row.get("response"))}) + "\n")
     report.plot_curves(out / "metrics.jsonl", out / "curves.png")
     if learned:

@@ -1,9 +1,12 @@
 """Sweep methods x seeds with ``jbilevel.experiment.run``; write a mean ± std table and a plot.
 
-Each method's run starts from ``configs/<task>_<method>.yaml``; every run gets
+Each method's run starts from ``<configs>/<task>_<method>.yaml`` (``--configs configs/finetune``:
+the built-in tasks fine-tuning the shipped base; ``configs``: from scratch); every run gets
 ``seed=<s> task.seed=<s>`` (model init, data order and the task's data) and then the extra
 ``key=value`` overrides. Finished runs are reused when their saved config is the same.
 
+    python scripts/reproduce.py --configs configs/finetune --task quality \
+        --methods mix bmo bds online --seeds 0 1 2 --out docs/results/finetune
     python scripts/reproduce.py --task quality --methods sft mix bmo bds --seeds 0 1 2
     python scripts/reproduce.py --seeds 0 1 --out /tmp/smoke loop.steps=20   # smoke test
 
@@ -31,8 +34,9 @@ from pathlib import Path
 import numpy as np
 
 # Columns of the table, in order, when the runs report them.
-METRICS = ("test_accuracy", "test_corrupted", "test_unsafe_compliance", "test_benign_accuracy",
-           "val_loss", "weight_auroc", "weight_mass_on_good", "train_seconds")
+METRICS = ("test_accuracy", "test_accuracy_add", "test_accuracy_sub", "test_corrupted",
+           "test_unsafe_compliance", "test_benign_accuracy", "val_loss", "weight_auroc",
+           "weight_mass_on_good", "train_seconds")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,7 +57,8 @@ def run_one(config_path: Path, overrides: list[str], out_dir: Path, fresh: bool)
     """One run's results, reusing ``out_dir/results.json`` if it was made by the same config."""
     from jbilevel import config, experiment
 
-    cfg = config.load(experiment.ExperimentConfig, config_path, overrides)
+    cfg = experiment.resolve(config.load(experiment.ExperimentConfig, config_path, overrides),
+                             out_dir)  # a fine-tuning task's saved config names its files
     done = out_dir / "results.json"
     if not fresh and done.exists() and (out_dir / "config.yaml").exists():
         saved = config.load(experiment.ExperimentConfig, out_dir / "config.yaml")

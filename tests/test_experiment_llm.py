@@ -94,12 +94,14 @@ def test_data_and_model_errors_name_the_fix(tmp_path, model_dir):
         inputs.DataConfig(train="x.jsonl")
     with pytest.raises(ValueError, match="set data.train"):
         experiment.run(experiment.ExperimentConfig(
+            task=experiment.TaskConfig(base="scratch"),
             model=experiment.ModelSpec(path=str(model_dir))), tmp_path)
     from jbilevel.algorithms.online import OnlineConfig
 
     with pytest.raises(ValueError, match=r"LoRA \+ online is not supported"):
         experiment.run(experiment.ExperimentConfig(
-            task=experiment.TaskConfig(options={"n_train": 32, "n_val": 16, "n_test": 16}),
+            task=experiment.TaskConfig(base="scratch",
+                                       options={"n_train": 32, "n_val": 16, "n_test": 16}),
             method=MethodConfig(method="bmo"), online=OnlineConfig(every=2),
             theta=inputs.ThetaConfig(kind="lora")), tmp_path / "online")
     with pytest.raises(ValueError, match="oracle.*built-in"):
