@@ -27,7 +27,7 @@ def load_config(run_dir: str | Path) -> experiment.ExperimentConfig:
     return config_lib.load(experiment.ExperimentConfig, path)
 
 
-def _task(cfg: experiment.ExperimentConfig, model_dir: Path):
+def load_task(cfg: experiment.ExperimentConfig, model_dir: Path):
     """The run's data, tokenised as in training (the saved model carries its tokenizer)."""
     spec = cfg.model
     if cfg.data.train and (spec.tokenizer or spec.path) not in (None, "char"):
@@ -62,7 +62,7 @@ def evaluate_run(run_dir: str | Path) -> dict:
     model_dir = run_dir / "model"
     model, params = _load_model(model_dir, cfg.mesh, cfg.model.param_dtype,
                                 cfg.model.compute_dtype)
-    task = _task(cfg, model_dir)
+    task = load_task(cfg, model_dir)
     loss = lm_example_loss(model.forward)
     bs = cfg.eval_batch_size
     result = {"run": str(run_dir), "val_loss": experiment.mean_loss(loss, params,
@@ -119,7 +119,7 @@ def export_run(run_dir: str | Path, out: str, *, top_frac: float | None = None,
     if not path.exists():
         raise FileNotFoundError(f"{path}: no learned weights; did the run finish?")
     s_N = np.load(path)
-    data_set, _ = experiment.training_set(_task(cfg, run_dir / "model"), cfg.method.method)
+    data_set, _ = experiment.training_set(load_task(cfg, run_dir / "model"), cfg.method.method)
     if len(s_N) != len(data_set):
         raise ValueError(f"{path}: {len(s_N)} weights but the run's training set now has "
                          f"{len(data_set)} examples; were the data files changed?")

@@ -31,11 +31,15 @@ from pathlib import Path
 import numpy as np
 
 SPECIALS = ("<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>")
-# The fine-tuning format: one turn per message, each closed by <|end|> (the eos), then the
-# assistant's turn. The pretraining corpus never contains these tokens.
+# The fine-tuning format: each turn is its role token, ": ", the message and <|end|> (the eos),
+# then the assistant's turn opens, all on one line. The corpus never contains these tokens.
+# Its answers follow ": " or " = " on the line of their question, and a line never depends on
+# the one before it, so the template keeps the answer after ": " and on the question's line:
+# fine-tuned on clean quality rows for 300 steps, that scored 91% test accuracy, a template
+# with a newline between question and answer 33%, one ending in a newline 5%.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    "{% for message in messages %}<|{{ message['role'] }}|>: {{ message['content'] }}<|end|>"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>: {% endif %}"
 )
 
 
@@ -329,7 +333,7 @@ trained on the corpus, every digit its own token); {n_params} parameters.
 on every token, AdamW (decay {recipe.weight_decay}), peak lr {recipe.lr}, {recipe.warmup} \
 warmup steps then cosine decay; final loss {history[-1][1]}.
 - Chat template (the fine-tuning format, never in the corpus): \
-`<|user|>\\n{{question}}<|end|>\\n<|assistant|>\\n{{answer}}<|end|>`; prepend `<|bos|>`.
+`<|user|>: {{question}}<|end|><|assistant|>: {{answer}}<|end|>`; prepend `<|bos|>`.
 - Wall time on {_cpu()} ({platform.machine()}, {_cores()} cores; 1-minute load average \
 {load:.1f} at the end: the host was shared): corpus and tokenizer {seconds['corpus']:.0f} s, \
 pretraining {seconds['train']:.0f} s, skills {seconds['skills']:.0f} s.

@@ -22,7 +22,7 @@ def test_base_model_loads_in_transformers_unchanged():
     tok = AutoTokenizer.from_pretrained(path)
     chat = tok.apply_chat_template([{"role": "user", "content": "What is 17 + 25?"}],
                                    add_generation_prompt=True, tokenize=False)
-    assert chat == "<|user|>\nWhat is 17 + 25?<|end|>\n<|assistant|>\n"
+    assert chat == "<|user|>: What is 17 + 25?<|end|><|assistant|>: "
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|bos|>", "<|end|>", "<|pad|>")
     digits = tok.tokenize("1234567890")
     assert digits == list("1234567890")  # every digit its own token

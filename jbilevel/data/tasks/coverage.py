@@ -22,8 +22,8 @@ from jbilevel.data.tasks.quality import CORRUPTIONS, DETERMINISTIC, SKILLS, corr
 DROPPED = "-"  # the default dropped skill's operator: subtraction
 
 
-def coverage_rows(seed: int = 0, *, n_train: int = 3000, n_val: int = 200, n_test: int = 500,
-                  dropped: str = DROPPED, dropped_frac: float = 1 / 3,
+def coverage_rows(seed: int = 0, *, n_train: int = 2000, n_val: int = 200, n_test: int = 500,
+                  dropped: str = DROPPED, dropped_frac: float = 0.25,
                   dropped_corrupt: float = 0.9, kept_corrupt: float = 0.0,
                   corruption: str = "rule") -> dict:
     """The coverage task's rows, split name -> list of dicts.
