@@ -78,7 +78,7 @@ def run_variant(c: ModelConfig, method: str, batch: int, seq: int, steps: int) -
     """Seconds per optimizer step (median of `steps` timed steps after two warm-ups)."""
     model = build(c)
     cfg = MethodConfig(method=method, lr_theta=1e-5, lr_omega=1e-4)
-    step = make_steps(lm_example_loss(model.forward), cfg).train
+    step = make_steps(lm_example_loss(model), cfg).train
     state = jax.jit(lambda: init_state(model.init(jax.random.key(0)), batch, cfg))()
     rng = np.random.default_rng(0)
     data = jax.device_put(lm_batch(rng, batch, seq, c.vocab_size))

@@ -117,7 +117,7 @@ def trainer_steps_on_an_lm() -> dict:
         train, val, _, corrupt = problems.shift_sequences(0, n=256, n_val=32)
 
         cfg = MethodConfig(method="bds", lr_theta=3e-3, lr_omega=0.3, hyper_every=10,
-                           cg_iters=5, ridge=10.0)
+                           hypergrad=Implicit("cg", maxiter=5, tol=0.0, ridge=10.0))
         steps = make_steps(example_loss, cfg)
         state = init_state(params, n_examples=256, cfg=cfg)
         train_step, hyper_step = jax.jit(steps.train), jax.jit(steps.hyper)

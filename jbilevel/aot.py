@@ -163,7 +163,7 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
     theta_axes = lora_axes(model_config, state_shapes.theta) if lora else param_axes
     state_sh = train.state_shardings(mesh, rules, state_shapes, theta_axes, method,
                                      frozen_axes=param_axes)
-    loss = lm_lora_example_loss(model.forward) if lora else lm_example_loss(model.forward)
+    loss = lm_lora_example_loss(model) if lora else lm_example_loss(model)
     compiled = train.compile_steps(make_steps(loss, method, frozen=lora), method, mesh, rules,
                                    state_sh)
     state = _abstract(state_shapes, state_sh)

@@ -54,7 +54,7 @@ def check_omega_used(inner_loss, theta, omega, batch) -> None:
             "grad_theta inner_loss(theta, omega, batch) does not depend on omega, so the "
             "hypergradient would be identically zero. If the data weights are captured in a "
             "closure, pass them as omega instead: inner_loss(theta, omega, batch) must compute "
-            "its weights from omega (STYLE.md 3)."
+            "its weights from omega (docs/design.md, Conventions)."
         )
 
 

@@ -1,9 +1,18 @@
-"""Command line: ``jbilevel demo | train | eval | export``."""
+"""Command line: ``jbilevel demo | train | eval | export``.
+
+Every command says what it is doing on stderr (``--quiet``: warnings only; ``--verbose``:
+details) and prints its result on stdout. A mistake the user can fix (bad data, config, path
+or run directory: ``jbilevel.errors.UserError``) is one message and exit status 2, caught here
+and nowhere else; a run that stopped before its last step exits with status 3.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+EXIT_USER_ERROR = 2  # bad input: the message says what to fix (argparse uses 2 as well)
+EXIT_INTERRUPTED = 3  # the run stopped early; results.json says why ("interrupted")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -11,9 +20,17 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="jbilevel",
         description="Validation-guided data curation for LLM fine-tuning (bilevel data selection).",
     )
+    talk = argparse.ArgumentParser(add_help=False)
+    level = talk.add_mutually_exclusive_group()
+    level.add_argument("-q", "--quiet", action="store_true",
+                       help="no progress bar or phase messages (warnings and errors only)")
+    level.add_argument("-v", "--verbose", action="store_true",
+                       help="more detail: every data-load message, a line per logged training "
+                            "record, tracebacks of input errors")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
-        "demo", help="compare methods on a built-in task with a tiny model (CPU, minutes)",
+        "demo", parents=[talk],
+        help="compare methods on a built-in task with a tiny model (CPU, minutes)",
         description="Fine-tunes the shipped pretrained base (or, with --base scratch, trains a "
                     "tiny decoder from scratch) with each method on a built-in task and prints "
                     "a comparison table; everything lands in --out.")
@@ -41,26 +58,37 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
 
     tr = sub.add_parser(
-        "train", help="train one configuration on a built-in task and write its run report",
-        description="Example: jbilevel train --config configs/quality_bds.yaml loop.steps=500")
+        "train", parents=[talk],
+        help="train one configuration and write its run report",
+        description="Example: jbilevel train --config configs/quality_bds.yaml loop.steps=500. "
+                    "--out belongs to one run: rerunning the same configuration resumes it, "
+                    "a different one is refused (see docs/llm.md, 'Run directories').")
     tr.add_argument("--config", help="YAML file (fields of jbilevel.experiment.ExperimentConfig)")
     tr.add_argument("--out", default=None, help="output directory (default runs/<method>)")
-    tr.add_argument("overrides", nargs="*", help="dotted key=value, e.g. method.lr_omega=0.3")
+    tr.add_argument("overrides", nargs="*", help="dotted key=value, e.g. method.lr_theta=1e-5")
 
     ev = sub.add_parser(
-        "eval", help="validation/test loss (and task score) of a saved model",
+        "eval", parents=[talk],
+        help="validation/test loss (and task score) of a saved model",
         description="Examples: jbilevel eval --run runs/bds   |   "
-                    "jbilevel eval --model runs/bds/model --data val.jsonl")
+                    "jbilevel eval --run runs/bds --data other.jsonl   |   "
+                    "jbilevel eval --model runs/bds/model --data val.jsonl "
+                    "data.chat_template=tokenizer data.add_bos=false. "
+                    "With --run the run's own data settings apply; data.* overrides change "
+                    "them, as in `jbilevel train`.")
     ev.add_argument("--run", help="a run directory written by `jbilevel train --out`")
     ev.add_argument("--model", help="a local HF model directory (with --data)")
-    ev.add_argument("--data", help="an SFT file to score --model on")
+    ev.add_argument("--data", help="an SFT file to score (with --model, or --run)")
     ev.add_argument("--tokenizer", default=None, help="tokenizer dir (default: --model's)")
-    ev.add_argument("--schema", default="auto", help="schema of --data (default: detect)")
-    ev.add_argument("--max-len", type=int, default=512, help="longest sequence in tokens")
-    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--schema", default=None, help="same as data.schema=...")
+    ev.add_argument("--max-len", type=int, default=None, help="same as data.max_len=...")
+    ev.add_argument("--batch-size", type=int, default=16, help="rows per batch (--model)")
+    ev.add_argument("overrides", nargs="*",
+                    help="data-format settings as in train: data.prompt_template=..., "
+                         "data.chat_template=tokenizer, data.add_bos=false, data.max_len=...")
 
     ex = sub.add_parser(
-        "export", help="a curated dataset from a run's learned weights",
+        "export", parents=[talk], help="a curated dataset from a run's learned weights",
         description="Example: jbilevel export --run runs/bds --out curated.jsonl --top-frac 0.5")
     ex.add_argument("--run", required=True, help="a run directory written by `jbilevel train`")
     ex.add_argument("--out", required=True, help=".jsonl file, or a directory (HF dataset)")
@@ -81,72 +109,81 @@ def run() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jbilevel.console import NORMAL, QUIET, VERBOSE, Console
+    from jbilevel.errors import UserError
+
     args = _build_parser().parse_args(argv)
-    if args.command == "demo":
-        from jbilevel import demo
+    console = Console(QUIET if args.quiet else VERBOSE if args.verbose else NORMAL)
+    command = {"demo": _demo, "train": _train, "eval": _eval, "export": _export}[args.command]
+    try:
+        return command(args, console)
+    except UserError as e:
+        console.close_bar()
+        if args.verbose:
+            import traceback
 
-        return demo.main(args)
-    if args.command == "train":
-        return _train(args)
-    if args.command == "eval":
-        return _eval(args)
-    if args.command == "export":
-        return _export(args)
-    raise AssertionError(args.command)
+            traceback.print_exc()
+        print(f"jbilevel {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
-def _eval(args) -> int:
+def _demo(args, console) -> int:
+    from jbilevel import demo
+
+    return demo.main(args, console)
+
+
+def _eval(args, console) -> int:
     import json
 
     from jbilevel import distributed, saved
 
-    if bool(args.run) == bool(args.model) or bool(args.model) != bool(args.data):
+    if bool(args.run) == bool(args.model) or (args.model and not args.data):
         print("jbilevel eval: give --run DIR, or --model PATH with --data PATH", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
+    overrides = list(args.overrides)
+    if args.schema is not None:
+        overrides.insert(0, f"data.schema={args.schema}")
+    if args.max_len is not None:
+        overrides.insert(0, f"data.max_len={args.max_len}")
     distributed.initialize()
-    try:
-        if args.run:
-            result = saved.evaluate_run(args.run)
-        else:
-            result = saved.evaluate_model(args.model, args.data, tokenizer=args.tokenizer,
-                                          schema=args.schema, max_len=args.max_len,
-                                          batch_size=args.batch_size)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"jbilevel eval: {e}", file=sys.stderr)
-        return 2
+    if args.run:
+        result = saved.evaluate_run(args.run, data=args.data, overrides=overrides,
+                                    console=console)
+    else:
+        from jbilevel import inputs
+
+        data_cfg = saved.data_config(inputs.DataConfig(), overrides)
+        result = saved.evaluate_model(args.model, args.data, tokenizer=args.tokenizer,
+                                      data_cfg=data_cfg, batch_size=args.batch_size,
+                                      console=console)
     print(json.dumps(result, indent=2))
     return 0
 
 
-def _export(args) -> int:
+def _export(args, console) -> int:
     from jbilevel import saved
 
-    try:
-        n = saved.export_run(args.run, args.out, top_frac=args.top_frac,
-                             min_weight=args.min_weight, format=args.format)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"jbilevel export: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {n} examples with their learned weights to {args.out}")
+    n = saved.export_run(args.run, args.out, top_frac=args.top_frac,
+                         min_weight=args.min_weight, format=args.format, console=console)
+    print(f"wrote {n} examples with their learned weights and sources to {args.out}")
     return 0
 
 
-def _train(args) -> int:
+def _train(args, console) -> int:
     import json
 
     from jbilevel import config, distributed, experiment
 
+    cfg = config.load(experiment.ExperimentConfig, args.config, args.overrides)
     distributed.initialize()
-    try:
-        cfg = config.load(experiment.ExperimentConfig, args.config, args.overrides)
-    except config.ConfigError as e:
-        print(f"jbilevel train: {e}", file=sys.stderr)
-        return 2
     out = args.out or f"runs/{cfg.method.method}"
-    result = experiment.run(cfg, out)
+    result = experiment.run(cfg, out, console=console)
     print(json.dumps(result, indent=2))
-    print(f"run report in {out}/ (results.json, weights.csv, curves.png, model/)")
-    return 0  # argparse rejects unknown commands
+    if result["interrupted"] is not None:
+        return EXIT_INTERRUPTED
+    console.info(f"run report in {out}/ (results.json, weights.csv, curves.png, model/)")
+    return 0
 
 
 if __name__ == "__main__":

@@ -5,12 +5,20 @@ command-line overrides such as ``train.lr_omega=0.3`` or ``mesh.data=-1`` (value
 YAML, so ``true``, ``1e-4`` and ``[q_proj, v_proj]`` mean what they look like), and checks
 every key and type. Errors name the file, the dotted key and the fix; invariants between
 fields belong in each dataclass's ``__post_init__``.
+
+Numbers read as YAML 1.2 and Python write them: PyYAML implements YAML 1.1, where a float
+needs a dot and a signed exponent (``1.0e-5``), so ``1e-5`` and ``5e-6`` would be strings.
+:class:`Loader` adds the exponent forms; ``.5`` and ``1_000`` already read as numbers.
+The type checks stay hand-written (:func:`_coerce`, ~60 lines): a validation library such as
+pydantic would still need this loader (the bug is in reading YAML, not in checking types) and
+would add a dependency to replace them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -19,11 +27,29 @@ from typing import Any, TypeVar
 
 import yaml
 
+from jbilevel.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override that does not fit the config's dataclasses."""
+
+
+class Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``1e-5``, ``5E+3`` and ``2.5e3`` as floats."""
+
+
+Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse(text: str):
+    """One YAML document read with :class:`Loader` (YAML 1.2 numbers)."""
+    return yaml.load(text, Loader=Loader)
 
 
 def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
@@ -45,7 +71,7 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] 
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
         try:
-            loaded = yaml.safe_load(text)
+            loaded = parse(text)
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if loaded is None:
@@ -53,16 +79,29 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] 
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
         tree = loaded
+    _apply(tree, overrides)
+    if overrides:  # errors name where the value came from
+        source = "command line" if path is None else f"{path} + command line"
+    return from_dict(cls, tree, source)
+
+
+def replace(config: T, overrides: Sequence[str], source: str = "<overrides>") -> T:
+    """``config`` with ``key=value`` overrides applied, checked as :func:`load` checks them."""
+    tree = to_dict(config)
+    _apply(tree, overrides)
+    return from_dict(type(config), tree, source)
+
+
+def _apply(tree: dict, overrides: Sequence[str]) -> None:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr_omega=0.3")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = parse(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from None
         _set_dotted(tree, key.strip().split("."), value, f"override {item!r}")
-    return from_dict(cls, tree, source)
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any], source: str = "<dict>", prefix: str = "") -> T:
@@ -80,6 +119,9 @@ def from_dict(cls: type[T], data: Mapping[str, Any], source: str = "<dict>", pre
             raise ConfigError(
                 f"{source}: unknown key {dotted!r} (valid keys here: {', '.join(fields)}){hint}"
             )
+        default = fields[key].default
+        if dataclasses.is_dataclass(default) and isinstance(value, Mapping):
+            value = _over_default(default, value)
         kwargs[key] = _coerce(hints[key], value, source, dotted)
     try:
         return cls(**kwargs)
@@ -88,6 +130,15 @@ def from_dict(cls: type[T], data: Mapping[str, Any], source: str = "<dict>", pre
             raise
         where = f" in {prefix.rstrip('.')!r}" if prefix else ""
         raise ConfigError(f"{source}{where}: {e}") from None
+
+
+def _over_default(default: Any, value: Mapping) -> Mapping:
+    """A partial mapping for a field whose default is a dataclass value (e.g. a method's
+    ``hypergrad: Implicit(maxiter=5, ...)``) completed from that value, not from the class
+    defaults, unless it names another ``kind``."""
+    if "kind" in value and value["kind"] != getattr(default, "kind", None):
+        return value
+    return {**to_dict(default), **value}
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -145,6 +196,12 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        kinds = {getattr(a, "kind", None): a for a in args if dataclasses.is_dataclass(a)}
+        if isinstance(value, Mapping) and "kind" in value and None not in kinds:
+            # a union of dataclass values tagged by ``kind``: pick the arm, report its errors
+            if value["kind"] not in kinds:
+                fail("a mapping whose kind is one of " + ", ".join(repr(k) for k in kinds))
+            return _coerce(kinds[value["kind"]], value, source, key)
         for arm in (a for a in args if a is not type(None)):
             try:
                 return _coerce(arm, value, source, key)

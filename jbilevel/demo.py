@@ -17,9 +17,11 @@ import json
 import time
 from pathlib import Path
 
-from jbilevel import experiment, train
+from jbilevel import experiment, rundir, train
+from jbilevel.adjoint import Implicit
 from jbilevel.algorithms import MethodConfig
 from jbilevel.algorithms.online import OnlineConfig
+from jbilevel.console import Console
 
 BASES = ("pretrained", "scratch")
 TASKS = ("quality", "safety", "coverage")
@@ -37,8 +39,8 @@ FINETUNE_METHODS = {
     # Frequent, gently stepped hypergradients once the model has picked up the chat format
     # (its validation loss is still ~0.6 at step 75); ridge 100: nearly the plain gradient
     # alignment, which separated the rows better than ridge 10 at the early models.
-    "bds": {"lr_omega": 0.15, "ridge": 100.0, "cg_iters": 5, "hyper_every": 10,
-            "hyper_start": 75, "hessian_rows": 64, "hyper_chunk": 500},
+    "bds": {"lr_omega": 0.15, "hypergrad": Implicit("cg", maxiter=5, tol=0.0, ridge=100.0),
+            "hyper_every": 10, "hyper_start": 75, "hessian_rows": 64, "hyper_chunk": 500},
 }
 FINETUNE_LR = 3e-4
 # bds + online: from a third of the run, every 50 steps, the lowest-weighted fifth of the
@@ -67,7 +69,8 @@ SIZES = {
 METHOD_SETTINGS = {
     **UNIFORM,
     "bmo": {"lr_omega": 5.0, "omega_optim": "sgd", "lam": 0.5},
-    "bds": {"lr_omega": 0.3, "ridge": 10.0, "cg_iters": 5, "hyper_every": 100,
+    "bds": {"lr_omega": 0.3, "hypergrad": Implicit("cg", maxiter=5, tol=0.0, ridge=10.0),
+            "hyper_every": 100,
             "hyper_max_val_loss": 0.5, "hessian_rows": 64, "hyper_chunk": 500},
 }
 # From scratch, bds skips hypergradient steps while the validation loss is above 0.5: until
@@ -193,33 +196,45 @@ def format_table(rows: list[dict]) -> str:
 
 def run(out: str | Path, *, methods=("mix", "bmo", "bds", "online"), task: str = "quality",
         base: str = "pretrained", size: str = "tiny", steps: int | None = None, seed: int = 0,
-        corruption: str | None = None, progress: bool = True,
-        changes: dict | None = None) -> dict:
-    """Runs every method and writes ``results.json``, ``results.md`` and the plots to ``out``."""
+        corruption: str | None = None, progress: bool = True, changes: dict | None = None,
+        console: Console | None = None) -> dict:
+    """Runs every method and writes ``results.json``, ``results.md`` and the plots to ``out``.
+
+    Each method's run directory ``out/<method>`` is checked before the first one starts, so
+    a demo rerun with other settings into the same ``out`` is refused before any work.
+    """
     from jbilevel import report
     from jbilevel.data.tasks.coverage import DROPPED
     from jbilevel.data.tasks.quality import SKILLS
 
+    console = console or Console()
     out = Path(out)
     steps = config_steps(base) if steps is None else steps
-    rows, runs, configs = [], {}, {}
-    for method in methods:
-        cfg = demo_config(method, task=task, base=base, size=size, steps=steps, seed=seed,
-                          corruption=corruption, changes=changes)
+    configs = {m: demo_config(m, task=task, base=base, size=size, steps=steps, seed=seed,
+                              corruption=corruption, changes=changes) for m in methods}
+    for method, cfg in configs.items():
+        rundir.check_config(out / method, experiment.resolve(cfg, out / method), named=out)
+    rows, runs = [], {}
+    for method, cfg in configs.items():
         dropped = None
         if task == "coverage":
             dropped = SKILLS[cfg.task.options.get("dropped", DROPPED)]
+        console.info(f"[{method}]")
         t0 = time.perf_counter()
-        result = experiment.run(cfg, out / method, progress=progress)
+        result = experiment.run(cfg, out / method, progress=progress, console=console)
+        if result["interrupted"] is not None:  # experiment.run has said why
+            console.warn(f"[{method}] stopped early; the demo stops here (rerun it to resume)")
+            return {"interrupted": method, "rows": rows, "runs": runs}
         rows.append(row(method, result, time.perf_counter() - t0, dropped))
         runs[method] = str(out / method)
-        configs[method] = dataclasses.asdict(cfg)
-        print(f"[{method}] done: " + ", ".join(
+        console.info(f"[{method}] done: " + ", ".join(
             f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in rows[-1].items() if k != "method" and v is not None), flush=True)
-    summary = {"task": task, "base": base, "corruption": corruption or options_of(task, base)
-               .get("corruption"), "size": size if base == "scratch" else None, "steps": steps,
-               "seed": seed, "rows": rows, "runs": runs, "config": configs}
+            for k, v in rows[-1].items() if k != "method" and v is not None))
+    summary = {"task": task, "base": base,
+               "corruption": corruption or options_of(task, base).get("corruption"),
+               "size": size if base == "scratch" else None, "steps": steps, "seed": seed,
+               "rows": rows, "runs": runs,
+               "config": {m: dataclasses.asdict(cfg) for m, cfg in configs.items()}}
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "results.md").write_text(format_table(rows) + "\n")
     report.plot_comparison({m: out / m / "metrics.jsonl" for m in methods},
@@ -232,7 +247,7 @@ def options_of(task: str, base: str) -> dict:
     return (FINETUNE_TASKS if base == "pretrained" else TASK_OPTIONS)[task]
 
 
-def main(args) -> int:
+def main(args, console: Console | None = None) -> int:
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     # from scratch the quality task's demo default is "style" (see the --corruption help):
     # the short run cannot learn addition; the tasks without a corruption option say so
@@ -242,7 +257,11 @@ def main(args) -> int:
         if corruption is None and args.task == "quality":
             corruption = "style"
     summary = run(args.out, methods=methods, task=args.task, base=args.base, size=args.size,
-                  steps=steps, seed=args.seed, corruption=corruption)
+                  steps=steps, seed=args.seed, corruption=corruption, console=console)
+    if "interrupted" in summary:
+        from jbilevel.cli import EXIT_INTERRUPTED
+
+        return EXIT_INTERRUPTED
     out = Path(args.out)
     print()
     print(format_table(summary["rows"]))

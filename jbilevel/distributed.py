@@ -25,9 +25,14 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     ``jax.distributed.initialize()`` is still called on a TPU pod or under SLURM/Open MPI,
     where JAX discovers the cluster itself; elsewhere this returns False.
 
+    A second call (``jbilevel train`` then ``eval`` in one process) keeps the first's
+    connection.
+
     Returns:
       True if this is now one process of a multi-process run.
     """
+    if jax.distributed.is_initialized():
+        return jax.process_count() > 1
     coordinator = coordinator or os.environ.get(ENV[0])
     if num_processes is None and os.environ.get(ENV[1]):
         num_processes = int(os.environ[ENV[1]])

@@ -1,12 +1,15 @@
 """One experiment end to end: a task, a model, a method; train, evaluate, report.
 
-``run(config, out_dir)`` is what ``jbilevel train`` and ``jbilevel demo`` call. It builds the
-task (a built-in task on a pretrained model is first written as SFT files, ``resolve``, and
-then read like a user's), picks each method's training data (all of D_t, D_t + D_v, D_v, or
-the known-good examples), trains with the sharded host loop (resuming from
-``out_dir/checkpoints``), decodes the test prompts greedily, scores the learned weights against
-the ground truth and writes the run report: ``results.json``, ``weights.csv``, plots, the
-curated dataset and the model.
+``run(config, out_dir)`` is what ``jbilevel train`` and ``jbilevel demo`` call. It checks that
+``out_dir`` is new or holds this same run (``jbilevel.rundir``), reads the data files or builds
+the built-in task (a built-in task on a pretrained model is first written as SFT files,
+``resolve``, and then read like a user's), reporting what became of every row, picks each
+method's training data (all of D_t, D_t + D_v, D_v, or the known-good examples), trains with
+the sharded host loop (resuming from ``out_dir/checkpoints``), decodes the test prompts
+greedily where the task has a metric, scores the learned weights against the ground truth
+where there is one and writes the run report: ``results.json``, ``weights.csv``, plots, the
+curated dataset and the model. Each phase says what it does and how long it took
+(``jbilevel.console``).
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbilevel import config as config_lib
-from jbilevel import inputs, train, weights
+from jbilevel import inputs, rundir, train, weights
 from jbilevel import sharding as sh
 from jbilevel.algorithms import MethodConfig, init_state, make_steps, refresh
 from jbilevel.algorithms import online as online_lib
 from jbilevel.checkpoint import Checkpointer
+from jbilevel.console import Console, load_report_lines
 from jbilevel.objectives import lm_example_loss, lm_lora_example_loss
 
 
@@ -78,7 +82,9 @@ class ExperimentConfig:
     mesh: sh.MeshConfig = sh.MeshConfig()  # device mesh (data, fsdp, tensor)
     batch_size: int = 64  # training rows per step (global, all processes)
     val_batch_size: int = 64  # validation rows per bmo / bds step
-    hyper_batch_size: int = 0  # bds: train rows per hypergradient (0: all of them)
+    # bds: training rows whose weights get a hypergradient each time, a fresh shuffled sample
+    # (0: all N rows; the cost then grows with the data set). Rows per JVP: method.hyper_chunk.
+    hyper_batch_size: int = 512
     eval_batch_size: int = 250  # prompts per generation batch at evaluation
     seed: int = 0  # model init and data order
 
@@ -91,6 +97,28 @@ class ExperimentConfig:
         if self.online.enabled and self.method.method not in online_lib.BASES:
             raise ValueError(f"online.every={self.online.every} runs on top of bmo or bds, not "
                              f"method {self.method.method!r}; set method.method or online.every=0")
+        self._refuse_silently_wrong()
+
+    def _refuse_silently_wrong(self):
+        """Combinations that would run without an error and give a meaningless result."""
+        m = self.method
+        if m.method == "bmo" and m.weighting == "sigmoid":
+            raise ValueError(
+                "method.weighting=sigmoid with method.method=bmo: bmo's omega step lowers "
+                "mean_b s_b(omega) l_b with the losses held fixed, and independent sigmoid "
+                "weights each get a positive gradient s'(omega) l, so every weight falls toward "
+                "0 and nothing is selected. Use weighting=softmax with bmo (weights compete, "
+                "mean 1), or method=bds with sigmoid weights")
+        if m.method == "bmo" and m.lam_decay > 0 and not self.loop.steps_per_epoch:
+            raise ValueError(
+                f"method.lam_decay={m.lam_decay} lowers bmo's lam once per epoch, but "
+                "loop.steps_per_epoch=0 never ends one; set loop.steps_per_epoch to "
+                "ceil(training rows / batch_size), or method.lam_decay=0")
+        if self.online.enabled and self.theta.kind == "lora":
+            raise ValueError(
+                "online.every>0 with theta.kind=lora is not supported: the sampler and the "
+                "importance ratios run the model from theta, which for LoRA holds only the "
+                "adapters; set theta.kind=full, or online.every=0")
 
 
 def training_set(task, method: str):
@@ -119,9 +147,9 @@ def _process_batcher(dataset, batch_size: int, mesh, rules, **kw):
 
     ways = sh.data_parallel_size(mesh, rules)
     if batch_size % ways:
-        raise ValueError(
+        raise config_lib.ConfigError(
             f"batch size {batch_size} is not divisible by the mesh's data-parallel size {ways} "
-            "(data x fsdp); change the batch size or the mesh"
+            "(mesh.data x mesh.fsdp); change the batch size or the mesh"
         )
     count = jax.process_count()
     return Batcher(dataset, batch_size // count, process_index=jax.process_index(),
@@ -134,7 +162,11 @@ def _longest(dataset) -> int:
 
 
 def evaluate(model, params, task, split: str = "test", batch_size: int = 250) -> dict:
-    """Greedy-decodes every prompt of ``split`` and scores the answers with the task metric."""
+    """Greedy-decodes every prompt of ``split`` and scores the answers with the task metric.
+
+    Every process calls it with the same arguments (params may span processes); the decoded
+    tokens are gathered onto every host, so each returns the same scores.
+    """
     from jbilevel.models import generate
 
     ds = task.splits[split]
@@ -144,25 +176,64 @@ def evaluate(model, params, task, split: str = "test", batch_size: int = 250) ->
         out = generate(model, params, batch["prompt_ids"], batch["prompt_mask"],
                        jax.random.key(0), max_new_tokens=max_new, greedy=True,
                        eos_id=task.tokenizer.eos_id, pad_id=task.tokenizer.pad_id)
-        tokens_BxT = np.asarray(out.tokens)[:, 0, :]
+        tokens_BxT = inputs.to_host(out.tokens)[:, 0, :]
         for b in np.flatnonzero(batch["valid"]):
             predictions.append(task.tokenizer.decode(tokens_BxT[b]))
     return {**task.score(predictions, split), "predictions": predictions}
 
 
+def _mesh_of(params):
+    """The mesh the params are laid out on (None: not on a mesh, e.g. one device)."""
+    for leaf in jax.tree.leaves(params):
+        if isinstance(getattr(leaf, "sharding", None), jax.sharding.NamedSharding):
+            return leaf.sharding.mesh
+    return None
+
+
 def split_loss(example_loss, dataset, batch_size: int) -> Callable[[Any], float]:
     """``params -> mean per-example loss over a whole split`` (fixed-shape batches, jitted once,
-    padding rows ignored)."""
+    padding rows ignored).
+
+    With params on a mesh, each batch's rows are split over its data axes like a training
+    batch (the batch size is rounded up to a multiple of them with padding rows) and the
+    per-row losses come back replicated: params may span several processes, each process
+    holds the whole split, and every process must call the returned function.
+    """
     from jbilevel.data import Batcher
 
-    fn = jax.jit(example_loss)
-    batches = list(Batcher(dataset, batch_size, shuffle=False,
-                           buckets=(_longest(dataset),)).epoch_batches())
+    rules = sh.AxisRules()
+    compiled: dict = {}  # mesh -> (jitted loss, batch sharding)
+
+    def place(mesh):
+        if mesh not in compiled:
+            def pinned(params, batch):
+                with sh.activation_sharding(mesh, rules):
+                    return example_loss(params, batch)
+
+            compiled[mesh] = (jax.jit(pinned, out_shardings=sh.replicated(mesh)),
+                              sh.batch_sharding(mesh, rules, 1))
+        return compiled[mesh]
+
+    batches: dict = {}  # rows per batch -> the split's batches
 
     def mean(params) -> float:
+        mesh = _mesh_of(params)
+        if mesh is None:
+            fn, rows, put = jax.jit(example_loss), batch_size, lambda b: b
+        else:
+            fn, sharding = place(mesh)
+            ways = sh.data_parallel_size(mesh, rules)
+            rows = batch_size + -batch_size % ways
+
+            def put(batch):  # every process holds the whole batch and places its shards
+                return {k: jax.make_array_from_callback(v.shape, sharding, v.__getitem__)
+                        for k, v in batch.items()}
+        if rows not in batches:
+            batches[rows] = list(Batcher(dataset, rows, shuffle=False,
+                                         buckets=(_longest(dataset),)).epoch_batches())
         total = count = 0.0
-        for batch in batches:
-            loss_B = np.asarray(fn(params, batch))
+        for batch in batches[rows]:
+            loss_B = np.asarray(fn(params, put(batch)))
             total += float((loss_B * batch["valid"]).sum())
             count += float(batch["valid"].sum())
         return total / count
@@ -171,7 +242,8 @@ def split_loss(example_loss, dataset, batch_size: int) -> Callable[[Any], float]
 
 
 def mean_loss(example_loss, params, dataset, batch_size: int) -> float:
-    """Mean per-example loss over a whole split (fixed-shape batches, padding rows ignored)."""
+    """Mean per-example loss over a whole split (see :func:`split_loss`; every process calls
+    it when params span several)."""
     return split_loss(example_loss, dataset, batch_size)(params)
 
 
@@ -214,7 +286,7 @@ def state_setup(cfg: ExperimentConfig, model, n: int, mesh, rules, *, load_weigh
         param_sh = sh.tree_shardings(mesh, rules, param_axes, param_shapes)
         _, params, _ = load_pretrained(cfg.model.path, dtype, shardings=param_sh)
         init_args = (params,)
-    loss = lm_lora_example_loss(model.forward) if lora else lm_example_loss(model.forward)
+    loss = lm_lora_example_loss(model) if lora else lm_example_loss(model)
     return init, init_args, state_sh, loss
 
 
@@ -227,51 +299,111 @@ def final_params(state, model, lora: bool):
     return jax.jit(merge_lora, static_argnums=2)(state.frozen, state.theta, model.config)
 
 
-def resolve(cfg: ExperimentConfig, out_dir: str | Path) -> ExperimentConfig:
+def resolve(cfg: ExperimentConfig, out_dir: str | Path, *, write: bool = False
+            ) -> ExperimentConfig:
     """The configuration a run trains with: a built-in task on a pretrained model becomes files.
 
-    With ``task.base: pretrained`` and no ``data.train``, writes the task's splits to
-    ``out_dir/data/{train,validation,test}.jsonl`` (with the ground-truth column ``good``) and
-    returns the config that reads them through the ordinary data path, with ``model.path``
-    the shipped base unless one is set: ``jbilevel train --config out_dir/config.yaml`` runs
-    the same thing from the files. Any other config is returned unchanged.
+    With ``task.base: pretrained`` and no ``data.train``, returns the config that reads the
+    task's splits from ``out_dir/data/{train,validation,test}.jsonl`` (with the ground-truth
+    column ``good``) through the ordinary data path, with ``model.path`` the shipped base
+    unless one is set, and with ``write`` writes those files (deterministic in the task's seed
+    and options): ``jbilevel train --config out_dir/config.yaml`` runs the same thing from
+    the files. Any other config is returned unchanged.
     """
     if cfg.data.train or cfg.task.base == "scratch":
         return cfg
     from jbilevel.models import base_model_path
 
-    data = inputs.task_files(cfg.task, Path(out_dir) / "data", cfg.data)
+    data = inputs.task_files(cfg.task, Path(out_dir) / "data", cfg.data, write=write)
     model = cfg.model
     if model.path is None:
         model = dataclasses.replace(model, path=base_model_path())
     return dataclasses.replace(cfg, data=data, model=model)
 
 
-def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = None) -> dict:
-    """Trains and evaluates one configuration; resumable from ``out_dir/checkpoints``.
+def load_data(cfg: ExperimentConfig, console: Console):
+    """The run's task (built-in, or the SFT files tokenised), saying what became of each row."""
+    what = ("reading and tokenising data" if cfg.data.train
+            else f"building the built-in task {cfg.task.name!r}")
+    with console.phase(what) as phase:
+        task = inputs.load_task(cfg.task, cfg.data, cfg.model)
+        phase.summary = ", ".join(f"{name} {len(ds)}" for name, ds in task.splits.items())
+    for name, ds in task.splits.items():
+        for line in load_report_lines(name, _source(cfg, name), ds.report, console.verbosity):
+            console.info(line)
+        if ds.report.n_truncated or ds.report.n_skipped:
+            console.warn(f"{name} {_source(cfg, name)}: {ds.report.n_truncated} examples "
+                         f"truncated to data.max_len={ds.max_len}, {ds.report.n_skipped} "
+                         "rows skipped (listed in results.json under data)")
+    return task
+
+
+def _source(cfg: ExperimentConfig, split: str) -> str:
+    return getattr(cfg.data, split) if cfg.data.train else f"built-in {cfg.task.name}"
+
+
+def data_reports(cfg: ExperimentConfig, task) -> dict:
+    """Per split: its source and what was read, kept, truncated and skipped (and why)."""
+    return {name: {"source": _source(cfg, name), **ds.report.as_dict()}
+            for name, ds in task.splits.items()}
+
+
+def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = None,
+        console: Console | None = None) -> dict:
+    """Trains and evaluates one configuration in its own run directory.
+
+    ``out_dir`` belongs to one run (``jbilevel.rundir``): a new directory records the
+    configuration and a fingerprint of the data; an existing one resumes from its newest
+    checkpoint when it holds the same run and is refused (RunDirError) otherwise, before
+    anything is written. ``progress`` overrides ``loop.progress`` (the bar); ``console``
+    says what each phase does and how long it took (default: stderr, normal verbosity).
 
     Returns:
-      The results record also written to ``out_dir/results.json``.
+      The results record also written to ``out_dir/results.json``. Its ``interrupted`` is
+      None for a finished run; for one that stopped early (a non-finite loss, or the loop
+      returning before ``loop.steps``) it says why, and only results.json is written (the
+      last good checkpoint stays in ``out_dir/checkpoints``).
     """
     from jbilevel.models import build
 
+    console = console or Console()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = resolve(cfg, out)
-    config_lib.dump(cfg, out / "config.yaml")
+    requested, cfg = cfg, resolve(cfg, out)
+    resuming = rundir.check_config(out, cfg)
+    if cfg is not requested:  # the task's files, only now: a refused run writes nothing
+        if jax.process_index() == 0:
+            resolve(requested, out, write=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("jbilevel: task files written")
     loop = cfg.loop if progress is None else dataclasses.replace(cfg.loop, progress=progress)
-    task = inputs.load_task(cfg.task, cfg.data, cfg.model)
+    if cfg.model.path is not None:
+        inputs.check_model_dir(cfg.model.path)
+    task = load_data(cfg, console)
     data_set, good_N = training_set(task, cfg.method.method)
     n = len(data_set)
     lora = cfg.theta.kind == "lora"
-    if cfg.online.enabled and lora:
-        raise ValueError("online generation trains theta = the full model; set theta.kind=full "
-                         "or online.every=0 (LoRA + online is not supported yet)")
     positions = data_set.max_len
     if cfg.online.enabled:  # generated rows: longest prompt + sampled tokens
         positions = max(positions, int(data_set.prompt_len_N.max()) + (
             cfg.online.max_new_tokens or int((data_set.length_N - data_set.prompt_len_N).max())))
     model = build(inputs.model_config(cfg.model, task.tokenizer, positions))
+    fingerprint = rundir.fingerprint(task, cfg.model.path)
+    latest = None
+    if resuming:
+        rundir.check_fingerprint(out, fingerprint)
+        latest = rundir.latest_checkpoint(out)
+        if latest is not None and latest > loop.steps:
+            raise rundir.RunDirError(
+                f"--out {out}: its newest checkpoint is at step {latest}, beyond "
+                f"loop.steps={loop.steps}; set loop.steps >= {latest} to resume it, or use "
+                "another --out")
+    if jax.process_index() == 0:
+        rundir.record(out, cfg, fingerprint, rundir.model_summary(model.config, cfg.model.path))
+    console.info(f"run directory {out}: " + (
+        f"resuming (newest checkpoint: step {latest})" if latest is not None
+        else "continuing (no checkpoint yet)" if resuming else "new run"))
 
     mesh = sh.make_mesh(cfg.mesh)
     rules = sh.AxisRules()
@@ -280,19 +412,32 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
         refresher = refresh.Refresher(
             cfg.online, model, data_set, weighting=cfg.method.weighting,
             batch_sharding=sh.batch_sharding(mesh, rules, 1), seed=cfg.seed, log_dir=out,
-            scorer=getattr(task, "scorer", None))
+            scorer=getattr(task, "scorer", None), rules=rules)
     data = _process_batcher(data_set, cfg.batch_size, mesh, rules, seed=cfg.seed)
     val = _process_batcher(task.validation, cfg.val_batch_size, mesh, rules, seed=cfg.seed + 1)
+    if cfg.method.method == "bmo" and cfg.method.lam_decay and (
+            loop.steps_per_epoch != data.steps_per_epoch):
+        raise ValueError(
+            f"loop.steps_per_epoch={loop.steps_per_epoch}, but the training set is "
+            f"{data.steps_per_epoch} steps per epoch ({n} rows, batch_size {cfg.batch_size}): "
+            f"bmo's lam would fall by method.lam_decay every {loop.steps_per_epoch} steps, not "
+            f"every epoch; set loop.steps_per_epoch={data.steps_per_epoch}")
     hyper = None
     if cfg.method.method == "bds":
-        hyper_bs = cfg.hyper_batch_size or n
+        hyper_bs = min(cfg.hyper_batch_size or n, n)
         hyper_bs += -hyper_bs % (sh.data_parallel_size(mesh, rules) * jax.process_count())
         hyper = _process_batcher(data_set, hyper_bs, mesh, rules, seed=cfg.seed + 2,
                                  shuffle=True)  # a fresh Hessian sample each time
     t0 = time.perf_counter()
+    interrupted, preempted = None, None
+    step = start = 0
     with Checkpointer(out / "checkpoints", keep=loop.keep) as ckpt:
-        init, init_args, state_sh, example_loss = state_setup(
-            cfg, model, n, mesh, rules, load_weights=ckpt.latest_step() is None or lora)
+        load = cfg.model.path is not None and (ckpt.latest_step() is None or lora)
+        with console.phase(f"loading weights from {cfg.model.path}" if load
+                           else "setting up the model") as phase:
+            init, init_args, state_sh, example_loss = state_setup(
+                cfg, model, n, mesh, rules, load_weights=ckpt.latest_step() is None or lora)
+            phase.summary = rundir.model_summary(model.config, cfg.model.path)
         steps = make_steps(example_loss, cfg.method, frozen=lora)
         if refresher is not None:  # the state also carries the buffer of generated pairs
             offline_init = init
@@ -303,12 +448,26 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
             shapes = jax.eval_shape(init, *init_args)
             state_sh = state_sh.replace(online=online_lib.buffer_shardings(mesh, rules,
                                                                            shapes.online))
-            steps = online_lib.make_online_steps(example_loss, model.forward, cfg.method,
+            steps = online_lib.make_online_steps(example_loss, model, cfg.method,
                                                  cfg.online, seed=cfg.seed)
         compiled = train.compile_steps(steps, cfg.method, mesh, rules, state_sh)
-        state, start = train.restore_or_init(ckpt, init, state_sh,
-                                             train.data_sources(data, val, hyper), init_args)
+        compiled = dataclasses.replace(
+            compiled, train=console.first_call(compiled.train, f"{cfg.method.method} train step"),
+            hyper=console.first_call(compiled.hyper, "hypergradient step"))
+        latest = ckpt.latest_step()
+        with console.phase(f"restoring the checkpoint of step {latest}" if latest is not None
+                           else "initialising the train state"):
+            state, start = train.restore_or_init(ckpt, init, state_sh,
+                                                 train.data_sources(data, val, hyper), init_args)
         del init_args
+        if start:
+            console.info(f"resumed from step {start}" + (
+                f" of {loop.steps}: the run is complete; evaluating it again"
+                if start >= loop.steps else f"; training to step {loop.steps}"))
+            if jax.process_index() == 0:
+                from jbilevel import report
+
+                report.trim_metrics(out / "metrics.jsonl", start)
         log = train.MetricsLog(out)
         eval_fn = None  # full validation loss every loop.eval_every steps
         if loop.eval_every and lora:  # (adapters, base): the base rides in the state
@@ -318,64 +477,104 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
         elif loop.eval_every:
             val_loss = split_loss(example_loss, task.validation, cfg.eval_batch_size)
             eval_fn = lambda s: {"val_loss": val_loss(s.theta)}  # noqa: E731
+        step = start
         try:
             state, step = train.run(compiled, cfg.method, loop, state, data, val,
                                     start_step=start, ckpt=ckpt, hyper_batches=hyper, log=log,
-                                    eval_fn=eval_fn, before_step=refresher)
+                                    eval_fn=eval_fn, before_step=refresher, console=console)
             if refresher is not None and step > start:
                 refresher.log_buffer(state, step)
+        except train.NonFiniteLossError as e:
+            interrupted = {"reason": "non_finite_loss", "message": str(e)}
+        except train.Preempted as stop:  # every process stopped at the same step, saved
+            interrupted = {"reason": "sigterm", "message": str(stop)}
+            preempted, step = stop, stop.step
         finally:
             log.close()
+            console.close_bar()
     train_seconds = time.perf_counter() - t0
-
-    params = final_params(state, model, lora)
-    plain_loss = lm_example_loss(model.forward)
-    s_N = np.asarray(inputs.to_host(weights.weights(state.omega, cfg.method.weighting)))
-    learned = cfg.method.method in ("bds", "bmo")
+    if interrupted is None and step < loop.steps:
+        interrupted = {"reason": "stopped_early",
+                       "message": f"the training loop stopped at step {step} of {loop.steps}; "
+                                  "rerun the same command to resume"}
     result: dict[str, Any] = {
         "method": cfg.method.method, "online": refresher is not None, "task": task.name,
-        "theta": cfg.theta.kind, "n_train": n, "steps": step,
-        "train_seconds": round(train_seconds, 2),
-        "val_loss": mean_loss(plain_loss, params, task.validation, cfg.eval_batch_size),
+        "theta": cfg.theta.kind, "n_train": n, "steps": step, "resumed_from": start,
+        "train_seconds": round(train_seconds, 2), "steps_planned": loop.steps,
+        "interrupted": interrupted,
     }
+    if interrupted is not None:  # no final evaluation, weights or model: not a finished run
+        interrupted["last_checkpoint"] = rundir.latest_checkpoint(out)
+        result["data"] = data_reports(cfg, task)
+        console.warn(f"run interrupted ({interrupted['reason']}): {interrupted['message']}")
+        if jax.process_index() == 0:
+            _write_json(out / "results.json", result)
+        if preempted is not None:
+            raise preempted  # exit status 143; the same command resumes
+        return result
+
+    params = final_params(state, model, lora)
+    plain_loss = lm_example_loss(model)
+    s_N = np.asarray(inputs.to_host(weights.weights(state.omega, cfg.method.weighting)))
+    learned = cfg.method.method in ("bds", "bmo")
     predictions = None
-    if task.test is not None:
-        result["test_loss"] = mean_loss(plain_loss, params, task.test, cfg.eval_batch_size)
-    if task.scorer is not None and task.test is not None:  # decode the test prompts, score
-        test = evaluate(model, params, task, "test", cfg.eval_batch_size)
-        predictions = test.pop("predictions")
-        result.update({f"test_{k}": v for k, v in test.items()})
-    if learned:
-        if good_N is not None:
-            result.update({f"weight_{k}": v for k, v in task.score_weights(s_N).items()})
-        health = weights.health(jnp.asarray(s_N))
-        result.update({f"weight_{k}": float(v) for k, v in health.items()})
-    host_params = inputs.to_host(params)
+    with console.phase("final evaluation") as phase:
+        result["val_loss"] = mean_loss(plain_loss, params, task.validation, cfg.eval_batch_size)
+        if task.test is not None:
+            result["test_loss"] = mean_loss(plain_loss, params, task.test, cfg.eval_batch_size)
+        if task.scorer is not None and task.test is not None:  # decode the test prompts, score
+            test = evaluate(model, params, task, "test", cfg.eval_batch_size)
+            predictions = test.pop("predictions")
+            result.update({f"test_{k}": v for k, v in test.items()})
+        if learned:
+            if good_N is not None:
+                result.update({f"weight_{k}": v for k, v in task.score_weights(s_N).items()})
+            health = weights.health(jnp.asarray(s_N))
+            result.update({f"weight_{k}": float(v) for k, v in health.items()})
+        phase.summary = ", ".join(f"{k} {v:.4g}" for k, v in result.items()
+                                  if k.startswith(("val_", "test_", "weight_"))
+                                  and isinstance(v, float))
+    result["data"] = data_reports(cfg, task)
+    host_params = inputs.to_process0(params)  # leaf by leaf: never whole on every host
     if jax.process_index() == 0:
-        write_report(out, result, task, data_set, good_N, s_N, predictions, model, host_params,
-                     learned=learned)
+        with console.phase(f"writing the run report and the model to {out}"):
+            write_report(out, result, task, data_set, good_N, s_N, predictions, model,
+                         host_params, learned=learned)
+    if jax.process_count() > 1:  # no process reads the report (e.g. `eval` next) before it exists
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jbilevel: run report written")
     return result
+
+
+def _write_json(path: Path, record: dict) -> None:
+    path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def write_report(out: Path, result: dict, task, data_set, good_N, s_N, predictions, model,
                  params, *, learned: bool) -> None:
     """results.json, weights.csv (+ .npy), test predictions, plots, curated data and the model.
 
+    ``weights.csv`` has one row per training example id with its source file, line (text
+    files) and record index, so it joins back to the source whatever rows were skipped.
     ``good_N`` None (data from files: no ground truth) leaves the csv's ``good`` column empty;
     ``predictions`` None (no task metric) writes no test_predictions.jsonl.
     """
     from jbilevel import report
-    from jbilevel.data import export_curated
+    from jbilevel.data import export_curated, source_of
     from jbilevel.models import save_pretrained
 
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    _write_json(out / "results.json", result)
     np.save(out / "weights.npy", np.asarray(s_N, np.float32))
     with open(out / "weights.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["id", "weight", "good", "preview"])
+        writer.writerow(["id", "weight", "good", "source_file", "source_line", "source_row",
+                         "preview"])
         for i in range(len(data_set)):
+            where = source_of(data_set.where[i])
             writer.writerow([i, f"{s_N[i]:.6g}", "" if good_N is None else int(good_N[i]),
-                             inputs.preview(data_set.rows[i])])
+                             where.get("source_file", ""), _blank(where.get("source_line")),
+                             _blank(where.get("source_row")), inputs.preview(data_set.rows[i])])
     if predictions is not None:
         with open(out / "test_predictions.jsonl", "w") as f:
             for row, pred in zip(task.test.rows, predictions, strict=True):
@@ -389,3 +588,7 @@ def write_report(out: Path, result: dict, task, data_set, good_N, s_N, predictio
         export_curated(data_set, s_N, str(out / "curated_top50.jsonl"), top_frac=0.5)
     save_pretrained(str(out / "model"), params, model.config)
     inputs.save_tokenizer(task.tokenizer, str(out / "model"))
+
+
+def _blank(value) -> str:
+    return "" if value is None else str(value)

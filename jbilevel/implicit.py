@@ -1,10 +1,12 @@
 """Hypergradients of ``f(theta*(omega))`` where ``theta*(omega) = argmin_theta g(theta, omega)``.
 
-The differentiation method is a value (STYLE.md 4): ``Implicit`` (implicit function theorem,
-a Krylov solve of ``H v = grad f``), ``Neumann`` (truncated Neumann series for ``H^-1``) or
-``Unrolled`` (backprop through K inner optimizer steps). All share ``hypergrad``'s signature
-so tests compare them directly. ``jbilevel.chunked.hypergrad_chunked`` is the implicit method
-for a whole training set.
+The differentiation method is a value (docs/design.md, Conventions): ``Implicit`` (implicit
+function theorem, a Krylov solve of ``H v = grad f``), ``Neumann`` (truncated Neumann series
+for ``H^-1``) or ``Unrolled`` (backprop through K inner optimizer steps). All share
+``hypergrad``'s signature so tests compare them directly. The implicit ones are compositions
+of the building blocks in ``jbilevel.adjoint`` (the adjoint solve, the per-example term, the
+weight Jacobian), as are ``jbilevel.chunked.hypergrad_chunked`` (a whole training set) and
+online bds.
 
 This is the only module that imports jaxopt, and only lazily (``backend="jaxopt"``), so
 ``backend="native"`` (plain ``jax.custom_vjp`` and our own solvers) works without it.
@@ -19,19 +21,28 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jbilevel import checks, linsolve
-from jbilevel import weights as weights_lib
+from jbilevel.adjoint import (  # noqa: F401  (BACKENDS, DEFAULT_BACKEND, Neumann: re-exported)
+    BACKENDS,
+    DEFAULT_BACKEND,
+    HypergradInfo,
+    Implicit,
+    Neumann,
+    adjoint,
+    as_f32,
+    cast_like,
+    example_u,
+    hvp,
+    linear_solver,
+    weight_vjp,
+)
 from jbilevel.objectives import InnerObjective, check_ids
-
-BACKENDS = ("jaxopt", "native")
-# One switch to drop jaxopt: set to "native".
-DEFAULT_BACKEND = "jaxopt"
 
 
 def _jaxopt():
@@ -43,59 +54,6 @@ def _jaxopt():
 
 
 # --------------------------------------------------------------------------- methods
-
-
-@dataclasses.dataclass(frozen=True)
-class Implicit:
-    """Implicit function theorem: solve ``(H + ridge I) v = grad_theta f`` by a Krylov method.
-
-    Fields:
-      solver: "cg" (default; H SPD), "gmres", "bicgstab" or "normal_cg".
-      maxiter: most Hessian-vector products in the solve (k in the cost 1 + c k + 1).
-      tol: target relative residual ``|H v - b| / |b|``.
-      ridge: damping added to H; biases the hypergradient but bounds it when H is ill-posed.
-      backend: "jaxopt" (mixed term via ``jaxopt.implicit_diff.root_vjp``) or "native".
-      fast: for an ``InnerObjective``, compute the mixed term as one JVP of ``loss_B``
-        followed by the closed-form weight Jacobian (no second-order pass over omega).
-    """
-
-    solver: str = "cg"
-    maxiter: int = 100
-    tol: float = 1e-6
-    ridge: float = 0.0
-    backend: str = DEFAULT_BACKEND
-    fast: bool = True
-
-    def __post_init__(self):
-        if self.solver not in linsolve.SOLVERS:
-            raise ValueError(
-                f"Implicit: unknown solver {self.solver!r} "
-                f"(choose from {', '.join(linsolve.SOLVERS)})"
-            )
-        if self.backend not in BACKENDS:
-            raise ValueError(f"Implicit: backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.maxiter < 1 or self.tol < 0 or self.ridge < 0:
-            raise ValueError(
-                f"Implicit: need maxiter >= 1, tol >= 0, ridge >= 0; got maxiter={self.maxiter}, "
-                f"tol={self.tol}, ridge={self.ridge}"
-            )
-
-
-@dataclasses.dataclass(frozen=True)
-class Neumann:
-    """``v = alpha sum_{j=0..K} (I - alpha (H + ridge I))^j b``; converges if alpha < 2/lambda_max.
-
-    Fields:
-      steps: K, the number of Hessian-vector products.
-      alpha: step size of the series (like an inner learning rate).
-      ridge: damping added to H.
-      fast: as in ``Implicit``.
-    """
-
-    steps: int = 50
-    alpha: float = 0.1
-    ridge: float = 0.0
-    fast: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,109 +74,46 @@ class Unrolled:
     optimizer: Any = None
 
 
-class HypergradInfo(NamedTuple):
-    """Diagnostics of one hypergradient (arrays, so it passes through jit and vmap).
-
-    Fields:
-      residual: relative residual ``|H v - grad f| / |grad f|`` of the solve (NaN: Unrolled).
-      iterations: Hessian-vector products used (-1 if the solver does not report it).
-      outer_loss: ``f(theta, outer_batch)``.
-    """
-
-    residual: jax.Array
-    iterations: jax.Array
-    outer_loss: jax.Array
-
-
 # --------------------------------------------------------------------------- pieces
 
 
-def _hvp(inner_loss, theta, omega, batch, ridge):
-    """Forward-over-reverse ``v -> (H + ridge I) v``, H the Hessian of g in theta."""
-    grad_g = lambda th: jax.grad(inner_loss)(th, omega, batch)
-
-    def matvec(v):
-        hv = jax.jvp(grad_g, (theta,), (v,))[1]
-        return hv if ridge == 0 else linsolve.tree_axpy(ridge, v, hv)
-
-    return matvec
-
-
-def _example_u(example_loss, theta, batch, v):
-    """``u_B = <grad l_b(theta), v>`` for every row: one forward-mode JVP of ``loss_B``."""
-    return jax.jvp(lambda th: example_loss(th, batch), (theta,), (v,))[1]
-
-
-def _mixed_from_u(inner: InnerObjective, omega, ids_B, u_B, valid_B):
-    """``-(1/n) J_s^T u_N`` with ``u_N`` the valid rows' u scattered onto their ids."""
-    valid_B = jnp.ones_like(u_B) if valid_B is None else valid_B.astype(u_B.dtype)
-    n_valid = jnp.sum(valid_B)
-    scale_B = valid_B / jnp.where(n_valid > 0, n_valid, 1.0)
-    # where, not a product: a padding row's u may be anything, even non-finite.
-    contrib_B = jnp.where(valid_B > 0, scale_B * u_B, 0.0)
-    u_N = jnp.zeros(omega.shape, u_B.dtype).at[ids_B].add(contrib_B, mode="drop")
-    return -weights_lib.weights_vjp(omega, u_N.astype(omega.dtype), inner.weighting)
-
-
-def _mixed_fast(inner: InnerObjective, theta, omega, batch, v):
-    """``-(d/domega grad_theta g)^T v`` as one JVP of loss_B plus the weight Jacobian."""
-    ids_B = check_ids(omega, batch)
-    u_B = _example_u(inner.example_loss, theta, batch, v)
-    return _mixed_from_u(inner, omega, ids_B, u_B, batch.get("valid"))
-
-
 def _mixed_native(inner_loss, theta, omega, batch, v):
+    """``-(d/domega grad_theta g)^T v`` by a VJP through the optimality condition."""
     optimality = lambda om: jax.grad(inner_loss)(theta, om, batch)
     _, vjp = jax.vjp(optimality, omega)
-    return jax.tree.map(jnp.negative, vjp(v)[0])
+    return jax.tree.map(jnp.negative, vjp(cast_like(v, theta))[0])
 
 
-def _linear_solver(method, matvec):
-    """``rhs -> (v, iterations, residual)`` solving ``matvec(v) = rhs`` as method says."""
-    if isinstance(method, Neumann):
-        return lambda rhs: _neumann(matvec, rhs, method.steps, method.alpha)
-    return lambda rhs: linsolve.solve(
-        method.solver, matvec, rhs, maxiter=method.maxiter, tol=method.tol
-    )
-
-
-def _solve_and_mix(method, inner_loss, theta, omega, batch, b):
-    """Returns (d_omega, iterations, residual) for Implicit and Neumann."""
-    solve = _linear_solver(method, _hvp(inner_loss, theta, omega, batch, method.ridge))
+def _solve_and_mix(method, inner_loss, outer_loss, theta, omega, batch, outer_batch, chunk=None):
+    """Returns (d_omega, HypergradInfo) for Implicit and Neumann."""
     use_fast = method.fast and isinstance(inner_loss, InnerObjective)
     if isinstance(method, Implicit) and method.backend == "jaxopt" and not use_fast:
+        f_val, grad_f = jax.value_and_grad(outer_loss)(theta, outer_batch)
+        solve = linear_solver(method, hvp(inner_loss, theta, omega, batch, method.ridge))
         info = {}
 
         def jaxopt_solve(_matvec, rhs):
             # jaxopt hands us A^T as a reverse-over-reverse VJP; H is symmetric, so we solve
             # with our forward-over-reverse HVP instead (cheaper, and identical to the other
             # paths, which isolates the mixed term when comparing them).
-            x, info["iterations"], info["residual"] = solve(rhs)
-            return x
+            x, *info["solve"] = solve(as_f32(rhs))
+            return cast_like(x, theta)
 
         optimality = lambda th, om: jax.grad(inner_loss)(th, om, batch)
         (d_omega,) = _jaxopt().implicit_diff.root_vjp(
-            optimality, theta, (omega,), b, solve=jaxopt_solve
+            optimality, theta, (omega,), grad_f, solve=jaxopt_solve
         )
-        return d_omega, info["iterations"], info["residual"]
-    v, iterations, residual = solve(b)
+        return d_omega, HypergradInfo(info["solve"][1], info["solve"][0], f_val,
+                                      info["solve"][2])
+    v, info = adjoint(inner_loss, outer_loss, theta, omega, batch, outer_batch, method,
+                      chunk=chunk)
     if use_fast:
-        d_omega = _mixed_fast(inner_loss, theta, omega, batch, v)
+        check_ids(omega, batch)
+        u_R, ids_R, valid_R = example_u(inner_loss.example_loss, theta, batch, v, chunk=chunk)
+        d_omega = weight_vjp(inner_loss.weighting, omega, ids_R, u_R, valid_R)
     else:
         d_omega = _mixed_native(inner_loss, theta, omega, batch, v)
-    return d_omega, iterations, residual
-
-
-def _neumann(matvec, b, steps, alpha):
-    def body(_, carry):
-        term, acc = carry
-        term = linsolve.tree_axpy(-alpha, matvec(term), term)
-        return term, jax.tree.map(jnp.add, acc, term)
-
-    _, acc = jax.lax.fori_loop(0, steps, body, (b, b))
-    v = jax.tree.map(lambda a: alpha * a, acc)
-    residual = linsolve._true_residual(matvec, v, b)
-    return v, jnp.asarray(steps, jnp.int32), residual
+    return d_omega, info
 
 
 def _unrolled(method: Unrolled, inner_loss, outer_loss, theta, omega, inner_batch, outer_batch):
@@ -243,28 +138,26 @@ def _unrolled(method: Unrolled, inner_loss, outer_loss, theta, omega, inner_batc
 # --------------------------------------------------------------------------- public API
 
 
-def _hypergrad_core(inner_loss, outer_loss, method, theta, omega, inner_batch, outer_batch):
-    """(d_omega, iterations, residual, outer loss): the computation behind ``hypergrad``."""
-    f_val, grad_f = jax.value_and_grad(outer_loss)(theta, outer_batch)
-    if jnp.ndim(f_val) != 0:
-        raise ValueError(
-            f"hypergrad: outer_loss must return a scalar, got shape {jnp.shape(f_val)}"
-        )
+def _hypergrad_core(inner_loss, outer_loss, method, chunk, theta, omega, inner_batch,
+                    outer_batch):
+    """(d_omega, HypergradInfo): the computation behind ``hypergrad``."""
     if isinstance(method, Unrolled):
+        f_val = outer_loss(theta, outer_batch)
+        if jnp.ndim(f_val) != 0:
+            raise ValueError(
+                f"hypergrad: outer_loss must return a scalar, got shape {jnp.shape(f_val)}")
         d_omega = _unrolled(method, inner_loss, outer_loss, theta, omega, inner_batch, outer_batch)
-        iterations = jnp.asarray(method.steps, jnp.int32)
-        residual = jnp.full((), jnp.nan, f_val.dtype)
-    else:
-        d_omega, iterations, residual = _solve_and_mix(
-            method, inner_loss, theta, omega, inner_batch, grad_f
-        )
-    return d_omega, iterations, residual, f_val
+        return d_omega, HypergradInfo(jnp.full((), jnp.nan, f_val.dtype),
+                                      jnp.asarray(method.steps, jnp.int32), f_val,
+                                      jnp.zeros((), bool))
+    return _solve_and_mix(method, inner_loss, outer_loss, theta, omega, inner_batch, outer_batch,
+                          chunk)
 
 
 # Called with concrete arrays, hypergrad runs as one compiled program, cached per (losses,
 # method): op by op, the solver's loop compiled afresh on every call (0.2-0.4 s for a
 # 64-example problem).
-_hypergrad_jit = jax.jit(_hypergrad_core, static_argnums=(0, 1, 2))
+_hypergrad_jit = jax.jit(_hypergrad_core, static_argnums=(0, 1, 2, 3))
 
 
 def _cacheable(statics, arrays) -> bool:
@@ -293,6 +186,7 @@ def hypergrad(
     backend: str = DEFAULT_BACKEND,
     method: Implicit | Neumann | Unrolled | None = None,
     return_info: bool = False,
+    chunk: int | None = None,
 ):
     """Hypergradient ``dF/domega`` of ``F(omega) = outer_loss(theta*(omega), outer_batch)``.
 
@@ -312,7 +206,11 @@ def hypergrad(
         with ``ids`` and optional ``valid``).
       solver, maxiter, tol, ridge, backend: build ``Implicit(...)`` when method is None.
       method: ``Implicit | Neumann | Unrolled``; overrides the solver arguments.
-      return_info: also return a ``HypergradInfo`` (residual, iterations, outer loss).
+      return_info: also return a ``HypergradInfo`` (residual, iterations, outer loss,
+        negative curvature).
+      chunk: for an ``InnerObjective`` over a batch with the rows on axis 0, run the
+        Hessian-vector products and the per-example JVPs over this many rows at a time (the
+        same result; memory of a pass over ``chunk`` rows instead of the whole batch).
 
     Returns:
       d_omega with omega's pytree structure, or ``(d_omega, info)`` if return_info.
@@ -327,6 +225,8 @@ def hypergrad(
     rebound keeps the value it was compiled with. Unhashable losses or methods, and batches
     holding Python scalars, run op by op as before.
     """
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"hypergrad: chunk={chunk} must be >= 1 (None: the whole batch)")
     if method is None:
         method = Implicit(solver=solver, maxiter=maxiter, tol=tol, ridge=ridge, backend=backend)
     if not isinstance(method, Implicit | Neumann | Unrolled):
@@ -336,18 +236,18 @@ def hypergrad(
     checks.check_inner_batch(inner_loss, omega, inner_batch)
     checks.check_omega_used(inner_loss, theta, omega, inner_batch)
 
-    statics, arrays = (inner_loss, outer_loss, method), (theta, omega, inner_batch, outer_batch)
+    statics = (inner_loss, outer_loss, method, chunk)
+    arrays = (theta, omega, inner_batch, outer_batch)
     core = _hypergrad_jit if _cacheable(statics, arrays) else _hypergrad_core
-    d_omega, iterations, residual, f_val = core(*statics, *arrays)
+    d_omega, info = core(*statics, *arrays)
+    f_val = info.outer_loss
     if checks.is_concrete(f_val) and not np.isfinite(np.asarray(f_val)):
         raise ValueError(f"hypergrad: outer loss is not finite ({float(f_val)}) at theta")
     if checks.is_concrete(d_omega) and not all(
         np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(d_omega)
     ):
         checks.raise_non_finite(inner_loss, theta, omega, inner_batch, f_val)
-    if return_info:
-        return d_omega, HypergradInfo(residual, iterations, f_val)
-    return d_omega
+    return (d_omega, info) if return_info else d_omega
 
 
 def implicit_solver(
@@ -406,8 +306,7 @@ def implicit_solver(
 
         def bwd(res, ct):
             theta_init, theta, omega, batch = res
-            hvp = _hvp(inner_loss, theta, omega, batch, 0.0)
-            v = linear_solve(hvp, ct)
+            v = cast_like(linear_solve(hvp(inner_loss, theta, omega, batch), as_f32(ct)), theta)
             _, vjp = jax.vjp(lambda om, b: optimality(theta, om, b), omega, batch)
             d_omega, d_batch = vjp(jax.tree.map(jnp.negative, v))
             return jax.tree.map(jnp.zeros_like, theta_init), d_omega, d_batch
@@ -426,8 +325,9 @@ def implicit_solver(
         return inner_solve(theta_init, omega, batch)
 
     def backward_residual(theta, omega, batch, cotangent):
-        hvp = _hvp(inner_loss, theta, omega, batch, ridge)
-        _, iterations, residual = linsolve.solve(solver, hvp, cotangent, maxiter=maxiter, tol=tol)
+        matvec = hvp(inner_loss, theta, omega, batch, ridge)
+        _, iterations, residual, _ = linsolve.solve(solver, matvec, as_f32(cotangent),
+                                                    maxiter=maxiter, tol=tol)
         return residual, iterations
 
     solve.backward_residual = backward_residual

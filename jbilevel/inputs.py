@@ -10,10 +10,14 @@ a local HF model directory or of a random spec.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import glob
+import os
 from typing import Literal
 
 import numpy as np
 
+from jbilevel.config import ConfigError
 from jbilevel.data.tasks import Task
 
 DTYPES = ("float32", "bfloat16")
@@ -79,6 +83,26 @@ class DataConfig:
 FileTask = Task
 
 
+def check_model_dir(path: str, field: str = "model.path") -> None:
+    """Raises a ConfigError naming ``field`` unless ``path`` is a local HF model directory.
+
+    Checked before anything is read or written, so a typo in the path is reported as a missing
+    directory (and not, say, as a malformed hub id by the tokenizer loader).
+    """
+    fix = (f"point {field} at a local HF model directory (config.json, *.safetensors and the "
+           "tokenizer files); nothing is downloaded")
+    if not os.path.exists(path):
+        raise ConfigError(f"{field}: {path} does not exist (working directory {os.getcwd()}); "
+                          f"{fix}")
+    if not os.path.isdir(path):
+        raise ConfigError(f"{field}: {path} is a file, not a directory; {fix}")
+    missing = [name for name, pattern in (("config.json", "config.json"),
+                                          ("*.safetensors weights", "*.safetensors"))
+               if not glob.glob(os.path.join(glob.escape(path), pattern))]
+    if missing:
+        raise ConfigError(f"{field}: {path} has no {' and no '.join(missing)}; {fix}")
+
+
 def load_tokenizer(model_spec, fallback=None):
     """The run's tokenizer: ``model.tokenizer`` ("char": built-in), else the model directory."""
     from jbilevel.data import CharTokenizer, as_tokenizer
@@ -88,12 +112,17 @@ def load_tokenizer(model_spec, fallback=None):
         return fallback if fallback is not None else CharTokenizer()
     from jbilevel.models import load_tokenizer as hf_tokenizer
 
+    field = "model.tokenizer" if model_spec.tokenizer else "model.path"
+    if not os.path.isdir(where):
+        raise ConfigError(f"{field}: {where} is not a directory (working directory "
+                          f"{os.getcwd()}); point it at a local HF tokenizer directory, or set "
+                          "model.tokenizer=char")
     try:
         return as_tokenizer(hf_tokenizer(where))
     except (OSError, ValueError) as e:
-        raise ValueError(f"model.tokenizer: cannot load a tokenizer from {where!r} ({e}); "
-                         "point model.tokenizer at a local HF tokenizer directory, or 'char'"
-                         ) from None
+        raise ConfigError(f"{field}: cannot load a tokenizer from {where} ({e}); point "
+                          "model.tokenizer at a local HF tokenizer directory, or 'char'"
+                          ) from None
 
 
 def load_task(task_cfg, data_cfg: DataConfig, model_spec):
@@ -103,15 +132,14 @@ def load_task(task_cfg, data_cfg: DataConfig, model_spec):
         from jbilevel.data import make_task
 
         if getattr(task_cfg, "base", "scratch") != "scratch":
-            raise ValueError(f"task.base={task_cfg.base!r}: a built-in task on a pretrained "
-                             "model trains on its files; experiment.resolve writes them")
+            raise ConfigError(f"task.base={task_cfg.base!r}: a built-in task on a pretrained "
+                              "model trains on its files; experiment.resolve writes them")
         if model_spec.path is not None:
-            raise ValueError("model.path is set but task.base=scratch trains a random model on "
-                             "the built-in character tokenizer; set data.train/data.validation "
-                             "to your SFT files, or task.base=pretrained to fine-tune "
-                             "model.path on the built-in task")
+            raise ConfigError("model.path is set but task.base=scratch trains a random model "
+                              "on the built-in character tokenizer; set data.train/"
+                              "data.validation to your SFT files, or task.base=pretrained to "
+                              "fine-tune model.path on the built-in task")
         return make_task(task_cfg.name, seed=task_cfg.seed, **task_cfg.options)
-    from jbilevel.data import load_sft
     from jbilevel.data.tasks import scorer
 
     tokenizer = load_tokenizer(model_spec)
@@ -119,11 +147,7 @@ def load_task(task_cfg, data_cfg: DataConfig, model_spec):
     for split in ("train", "validation", "test"):
         path = getattr(data_cfg, split)
         if path:
-            splits[split] = load_sft(
-                path, schema=data_cfg.schema, tokenizer=tokenizer, max_len=data_cfg.max_len,
-                overlength=data_cfg.overlength, on_bad_row=data_cfg.on_bad_row,
-                keys=data_cfg.keys or None, prompt_template=data_cfg.prompt_template,
-                chat_template=data_cfg.chat_template, add_bos=data_cfg.add_bos)
+            splits[split] = load_split(path, data_cfg, tokenizer, field=f"data.{split}")
     good_N = None
     if data_cfg.truth:
         good_N = ground_truth(splits["train"], data_cfg.truth)
@@ -134,42 +158,78 @@ def load_task(task_cfg, data_cfg: DataConfig, model_spec):
 def ground_truth(dataset, column: str) -> np.ndarray:
     """Args: a loaded SFT split, the column holding each row's ground truth.
 
-    Returns: good_N (int32, 1 good / 0 bad) in example-id order; raises ValueError naming the
+    Returns: good_N (int32, 1 good / 0 bad) in example-id order; raises DataError naming the
     row for a missing or non-binary value (1/0, true/false, or those as strings).
     """
+    from jbilevel.data import DataError
+
     values = {1: 1, 0: 0, "1": 1, "0": 0, "true": 1, "false": 0}
     good = []
     for row, where in zip(dataset.rows, dataset.where, strict=True):
         if column not in row:
-            raise ValueError(f"{where}: no column {column!r} (data.truth; keys: "
-                             f"{', '.join(sorted(row))}); add it or unset data.truth")
+            raise DataError(f"data.truth: {where}: no column {column!r} (keys: "
+                            f"{', '.join(sorted(row))}); add it or unset data.truth",
+                            "missing_key")
         v = row[column]
         key = v.strip().lower() if isinstance(v, str) else v  # True == 1, 1.0 == 1 as keys
         if not isinstance(key, str | int | float) or key not in values:
-            raise ValueError(f"{where}: {column}={v!r}; the ground truth must be 1 (good) or 0 "
-                             "(bad)")
+            raise DataError(f"data.truth: {where}: {column}={v!r}; the ground truth must be 1 "
+                            "(good) or 0 (bad)", "bad_type")
         good.append(values[key])
     return np.asarray(good, np.int32)
 
 
-def task_files(task_cfg, directory, data_cfg: DataConfig) -> DataConfig:
-    """Writes built-in task ``task_cfg`` as JSONL files and returns the data config reading them.
+def task_files(task_cfg, directory, data_cfg: DataConfig, *, write: bool = True
+               ) -> DataConfig:
+    """The data config that reads built-in task ``task_cfg`` as JSONL files.
 
     Args: the task (name, seed, row options); the directory the splits go to
       (``train.jsonl``, ``validation.jsonl``, ``test.jsonl``); the run's data config, whose
-      other settings (max_len, ...) are kept.
+      other settings (max_len, ...) are kept; ``write``: write the files (deterministic in the
+      task's seed and options), or only name them.
     Returns: ``data_cfg`` with the three files, schema qa through the tokenizer's chat template,
       the ``good`` column as ground truth and the task's metric.
     """
     from pathlib import Path
 
-    from jbilevel.data.tasks import TASK_METRIC, task_rows, write_splits
+    from jbilevel.data.tasks import SPLITS, TASK_METRIC, task_rows, write_splits
 
-    paths = write_splits(task_rows(task_cfg.name, seed=task_cfg.seed, **task_cfg.options),
-                         Path(directory).resolve())
+    directory = Path(directory).resolve()
+    if write:
+        paths = write_splits(task_rows(task_cfg.name, seed=task_cfg.seed, **task_cfg.options),
+                             directory)
+    else:
+        paths = {split: str(directory / f"{split}.jsonl") for split in SPLITS}
     return dataclasses.replace(
         data_cfg, train=paths["train"], validation=paths["validation"], test=paths["test"],
         schema="qa", chat_template="tokenizer", truth="good", metric=TASK_METRIC[task_cfg.name])
+
+
+# Row-level problems the skip policy can count instead of stopping at.
+_ROW_REASONS = ("bad_json", "bad_csv", "missing_key", "bad_type", "empty_response",
+                "empty_prompt")
+
+
+def load_split(path: str, data_cfg: DataConfig, tokenizer, field: str = "data"):
+    """One SFT file tokenised with ``data_cfg``'s formatting (what ``train`` and ``eval`` use).
+
+    Errors name ``field`` (e.g. ``data.train``) before the file and line, and row-level ones
+    add the skip policy as a way out.
+    """
+    from jbilevel.data import DataError, load_sft
+
+    try:
+        return load_sft(
+            path, schema=data_cfg.schema, tokenizer=tokenizer, max_len=data_cfg.max_len,
+            overlength=data_cfg.overlength, on_bad_row=data_cfg.on_bad_row,
+            keys=data_cfg.keys or None, prompt_template=data_cfg.prompt_template,
+            chat_template=data_cfg.chat_template, add_bos=data_cfg.add_bos)
+    except DataError as e:
+        hint = ""
+        if e.reason in _ROW_REASONS:
+            hint = (" (or set data.on_bad_row=skip: such rows are then skipped, counted and "
+                    "listed in results.json)")
+        raise DataError(f"{field}: {e}{hint}", e.reason) from None
 
 
 def model_config(model_spec, tokenizer, max_len: int):
@@ -186,13 +246,18 @@ def model_config(model_spec, tokenizer, max_len: int):
             num_heads=model_spec.num_heads, intermediate_size=model_spec.intermediate_size,
             max_position_embeddings=max_len, eos_token_id=tokenizer.eos_id,
             pad_token_id=tokenizer.pad_id, bos_token_id=tokenizer.bos_id, **compute)
-    config = read_config(model_spec.path).replace(**compute)
+    try:
+        config = read_config(model_spec.path).replace(**compute)
+    except (OSError, ValueError) as e:  # a config.json this library cannot read
+        raise ConfigError(f"model.path: {e}") from None
     if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"{model_spec.path}: the tokenizer has {tokenizer.vocab_size} tokens but "
-                         f"the model only {config.vocab_size}; is model.tokenizer the model's?")
+        raise ConfigError(f"model.path: {model_spec.path}: the tokenizer has "
+                          f"{tokenizer.vocab_size} tokens but the model only "
+                          f"{config.vocab_size}; is model.tokenizer the model's?")
     if config.family == "gpt2" and max_len > config.max_position_embeddings:
-        raise ValueError(f"data.max_len={max_len} exceeds {model_spec.path}'s "
-                         f"max_position_embeddings={config.max_position_embeddings}")
+        raise ConfigError(f"data.max_len={max_len} exceeds {model_spec.path}'s "
+                          f"max_position_embeddings={config.max_position_embeddings}; lower "
+                          "data.max_len")
     return config
 
 
@@ -214,11 +279,65 @@ def preview(row: dict, width: int = 80) -> str:
 
 
 def to_host(tree):
-    """Numpy copy of a (possibly multi-process sharded) pytree."""
+    """Numpy copy of a (possibly multi-process sharded) pytree, on every process.
+
+    Every process must call it: a leaf spread over several processes is gathered by a
+    collective. For large trees that only process 0 needs, use :func:`to_process0`.
+    """
     import jax
 
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+    return jax.tree.map(_gather, tree)
 
-        return multihost_utils.process_allgather(tree, tiled=True)
-    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+def to_process0(tree):
+    """Numpy copy of a pytree on process 0 (None on the others), gathered piece by piece.
+
+    Every process must call it. Leaves spread over several processes are gathered at most
+    ``_GATHER_BYTES`` at a time (slices along the first axis: stacked layers, rows of an
+    embedding; one slice if a single one is larger), and processes other than 0 hold at
+    most one piece on the host: the model is never copied whole onto every host.
+    """
+    import jax
+
+    keep = jax.process_index() == 0
+    leaves, treedef = jax.tree.flatten(tree)
+    out = [_gather(leaf, keep=keep) for leaf in leaves]
+    return jax.tree.unflatten(treedef, out) if keep else None
+
+
+_GATHER_BYTES = 1 << 28  # 256 MiB: the most one multi-process gather moves
+
+
+def _gather(x, keep: bool = True):
+    """``x`` as numpy (None when not ``keep``); a collective when x spans processes."""
+    import jax
+
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(jax.device_get(x)) if keep else None
+    if x.is_fully_replicated:  # every process already holds all of it
+        return np.asarray(x.addressable_data(0)) if keep else None
+    from jax.experimental import multihost_utils
+
+    if x.ndim == 0 or x.nbytes <= _GATHER_BYTES:
+        whole = np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return whole if keep else None
+    rows = max(1, _GATHER_BYTES // (x.nbytes // x.shape[0]))
+    out = np.empty(x.shape, x.dtype) if keep else None
+    for start in range(0, x.shape[0], rows):
+        size = min(rows, x.shape[0] - start)
+        piece = multihost_utils.process_allgather(_rows(x, start, size), tiled=True)
+        if keep:
+            out[start:start + size] = piece
+    return out
+
+
+def _rows(x, start: int, size: int):
+    """``x[start:start + size]`` on x's devices (one compiled program per shape)."""
+    return _slicer(size)(x, np.int32(start))
+
+
+@functools.cache
+def _slicer(size: int):
+    import jax
+
+    return jax.jit(lambda x, start: jax.lax.dynamic_slice_in_dim(x, start, size))

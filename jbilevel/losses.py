@@ -1,10 +1,16 @@
 """Per-example token losses for supervised fine-tuning.
 
-Every LM objective in jbilevel reduces a (B, L, V) logits array to one loss per example
-(``loss_B``), because data weights act on examples, not tokens.
+Every LM objective in jbilevel reduces a batch to one loss per example (``loss_B``), because
+data weights act on examples, not tokens. Language models never hold their whole
+[rows, tokens, vocab] logits: :func:`chunked_token_nll` applies the output projection to a
+few positions at a time (a 512-token batch of 64 rows over a 151,936-token vocabulary would
+otherwise be 20 GB of float32 logits), and gradients, Hessian-vector products and
+per-example JVPs recompute each chunk instead of storing it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +37,101 @@ def token_nll(logits_BxLxV: jax.Array, labels_BxL: jax.Array) -> jax.Array:
     return lse_BxL - target_BxL
 
 
+def chunk_positions(rows: int, length: int, vocab: int, budget_bytes: int,
+                    row_ways: int = 1) -> int:
+    """Positions per chunk such that one chunk's float32 logits take at most ``budget_bytes``
+    on each device (``rows / row_ways`` rows there); at least 1, at most ``length``."""
+    per_position = 4 * vocab * max(1, -(-rows // max(1, row_ways)))
+    return int(min(length, max(1, budget_bytes // per_position)))
+
+
+def chunked_token_nll(
+    hidden_BxLxD: jax.Array,
+    head_VxD: jax.Array,
+    labels_BxL: jax.Array,
+    *,
+    chunk: int,
+    constrain_logits: Callable[[jax.Array], jax.Array] | None = None,
+    constrain_head: Callable[[jax.Array], jax.Array] | None = None,
+) -> jax.Array:
+    """Token NLL of ``logits = hidden @ head^T`` computed ``chunk`` positions at a time.
+
+    Equal to ``token_nll(einsum("bld,vd->blv", hidden, head), labels)`` (float32 logits),
+    but only one chunk's (B, chunk, V) logits exist at a time, in the forward pass and in
+    every derivative: each chunk is a ``jax.checkpoint``, so reverse mode keeps the hidden
+    chunk and recomputes its logits, and forward-over-reverse (Hessian-vector products) and
+    forward mode (per-example JVPs) go chunk by chunk too. Chunks run along the sequence, so
+    every chunk holds all rows and keeps the batch's sharding.
+
+    Args:
+      hidden_BxLxD: final hidden states (after the final norm), any float dtype.
+      head_VxD: output projection (the tied embedding or lm_head), same dtype as hidden.
+      labels_BxL: targets as in :func:`token_nll` (out-of-range values are clipped).
+      chunk: positions per chunk (>= 1); L need not be a multiple.
+      constrain_logits, constrain_head: optional sharding pins applied inside each chunk to
+        its logits and to the head (the model pins rows to the batch axes and the head to its
+        parameter sharding, so that the head's gradient, summed over chunks, stays split over
+        the mesh instead of being accumulated whole on every device).
+
+    Returns:
+      nll_BxL float32.
+    """
+    b, length, d = hidden_BxLxD.shape
+    if head_VxD.ndim != 2 or head_VxD.shape[1] != d:
+        raise ValueError(f"chunked_token_nll: head {head_VxD.shape} does not match hidden "
+                         f"{hidden_BxLxD.shape} (need head (V, D))")
+    if labels_BxL.shape != (b, length):
+        raise ValueError(f"chunked_token_nll: labels {labels_BxL.shape} do not match hidden "
+                         f"{hidden_BxLxD.shape}")
+    if chunk < 1:
+        raise ValueError(f"chunked_token_nll: chunk={chunk} must be >= 1")
+    chunk = min(chunk, length)
+    k = -(-length // chunk)
+    pad = k * chunk - length
+    if pad:
+        hidden_BxLxD = jnp.pad(hidden_BxLxD, ((0, 0), (0, pad), (0, 0)))
+        labels_BxL = jnp.pad(labels_BxL, ((0, 0), (0, pad)))
+
+    def one(args):
+        h_BxCxD, y_BxC = args
+        w_VxD = head_VxD if constrain_head is None else constrain_head(head_VxD)
+        logits_BxCxV = jnp.einsum("bcd,vd->bcv", h_BxCxD, w_VxD,
+                                  preferred_element_type=jnp.float32)
+        if constrain_logits is not None:
+            logits_BxCxV = constrain_logits(logits_BxCxV)
+        return token_nll(logits_BxCxV, y_BxC)
+
+    if k == 1:  # nothing to recompute chunk by chunk: as jnp would do it
+        return one((hidden_BxLxD, labels_BxL))[:, :length]
+    h_KxBxCxD = jnp.moveaxis(hidden_BxLxD.reshape(b, k, chunk, d), 1, 0)
+    y_KxBxC = jnp.moveaxis(labels_BxL.reshape(b, k, chunk), 1, 0)
+    nll_KxBxC = jax.lax.map(jax.checkpoint(one), (h_KxBxCxD, y_KxBxC))
+    return jnp.moveaxis(nll_KxBxC, 0, 1).reshape(b, k * chunk)[:, :length]
+
+
+def masked_mean(nll_BxL: jax.Array, mask_BxL: jax.Array, *, reduction: str = "mean"
+                ) -> jax.Array:
+    """Per-example reduction of token NLLs over the masked (response) tokens.
+
+    Args:
+      nll_BxL: token losses (e.g. from :func:`token_nll` or :func:`chunked_token_nll`).
+      mask_BxL: 1 on tokens that count, 0 elsewhere.
+      reduction: "mean" (mean over masked tokens: the paper's l_i) or "sum".
+
+    Returns:
+      loss_B float32; an example with no masked tokens gets 0 (not NaN).
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"masked_mean: reduction must be 'mean' or 'sum', got {reduction!r}")
+    mask_BxL = mask_BxL.astype(jnp.float32)
+    # where(), not multiply: a masked position may hold a clipped label with a huge nll.
+    total_B = jnp.sum(jnp.where(mask_BxL > 0, nll_BxL, 0.0) * mask_BxL, axis=-1)
+    if reduction == "sum":
+        return total_B
+    count_B = jnp.sum(mask_BxL, axis=-1)
+    return total_B / jnp.where(count_B > 0, count_B, 1.0)
+
+
 def per_example_nll(
     logits_BxLxV: jax.Array,
     labels_BxL: jax.Array,
@@ -38,7 +139,7 @@ def per_example_nll(
     *,
     reduction: str = "mean",
 ) -> jax.Array:
-    """Masked per-example NLL: the ``l_i`` of DESIGN.md section 1.
+    """Masked per-example NLL: the ``l_i`` of docs/design.md (The math).
 
     Args:
       logits_BxLxV: next-token logits (any float dtype).
@@ -50,22 +151,13 @@ def per_example_nll(
       loss_B float32. An example with no masked tokens gets 0 (not NaN), so padding rows and
       fully-masked examples are harmless in any weighted sum.
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"per_example_nll: reduction must be 'mean' or 'sum', got {reduction!r}")
     if logits_BxLxV.shape[:-1] != labels_BxL.shape or labels_BxL.shape != mask_BxL.shape:
         raise ValueError(
             "per_example_nll: shapes disagree: logits "
             f"{logits_BxLxV.shape}, labels {labels_BxL.shape}, mask {mask_BxL.shape} "
             "(need logits (B, L, V), labels and mask (B, L))"
         )
-    mask_BxL = mask_BxL.astype(jnp.float32)
-    # where(), not multiply: a masked position may hold a clipped label with a huge nll.
-    nll_BxL = jnp.where(mask_BxL > 0, token_nll(logits_BxLxV, labels_BxL), 0.0) * mask_BxL
-    total_B = jnp.sum(nll_BxL, axis=-1)
-    if reduction == "sum":
-        return total_B
-    count_B = jnp.sum(mask_BxL, axis=-1)
-    return total_B / jnp.where(count_B > 0, count_B, 1.0)
+    return masked_mean(token_nll(logits_BxLxV, labels_BxL), mask_BxL, reduction=reduction)
 
 
 def weighted_mean(

@@ -148,7 +148,7 @@ class InnerObjective:
 def inner_objective(
     example_loss: ExampleLoss, *, weighting: str = "softmax", mu: float = 0.0, theta_ref=None
 ) -> InnerObjective:
-    """Build the weighted inner objective g of DESIGN.md section 1.
+    """Build the weighted inner objective g of docs/design.md (The math).
 
     Args:
       example_loss: pure ``(theta, batch) -> loss_B``.
@@ -186,44 +186,74 @@ def outer_objective(example_loss: ExampleLoss) -> OuterObjective:
     return OuterObjective(example_loss)
 
 
-def lm_example_loss(forward: Callable[..., jax.Array], *, reduction: str = "mean") -> ExampleLoss:
+TokenNLL = Callable[..., jax.Array]
+
+
+def token_nll_fn(model) -> TokenNLL:
+    """``(params, input_ids, labels, *, attention_mask, lora=None) -> nll_BxL`` of a model.
+
+    Args:
+      model: a ``jbilevel.models.Model`` (its chunked :meth:`token_nll`, which never holds the
+        [rows, tokens, vocab] logits), or a plain ``forward(params, ids, attention_mask=,
+        [lora=]) -> logits_BxLxV`` callable (its logits are materialised whole: fine for small
+        vocabularies and research code, not for LLMs).
+    Returns:
+      the token NLL function, float32 (B, L).
+    """
+    if hasattr(model, "token_nll"):
+        return model.token_nll
+    if not callable(model):
+        raise TypeError(f"expected a jbilevel Model or a forward callable, got {model!r}")
+
+    def nll(params, input_ids, labels, *, attention_mask=None, lora=None):
+        kw = {} if lora is None else {"lora": lora}
+        return losses.token_nll(model(params, input_ids, attention_mask=attention_mask, **kw),
+                                labels)
+
+    return nll
+
+
+def lm_example_loss(model, *, reduction: str = "mean") -> ExampleLoss:
     """Per-example masked NLL for a causal LM.
 
     Args:
-      forward: ``forward(params, input_ids_BxL, attention_mask=mask_BxL) -> logits_BxLxV``.
+      model: a ``jbilevel.models.Model`` (chunked output projection; see
+        :func:`token_nll_fn`) or ``forward(params, input_ids_BxL, attention_mask=mask_BxL) ->
+        logits_BxLxV``.
       reduction: "mean" over response tokens (the paper's l_i) or "sum".
 
     Returns:
       ``example_loss(params, batch) -> loss_B`` reading ``input_ids``, ``attention_mask``,
       ``labels`` (already shifted) and ``loss_mask`` from the batch.
     """
+    nll_fn = token_nll_fn(model)
 
     def example_loss(params, batch: dict) -> jax.Array:
-        logits_BxLxV = forward(
-            params, batch["input_ids"], attention_mask=batch["attention_mask"]
-        )
-        return losses.per_example_nll(
-            logits_BxLxV, batch["labels"], batch["loss_mask"], reduction=reduction
-        )
+        nll_BxL = nll_fn(params, batch["input_ids"], batch["labels"],
+                         attention_mask=batch["attention_mask"])
+        return losses.masked_mean(nll_BxL, batch["loss_mask"], reduction=reduction)
 
     return example_loss
 
 
-def lm_lora_example_loss(forward: Callable[..., jax.Array], *, reduction: str = "mean"
+def lm_lora_example_loss(model, *, reduction: str = "mean"
                          ) -> Callable[[Any, Any, dict], jax.Array]:
     """Per-example masked NLL of a causal LM through LoRA adapters over frozen base params.
 
     Args:
-      forward: ``forward(params, input_ids_BxL, attention_mask=, lora=) -> logits_BxLxV``.
+      model: a ``jbilevel.models.Model``, or ``forward(params, input_ids_BxL,
+        attention_mask=, lora=) -> logits_BxLxV``.
       reduction: as in :func:`lm_example_loss`.
 
     Returns:
       ``example_loss(lora, base_params, batch) -> loss_B``, the signature of
       ``make_steps(..., frozen=True)``; differentiable in ``lora`` only by design.
     """
+    nll_fn = token_nll_fn(model)
 
     def example_loss(lora, base_params, batch: dict) -> jax.Array:
-        through = lambda p, ids, **kw: forward(base_params, ids, lora=p, **kw)  # noqa: E731
-        return lm_example_loss(through, reduction=reduction)(lora, batch)
+        nll_BxL = nll_fn(base_params, batch["input_ids"], batch["labels"],
+                         attention_mask=batch["attention_mask"], lora=lora)
+        return losses.masked_mean(nll_BxL, batch["loss_mask"], reduction=reduction)
 
     return example_loss

@@ -46,6 +46,16 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def trim_metrics(path: str | Path, upto: int) -> int:
+    """Drops the records of steps after ``upto`` from ``metrics.jsonl`` (a run resumed from
+    the checkpoint of step ``upto`` logs those steps again). Returns: how many were dropped."""
+    records = read_metrics(path)
+    kept = [r for r in records if r["step"] <= upto]
+    if len(kept) < len(records):
+        Path(path).write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return len(records) - len(kept)
+
+
 def plot_curves(metrics_path: str | Path, path: str | Path,
                 keys: tuple[str, ...] = ("loss", "val_loss", "ess")) -> None:
     """Training curves from ``metrics.jsonl``: one panel per metric that was recorded."""

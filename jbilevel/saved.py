@@ -1,14 +1,14 @@
 """A finished run directory (``jbilevel train --out DIR``): evaluate its model, export its data.
 
-A run directory holds ``config.yaml`` (the validated ExperimentConfig), ``model/`` (the HF
-model with its tokenizer; LoRA adapters already merged) and ``weights.npy`` (one learned
-weight per training example id). ``jbilevel eval`` and ``jbilevel export`` call these.
-"""
+A run directory holds ``config.yaml`` (the settings that applied to the run), ``model/``
+(the HF model with its tokenizer; LoRA adapters already merged) and ``weights.npy`` (one
+learned weight per training example id). ``jbilevel eval`` and ``jbilevel export`` call these."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -17,91 +17,146 @@ import numpy as np
 from jbilevel import config as config_lib
 from jbilevel import experiment, inputs
 from jbilevel import sharding as sh
+from jbilevel.console import Console, load_report_lines
+from jbilevel.errors import UserError
 
 
 def load_config(run_dir: str | Path) -> experiment.ExperimentConfig:
     path = Path(run_dir) / "config.yaml"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: not found; is {run_dir} a directory written by "
-                                "`jbilevel train --out`?")
+        raise UserError(f"{path}: not found; is {run_dir} a directory written by "
+                        "`jbilevel train --out`?")
     return config_lib.load(experiment.ExperimentConfig, path)
 
 
-def load_task(cfg: experiment.ExperimentConfig, model_dir: Path):
-    """The run's data, tokenised as in training (the saved model carries its tokenizer)."""
+def data_config(base: inputs.DataConfig, overrides: Sequence[str]) -> inputs.DataConfig:
+    """``base`` with ``data.key=value`` overrides (the data-format settings ``train`` takes)."""
+    bad = [o for o in overrides if not o.startswith("data.")]
+    if bad:
+        raise config_lib.ConfigError(f"{', '.join(bad)}: eval takes data.* settings only "
+                                     "(e.g. data.chat_template=tokenizer data.add_bos=false)")
+    return config_lib.replace(base, [o.removeprefix("data.") for o in overrides],
+                              "eval overrides")
+
+
+def _run_tokenizer(cfg: experiment.ExperimentConfig, model_dir: Path):
+    """The spec whose tokenizer is the run's own (a saved model carries its tokenizer)."""
     spec = cfg.model
     if cfg.data.train and (spec.tokenizer or spec.path) not in (None, "char"):
         spec = dataclasses.replace(spec, tokenizer=str(model_dir))
-    return inputs.load_task(cfg.task, cfg.data, spec)
+    return spec
 
 
-def _load_model(model_dir: Path, mesh_cfg: sh.MeshConfig, param_dtype: str = "float32",
-                compute_dtype: str | None = None):
+def _task(cfg: experiment.ExperimentConfig, model_dir: Path, console: Console):
+    """The run's data, tokenised as in training (the saved model carries its tokenizer)."""
+    return experiment.load_data(dataclasses.replace(cfg, model=_run_tokenizer(cfg, model_dir)),
+                                console)
+
+
+def _load_model(model_dir: Path, mesh_cfg: sh.MeshConfig, console: Console,
+                param_dtype: str = "float32", compute_dtype: str | None = None):
     from jbilevel.models import build, load_pretrained, read_config
 
     if not (model_dir / "config.json").exists():
-        raise FileNotFoundError(f"{model_dir}: no saved model (config.json); did the run finish?")
-    config = read_config(str(model_dir)).replace(compute_dtype=compute_dtype)
-    model = build(config)
-    mesh, rules = sh.make_mesh(mesh_cfg), sh.AxisRules()
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), param_dtype))
-    shardings = sh.tree_shardings(mesh, rules, model.param_axes(), shapes)
-    _, params, _ = load_pretrained(str(model_dir), param_dtype, shardings=shardings)
+        raise UserError(f"{model_dir}: no saved model (config.json); did the run finish?")
+    with console.phase(f"loading the model from {model_dir}"):
+        config = read_config(str(model_dir)).replace(compute_dtype=compute_dtype)
+        model = build(config)
+        mesh, rules = sh.make_mesh(mesh_cfg), sh.AxisRules()
+        shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), param_dtype))
+        shardings = sh.tree_shardings(mesh, rules, model.param_axes(), shapes)
+        _, params, _ = load_pretrained(str(model_dir), param_dtype, shardings=shardings)
     return model, params
 
 
-def evaluate_run(run_dir: str | Path) -> dict:
+def _file_loss(model, params, data: str, data_cfg: inputs.DataConfig, tokenizer,
+               batch_size: int, console: Console) -> dict:
+    from jbilevel.objectives import lm_example_loss
+
+    with console.phase(f"reading and tokenising {data}") as phase:
+        ds = inputs.load_split(data, data_cfg, tokenizer, field="--data")
+        phase.summary = f"{len(ds)} examples"
+    for line in load_report_lines("--data", data, ds.report, console.verbosity):
+        console.info(line)
+    with console.phase("evaluating") as phase:
+        loss = experiment.mean_loss(lm_example_loss(model), params, ds, batch_size)
+        phase.summary = f"loss {loss:.4g}"
+    return {"data": data, "n": len(ds), "loss": loss, "load_report": ds.report.as_dict()}
+
+
+def evaluate_run(run_dir: str | Path, *, data: str | None = None, overrides: Sequence[str] = (),
+                 console: Console | None = None) -> dict:
     """Validation / test loss (and the task score for built-in tasks) of a run's saved model.
 
-    Writes ``eval.json`` in the run directory and returns the same record.
+    Args:
+      run_dir: a directory written by ``jbilevel train --out``.
+      data: score this SFT file instead of the run's own splits, formatted as the run's data
+        was (its prompt template, chat template, bos, max_len), so the loss is the one the
+        run itself would report for it.
+      overrides: ``data.key=value`` changes to the run's data settings.
+    Returns:
+      The record, also written to ``run_dir/eval.json`` when the run's own splits are scored.
     """
     from jbilevel.objectives import lm_example_loss
 
+    console = console or Console()
     run_dir = Path(run_dir)
     cfg = load_config(run_dir)
+    cfg = dataclasses.replace(cfg, data=data_config(cfg.data, overrides))
     model_dir = run_dir / "model"
-    model, params = _load_model(model_dir, cfg.mesh, cfg.model.param_dtype,
+    model, params = _load_model(model_dir, cfg.mesh, console, cfg.model.param_dtype,
                                 cfg.model.compute_dtype)
-    task = load_task(cfg, model_dir)
-    loss = lm_example_loss(model.forward)
+    if data is not None:
+        tokenizer = inputs.load_tokenizer(_run_tokenizer(cfg, model_dir))
+        return {"run": str(run_dir), **_file_loss(model, params, data, cfg.data, tokenizer,
+                                                   cfg.eval_batch_size, console)}
+    task = _task(cfg, model_dir, console)
+    loss = lm_example_loss(model)
     bs = cfg.eval_batch_size
-    result = {"run": str(run_dir), "val_loss": experiment.mean_loss(loss, params,
-                                                                   task.validation, bs)}
-    if task.test is not None:
-        result["test_loss"] = experiment.mean_loss(loss, params, task.test, bs)
-    if task.scorer is not None and task.test is not None:
-        scores = experiment.evaluate(model, params, task, "test", bs)
-        scores.pop("predictions")
-        result.update({f"test_{k}": v for k, v in scores.items()})
+    with console.phase("evaluating") as phase:
+        result = {"run": str(run_dir),
+                  "val_loss": experiment.mean_loss(loss, params, task.validation, bs)}
+        if task.test is not None:
+            result["test_loss"] = experiment.mean_loss(loss, params, task.test, bs)
+        if task.scorer is not None and task.test is not None:
+            scores = experiment.evaluate(model, params, task, "test", bs)
+            scores.pop("predictions")
+            result.update({f"test_{k}": v for k, v in scores.items()})
+        phase.summary = ", ".join(f"{k} {v:.4g}" for k, v in result.items()
+                                  if isinstance(v, float))
+    result["data"] = experiment.data_reports(cfg, task)
     if jax.process_index() == 0:
         (run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
 def evaluate_model(model_dir: str | Path, data: str, *, tokenizer: str | None = None,
-                   schema: str = "auto", max_len: int = 512, batch_size: int = 16,
-                   mesh: sh.MeshConfig | None = None) -> dict:
+                   data_cfg: inputs.DataConfig | None = None, batch_size: int = 16,
+                   mesh: sh.MeshConfig | None = None, console: Console | None = None) -> dict:
     """Mean per-example response NLL of a local HF model on an SFT file.
 
     Args:
       model_dir: HF model directory; its tokenizer is used unless ``tokenizer`` is given.
       data: SFT file or save_to_disk directory (any schema ``load_sft`` reads).
+      data_cfg: how to format it: the ``data`` settings of ``jbilevel train`` (prompt and chat
+        template, bos, max_len, over-length policy; default: train's defaults), so the same
+        model, file and settings give the loss a run reports.
       mesh: device mesh for the params (default: every device, data parallel).
     """
-    from jbilevel.data import load_sft
-    from jbilevel.objectives import lm_example_loss
-
+    console = console or Console()
+    inputs.check_model_dir(str(model_dir), "--model")
     model_dir = Path(model_dir)
-    model, params = _load_model(model_dir, mesh or sh.MeshConfig())
+    model, params = _load_model(model_dir, mesh or sh.MeshConfig(), console)
     spec = experiment.ModelSpec(path=str(model_dir), tokenizer=tokenizer)
-    ds = load_sft(data, schema=schema, tokenizer=inputs.load_tokenizer(spec), max_len=max_len,
-                  overlength="truncate")
-    loss = experiment.mean_loss(lm_example_loss(model.forward), params, ds, batch_size)
-    return {"model": str(model_dir), "data": data, "n": len(ds), "loss": loss}
+    return {"model": str(model_dir), **_file_loss(model, params, data,
+                                                   data_cfg or inputs.DataConfig(),
+                                                   inputs.load_tokenizer(spec), batch_size,
+                                                   console)}
 
 
 def export_run(run_dir: str | Path, out: str, *, top_frac: float | None = None,
-               min_weight: float | None = None, format: str | None = None) -> int:
+               min_weight: float | None = None, format: str | None = None,
+               console: Console | None = None) -> int:
     """Writes the run's training rows with their learned weights (optionally a subset).
 
     Args:
@@ -113,15 +168,20 @@ def export_run(run_dir: str | Path, out: str, *, top_frac: float | None = None,
     """
     from jbilevel.data import export_curated
 
+    console = console or Console()
     run_dir = Path(run_dir)
     cfg = load_config(run_dir)
     path = run_dir / "weights.npy"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no learned weights; did the run finish?")
+        raise UserError(f"{path}: no learned weights; did the run finish?")
     s_N = np.load(path)
-    data_set, _ = experiment.training_set(load_task(cfg, run_dir / "model"), cfg.method.method)
+    task = _task(cfg, run_dir / "model", console)
+    data_set, _ = experiment.training_set(task, cfg.method.method)
     if len(s_N) != len(data_set):
-        raise ValueError(f"{path}: {len(s_N)} weights but the run's training set now has "
-                         f"{len(data_set)} examples; were the data files changed?")
-    return export_curated(data_set, s_N, out, format=format, top_frac=top_frac,
-                          threshold=min_weight)
+        raise UserError(f"{path}: {len(s_N)} weights but the run's training set now has "
+                        f"{len(data_set)} examples; were the data files changed?")
+    with console.phase(f"writing {out}") as phase:
+        n = export_curated(data_set, s_N, out, format=format, top_frac=top_frac,
+                           threshold=min_weight)
+        phase.summary = f"{n} of {len(data_set)} examples"
+    return n

@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jbilevel.config import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical name -> mesh axes. Parameters are sharded over fsdp (ZeRO-3 style) on their
@@ -36,6 +38,10 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("layers", ()),
     ("length", ()),
     ("examples", ()),
+    # The LM loss's output projection: vocabulary split over every parameter axis, rows only
+    # over data, so no device holds the whole head or its gradient (a vocab-parallel loss).
+    ("loss_rows", ("data",)),
+    ("loss_vocab", ("fsdp", "tensor")),
 )
 
 
@@ -64,13 +70,13 @@ class MeshConfig:
         fixed = math.prod(s for s in sizes if s != -1)
         if -1 in sizes:
             if n_devices % fixed:
-                raise ValueError(
+                raise ConfigError(
                     f"mesh: {n_devices} devices cannot be split as {self}: the fixed axes "
                     f"multiply to {fixed}, which does not divide {n_devices}"
                 )
             sizes[sizes.index(-1)] = n_devices // fixed
         elif fixed != n_devices:
-            raise ValueError(
+            raise ConfigError(
                 f"mesh: {self} needs {fixed} devices but {n_devices} are available; "
                 "set one axis to -1 to fill the rest"
             )
@@ -225,14 +231,59 @@ _ACTIVATIONS: contextvars.ContextVar = contextvars.ContextVar("jbilevel_activati
                                                               default=None)
 
 
+# The shardings of theta while a step is traced: theta-shaped vectors (CG iterates, HVPs)
+# are pinned to them, so they stay split like the parameters instead of held whole.
+_PARAMS: contextvars.ContextVar = contextvars.ContextVar("jbilevel_params", default=None)
+
+
 @contextlib.contextmanager
-def activation_sharding(mesh: Mesh, rules: AxisRules):
-    """Within this context, :func:`constrain` pins activations to ``rules`` on ``mesh``."""
+def activation_sharding(mesh: Mesh, rules: AxisRules, params: Any = None):
+    """Within this context, :func:`constrain` pins activations to ``rules`` on ``mesh`` and
+    :func:`constrain_like_params` pins theta-shaped pytrees to ``params`` (theta's shardings,
+    a pytree of ``NamedSharding``; None: left alone)."""
     token = _ACTIVATIONS.set((mesh, rules))
+    token_params = _PARAMS.set(params)
     try:
         yield
     finally:
+        _PARAMS.reset(token_params)
         _ACTIVATIONS.reset(token)
+
+
+def constrain_like_params(tree: Any) -> Any:
+    """``tree`` pinned leaf by leaf to theta's shardings (see :func:`activation_sharding`).
+
+    A pytree with another structure or other shapes (a LoRA-sized vector inside a full-model
+    trace, a vmapped row) is returned unchanged, as is everything outside the context.
+    """
+    shardings = _PARAMS.get()
+    if shardings is None:
+        return tree
+    leaves, treedef = jax.tree.flatten(tree)
+    try:
+        sh_leaves = treedef.flatten_up_to(shardings)
+    except (ValueError, TypeError):
+        return tree
+    out = []
+    for x, s in zip(leaves, sh_leaves, strict=True):
+        if not isinstance(s, NamedSharding) or len(s.spec) > x.ndim:
+            return tree
+        try:
+            s.shard_shape(x.shape)
+        except ValueError:
+            return tree
+        out.append(jax.lax.with_sharding_constraint(x, s))
+    return jax.tree.unflatten(treedef, out)
+
+
+def batch_ways() -> int:
+    """How many ways the ``batch`` axis splits rows in the current activation context (1
+    outside it): what a per-device memory budget divides a global batch by."""
+    ctx = _ACTIVATIONS.get()
+    if ctx is None:
+        return 1
+    mesh, rules = ctx
+    return data_parallel_size(mesh, rules)
 
 
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:

@@ -3,9 +3,19 @@
 Each method's pure steps (``jbilevel.algorithms``) are jitted once here, with the state's
 shardings from the logical-axis table and the batch split over the data axes. The loop
 dispatches step N before it reads step N-1's metrics, saves composite checkpoints (state +
-data-iterator position) atomically, resumes exactly from the newest one, writes a checkpoint
-and exits cleanly on SIGTERM (preemption), and stops with a clear message on a non-finite
-loss, leaving the last good checkpoint in place.
+data-iterator position) atomically, resumes exactly from the newest one, and stops with a
+clear message on a non-finite loss, leaving the last good checkpoint in place.
+
+SIGTERM (preemption) stops the run at a step boundary: every process stops at the same step,
+writes the checkpoint of that step and raises :class:`Preempted` (exit status 143 unless
+caught). What bounds the delay: a compiled program cannot be interrupted, and the loop
+keeps one step in flight, so the programs running or queued when the signal arrives finish
+first: at most two training steps and, at a bds hypergradient step, that hypergradient (one
+program: ``method.hypergrad.maxiter`` Hessian-vector products over ``hessian_rows`` rows and
+a JVP over ``hyper_batch_size`` rows; lower them to shorten it), an online refresh
+(generation) or a ``loop.eval_every`` evaluation if one is running; then the checkpoint is
+written. With several processes the agreement adds about a second (measured with 2 local
+processes on this host).
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ from jbilevel.algorithms.offline import (
     theta_optimizer,
 )
 from jbilevel.checkpoint import Checkpointer, abstract_like
+from jbilevel.console import Console
 from jbilevel.xla_options import train_compiler_options
 
 
@@ -51,6 +62,26 @@ class BatchSource(Protocol):
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss; the last good checkpoint is left intact."""
+
+
+class Preempted(SystemExit):
+    """SIGTERM stopped the run at ``step`` after that step's checkpoint was written.
+
+    A ``SystemExit`` with status 143 (128 + SIGTERM, what a shell reports for a process
+    ended by SIGTERM): uncaught, the process exits with that status and no traceback, and
+    ``except Exception`` handlers let it through. Rerunning the same command resumes.
+    """
+
+    EXIT_STATUS = 128 + signal.SIGTERM
+
+    def __init__(self, step: int, checkpoint: str | None):
+        super().__init__(self.EXIT_STATUS)
+        self.step, self.checkpoint = step, checkpoint
+
+    def __str__(self) -> str:
+        saved = (f"its checkpoint is {self.checkpoint}; rerun the same command to resume"
+                 if self.checkpoint else "no checkpoint directory was given, nothing saved")
+        return f"interrupted by SIGTERM at step {self.step}: {saved}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +155,7 @@ def compile_steps(steps: Steps, cfg: MethodConfig, mesh, rules: sh.AxisRules,
     def pinned(step):  # traced with the model's activations pinned to the batch sharding
         @functools.wraps(step)
         def traced(*args):
-            with sh.activation_sharding(mesh, rules):
+            with sh.activation_sharding(mesh, rules, state_sh.theta):
                 return step(*args)
 
         return traced
@@ -141,13 +172,33 @@ def compile_steps(steps: Steps, cfg: MethodConfig, mesh, rules: sh.AxisRules,
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks between steps."""
+    """SIGTERM as a request to stop at a step boundary, the same step on every process.
+
+    One process: a Python handler sets a flag that :meth:`stop_at` reads. Several
+    processes: JAX's preemption service (started by ``jax.distributed.initialize``, on by
+    default) catches SIGTERM on any process and, in a background thread, agrees with the
+    others through the coordination service on the step at which all stop (one past the
+    furthest step any process had reached). :meth:`stop_at` asks it after every step: a
+    local check (20-40 us measured on this host), no device collective, so the loop's
+    pipelining is untouched. A Python SIGTERM handler installed after
+    ``jax.distributed.initialize`` would replace the service's, hence the warning below.
+    """
 
     def __init__(self):
         self.requested = False
         self._previous = None
+        self._multi = jax.process_count() > 1
 
     def __enter__(self):
+        if self._multi:
+            if callable(signal.getsignal(signal.SIGTERM)):
+                import warnings
+
+                warnings.warn("a Python SIGTERM handler is installed, so JAX's preemption "
+                              "service never sees SIGTERM and the processes cannot agree on "
+                              "a step to stop at; remove that handler", stacklevel=3)
+            return self
+
         def handler(signum, frame):
             self.requested = True
 
@@ -156,6 +207,21 @@ class _Preemption:
         except ValueError:  # not the main thread: preemption is the caller's business
             self._previous = None
         return self
+
+    def stop_at(self, step: int) -> bool:
+        """True when the run should stop after ``step`` (every process gets the same answer
+        for the same step when all call this after every step)."""
+        if not self._multi:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        try:
+            return multihost_utils.reached_preemption_sync_point(step)
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"{e}: a multi-process run needs JAX's preemption service so that a SIGTERM "
+                "on one process stops every process at the same step; leave "
+                "jax_enable_preemption_service at its default (True)") from None
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -257,8 +323,9 @@ def run(
     on_log: Callable[[int, dict], None] | None = None,
     eval_fn: Callable[[Any], dict[str, float]] | None = None,
     before_step: Callable[[TrainState, int], tuple[TrainState, dict]] | None = None,
+    console: Console | None = None,
 ) -> tuple[TrainState, int]:
-    """Trains from ``start_step`` to ``loop.steps`` (or until SIGTERM).
+    """Trains from ``start_step`` to ``loop.steps``, or until SIGTERM (see the module doc).
 
     Args:
       compiled: jitted steps from :func:`compile_steps`.
@@ -278,19 +345,21 @@ def run(
       before_step: ``(state, step) -> (state, metrics)`` on the host before each train step
         (online generation refreshes its buffer here); non-empty metrics are logged with
         every later step until it returns new ones.
+      console: where the progress bar (``loop.progress``) and warnings go (default: stderr).
+        A hypergradient's numbers (``val_loss``, ``cg_residual``, ...) join every record
+        until the next one, with ``hyper_step``: the step they were measured at.
     Returns:
       ``(state, step)``: the final state and the number of steps it has taken.
     Raises:
       NonFiniteLossError: a loss became NaN/inf; nothing after the last good checkpoint is
         saved.
+      Preempted: SIGTERM on any process: every process stopped at the same step and that
+        step's checkpoint is written (when ``ckpt`` is given).
     """
     if compiled.hyper is not None and hyper_batches is None:
         raise ValueError("bds needs hyper_batches: the training data the hypergradient sees")
-    progress = None
-    if loop.progress and jax.process_index() == 0:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=loop.steps, initial=start_step, desc=cfg.method, leave=False)
+    console = console or Console()
+    progress = console.train_bar(loop.steps, start_step, cfg.method) if loop.progress else None
     pending: tuple[int, dict] | None = None  # (step, metrics) not yet read back
     state_lam_sh = state.lam.sharding
     sources = data_sources(data, val_batches, hyper_batches)
@@ -327,16 +396,17 @@ def run(
                 f"stopped and nothing after the last good checkpoint was saved (last good: "
                 f"{where}). Lower lr_theta / lr_omega, or check the data for empty responses."
             )
+        if record.get("hyper_step") == at:
+            console.hyper_finished(at, record)
         if logged(at):
             record["steps_per_s"] = (at - start_step) / max(time.perf_counter() - t0, 1e-9)
             if log is not None and jax.process_index() == 0:
                 log.write(at, record)
             if on_log is not None:
                 on_log(at, record)
-            if progress is not None:
-                progress.set_postfix({k: f"{record[k]:.4g}" for k in
-                                      ("loss", "val_loss", "ess") if k in record})
+            console.record(at, record)
 
+    stopped = False
     with _Preemption() as preempt:
         while step < loop.steps:
             if loop.steps_per_epoch and step and step % loop.steps_per_epoch == 0:
@@ -355,6 +425,8 @@ def run(
                     and step >= cfg.hyper_start):
                 state, hyper_metrics = compiled.hyper(state, put(next(hyper_batches)),
                                                       put(next(val_batches)))
+                hyper_metrics = {**hyper_metrics, "hyper_step": step}
+                console.hyper_started(step)
             if hyper_metrics or hook_metrics:
                 metrics = {**metrics, **hyper_metrics, **hook_metrics}
             if logged(step):  # this step's weight health; lam copied as state is donated next
@@ -366,12 +438,13 @@ def run(
                 read(pending)  # step N-1's numbers, while step N runs
             pending = (step, metrics)
             if progress is not None:
-                progress.update(1)
+                progress.update()
             if loop.checkpoint_every and step % loop.checkpoint_every == 0:
                 read(pending)
                 pending = None
                 save(step)
-            if preempt.requested:
+            if preempt.stop_at(step):
+                stopped = True
                 break
         if pending is not None:
             read(pending)
@@ -381,4 +454,6 @@ def run(
         ckpt.wait()
     if progress is not None:
         progress.close()
+    if stopped:
+        raise Preempted(step, str(ckpt.directory / str(step)) if ckpt is not None else None)
     return state, step

@@ -41,6 +41,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--per-device-batch", type=int, default=1,
                    help="rows per device of the train, validation and hypergradient batches")
+    p.add_argument("--hyper-chunk-per-device", type=int, default=1,
+                   help="bds: rows per device in each forward-mode pass of the hypergradient "
+                   "(method.hyper_chunk = this x devices)")
+    p.add_argument("--hyper-rows-per-device", type=int, default=None,
+                   help="bds: rows per device of the hypergradient batch (default: "
+                   "--per-device-batch)")
+    p.add_argument("--hessian-rows-per-device", type=int, default=None,
+                   help="bds: of those, rows per device the Hessian is estimated on (default: "
+                   "all of them)")
     p.add_argument("--n-examples", type=int, default=51760, help="training examples (omega)")
     p.add_argument("--param-dtype", choices=["float32", "bfloat16"], default="float32",
                    help="parameters and Adam moments")
@@ -120,10 +129,14 @@ def main(argv=None) -> int:
     for target, devices in targets:
         n = len(devices)
         b = args.per_device_batch * n
+        hyper_b = (args.hyper_rows_per_device or args.per_device_batch) * n
+        hessian_b = (args.hessian_rows_per_device or hyper_b // n) * n
         shapes = aot.Shapes(seq_len=args.seq_len, batch_size=b, val_batch_size=b,
-                            hyper_batch_size=b, n_examples=args.n_examples)
+                            hyper_batch_size=hyper_b, n_examples=args.n_examples)
         for method in args.methods:
-            report = aot.compile_memory(model, MethodConfig(method=method),
+            method_cfg = MethodConfig(method=method, hessian_rows=hessian_b,
+                                      hyper_chunk=args.hyper_chunk_per_device * n)
+            report = aot.compile_memory(model, method_cfg,
                                         MeshConfig(data=1, fsdp=n, tensor=1), shapes,
                                         devices=devices, param_dtype=args.param_dtype,
                                         theta=theta)

@@ -33,6 +33,7 @@ import optax
 
 import jbilevel
 from jbilevel import objectives, problems, weights
+from jbilevel.adjoint import Implicit
 from jbilevel.algorithms import MethodConfig, init_state, make_steps
 from jbilevel.models import ModelConfig, build
 
@@ -171,8 +172,8 @@ TRANSFORMER_MODEL = ModelConfig(vocab_size=12, hidden_size=32, num_layers=1, num
 TRANSFORMER_METHODS = {
     "mix": MethodConfig(method="mix", lr_theta=3e-3),
     "bmo": MethodConfig(method="bmo", lr_theta=3e-3, lr_omega=1e-2, lam=0.5),
-    "bds": MethodConfig(method="bds", lr_theta=3e-3, lr_omega=0.3, hyper_every=10, cg_iters=5,
-                        ridge=10.0),
+    "bds": MethodConfig(method="bds", lr_theta=3e-3, lr_omega=0.3, hyper_every=10,
+                        hypergrad=Implicit("cg", maxiter=5, tol=0.0, ridge=10.0)),
 }
 
 
@@ -182,7 +183,7 @@ def transformer_run(method: str, seed: int, *, steps: int, batch_size: int, hype
     cfg = TRANSFORMER_METHODS[method]
     train, val, test, corrupt_N = problems.shift_sequences(seed, **data_kw)
     model = build(TRANSFORMER_MODEL)
-    example_loss = objectives.lm_example_loss(model.forward)
+    example_loss = objectives.lm_example_loss(model)
     fns = make_steps(example_loss, cfg)
     n = corrupt_N.shape[0]
     state = init_state(model.init(jax.random.key(seed)), n, cfg)
@@ -431,8 +432,11 @@ def _mean_pm(x: np.ndarray) -> str:
 
 def _method_summary(cfg: MethodConfig) -> dict:
     keys = {"mix": ("lr_theta",), "bmo": ("lr_theta", "lr_omega", "lam"),
-            "bds": ("lr_theta", "lr_omega", "hyper_every", "cg_iters", "ridge")}[cfg.method]
-    return {k: getattr(cfg, k) for k in keys}
+            "bds": ("lr_theta", "lr_omega", "hyper_every")}[cfg.method]
+    out = {k: getattr(cfg, k) for k in keys}
+    if cfg.method == "bds":
+        out.update(cg_iters=cfg.hypergrad.maxiter, ridge=cfg.hypergrad.ridge)
+    return out
 
 
 def _pyplot():

@@ -55,15 +55,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def run_one(config_path: Path, overrides: list[str], out_dir: Path, fresh: bool) -> dict:
     """One run's results, reusing ``out_dir/results.json`` if it was made by the same config."""
-    from jbilevel import config, experiment
+    from jbilevel import config, experiment, rundir
 
     cfg = experiment.resolve(config.load(experiment.ExperimentConfig, config_path, overrides),
                              out_dir)  # a fine-tuning task's saved config names its files
     done = out_dir / "results.json"
     if not fresh and done.exists() and (out_dir / "config.yaml").exists():
         saved = config.load(experiment.ExperimentConfig, out_dir / "config.yaml")
-        if saved == cfg:
-            return json.loads(done.read_text())
+        result = json.loads(done.read_text())
+        # config.yaml holds the applied settings; an interrupted run resumes below
+        if rundir.applied(saved) == rundir.applied(cfg) and "interrupted" not in result:
+            return result
     return experiment.run(cfg, out_dir, progress=False)
 
 

@@ -17,6 +17,8 @@ def test_presets_match_the_published_parameter_counts():
     # EleutherAI/pythia-1b: 1,011,781,632; Meta-Llama-3-8B: 8,030,261,248 (HF model cards).
     assert param_count(preset("pythia-1b")) == 1_011_781_632
     assert param_count(preset("llama-3-8b")) == 8_030_261_248
+    assert param_count(preset("qwen2.5-0.5b")) == 494_032_768  # the model cards
+    assert param_count(preset("qwen2.5-1.5b")) == 1_543_714_304
     assert preset("llama-3-8b", num_layers=2).num_layers == 2
     with pytest.raises(ValueError, match="available: pythia-1b, llama-3-8b"):
         preset("gpt-5")

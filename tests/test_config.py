@@ -52,7 +52,7 @@ def test_round_trip(tmp_path):
         ("", ["steps=abc"], r"steps must be an integer, got 'abc'"),
         ("", ["method=adam"], r"method must be one of 'bds', 'bmo', 'sft', got 'adam'"),
         ("", ["opt.betas=[0.9]"], r"opt.betas must be a list of 2 items"),
-        ("", ["batch_size=3"], r"run.yaml: batch_size=3 must be even"),
+        ("", ["batch_size=3"], r"run.yaml \+ command line: batch_size=3 must be even"),
         ("", ["steps"], r"override 'steps': expected key=value"),
         ("- a\n", [], r"run.yaml: the top level must be a mapping"),
     ],
@@ -67,3 +67,30 @@ def test_errors_name_file_key_and_fix(tmp_path, text, overrides, match):
 def test_missing_file(tmp_path):
     with pytest.raises(cfg.ConfigError, match="nope.yaml: config file not found"):
         cfg.load(Run, tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("written, value", [
+    ("1e-5", 1e-5), ("5e-6", 5e-6), ("5E-6", 5e-6), (".5", 0.5), ("1.5e3", 1500.0),
+    ("-2e+2", -200.0), ("1_000", 1000), ("1.0e-5", 1e-5), ("3", 3),
+])
+def test_numbers_as_users_write_them(tmp_path, written, value):
+    """YAML 1.2 / Python number syntax, in a file and on the command line."""
+    (tmp_path / "run.yaml").write_text(f"opt:\n  lr: {written}\n")
+    assert cfg.load(Run, tmp_path / "run.yaml").opt.lr == value
+    assert cfg.load(Run, overrides=[f"opt.lr={written}"]).opt.lr == value
+
+
+def test_strings_that_look_like_numbers_stay_errors():
+    with pytest.raises(cfg.ConfigError, match=r"opt.lr must be a number, got '1e' \(str\)"):
+        cfg.load(Run, overrides=["opt.lr=1e"])
+    with pytest.raises(cfg.ConfigError, match=r"steps must be an integer, got 1000.0 \(float\)"):
+        cfg.load(Run, overrides=["steps=1e3"])  # as in Python: 1e3 is a float
+    assert cfg.load(Run, overrides=["out=1e-5x"]).out == "1e-5x"
+
+
+def test_replace_applies_checked_overrides():
+    run = Run(method="sft", targets=("a",))
+    assert cfg.replace(run, ["opt.lr=5e-6", "steps=4"]) == Run(
+        method="sft", targets=("a",), steps=4, opt=Opt(lr=5e-6))
+    with pytest.raises(cfg.ConfigError, match=r"unknown key 'opt.lrr'"):
+        cfg.replace(run, ["opt.lrr=1"])

@@ -1,6 +1,7 @@
 """Bad inputs: each error names the file, line/row and field with the fix; skips are counted."""
 
 import json
+import re
 
 import pytest
 
@@ -137,3 +138,104 @@ def test_bad_policy_names():
         load_sft([{"question": "a", "response": "b"}], overlength="cut")
     with pytest.raises(ValueError, match="on_bad_row='drop'"):
         load_sft([{"question": "a", "response": "b"}], on_bad_row="drop")
+
+
+# The same bad inputs through `jbilevel train`: one message (no traceback) naming the config
+# field, file, line and fix, exit status 2, before anything is written; or a counted skip that
+# the load report shows and results.json keeps.
+
+def _train(tmp_path, capsys, line, *overrides):
+    from jbilevel import cli
+
+    train = _write(tmp_path / "train.jsonl", [GOOD, line, GOOD])
+    val = _write(tmp_path / "val.jsonl", [GOOD])
+    capsys.readouterr()
+    status = cli.main(["train", "--out", str(tmp_path / "run"), f"data.train={train}",
+                       f"data.validation={val}", "data.max_len=256", *overrides])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+    return status, err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"instruction": "Broken", "output": ',
+     r"data.train: train.jsonl line 2: broken JSON \(.*\); fix or delete the line \(or set "
+     r"data.on_bad_row=skip: such rows are then skipped, counted and listed in results.json\)"),
+    (json.dumps({"instruction": "a", "response": "b"}),
+     r"data.train: train.jsonl line 2: missing key 'output' \(available: instruction, "
+     r"response\); set keys=\{'output': '<column>'\} \(or set data.on_bad_row=skip"),
+    (json.dumps({"instruction": "a", "output": " "}),
+     r"data.train: train.jsonl line 2: field 'output' is empty; fill it in or delete the row "
+     r"\(or set data.on_bad_row=skip"),
+    (json.dumps({"instruction": "x" * 500, "output": "y"}),
+     r"data.train: train.jsonl line 2: \d+ tokens \(prompt \d+, response 2\) > max_len=256; "
+     r"raise max_len or set overlength='truncate' or 'skip'$"),
+], ids=["broken_json", "missing_key", "empty_response", "over_long_error"])
+def test_cli_bad_row_is_one_message(tmp_path, capsys, line, message):
+    status, last = _train(tmp_path, capsys, line, "data.overlength=error")
+    assert status == 2
+    assert re.match(r"jbilevel train: error: " + message, last), last
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["method.lr_thetta=1e-5"], r"command line: unknown key 'method.lr_thetta' \(valid keys here: "
+                                r".*\); did you mean 'method.lr_theta'\?$"),
+    (["method.lr_theta=fast"], r"command line: method.lr_theta must be a number, got 'fast' "
+                               r"\(str\)$"),
+    (["data.overlength=cut"], r"command line: data.overlength must be one of 'error', "
+                              r"'truncate', 'skip', got 'cut' \(str\)$"),
+    (["model.path=/nonexistent/qwen2-0.5b"],
+     r"model.path: /nonexistent/qwen2-0.5b does not exist \(working directory .*\); point "
+     r"model.path at a local HF model directory \(config.json, \*.safetensors and the "
+     r"tokenizer files\); nothing is downloaded$"),
+])
+def test_cli_config_and_path_errors_are_one_message(tmp_path, capsys, overrides, message):
+    status, last = _train(tmp_path, capsys, GOOD, *overrides)
+    assert status == 2
+    assert re.match(r"jbilevel train: error: " + message, last), last
+
+
+def test_cli_model_dir_without_weights_or_config(tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    status, last = _train(tmp_path, capsys, GOOD, f"model.path={model}")
+    assert status == 2 and last.startswith(
+        f"jbilevel train: error: model.path: {model} has no config.json and no *.safetensors "
+        "weights; point model.path at a local HF model directory")
+    from jbilevel import cli
+
+    assert cli.main(["eval", "--model", str(tmp_path / "nope"), "--data", "x.jsonl"]) == 2
+    assert f"jbilevel eval: error: --model: {tmp_path / 'nope'} does not exist" in (
+        capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("policy, counted", [("skip", "skipped 1 (too_long=1)"),
+                                             ("truncate", "truncated 1, skipped 0")])
+def test_over_long_rows_are_counted_and_reported(tmp_path, policy, counted):
+    """truncate (the default) and skip go on, and say so: a warning, the load report line and
+    its first messages, and the report that results.json stores under data.train."""
+    import io
+
+    from jbilevel import config, experiment
+    from jbilevel.console import Console
+
+    train = _write(tmp_path / "train.jsonl", [GOOD, json.dumps({"instruction": "x" * 500,
+                                                                "output": "y"})])
+    val = _write(tmp_path / "val.jsonl", [GOOD])
+    cfg = config.load(experiment.ExperimentConfig, overrides=[
+        f"data.train={train}", f"data.validation={val}", "data.max_len=256",
+        f"data.overlength={policy}"])
+    stream = io.StringIO()
+    task = experiment.load_data(cfg, Console(stream=stream))
+    printed = stream.getvalue()
+    assert f"train {train}: read 2, kept {1 if policy == 'skip' else 2}, " in printed
+    assert counted in printed
+    verb = "skipped (too_long)" if policy == "skip" else "truncated"
+    assert f"    {verb}: train.jsonl line 2: " in printed
+    assert f"warning: train {train}: " in printed
+    report = experiment.data_reports(cfg, task)["train"]
+    assert report["source"] == train and report["n_read"] == 2
+    assert report["messages"][0].startswith(f"{verb}: train.jsonl line 2: ")
+    quiet = io.StringIO()
+    experiment.load_data(cfg, Console(0, stream=quiet))  # --quiet keeps the warning
+    assert quiet.getvalue().startswith(f"warning: train {train}: ")

@@ -32,9 +32,11 @@ def test_export_round_trip(tmp_path, fmt):
     back = load_sft(out, max_len=128)
     np.testing.assert_array_equal(back.tokens_T, ds.tokens_T)
     np.testing.assert_array_equal(back.prompt_len_N, ds.prompt_len_N)
+    added = ("weight", "example_id", "source_file", "source_line", "source_row")
     for row, orig, wi, i in zip(back.rows, ds.rows, w, range(3), strict=True):
         assert row["weight"] == wi and row["example_id"] == i
-        assert {k: v for k, v in row.items() if k not in ("weight", "example_id")} == orig
+        assert (row["source_file"], row["source_line"], row["source_row"]) == (src, i + 1, i)
+        assert {k: v for k, v in row.items() if k not in added} == orig
     sub = str(tmp_path / ("top.jsonl" if fmt == "jsonl" else "top_hf"))
     assert export_curated(ds, w, sub, format=fmt, top_frac=0.5) == 2
     top = load_sft(sub, max_len=128)

@@ -77,3 +77,38 @@ def test_hypergrad_signal_script_on_a_finished_run(tmp_path, capsys):
     rows = [line.split("|")[1:-1] for line in out if line.startswith("| 1")]
     assert [(r[0].strip(), r[1].strip()) for r in rows] == [("10", "16")]
     assert all(0.0 <= float(r[2]) <= 1.0 for r in rows)
+
+
+def test_sigterm_marks_the_run_interrupted_and_writes_no_report(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from jbilevel.data import Batcher
+
+    real, calls = Batcher.__next__, []
+
+    def signalled(self):  # the preemption notice arrives while step 2's batch is read
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self)
+
+    monkeypatch.setattr(Batcher, "__next__", signalled)
+    cfg = experiment.ExperimentConfig(
+        **TINY, method=MethodConfig(method="sft"),
+        loop=train.LoopConfig(steps=50, log_every=1, checkpoint_every=0, progress=False))
+    with pytest.raises(train.Preempted) as stop:
+        experiment.run(cfg, tmp_path)
+    assert stop.value.code == 143 and stop.value.step == 2
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert {k: result[k] for k in ("method", "online", "task", "theta", "n_train", "steps",
+                                   "steps_planned")} == {
+        "method": "sft", "online": False, "task": "quality", "theta": "full", "n_train": 64,
+        "steps": 2, "steps_planned": 50}
+    assert result["interrupted"] == {
+        "reason": "sigterm", "last_checkpoint": 2,
+        "message": f"interrupted by SIGTERM at step 2: its checkpoint is "
+                   f"{tmp_path / 'checkpoints' / '2'}; rerun the same command to resume"}
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["2"]
+    for name in ("model", "weights.csv", "weights.npy", "test_predictions.jsonl", "curves.png"):
+        assert not (tmp_path / name).exists(), name  # nothing that looks like a finished run

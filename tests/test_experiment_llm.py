@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jbilevel import config, experiment, inputs, train
+from jbilevel.adjoint import Implicit
 from jbilevel.algorithms import MethodConfig
 from jbilevel.data import load_sft
 from jbilevel.models import load_pretrained
@@ -32,7 +33,9 @@ def _cfg(model_dir, method, theta, **kw):
                                test=str(DATA / "redorca.jsonl"), max_len=160),
         model=experiment.ModelSpec(path=str(model_dir)),
         theta=theta, method=MethodConfig(method=method, lr_theta=1e-2, lr_omega=0.1,
-                                         hyper_every=2, cg_iters=2),
+                                         hyper_every=2,
+                                         hypergrad=Implicit("cg", maxiter=2, tol=0.0,
+                                                            ridge=10.0)),
         loop=train.LoopConfig(steps=2, log_every=1, checkpoint_every=0, progress=False),
         batch_size=8, val_batch_size=8, eval_batch_size=8, **kw)
 
@@ -96,14 +99,6 @@ def test_data_and_model_errors_name_the_fix(tmp_path, model_dir):
         experiment.run(experiment.ExperimentConfig(
             task=experiment.TaskConfig(base="scratch"),
             model=experiment.ModelSpec(path=str(model_dir))), tmp_path)
-    from jbilevel.algorithms.online import OnlineConfig
-
-    with pytest.raises(ValueError, match=r"LoRA \+ online is not supported"):
-        experiment.run(experiment.ExperimentConfig(
-            task=experiment.TaskConfig(base="scratch",
-                                       options={"n_train": 32, "n_val": 16, "n_test": 16}),
-            method=MethodConfig(method="bmo"), online=OnlineConfig(every=2),
-            theta=inputs.ThetaConfig(kind="lora")), tmp_path / "online")
     with pytest.raises(ValueError, match="oracle.*built-in"):
         experiment.training_set(inputs.FileTask("f", None, {}), "oracle")
 

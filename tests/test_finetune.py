@@ -96,7 +96,7 @@ def test_ground_truth_and_metric_errors_name_the_fix(tmp_path):
             inputs.load_task(None, inputs.DataConfig(train=bad, validation=val, truth="good"),
                              spec)
     missing = _write(tmp_path / "missing.jsonl", [{"question": "q", "response": "r"}])
-    with pytest.raises(ValueError, match=r"missing.jsonl line 1: no column 'good' \(data.truth"):
+    with pytest.raises(ValueError, match=r"missing.jsonl line 1: no column 'good' \(keys"):
         inputs.load_task(None, inputs.DataConfig(train=missing, validation=val, truth="good"),
                          spec)
     ok = _write(tmp_path / "ok.jsonl", [{**good[0], "good": g} for g in (1, 0, "0", True)])

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jbilevel.adjoint import Implicit
 from jbilevel.algorithms import MethodConfig, init_state, make_steps
 from jbilevel.algorithms.offline import UNIFORM_METHODS
 from jbilevel.data import Batcher, make_task
@@ -47,11 +48,12 @@ GOLDEN = {
             "weighted_loss": 4.614995956420898, "theta_abs_sum": 149.39006325117208,
             "theta_sum": 44.43504749140003, "loss_after": 4.388722896575928,
             "omega_dot_ids": 26.399995177984238},
-    "bds": {"grad_norm": 1.5664870687833858, "loss": 4.614995956420898,
-            "weighted_loss": 4.614995956420898, "cg_residual": 1.3760928265502266,
-            "hypergrad_norm": 0.07257804274559021, "val_loss": 4.547434329986572,
-            "theta_abs_sum": 150.08265548707774, "theta_sum": 44.165827985765176,
-            "loss_after": 4.3598761558532715, "omega_dot_ids": -3.6000363528728485},
+    "bds": {"grad_norm": 1.566487093138035, "loss": 4.614995956420898,
+            "weighted_loss": 4.614995956420898, "cg_negative_curvature": 0.0,
+            "cg_residual": 0.176720529794693, "hyper_taken": 1.0,
+            "hypergrad_norm": 0.015271052718162537, "val_loss": 4.547434329986572,
+            "theta_abs_sum": 150.08265478341997, "theta_sum": 44.16582718404521,
+            "loss_after": 4.3598761558532715, "omega_dot_ids": -35.99918222427368},
 }
 # fmt: on
 
@@ -79,7 +81,8 @@ def _jitted(kind: str):
 
 
 def _config(method: str) -> MethodConfig:
-    return MethodConfig(method=method, lr_theta=1e-2, lr_omega=0.3, cg_iters=3, ridge=1.0,
+    return MethodConfig(method=method, lr_theta=1e-2, lr_omega=0.3,
+                        hypergrad=Implicit("cg", maxiter=3, tol=0.0, ridge=10.0),
                         hessian_rows=6, hyper_chunk=5)
 
 

@@ -1,7 +1,7 @@
 """The chunked hypergradient (Hessian on a sample, per-example term in chunks), in float64.
 
 With the Hessian on the whole set it must equal ``jbilevel.hypergrad`` for any chunk size;
-with the Hessian on a sample it must equal the formula of DESIGN.md section 1 written out
+with the Hessian on a sample it must equal the formula of docs/design.md written out
 with a dense Hessian; and the bds hyper step must take it when ``hyper_chunk`` is set.
 """
 
@@ -85,9 +85,16 @@ def test_hessian_on_a_sample_matches_dense_formula(x64):
 def test_bds_hyper_step_uses_chunks_and_hessian_sample(x64):
     train, val, theta, _ = _problem()
     n_rows = N + PAD
-    base = dict(method="bds", lr_omega=0.3, cg_iters=8, ridge=0.5)
+    # ridge 5: H + ridge I is positive definite at this theta (at 0.5 CG meets negative
+    # curvature, and the guarded step leaves omega as it was)
+    base = dict(method="bds", lr_omega=0.3, hypergrad=Implicit(maxiter=8, tol=0.0, ridge=5.0))
     state = init_state(theta, N, MethodConfig(**base))
-    omega_of = lambda cfg: jax.jit(make_steps(mlp_loss, cfg).hyper)(state, train, val)[0].omega
+
+    def omega_of(cfg):
+        new, metrics = jax.jit(make_steps(mlp_loss, cfg).hyper)(state, train, val)
+        assert float(metrics["hyper_taken"]) == 1.0 and float(metrics["cg_residual"]) < 1
+        return new.omega
+
     unchunked = omega_of(MethodConfig(**base, hyper_chunk=0, hessian_rows=0))
     chunked = omega_of(MethodConfig(**base, hyper_chunk=7, hessian_rows=0))
     np.testing.assert_allclose(np.asarray(chunked), np.asarray(unchunked), rtol=1e-10)

@@ -248,11 +248,11 @@ def test_concrete_calls_compile_once_and_match_the_op_by_op_path(x64):
         om = scale * omega  # (a constant shift would leave the softmax weights as they were)
         theta = ridge_solution(om, train)
         results.append(hypergrad(g, f, theta, om, train, val, method=method))
-        op_by_op = implicit._hypergrad_core(g, f, method, theta, om, train, val)[0]
+        op_by_op = implicit._hypergrad_core(g, f, method, None, theta, om, train, val)[0]
         assert rel_err(results[-1], op_by_op) < 1e-12
         assert rel_err(results[-1], ridge_closed_form_hypergrad(om, train, val)) < 1e-10
     assert implicit._hypergrad_jit._cache_size() == 1
     assert rel_err(results[0], results[1]) > 1e-3  # the second call did not reuse old values
     # a Python scalar in a batch may be read as a static value: that call runs op by op
-    assert not implicit._cacheable((g, f, method), (theta, om, dict(train, scale=2.0), val))
-    assert not implicit._cacheable(([g], f, method), (theta, om, train, val))  # unhashable
+    assert not implicit._cacheable((g, f, method, None), (theta, om, dict(train, scale=2.0), val))
+    assert not implicit._cacheable(([g], f, method, None), (theta, om, train, val))  # unhashable

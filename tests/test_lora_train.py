@@ -10,6 +10,7 @@ import pytest
 
 from jbilevel import sharding as sh
 from jbilevel import train
+from jbilevel.adjoint import Implicit
 from jbilevel.algorithms import MethodConfig, init_state, make_steps
 from jbilevel.models import ModelConfig, build, init_lora, lora_axes
 from jbilevel.objectives import lm_example_loss, lm_lora_example_loss
@@ -43,7 +44,7 @@ def _randomise_b(lora, seed):
 
 def _cfg(method):
     return MethodConfig(method=method, lr_theta=1e-2, lr_omega=0.1, hyper_every=1,
-                        cg_iters=2, ridge=1.0)
+                        hypergrad=Implicit("cg", maxiter=2, tol=0.0, ridge=1.0))
 
 
 def _init(method, nonzero_b=False):

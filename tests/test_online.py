@@ -11,6 +11,7 @@ import pytest
 
 from jbilevel import sharding as sh
 from jbilevel import train
+from jbilevel.adjoint import Implicit
 from jbilevel.algorithms import MethodConfig, init_state, refresh
 from jbilevel.algorithms import online as ol
 from jbilevel.checkpoint import Checkpointer
@@ -209,7 +210,8 @@ def test_bmo_generated_rows_move_their_question_weight(bmo):
 
 
 def test_bds_hypergradient_reaches_questions_through_generated_rows(lm):
-    s = Setup(*lm, MethodConfig(method="bds", weighting="sigmoid", lr_omega=0.1, cg_iters=2),
+    s = Setup(*lm, MethodConfig(method="bds", weighting="sigmoid", lr_omega=0.1,
+                                 hypergrad=Implicit("cg", maxiter=2, tol=0.0, ridge=10.0)),
               sharded=False)
     task = s.task
     state, _ = s.refresher(s.fresh(), 0)
@@ -223,10 +225,13 @@ def test_bds_hypergradient_reaches_questions_through_generated_rows(lm):
 
 @pytest.mark.parametrize("hessian_rows", [0, 4])
 def test_chunked_online_hypergradient_equals_the_whole_batch_one(bmo, hessian_rows):
-    """Chunks of 5 rows (offline and generated separately) give jbilevel.hypergrad's answer
-    on the combined batch when the Hessian sees every row; a 4-row Hessian sample gives
-    that of hypergrad with the Hessian on the same sample."""
+    """Online bds's hyper step (chunks of 5 rows, offline and generated separately) moves
+    omega by jbilevel.hypergrad's answer on the combined batch when the Hessian sees every
+    row; with a 4-row Hessian sample, by the same solve on the sample and one unchunked JVP of
+    the combined batch's losses."""
     import jbilevel
+    from jbilevel.adjoint import adjoint, weight_vjp
+    from jbilevel.algorithms.offline import hessian_sample, make_steps
     from jbilevel.objectives import inner_objective, outer_objective
 
     task, model = bmo.task, bmo.model
@@ -239,30 +244,35 @@ def test_chunked_online_hypergradient_equals_the_whole_batch_one(bmo, hessian_ro
     off = task.train.batch(np.arange(len(task.train)), task.train.max_len)
     both = ol.combine(off, gen, 0.3)
     omega = jnp.asarray(np.random.RandomState(0).normal(size=len(task.train)), jnp.float32)
-    method = MethodConfig(method="bds", hessian_rows=hessian_rows, hyper_chunk=5, cg_iters=3,
-                          ridge=1.0)
+    # ridge 100: (H + ridge I) positive definite on the 4-row sample too (at ridge 10 CG meets
+    # negative curvature there, and the guarded step is not taken)
+    solve = Implicit("cg", maxiter=3, tol=0.0, ridge=100.0)
+    # SGD on omega: the step is -lr d_omega (a large lr, so omega's own rounding is small
+    # next to the step)
+    lr = 1e4
+    method = MethodConfig(method="bds", hessian_rows=hessian_rows, hyper_chunk=5,
+                          hypergrad=solve, omega_optim="sgd", lr_omega=lr)
     mixed = ol.online_example_loss(bmo.loss, model.forward)
-    inner, outer = inner_objective(mixed, weighting="softmax"), outer_objective(bmo.loss)
+    steps = make_steps(mixed, method, hyper_rows=ol.hyper_rows(bmo.loss, model.forward, method,
+                                                                0.3))
+    start = init_state(theta, len(task.train), method).replace(omega=omega)
     val = task.validation.batch(np.arange(8), task.validation.max_len)
-    kw = dict(solver="cg", maxiter=3, tol=0.0, ridge=1.0)
-    got = jax.jit(lambda t, o: ol.chunked_hypergrad(bmo.loss, model.forward, method, 0.3)(
-        inner, outer, t, o, both, val, **kw))(theta, omega)
-    from jbilevel.algorithms.offline import hessian_sample
+    new, metrics = jax.jit(steps.hyper)(start, both, val)
+    assert float(metrics["hyper_taken"]) == 1.0
+    got = (omega - new.omega) / lr
 
+    inner, outer = inner_objective(mixed, weighting="softmax"), outer_objective(bmo.loss)
     hessian = ol.combine(hessian_sample(off, method), hessian_sample(gen, method), 0.3)
     assert (hessian["ids"].shape[0] == both["ids"].shape[0]) == (hessian_rows == 0)
     # the reference: jbilevel.hypergrad on the whole combined batch; with a sample, the same
     # solve on the sample and one unchunked JVP of the combined batch's losses
     if hessian_rows == 0:
-        want = jax.jit(lambda t, o: jbilevel.hypergrad(inner, outer, t, o, both, val, **kw))(
-            theta, omega)
+        want = jax.jit(lambda t, o: jbilevel.hypergrad(inner, outer, t, o, both, val,
+                                                       method=solve))(theta, omega)
     else:
-        from jbilevel import chunked
-        from jbilevel.implicit import Implicit, _mixed_from_u
-
-        v, _ = chunked.adjoint(inner, outer, theta, omega, hessian, val, Implicit(**kw))
+        v, _ = adjoint(inner, outer, theta, omega, hessian, val, solve)
         u_B = jax.jvp(lambda th: mixed(th, both), (theta,), (v,))[1]
-        want = _mixed_from_u(inner, omega, both["ids"], u_B, both["valid"])
+        want = weight_vjp("softmax", omega, both["ids"], u_B, both["valid"])
     scale = float(jnp.abs(want).max())
     assert scale > 0
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * scale)

@@ -114,7 +114,7 @@ def test_restore_onto_another_mesh(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_sigterm_writes_checkpoint_and_exits(tmp_path):
+def test_sigterm_writes_checkpoint_and_exits_143(tmp_path):
     ckpt = tmp_path / "ckpt"
     script = textwrap.dedent(
         f"""
@@ -130,15 +130,20 @@ def test_sigterm_writes_checkpoint_and_exits(tmp_path):
                     os.kill(os.getpid(), signal.SIGTERM)  # preemption notice mid-run
                 return super().__next__()
         toy.Batches = Source
-        state, step = toy.run_to("sft", sh.MeshConfig(data=-1), 1000, {str(ckpt)!r}, 0)
-        print("STOPPED AT", step)
+        try:
+            toy.run_to("sft", sh.MeshConfig(data=-1), 1000, {str(ckpt)!r}, 0)
+        except train.Preempted as stop:
+            print("STOPPED AT", stop.step, "-", stop)
+            raise
         """
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-    assert b"STOPPED AT 7" in proc.stdout
+    assert proc.returncode == 143, proc.stderr.decode()[-3000:]
+    assert b"Traceback" not in proc.stderr  # a SystemExit: no traceback
+    out = proc.stdout.decode()
+    assert f"STOPPED AT 7 - interrupted by SIGTERM at step 7: its checkpoint is {ckpt}/7" in out
     with Checkpointer(ckpt) as c:
-        assert c.latest_step() == 7
+        assert c.all_steps() == [7]
 
 
 def test_non_finite_loss_stops_with_message_and_keeps_checkpoint(tmp_path):

@@ -11,6 +11,7 @@ import numpy as np
 
 from jbilevel import distributed, train
 from jbilevel import sharding as sh
+from jbilevel.adjoint import Implicit
 from jbilevel.algorithms import MethodConfig, init_state, make_steps
 
 N, D, B = 64, 8, 16
@@ -70,7 +71,8 @@ class Batches:
 def setup(method: str, mesh_cfg: sh.MeshConfig, **overrides):
     """Config, compiled steps, state shardings and a fresh-state factory for one method."""
     cfg = MethodConfig(method=method, **{"lr_theta": 0.05, "lr_omega": 0.1, "hyper_every": 4,
-                                          "cg_iters": 10, "ridge": 0.1, **overrides})
+                                          "hypergrad": Implicit("cg", maxiter=10, tol=0.0,
+                                                                ridge=0.1), **overrides})
     import jax
 
     sizes = mesh_cfg.sizes_tuple()

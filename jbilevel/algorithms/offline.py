@@ -7,10 +7,12 @@
   ``omega -= grad_omega mean s_b(omega) sg(l_b(theta_before))``.
 - ``bds``: alternating approximate implicit differentiation: inner steps on the weighted loss
   ``g(theta, omega)`` and, every ``hyper_every`` steps, an omega step along the implicit
-  hypergradient of the validation loss (CG with ridge damping, ``cg_iters`` iterations),
-  with the Hessian on ``hessian_rows`` rows of the hyper batch and the per-example term over
-  all of its rows, ``hyper_chunk`` at a time (``jbilevel.chunked.hypergrad_chunked``;
-  online batches, whose rows live under separate keys, take ``jbilevel.hypergrad`` whole).
+  hypergradient of the validation loss (``hypergrad``: ``Implicit`` CG with ridge damping or
+  ``Neumann``), with the Hessian on ``hessian_rows`` rows of the hyper batch and the
+  per-example term over all of its rows, ``hyper_chunk`` at a time: a composition of
+  ``jbilevel.adjoint``'s building blocks. The step is guarded: when the solve's relative
+  residual exceeds 1, it meets negative curvature or the result is not finite, omega is left
+  as it was and the step is logged as not taken (``hyper_taken`` 0).
 
 Every step is ``step(state, batch[, val_batch]) -> (state, metrics)`` and pure, so the
 trainer jits it once with shardings and donation.
@@ -34,6 +36,7 @@ import jax.numpy as jnp
 import optax
 
 from jbilevel import losses, weights
+from jbilevel.adjoint import Implicit, Neumann, adjoint, example_u, weight_vjp
 from jbilevel.objectives import ExampleLoss, inner_objective, outer_objective
 
 METHODS = ("sft", "mix", "val", "oracle", "bmo", "bds")
@@ -42,7 +45,7 @@ UNIFORM_METHODS = ("sft", "mix", "val", "oracle")
 
 @dataclasses.dataclass(frozen=True)
 class MethodConfig:
-    """Optimisation settings of a method. Defaults are the tiny-CPU-scale ones (DESIGN.md 1)."""
+    """Optimisation settings of a method. Defaults are the tiny-CPU-scale ones (docs/design.md)."""
 
     method: Literal["sft", "mix", "val", "oracle", "bmo", "bds"] = "bds"  # training method
     weighting: Literal["softmax", "sigmoid"] = "softmax"  # omega -> weights map
@@ -67,17 +70,26 @@ class MethodConfig:
     # skip). Until theta fits the task the hypergradient is noise; a loss level marks that
     # point per run, where hyper_start can only guess a step.
     hyper_max_val_loss: float = 0.0
-    cg_iters: int = 5  # bds: CG iterations of the Hessian solve
-    ridge: float = 10.0  # bds: damping added to the inner Hessian (ridge 1 flipped signs here)
+    # bds: how the hypergradient solves H v = grad f: Implicit (Krylov; tol 0 runs maxiter
+    # Hessian-vector products) or Neumann. Ridge 10 on the tiny built-in tasks (ridge 1 flipped
+    # the hypergradient's sign there).
+    hypergrad: Implicit | Neumann = Implicit(solver="cg", maxiter=5, tol=0.0, ridge=10.0)
     mu: float = 0.0  # bds: proximal/L2 strength inside the inner objective
-    hessian_rows: int = 512  # bds: hyper-batch rows the Hessian is estimated on (0: all rows)
-    hyper_chunk: int = 512  # bds: rows per JVP of the per-example term (0: unchunked hypergrad)
+    hessian_rows: int = 64  # bds: hyper-batch rows the Hessian is estimated on (0: all rows)
+    # bds: rows per forward-mode pass of the hypergradient (Hessian-vector products and the
+    # per-example JVPs): memory follows it, not the number of rows. A Hessian-vector product
+    # over r rows needs about the memory of a train step over 2r rows, so half the batch size
+    # keeps the hypergradient within a train step's memory. 0: all rows in one pass.
+    hyper_chunk: int = 32
 
     def __post_init__(self):
-        for name in ("lr_theta", "lr_omega", "hyper_every", "cg_iters"):
+        for name in ("lr_theta", "lr_omega", "hyper_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
-        for name in ("clip", "weight_decay", "warmup", "ridge", "mu", "lam_decay", "hyper_start",
+        if not isinstance(self.hypergrad, Implicit | Neumann):
+            raise ValueError(f"hypergrad must be Implicit(...) or Neumann(...), got "
+                             f"{self.hypergrad!r}")
+        for name in ("clip", "weight_decay", "warmup", "mu", "lam_decay", "hyper_start",
                      "hessian_rows", "hyper_chunk", "hyper_max_val_loss", "omega_step_max"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
@@ -161,16 +173,6 @@ def _mean(loss_B, batch, w_B=None):
                                 batch.get("valid", ones_B))
 
 
-def _row_aligned(batch: dict) -> bool:
-    """Every leaf has one entry per row of ``ids``: the batch can be split into row chunks.
-
-    Online batches (offline and generated rows under separate keys) are not; online bds
-    chunks them with its own ``hypergrad_fn`` (``online.chunked_hypergrad``).
-    """
-    n = batch["ids"].shape[0]
-    return all(x.ndim and x.shape[0] == n for x in jax.tree.leaves(batch))
-
-
 def hessian_sample(hyper_batch: dict, cfg: MethodConfig) -> dict:
     """The ``cfg.hessian_rows`` rows of the hyper batch the bds Hessian is estimated on.
 
@@ -189,8 +191,20 @@ def _apply(tx, grads, opt_state, params):
     return optax.apply_updates(params, updates), opt_state
 
 
-def make_steps(example_loss: ExampleLoss, cfg: MethodConfig, hypergrad_fn: Callable | None = None,
-               *, frozen: bool = False) -> Steps:
+# (example_loss, hyper_batch) -> (hessian_batch, [(loss, rows, scale), ...]): the rows the
+# bds Hessian is estimated on, and each group of rows that gets a per-example term, with the
+# per-example loss of that group and a scale on its u (see make_steps).
+HyperRows = Callable[[ExampleLoss, dict], tuple[dict, list[tuple[ExampleLoss, dict, Any]]]]
+
+
+def offline_hyper_rows(cfg: MethodConfig) -> HyperRows:
+    """bds's default: the Hessian on ``hessian_sample`` rows, the per-example term on every
+    row of the hyper batch."""
+    return lambda example_loss, batch: (hessian_sample(batch, cfg), [(example_loss, batch, 1.0)])
+
+
+def make_steps(example_loss: ExampleLoss, cfg: MethodConfig, *, frozen: bool = False,
+               hyper_rows: HyperRows | None = None) -> Steps:
     """Builds the pure step functions of ``cfg.method``.
 
     Args:
@@ -198,9 +212,14 @@ def make_steps(example_loss: ExampleLoss, cfg: MethodConfig, hypergrad_fn: Calla
         or with ``frozen=True`` ``(theta, frozen, batch) -> loss_B`` (e.g.
         ``objectives.lm_lora_example_loss``).
       cfg: method settings.
-      hypergrad_fn: the hypergradient (default ``jbilevel.hypergrad``); same signature.
       frozen: theta is adapters over ``state.frozen``, which every step binds to the loss
         per call and never differentiates or updates.
+      hyper_rows: bds: which rows of a hyper batch estimate the Hessian and which get a
+        per-example term, with which loss (default :func:`offline_hyper_rows`; online bds
+        passes offline and generated rows with their own losses). The hypergradient is
+        ``jbilevel.adjoint``'s composition: ``v = adjoint(...)`` on the Hessian rows,
+        ``u = example_u(loss, rows, v) * scale`` per group (``cfg.hyper_chunk`` rows per
+        JVP), ``d omega = weight_vjp(...)`` over all groups' rows.
     Returns:
       ``Steps``; ``train`` takes ``(state, batch)`` for uniform methods and bds, and
       ``(state, batch, val_batch)`` for bmo. ``evaluate`` is ``example_loss`` as given.
@@ -274,37 +293,42 @@ def make_steps(example_loss: ExampleLoss, cfg: MethodConfig, hypergrad_fn: Calla
             return hyper_update(state, hyper_batch, val_batch, val)
 
         def skip(state, hyper_batch, val_batch, val):
-            return state, {"val_loss": val, "hypergrad_norm": jnp.zeros((), jnp.float32),
-                           "cg_residual": jnp.zeros((), jnp.float32),
-                           "hyper_taken": jnp.zeros((), jnp.float32)}
+            zero = jnp.zeros((), jnp.float32)
+            return state, {"val_loss": val, "hypergrad_norm": zero, "cg_residual": zero,
+                           "cg_negative_curvature": zero, "hyper_taken": zero}
 
         return jax.lax.cond(val <= cfg.hyper_max_val_loss, hyper_update, skip,
                             state, hyper_batch, val_batch, val)
 
-    def hyper_update(state: TrainState, hyper_batch: dict, val_batch: dict, val: jax.Array):
-        _, inner, outer = bind(state)
-        if hypergrad_fn is None and cfg.hyper_chunk and _row_aligned(hyper_batch):
-            from jbilevel.chunked import hypergrad_chunked
-            from jbilevel.implicit import Implicit
+    split_rows = hyper_rows or offline_hyper_rows(cfg)
 
-            d_omega, info = hypergrad_chunked(
-                inner, outer, state.theta, state.omega, hessian_sample(hyper_batch, cfg),
-                hyper_batch, val_batch, chunk=cfg.hyper_chunk,
-                method=Implicit("cg", maxiter=cfg.cg_iters, tol=0.0, ridge=cfg.ridge),
-                return_info=True)
-        else:
-            fn = hypergrad_fn
-            if fn is None:
-                from jbilevel.implicit import hypergrad as fn
-            d_omega, info = fn(inner, outer, state.theta, state.omega, hyper_batch, val_batch,
-                               solver="cg", maxiter=cfg.cg_iters, tol=0.0, ridge=cfg.ridge,
-                               return_info=True)
-        omega, opt_omega = _apply(tx_omega, d_omega, state.opt_omega, state.omega)
-        metrics = {"val_loss": val, "hypergrad_norm": jnp.linalg.norm(d_omega).astype(jnp.float32),
-                   "cg_residual": jnp.asarray(info.residual, jnp.float32)}
-        if cfg.hyper_max_val_loss:
-            metrics["hyper_taken"] = jnp.ones((), jnp.float32)
-        return state.replace(omega=omega, opt_omega=opt_omega), metrics
+    def hyper_update(state: TrainState, hyper_batch: dict, val_batch: dict, val: jax.Array):
+        example_loss, inner, outer = bind(state)
+        hessian_batch, groups = split_rows(example_loss, hyper_batch)
+        v, info = adjoint(inner, outer, state.theta, state.omega, hessian_batch, val_batch,
+                          cfg.hypergrad, chunk=cfg.hyper_chunk or None)
+        us, ids, valids = [], [], []
+        for loss, rows, scale in groups:
+            u_R, ids_R, valid_R = example_u(loss, state.theta, rows, v,
+                                            chunk=cfg.hyper_chunk or None)
+            us.append(u_R * scale)
+            ids.append(ids_R)
+            valids.append(valid_R.astype(jnp.float32))
+        d_omega = weight_vjp(cfg.weighting, state.omega, jnp.concatenate(ids),
+                             jnp.concatenate(us), jnp.concatenate(valids))
+        hypergrad_norm = jnp.linalg.norm(d_omega).astype(jnp.float32)
+        # A solve that did not reduce its residual, met negative curvature or overflowed gives
+        # no usable direction: omega stays, and the metrics say so.
+        taken = info.usable() & jnp.isfinite(hypergrad_norm)
+        omega, opt_omega = _apply(tx_omega, jnp.where(taken, d_omega, 0.0), state.opt_omega,
+                                  state.omega)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(taken, a, b), new, old)
+        metrics = {"val_loss": val, "hypergrad_norm": hypergrad_norm,
+                   "cg_residual": jnp.asarray(info.residual, jnp.float32),
+                   "cg_negative_curvature": info.negative_curvature.astype(jnp.float32),
+                   "hyper_taken": taken.astype(jnp.float32)}
+        return state.replace(omega=keep(omega, state.omega),
+                             opt_omega=keep(opt_omega, state.opt_omega)), metrics
 
     if cfg.method in UNIFORM_METHODS:
         return Steps(train=uniform_step, evaluate=example_loss)

@@ -1,4 +1,4 @@
-"""Online self-refining generation on top of bmo or bds (DESIGN.md section 1).
+"""Online self-refining generation on top of bmo or bds (docs/design.md, The math).
 
 Offline selection drops a bad response together with its question; online generation keeps the
 question and regenerates. Every ``every`` steps the host loop (``refresh.Refresher``) picks
@@ -36,7 +36,7 @@ from jbilevel.algorithms.offline import (
     hessian_sample,
     make_steps,
 )
-from jbilevel.objectives import ExampleLoss
+from jbilevel.objectives import ExampleLoss, token_nll_fn
 
 BASES = ("bmo", "bds")
 
@@ -61,6 +61,9 @@ class OnlineConfig:
     batch_size: int = 32  # generated rows drawn from the buffer per train step
     gen_weight: float = 0.5  # share of the theta data loss on generated pairs (rest: offline)
     generate_batch_size: int = 0  # prompts per sampler call (0: all selected questions at once)
+    # gather the weights over fsdp once per sampler call (False: keep them split, for a model
+    # that does not fit one device; each decoded token then gathers them again)
+    gather_params: bool = True
 
     def __post_init__(self):
         if self.every < 0:
@@ -93,9 +96,10 @@ class OnlineConfig:
 class Buffer:
     """The latest refresh's generated pairs, R rows of length L = prompt P + new tokens T.
 
-    Rows are prompt (left-padded) then response, laid out like a training batch: ``labels`` is
-    ``input_ids`` shifted left, ``loss_mask`` marks generated tokens (through the first eos),
-    ``logp`` holds the sampling log-prob of each label (0 off the mask).
+    Rows are prompt then response, real tokens first (right padding), laid out like a training
+    batch: ``labels`` is ``input_ids`` shifted left, ``loss_mask`` marks generated tokens
+    (through the first eos), ``logp`` holds the sampling log-prob of each label (0 off the
+    mask).
     """
 
     input_ids: jax.Array  # int32 RxL
@@ -157,10 +161,14 @@ def importance_ratio(logp_cur_BxL, logp_samp_BxL, mask_BxL, *, kind: str, clip: 
     return ratio, mask & (log_r > log_clip)
 
 
-def token_logprobs(forward, theta, batch: dict) -> jax.Array:
-    """``log p_theta(labels_t | prefix)`` for every position (float32 BxL)."""
-    logits = forward(theta, batch["input_ids"], attention_mask=batch["attention_mask"])
-    return -losses.token_nll(logits, batch["labels"])
+def token_logprobs(model, theta, batch: dict) -> jax.Array:
+    """``log p_theta(labels_t | prefix)`` for every position (float32 BxL).
+
+    ``model``: a ``jbilevel.models.Model`` (chunked output projection) or a logits forward
+    (see ``objectives.token_nll_fn``).
+    """
+    return -token_nll_fn(model)(theta, batch["input_ids"], batch["labels"],
+                                attention_mask=batch["attention_mask"])
 
 
 def ratio_weighted_nll(nll_BxL, ratio_BxL, mask_BxL) -> jax.Array:
@@ -171,18 +179,19 @@ def ratio_weighted_nll(nll_BxL, ratio_BxL, mask_BxL) -> jax.Array:
     return total_B / jnp.where(count_B > 0, count_B, 1.0)
 
 
-def generated_loss(forward) -> ExampleLoss:
+def generated_loss(model) -> ExampleLoss:
     """Per-row ratio-weighted NLL of generated rows (a batch carrying ``ratio``)."""
+    nll_fn = token_nll_fn(model)
 
     def loss(theta, gen: dict) -> jax.Array:
-        logits = forward(theta, gen["input_ids"], attention_mask=gen["attention_mask"])
-        return ratio_weighted_nll(losses.token_nll(logits, gen["labels"]), gen["ratio"],
-                                  gen["loss_mask"])
+        nll_BxL = nll_fn(theta, gen["input_ids"], gen["labels"],
+                         attention_mask=gen["attention_mask"])
+        return ratio_weighted_nll(nll_BxL, gen["ratio"], gen["loss_mask"])
 
     return loss
 
 
-def online_example_loss(example_loss: ExampleLoss, forward) -> ExampleLoss:
+def online_example_loss(example_loss: ExampleLoss, model) -> ExampleLoss:
     """Per-row loss of a batch that may mix offline and generated rows.
 
     A plain batch goes to ``example_loss``. A batch from :func:`combine` (keys ``offline``,
@@ -191,7 +200,7 @@ def online_example_loss(example_loss: ExampleLoss, forward) -> ExampleLoss:
     the hypergradient treat generated rows like examples of their source question.
     """
 
-    gen_loss = generated_loss(forward)
+    gen_loss = generated_loss(model)
 
     def loss(theta, batch: dict) -> jax.Array:
         if "generated" not in batch:
@@ -202,40 +211,27 @@ def online_example_loss(example_loss: ExampleLoss, forward) -> ExampleLoss:
     return loss
 
 
-def chunked_hypergrad(example_loss: ExampleLoss, forward, method: MethodConfig,
-                      gen_weight: float):
-    """bds's hypergradient over a :func:`combine` batch in bounded memory, the online
-    counterpart of ``jbilevel.chunked.hypergrad_chunked`` (same signature as
-    ``jbilevel.hypergrad``, for ``make_steps(hypergrad_fn=)``).
+def hyper_rows(example_loss: ExampleLoss, model, method: MethodConfig, gen_weight: float):
+    """Online bds's rows for the hypergradient of a :func:`combine` batch (for
+    ``make_steps(hyper_rows=)``).
 
     The Hessian is estimated on ``method.hessian_rows`` offline rows and as many generated
     rows, combined with the same ``gen_weight``; ``u = <grad l, v>`` is taken for every
-    offline and every generated row, ``method.hyper_chunk`` rows per JVP, each scaled as in
-    the combined batch. With ``hessian_rows == 0`` it equals ``jbilevel.hypergrad`` on the
-    combined batch.
+    offline row (with the offline loss) and every generated row (with the ratio-weighted
+    loss), each scaled as in the combined batch. With ``hessian_rows == 0`` the result equals
+    ``jbilevel.hypergrad`` on the combined batch.
     """
-    from jbilevel import chunked  # imports jaxopt: only when a hypergradient is built
-    from jbilevel.implicit import Implicit
+    gen_loss = generated_loss(model)
 
-    gen_loss = generated_loss(forward)
-
-    def fn(inner, outer, theta, omega, batch, val_batch, *, solver, maxiter, tol, ridge,
-           return_info=False):
+    def split(_, batch: dict):
         off, gen = batch["offline"], batch["generated"]
         n_off = off["ids"].shape[0]
         hessian = combine(hessian_sample(off, method), hessian_sample(gen, method), gen_weight)
-        v, info = chunked.adjoint(inner, outer, theta, omega, hessian, val_batch,
-                                  Implicit(solver, maxiter=maxiter, tol=tol, ridge=ridge))
         # the scale is one value per group (combine), so it multiplies u after the chunking
-        parts = [chunked.example_u(loss, theta, rows, v, method.hyper_chunk)
-                 for loss, rows in ((example_loss, off), (gen_loss, gen))]
-        (u_off, ids_off, valid_off), (u_gen, ids_gen, valid_gen) = parts
-        u = jnp.concatenate([u_off * batch["scale"][0], u_gen * batch["scale"][n_off]])
-        d_omega = chunked.finish(inner, theta, omega, hessian, jnp.concatenate([ids_off, ids_gen]),
-                                 u, jnp.concatenate([valid_off, valid_gen]), info)
-        return (d_omega, info) if return_info else d_omega
+        return hessian, [(example_loss, off, batch["scale"][0]),
+                         (gen_loss, gen, batch["scale"][n_off])]
 
-    return fn
+    return split
 
 
 def combine(offline: dict, generated: dict, gen_weight: float) -> dict:
@@ -263,13 +259,13 @@ def draw(buffer: Buffer, key, n: int) -> dict:
     return jax.tree.map(lambda x: jnp.take(x, idx, axis=0), buffer.batch())
 
 
-def make_online_steps(example_loss: ExampleLoss, forward, method: MethodConfig,
+def make_online_steps(example_loss: ExampleLoss, model, method: MethodConfig,
                       cfg: OnlineConfig, *, seed: int = 0) -> Steps:
     """bmo/bds steps that also train on the generated pairs in ``state.online``.
 
     Args:
       example_loss: offline per-example loss ``(theta, batch) -> loss_B``.
-      forward: ``forward(theta, input_ids, attention_mask=) -> logits`` of the same model.
+      model: the same model: a ``jbilevel.models.Model`` or its logits forward.
       method: bmo or bds settings.
       cfg: online settings.
       seed: the per-step draw of buffer rows uses ``fold_in(key(seed), step)`` (resumable).
@@ -281,16 +277,15 @@ def make_online_steps(example_loss: ExampleLoss, forward, method: MethodConfig,
     if method.method not in BASES:
         raise ValueError(f"online generation runs on top of {BASES}, not method "
                          f"{method.method!r}; set method.method to bmo or bds")
-    # bds: the hypergradient over the whole buffer and hyper batch, chunked unless asked not to
-    hyper_fn = (chunked_hypergrad(example_loss, forward, method, cfg.gen_weight)
-                if method.method == "bds" and method.hyper_chunk else None)
-    base = make_steps(online_example_loss(example_loss, forward), method, hypergrad_fn=hyper_fn)
+    # bds: the hypergradient over the whole buffer and the hyper batch
+    base = make_steps(online_example_loss(example_loss, model), method,
+                      hyper_rows=hyper_rows(example_loss, model, method, cfg.gen_weight))
     draw_key = jax.random.fold_in(jax.random.key(seed), 1)
 
     def with_ratios(theta, gen: dict):
         # a separate no-grad forward: the ratio enters the loss as data (stop-gradient, also
         # inside the hypergradient) and its statistics become metrics
-        logp_cur = token_logprobs(forward, jax.lax.stop_gradient(theta), gen)
+        logp_cur = token_logprobs(model, jax.lax.stop_gradient(theta), gen)
         ratio, clipped = importance_ratio(logp_cur, gen["logp"], gen["loss_mask"],
                                           kind=cfg.ratio, clip=cfg.clip, floor=cfg.floor)
         mask = gen["loss_mask"] * gen["valid"][:, None]

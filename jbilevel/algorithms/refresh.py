@@ -23,6 +23,7 @@ from jbilevel.algorithms.online import (
     init_buffer,
     token_logprobs,
 )
+from jbilevel.config import ConfigError
 
 
 @functools.partial(jax.jit, static_argnames=("n", "mode", "weighting"))
@@ -41,7 +42,13 @@ def select_questions(key, omega_N, *, n: int, mode: str, weighting: str) -> jax.
 def pack(prompt_ids_BxP, prompt_mask_BxP, tokens_BxGxT, mask_BxGxT, logp_BxGxT, ids_B, valid_B,
          pad_id: int) -> dict:
     """Generated samples as training rows (the :class:`Buffer` layout), G rows per prompt;
-    rows of invalid prompts get no loss tokens."""
+    rows of invalid prompts get no loss tokens.
+
+    The sampler's prompts are left-padded; each row is rolled left past its padding so its
+    real tokens come first, as in training batches: the fused attention paths
+    (``model.attention`` dot_product / cudnn) take per-row lengths and would otherwise
+    attend to the padding and miss the response.
+    """
     b, g, t = tokens_BxGxT.shape
     rep = functools.partial(jnp.repeat, repeats=g, axis=0)
     tokens, mask = tokens_BxGxT.reshape(b * g, t), mask_BxGxT.reshape(b * g, t)
@@ -56,10 +63,15 @@ def pack(prompt_ids_BxP, prompt_mask_BxP, tokens_BxGxT, mask_BxGxT, logp_BxGxT, 
     logp_RxT = jnp.where(loss_mask[:, prompt_ids_BxP.shape[1] - 1:-1] > 0,
                        logp_BxGxT.reshape(b * g, t), 0.0)
     logp = jnp.concatenate([lead, logp_RxT, tail], axis=1)
-    return {"input_ids": input_ids, "attention_mask": attention,
+    rows = {"input_ids": input_ids, "attention_mask": attention,
             "labels": jnp.concatenate([input_ids[:, 1:], pad_col], axis=1),
-            "loss_mask": loss_mask, "logp": logp, "ids": rep(ids_B).astype(jnp.int32),
-            "valid": valid_R}
+            "loss_mask": loss_mask, "logp": logp}
+    # the wrapped-around padding lands at the end with no attention and no loss
+    pads_R = prompt_ids_BxP.shape[1] - jnp.sum(rep(prompt_mask_BxP), axis=1)
+    length = input_ids.shape[1]
+    from_RxL = (jnp.arange(length)[None, :] + pads_R[:, None]) % length
+    rows = {k: jnp.take_along_axis(v, from_RxL, axis=1) for k, v in rows.items()}
+    return {**rows, "ids": rep(ids_B).astype(jnp.int32), "valid": valid_R}
 
 
 def _host(x) -> np.ndarray:
@@ -78,10 +90,13 @@ class Refresher:
 
     Args:
       cfg: online settings.
-      model: the Model (its ``config`` drives the sampler; ``forward`` the ratios in the log).
+      model: the Model (its ``config`` drives the sampler; its chunked ``token_nll`` gives
+        the ratios in the log).
       dataset: the training SFTDataset (questions = its prompts; ids index omega).
       weighting: omega -> weights map (for "dynamic" selection and the log).
-      batch_sharding: where batch rows go (its mesh also places the selected ids).
+      batch_sharding: where batch rows go (its mesh also places the selected ids, and the
+        sampler runs on it: KV cache split with the rows, weights gathered once per call).
+      rules: the run's logical-axis table (default ``AxisRules()``).
       seed: refresh ``k`` uses ``fold_in(key(seed), step)`` (so resumes are exact).
       log_dir: where ``generations.jsonl`` goes (None: no log).
       scorer: optional ``scorer(texts, rows) -> {metric: value}`` (a task's metric) to score
@@ -89,12 +104,13 @@ class Refresher:
     """
 
     def __init__(self, cfg: OnlineConfig, model, dataset, *, weighting: str, batch_sharding,
-                 seed: int = 0, log_dir: str | Path | None = None, scorer=None):
+                 seed: int = 0, log_dir: str | Path | None = None, scorer=None,
+                 rules: sh.AxisRules | None = None):
         if not cfg.enabled:
             raise ValueError("Refresher needs online.every > 0")
         self.cfg, self.model, self.dataset = cfg, model, dataset
         self.weighting, self.batch_sharding, self.seed = weighting, batch_sharding, seed
-        self.scorer = scorer
+        self.scorer, self.rules = scorer, rules or sh.AxisRules()
         self.log_path = None if log_dir is None else Path(log_dir) / "generations.jsonl"
         n = len(dataset)
         self.n_select = max(1, round(cfg.fraction * n))
@@ -108,7 +124,7 @@ class Refresher:
         longest = int((dataset.length_N - dataset.prompt_len_N).max())
         self.max_new_tokens = cfg.max_new_tokens or longest
         if cfg.batch_size > self.capacity:
-            raise ValueError(
+            raise ConfigError(
                 f"online.batch_size={cfg.batch_size} > the buffer's {self.capacity} rows "
                 f"(fraction {cfg.fraction} x {n} questions x {cfg.num_samples} samples); lower "
                 "online.batch_size or raise online.fraction / online.num_samples")
@@ -159,7 +175,9 @@ class Refresher:
                            prompts["prompt_mask"], jax.random.fold_in(key_gen, c),
                            max_new_tokens=self.max_new_tokens, num_samples=self.cfg.num_samples,
                            temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-                           eos_id=self.dataset.tokenizer.eos_id, pad_id=self.dataset.pad_id)
+                           eos_id=self.dataset.tokenizer.eos_id, pad_id=self.dataset.pad_id,
+                           mesh=self.batch_sharding.mesh, rules=self.rules,
+                           gather_params=self.cfg.gather_params)
             logp = gen.logprobs if self.cfg.denominator == "model" else gen.sampling_logprobs
             rows.append(self._pack(prompts["prompt_ids"], prompts["prompt_mask"], gen.tokens,
                                    gen.mask, logp, prompts["ids"], prompts["valid"]))
@@ -189,7 +207,7 @@ class Refresher:
 
     def _row_ratios(self, theta, buffer: Buffer):
         gen = buffer.batch()
-        logp_cur = token_logprobs(self.model.forward, theta, gen)
+        logp_cur = token_logprobs(self.model, theta, gen)
         ratio, _ = importance_ratio(logp_cur, gen["logp"], gen["loss_mask"], kind=self.cfg.ratio,
                                     clip=self.cfg.clip, floor=self.cfg.floor)
         count = jnp.maximum(jnp.sum(gen["loss_mask"], axis=-1), 1.0)
@@ -198,8 +216,8 @@ class Refresher:
     def _texts(self, buffer: Buffer) -> tuple[np.ndarray, list[str]]:
         valid = _host(buffer.valid) > 0
         ids = _host(buffer.ids)[valid]
-        tokens = _host(buffer.input_ids)[valid, self.prompt_len:]
-        mask = _host(buffer.attention_mask)[valid, self.prompt_len:] > 0
+        tokens = _host(buffer.labels)[valid]  # the response: the labels that carry a loss
+        mask = _host(buffer.loss_mask)[valid] > 0
         tok = self.dataset.tokenizer
         eos = tok.eos_id
         texts = [tok.decode([t for t in row[m] if t != eos]) for row, m in zip(tokens, mask,

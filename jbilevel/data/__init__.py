@@ -11,7 +11,7 @@ Public API::
 
 from jbilevel.data.batching import Batcher, default_buckets
 from jbilevel.data.dataset import SFTDataset, concat, load_sft, tokenize_pairs
-from jbilevel.data.export import export_curated, select_ids
+from jbilevel.data.export import export_curated, select_ids, source_of
 from jbilevel.data.metrics import auroc, weight_mass_on_good
 from jbilevel.data.report import DataError, LoadReport
 from jbilevel.data.tasks import Task, make_task
@@ -33,6 +33,7 @@ __all__ = [
     "load_sft",
     "make_task",
     "select_ids",
+    "source_of",
     "tokenize_pairs",
     "weight_mass_on_good",
 ]

@@ -1,4 +1,5 @@
-"""Export a curated dataset: the original rows plus their learned weight, optionally a subset."""
+"""Export a curated dataset: the original rows plus their learned weight and where each came
+from (file, line, row), optionally a subset."""
 
 from __future__ import annotations
 
@@ -34,10 +35,21 @@ def select_ids(weights_N, *, top_frac: float | None = None,
     return np.arange(len(weights_N))
 
 
+def source_of(where, key: str = "source") -> dict:
+    """``{key_file, key_line, key_row}`` of a row's location (see ``readers.Location``): the
+    file as given, its 1-based line (text files; else None) and 0-based record index. Empty
+    for rows without a source (in-memory lists)."""
+    source = getattr(where, "source", "")
+    if not source:
+        return {}
+    return {f"{key}_file": source, f"{key}_line": where.line, f"{key}_row": where.row}
+
+
 def export_curated(dataset: SFTDataset, weights_N, path: str, *, format: str | None = None,
                    top_frac: float | None = None, threshold: float | None = None,
-                   weight_key: str = "weight", id_key: str = "example_id") -> int:
-    """Write the original rows with their weight (and id) as JSONL or an HF dataset on disk.
+                   weight_key: str = "weight", id_key: str = "example_id",
+                   source_key: str | None = "source") -> int:
+    """Write the original rows with their weight, id and source as JSONL or an HF dataset.
 
     Args:
       dataset: the SFTDataset the weights index (len(weights_N) == len(dataset)).
@@ -46,6 +58,8 @@ def export_curated(dataset: SFTDataset, weights_N, path: str, *, format: str | N
       format: "jsonl" | "hf" (default: "jsonl" if path ends with .jsonl, else "hf").
       top_frac, threshold: subset selection, see ``select_ids``.
       weight_key, id_key: names of the added columns (must not clash with the row's keys).
+      source_key: prefix of the added ``_file``/``_line``/``_row`` columns (:func:`source_of`),
+        which join each row back to its source after skipped rows; None leaves them out.
     Returns: the number of rows written.
     """
     weights_N = np.asarray(weights_N, np.float64).reshape(-1)
@@ -56,13 +70,15 @@ def export_curated(dataset: SFTDataset, weights_N, path: str, *, format: str | N
     rows = []
     for i in ids:
         row = dict(dataset.rows[i])
-        for key in (weight_key, id_key):
+        added = {weight_key: float(weights_N[i]), id_key: int(i)}
+        if source_key is not None:
+            added.update(source_of(dataset.where[i], source_key))
+        for key in added:
             if key in row:
                 raise ValueError(f"{dataset.where[i]}: row already has key {key!r}; "
-                                 "pass weight_key=/id_key= to rename the added column")
-        row[weight_key] = float(weights_N[i])
-        row[id_key] = int(i)
-        rows.append(row)
+                                 "pass weight_key=/id_key=/source_key= to rename the added "
+                                 "column")
+        rows.append({**row, **added})
     if format == "jsonl":
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:

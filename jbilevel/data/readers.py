@@ -1,8 +1,9 @@
 """Read raw rows from local files (jsonl/json/csv/parquet/arrow), HF datasets, or lists.
 
-Each reader yields ``(where, row)`` where ``where`` names the file and line/row (for error
-messages) and ``row`` is a dict, or a ``DataError`` instance for an unreadable row (the caller
-decides whether to raise or skip and count it).
+Each reader yields ``(where, row)`` where ``where`` is a :class:`Location` naming the file and
+line/row (for error messages, and in a run's weights.csv and curated files) and ``row`` is a
+dict, or a ``DataError`` instance for an unreadable row (the caller decides whether to raise or
+skip and count it).
 """
 
 from __future__ import annotations
@@ -17,6 +18,31 @@ from jbilevel.data.report import DataError
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class Location(str):
+    """Where a row came from: reads as ``"train.jsonl line 5"`` (a message prefix), and keeps
+    the parts for joining results back to the source.
+
+    Attributes:
+      source: the path as given (or a dataset's name; "" for in-memory rows).
+      row: 0-based index of the record among the ones the source holds, in reading order (the
+        n-th non-blank line of a .jsonl, the n-th data row of a .csv, list/table index).
+      line: 1-based line number in a .jsonl/.csv file; None for other formats.
+    """
+
+    source: str
+    row: int
+    line: int | None
+
+    def __new__(cls, source: str, name: str, row: int, line: int | None = None):
+        text = f"{name} line {line}" if line is not None else f"{name} row {row}".lstrip()
+        self = super().__new__(cls, text)
+        self.source, self.row, self.line, self._name = source, row, line, name
+        return self
+
+    def __getnewargs__(self):
+        return (self.source, self._name, self.row, self.line)
 
 
 def looks_like_hub_name(path: str) -> bool:
@@ -34,10 +60,11 @@ def iter_rows(source, *, split: str = "train") -> Iterator[tuple[str, dict | Dat
     """
     if isinstance(source, list | tuple):
         for i, row in enumerate(source):
-            yield f"row {i}", row if isinstance(row, dict) else _not_object(f"row {i}", row)
+            where = Location("", "", i)
+            yield where, row if isinstance(row, dict) else _not_object(where, row)
         return
     if not isinstance(source, str | os.PathLike):
-        yield from _iter_hf(source, "dataset")
+        yield from _iter_hf(source, "dataset", "dataset")
         return
     path = os.fspath(source)
     name = os.path.basename(path.rstrip("/"))
@@ -47,7 +74,7 @@ def iter_rows(source, *, split: str = "train") -> Iterator[tuple[str, dict | Dat
         ds = datasets.load_from_disk(path)
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[split]
-        yield from _iter_hf(ds, name)
+        yield from _iter_hf(ds, path, name)
         return
     if not os.path.exists(path):
         if not looks_like_hub_name(path):
@@ -79,10 +106,12 @@ def _not_object(where: str, row) -> DataError:
 
 def _iter_jsonl(path: str, name: str):
     with open(path, encoding="utf-8") as f:
+        row_index = 0
         for lineno, line in enumerate(f, start=1):
-            where = f"{name} line {lineno}"
             if not line.strip():
                 continue
+            where = Location(path, name, row_index, lineno)
+            row_index += 1
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -105,7 +134,7 @@ def _iter_json(path: str, name: str):
     if not isinstance(data, list):
         raise DataError(f"{name}: expected a JSON list of objects (or use .jsonl)")
     for i, row in enumerate(data):
-        where = f"{name} row {i}"
+        where = Location(path, name, i)
         yield where, row if isinstance(row, dict) else _not_object(where, row)
 
 
@@ -114,8 +143,8 @@ def _iter_csv(path: str, name: str):
         reader = csv.DictReader(f)
         if reader.fieldnames is None:
             raise DataError(f"{name}: no header row; the first line must name the columns")
-        for row in reader:
-            where = f"{name} line {reader.line_num}"
+        for i, row in enumerate(reader):
+            where = Location(path, name, i, reader.line_num)
             if None in row:
                 yield where, DataError(
                     f"{where}: more fields than the {len(reader.fieldnames)} header columns; "
@@ -140,12 +169,12 @@ def _iter_arrow(path: str, name: str):
                 src.seek(0)
                 table = pa.ipc.open_stream(src).read_all()
     for i, row in enumerate(table.to_pylist()):
-        yield f"{name} row {i}", row
+        yield Location(path, name, i), row
 
 
-def _iter_hf(ds, name: str):
+def _iter_hf(ds, source: str, name: str):
     for i, row in enumerate(ds):
-        yield f"{name} row {i}", row
+        yield Location(source, name, i), row
 
 
 def _iter_hub(name: str, split: str):
@@ -158,4 +187,4 @@ def _iter_hub(name: str, split: str):
             f"{name}: not a local file and could not be loaded from the dataset hub ({e}); "
             "pass a local .jsonl/.json/.csv/.parquet/.arrow path"
         ) from e
-    yield from _iter_hf(ds, name)
+    yield from _iter_hf(ds, name, name)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 
+from jbilevel.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """A bad input row or file. The message names the file, line/row, field and the fix.
 
     ``reason`` is the short code the skip policy counts it under (e.g. ``missing_key``).

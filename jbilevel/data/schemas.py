@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from jbilevel.config import ConfigError
 from jbilevel.data.report import DataError
 
 QA_TEMPLATE = "Question: {question}\nAnswer: "
@@ -90,7 +91,8 @@ class Formatter:
     def __init__(self, schema: str, *, keys=None, prompt_template=None, chat_template=None,
                  tokenizer=None):
         if schema not in SCHEMAS:
-            raise ValueError(f"unknown schema {schema!r}; use one of {', '.join(SCHEMAS)}")
+            raise ConfigError(f"unknown schema {schema!r} (data.schema); use one of auto, "
+                              f"{', '.join(SCHEMAS)}")
         self.schema = SCHEMAS[schema]
         self.keys = dict(keys or {})
         self.prompt_template = prompt_template
@@ -150,9 +152,9 @@ class Formatter:
         try:
             return template.format(**fields), response
         except KeyError as e:
-            raise ValueError(
-                f"prompt_template uses field {e} but schema {self.schema.name!r} has "
-                f"{', '.join(fields)}"
+            raise ConfigError(
+                f"prompt_template (data.prompt_template) uses field {e} but schema "
+                f"{self.schema.name!r} has {', '.join(fields)}; use those names in the template"
             ) from None
 
     def _as_messages(self, fields: dict) -> list[dict]:

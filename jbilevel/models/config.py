@@ -70,8 +70,13 @@ class ModelConfig:
     # "xla": explicit scores (any padding). "dot_product": jax.nn.dot_product_attention with
     # its default implementation; "cudnn": the same forced onto cuDNN flash attention (GPU,
     # bf16/f16). Both fused paths serve cache-free forwards and assume right padding (real
-    # tokens first, as in jbilevel's training batches); KV-cache decoding always uses "xla".
+    # tokens first, as in jbilevel's training batches and its online buffer's rows); KV-cache
+    # decoding always uses "xla".
     attention: str = "xla"
+    # The LM loss applies the output projection this many MiB of float32 logits at a time on
+    # each device (``jbilevel.losses.chunked_token_nll``); the [rows, tokens, vocab] logits are
+    # never held whole. 0: one chunk (the whole sequence).
+    loss_chunk_mib: int = 256
 
     def __post_init__(self):
         if isinstance(self.eos_token_id, list):  # as in config.json; a tuple keeps it hashable
@@ -85,6 +90,8 @@ class ModelConfig:
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r} is not supported "
                              f"({REMAT_POLICIES})")
+        if self.loss_chunk_mib < 0:
+            raise ValueError(f"loss_chunk_mib={self.loss_chunk_mib} must be >= 0 (0: no chunks)")
         if self.scan_unroll < 1:
             raise ValueError(f"scan_unroll={self.scan_unroll} must be >= 1 (1: no unrolling)")
         if self.activation not in ACTIVATIONS:

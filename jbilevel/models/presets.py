@@ -10,7 +10,7 @@ from __future__ import annotations
 from jbilevel.models.config import ModelConfig
 
 # The architecture fields of each model's HF config.json (EleutherAI/pythia-1b,
-# meta-llama/Meta-Llama-3-8B-Instruct).
+# meta-llama/Meta-Llama-3-8B-Instruct, Qwen/Qwen2.5-0.5B and Qwen/Qwen2.5-1.5B).
 _HF = {
     "pythia-1b": {
         "model_type": "gpt_neox", "vocab_size": 50304, "hidden_size": 2048,
@@ -27,6 +27,20 @@ _HF = {
         "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
         "attention_bias": False, "mlp_bias": False,
         "bos_token_id": 128000, "eos_token_id": [128001, 128009],
+    },
+    "qwen2.5-0.5b": {
+        "model_type": "qwen2", "vocab_size": 151936, "hidden_size": 896,
+        "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+        "intermediate_size": 4864, "hidden_act": "silu", "rope_theta": 1000000.0,
+        "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+        "use_sliding_window": False, "bos_token_id": 151643, "eos_token_id": 151643,
+    },
+    "qwen2.5-1.5b": {
+        "model_type": "qwen2", "vocab_size": 151936, "hidden_size": 1536,
+        "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
+        "intermediate_size": 8960, "hidden_act": "silu", "rope_theta": 1000000.0,
+        "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+        "use_sliding_window": False, "bos_token_id": 151643, "eos_token_id": 151643,
     },
 }
 PRESETS = tuple(_HF)

@@ -1,4 +1,12 @@
-"""KV-cached sampling from left-padded prompts, with per-token log-probs."""
+"""KV-cached sampling from left-padded prompts, with per-token log-probs.
+
+On a device mesh (``generate(..., mesh=)``, as online generation runs under the training
+mesh) the prompts and the KV cache are split over the batch axes, and the parameters are
+gathered over ``fsdp`` once per call into a decoding sharding (tensor-parallel axes kept), so
+the loop over decoded tokens moves no weights; ``gather_params=False`` keeps them
+fsdp-sharded (for a model that does not fit one device), and then every decoded token
+gathers them again.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +16,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jbilevel import sharding as sh
 from jbilevel.losses import token_nll
-from jbilevel.models.transformer import apply, unstack_layers
+from jbilevel.models.transformer import _is_spec, _specs, apply, unstack_layers
+
+_CACHE_AXES = ("batch", "kv_heads", None, "head_dim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,10 +68,33 @@ def _token_logprob(logits_BxV, tok_B):
     return -token_nll(logits_BxV[:, None, :], tok_B[:, None])[:, 0]
 
 
+def decoding_rules(rules: sh.AxisRules, gather_params: bool = True) -> sh.AxisRules:
+    """The axis table while decoding: the training table with the parameters' ``embed``
+    dimension unsplit (gathered over fsdp once), unless ``gather_params`` is False."""
+    return sh.AxisRules.from_mapping({**dict(rules.rules), "embed": None}) if gather_params \
+        else rules
+
+
 @functools.partial(jax.jit, static_argnames=(
-    "c", "max_new_tokens", "num_samples", "top_k", "top_p", "greedy"))
+    "c", "max_new_tokens", "num_samples", "top_k", "top_p", "greedy", "mesh", "rules"))
 def _generate(c, params, ids_BxP, mask_BxP, rng, temperature, eos_id, pad_id, lora, *,
-              max_new_tokens, num_samples, top_k, top_p, greedy):
+              max_new_tokens, num_samples, top_k, top_p, greedy, mesh=None, rules=None):
+    if mesh is None:
+        return _sample(c, params, ids_BxP, mask_BxP, rng, temperature, eos_id, pad_id, lora,
+                       max_new_tokens=max_new_tokens, num_samples=num_samples, top_k=top_k,
+                       top_p=top_p, greedy=greedy)
+    with sh.activation_sharding(mesh, rules):
+        if c.compute_dtype is not None:  # gather what the forward uses, not the master copy
+            params = jax.tree.map(lambda a: a.astype(jnp.dtype(c.compute_dtype)), params)
+        axes = jax.tree.map(lambda spec: spec[1], _specs(c), is_leaf=_is_spec)
+        params = jax.tree.map(sh.constrain, params, axes)
+        return _sample(c, params, ids_BxP, mask_BxP, rng, temperature, eos_id, pad_id, lora,
+                       max_new_tokens=max_new_tokens, num_samples=num_samples, top_k=top_k,
+                       top_p=top_p, greedy=greedy)
+
+
+def _sample(c, params, ids_BxP, mask_BxP, rng, temperature, eos_id, pad_id, lora, *,
+            max_new_tokens, num_samples, top_k, top_p, greedy):
     g, t_new = num_samples, max_new_tokens
     b, p = ids_BxP.shape
     ids = jnp.repeat(ids_BxP, g, axis=0)
@@ -69,7 +103,8 @@ def _generate(c, params, ids_BxP, mask_BxP, rng, temperature, eos_id, pad_id, lo
     dtype = jnp.dtype(c.compute_dtype) if c.compute_dtype else params["embed"]["embedding"].dtype
     # The last sampled token is never fed back, so the cache holds p + t_new - 1 slots.
     shape = (bg, c.kv_heads, p + t_new - 1, c.dim_per_head)
-    cache = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    cache = tuple((sh.constrain(jnp.zeros(shape, dtype), _CACHE_AXES),
+                   sh.constrain(jnp.zeros(shape, dtype), _CACHE_AXES))
                   for _ in range(c.num_layers))
     kv_mask_BxS = jnp.concatenate([mask, jnp.ones((bg, t_new - 1), jnp.int32)], axis=1)
     pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
@@ -117,7 +152,8 @@ def _generate(c, params, ids_BxP, mask_BxP, rng, temperature, eos_id, pad_id, lo
 def generate(model, params, prompt_ids_BxP, prompt_mask_BxP, rng, *, max_new_tokens: int,
              num_samples: int = 1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              greedy: bool = False, eos_id: int | list[int] | None = None, pad_id: int = 0,
-             lora=None) -> Generation:
+             lora=None, mesh=None, rules: sh.AxisRules | None = None,
+             gather_params: bool = True) -> Generation:
     """Samples num_samples continuations per prompt through a KV cache (one jitted program).
 
     Args:
@@ -133,6 +169,9 @@ def generate(model, params, prompt_ids_BxP, prompt_mask_BxP, rng, *, max_new_tok
       eos_id: stop token (or list of them, as HF eos_token_id); it is kept (mask 1) and
         later positions get pad_id and mask 0.
       lora: optional LoRA adapters.
+      mesh: run on this device mesh: prompt rows and the KV cache split over the batch
+        axes of ``rules`` (default ``AxisRules()``), parameters gathered over fsdp once per
+        call (see the module docstring; ``gather_params=False`` keeps them split).
     Returns:
       Generation(tokens_BxGxT, logprobs_BxGxT, mask_BxGxT, sampling_logprobs_BxGxT); see its
       docstring for which log-prob is which.
@@ -147,4 +186,6 @@ def generate(model, params, prompt_ids_BxP, prompt_mask_BxP, rng, *, max_new_tok
                      jnp.asarray(prompt_mask_BxP), rng, jnp.float32(temperature),
                      eos, jnp.int32(pad_id), lora,
                      max_new_tokens=max_new_tokens, num_samples=num_samples, top_k=int(top_k),
-                     top_p=float(top_p), greedy=bool(greedy))
+                     top_p=float(top_p), greedy=bool(greedy), mesh=mesh,
+                     rules=None if mesh is None else decoding_rules(rules or sh.AxisRules(),
+                                                                    gather_params))

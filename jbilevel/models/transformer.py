@@ -26,9 +26,10 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jbilevel import losses
 from jbilevel.models import rope
 from jbilevel.models.config import ModelConfig
-from jbilevel.sharding import constrain
+from jbilevel.sharding import batch_ways, constrain
 
 # LoRA target (HF module name) -> projection site in this module, per family.
 LORA_SITES = {
@@ -140,7 +141,9 @@ class Model:
         Args:
           params: parameter pytree from `init` or `load_pretrained`.
           input_ids_BxL: int token ids.
-          attention_mask: (B, L), 1 = real token, 0 = padding (left or right). Default all ones.
+          attention_mask: (B, L), 1 = real token, 0 = padding (left or right with attention
+            "xla"; the fused paths take per-row lengths and need right padding). Default all
+            ones.
           positions: (B, L) position ids. Default: cumsum(mask) - 1 clipped at 0, which is
             0, 1, 2, ... from the first real token (so left padding gets the HF generate
             positions and right padding the plain arange).
@@ -151,6 +154,35 @@ class Model:
         mask_BxL, pos_BxL = _mask_positions(input_ids_BxL, attention_mask, positions)
         logits, _ = apply(self.config, params, input_ids_BxL, pos_BxL, mask_BxL, lora=lora)
         return logits
+
+    def token_nll(self, params, input_ids_BxL, labels_BxL, *, attention_mask=None,
+                  positions=None, lora=None):
+        """``-log p(labels_t | input_ids_<=t)`` for every position, without full logits.
+
+        Equal to ``losses.token_nll(self.forward(...), labels_BxL)``, but the output
+        projection runs ``config.loss_chunk_mib`` of float32 logits per device at a time
+        (``losses.chunked_token_nll``), so memory follows the chunk, not rows x tokens x
+        vocab, in the loss and in all its derivatives.
+
+        Args:
+          params, input_ids_BxL, attention_mask, positions, lora: as in :meth:`forward`.
+          labels_BxL: targets aligned with the positions (already shifted).
+        Returns:
+          nll_BxL float32.
+        """
+        c = self.config
+        mask_BxL, pos_BxL = _mask_positions(input_ids_BxL, attention_mask, positions)
+        hidden_BxLxD, head_VxD = apply(c, params, input_ids_BxL, pos_BxL, mask_BxL, lora=lora,
+                                       hidden_only=True)
+        b, length = labels_BxL.shape
+        chunk = length
+        if c.loss_chunk_mib:
+            chunk = losses.chunk_positions(b, length, c.vocab_size, c.loss_chunk_mib * 2**20,
+                                           row_ways=batch_ways())
+        return losses.chunked_token_nll(
+            hidden_BxLxD, head_VxD, labels_BxL, chunk=chunk,
+            constrain_logits=lambda z: constrain(z, ("loss_rows", None, "loss_vocab")),
+            constrain_head=lambda w: constrain(w, ("loss_vocab", None)))
 
 
 def build(config: ModelConfig) -> Model:
@@ -319,7 +351,7 @@ def unstack_layers(c: ModelConfig, params, lora=None):
 
 
 def apply(c: ModelConfig, params, ids_BxL, pos_BxL, kv_mask_BxS, *, lora=None, cache=None,
-          cache_index=0, last_only=False):
+          cache_index=0, last_only=False, hidden_only=False):
     """Core forward, optionally through a KV cache.
 
     Args:
@@ -331,6 +363,8 @@ def apply(c: ModelConfig, params, ids_BxL, pos_BxL, kv_mask_BxS, *, lora=None, c
         the layers run unrolled: scanning them would restack the whole cache on every call
         (every decoded token), while separate buffers are updated in place.
       last_only: logits of the last position only, L -> 1 (a prefill before decoding).
+      hidden_only: return ``(hidden_BxLxD, head_VxD)`` (after the final norm, in the compute
+        dtype) instead of logits, for a loss that applies the head itself (cache must be None).
     Returns:
       (logits_BxLxV float32, updated cache (same structure) or None).
     """
@@ -379,6 +413,8 @@ def apply(c: ModelConfig, params, ids_BxL, pos_BxL, kv_mask_BxS, *, lora=None, c
     norm = _rms_norm if c.family == "llama" else _layer_norm
     x = norm(x, params["final_norm"], c.norm_eps)
     head = params["embed"]["embedding"] if c.tie_word_embeddings else params["lm_head"]["kernel"]
+    if hidden_only:
+        return x, head
     logits = jnp.einsum("bld,vd->blv", x, head, preferred_element_type=jnp.float32)
     logits = constrain(logits, ("batch", None, "vocab"))
     return logits, new_cache

@@ -20,6 +20,7 @@ import numpy as np
 
 from jbilevel.data.dataset import SFTDataset, tokenize_pairs
 from jbilevel.data.metrics import auroc, weight_mass_on_good
+from jbilevel.data.readers import Location
 from jbilevel.data.report import LoadReport
 from jbilevel.data.tokenizer import CharTokenizer
 
@@ -88,7 +89,7 @@ def build_splits(rows_by_split: dict, max_len: int) -> tuple[CharTokenizer, dict
     splits = {}
     for name, rows in rows_by_split.items():
         pairs = [(TASK_TEMPLATE.format(question=r["question"]), r["response"]) for r in rows]
-        where = [f"{name} row {i}" for i in range(len(rows))]
+        where = [Location(f"built-in {name}", name, i) for i in range(len(rows))]
         splits[name] = tokenize_pairs(pairs, rows, where, tok, max_len=max_len,
                                       report=LoadReport(n_read=len(rows)))
     return tok, splits

@@ -1,0 +1,350 @@
+"""The three building blocks every implicit hypergradient in jbilevel is composed of.
+
+With ``g(theta, omega) = (1/n) sum_i s_i(omega) l_i(theta)`` the weighted inner loss and ``f`` the
+validation loss, the implicit function theorem gives
+
+    (H + ridge I) v = grad_theta f(theta)        H = hess_theta g        :func:`adjoint`
+    u_i = <grad_theta l_i(theta), v>             one JVP per row chunk   :func:`example_u`
+    dF/domega = -(1/n) J_s(omega)^T u            closed form             :func:`weight_vjp`
+
+``jbilevel.hypergrad`` (one batch), ``jbilevel.chunked.hypergrad_chunked`` (the Hessian on a
+sample, u over many rows) and online bds (offline and generated rows, each with its own loss)
+are compositions of these; so is any research variant.
+
+At LLM scale the theta-shaped vectors of the solve (right-hand side, CG iterate, residual,
+direction, Hessian-vector product) are the memory that matters: each is a copy of the model.
+They are held in float32 or wider (whatever theta's dtype: the solve's inner products lose
+too much in bf16) and, inside a trainer step, pinned to theta's own sharding
+(``sharding.constrain_like_params``), so every device holds its shard, never the whole vector.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jbilevel import linsolve
+from jbilevel import sharding as sh
+from jbilevel import weights as weights_lib
+from jbilevel.objectives import InnerObjective, OuterObjective
+
+BACKENDS = ("jaxopt", "native")
+# One switch to drop jaxopt: set to "native".
+DEFAULT_BACKEND = "jaxopt"
+
+
+@dataclasses.dataclass(frozen=True)
+class Implicit:
+    """Implicit function theorem: solve ``(H + ridge I) v = grad_theta f`` by a Krylov method.
+
+    Fields:
+      kind: "implicit" (names the method in YAML configs).
+      solver: "cg" (default; H SPD), "gmres", "bicgstab" or "normal_cg".
+      maxiter: most Hessian-vector products in the solve (k in the cost 1 + c k + 1).
+      tol: target relative residual ``|H v - b| / |b|`` (0: always ``maxiter`` products).
+      ridge: damping added to H; biases the hypergradient but bounds it when H is ill-posed.
+      backend: "jaxopt" (mixed term via ``jaxopt.implicit_diff.root_vjp``) or "native".
+      fast: for an ``InnerObjective``, compute the mixed term as one JVP of ``loss_B``
+        followed by the closed-form weight Jacobian (no second-order pass over omega).
+    """
+
+    kind: Literal["implicit"] = dataclasses.field(default="implicit", kw_only=True)
+    solver: str = "cg"
+    maxiter: int = 100
+    tol: float = 1e-6
+    ridge: float = 0.0
+    backend: str = DEFAULT_BACKEND
+    fast: bool = True
+
+    def __post_init__(self):
+        if self.kind != "implicit":
+            raise ValueError(f"Implicit: kind must be 'implicit', got {self.kind!r}")
+        if self.solver not in linsolve.SOLVERS:
+            raise ValueError(
+                f"Implicit: unknown solver {self.solver!r} "
+                f"(choose from {', '.join(linsolve.SOLVERS)})"
+            )
+        if self.backend not in BACKENDS:
+            raise ValueError(f"Implicit: backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.maxiter < 1 or self.tol < 0 or self.ridge < 0:
+            raise ValueError(
+                f"Implicit: need maxiter >= 1, tol >= 0, ridge >= 0; got maxiter={self.maxiter}, "
+                f"tol={self.tol}, ridge={self.ridge}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class Neumann:
+    """``v = alpha sum_{j=0..K} (I - alpha (H + ridge I))^j b``; converges if alpha < 2/lambda_max.
+
+    Fields:
+      kind: "neumann" (names the method in YAML configs).
+      steps: K, the number of Hessian-vector products.
+      alpha: step size of the series (like an inner learning rate).
+      ridge: damping added to H.
+      fast: as in ``Implicit``.
+    """
+
+    kind: Literal["neumann"] = dataclasses.field(default="neumann", kw_only=True)
+    steps: int = 50
+    alpha: float = 0.1
+    ridge: float = 0.0
+    fast: bool = True
+
+    def __post_init__(self):
+        if self.kind != "neumann":
+            raise ValueError(f"Neumann: kind must be 'neumann', got {self.kind!r}")
+        if self.steps < 1 or self.alpha <= 0 or self.ridge < 0:
+            raise ValueError(f"Neumann: need steps >= 1, alpha > 0, ridge >= 0; got "
+                             f"steps={self.steps}, alpha={self.alpha}, ridge={self.ridge}")
+
+
+class HypergradInfo(NamedTuple):
+    """Diagnostics of one hypergradient (arrays, so it passes through jit and vmap).
+
+    Fields:
+      residual: relative residual ``|H v - grad f| / |grad f|`` of the solve (NaN: Unrolled).
+      iterations: Hessian-vector products used (-1 if the solver does not report it).
+      outer_loss: ``f(theta, outer_batch)``.
+      negative_curvature: CG met a direction with ``p^T H p <= 0`` (H + ridge I is not
+        positive definite there: theta is not at a minimum of g, or the ridge is too small).
+    """
+
+    residual: jax.Array
+    iterations: jax.Array
+    outer_loss: jax.Array
+    negative_curvature: jax.Array
+
+    def usable(self) -> jax.Array:
+        """Whether an omega step along this hypergradient is safe to take: the solve reduced
+        the residual (``<= 1``), met no negative curvature and stayed finite."""
+        return (jnp.isfinite(self.residual) & (self.residual <= 1.0)
+                & ~self.negative_curvature & jnp.isfinite(self.outer_loss))
+
+
+def as_f32(tree):
+    """Every leaf in at least float32 (the solve's working precision; float64 stays)."""
+    return jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), tree)
+
+
+def cast_like(tree, ref):
+    """``tree`` cast leaf by leaf to the dtypes of ``ref`` (a tangent must match its primal)."""
+    return jax.tree.map(lambda x, r: x.astype(r.dtype), tree, ref)
+
+
+def _row_aligned(batch: dict) -> bool:
+    n = batch["ids"].shape[0]
+    return all(jnp.ndim(x) and jnp.shape(x)[0] == n for x in jax.tree.leaves(batch))
+
+
+def hvp(inner_loss: Callable, theta, omega, batch, ridge: float = 0.0, *,
+        chunk: int | None = None) -> Callable:
+    """``v -> (H + ridge I) v``, H the Hessian of ``inner_loss(., omega, batch)`` at theta.
+
+    Forward-over-reverse (one JVP of the gradient). ``v`` may be float32 for bf16 theta: it
+    is cast to theta's dtypes for the product, and the product returned in float32, pinned to
+    theta's sharding inside a trainer step.
+
+    With ``chunk`` rows (an ``InnerObjective`` over a batch whose leaves all have the rows on
+    axis 0), the product is summed over row chunks, one forward-over-reverse pass per chunk:
+    the Hessian of a weighted mean is the weighted sum of the rows' Hessians, so the result is
+    the same while memory is that of a pass over ``chunk`` rows.
+    """
+    rows = batch["ids"].shape[0] if isinstance(batch, dict) and "ids" in batch else 0
+    if (chunk and rows > chunk and isinstance(inner_loss, InnerObjective)
+            and _row_aligned(batch)):
+        return _chunked_hvp(inner_loss, theta, omega, batch, ridge, chunk)
+    grad_g = lambda th: jax.grad(inner_loss)(th, omega, batch)
+
+    def matvec(v):
+        hv = as_f32(jax.jvp(grad_g, (theta,), (cast_like(v, theta),))[1])
+        hv = hv if ridge == 0 else linsolve.tree_axpy(ridge, v, hv)
+        return sh.constrain_like_params(hv)
+
+    return matvec
+
+
+def _chunked_hvp(inner: InnerObjective, theta, omega, batch, ridge, chunk):
+    chunks = interleaved_chunks(batch, chunk)
+    n = jnp.sum(chunks["valid"])
+    n = jnp.where(n > 0, n, 1.0)
+
+    def data_sum(th, rows):  # this chunk's share of g's data term (the mean over all n rows)
+        loss_B = inner.example_loss(th, rows)
+        s_B = weights_lib.batch_weights(omega, rows["ids"], inner.weighting).astype(loss_B.dtype)
+        valid_B = rows["valid"].astype(loss_B.dtype)
+        return jnp.sum(jnp.where(valid_B > 0, s_B * loss_B, 0.0) * valid_B) / n
+
+    def matvec(v):
+        v_theta = cast_like(v, theta)
+
+        def one(acc, rows):
+            grad_rows = lambda th: jax.grad(data_sum)(th, rows)
+            hv = as_f32(jax.jvp(grad_rows, (theta,), (v_theta,))[1])
+            return sh.constrain_like_params(jax.tree.map(jnp.add, acc, hv)), None
+
+        zero = sh.constrain_like_params(jax.tree.map(jnp.zeros_like, v))
+        hv, _ = jax.lax.scan(one, zero, chunks)
+        if inner.mu:  # the Hessian of mu/2 |theta - theta_ref|^2
+            hv = linsolve.tree_axpy(inner.mu, v, hv)
+        hv = hv if ridge == 0 else linsolve.tree_axpy(ridge, v, hv)
+        return sh.constrain_like_params(hv)
+
+    return matvec
+
+
+def linear_solver(method: Implicit | Neumann, matvec: Callable) -> Callable:
+    """``rhs -> (v, iterations, residual, negative_curvature)`` solving ``matvec(v) = rhs``."""
+    if isinstance(method, Neumann):
+        return lambda rhs: linsolve.neumann(matvec, rhs, steps=method.steps, alpha=method.alpha)
+    return lambda rhs: linsolve.solve(method.solver, matvec, rhs, maxiter=method.maxiter,
+                                      tol=method.tol, constrain=sh.constrain_like_params)
+
+
+def adjoint(inner_loss: Callable, outer_loss: Callable, theta, omega, hessian_batch,
+            outer_batch, method: Implicit | Neumann, *, chunk: int | None = None):
+    """The adjoint vector ``v`` solving ``(H + ridge I) v = grad_theta f``.
+
+    Args:
+      inner_loss: ``g(theta, omega, batch) -> scalar``; H is its Hessian in theta on
+        ``hessian_batch`` (g is a mean, so a sample of rows estimates the whole set's H).
+      outer_loss: ``f(theta, outer_batch) -> scalar``.
+      theta, omega: the inner solution and the data-weight logits.
+      hessian_batch, outer_batch: what the two losses read.
+      method: ``Implicit`` (Krylov solve) or ``Neumann`` (truncated series).
+      chunk: Hessian-vector products, and the gradient of an ``OuterObjective``, over this
+        many rows at a time (see :func:`hvp`).
+
+    Returns:
+      ``(v, HypergradInfo)``: v float32 with theta's structure (and sharding in a trainer
+      step); the info's residual is ``|(H + ridge I) v - grad f| / |grad f|``.
+    """
+    f_val, grad_f = outer_value_and_grad(outer_loss, theta, outer_batch, chunk=chunk)
+    if jnp.ndim(f_val) != 0:
+        raise ValueError(
+            f"hypergrad: outer_loss must return a scalar, got shape {jnp.shape(f_val)}")
+    rhs = sh.constrain_like_params(as_f32(grad_f))
+    matvec = hvp(inner_loss, theta, omega, hessian_batch, method.ridge, chunk=chunk)
+    v, iterations, residual, negative = linear_solver(method, matvec)(rhs)
+    return v, HypergradInfo(residual, iterations, f_val, negative)
+
+
+def outer_value_and_grad(outer_loss: Callable, theta, batch, *, chunk: int | None = None):
+    """``(f, grad_theta f)``; for an ``OuterObjective`` over a row-aligned batch with more than
+    ``chunk`` rows, summed over row chunks (one reverse pass per chunk, the gradient
+    accumulated in float32 in theta's sharding): the same value, the memory of a pass over
+    ``chunk`` rows."""
+    rows = batch["ids"].shape[0] if isinstance(batch, dict) and "ids" in batch else (
+        jax.tree.leaves(batch)[0].shape[0] if jax.tree.leaves(batch) else 0)
+    if not (chunk and rows > chunk and isinstance(outer_loss, OuterObjective)
+            and isinstance(batch, dict) and all(
+                jnp.ndim(x) and jnp.shape(x)[0] == rows for x in jax.tree.leaves(batch))):
+        return jax.value_and_grad(outer_loss)(theta, batch)
+    if "ids" not in batch:  # interleaved_chunks cuts by the rows of "ids"
+        batch = {**batch, "ids": jnp.zeros((rows,), jnp.int32)}
+    chunks = interleaved_chunks(batch, chunk)
+    n = jnp.sum(chunks["valid"])
+    n = jnp.where(n > 0, n, 1.0)
+
+    def total(th, part):  # this chunk's share of the mean over all n valid rows
+        loss_B = outer_loss.example_loss(th, part)
+        valid_B = part["valid"].astype(loss_B.dtype)
+        return jnp.sum(jnp.where(valid_B > 0, loss_B, 0.0) * valid_B) / n
+
+    def one(carry, part):
+        f, acc = carry
+        value, grad = jax.value_and_grad(total)(theta, part)
+        acc = sh.constrain_like_params(jax.tree.map(jnp.add, acc, as_f32(grad)))
+        return (f + value, acc), None
+
+    zero = sh.constrain_like_params(jax.tree.map(
+        lambda x: jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)), theta))
+    first = jax.tree.map(lambda x: x[0], chunks)
+    f_zero = jnp.zeros((), jnp.promote_types(jax.eval_shape(total, theta, first).dtype,
+                                             jnp.float32))
+    (f_val, grad_f), _ = jax.lax.scan(one, (f_zero, zero), chunks)
+    return f_val, grad_f
+
+
+def interleaved_chunks(batch: dict, chunk: int) -> dict:
+    """Rows -> ``(K, chunk, ...)``; chunk k holds rows k, k + K, k + 2K, ... (valid=0 padding).
+
+    Interleaved rather than contiguous so that, when the rows are split over a data axis,
+    every chunk is split the same way and each step of the loop keeps all devices busy.
+    """
+    n = batch["ids"].shape[0]
+    k = -(-n // chunk)
+    pad = k * chunk - n
+    valid_B = batch.get("valid")
+    valid_B = jnp.ones((n,), jnp.float32) if valid_B is None else valid_B
+
+    def split(x, fill_mode):
+        if pad:
+            x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), mode=fill_mode)
+        return jnp.swapaxes(x.reshape(chunk, k, *x.shape[1:]), 0, 1)
+
+    # Padding repeats the last row (a well-formed input) and marks it invalid.
+    out = {name: jax.tree.map(lambda x: split(x, "edge"), value)
+           for name, value in batch.items() if name != "valid"}
+    out["valid"] = split(valid_B, "constant")
+    return out
+
+
+def example_u(example_loss: Callable, theta, batch: dict, v, *, chunk: int | None = None):
+    """``u_b = <grad l_b(theta), v>`` for every row of ``batch``: forward-mode JVPs of
+    ``loss_B``, ``chunk`` rows at a time (None, 0 or >= rows: one JVP over the batch).
+
+    Args:
+      example_loss: ``(theta, batch) -> loss_B``.
+      theta: where the gradients are taken.
+      batch: rows with ``ids`` (B,), optional ``valid`` (B,); when chunked, every leaf must
+        have the rows on axis 0.
+      v: the adjoint vector (float32 or theta's dtypes).
+      chunk: rows per JVP; memory is one JVP over that many rows.
+
+    Returns:
+      ``(u_R, ids_R, valid_R)``; R >= B when chunks pad the rows (padding rows are invalid).
+    """
+    v = cast_like(v, theta)
+    one = lambda rows: jax.jvp(lambda th: example_loss(th, rows), (theta,), (v,))[1]
+    n = batch["ids"].shape[0]
+    valid_B = batch.get("valid")
+    if not chunk or chunk >= n:
+        valid_B = jnp.ones((n,), jnp.float32) if valid_B is None else valid_B
+        return one(batch), batch["ids"], valid_B
+    unaligned = [jax.tree_util.keystr(path) for path, x in
+                 jax.tree_util.tree_leaves_with_path(batch)
+                 if not (jnp.ndim(x) and jnp.shape(x)[0] == n)]
+    if unaligned:
+        raise ValueError(
+            f"example_u: batch leaves {', '.join(unaligned)} do not have one entry per row of "
+            f"ids ({n}); chunks are cut by rows, so every leaf needs the rows on axis 0 "
+            "(or pass chunk=None for one JVP over the whole batch)")
+    chunks = interleaved_chunks(batch, chunk)
+    u_KxC = jax.lax.map(one, chunks)
+    return u_KxC.reshape(-1), chunks["ids"].reshape(-1), chunks["valid"].reshape(-1)
+
+
+def weight_vjp(weighting: str, omega, ids_R, u_R, valid_R, n_rows=None) -> jax.Array:
+    """``d omega = -(1/n) J_s(omega)^T u_N``, ``u_N`` the valid rows' u scattered onto their ids.
+
+    Args:
+      weighting: "softmax" or "sigmoid" (``jbilevel.weights``).
+      omega: (N,) logits.
+      ids_R, u_R, valid_R: per-row example ids, u values and validity (padding rows: 0).
+      n_rows: the n of the mean in g (default: the number of valid rows).
+
+    Returns:
+      d_omega (N,), omega's dtype.
+    """
+    valid_R = valid_R.astype(u_R.dtype)
+    n = jnp.sum(valid_R) if n_rows is None else jnp.asarray(n_rows, u_R.dtype)
+    scale_R = valid_R / jnp.where(n > 0, n, 1.0)
+    # where, not a product: a padding row's u may be anything, even non-finite.
+    contrib_R = jnp.where(valid_R > 0, scale_R * u_R, 0.0)
+    u_N = jnp.zeros(omega.shape, u_R.dtype).at[ids_R].add(contrib_R, mode="drop")
+    return -weights_lib.weights_vjp(omega, u_N.astype(omega.dtype), weighting)

@@ -1,0 +1,229 @@
+"""What a command tells its user: each phase with its duration, warnings, the training bar.
+
+``jbilevel`` commands write these lines to stderr (stdout keeps the JSON result), from the
+first process only. Verbosity 0 (``--quiet``) keeps warnings only, 1 adds the phases and the
+progress bar, 2 (``--verbose``) adds details such as every data-load message and a line per
+logged training record. While a bar is on screen, lines go through ``tqdm.write`` so the bar
+stays whole at the bottom.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TextIO
+
+QUIET, NORMAL, VERBOSE = 0, 1, 2
+CG_RESIDUAL_WARN = 1.0  # above this the hypergradient's linear solve went the wrong way
+
+
+def _first_process() -> bool:
+    import jax
+
+    return jax.process_index() == 0
+
+
+class Phase:
+    """A running phase; set ``summary`` to say what it found (printed with its duration)."""
+
+    def __init__(self):
+        self.summary = ""
+        self.seconds = 0.0
+
+
+class Console:
+    """Messages for the person at the terminal.
+
+    Args:
+      verbosity: QUIET, NORMAL or VERBOSE.
+      stream: where lines go (default: stderr).
+    """
+
+    def __init__(self, verbosity: int = NORMAL, stream: TextIO | None = None):
+        self.verbosity = verbosity
+        self.stream = stream
+        self._bar = None  # the TrainBar on screen, if any
+
+    def _write(self, line: str) -> None:
+        if not _first_process():
+            return
+        stream = self.stream or sys.stderr
+        if self._bar is not None:
+            self._bar.write(line, stream)
+        else:
+            print(line, file=stream, flush=True)
+
+    def info(self, line: str) -> None:
+        """A line at normal verbosity."""
+        if self.verbosity >= NORMAL:
+            self._write(line)
+
+    def detail(self, line: str) -> None:
+        """A line shown with ``--verbose`` only."""
+        if self.verbosity >= VERBOSE:
+            self._write(line)
+
+    def warn(self, line: str) -> None:
+        """A warning: shown at every verbosity, ``--quiet`` included."""
+        self._write(f"warning: {line}")
+
+    @contextlib.contextmanager
+    def phase(self, what: str) -> Iterator[Phase]:
+        """Says ``what ...`` now and ``what: <summary> (N s)`` when the block ends."""
+        self.info(f"{what} ...")
+        phase = Phase()
+        t0 = time.perf_counter()
+        yield phase
+        phase.seconds = time.perf_counter() - t0
+        self.info(f"{what}: {phase.summary or 'done'} ({_seconds(phase.seconds)})")
+
+    def first_call(self, fn: Callable | None, what: str) -> Callable | None:
+        """``fn`` (a jitted step) reporting how long its first call, the compilation, took.
+
+        A jitted call returns once its program is traced, compiled and dispatched (it runs
+        asynchronously), so the first call's wall time is the compile time; the bar leaves it
+        out of its rate.
+        """
+        if fn is None:
+            return None
+        done = False
+
+        @functools.wraps(fn)
+        def call(*args):
+            nonlocal done
+            if done:
+                return fn(*args)
+            self.info(f"compiling the {what} ...")
+            t0 = time.perf_counter()
+            out = fn(*args)
+            seconds = time.perf_counter() - t0
+            done = True
+            self.info(f"compiled the {what} in {_seconds(seconds)}")
+            if self._bar is not None:
+                self._bar.exclude(seconds)
+            return out
+
+        return call
+
+    def train_bar(self, total: int, initial: int, desc: str) -> TrainBar | None:
+        """The progress bar of a training loop (None when quiet or not the first process)."""
+        if self.verbosity < NORMAL or not _first_process():
+            return None
+        self._bar = TrainBar(self, total, initial, desc)
+        return self._bar
+
+    def record(self, step: int, record: dict[str, float]) -> None:
+        """A logged training record: onto the bar, and a line of its own with ``--verbose``."""
+        if self._bar is not None:
+            self._bar.record(step, record)
+        self.detail(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items()))
+
+    def hyper_started(self, step: int) -> None:
+        """A hypergradient step was dispatched; the bar says so until its numbers are back."""
+        if self._bar is not None:
+            self._bar.hyper_started(step)
+
+    def hyper_finished(self, step: int, record: dict[str, float]) -> None:
+        """A hypergradient's numbers are back: warn when its solve did not converge."""
+        residual = record.get("cg_residual")
+        skipped = record.get("hyper_taken") == 0.0 and record.get("hypergrad_norm", 0.0) > 0
+        if record.get("cg_negative_curvature"):
+            self.warn(f"step {step}: the hypergradient's solve met negative curvature (the "
+                      "Hessian plus ridge is not positive definite at this theta): the weight "
+                      "step was skipped; raise method.hypergrad.ridge, or start later "
+                      "(method.hyper_start / method.hyper_max_val_loss)")
+        elif residual is not None and residual > CG_RESIDUAL_WARN:
+            self.warn(f"step {step}: the hypergradient's CG residual is {residual:.3g} (> "
+                      f"{CG_RESIDUAL_WARN:g}): the Hessian solve did not converge"
+                      + (" and the weight step was skipped" if skipped else "")
+                      + "; raise method.hypergrad.ridge (damping) or method.hypergrad.maxiter")
+        if self._bar is not None:
+            self._bar.hyper_finished(step, record)
+
+    def closed(self, bar: TrainBar) -> None:
+        if self._bar is bar:
+            self._bar = None
+
+    def close_bar(self) -> None:
+        """Closes the bar if one is still open (a loop that stopped with an exception)."""
+        if self._bar is not None:
+            self._bar.close()
+
+
+class TrainBar:
+    """A tqdm bar that stays on screen: loss, validation loss, weight health, hypergradients.
+
+    Its rate is the average since the start with compile time left out (``smoothing=0``), so
+    a hypergradient step that takes minutes does not throw the ETA about.
+    """
+
+    POSTFIX = ("loss", "val_loss", "ess")
+
+    def __init__(self, console: Console, total: int, initial: int, desc: str):
+        from tqdm.auto import tqdm
+
+        self._console = console
+        self._desc = desc
+        self._hyper: dict[str, str] = {}
+        self._shown: dict[str, str] = {}
+        self._bar = tqdm(total=total, initial=initial, desc=desc, leave=True, smoothing=0,
+                         file=console.stream or sys.stderr, dynamic_ncols=True)
+
+    def write(self, line: str, stream: TextIO) -> None:
+        self._bar.write(line, file=stream)
+
+    def exclude(self, seconds: float) -> None:
+        self._bar.start_t += seconds
+
+    def update(self) -> None:
+        self._bar.update(1)
+
+    def record(self, step: int, record: dict[str, float]) -> None:
+        """A logged record: its loss, validation loss and weight health join the bar."""
+        shown = {k: f"{record[k]:.4g}" for k in self.POSTFIX if k in record}
+        hyper_step = record.get("hyper_step")
+        if hyper_step is not None and hyper_step != step and "val_loss" in shown:
+            # bds's val_loss comes from the last hypergradient's validation batch: say so
+            shown[f"val_loss@{int(hyper_step)}"] = shown.pop("val_loss")
+        self._shown = shown
+        self._bar.set_postfix({**shown, **self._hyper}, refresh=True)
+
+    def hyper_started(self, step: int) -> None:
+        self._bar.set_description(f"{self._desc} [hypergradient at step {step} running]")
+        self._bar.refresh()
+
+    def hyper_finished(self, step: int, record: dict[str, float]) -> None:
+        self._bar.set_description(self._desc, refresh=False)
+        if record.get("hyper_taken", 1.0) == 0.0:
+            self._hyper = {"hyper": f"skipped@{step}"}
+        else:
+            self._hyper = {"cg_res": f"{record.get('cg_residual', float('nan')):.3g}@{step}"}
+        self._bar.set_postfix({**self._shown, **self._hyper}, refresh=True)
+
+    def close(self) -> None:
+        self._bar.close()
+        self._console.closed(self)
+
+
+def _seconds(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {secs} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
+
+
+def load_report_lines(field: str, source: str, report: Any, verbosity: int) -> list[str]:
+    """The lines that say what became of a data file's rows (the first few skip/truncation
+    messages at normal verbosity when any, every kept one with ``--verbose``)."""
+    lines = [f"  {field} {source}: {report}"]
+    if report.messages:
+        shown = report.messages if verbosity >= VERBOSE else report.messages[:3]
+        lines += [f"    {m}" for m in shown]
+        more = report.n_skipped + report.n_truncated - len(shown)
+        if more > 0:
+            lines.append(f"    ... and {more} more (results.json lists the first "
+                         f"{report.max_messages})")
+    return lines

@@ -1,0 +1,127 @@
+"""The hypergradient's building blocks at scale: chunked Hessian-vector products, float32
+solves for bf16 parameters, the guarded omega step, and theta-shaped vectors that stay sharded.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from jbilevel import aot, objectives
+from jbilevel.adjoint import Implicit, adjoint, hvp
+from jbilevel.algorithms import MethodConfig, init_state, make_steps
+from jbilevel.models import ModelConfig
+from jbilevel.sharding import MeshConfig
+from tests.test_hypergrad_chunked import N, _problem, mlp_loss
+
+
+def test_chunked_hvp_equals_the_dense_hessian(x64):
+    train, _, theta, omega = _problem()
+    inner = objectives.inner_objective(mlp_loss, mu=0.05)
+    flat, unravel = ravel_pytree(theta)
+    h = jax.jit(jax.hessian(lambda p: inner(unravel(p), omega, train)))(flat)
+    v = jax.tree.map(lambda x: jnp.cos(jnp.arange(x.size, dtype=x.dtype).reshape(x.shape)), theta)
+    want = h @ ravel_pytree(v)[0] + 0.5 * ravel_pytree(v)[0]
+    for chunk in (None, 7, 40, 64):  # of 40 rows, 3 of them padding: 7 leaves a remainder
+        got = jax.jit(lambda v, c=chunk: hvp(inner, theta, omega, train, 0.5, chunk=c)(v))(v)
+        np.testing.assert_allclose(ravel_pytree(got)[0], want, rtol=1e-10, atol=1e-12)
+
+
+def test_bf16_theta_solves_in_float32():
+    train, val, theta, omega = _problem()
+    theta = jax.tree.map(lambda x: x.astype(jnp.bfloat16), theta)
+    train = {k: (v.astype(jnp.bfloat16) if k in ("x", "y") else v) for k, v in train.items()}
+    val = jax.tree.map(lambda x: x.astype(jnp.bfloat16), val)
+    inner = objectives.inner_objective(mlp_loss, mu=0.05)
+    outer = objectives.outer_objective(mlp_loss)
+    omega = omega.astype(jnp.float32)
+    v, info = jax.jit(lambda th, om: adjoint(inner, outer, th, om, train, val,
+                                             Implicit(maxiter=10, tol=0.0, ridge=5.0),
+                                             chunk=8))(theta, omega)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(v))
+    assert float(info.residual) < 0.1 and not bool(info.negative_curvature)
+
+
+def test_hyper_step_is_skipped_and_logged_on_negative_curvature():
+    train, val, theta, _ = _problem()
+    theta = jax.tree.map(lambda x: x.astype(jnp.float32), theta)
+    train, val = (jax.tree.map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.float64
+                               else x, b) for b in (train, val))
+    # ridge 0.5: H + ridge I is indefinite at this theta (ridge 5 makes it definite)
+    results = {}
+    for ridge in (0.5, 5.0):
+        cfg = MethodConfig(method="bds", lr_omega=0.3,
+                           hypergrad=Implicit(maxiter=8, tol=0.0, ridge=ridge))
+        state = init_state(theta, N, cfg)
+        new, metrics = jax.jit(make_steps(mlp_loss, cfg).hyper)(state, train, val)
+        results[ridge] = (state, new, {k: float(v) for k, v in metrics.items()})
+    state, new, metrics = results[0.5]
+    assert metrics["cg_negative_curvature"] == 1.0 and metrics["hyper_taken"] == 0.0
+    np.testing.assert_array_equal(np.asarray(new.omega), np.asarray(state.omega))
+    for a, b in zip(jax.tree.leaves(new.opt_omega), jax.tree.leaves(state.opt_omega),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    state, new, metrics = results[5.0]
+    assert metrics["cg_negative_curvature"] == 0.0 and metrics["hyper_taken"] == 1.0
+    assert metrics["cg_residual"] < 1.0
+    assert np.abs(np.asarray(new.omega) - np.asarray(state.omega)).max() > 0
+
+
+def test_hyper_step_keeps_theta_shaped_vectors_sharded():
+    """fsdp over 8 fake devices: the compiled hypergradient step never gathers a whole
+    stacked layer weight (every CG vector and every weight in the Hessian-vector products
+    stays split or is gathered one layer at a time), and its temporaries are within 2x the
+    train step's."""
+    layers = 2
+    model = ModelConfig(vocab_size=128, hidden_size=64, num_layers=layers, num_heads=4,
+                        intermediate_size=256, remat=True)
+    texts = []
+    original = aot._memory
+
+    def keep_text(compiled, seconds):
+        texts.append(compiled.as_text())
+        return original(compiled, seconds)
+
+    aot._memory = keep_text
+    try:
+        report = aot.compile_memory(
+            model, MethodConfig(method="bds", hessian_rows=32, hyper_chunk=8),
+            MeshConfig(data=1, fsdp=8, tensor=1),
+            aot.Shapes(seq_len=64, batch_size=32, val_batch_size=32, hyper_batch_size=32,
+                       n_examples=256))
+    finally:
+        aot._memory = original
+    hyper = texts[1]
+    gathered = re.findall(r"= \w+\[([0-9,]+)\][^ ]* all-gather", hyper)
+    stacked = [s for s in gathered if s.split(",")[0] == str(layers) and s.count(",") >= 1]
+    assert gathered and not stacked, stacked
+    assert report.steps["hyper"].temp <= 2 * report.steps["train"].temp, report.steps
+
+
+def test_hypergrad_with_row_chunks_equals_the_whole_batch(x64):
+    from jbilevel.implicit import hypergrad
+
+    train, val, theta, omega = _problem()
+    inner = objectives.inner_objective(mlp_loss, mu=0.05)
+    outer = objectives.outer_objective(mlp_loss)
+    method = Implicit(maxiter=30, tol=0.0, ridge=5.0)
+    whole = hypergrad(inner, outer, theta, omega, train, val, method=method)
+    for chunk in (7, 13):
+        chunked = hypergrad(inner, outer, theta, omega, train, val, method=method, chunk=chunk)
+        np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), rtol=1e-10,
+                                   atol=1e-13)
+
+
+def test_outer_gradient_over_row_chunks_equals_the_whole_batch(x64):
+    from jbilevel.adjoint import outer_value_and_grad
+
+    train, _, theta, _ = _problem()  # 40 rows, 3 of them padding (valid 0)
+    outer = objectives.outer_objective(mlp_loss)
+    want_f, want_g = jax.value_and_grad(outer)(theta, train)
+    for chunk in (7, 40):
+        f, g = jax.jit(lambda th, c=chunk: outer_value_and_grad(outer, th, train, chunk=c))(theta)
+        np.testing.assert_allclose(float(f), float(want_f), rtol=1e-12)
+        np.testing.assert_allclose(ravel_pytree(g)[0], ravel_pytree(want_g)[0], rtol=1e-10,
+                                   atol=1e-13)

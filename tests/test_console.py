@@ -1,0 +1,68 @@
+"""What a command tells its user: phases with durations, warnings, the training bar."""
+
+import io
+import re
+import time
+
+from jbilevel.console import NORMAL, QUIET, VERBOSE, Console
+
+
+def test_phase_says_what_and_how_long_and_quiet_keeps_warnings():
+    out = io.StringIO()
+    console = Console(NORMAL, stream=out)
+    with console.phase("reading data") as phase:
+        phase.summary = "train 3"
+    console.detail("hidden")
+    console.warn("3 rows truncated")
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "reading data ..."
+    assert re.fullmatch(r"reading data: train 3 \(\d+\.\d s\)", lines[1])
+    assert lines[2:] == ["warning: 3 rows truncated"]
+    quiet = io.StringIO()
+    console = Console(QUIET, stream=quiet)
+    with console.phase("reading data"):
+        pass
+    console.warn("kept")
+    assert quiet.getvalue() == "warning: kept\n"
+    assert console.train_bar(10, 0, "bds") is None  # no bar when quiet
+
+
+def test_first_call_is_timed_as_the_compile():
+    out = io.StringIO()
+    console = Console(NORMAL, stream=out)
+    calls = []
+
+    def step(x):
+        calls.append(x)
+        time.sleep(0.05 if len(calls) == 1 else 0.0)
+        return x + 1
+
+    timed = console.first_call(step, "bds train step")
+    assert [timed(1), timed(2)] == [2, 3] and calls == [1, 2]
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "compiling the bds train step ..."
+    seconds = float(re.fullmatch(r"compiled the bds train step in (\d+\.\d) s", lines[1])[1])
+    assert 0.0 < seconds < 5.0 and len(lines) == 2
+    assert console.first_call(None, "hypergradient step") is None
+
+
+def test_bar_labels_a_stale_validation_loss_and_reports_each_hypergradient():
+    out = io.StringIO()
+    console = Console(VERBOSE, stream=out)
+    bar = console.train_bar(10, 0, "bds")
+    bar.update()
+    console.hyper_started(2)
+    assert "bds [hypergradient at step 2 running]" in out.getvalue()
+    console.hyper_finished(2, {"cg_residual": 1.7, "val_loss": 0.5})
+    console.record(3, {"loss": 1.25, "val_loss": 0.5, "ess": 0.9, "hyper_step": 2.0})
+    console.hyper_finished(4, {"cg_residual": 0.0, "hyper_taken": 0.0, "val_loss": 0.6})
+    console.close_bar()
+    text = out.getvalue()
+    assert ("warning: step 2: the hypergradient's CG residual is 1.7 (> 1): the Hessian solve "
+            "did not converge") in text
+    assert "raise method.hypergrad.ridge (damping) or method.hypergrad.maxiter" in text
+    assert "cg_res=1.7@2" in text and "val_loss@2=0.5" in text
+    assert "hyper=skipped@4" in text and text.count("warning:") == 1
+    assert "step 3: loss=1.25, val_loss=0.5, ess=0.9, hyper_step=2" in text  # --verbose
+    assert console.train_bar(10, 10, "bds") is not None  # a fresh bar after close
+    console.close_bar()

@@ -1,0 +1,152 @@
+"""Two local processes (4 CPU devices each) as one run, as on a pod.
+
+A SIGTERM that reaches one process stops both at the same step with one checkpoint and exit
+status 143; the resumed run ends where an uninterrupted one does; evaluation (losses and
+generation), the final model and the curated export work with params spread over both
+processes (mesh fsdp=8: every parameter is split across the two).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from jbilevel import cli
+
+CONFIG = """\
+# jbilevel train --config tiny.yaml: a tiny bmo run whose params span every device
+task: {options: {n_train: 64, n_val: 16, n_test: 16}}
+model: {hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64}
+method: {method: bmo}
+mesh: {data: 1, fsdp: -1}
+loop: {steps: 12, log_every: 1, checkpoint_every: 0, progress: false}
+batch_size: 16
+val_batch_size: 16
+eval_batch_size: 12  # not a multiple of the 8 devices: evaluation pads its batches
+"""
+
+# Launch 1 runs the config straight into A, then again into B, where process 1 sends itself
+# SIGTERM at its 5th batch (step 3) and its later batches take 0.5 s, so the run cannot end
+# before the notice has reached process 0 (JAX's preemption service polls about once a
+# second). Launch 2 reruns B (a resume), then `jbilevel eval --run B`; it gathers the final
+# model in pieces of at most 256 bytes, so step 3 below also checks the piecewise gather.
+STRAIGHT_THEN_SIGTERM = """\
+import os, signal, sys, time
+import jax
+jax.config.update("jax_num_cpu_devices", 4)
+from jbilevel import cli
+from jbilevel.data import Batcher
+assert cli.main(["train", "--config", {config!r}, "--out", {straight!r}]) == 0
+if os.environ["JBILEVEL_PROCESS_ID"] == "1":
+    real, calls = Batcher.__next__, []
+    def slowed(self):
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if len(calls) >= 5:
+            time.sleep(0.5)
+        return real(self)
+    Batcher.__next__ = slowed
+try:
+    cli.main(["train", "--config", {config!r}, "--out", {out!r}])
+except SystemExit as stop:
+    print("STOPPED AT", stop.step, flush=True)
+    raise
+"""
+RESUME_THEN_EVAL = """\
+import sys
+import jax
+jax.config.update("jax_num_cpu_devices", 4)
+from jbilevel import cli, inputs
+inputs._GATHER_BYTES = 256  # the final model gathered in many pieces (launch 1: whole leaves)
+code = cli.main(["train", "--config", {config!r}, "--out", {out!r}])
+sys.exit(code or cli.main(["eval", "--run", {out!r}]))
+"""
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(script: str, cache) -> list[tuple[int, str, str]]:
+    """Runs ``script`` as processes 0 and 1 of one run; their (status, stdout, stderr)."""
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        # one persistent compilation cache for both launches: the second compiles nothing
+        env = dict(os.environ, JBILEVEL_COORDINATOR=f"127.0.0.1:{port}",
+                   JBILEVEL_NUM_PROCESSES="2", JBILEVEL_PROCESS_ID=str(pid),
+                   JAX_COMPILATION_CACHE_DIR=str(cache),
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+        procs.append(subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)],
+                                      env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE))
+    done = []
+    for p in procs:
+        out, err = p.communicate(timeout=400)
+        done.append((p.returncode, out.decode(), err.decode()))
+    return done
+
+
+def test_sigterm_on_one_process_stops_both_then_resume_eval_export(tmp_path):
+    path, straight, out = tmp_path / "tiny.yaml", tmp_path / "straight", tmp_path / "run"
+    path.write_text(CONFIG)
+    cache = tmp_path / "jax_cache"
+    paths = {"config": str(path), "straight": str(straight), "out": str(out)}
+
+    # 1. SIGTERM reaches process 1 only; both stop at one step S, checkpoint it, exit 143.
+    stopped = _two_processes(STRAIGHT_THEN_SIGTERM.format(**paths), cache)
+    for code, _, err in stopped:
+        assert code == 143, err[-3000:]
+    steps = {line.split()[-1] for _, text, _ in stopped for line in text.splitlines()
+             if line.startswith("STOPPED AT")}
+    assert len(steps) == 1, steps  # the same step on both processes
+    s = int(steps.pop())
+    assert 3 <= s < 12
+    assert sorted(os.listdir(out / "checkpoints")) == [str(s)]  # one checkpoint, that step
+    interrupted = json.loads((out / "results.json").read_text())
+    assert interrupted["interrupted"]["reason"] == "sigterm" and interrupted["steps"] == s
+    assert interrupted["interrupted"]["last_checkpoint"] == s
+    assert f"interrupted by SIGTERM at step {s}" in stopped[0][2]
+    for name in ("model", "weights.csv", "weights.npy", "curated.jsonl"):
+        assert not (out / name).exists(), name  # nothing that looks like a finished run
+
+    # 2. The same command again resumes at S and finishes; then `eval` on both processes.
+    resumed = _two_processes(RESUME_THEN_EVAL.format(**paths), cache)
+    for code, _, err in resumed:
+        assert code == 0, err[-3000:]
+    result = json.loads((out / "results.json").read_text())
+    assert result["steps"] == 12 and result["interrupted"] is None
+    assert sorted(os.listdir(out / "checkpoints")) == sorted([str(s), "12"])
+
+    # 3. It ends exactly where the uninterrupted run did: numbers, weights, model.
+    want = json.loads((straight / "results.json").read_text())
+    assert {k: v for k, v in result.items() if k != "train_seconds"} == {
+        k: v for k, v in want.items() if k != "train_seconds"}
+    np.testing.assert_array_equal(np.load(out / "weights.npy"),
+                                  np.load(straight / "weights.npy"))
+    model = load_file(out / "model" / "model.safetensors")
+    reference = load_file(straight / "model" / "model.safetensors")
+    assert model.keys() == reference.keys()
+    for name in reference:
+        np.testing.assert_array_equal(model[name], reference[name], err_msg=name)
+
+    # 4. The model as written (gathered leaf by leaf onto process 0) scores as in memory.
+    evaluated = json.loads((out / "eval.json").read_text())
+    for k in ("val_loss", "test_loss", "test_accuracy"):
+        np.testing.assert_allclose(evaluated[k], result[k], rtol=1e-6, err_msg=k)
+
+    # 5. Export from the two-process run's directory.
+    assert cli.main(["export", "--run", str(out), "--out", str(tmp_path / "top.jsonl"),
+                     "--top-frac", "0.5"]) == 0
+    assert len((tmp_path / "top.jsonl").read_text().splitlines()) == 32
+    curated = (out / "curated.jsonl").read_text().splitlines()
+    assert len(curated) == 64 and "weight" in json.loads(curated[0])

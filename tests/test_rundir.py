@@ -1,0 +1,135 @@
+"""A run directory belongs to one run: what it records, what resumes, what is refused."""
+
+import json
+
+import _llm
+import pytest
+
+from jbilevel import cli, config, experiment, rundir
+from jbilevel.console import QUIET, Console
+
+
+def _cfg(*overrides):
+    return config.load(experiment.ExperimentConfig, overrides=list(overrides))
+
+
+def test_saved_config_lists_only_what_applies():
+    files = rundir.applied(_cfg("data.train=t.jsonl", "data.validation=v.jsonl",
+                                "model.path=/m", "method.method=bmo"))
+    assert "task" not in files and "online" not in files
+    assert set(files["model"]).isdisjoint(
+        {"family", "hidden_size", "num_layers", "num_heads", "intermediate_size"})
+    assert files["theta"] == {"kind": "full"}
+    assert "lam" in files["method"] and "hypergrad" not in files["method"]
+    assert "hyper_batch_size" not in files and "steps_per_epoch" in files["loop"]
+    built_in = rundir.applied(_cfg("method.method=bds", "theta.kind=lora"))
+    assert "data" not in built_in and built_in["task"]["name"] == "quality"
+    assert built_in["model"]["hidden_size"] == 128 and built_in["theta"]["rank"] == 16
+    assert "lam" not in built_in["method"] and "hypergrad" in built_in["method"]
+    assert "steps_per_epoch" not in built_in["loop"]
+    sft = rundir.applied(_cfg("method.method=sft"))
+    assert set(sft["method"]).isdisjoint({"lr_omega", "weighting", "lam", "hypergrad"})
+    assert "val_batch_size" not in sft
+
+
+def test_config_yaml_round_trips_to_the_same_run(tmp_path):
+    cfg = _cfg("data.train=t.jsonl", "data.validation=v.jsonl", "model.path=/m",
+               "method.lr_theta=1e-5", "theta.kind=lora", "theta.targets=[q_proj]")
+    rundir.record(tmp_path, cfg, {"data": {}, "model": None}, "llama (test)")
+    text = (tmp_path / "config.yaml").read_text()
+    assert text.startswith(f"# jbilevel train --config {tmp_path / 'config.yaml'} --out "
+                           f"{tmp_path}\n")
+    assert "# model: llama (test)\n" in text and "task:" not in text
+    back = config.load(experiment.ExperimentConfig, tmp_path / "config.yaml")
+    assert rundir.applied(back) == rundir.applied(cfg) and rundir.differences(back, cfg) == {}
+    assert rundir.check_config(tmp_path, cfg) is True
+
+
+def test_resume_allows_only_the_documented_keys(tmp_path):
+    cfg = _cfg("method.method=bds")
+    assert rundir.check_config(tmp_path / "new", cfg) is False  # nothing there yet
+    (tmp_path / "empty").mkdir()
+    assert rundir.check_config(tmp_path / "empty", cfg) is False
+    rundir.record(tmp_path / "run", cfg, {"data": {}, "model": None})
+    same = _cfg("method.method=bds", "loop.steps=5000", "loop.progress=false", "mesh.fsdp=2",
+                "eval_batch_size=10", "model.remat=true", "method.lam=0.9")  # lam: not bds's
+    assert rundir.check_config(tmp_path / "run", same) is True
+    with pytest.raises(rundir.RunDirError) as e:
+        rundir.check_config(tmp_path / "run", _cfg("method.method=bmo", "batch_size=32"))
+    message = str(e.value)
+    assert '  batch_size: 64 in the directory, 32 now\n' in message
+    assert '  method.method: "bds" in the directory, "bmo" now\n' in message
+    assert "settings that apply to only one of the two runs: " in message
+    assert f"--out {tmp_path / 'run'}_2" in message and f"rm -r {tmp_path / 'run'}" in message
+    for key in rundir.RESUMABLE:
+        assert key in message
+
+
+def test_a_directory_that_is_not_a_run_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(rundir.RunDirError, match=r"holds no jbilevel run \(no config.yaml\)"):
+        rundir.check_config(tmp_path, _cfg())
+
+
+def test_other_data_at_the_same_path_is_refused_before_writing(tmp_path):
+    model = _llm.model_dir(tmp_path)
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    rows = [json.dumps({"question": f"q{i}", "response": f"r{i}"}) for i in range(4)]
+    train.write_text("\n".join(rows) + "\n")
+    val.write_text(rows[0] + "\n")
+    cfg = _cfg(f"data.train={train}", f"data.validation={val}", f"model.path={model}",
+               "data.max_len=64")
+    out = tmp_path / "run"
+    task = experiment.load_data(cfg, Console(QUIET))
+    rundir.record(out, cfg, rundir.fingerprint(task, str(model)))
+    recorded = (out / "run.json").read_text()
+    train.write_text("\n".join(rows[:3]) + "\n")  # a row fewer, same path
+    with pytest.raises(rundir.RunDirError, match=r"trained on other contents of data.train "
+                                                 r".*examples then: \{'train': 4, "):
+        experiment.run(cfg, out, console=Console(QUIET))
+    assert (out / "run.json").read_text() == recorded and sorted(
+        p.name for p in out.iterdir()) == ["config.yaml", "run.json"]
+
+
+def test_steps_below_the_newest_checkpoint_are_refused(tmp_path):
+    cfg = _cfg("task.options={n_train: 16, n_val: 8, n_test: 8}", "loop.steps=20")
+    task = experiment.load_data(cfg, Console(QUIET))
+    rundir.record(tmp_path, cfg, rundir.fingerprint(task, None))
+    (tmp_path / "checkpoints" / "20").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "10.orbax-checkpoint-tmp-1").mkdir()
+    assert rundir.latest_checkpoint(tmp_path) == 20
+    with pytest.raises(rundir.RunDirError, match=r"newest checkpoint is at step 20, beyond "
+                                                 r"loop.steps=10; set loop.steps >= 20"):
+        experiment.run(config.replace(cfg, ["loop.steps=10"]), tmp_path,
+                       console=Console(QUIET))
+
+
+def test_non_finite_loss_marks_the_run_interrupted(tmp_path, capsys):
+    """A diverging run writes only results.json, with the reason and the last good
+    checkpoint, and exits with status 3; its checkpoint stays for a resume."""
+    args = ["train", "--out", str(tmp_path), "-q", "method.method=sft", "method.lr_theta=1e30",
+            "method.clip=0", "task.options={n_train: 16, n_val: 8, n_test: 8}",
+            "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
+            "model.intermediate_size=64", "loop.steps=6", "loop.checkpoint_every=1",
+            "batch_size=8", "val_batch_size=8", "eval_batch_size=8"]
+    assert cli.main(args) == cli.EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert "warning: run interrupted (non_finite_loss): step " in err
+    result = json.loads((tmp_path / "results.json").read_text())
+    reason = result["interrupted"]
+    assert reason["reason"] == "non_finite_loss" and ", loss=nan" in reason["message"]
+    assert reason["last_checkpoint"] == rundir.latest_checkpoint(tmp_path) >= 1
+    assert "val_loss" not in result and not (tmp_path / "model").exists()
+    assert result["data"]["train"]["n_kept"] == 16
+
+
+def test_demo_refusal_names_the_demo_directory(tmp_path):
+    from jbilevel import demo
+
+    cfg = demo.demo_config("bds", steps=8)
+    rundir.record(tmp_path / "bds", cfg, {"data": {}, "model": None})
+    with pytest.raises(rundir.RunDirError) as e:
+        demo.run(tmp_path, methods=("mix", "bds"), steps=16, console=Console(QUIET))
+    assert str(e.value).startswith(f"--out {tmp_path} holds a different run ({tmp_path / 'bds'})")
+    assert f"(--out {tmp_path}_2)" in str(e.value) and f"(rm -r {tmp_path})" in str(e.value)
+    assert not (tmp_path / "mix").exists()  # refused before the first method ran

@@ -1,0 +1,65 @@
+"""Sampling on the training mesh: same tokens as on one device, KV cache split with the rows,
+and no weight gathered inside the loop over decoded tokens."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jbilevel import sharding as sh
+from jbilevel.models import ModelConfig, build, generate
+from jbilevel.models.sampling import _generate, decoding_rules
+
+CFG = ModelConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4,
+                  intermediate_size=64)
+
+
+def _setup():
+    model = build(CFG)
+    mesh = sh.make_mesh(sh.MeshConfig(data=2, fsdp=4, tensor=1))
+    rules = sh.AxisRules()
+    params = model.init(jax.random.key(0))
+    shardings = sh.tree_shardings(mesh, rules, model.param_axes(), params)
+    params = jax.device_put(params, shardings)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 50, (8, 6)).astype(np.int32)
+    mask = np.ones((8, 6), np.int32)
+    mask[:3, :2] = 0  # left padding
+    rows = sh.batch_sharding(mesh, rules, 2)
+    return model, mesh, rules, params, jax.device_put(ids, rows), jax.device_put(mask, rows)
+
+
+def test_mesh_sampling_matches_one_device():
+    model, mesh, rules, params, ids, mask = _setup()
+    kw = dict(max_new_tokens=5, num_samples=2, temperature=0.7, eos_id=3)
+    want = generate(model, jax.device_get(params), np.asarray(ids), np.asarray(mask),
+                    jax.random.key(1), **kw)
+    for gather in (True, False):
+        got = generate(model, params, ids, mask, jax.random.key(1), mesh=mesh, rules=rules,
+                       gather_params=gather, **kw)
+        np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+        np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def _loop_body_gathers(gather_params: bool) -> list[str]:
+    """The all-gathers inside the compiled decoding loop (the innermost while body that runs
+    the layers for one token)."""
+    model, mesh, rules, params, ids, mask = _setup()
+    hlo = _generate.lower(
+        CFG, params, ids, mask, jax.random.key(1), jnp.float32(1.0), jnp.asarray([3]),
+        jnp.int32(0), None, max_new_tokens=4, num_samples=1, top_k=0, top_p=1.0,
+        greedy=False, mesh=mesh, rules=decoding_rules(rules, gather_params)).compile().as_text()
+    bodies = re.findall(r"while\(.*?body=(%[\w.\-]+)", hlo)
+    assert bodies
+    gathers = []
+    for name in bodies:
+        block = hlo.split(f"\n{name} ", 1)[1].split("\n}\n", 1)[0]
+        gathers += re.findall(r"= \w+\[[0-9,]*\][^ ]* all-gather", block)
+    return gathers
+
+
+def test_decoding_loop_moves_no_weights():
+    assert _loop_body_gathers(gather_params=True) == []
+    assert _loop_body_gathers(gather_params=False)  # the per-token gathers it avoids
