@@ -57,16 +57,16 @@ def run_one(config_path: Path, overrides: list[str], out_dir: Path, fresh: bool)
     """One run's results, reusing ``out_dir/results.json`` if it was made by the same config."""
     from jbilevel import config, experiment, rundir
 
-    cfg = experiment.resolve(config.load(experiment.ExperimentConfig, config_path, overrides),
-                             out_dir)  # a fine-tuning task's saved config names its files
+    requested = config.load(experiment.ExperimentConfig, config_path, overrides)
+    cfg = experiment.resolve(requested, out_dir)  # as its saved config.yaml has it
     done = out_dir / "results.json"
     if not fresh and done.exists() and (out_dir / "config.yaml").exists():
         saved = config.load(experiment.ExperimentConfig, out_dir / "config.yaml")
         result = json.loads(done.read_text())
         # config.yaml holds the applied settings; an interrupted run resumes below
-        if rundir.applied(saved) == rundir.applied(cfg) and "interrupted" not in result:
+        if rundir.applied(saved) == rundir.applied(cfg) and result.get("interrupted") is None:
             return result
-    return experiment.run(cfg, out_dir, progress=False)
+    return experiment.run(requested, out_dir, progress=False)
 
 
 def summarise(results: dict[str, list[dict]]) -> dict[str, dict[str, tuple[float, float, int]]]:
