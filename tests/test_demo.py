@@ -71,7 +71,8 @@ def test_shipped_finetune_configs_are_the_demo_settings(path):
     task, method = path.stem.split("_")
     shipped = config.load(experiment.ExperimentConfig, path)
     want = demo.demo_config(method, task=task)
-    for field in ("task", "model", "method", "online", "batch_size", "val_batch_size", "seed"):
+    for field in ("task", "model", "method", "online", "batch_size", "val_batch_size",
+                  "hyper_batch_size", "seed"):
         assert getattr(shipped, field) == getattr(want, field), field
     assert (shipped.loop.steps, shipped.loop.eval_every) == (want.loop.steps,
                                                              want.loop.eval_every)
