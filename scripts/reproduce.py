@@ -12,7 +12,7 @@ the built-in tasks fine-tuning the shipped base; ``configs``: from scratch); eve
 
 Writes to ``--out`` (default docs/results): ``<task>.md`` (the table and the command),
 ``<task>.json`` (every run's results), ``<task>.png`` (bars: mean ± std, dots: seeds) and
-``runs/<method>/seed<s>/`` (each run's full report).
+``runs/<task>/<method>/seed<s>/`` (each run's full report).
 
 ``--redraw FILE.json`` runs nothing: it reads a per-run JSON (``{"<method>_s<seed>": results}``,
 as committed under docs/results/), keeps the ``--methods`` given, in that order, and writes
@@ -180,7 +180,7 @@ def main(argv=None) -> int:
     for method, path in configs.items():
         results[method] = []
         for seed in args.seeds:
-            run_dir = out / "runs" / method / f"seed{seed}"
+            run_dir = out / "runs" / args.task / method / f"seed{seed}"
             print(f"{method} seed {seed} -> {run_dir}", flush=True)
             overrides = [f"seed={seed}", f"task.seed={seed}", *args.overrides]
             results[method].append(run_one(path, overrides, run_dir, args.fresh))
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     plot(results, summary, out / f"{args.task}.png",
          args.title or f"{args.task}: mean ± std over {len(args.seeds)} seeds")
     print(table)
-    print(f"wrote {out}/{args.task}.md, .json and .png; runs in {out}/runs/")
+    print(f"wrote {out}/{args.task}.md, .json and .png; runs in {out}/runs/{args.task}/")
     return 0
 
 
