@@ -44,8 +44,9 @@ FINETUNE_METHODS = {
 }
 FINETUNE_LR = 3e-4
 # bds: a hypergradient for every training row each time (hyper_batch_size 0), not a fresh
-# sample of 512 (the default): on quality seed 0 the validation loss was 0.269 with all 2000
-# rows against 0.330 with 512 (docs/results.md), for ~1.3x bds's wall time.
+# sample of 512 (the default): on quality seed 0 the final validation loss was 0.313 with all
+# 2000 rows (0.269 in the tuning run before main's merge) against 0.330 with 512 sampled rows
+# (docs/results.md); all rows costs more (the hypergradients are most of bds's time).
 FINETUNE_HYPER_BATCH = 0
 # bds + online: from a third of the run, every 50 steps, the lowest-weighted fifth of the
 # questions get one fresh answer each from the current model at a low temperature.
