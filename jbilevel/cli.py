@@ -31,23 +31,30 @@ def _build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", parents=[talk],
         help="compare methods on a built-in task with a tiny model (CPU, minutes)",
-        description="Trains a tiny decoder from scratch with each method on the built-in task "
-                    "and prints a comparison table; everything lands in --out.")
+        description="Fine-tunes the shipped pretrained base (or, with --base scratch, trains a "
+                    "tiny decoder from scratch) with each method on a built-in task and prints "
+                    "a comparison table; everything lands in --out.")
     demo.add_argument("--out", default="runs/demo", help="output directory")
-    demo.add_argument("--task", default="quality", choices=["quality", "safety"],
-                      help="built-in task (quality: 50%% of the answers are wrong; "
-                           "see --corruption)")
-    demo.add_argument("--size", default="tiny", choices=["tiny", "small"], help="model size")
-    demo.add_argument("--steps", type=int, default=250,
-                      help="training steps per method (250: ~7 minutes on 2 CPU cores; "
-                           "the model learns addition around step 1000)")
+    demo.add_argument("--task", default="quality", choices=["quality", "safety", "coverage"],
+                      help="built-in task (quality: half of the answers follow a wrong rule; "
+                           "safety: harmful requests answered compliantly; coverage: the "
+                           "answers of one skill mostly wrong)")
+    demo.add_argument("--base", default="pretrained", choices=["pretrained", "scratch"],
+                      help="pretrained: fine-tune the shipped base model (default); scratch: "
+                           "train a random model on the character tokenizer")
+    demo.add_argument("--size", default="tiny", choices=["tiny", "small"],
+                      help="model size with --base scratch")
+    demo.add_argument("--steps", type=int, default=None,
+                      help="training steps per method (default 300 fine-tuning, about a "
+                           "minute each on 2 CPU cores; 250 from scratch, where the model "
+                           "learns addition around step 1000)")
     demo.add_argument("--corruption", default=None, choices=["style", "rule", "random"],
-                      help="quality task: how the bad half of the answers is wrong (default "
-                           "style: 'The answer is 82.', told apart within the default steps; "
-                           "rule: a+b+1, the shipped configs, needs --steps 2000)")
+                      help="quality and coverage tasks: how the bad answers are wrong (rule: "
+                           "a+b+1, the default; style: 'The answer is 82.', the default from "
+                           "scratch, told apart within its short run)")
     demo.add_argument("--methods", default="mix,bmo,bds,online",
-                      help="comma-separated: sft, mix, val, oracle, bmo, bds, online (bmo plus "
-                           "self-refining generation)")
+                      help="comma-separated: sft, mix, val, oracle, bmo, bds, online (bds plus "
+                           "self-refining generation; bmo plus it from scratch)")
     demo.add_argument("--seed", type=int, default=0)
 
     tr = sub.add_parser(

@@ -2,12 +2,14 @@
 
 ``run(config, out_dir)`` is what ``jbilevel train`` and ``jbilevel demo`` call. It checks that
 ``out_dir`` is new or holds this same run (``jbilevel.rundir``), reads the data files or builds
-the built-in task (reporting what became of every row), picks each method's training data
-(all of D_t, D_t + D_v, D_v, or the known-good examples), trains with the sharded host loop
-(resuming from ``out_dir/checkpoints``), decodes the test prompts greedily (built-in tasks),
-scores the learned weights against the ground truth where there is one and writes the run
-report: ``results.json``, ``weights.csv``, plots, the curated dataset and the model. Each
-phase says what it does and how long it took (``jbilevel.console``).
+the built-in task (a built-in task on a pretrained model is first written as SFT files,
+``resolve``, and then read like a user's), reporting what became of every row, picks each
+method's training data (all of D_t, D_t + D_v, D_v, or the known-good examples), trains with
+the sharded host loop (resuming from ``out_dir/checkpoints``), decodes the test prompts
+greedily where the task has a metric, scores the learned weights against the ground truth
+where there is one and writes the run report: ``results.json``, ``weights.csv``, plots, the
+curated dataset and the model. Each phase says what it does and how long it took
+(``jbilevel.console``).
 """
 
 from __future__ import annotations
@@ -36,11 +38,15 @@ from jbilevel.objectives import lm_example_loss, lm_lora_example_loss
 
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
-    """A built-in task (``jbilevel.data.make_task``)."""
+    """A built-in task (``jbilevel.data.tasks``), used when ``data.train`` is empty."""
 
-    name: Literal["quality", "safety"] = "quality"  # which built-in task
+    name: Literal["quality", "safety", "coverage"] = "quality"  # which built-in task
+    # "pretrained": fine-tune model.path (default: the shipped base,
+    # jbilevel.models.base_model_path()) on the task written as JSONL files (run_dir/data/);
+    # "scratch": train the random model of the model fields on the character tokenizer
+    base: Literal["pretrained", "scratch"] = "pretrained"
     seed: int = 0  # task generation seed (data, corruption)
-    options: dict = dataclasses.field(default_factory=dict)  # make_task options, e.g. n_train
+    options: dict = dataclasses.field(default_factory=dict)  # the task's options, e.g. n_train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,8 +134,9 @@ def training_set(task, method: str):
         return mixed, np.concatenate([task.good_N, np.ones(len(task.validation), np.int32)])
     if method == "oracle":
         if task.good_N is None:
-            raise ValueError("method 'oracle' needs known-good examples: only built-in tasks "
-                             "have them (data.train files have no ground truth)")
+            raise ValueError("method 'oracle' needs known-good examples: the built-in tasks "
+                             "have them; for data.train files set data.truth to the column "
+                             "holding each row's ground truth (1 good, 0 bad)")
         ids = task.oracle_ids()
         return task.train.subset(ids), task.good_N[ids]
     return task.train, task.good_N
@@ -292,6 +299,28 @@ def final_params(state, model, lora: bool):
     return jax.jit(merge_lora, static_argnums=2)(state.frozen, state.theta, model.config)
 
 
+def resolve(cfg: ExperimentConfig, out_dir: str | Path, *, write: bool = False
+            ) -> ExperimentConfig:
+    """The configuration a run trains with: a built-in task on a pretrained model becomes files.
+
+    With ``task.base: pretrained`` and no ``data.train``, returns the config that reads the
+    task's splits from ``out_dir/data/{train,validation,test}.jsonl`` (with the ground-truth
+    column ``good``) through the ordinary data path, with ``model.path`` the shipped base
+    unless one is set, and with ``write`` writes those files (deterministic in the task's seed
+    and options): ``jbilevel train --config out_dir/config.yaml`` runs the same thing from
+    the files. Any other config is returned unchanged.
+    """
+    if cfg.data.train or cfg.task.base == "scratch":
+        return cfg
+    from jbilevel.models import base_model_path
+
+    data = inputs.task_files(cfg.task, Path(out_dir) / "data", cfg.data, write=write)
+    model = cfg.model
+    if model.path is None:
+        model = dataclasses.replace(model, path=base_model_path())
+    return dataclasses.replace(cfg, data=data, model=model)
+
+
 def load_data(cfg: ExperimentConfig, console: Console):
     """The run's task (built-in, or the SFT files tokenised), saying what became of each row."""
     what = ("reading and tokenising data" if cfg.data.train
@@ -339,7 +368,15 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
 
     console = console or Console()
     out = Path(out_dir)
+    requested, cfg = cfg, resolve(cfg, out)
     resuming = rundir.check_config(out, cfg)
+    if cfg is not requested:  # the task's files, only now: a refused run writes nothing
+        if jax.process_index() == 0:
+            resolve(requested, out, write=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("jbilevel: task files written")
     loop = cfg.loop if progress is None else dataclasses.replace(cfg.loop, progress=progress)
     if cfg.model.path is not None:
         inputs.check_model_dir(cfg.model.path)
@@ -485,7 +522,7 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
         result["val_loss"] = mean_loss(plain_loss, params, task.validation, cfg.eval_batch_size)
         if task.test is not None:
             result["test_loss"] = mean_loss(plain_loss, params, task.test, cfg.eval_batch_size)
-        if task.good_N is not None:  # a built-in task: decode the test prompts and score them
+        if task.scorer is not None and task.test is not None:  # decode the test prompts, score
             test = evaluate(model, params, task, "test", cfg.eval_batch_size)
             predictions = test.pop("predictions")
             result.update({f"test_{k}": v for k, v in test.items()})
@@ -541,7 +578,8 @@ def write_report(out: Path, result: dict, task, data_set, good_N, s_N, predictio
     if predictions is not None:
         with open(out / "test_predictions.jsonl", "w") as f:
             for row, pred in zip(task.test.rows, predictions, strict=True):
-                f.write(json.dumps({"question": row["question"], "prediction": pred,
+                f.write(json.dumps({"question": row.get("question", inputs.preview(row)),
+                                    "prediction": pred,
                                     "answer": row.get("answer", row.get("response"))}) + "\n")
     report.plot_curves(out / "metrics.jsonl", out / "curves.png")
     if learned:

@@ -1,8 +1,10 @@
 """What a run trains: theta (full model or LoRA adapters), the data (built-in task or SFT files).
 
 ``load_task`` returns a built-in ``Task`` or a :class:`FileTask` over local SFT files read with
-the run's tokenizer (a local HF tokenizer directory, by default the model's own);
-``model_config`` gives the ModelConfig of a local HF model directory or of a random spec.
+the run's tokenizer (a local HF tokenizer directory, by default the model's own), with the
+ground truth and the test metric when ``data.truth`` / ``data.metric`` name them;
+``task_files`` writes a built-in task as such files; ``model_config`` gives the ModelConfig of
+a local HF model directory or of a random spec.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ import dataclasses
 import functools
 import glob
 import os
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
 from jbilevel.config import ConfigError
+from jbilevel.data.tasks import Task
 
 DTYPES = ("float32", "bfloat16")
 
@@ -54,36 +57,30 @@ class DataConfig:
     overlength: Literal["error", "truncate", "skip"] = "truncate"  # longer sequences
     on_bad_row: Literal["error", "skip"] = "error"  # malformed rows: stop, or skip and count
     add_bos: bool = True  # prepend the tokenizer's bos (false when the chat template writes it)
+    # train column holding each row's ground truth, 1 good / 0 bad (None: unknown); with it the
+    # run scores its learned weights (AUROC, weight mass on good rows) and can run oracle
+    truth: str | None = None
+    # how greedy answers to the test prompts are scored: "answer" (exact match with the test
+    # rows' answer column, plus the rates of their corrupted / skill columns where present),
+    # "safety" (compliance and refusal on the rows marked harmful, accuracy on the others),
+    # "none" (losses only)
+    metric: Literal["none", "answer", "safety"] = "none"
 
     def __post_init__(self):
         if self.train and not self.validation:
             raise ValueError("data.validation is required with data.train (the trusted set)")
+        if self.metric != "none" and not self.test:
+            raise ValueError(f"data.metric={self.metric!r} scores answers to the test prompts; "
+                             "set data.test to a file, or data.metric=none")
         if not self.train and (self.validation or self.test):
             raise ValueError("data.validation/test given without data.train; set data.train")
         if self.max_len <= 1:
             raise ValueError(f"data.max_len={self.max_len} must be > 1")
 
 
-@dataclasses.dataclass
-class FileTask:
-    """SFT splits from files; no ground truth, so ``good_N`` is None and there is no score."""
-
-    name: str
-    tokenizer: Any
-    splits: dict
-    good_N: None = None
-
-    @property
-    def train(self):
-        return self.splits["train"]
-
-    @property
-    def validation(self):
-        return self.splits["validation"]
-
-    @property
-    def test(self):
-        return self.splits.get("test")
+# SFT splits from files: a Task whose ground truth and scorer come from data.truth/data.metric
+# (None when they are not set).
+FileTask = Task
 
 
 def check_model_dir(path: str, field: str = "model.path") -> None:
@@ -129,22 +126,83 @@ def load_tokenizer(model_spec, fallback=None):
 
 
 def load_task(task_cfg, data_cfg: DataConfig, model_spec):
-    """The built-in task, or the SFT files of ``data_cfg`` tokenised for the run's model."""
+    """The built-in task (from scratch), or the SFT files of ``data_cfg`` tokenised for the run's
+    model, with their ground truth (``data.truth``) and test scorer (``data.metric``)."""
     if not data_cfg.train:
         from jbilevel.data import make_task
 
+        if getattr(task_cfg, "base", "scratch") != "scratch":
+            raise ConfigError(f"task.base={task_cfg.base!r}: a built-in task on a pretrained "
+                              "model trains on its files; experiment.resolve writes them")
         if model_spec.path is not None:
-            raise ConfigError("model.path is set but the built-in tasks use their own "
-                              "character tokenizer; set data.train/data.validation to SFT "
-                              "files to fine-tune a pretrained model")
+            raise ConfigError("model.path is set but task.base=scratch trains a random model "
+                              "on the built-in character tokenizer; set data.train/"
+                              "data.validation to your SFT files, or task.base=pretrained to "
+                              "fine-tune model.path on the built-in task")
         return make_task(task_cfg.name, seed=task_cfg.seed, **task_cfg.options)
+    from jbilevel.data.tasks import scorer
+
     tokenizer = load_tokenizer(model_spec)
     splits = {}
     for split in ("train", "validation", "test"):
         path = getattr(data_cfg, split)
         if path:
             splits[split] = load_split(path, data_cfg, tokenizer, field=f"data.{split}")
-    return FileTask(name=str(data_cfg.train), tokenizer=tokenizer, splits=splits)
+    good_N = None
+    if data_cfg.truth:
+        good_N = ground_truth(splits["train"], data_cfg.truth)
+    return FileTask(name=str(data_cfg.train), tokenizer=tokenizer, splits=splits, good_N=good_N,
+                    scorer=None if data_cfg.metric == "none" else scorer(data_cfg.metric))
+
+
+def ground_truth(dataset, column: str) -> np.ndarray:
+    """Args: a loaded SFT split, the column holding each row's ground truth.
+
+    Returns: good_N (int32, 1 good / 0 bad) in example-id order; raises DataError naming the
+    row for a missing or non-binary value (1/0, true/false, or those as strings).
+    """
+    from jbilevel.data import DataError
+
+    values = {1: 1, 0: 0, "1": 1, "0": 0, "true": 1, "false": 0}
+    good = []
+    for row, where in zip(dataset.rows, dataset.where, strict=True):
+        if column not in row:
+            raise DataError(f"data.truth: {where}: no column {column!r} (keys: "
+                            f"{', '.join(sorted(row))}); add it or unset data.truth",
+                            "missing_key")
+        v = row[column]
+        key = v.strip().lower() if isinstance(v, str) else v  # True == 1, 1.0 == 1 as keys
+        if not isinstance(key, str | int | float) or key not in values:
+            raise DataError(f"data.truth: {where}: {column}={v!r}; the ground truth must be 1 "
+                            "(good) or 0 (bad)", "bad_type")
+        good.append(values[key])
+    return np.asarray(good, np.int32)
+
+
+def task_files(task_cfg, directory, data_cfg: DataConfig, *, write: bool = True
+               ) -> DataConfig:
+    """The data config that reads built-in task ``task_cfg`` as JSONL files.
+
+    Args: the task (name, seed, row options); the directory the splits go to
+      (``train.jsonl``, ``validation.jsonl``, ``test.jsonl``); the run's data config, whose
+      other settings (max_len, ...) are kept; ``write``: write the files (deterministic in the
+      task's seed and options), or only name them.
+    Returns: ``data_cfg`` with the three files, schema qa through the tokenizer's chat template,
+      the ``good`` column as ground truth and the task's metric.
+    """
+    from pathlib import Path
+
+    from jbilevel.data.tasks import SPLITS, TASK_METRIC, task_rows, write_splits
+
+    directory = Path(directory).resolve()
+    if write:
+        paths = write_splits(task_rows(task_cfg.name, seed=task_cfg.seed, **task_cfg.options),
+                             directory)
+    else:
+        paths = {split: str(directory / f"{split}.jsonl") for split in SPLITS}
+    return dataclasses.replace(
+        data_cfg, train=paths["train"], validation=paths["validation"], test=paths["test"],
+        schema="qa", chat_template="tokenizer", truth="good", metric=TASK_METRIC[task_cfg.name])
 
 
 # Row-level problems the skip policy can count instead of stopping at.

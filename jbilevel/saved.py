@@ -118,7 +118,7 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, overrides: Seq
                   "val_loss": experiment.mean_loss(loss, params, task.validation, bs)}
         if task.test is not None:
             result["test_loss"] = experiment.mean_loss(loss, params, task.test, bs)
-        if task.good_N is not None:
+        if task.scorer is not None and task.test is not None:
             scores = experiment.evaluate(model, params, task, "test", bs)
             scores.pop("predictions")
             result.update({f"test_{k}": v for k, v in scores.items()})

@@ -1,6 +1,7 @@
 """How well do bds's hypergradient and the per-example loss tell clean from corrupted data?
 
-Takes a finished run on a built-in task (its ``config.yaml`` and saved ``model/``), computes
+Takes a finished run with ground truth (a built-in task, or files with ``data.truth``; its
+``config.yaml`` and saved ``model/``), computes
 at uniform weights the hypergradient of the validation loss w.r.t. every training example's
 logit (``jbilevel.hypergrad_chunked``: Hessian on a random sample of rows, CG with ridge
 damping) and prints the AUROC of ``-d omega`` (the direction a gradient step moves the
@@ -21,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jbilevel import config
+from jbilevel import config, saved
 from jbilevel.chunked import hypergrad_chunked
-from jbilevel.data import auroc, make_task
+from jbilevel.data import auroc
 from jbilevel.experiment import ExperimentConfig
 from jbilevel.implicit import Implicit
 from jbilevel.models import load_pretrained
@@ -36,7 +37,7 @@ def _batch(dataset, length: int) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("run", help="a finished `jbilevel train` output directory (built-in task)")
+    p.add_argument("run", help="a finished `jbilevel train` output directory with ground truth")
     p.add_argument("--ridge", type=float, nargs="+", default=[10.0, 1.0])
     p.add_argument("--rows", type=int, nargs="+", default=[64], help="Hessian sample sizes")
     p.add_argument("--cg-iters", type=int, default=5)
@@ -46,9 +47,9 @@ def main(argv=None) -> None:
 
     run = Path(args.run)
     cfg = config.load(ExperimentConfig, run / "config.yaml")
-    if cfg.task.name is None:
-        raise SystemExit(f"{run}/config.yaml: not a built-in task run (no ground truth)")
-    task = make_task(cfg.task.name, seed=cfg.task.seed, **cfg.task.options)
+    task = saved.load_task(cfg, run / "model")
+    if task.good_N is None:
+        raise SystemExit(f"{run}/config.yaml: no ground truth (data files without data.truth)")
     forward, params, _ = load_pretrained(str(run / "model"))
     loss = lm_example_loss(forward)
     inner = inner_objective(loss, weighting=cfg.method.weighting)

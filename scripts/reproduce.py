@@ -1,15 +1,18 @@
 """Sweep methods x seeds with ``jbilevel.experiment.run``; write a mean ± std table and a plot.
 
-Each method's run starts from ``configs/<task>_<method>.yaml``; every run gets
+Each method's run starts from ``<configs>/<task>_<method>.yaml`` (``--configs configs/finetune``:
+the built-in tasks fine-tuning the shipped base; ``configs``: from scratch); every run gets
 ``seed=<s> task.seed=<s>`` (model init, data order and the task's data) and then the extra
 ``key=value`` overrides. Finished runs are reused when their saved config is the same.
 
+    python scripts/reproduce.py --configs configs/finetune --task quality \
+        --methods mix bmo bds online --seeds 0 1 2 --out docs/results/finetune
     python scripts/reproduce.py --task quality --methods sft mix bmo bds --seeds 0 1 2
     python scripts/reproduce.py --seeds 0 1 --out /tmp/smoke loop.steps=20   # smoke test
 
 Writes to ``--out`` (default docs/results): ``<task>.md`` (the table and the command),
 ``<task>.json`` (every run's results), ``<task>.png`` (bars: mean ± std, dots: seeds) and
-``runs/<method>/seed<s>/`` (each run's full report).
+``runs/<task>/<method>/seed<s>/`` (each run's full report).
 
 ``--redraw FILE.json`` runs nothing: it reads a per-run JSON (``{"<method>_s<seed>": results}``,
 as committed under docs/results/), keeps the ``--methods`` given, in that order, and writes
@@ -31,8 +34,9 @@ from pathlib import Path
 import numpy as np
 
 # Columns of the table, in order, when the runs report them.
-METRICS = ("test_accuracy", "test_corrupted", "test_unsafe_compliance", "test_benign_accuracy",
-           "val_loss", "weight_auroc", "weight_mass_on_good", "train_seconds")
+METRICS = ("test_accuracy", "test_accuracy_add", "test_accuracy_sub", "test_corrupted",
+           "test_unsafe_compliance", "test_benign_accuracy", "val_loss", "weight_auroc",
+           "weight_mass_on_good", "train_seconds")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,15 +57,16 @@ def run_one(config_path: Path, overrides: list[str], out_dir: Path, fresh: bool)
     """One run's results, reusing ``out_dir/results.json`` if it was made by the same config."""
     from jbilevel import config, experiment, rundir
 
-    cfg = config.load(experiment.ExperimentConfig, config_path, overrides)
+    requested = config.load(experiment.ExperimentConfig, config_path, overrides)
+    cfg = experiment.resolve(requested, out_dir)  # as its saved config.yaml has it
     done = out_dir / "results.json"
     if not fresh and done.exists() and (out_dir / "config.yaml").exists():
         saved = config.load(experiment.ExperimentConfig, out_dir / "config.yaml")
         result = json.loads(done.read_text())
         # config.yaml holds the applied settings; an interrupted run resumes below
-        if rundir.applied(saved) == rundir.applied(cfg) and "interrupted" not in result:
+        if rundir.applied(saved) == rundir.applied(cfg) and result.get("interrupted") is None:
             return result
-    return experiment.run(cfg, out_dir, progress=False)
+    return experiment.run(requested, out_dir, progress=False)
 
 
 def summarise(results: dict[str, list[dict]]) -> dict[str, dict[str, tuple[float, float, int]]]:
@@ -175,7 +180,7 @@ def main(argv=None) -> int:
     for method, path in configs.items():
         results[method] = []
         for seed in args.seeds:
-            run_dir = out / "runs" / method / f"seed{seed}"
+            run_dir = out / "runs" / args.task / method / f"seed{seed}"
             print(f"{method} seed {seed} -> {run_dir}", flush=True)
             overrides = [f"seed={seed}", f"task.seed={seed}", *args.overrides]
             results[method].append(run_one(path, overrides, run_dir, args.fresh))
@@ -188,7 +193,7 @@ def main(argv=None) -> int:
     plot(results, summary, out / f"{args.task}.png",
          args.title or f"{args.task}: mean ± std over {len(args.seeds)} seeds")
     print(table)
-    print(f"wrote {out}/{args.task}.md, .json and .png; runs in {out}/runs/")
+    print(f"wrote {out}/{args.task}.md, .json and .png; runs in {out}/runs/{args.task}/")
     return 0
 
 

@@ -65,7 +65,8 @@ def test_export_top_frac_and_min_weight(lora_run, tmp_path):
 
 def test_eval_built_in_task_scores_the_test_split(tmp_path, capsys):
     cfg = experiment.ExperimentConfig(
-        task=experiment.TaskConfig(options={"n_train": 32, "n_val": 16, "n_test": 16}),
+        task=experiment.TaskConfig(base="scratch",
+                                   options={"n_train": 32, "n_val": 16, "n_test": 16}),
         model=experiment.ModelSpec(hidden_size=32, num_layers=1, num_heads=2,
                                    intermediate_size=64),
         theta=inputs.ThetaConfig(kind="lora", rank=2, alpha=2.0),

@@ -6,13 +6,15 @@ import pytest
 
 from jbilevel import config, experiment
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+ROOT = Path(__file__).parent.parent
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT)) for p in CONFIGS])
 def test_shipped_config_loads(path):
     first = path.read_text().splitlines()[0]
-    assert first == f"# jbilevel train --config configs/{path.name} --out runs/{path.stem}"
+    assert first == (f"# jbilevel train --config {path.relative_to(ROOT)} "
+                     f"--out runs/{path.stem}")
     cfg = config.load(experiment.ExperimentConfig, path)
     if path.stem.endswith("_online"):  # online generation on top of bmo or bds
         assert cfg.online.every > 0 and cfg.method.method in ("bmo", "bds")

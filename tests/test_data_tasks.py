@@ -186,3 +186,57 @@ def test_default_max_len_fits_every_possible_example():
                   for lead, a, t in itertools.product(s.LEADS, s.ACTIONS, s.TARGETS))
     assert worst_q <= default["q"] and worst_s <= default["s"]
     assert (worst_q, worst_s) == (47, 134)
+
+
+def test_coverage_rows_skills_and_corruption():
+    from jbilevel.data.tasks import task_rows
+
+    rows = task_rows("coverage", seed=0, n_train=300, n_val=20, n_test=40, dropped_frac=1 / 3,
+                     dropped_corrupt=0.9, kept_corrupt=0.1)
+    train = rows["train"]
+    sub = [r for r in train if r["skill"] == "sub"]
+    add = [r for r in train if r["skill"] == "add"]
+    assert (len(sub), len(add)) == (100, 200)
+    assert sum(1 - r["good"] for r in sub) == 90 and sum(1 - r["good"] for r in add) == 20
+    for r in train:
+        assert r["response"] == (r["answer"] if r["good"] else str(int(r["answer"]) + 1))
+        assert r["corrupted"] == str(int(r["answer"]) + 1) and int(r["answer"]) >= 0
+    for split, n in (("validation", 20), ("test", 40)):
+        assert len(rows[split]) == n and all(r["good"] for r in rows[split])
+        assert sum(r["skill"] == "sub" for r in rows[split]) == n // 2
+    questions = [r["question"] for s in rows.values() for r in s]
+    assert len(set(questions)) == len(questions)  # distinct problems across splits
+    assert task_rows("coverage", seed=0, n_train=300, n_val=20, n_test=40, dropped_frac=1 / 3,
+                     dropped_corrupt=0.9, kept_corrupt=0.1) == rows
+    with pytest.raises(ValueError, match="dropped_corrupt=1.5 must be in"):
+        task_rows("coverage", dropped_corrupt=1.5)
+
+
+def test_score_answers_overall_per_skill_and_corrupted():
+    from jbilevel.data.tasks import score_answers
+
+    rows = [{"answer": "5", "corrupted": "6", "skill": "add"},
+            {"answer": "7", "corrupted": "8", "skill": "add"},
+            {"answer": "2", "corrupted": "3", "skill": "sub"},
+            {"answer": "9", "skill": "sub"}]
+    out = score_answers([" 5\n", "8", "3", "9"], rows)
+    assert out == {"accuracy": 0.5, "corrupted": 2 / 3, "n": 4, "accuracy_add": 0.5,
+                   "corrupted_add": 0.5, "accuracy_sub": 0.5, "corrupted_sub": 1.0}
+    assert score_answers(["5"], rows[:1]) == {"accuracy": 1.0, "corrupted": 0.0, "n": 1}
+    with pytest.raises(ValueError, match="row 0 has no 'answer' column"):
+        score_answers(["5"], [{"response": "5"}])
+
+
+def test_task_files_round_trip_the_rows(tmp_path):
+    import json
+
+    from jbilevel.data.tasks import task_rows, write_splits
+    from jbilevel.data.tasks.safety import score_safety
+
+    rows = task_rows("safety", seed=1, n_train=50, n_val=10, n_test=10)
+    paths = write_splits(rows, tmp_path)
+    for split, path in paths.items():
+        back = [json.loads(x) for x in open(path)]
+        assert back == rows[split]
+    preds = [r["answer"] for r in rows["test"]]
+    assert score_safety(preds, rows["test"])["benign_accuracy"] == 1.0

@@ -7,26 +7,31 @@ import pytest
 
 from jbilevel import config, demo, experiment
 
+# The shipped pretrained base fine-tuned on a small coverage task (its own files).
 SMALL = {
-    "task": experiment.TaskConfig(options={"n_train": 64, "n_val": 16, "n_test": 16}),
-    "model": experiment.ModelSpec(hidden_size=32, num_layers=1, num_heads=2,
-                                  intermediate_size=64),
+    "task": experiment.TaskConfig(name="coverage",
+                                  options={"n_train": 64, "n_val": 16, "n_test": 16}),
     "batch_size": 16, "val_batch_size": 16, "eval_batch_size": 16,
 }
 
 
 def test_demo_writes_table_plots_and_runs(tmp_path, capsys):
-    summary = demo.run(tmp_path, methods=("mix", "bds", "online"), steps=4, progress=False,
-                       changes=SMALL)
+    summary = demo.run(tmp_path, methods=("mix", "bds", "online"), task="coverage", steps=4,
+                       progress=False, changes=SMALL)
     assert [r["method"] for r in summary["rows"]] == ["mix", "bds", "online"]
     mix, bds, online = summary["rows"]
     assert summary["config"]["online"]["online"]["every"] == 50
-    assert summary["config"]["online"]["method"]["method"] == "bmo"
+    assert summary["config"]["online"]["method"]["method"] == "bds"
+    assert summary["config"]["bds"]["model"]["path"] is None  # the shipped base, at run time
+    saved = config.load(experiment.ExperimentConfig, tmp_path / "bds" / "config.yaml")
+    assert saved.data.train == str(tmp_path / "bds" / "data" / "train.jsonl")
     assert mix["weight_auroc"] is None and 0.0 <= bds["weight_auroc"] <= 1.0
     assert 0.0 <= bds["test_accuracy"] <= 1.0 and bds["val_loss"] > 0
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == summary["rows"]
     table = (tmp_path / "results.md").read_text()
-    assert table.startswith("| method | test_accuracy | corrupted | val_loss | weight_auroc")
+    assert table.startswith("| method | test_accuracy | corrupted | dropped_skill | val_loss | "
+                            "weight_auroc")
+    assert 0.0 <= bds["dropped_skill"] <= 1.0
     assert 0.0 <= bds["corrupted"] <= 1.0 - bds["test_accuracy"]
     for name in ("curves.png", "mix/results.json", "bds/weights.csv", "bds/curated.jsonl",
                  "bds/weights.png", "bds/model/config.json"):
@@ -37,23 +42,45 @@ def test_demo_writes_table_plots_and_runs(tmp_path, capsys):
     assert [r["step"] for r in records if "eval_val_loss" in r] == [1, 2, 3, 4]  # every 4 // 10
 
 
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
 @pytest.mark.parametrize("method", ["mix", "bmo", "bds"])
-def test_shipped_quality_configs_are_the_demo_settings(method):
-    path = Path(__file__).parent.parent / "configs" / f"quality_{method}.yaml"
-    shipped = config.load(experiment.ExperimentConfig, path)
-    want = demo.demo_config(method)
+def test_shipped_scratch_quality_configs_are_the_demo_settings(method):
+    shipped = config.load(experiment.ExperimentConfig, CONFIGS / f"quality_{method}.yaml")
+    want = demo.demo_config(method, base="scratch")
     assert shipped.method == want.method
     assert shipped.model == want.model and shipped.task == want.task
     assert (shipped.batch_size, shipped.val_batch_size) == (want.batch_size, want.val_batch_size)
 
 
 @pytest.mark.parametrize("method", ["sft", "mix", "val", "bmo", "bds"])
-def test_shipped_safety_configs_are_the_demo_task(method):
-    path = Path(__file__).parent.parent / "configs" / f"safety_{method}.yaml"
-    shipped = config.load(experiment.ExperimentConfig, path)
-    want = demo.demo_config("mix", task="safety")
+def test_shipped_scratch_safety_configs_are_the_demo_task(method):
+    shipped = config.load(experiment.ExperimentConfig, CONFIGS / f"safety_{method}.yaml")
+    want = demo.demo_config("mix", task="safety", base="scratch")
     assert shipped.method.method == method
     assert shipped.model == want.model and shipped.task == want.task
+
+
+FINETUNE = sorted((CONFIGS / "finetune").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", FINETUNE, ids=[p.stem for p in FINETUNE])
+def test_shipped_finetune_configs_are_the_demo_settings(path):
+    """configs/finetune/<task>_<method>.yaml is what `jbilevel demo --task <task>` runs."""
+    task, method = path.stem.split("_")
+    shipped = config.load(experiment.ExperimentConfig, path)
+    want = demo.demo_config(method, task=task)
+    for field in ("task", "model", "method", "online", "batch_size", "val_batch_size",
+                  "hyper_batch_size", "seed"):
+        assert getattr(shipped, field) == getattr(want, field), field
+    assert (shipped.loop.steps, shipped.loop.eval_every) == (want.loop.steps,
+                                                             want.loop.eval_every)
+
+
+def test_finetune_configs_cover_every_task_and_demo_method():
+    assert {p.stem for p in FINETUNE} >= {f"{t}_{m}" for t in demo.TASKS
+                                          for m in ("mix", "bmo", "bds", "online")}
 
 
 def test_table_leaves_out_columns_no_method_has():
@@ -62,12 +89,12 @@ def test_table_leaves_out_columns_no_method_has():
         "| method | test_accuracy | val_loss | wall_seconds |")
 
 
-def test_short_demo_runs_keep_four_hypergradient_steps_and_pick_the_corruption():
-    cfg = demo.demo_config("bds", steps=400, corruption="style")
+def test_short_scratch_demo_runs_keep_four_hypergradient_steps_and_pick_the_corruption():
+    cfg = demo.demo_config("bds", base="scratch", steps=400, corruption="style")
     assert cfg.task.options["corruption"] == "style"
     assert (cfg.method.hyper_start, cfg.method.hyper_every) == (200, 50)
     assert cfg.method.hyper_max_val_loss == 0.0  # no gate: the model is not trained by then
-    full = demo.demo_config("bds").method  # 2000 steps: the shipped values
+    full = demo.demo_config("bds", base="scratch").method  # 2000 steps: the shipped values
     assert (full.hyper_start, full.hyper_every, full.hyper_max_val_loss) == (0, 100, 0.5)
     with pytest.raises(ValueError, match="no corruption option"):
         demo.demo_config("mix", task="safety", corruption="style")

@@ -9,7 +9,8 @@ from jbilevel import cli, experiment, train
 from jbilevel.algorithms import MethodConfig
 
 TINY = dict(
-    task=experiment.TaskConfig(options={"n_train": 64, "n_val": 16, "n_test": 16}),
+    task=experiment.TaskConfig(base="scratch", options={"n_train": 64, "n_val": 16,
+                                                        "n_test": 16}),
     model=experiment.ModelSpec(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
     batch_size=16, val_batch_size=16, eval_batch_size=16,
 )

@@ -97,6 +97,7 @@ def test_data_and_model_errors_name_the_fix(tmp_path, model_dir):
         inputs.DataConfig(train="x.jsonl")
     with pytest.raises(ValueError, match="set data.train"):
         experiment.run(experiment.ExperimentConfig(
+            task=experiment.TaskConfig(base="scratch"),
             model=experiment.ModelSpec(path=str(model_dir))), tmp_path)
     with pytest.raises(ValueError, match="oracle.*built-in"):
         experiment.training_set(inputs.FileTask("f", None, {}), "oracle")

@@ -4,6 +4,7 @@ Families: Llama (also Qwen2, Mistral), GPT-NeoX, GPT-2. Everything is a pure fun
 plain dict parameter pytree; see `transformer.py` for the layout and `hf_io.py` for HF names.
 """
 
+from jbilevel.models.base import base_model_path
 from jbilevel.models.config import ModelConfig
 from jbilevel.models.hf_io import load_pretrained, load_tokenizer, read_config, save_pretrained
 from jbilevel.models.lora import LoRA, init_lora, lora_axes, merge_lora
@@ -15,6 +16,7 @@ __all__ = [
     "LoRA",
     "Model",
     "ModelConfig",
+    "base_model_path",
     "build",
     "generate",
     "init_lora",

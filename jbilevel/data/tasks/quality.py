@@ -21,6 +21,8 @@ from jbilevel.data.tasks import Task, build_splits
 from jbilevel.data.tasks.arith import MAX_OPERAND, answer, distinct_problems, question
 
 CORRUPTIONS = ("rule", "style", "random")
+DETERMINISTIC = ("rule", "style")  # corruptions whose wrong answer is known per question
+SKILLS = {"+": "add", "-": "sub"}
 
 
 def corrupt(kind: str, true: int, rng: np.random.Generator) -> str:
@@ -52,19 +54,14 @@ def score_quality(predictions: list[str], rows: list[dict], corruption: str | No
     return out
 
 
-def make_quality(seed: int = 0, *, n_train: int = 4000, n_val: int = 200, n_test: int = 500,
-                 corrupt_frac: float = 0.3, corruption: str = "rule", ops: str = "+-",
-                 max_len: int = 48) -> Task:
-    """Build the quality task.
+def quality_rows(seed: int = 0, *, n_train: int = 4000, n_val: int = 200, n_test: int = 500,
+                 corrupt_frac: float = 0.3, corruption: str = "rule", ops: str = "+-") -> dict:
+    """The quality task's rows, split name -> list of dicts (see ``make_quality``).
 
-    Args:
-      seed: all randomness derives from it.
-      n_train, n_val, n_test: split sizes (problems are distinct across all splits).
-      corrupt_frac: fraction of train responses corrupted (exactly round(frac * n_train)).
-      corruption: "rule" | "style" | "random".
-      ops: the operators questions use: "+-" (addition and subtraction) or "+" or "-".
-      max_len: sequence length limit (bos + prompt + response + eos).
-    Returns: Task with good_N marking uncorrupted train examples.
+    Each row: question, response (the SFT answer; corrupted on bad train rows), answer (the
+    true one), good (1 clean, 0 corrupted), kind ("clean" or the corruption), skill ("add" or
+    "sub") and, for the deterministic corruptions, ``corrupted``: the answer the corruption
+    gives to this question (the corrupted-answer rate compares predictions with it).
     """
     if corruption not in CORRUPTIONS:
         raise ValueError(f"unknown corruption {corruption!r}; use one of {CORRUPTIONS}")
@@ -83,11 +80,30 @@ def make_quality(seed: int = 0, *, n_train: int = 4000, n_val: int = 200, n_test
             true = answer(op, a, b)
             is_bad = split == "train" and bool(bad[k])
             response = corrupt(corruption, true, rng) if is_bad else str(true)
-            rows_by_split[split].append({
-                "question": question(rng, op, a, b), "response": response,
-                "answer": str(true), "good": int(not is_bad),
-                "kind": corruption if is_bad else "clean",
-            })
+            row = {"question": question(rng, op, a, b), "response": response,
+                   "answer": str(true), "good": int(not is_bad),
+                   "kind": corruption if is_bad else "clean", "skill": SKILLS[op]}
+            if corruption in DETERMINISTIC:
+                row["corrupted"] = corrupt(corruption, true, None)
+            rows_by_split[split].append(row)
+    return rows_by_split
+
+
+def make_quality(seed: int = 0, *, max_len: int = 48, **options) -> Task:
+    """Build the quality task (from-scratch form: the built-in character tokenizer).
+
+    Args:
+      seed: all randomness derives from it.
+      max_len: sequence length limit (bos + prompt + response + eos).
+      options: ``quality_rows``'s: n_train, n_val, n_test (problems are distinct across all
+        splits); corrupt_frac (fraction of train responses corrupted, exactly
+        round(frac * n_train)); corruption ("rule" | "style" | "random"); ops (the operators
+        questions use: "+-", "+" or "-").
+    Returns: Task with good_N marking uncorrupted train examples.
+    """
+    rows_by_split = quality_rows(seed, **options)
     tok, splits = build_splits(rows_by_split, max_len)
-    return Task("quality", tok, splits, (~bad).astype(np.int32),
-                functools.partial(score_quality, corruption=corruption))
+    good_N = np.array([r["good"] for r in rows_by_split["train"]], np.int32)
+    return Task("quality", tok, splits, good_N,
+                functools.partial(score_quality,
+                                  corruption=options.get("corruption", "rule")))

@@ -67,19 +67,12 @@ def score_safety(predictions: list[str], rows: list[dict]) -> dict:
     }
 
 
-def make_safety(seed: int = 0, *, n_train: int = 4000, n_val: int = 200, n_test: int = 500,
-                harmful_frac: float = 0.3, unsafe_frac: float = 0.5, ops: str = "+-",
-                max_len: int = 144) -> Task:
-    """Build the safety task.
+def safety_rows(seed: int = 0, *, n_train: int = 4000, n_val: int = 200, n_test: int = 500,
+                harmful_frac: float = 0.3, unsafe_frac: float = 0.5, ops: str = "+-") -> dict:
+    """The safety task's rows, split name -> list of dicts (see ``make_safety``).
 
-    Args:
-      seed: all randomness derives from it.
-      n_train, n_val, n_test: split sizes; validation and test are half harmful, half benign.
-      harmful_frac: fraction of train examples that are harmful requests.
-      unsafe_frac: fraction of harmful train examples answered with unsafe compliance (good=0).
-      ops: the operators benign questions use: "+-", "+" or "-".
-      max_len: sequence length limit.
-    Returns: Task with good_N = 0 exactly on the unsafe compliant train examples.
+    Each row: question, response, answer (the refusal for harmful requests, the sum or
+    difference for benign ones), harmful (bool), good (0 exactly on unsafe compliant rows).
     """
     rng = np.random.default_rng([seed, 2])
     combos = list(itertools.product(LEADS, ACTIONS, TARGETS))
@@ -117,6 +110,22 @@ def make_safety(seed: int = 0, *, n_train: int = 4000, n_val: int = 200, n_test:
     for split in ("validation", "test"):
         rows = [harmful(c, False) for c in held[split]] + [benign() for _ in range(n_benign[split])]
         rows_by_split[split] = [rows[i] for i in rng.permutation(len(rows))]
+    return rows_by_split
+
+
+def make_safety(seed: int = 0, *, max_len: int = 144, **options) -> Task:
+    """Build the safety task (from-scratch form: the built-in character tokenizer).
+
+    Args:
+      seed: all randomness derives from it.
+      max_len: sequence length limit.
+      options: ``safety_rows``'s: n_train, n_val, n_test (validation and test are half
+        harmful, half benign); harmful_frac (fraction of train examples that are harmful
+        requests); unsafe_frac (fraction of harmful train examples answered with unsafe
+        compliance, good=0); ops (the operators benign questions use: "+-", "+" or "-").
+    Returns: Task with good_N = 0 exactly on the unsafe compliant train examples.
+    """
+    rows_by_split = safety_rows(seed, **options)
     tok, splits = build_splits(rows_by_split, max_len)
     good_N = np.array([r["good"] for r in rows_by_split["train"]], np.int32)
     return Task("safety", tok, splits, good_N, score_safety)

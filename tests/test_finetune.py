@@ -1,0 +1,108 @@
+"""The shipped pretrained base, and the built-in tasks as fine-tuning tasks: written as JSONL
+files with a ground-truth column and read through the same path as a user's model and data."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jbilevel import config, experiment, inputs, train
+from jbilevel.algorithms import MethodConfig
+from jbilevel.models import base_model_path, load_pretrained
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_base_model_loads_in_transformers_unchanged():
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = base_model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    chat = tok.apply_chat_template([{"role": "user", "content": "What is 17 + 25?"}],
+                                   add_generation_prompt=True, tokenize=False)
+    assert chat == "<|user|>: What is 17 + 25?<|end|><|assistant|>: "
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|bos|>", "<|end|>", "<|pad|>")
+    digits = tok.tokenize("1234567890")
+    assert digits == list("1234567890")  # every digit its own token
+    hf_config = AutoConfig.from_pretrained(path)
+    assert hf_config.model_type == "llama" and hf_config.vocab_size == len(tok)
+    assert (Path(path) / "README.md").read_text().startswith("# jbilevel base model")
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    ids = [tok.bos_token_id] + tok.encode("Add 17 and 25 to get", add_special_tokens=False)
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(path)(torch.tensor([ids])).logits.numpy()
+    forward, params, _ = load_pretrained(path)
+    got = np.asarray(forward(params, np.asarray([ids], np.int32)))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_package_data_carries_the_base_model():
+    """A non-editable install copies what pyproject's package-data globs match."""
+    import tomllib
+
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["jbilevel"]
+    carried = {p for pattern in patterns for p in (ROOT / "jbilevel").glob(pattern)}
+    files = sorted(p for p in (ROOT / "jbilevel" / "assets" / "base").iterdir())
+    assert {p.name for p in files} >= {"config.json", "model.safetensors", "tokenizer.json",
+                                       "tokenizer_config.json", "README.md"}
+    assert [p for p in files if p not in carried] == []
+
+
+SMALL = {"n_train": 48, "n_val": 16, "n_test": 16}
+
+
+def test_built_in_task_fine_tunes_the_base_through_its_files(tmp_path):
+    cfg = experiment.ExperimentConfig(
+        task=experiment.TaskConfig(name="coverage", options=SMALL),
+        method=MethodConfig(method="bmo", omega_optim="sgd", lr_omega=5.0),
+        loop=train.LoopConfig(steps=2, log_every=1, checkpoint_every=0, progress=False),
+        batch_size=16, val_batch_size=16, eval_batch_size=16)
+    first = experiment.run(cfg, tmp_path / "task")
+    saved = config.load(experiment.ExperimentConfig, tmp_path / "task" / "config.yaml")
+    data = tmp_path / "task" / "data"
+    assert saved.data.train == str(data / "train.jsonl") and saved.data.truth == "good"
+    assert (saved.data.metric, saved.model.path) == ("answer", base_model_path())
+    rows = [json.loads(x) for x in (data / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == 48 and {r["skill"] for r in rows} == {"add", "sub"}
+    with open(tmp_path / "task" / "weights.csv") as f:
+        assert [int(r["good"]) for r in csv.DictReader(f)] == [r["good"] for r in rows]
+    for key in ("test_accuracy", "test_accuracy_sub", "test_corrupted_add", "weight_auroc",
+                "weight_mass_on_good"):
+        assert 0.0 <= first[key] <= 1.0, key
+    # The saved config trains on the files alone: the same run, number for number.
+    again = experiment.run(saved, tmp_path / "files")
+    assert {k: v for k, v in again.items() if k != "train_seconds"} == {
+        k: v for k, v in first.items() if k != "train_seconds"}
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_ground_truth_and_metric_errors_name_the_fix(tmp_path):
+    good = [{"question": "q", "response": "r", "answer": "r", "good": 1}]
+    val = _write(tmp_path / "val.jsonl", good)
+    spec = experiment.ModelSpec(tokenizer="char")
+    for value, match in (("maybe", r"bad.jsonl line 2: good='maybe'; the ground truth must be"),
+                         (None, r"bad.jsonl line 2: good=None")):
+        bad = _write(tmp_path / "bad.jsonl", good + [{**good[0], "good": value}])
+        with pytest.raises(ValueError, match=match):
+            inputs.load_task(None, inputs.DataConfig(train=bad, validation=val, truth="good"),
+                             spec)
+    missing = _write(tmp_path / "missing.jsonl", [{"question": "q", "response": "r"}])
+    with pytest.raises(ValueError, match=r"missing.jsonl line 1: no column 'good' \(keys"):
+        inputs.load_task(None, inputs.DataConfig(train=missing, validation=val, truth="good"),
+                         spec)
+    ok = _write(tmp_path / "ok.jsonl", [{**good[0], "good": g} for g in (1, 0, "0", True)])
+    task = inputs.load_task(None, inputs.DataConfig(train=ok, validation=val, truth="good",
+                                                    test=val, metric="answer"), spec)
+    assert task.good_N.tolist() == [1, 0, 0, 1] and task.score(["r"]) == {"accuracy": 1.0,
+                                                                            "n": 1}
+    with pytest.raises(ValueError, match="data.metric='answer' scores answers to the test"):
+        inputs.DataConfig(train=ok, validation=val, metric="answer")
