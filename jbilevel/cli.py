@@ -31,23 +31,24 @@ def _build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", parents=[talk],
         help="compare methods on a built-in task with a tiny model (CPU, minutes)",
-        description="Fine-tunes the shipped pretrained base (or, with --base scratch, trains a "
-                    "tiny decoder from scratch) with each method on a built-in task and prints "
-                    "a comparison table; everything lands in --out.")
+        description="Trains a tiny decoder from scratch (or, with --base pretrained, fine-tunes "
+                    "the shipped pretrained base) with each method on a built-in task and "
+                    "prints a comparison table; everything lands in --out.")
     demo.add_argument("--out", default="runs/demo", help="output directory")
     demo.add_argument("--task", default="quality", choices=["quality", "safety", "coverage"],
                       help="built-in task (quality: half of the answers follow a wrong rule; "
                            "safety: harmful requests answered compliantly; coverage: the "
                            "answers of one skill mostly wrong)")
-    demo.add_argument("--base", default="pretrained", choices=["pretrained", "scratch"],
-                      help="pretrained: fine-tune the shipped base model (default); scratch: "
-                           "train a random model on the character tokenizer")
+    demo.add_argument("--base", default="scratch", choices=["pretrained", "scratch"],
+                      help="scratch (default): train a random model on the character "
+                           "tokenizer, ~1 minute per method; pretrained: fine-tune the shipped "
+                           "base model on the task's files, several minutes per method with "
+                           "bds (results: docs/results.md)")
     demo.add_argument("--size", default="tiny", choices=["tiny", "small"],
                       help="model size with --base scratch")
     demo.add_argument("--steps", type=int, default=None,
-                      help="training steps per method (default 300 fine-tuning, about a "
-                           "minute each on 2 CPU cores; 250 from scratch, where the model "
-                           "learns addition around step 1000)")
+                      help="training steps per method (default 250 from scratch, where the "
+                           "model learns addition around step 1000; 300 fine-tuning)")
     demo.add_argument("--corruption", default=None, choices=["style", "rule", "random"],
                       help="quality and coverage tasks: how the bad answers are wrong (rule: "
                            "a+b+1, the default; style: 'The answer is 82.', the default from "
