@@ -1,13 +1,16 @@
 """``jbilevel demo``: a built-in task end to end, several methods side by side, on the CPU.
 
-By default each method fine-tunes the shipped pretrained base (``jbilevel.models
-.base_model_path()``, a tiny Llama that already knows arithmetic and the requests of the
-tasks) on the task's files (``experiment.run``, one run directory per method, each with the
-data it trained on in ``data/``); ``base="scratch"`` trains a tiny decoder from scratch on the
-character tokenizer instead (the earlier demo). The demo prints and writes a comparison: test
-accuracy, the rate of test answers that follow the corruption, how well the learned weights
-separate good from corrupted examples (AUROC, weight mass on good data) and wall time, plus a
-plot of the validation-loss curves and one of the learned weights by ground truth.
+With ``base="pretrained"`` (these functions' default) each method fine-tunes the shipped
+pretrained base (``jbilevel.models.base_model_path()``, a tiny Llama that already knows
+arithmetic and the requests of the tasks) on the task's files (``experiment.run``, one run
+directory per method, each with the data it trained on in ``data/``); ``base="scratch"``
+trains a tiny decoder from scratch on the character tokenizer instead, which is what the
+command line runs by default (``jbilevel demo``; ``--base pretrained`` for fine-tuning) until
+the fine-tuning demo fits its few minutes (docs/results.md). The demo prints and writes a
+comparison: test accuracy, the rate of test answers that follow the corruption, how well the
+learned weights separate good from corrupted examples (AUROC, weight mass on good data) and
+wall time, plus a plot of the validation-loss curves and one of the learned weights by ground
+truth.
 """
 
 from __future__ import annotations
