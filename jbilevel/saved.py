@@ -47,10 +47,11 @@ def _run_tokenizer(cfg: experiment.ExperimentConfig, model_dir: Path):
     return spec
 
 
-def _task(cfg: experiment.ExperimentConfig, model_dir: Path, console: Console):
+def load_task(cfg: experiment.ExperimentConfig, model_dir: Path,
+              console: Console | None = None):
     """The run's data, tokenised as in training (the saved model carries its tokenizer)."""
     return experiment.load_data(dataclasses.replace(cfg, model=_run_tokenizer(cfg, model_dir)),
-                                console)
+                                console or Console())
 
 
 def _load_model(model_dir: Path, mesh_cfg: sh.MeshConfig, console: Console,
@@ -110,7 +111,7 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, overrides: Seq
         tokenizer = inputs.load_tokenizer(_run_tokenizer(cfg, model_dir))
         return {"run": str(run_dir), **_file_loss(model, params, data, cfg.data, tokenizer,
                                                    cfg.eval_batch_size, console)}
-    task = _task(cfg, model_dir, console)
+    task = load_task(cfg, model_dir, console)
     loss = lm_example_loss(model)
     bs = cfg.eval_batch_size
     with console.phase("evaluating") as phase:
@@ -175,7 +176,7 @@ def export_run(run_dir: str | Path, out: str, *, top_frac: float | None = None,
     if not path.exists():
         raise UserError(f"{path}: no learned weights; did the run finish?")
     s_N = np.load(path)
-    task = _task(cfg, run_dir / "model", console)
+    task = load_task(cfg, run_dir / "model", console)
     data_set, _ = experiment.training_set(task, cfg.method.method)
     if len(s_N) != len(data_set):
         raise UserError(f"{path}: {len(s_N)} weights but the run's training set now has "
