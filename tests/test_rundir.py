@@ -92,7 +92,8 @@ def test_other_data_at_the_same_path_is_refused_before_writing(tmp_path):
 
 
 def test_steps_below_the_newest_checkpoint_are_refused(tmp_path):
-    cfg = _cfg("task.options={n_train: 16, n_val: 8, n_test: 8}", "loop.steps=20")
+    cfg = _cfg("task.base=scratch", "task.options={n_train: 16, n_val: 8, n_test: 8}",
+               "loop.steps=20")
     task = experiment.load_data(cfg, Console(QUIET))
     rundir.record(tmp_path, cfg, rundir.fingerprint(task, None))
     (tmp_path / "checkpoints" / "20").mkdir(parents=True)
