@@ -19,7 +19,7 @@ from jbilevel import cli
 
 CONFIG = """\
 # jbilevel train --config tiny.yaml: a tiny bmo run whose params span every device
-task: {options: {n_train: 64, n_val: 16, n_test: 16}}
+task: {base: scratch, options: {n_train: 64, n_val: 16, n_test: 16}}
 model: {hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64}
 method: {method: bmo}
 mesh: {data: 1, fsdp: -1}
@@ -129,8 +129,10 @@ def test_sigterm_on_one_process_stops_both_then_resume_eval_export(tmp_path):
 
     # 3. It ends exactly where the uninterrupted run did: numbers, weights, model.
     want = json.loads((straight / "results.json").read_text())
-    assert {k: v for k, v in result.items() if k != "train_seconds"} == {
-        k: v for k, v in want.items() if k != "train_seconds"}
+    assert result["resumed_from"] == s and want["resumed_from"] == 0
+    differ = ("train_seconds", "resumed_from")
+    assert {k: v for k, v in result.items() if k not in differ} == {
+        k: v for k, v in want.items() if k not in differ}
     np.testing.assert_array_equal(np.load(out / "weights.npy"),
                                   np.load(straight / "weights.npy"))
     model = load_file(out / "model" / "model.safetensors")
