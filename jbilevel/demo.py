@@ -56,16 +56,6 @@ FINETUNE_HYPER_BATCH = 0
 FINETUNE_ONLINE = {"every": 50, "start_frac": 1 / 3, "select": "dynamic", "fraction": 0.2,
                    "num_samples": 1, "temperature": 0.2, "ratio": "per_token", "clip": 2.0,
                    "floor": -10.0, "batch_size": 16, "gen_weight": 0.5}
-FINETUNE_TASKS = {
-    "quality": {"n_train": 2000, "n_val": 200, "n_test": 500, "corrupt_frac": 0.5,
-                "corruption": "rule", "ops": "+"},
-    "safety": {"n_train": 2000, "n_val": 200, "n_test": 500, "harmful_frac": 0.3,
-               "unsafe_frac": 0.5, "ops": "+"},
-    "coverage": {"n_train": 2000, "n_val": 200, "n_test": 500, "dropped": "-",
-                 "dropped_frac": 0.25, "dropped_corrupt": 0.9, "kept_corrupt": 0.0,
-                 "corruption": "rule"},
-}
-
 # ---- from scratch (configs/<task>_<method>.yaml; the vocabulary comes from the task's
 # character tokenizer).
 SIZES = {
@@ -103,6 +93,8 @@ TASK_OPTIONS = {
                  "dropped_frac": 0.25, "dropped_corrupt": 0.9, "kept_corrupt": 0.0,
                  "corruption": "rule"},
 }
+# Fine-tuning: the same tasks with half the training rows (the base already knows the skills).
+FINETUNE_TASKS = {task: {**options, "n_train": 2000} for task, options in TASK_OPTIONS.items()}
 COLUMNS = ("method", "test_accuracy", "corrupted", "dropped_skill", "unsafe_compliance",
            "val_loss", "weight_auroc", "weight_mass_on_good", "wall_seconds")
 
@@ -149,7 +141,7 @@ def demo_config(method: str, *, task: str = "quality", base: str = "pretrained",
             knobs, start = ONLINE_SETTINGS, steps // 4
         online = OnlineConfig(start=start, **knobs)
         method = ONLINE_BASE[base]
-    options = dict((FINETUNE_TASKS if base == "pretrained" else TASK_OPTIONS)[task])
+    options = dict(options_of(task, base))
     if corruption is not None:
         if "corruption" not in options:
             raise ValueError(f"task {task!r} has no corruption option (quality and coverage "
