@@ -35,6 +35,7 @@ from jbilevel.objectives import InnerObjective, OuterObjective
 BACKENDS = ("jaxopt", "native")
 # One switch to drop jaxopt: set to "native".
 DEFAULT_BACKEND = "jaxopt"
+NEGATIVE_CURVATURE = ("truncate", "continue")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,14 @@ class Implicit:
       backend: "jaxopt" (mixed term via ``jaxopt.implicit_diff.root_vjp``) or "native".
       fast: for an ``InnerObjective``, compute the mixed term as one JVP of ``loss_B``
         followed by the closed-form weight Jacobian (no second-order pass over omega).
+      on_negative_curvature: what CG does at a direction with ``p^T (H + ridge I) p <= 0``
+        (theta is not at a minimum of g: the usual case in fine-tuning, where the inner
+        problem is a few optimizer steps, not solved). "truncate" (default): stop there and
+        use the iterate reached (a solve on H's positive part; truncated-Newton's rule); the
+        weight step is skipped only when that iterate is still 0. "continue": run on (CG
+        still converges on an indefinite but nonsingular system, as the exact hypergradient
+        at a saddle needs); a trainer skips the weight step of any solve that met negative
+        curvature. Other solvers ignore it.
     """
 
     kind: Literal["implicit"] = dataclasses.field(default="implicit", kw_only=True)
@@ -59,6 +68,7 @@ class Implicit:
     ridge: float = 0.0
     backend: str = DEFAULT_BACKEND
     fast: bool = True
+    on_negative_curvature: str = "truncate"
 
     def __post_init__(self):
         if self.kind != "implicit":
@@ -70,6 +80,9 @@ class Implicit:
             )
         if self.backend not in BACKENDS:
             raise ValueError(f"Implicit: backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.on_negative_curvature not in NEGATIVE_CURVATURE:
+            raise ValueError(f"Implicit: on_negative_curvature must be one of "
+                             f"{NEGATIVE_CURVATURE}, got {self.on_negative_curvature!r}")
         if self.maxiter < 1 or self.tol < 0 or self.ridge < 0:
             raise ValueError(
                 f"Implicit: need maxiter >= 1, tol >= 0, ridge >= 0; got maxiter={self.maxiter}, "
@@ -112,18 +125,22 @@ class HypergradInfo(NamedTuple):
       outer_loss: ``f(theta, outer_batch)``.
       negative_curvature: CG met a direction with ``p^T H p <= 0`` (H + ridge I is not
         positive definite there: theta is not at a minimum of g, or the ridge is too small).
+      truncated: CG stopped at that direction with a nonzero iterate, which v is
+        (``Implicit(on_negative_curvature="truncate")``).
     """
 
     residual: jax.Array
     iterations: jax.Array
     outer_loss: jax.Array
     negative_curvature: jax.Array
+    truncated: jax.Array | bool = False
 
     def usable(self) -> jax.Array:
         """Whether an omega step along this hypergradient is safe to take: the solve reduced
-        the residual (``<= 1``), met no negative curvature and stayed finite."""
+        the residual (``<= 1``), stayed finite, and met no negative curvature or was truncated
+        before it."""
         return (jnp.isfinite(self.residual) & (self.residual <= 1.0)
-                & ~self.negative_curvature & jnp.isfinite(self.outer_loss))
+                & (~self.negative_curvature | self.truncated) & jnp.isfinite(self.outer_loss))
 
 
 def as_f32(tree):
@@ -201,8 +218,15 @@ def linear_solver(method: Implicit | Neumann, matvec: Callable) -> Callable:
     """``rhs -> (v, iterations, residual, negative_curvature)`` solving ``matvec(v) = rhs``."""
     if isinstance(method, Neumann):
         return lambda rhs: linsolve.neumann(matvec, rhs, steps=method.steps, alpha=method.alpha)
-    return lambda rhs: linsolve.solve(method.solver, matvec, rhs, maxiter=method.maxiter,
-                                      tol=method.tol, constrain=sh.constrain_like_params)
+    return lambda rhs: linsolve.solve(
+        method.solver, matvec, rhs, maxiter=method.maxiter, tol=method.tol,
+        constrain=sh.constrain_like_params, stop_on_negative=truncates(method))
+
+
+def truncates(method: Implicit | Neumann) -> bool:
+    """Whether ``method``'s solve stops at negative curvature (truncated CG)."""
+    return (isinstance(method, Implicit) and method.solver == "cg"
+            and method.on_negative_curvature == "truncate")
 
 
 def adjoint(inner_loss: Callable, outer_loss: Callable, theta, omega, hessian_batch,
@@ -230,7 +254,15 @@ def adjoint(inner_loss: Callable, outer_loss: Callable, theta, omega, hessian_ba
     rhs = sh.constrain_like_params(as_f32(grad_f))
     matvec = hvp(inner_loss, theta, omega, hessian_batch, method.ridge, chunk=chunk)
     v, iterations, residual, negative = linear_solver(method, matvec)(rhs)
-    return v, HypergradInfo(residual, iterations, f_val, negative)
+    return v, solve_info(method, f_val, iterations, residual, negative)
+
+
+def solve_info(method: Implicit | Neumann, outer_loss, iterations, residual,
+               negative) -> HypergradInfo:
+    """The ``HypergradInfo`` of a :func:`linear_solver` result."""
+    # iterations counts the product that found the negative direction: 1 means v is still 0
+    truncated = negative & (iterations > 1) if truncates(method) else False
+    return HypergradInfo(residual, iterations, outer_loss, negative, truncated)
 
 
 def outer_value_and_grad(outer_loss: Callable, theta, batch, *, chunk: int | None = None):

@@ -130,7 +130,7 @@ class Console:
         """A hypergradient's numbers are back: warn when its solve did not converge."""
         residual = record.get("cg_residual")
         skipped = record.get("hyper_taken") == 0.0 and record.get("hypergrad_norm", 0.0) > 0
-        if record.get("cg_negative_curvature"):
+        if record.get("cg_negative_curvature") and not record.get("cg_truncated"):
             self.warn(f"step {step}: the hypergradient's solve met negative curvature (the "
                       "Hessian plus ridge is not positive definite at this theta): the weight "
                       "step was skipped; raise method.hypergrad.ridge, or start later "

@@ -40,6 +40,7 @@ from jbilevel.adjoint import (  # noqa: F401  (BACKENDS, DEFAULT_BACKEND, Neuman
     example_u,
     hvp,
     linear_solver,
+    solve_info,
     weight_vjp,
 )
 from jbilevel.objectives import InnerObjective, check_ids
@@ -103,8 +104,7 @@ def _solve_and_mix(method, inner_loss, outer_loss, theta, omega, batch, outer_ba
         (d_omega,) = _jaxopt().implicit_diff.root_vjp(
             optimality, theta, (omega,), grad_f, solve=jaxopt_solve
         )
-        return d_omega, HypergradInfo(info["solve"][1], info["solve"][0], f_val,
-                                      info["solve"][2])
+        return d_omega, solve_info(method, f_val, *info["solve"])
     v, info = adjoint(inner_loss, outer_loss, theta, omega, batch, outer_batch, method,
                       chunk=chunk)
     if use_fast:

@@ -56,7 +56,8 @@ def _identity(tree):
     return tree
 
 
-def cg(matvec: Callable, b, *, maxiter: int, tol: float, constrain: Callable = _identity):
+def cg(matvec: Callable, b, *, maxiter: int, tol: float, constrain: Callable = _identity,
+       stop_on_negative: bool = False):
     """Conjugate gradient for symmetric positive definite ``A``, starting at 0.
 
     Stops when ``|r| <= tol |b|`` or after ``maxiter`` matvecs, whichever comes first, and
@@ -67,9 +68,15 @@ def cg(matvec: Callable, b, *, maxiter: int, tol: float, constrain: Callable = _
       maxiter, tol: iteration limit and relative residual target.
       constrain: applied to every iterate, residual and direction (a sharding pin: the
         vectors then stay split like b instead of being gathered).
+      stop_on_negative: truncated CG (as in truncated-Newton methods): at the first direction
+        with ``p^T A p <= 0`` stop without stepping along it and return the iterate reached.
+        Until then CG has minimised ``x^T A x / 2 - b^T x`` over a subspace on which A is
+        positive definite, so that iterate is a solve restricted to A's positive part. If the
+        very first direction is negative the iterate is still 0 (iterations is then 1).
 
     Returns:
-      (x, iterations, relative recursive residual, negative curvature met).
+      (x, iterations, relative recursive residual, negative curvature met); iterations counts
+      matvecs, including the one that found the negative direction.
     """
     b_norm = _norm(b)
     x0 = constrain(jax.tree.map(jnp.zeros_like, b))
@@ -78,15 +85,19 @@ def cg(matvec: Callable, b, *, maxiter: int, tol: float, constrain: Callable = _
     def cond(state):
         *_, rr, k, _ = state
         # Written as "not converged" so that a NaN residual keeps iterating (and stays NaN).
-        return (k < maxiter) & ~(jnp.sqrt(rr) <= tol * b_norm)
+        going = (k < maxiter) & ~(jnp.sqrt(rr) <= tol * b_norm)
+        return going & ~state[-1] if stop_on_negative else going
 
     def body(state):
         x, r, p, rr, k, negative = state
         ap = matvec(p)
         pap = tree_vdot(p, ap)
-        negative = negative | ((pap <= 0) & (rr > 0))
+        bad = (pap <= 0) & (rr > 0)
+        negative = negative | bad
         # pap == 0 only when p == 0 (converged) or A is singular: step 0 instead of NaN.
         alpha = jnp.where(pap != 0, rr / jnp.where(pap != 0, pap, 1.0), 0.0)
+        if stop_on_negative:  # no step along the bad direction (and the loop ends)
+            alpha = jnp.where(bad, 0.0, alpha)
         x = constrain(tree_axpy(alpha, p, x))
         r = constrain(tree_axpy(-alpha, ap, r))
         rr_new = tree_vdot(r, r)
@@ -118,7 +129,7 @@ def neumann(matvec: Callable, b, *, steps: int, alpha: float):
 
 
 def solve(name: str, matvec: Callable, b, *, maxiter: int, tol: float,
-          constrain: Callable = _identity):
+          constrain: Callable = _identity, stop_on_negative: bool = False):
     """Solve ``A x = b`` with a named solver.
 
     Args:
@@ -130,6 +141,7 @@ def solve(name: str, matvec: Callable, b, *, maxiter: int, tol: float,
       maxiter: most matvecs (gmres: total Krylov steps, restarting every 20).
       tol: relative residual target.
       constrain: CG's sharding pin for its vectors (see :func:`cg`).
+      stop_on_negative: CG only: truncated CG (see :func:`cg`).
 
     Returns:
       (x, iterations, residual, negative_curvature): residual is ``|A x - b| / |b|``;
@@ -137,7 +149,8 @@ def solve(name: str, matvec: Callable, b, *, maxiter: int, tol: float,
       negative_curvature is CG's (False for the other solvers).
     """
     if name == "cg":
-        return cg(matvec, b, maxiter=maxiter, tol=tol, constrain=constrain)
+        return cg(matvec, b, maxiter=maxiter, tol=tol, constrain=constrain,
+                  stop_on_negative=stop_on_negative)
     never = jnp.zeros((), bool)
     if name == "normal_cg":
         x, k, _, _ = cg(lambda v: matvec(matvec(v)), matvec(b), maxiter=maxiter, tol=tol,

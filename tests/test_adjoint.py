@@ -7,10 +7,11 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.flatten_util import ravel_pytree
 
-from jbilevel import aot, objectives
-from jbilevel.adjoint import Implicit, adjoint, hvp
+from jbilevel import aot, linsolve, objectives
+from jbilevel.adjoint import Implicit, adjoint, hvp, solve_info
 from jbilevel.algorithms import MethodConfig, init_state, make_steps
 from jbilevel.models import ModelConfig
 from jbilevel.sharding import MeshConfig
@@ -44,29 +45,61 @@ def test_bf16_theta_solves_in_float32():
     assert float(info.residual) < 0.1 and not bool(info.negative_curvature)
 
 
-def test_hyper_step_is_skipped_and_logged_on_negative_curvature():
+def test_negative_curvature_skips_the_step_or_truncates_the_solve():
     train, val, theta, _ = _problem()
     theta = jax.tree.map(lambda x: x.astype(jnp.float32), theta)
     train, val = (jax.tree.map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.float64
                                else x, b) for b in (train, val))
     # ridge 0.5: H + ridge I is indefinite at this theta (ridge 5 makes it definite)
     results = {}
-    for ridge in (0.5, 5.0):
-        cfg = MethodConfig(method="bds", lr_omega=0.3,
-                           hypergrad=Implicit(maxiter=8, tol=0.0, ridge=ridge))
+    for ridge, mode in ((0.5, "continue"), (0.5, "truncate"), (5.0, "continue")):
+        cfg = MethodConfig(method="bds", lr_omega=0.3, hypergrad=Implicit(
+            maxiter=8, tol=0.0, ridge=ridge, on_negative_curvature=mode))
         state = init_state(theta, N, cfg)
         new, metrics = jax.jit(make_steps(mlp_loss, cfg).hyper)(state, train, val)
-        results[ridge] = (state, new, {k: float(v) for k, v in metrics.items()})
-    state, new, metrics = results[0.5]
-    assert metrics["cg_negative_curvature"] == 1.0 and metrics["hyper_taken"] == 0.0
+        results[ridge, mode] = (state, new, {k: float(v) for k, v in metrics.items()})
+    state, new, metrics = results[0.5, "continue"]
+    assert metrics["cg_negative_curvature"] == 1.0 and metrics["cg_truncated"] == 0.0
+    assert metrics["hyper_taken"] == 0.0
     np.testing.assert_array_equal(np.asarray(new.omega), np.asarray(state.omega))
     for a, b in zip(jax.tree.leaves(new.opt_omega), jax.tree.leaves(state.opt_omega),
                     strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    state, new, metrics = results[5.0]
+    # truncated: the iterate CG had before the negative direction, a smaller residual, taken
+    state, new, metrics = results[0.5, "truncate"]
+    assert metrics["cg_negative_curvature"] == 1.0 and metrics["cg_truncated"] == 1.0
+    assert metrics["hyper_taken"] == 1.0 and metrics["cg_residual"] < 1.0
+    assert np.abs(np.asarray(new.omega) - np.asarray(state.omega)).max() > 0
+    state, new, metrics = results[5.0, "continue"]
     assert metrics["cg_negative_curvature"] == 0.0 and metrics["hyper_taken"] == 1.0
     assert metrics["cg_residual"] < 1.0
     assert np.abs(np.asarray(new.omega) - np.asarray(state.omega)).max() > 0
+
+
+def test_truncated_cg_returns_the_iterate_before_the_negative_direction():
+    # A = diag(4, 3, -1): CG is exact on the positive block for b in its span, and meets the
+    # negative eigenvalue in whichever direction first leans on it.
+    a = jnp.array([4.0, 3.0, -1.0])
+    matvec = lambda v: {"w": a * v["w"]}
+    b = {"w": jnp.array([1.0, 1.0, 0.1])}
+    x_full, k_full, _, negative_full = linsolve.cg(matvec, b, maxiter=3, tol=0.0)
+    x, k, residual, negative = linsolve.cg(matvec, b, maxiter=3, tol=0.0, stop_on_negative=True)
+    assert bool(negative) and bool(negative_full) and int(k_full) == 3
+    # stopped after the product that found the direction; x is CG's iterate one step before
+    x_before, *_ = linsolve.cg(matvec, b, maxiter=int(k) - 1, tol=0.0)
+    np.testing.assert_allclose(x["w"], x_before["w"], rtol=1e-6)
+    np.testing.assert_allclose(residual, linsolve.true_residual(matvec, x, b), rtol=1e-5)
+    assert float(residual) < 1.0 and not np.allclose(x["w"], x_full["w"])
+    # negative at the first direction: x stays 0, the hypergradient is not truncated, not usable
+    b_neg = {"w": jnp.array([0.0, 0.0, 1.0])}
+    x, k, residual, negative = linsolve.cg(matvec, b_neg, maxiter=3, tol=0.0,
+                                           stop_on_negative=True)
+    assert bool(negative) and int(k) == 1 and float(residual) == 1.0
+    np.testing.assert_array_equal(x["w"], 0.0)
+    info = solve_info(Implicit(), jnp.float32(0.0), k, residual, negative)
+    assert not bool(info.truncated) and not bool(info.usable())
+    with pytest.raises(ValueError, match="on_negative_curvature"):
+        Implicit(on_negative_curvature="ignore")
 
 
 def test_hyper_step_keeps_theta_shaped_vectors_sharded():

@@ -49,7 +49,7 @@ GOLDEN = {
             "theta_sum": 44.43504749140003, "loss_after": 4.388722896575928,
             "omega_dot_ids": 26.399995177984238},
     "bds": {"grad_norm": 1.566487093138035, "loss": 4.614995956420898,
-            "weighted_loss": 4.614995956420898, "cg_negative_curvature": 0.0,
+            "weighted_loss": 4.614995956420898, "cg_negative_curvature": 0.0, "cg_truncated": 0.0,
             "cg_residual": 0.176720529794693, "hyper_taken": 1.0,
             "hypergrad_norm": 0.015271052718162537, "val_loss": 4.547434329986572,
             "theta_abs_sum": 150.08265478341997, "theta_sum": 44.16582718404521,

@@ -295,7 +295,8 @@ def make_steps(example_loss: ExampleLoss, cfg: MethodConfig, *, frozen: bool = F
         def skip(state, hyper_batch, val_batch, val):
             zero = jnp.zeros((), jnp.float32)
             return state, {"val_loss": val, "hypergrad_norm": zero, "cg_residual": zero,
-                           "cg_negative_curvature": zero, "hyper_taken": zero}
+                           "cg_negative_curvature": zero, "cg_truncated": zero,
+                           "hyper_taken": zero}
 
         return jax.lax.cond(val <= cfg.hyper_max_val_loss, hyper_update, skip,
                             state, hyper_batch, val_batch, val)
@@ -317,8 +318,9 @@ def make_steps(example_loss: ExampleLoss, cfg: MethodConfig, *, frozen: bool = F
         d_omega = weight_vjp(cfg.weighting, state.omega, jnp.concatenate(ids),
                              jnp.concatenate(us), jnp.concatenate(valids))
         hypergrad_norm = jnp.linalg.norm(d_omega).astype(jnp.float32)
-        # A solve that did not reduce its residual, met negative curvature or overflowed gives
-        # no usable direction: omega stays, and the metrics say so.
+        # A solve that did not reduce its residual, met negative curvature without a truncated
+        # iterate to use, or overflowed gives no usable direction: omega stays, and the
+        # metrics say so.
         taken = info.usable() & jnp.isfinite(hypergrad_norm)
         omega, opt_omega = _apply(tx_omega, jnp.where(taken, d_omega, 0.0), state.opt_omega,
                                   state.omega)
@@ -326,6 +328,7 @@ def make_steps(example_loss: ExampleLoss, cfg: MethodConfig, *, frozen: bool = F
         metrics = {"val_loss": val, "hypergrad_norm": hypergrad_norm,
                    "cg_residual": jnp.asarray(info.residual, jnp.float32),
                    "cg_negative_curvature": info.negative_curvature.astype(jnp.float32),
+                   "cg_truncated": jnp.asarray(info.truncated, jnp.float32),
                    "hyper_taken": taken.astype(jnp.float32)}
         return state.replace(omega=keep(omega, state.omega),
                              opt_omega=keep(opt_omega, state.opt_omega)), metrics
