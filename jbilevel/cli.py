@@ -9,6 +9,7 @@ and nowhere else; a run that stopped before its last step exits with status 3.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 EXIT_USER_ERROR = 2  # bad input: the message says what to fix (argparse uses 2 as well)
@@ -115,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     from jbilevel.errors import UserError
 
     args = _build_parser().parse_args(argv)
+    # transformers (tokenizers and configs only here) advises at import that PyTorch is
+    # missing; jbilevel never needs it, so the command line does not show that advice.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     console = Console(QUIET if args.quiet else VERBOSE if args.verbose else NORMAL)
     command = {"demo": _demo, "train": _train, "eval": _eval, "export": _export}[args.command]
     try:
