@@ -51,8 +51,8 @@ FINETUNE_METHODS = {
 # setting: mean validation loss over seeds 0-2 0.122 against 0.137 at ridge 1000 (benign test
 # accuracy 70.8% against 67.3%; docs/results.md).
 FINETUNE_TASK_METHODS = {
-    "safety": {"bds": {"hypergrad": Implicit("cg", maxiter=5, tol=0.0, ridge=100.0,
-                                             on_negative_curvature="continue")}},
+    "safety": {"bds": {"hypergrad": dataclasses.replace(
+        FINETUNE_METHODS["bds"]["hypergrad"], ridge=100.0, on_negative_curvature="continue")}},
 }
 FINETUNE_LR = 3e-4
 # bds: a hypergradient for every training row each time (hyper_batch_size 0), not a fresh
