@@ -54,7 +54,11 @@ FINETUNE_TASK_METHODS = {
     "safety": {"bds": {"hypergrad": dataclasses.replace(
         FINETUNE_METHODS["bds"]["hypergrad"], ridge=100.0, on_negative_curvature="continue")}},
 }
-FINETUNE_LR = 3e-4
+# Every method's model step: Adam at 1e-3, decaying along a cosine to 0 at the last step. On
+# quality seed 0 (validation loss): clean rows only 0.089 against 0.157 at a constant 3e-4
+# (0.087 at 2e-3 with the cosine), mix 0.253 against 0.370 (0.240 at 2e-3), bds 0.154 against
+# 0.261 (0.196 at 2e-3). A constant step size ends where the noise of the last steps leaves it.
+FINETUNE_LR = 1e-3
 # bds: a hypergradient for every training row each time (hyper_batch_size 0), not a fresh
 # sample of 512 (the default): on quality seed 0 the final validation loss was 0.313 with all
 # 2000 rows (0.269 in the tuning run before main's merge) against 0.330 with 512 sampled rows
@@ -166,6 +170,7 @@ def demo_config(method: str, *, task: str = "quality", base: str = "pretrained",
                                           steps // HYPER_STEPS_PER_RUN), 1)
     if base == "pretrained":
         model, batch, lr = experiment.ModelSpec(), 32, FINETUNE_LR
+        settings["decay_steps"] = steps
     else:
         model, batch, lr = SIZES[size], 64, 1e-3
     cfg = experiment.ExperimentConfig(

@@ -165,6 +165,23 @@ def test_warmup_ramps_the_theta_step_size_linearly():
         MethodConfig(warmup=-1)
 
 
+def test_decay_steps_take_the_theta_step_size_down_a_cosine_after_the_warmup():
+    # lr_t = lr * t / warmup during the warmup, then lr * (1 + cos(pi * (t - w) / (T - w))) / 2
+    # down to 0 at T = decay_steps, where it stays.
+    cfg = MethodConfig(method="sft", lr_theta=0.1, warmup=2, decay_steps=6, clip=0.0)
+    tx = theta_optimizer(cfg)
+    theta = {"m": jnp.ones((2, 2))}
+    grads = jax.tree.map(jnp.ones_like, theta)
+    state, steps = tx.init(theta), []
+    for _ in range(8):
+        updates, state = tx.update(grads, state, theta)
+        steps.append(-float(updates["m"][0, 0]))
+    cosine = [0.1 * (1 + np.cos(np.pi * k / 4)) / 2 for k in range(5)]
+    np.testing.assert_allclose(steps, [0.0, 0.05, *cosine, 0.0], rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match="decay_steps=2 must be > warmup=2"):
+        MethodConfig(warmup=2, decay_steps=2)
+
+
 
 def test_omega_step_max_caps_every_logits_step():
     g = jnp.asarray([1e-5, -1e-4, 1.0])

@@ -56,6 +56,9 @@ class MethodConfig:
     clip: float = 1.0  # global-norm gradient clip for theta (0 disables)
     weight_decay: float = 0.0  # decoupled (AdamW) decay of theta's matrices (0: plain Adam)
     warmup: int = 0  # theta's step size rises linearly from 0 to lr_theta over this many steps
+    # theta's step size then follows a cosine from lr_theta down to 0 at this step (0: it stays
+    # at lr_theta). Set it to loop.steps for the usual fine-tuning schedule.
+    decay_steps: int = 0
     omega_optim: Literal["adam", "sgd"] = "adam"  # optimizer of the data logits
     # largest change of any one data logit per omega step (0: no limit). With sgd and a large
     # lr_omega, logits move in proportion to their hypergradient up to this cap, so the few
@@ -89,10 +92,14 @@ class MethodConfig:
         if not isinstance(self.hypergrad, Implicit | Neumann):
             raise ValueError(f"hypergrad must be Implicit(...) or Neumann(...), got "
                              f"{self.hypergrad!r}")
-        for name in ("clip", "weight_decay", "warmup", "mu", "lam_decay", "hyper_start",
-                     "hessian_rows", "hyper_chunk", "hyper_max_val_loss", "omega_step_max"):
+        for name in ("clip", "weight_decay", "warmup", "decay_steps", "mu", "lam_decay",
+                     "hyper_start", "hessian_rows", "hyper_chunk", "hyper_max_val_loss",
+                     "omega_step_max"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.decay_steps and self.decay_steps <= self.warmup:
+            raise ValueError(f"decay_steps={self.decay_steps} must be > warmup={self.warmup} "
+                             "(or 0: no decay)")
         if not 0.0 <= self.lam_min <= self.lam <= 1.0:
             raise ValueError(f"need 0 <= lam_min <= lam <= 1, got lam={self.lam}, "
                              f"lam_min={self.lam_min}")
@@ -114,8 +121,14 @@ class TrainState:
 
 def theta_optimizer(cfg: MethodConfig) -> optax.GradientTransformation:
     """Adam (AdamW on matrices when weight_decay > 0), after a global-norm clip if set; the step
-    size warms up linearly over ``cfg.warmup`` steps, then stays at ``lr_theta``."""
-    lr = optax.linear_schedule(0.0, cfg.lr_theta, cfg.warmup) if cfg.warmup else cfg.lr_theta
+    size warms up linearly over ``cfg.warmup`` steps, then stays at ``lr_theta``, or with
+    ``cfg.decay_steps`` follows a cosine down to 0 at that step."""
+    if cfg.decay_steps:
+        lr = optax.warmup_cosine_decay_schedule(0.0, cfg.lr_theta, cfg.warmup, cfg.decay_steps)
+    elif cfg.warmup:
+        lr = optax.linear_schedule(0.0, cfg.lr_theta, cfg.warmup)
+    else:
+        lr = cfg.lr_theta
     if cfg.weight_decay:
         adam = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
                            mask=lambda theta: jax.tree.map(lambda x: x.ndim >= 2, theta))
