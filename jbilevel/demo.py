@@ -41,15 +41,16 @@ FINETUNE_METHODS = {
     # Frequent, gently stepped hypergradients once the model has picked up the chat format
     # (its validation loss is still ~0.6 at step 75). Ridge 1000: H + ridge I is nearly always
     # positive definite at these mid-training thetas (at ridge 100 CG met negative curvature
-    # in 6 of 23 solves); on quality seed 0 the final validation loss was 0.261 against 0.313
-    # (ridge 100, such solves skipped), 0.354 (ridge 100, truncated CG) and 0.385 (ridge 1e4).
+    # in 6 of 23 solves); on quality seed 0 (model step 3e-4, constant) the final validation
+    # loss was 0.261 against 0.313 (ridge 100, such solves skipped), 0.354 (ridge 100,
+    # truncated CG) and 0.385 (ridge 1e4).
     "bds": {"lr_omega": 0.15, "hypergrad": Implicit("cg", maxiter=5, tol=0.0, ridge=1000.0),
             "hyper_every": 10, "hyper_start": 75, "hessian_rows": 64, "hyper_chunk": 500},
 }
 # Per task, where that task's own validation loss chose otherwise. Safety: ridge 100 with CG
 # running through negative curvature (those solves' weight steps skipped), the first sweep's
-# setting: mean validation loss over seeds 0-2 0.122 against 0.137 at ridge 1000 (benign test
-# accuracy 70.8% against 67.3%; docs/results.md).
+# setting: mean validation loss over seeds 0-2 (model step 3e-4, constant) 0.122 against 0.137
+# at ridge 1000 (benign test accuracy 70.8% against 67.3%; docs/results.md).
 FINETUNE_TASK_METHODS = {
     "safety": {"bds": {"hypergrad": dataclasses.replace(
         FINETUNE_METHODS["bds"]["hypergrad"], ridge=100.0, on_negative_curvature="continue")}},
