@@ -119,6 +119,12 @@ class ExperimentConfig:
                 "online.every>0 with theta.kind=lora is not supported: the sampler and the "
                 "importance ratios run the model from theta, which for LoRA holds only the "
                 "adapters; set theta.kind=full, or online.every=0")
+        if m.decay_steps and m.decay_steps < self.loop.steps:
+            raise ValueError(
+                f"method.decay_steps={m.decay_steps} is below loop.steps={self.loop.steps}: the "
+                f"model's step size reaches 0 at step {m.decay_steps} and the remaining steps "
+                "change nothing; set method.decay_steps to loop.steps, or 0 for a constant "
+                "step size")
 
 
 def training_set(task, method: str):
