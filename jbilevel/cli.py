@@ -16,6 +16,13 @@ EXIT_USER_ERROR = 2  # bad input: the message says what to fix (argparse uses 2 
 EXIT_INTERRUPTED = 3  # the run stopped early; results.json says why ("interrupted")
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jbilevel",
@@ -59,6 +66,10 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="comma-separated: sft, mix, val, oracle, bmo, bds, online (bds plus "
                            "self-refining generation; bmo plus it from scratch)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--jobs", type=_at_least_one, default=None,
+                      help="methods run at a time, each in a process of its own, with a line "
+                           "per logged record instead of a progress bar (default: one per CPU "
+                           "core, up to all methods; 1: one after another, with the bar)")
 
     tr = sub.add_parser(
         "train", parents=[talk],

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from jbilevel import config, demo, experiment
+from jbilevel.console import QUIET, Console
 
 # The shipped pretrained base fine-tuned on a small coverage task (its own files).
 SMALL = {
@@ -40,6 +41,41 @@ def test_demo_writes_table_plots_and_runs(tmp_path, capsys):
     records = [json.loads(x) for x in (tmp_path / "bds/metrics.jsonl").read_text().split("\n")
                if x]
     assert [r["step"] for r in records if "eval_val_loss" in r] == [1, 2, 3, 4]  # every 4 // 10
+
+
+
+def test_demo_side_by_side_gives_the_numbers_of_one_after_another(tmp_path, capfd,
+                                                                   monkeypatch):
+    """``jobs=2``: each method in a process of its own, the same run to the last bit."""
+    monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "8")  # the spawned processes' world = this one's
+    kw = {"task": "coverage", "steps": 4, "changes": SMALL}
+    alone = demo.run(tmp_path / "alone", methods=("mix",), progress=False,
+                     console=Console(QUIET), **kw)
+    both = demo.run(tmp_path / "both", methods=("mix", "bmo"), jobs=2, **kw)
+    assert both["jobs"] == 2 and [r["method"] for r in both["rows"]] == ["mix", "bmo"]
+    assert {k: v for k, v in alone["rows"][0].items() if k != "wall_seconds"} == {
+        k: v for k, v in both["rows"][0].items() if k != "wall_seconds"}
+    predictions = [(tmp_path / d / "mix" / "test_predictions.jsonl").read_text()
+                   for d in ("alone", "both")]
+    assert predictions[0] == predictions[1]
+    assert 0.0 <= both["rows"][1]["weight_auroc"] <= 1.0
+    err = capfd.readouterr().err
+    assert "[bmo] started in process" in err and "[mix] started in process" in err
+    assert "[bmo] step 4: loss=" in err  # a line per logged record, not a bar
+    assert "[bmo] final evaluation: val_loss" in err
+
+
+def test_a_failed_side_by_side_run_raises_its_error_naming_the_run(tmp_path):
+    from jbilevel import jobs
+    from jbilevel.errors import UserError
+
+    bad = demo.demo_config("mix", task="coverage", steps=4, changes={
+        **SMALL, "model": experiment.ModelSpec(path=str(tmp_path / "no_model"))})
+    with pytest.raises(UserError) as info:
+        jobs.run_all([jobs.Job("broken", bad, tmp_path / "broken")], processes=2,
+                     console=Console(QUIET))
+    assert "no_model" in str(info.value)
+    assert "in the broken run's process" in "".join(info.value.__notes__)
 
 
 CONFIGS = Path(__file__).parent.parent / "configs"
