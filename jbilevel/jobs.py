@@ -54,23 +54,30 @@ class Finished:
 
 
 class JobConsole(Console):
-    """A job's console: lines prefixed with ``[name]``, a short line per logged record (what
-    the progress bar would show) at normal verbosity, the full record with ``--verbose``."""
+    """A job's console: lines prefixed with ``[name]``; instead of a bar, a short line per
+    logged record (step of steps, what the bar would show) at normal verbosity, the full
+    record with ``--verbose``."""
 
     SHOWN = ("loss", "eval_val_loss", "val_loss", "ess")
 
     def __init__(self, name: str, verbosity: int = NORMAL):
         super().__init__(verbosity)
         self.prefix = f"[{name}] "
+        self._total = None
 
     def _write(self, line: str) -> None:
         super()._write(self.prefix + line)
+
+    def train_bar(self, total: int, initial: int, desc: str) -> None:
+        self._total = total  # no bar: the record lines say how far the loop is
+        return None
 
     def record(self, step: int, record: dict[str, float]) -> None:
         if self.verbosity >= VERBOSE:
             return super().record(step, record)
         shown = [f"{k}={record[k]:.4g}" for k in self.SHOWN if k in record]
-        self.info(f"step {step}: " + ", ".join(shown))
+        of = f"/{self._total}" if self._total else ""
+        self.info(f"step {step}{of}: " + ", ".join(shown))
 
 
 def _main(job_file: str, outcome_file: str) -> None:
@@ -85,7 +92,7 @@ def _main(job_file: str, outcome_file: str) -> None:
 
     t0 = time.perf_counter()
     try:
-        result = experiment.run(job.config, job.out, progress=False,
+        result = experiment.run(job.config, job.out, progress=True,  # JobConsole: no bar
                                 console=JobConsole(job.name, verbosity))
         outcome = ("done", (result, time.perf_counter() - t0))
     except train.Preempted:  # SIGTERM: the checkpoint and results.json ("interrupted") are written

@@ -61,7 +61,7 @@ def test_demo_side_by_side_gives_the_numbers_of_one_after_another(tmp_path, capf
     assert 0.0 <= both["rows"][1]["weight_auroc"] <= 1.0
     err = capfd.readouterr().err
     assert "[bmo] started in process" in err and "[mix] started in process" in err
-    assert "[bmo] step 4: loss=" in err  # a line per logged record, not a bar
+    assert "[bmo] step 4/4: loss=" in err  # a line per logged record, not a bar
     assert "[bmo] final evaluation: val_loss" in err
 
 
