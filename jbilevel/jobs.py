@@ -110,14 +110,16 @@ def _main(job_file: str, outcome_file: str) -> None:
     partial.replace(outcome_file)
 
 
-def _start(job: Job, verbosity: int, workdir: Path) -> subprocess.Popen:
-    job_file = workdir / f"{job.name}.job"
+def _start(job: Job, verbosity: int, files: Path) -> subprocess.Popen:
+    """Starts ``job``'s process; it reads ``files/job`` and writes ``files/outcome``."""
+    files.mkdir()
+    job_file = files / "job"
     job_file.write_bytes(pickle.dumps((job, verbosity)))
     env = dict(os.environ)
     package_root = str(Path(__file__).resolve().parents[1])  # this jbilevel, importable there
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     return subprocess.Popen([sys.executable, "-m", "jbilevel.jobs", str(job_file),
-                             str(workdir / f"{job.name}.outcome")],
+                             str(files / "outcome")],
                             stdin=subprocess.DEVNULL, env=env, start_new_session=True)
 
 
@@ -160,7 +162,8 @@ def run_all(jobs: Sequence[Job], *, processes: int, console: Console) -> dict[st
             while pending or running:
                 while pending and len(running) < processes and not (stopping or failures):
                     job = pending.pop(0)
-                    running[job.name] = _start(job, console.verbosity, workdir)
+                    files = workdir / str(names.index(job.name))  # names may hold any text
+                    running[job.name] = _start(job, console.verbosity, files)
                     console.info(f"[{job.name}] started in process {running[job.name].pid}")
                 if stop_requested and not stopping:
                     stopping = True
@@ -174,7 +177,7 @@ def run_all(jobs: Sequence[Job], *, processes: int, console: Console) -> dict[st
                     if process.poll() is None:
                         continue
                     del running[name]
-                    outcome = workdir / f"{name}.outcome"
+                    outcome = workdir / str(names.index(name)) / "outcome"
                     kind, payload = (pickle.loads(outcome.read_bytes()) if outcome.exists()
                                      else (None, None))
                     if kind == "done":
