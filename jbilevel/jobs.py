@@ -3,7 +3,7 @@
 A small model's programs do not keep every core of a CPU busy (one fine-tuning run of the
 shipped base used 1.74 of the 2 cores of the development host), so independent runs, such
 as the demo's methods, finish sooner side by side than one after another: the demo's four
-fine-tuning runs in two processes took 82% of their wall time in one (docs/results.md),
+fine-tuning runs took 288 s two at a time against 338 s one after another (docs/results.md),
 with the same numbers to the last bit. Every run is
 ``experiment.run`` in a fresh Python process (``python -m jbilevel.jobs``: JAX is not
 fork-safe, and unlike ``multiprocessing``'s spawn this never re-imports the caller's script)
