@@ -4,47 +4,28 @@
                                                        --val-rows 200 --chunk 500 --seq 24]
 
 The shipped base's architecture (hidden 128, 3 layers, 4 heads, MLP 512, vocabulary 512) with
-random weights and tokens: the pieces of ``jbilevel.adjoint``'s hypergradient as the bds
-trainer runs them (``hessian_rows`` rows for H, every training row for the per-row term,
-``hyper_chunk`` rows per forward-mode pass), each jitted and timed as the median of a few
-calls after compiling. Prints one table: seconds and the ratio to one training step's gradient
-(``--batch`` rows), then each CG setting's share of a hypergradient (k HVPs + the validation
-gradient + the per-row term). Run it on an idle machine; the ratios are what to compare.
+random weights and tokens (``benchmarks/hypergrad.py``'s batches and timing): the pieces of
+``jbilevel.adjoint``'s hypergradient as the bds trainer runs them (``hessian_rows`` rows for
+H, every training row for the per-row term, ``hyper_chunk`` rows per forward-mode pass), each
+jitted and timed as the median of a few calls after compiling. Prints one table: seconds and
+the ratio to one training step's gradient (``--batch`` rows), then each CG setting's share of
+a hypergradient (k HVPs + the validation gradient + the per-row term). Run it on an idle
+machine; the ratios are what to compare.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from hypergrad import make_batch, measure  # benchmarks/hypergrad.py, this script's neighbour
 
 from jbilevel import objectives
 from jbilevel.adjoint import example_u
 from jbilevel.models import ModelConfig, build
 from jbilevel.xla_options import tune_host_malloc
-
-
-def batch(rng, n: int, seq: int, vocab: int) -> dict:
-    ids = rng.integers(0, vocab, size=(n, seq + 1)).astype(np.int32)
-    mask = np.ones((n, seq), np.float32)
-    mask[:, : seq // 2] = 0  # the prompt
-    return {"input_ids": jnp.asarray(ids[:, :-1]), "labels": jnp.asarray(ids[:, 1:]),
-            "loss_mask": jnp.asarray(mask), "attention_mask": jnp.ones((n, seq), jnp.int32),
-            "ids": jnp.arange(n, dtype=jnp.int32)}
-
-
-def median_seconds(fn, *args, runs: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main():
@@ -65,22 +46,23 @@ def main():
     rng = np.random.default_rng(0)
     loss_B = objectives.lm_example_loss(model)
     v = jax.tree.map(lambda x: 1e-3 * jnp.ones_like(x), params)
-    grad = jax.jit(jax.grad(lambda th, b: loss_B(th, b).mean()))
-    hvp = jax.jit(lambda th, v, b: jax.jvp(lambda t: grad(t, b), (th,), (v,))[1])
-    per_row = jax.jit(lambda th, v, b: example_u(loss_B, th, b, v, chunk=a.chunk)[0])
+    grad = jax.grad(lambda th, b: loss_B(th, b).mean())
+    hvp = lambda th, v, b: jax.jvp(lambda t: grad(t, b), (th,), (v,))[1]  # noqa: E731
+    per_row = lambda th, v, b: example_u(loss_B, th, b, v, chunk=a.chunk)[0]  # noqa: E731
 
-    rows = [("train-step gradient", a.batch, grad, (params, batch(rng, a.batch, a.seq, 512))),
-            ("HVP (Hessian rows)", a.hessian_rows, hvp,
-             (params, v, batch(rng, a.hessian_rows, a.seq, 512))),
-            ("validation gradient", a.val_rows, grad,
-             (params, batch(rng, a.val_rows, a.seq, 512))),
-            ("per-row term (JVP)", a.rows, per_row, (params, v, batch(rng, a.rows, a.seq, 512)))]
+    def rows_of(n):
+        return make_batch(rng, n=n, batch=n, seq=a.seq, vocab=512, offset=0)
+
+    rows = [("train-step gradient", a.batch, grad, (params, rows_of(a.batch))),
+            ("HVP (Hessian rows)", a.hessian_rows, hvp, (params, v, rows_of(a.hessian_rows))),
+            ("validation gradient", a.val_rows, grad, (params, rows_of(a.val_rows))),
+            ("per-row term (JVP)", a.rows, per_row, (params, v, rows_of(a.rows)))]
     print(f"base architecture, {jax.default_backend()}, seq {a.seq}, chunk {a.chunk}, "
           f"median of {a.runs}")
     print(f"{'piece':<22}{'rows':>6}{'seconds':>10}{'x step':>8}")
     seconds = {}
     for name, n, fn, args in rows:
-        seconds[name] = median_seconds(fn, *args, runs=a.runs)
+        seconds[name] = measure(fn, args, a.runs)[0]
         print(f"{name:<22}{n:>6}{seconds[name]:>10.3f}"
               f"{seconds[name] / seconds['train-step gradient']:>8.1f}", flush=True)
     rest = seconds["validation gradient"] + seconds["per-row term (JVP)"]
