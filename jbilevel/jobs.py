@@ -139,8 +139,9 @@ def run_all(jobs: Sequence[Job], *, processes: int, console: Console) -> dict[st
     names = [job.name for job in jobs]
     if len(set(names)) != len(names):
         raise ValueError(f"job names must differ, got {names}")
-    pending = list(jobs)
-    running: dict[str, subprocess.Popen] = {}
+    # A job's files go in a folder named by its index in ``jobs``: names may hold any text.
+    pending = list(enumerate(jobs))
+    running: dict[str, tuple[subprocess.Popen, Path]] = {}
     finished: dict[str, Finished] = {}
     failures: list[tuple[str, BaseException, str]] = []
     stop_requested = False
@@ -161,23 +162,24 @@ def run_all(jobs: Sequence[Job], *, processes: int, console: Console) -> dict[st
         try:
             while pending or running:
                 while pending and len(running) < processes and not (stopping or failures):
-                    job = pending.pop(0)
-                    files = workdir / str(names.index(job.name))  # names may hold any text
-                    running[job.name] = _start(job, console.verbosity, files)
-                    console.info(f"[{job.name}] started in process {running[job.name].pid}")
+                    index, job = pending.pop(0)
+                    files = workdir / str(index)
+                    process = _start(job, console.verbosity, files)
+                    running[job.name] = process, files
+                    console.info(f"[{job.name}] started in process {process.pid}")
                 if stop_requested and not stopping:
                     stopping = True
                     pending.clear()
                     console.warn("stopping: every running job finishes its step and saves a "
                                  "checkpoint; rerun the same command to resume")
-                    for process in running.values():
+                    for process, _ in running.values():
                         process.send_signal(signal.SIGTERM)
                 time.sleep(0.2)
-                for name, process in list(running.items()):
+                for name, (process, files) in list(running.items()):
                     if process.poll() is None:
                         continue
                     del running[name]
-                    outcome = workdir / str(names.index(name)) / "outcome"
+                    outcome = files / "outcome"
                     kind, payload = (pickle.loads(outcome.read_bytes()) if outcome.exists()
                                      else (None, None))
                     if kind == "done":
@@ -196,7 +198,7 @@ def run_all(jobs: Sequence[Job], *, processes: int, console: Console) -> dict[st
         finally:
             for sig, previous in handlers.items():
                 signal.signal(sig, previous)
-            for process in running.values():  # only after an exception in this loop itself
+            for process, _ in running.values():  # only after an exception in this loop itself
                 process.terminate()
                 process.wait()
     if failures:
