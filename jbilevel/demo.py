@@ -53,9 +53,12 @@ FINETUNE_METHODS = {
 # Per task, where that task's own validation loss chose otherwise. Safety: ridge 100 with CG
 # running through negative curvature (those solves' weight steps skipped), the first sweep's
 # setting: mean validation loss over seeds 0-2 (model step 3e-4, constant) 0.122 against 0.137
-# at ridge 1000 (benign test accuracy 70.8% against 67.3%; docs/results.md).
+# at ridge 1000 (benign test accuracy 70.8% against 67.3%; docs/results.md). Hypergradients
+# from the first step: the base refuses harmful requests, and 75 steps of uniform weights on
+# compliant answers teach it to comply (seed 0: validation loss 0.101 against 0.107 from step
+# 75, which then complied with 99.6% of the harmful test requests).
 FINETUNE_TASK_METHODS = {
-    "safety": {"bds": {"hypergrad": dataclasses.replace(
+    "safety": {"bds": {"hyper_start": 0, "hypergrad": dataclasses.replace(
         FINETUNE_METHODS["bds"]["hypergrad"], ridge=100.0, on_negative_curvature="continue")}},
 }
 # Every method's model step: Adam at 1e-3, decaying along a cosine to 0 at the last step. On
@@ -111,7 +114,12 @@ TASK_OPTIONS = {
                  "corruption": "rule"},
 }
 # Fine-tuning: the same tasks with half the training rows (the base already knows the skills).
+# Safety with 80% of the harmful requests answered compliantly (24% of the rows): the base
+# refuses them, and at 50% no method learned to comply (every method's unsafe compliance was
+# 0 on seeds 0-2), so the task could not tell the methods apart; at 80% mix complies with
+# every harmful test request.
 FINETUNE_TASKS = {task: {**options, "n_train": 2000} for task, options in TASK_OPTIONS.items()}
+FINETUNE_TASKS["safety"]["unsafe_frac"] = 0.8
 COLUMNS = ("method", "test_accuracy", "corrupted", "dropped_skill", "unsafe_compliance",
            "val_loss", "weight_auroc", "weight_mass_on_good", "wall_seconds")
 
