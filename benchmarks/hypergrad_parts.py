@@ -23,7 +23,7 @@ import numpy as np
 from hypergrad import make_batch, measure  # benchmarks/hypergrad.py, this script's neighbour
 
 from jbilevel import objectives
-from jbilevel.adjoint import example_u
+from jbilevel.adjoint import example_u, hvp, outer_value_and_grad
 from jbilevel.models import ModelConfig, build
 from jbilevel.xla_options import tune_host_malloc
 
@@ -46,16 +46,22 @@ def main():
     rng = np.random.default_rng(0)
     loss_B = objectives.lm_example_loss(model)
     v = jax.tree.map(lambda x: 1e-3 * jnp.ones_like(x), params)
-    grad = jax.grad(lambda th, b: loss_B(th, b).mean())
-    hvp = lambda th, v, b: jax.jvp(lambda t: grad(t, b), (th,), (v,))[1]  # noqa: E731
+    mean_loss = lambda th, b: loss_B(th, b).mean()  # noqa: E731
+    grad = jax.grad(mean_loss)
+    # jbilevel.adjoint's own pieces, as the bds trainer calls them; with --hessian-rows and
+    # --val-rows below --chunk they take their unchunked paths, as the trainer does at these
+    # sizes (64 and 200 rows, hyper_chunk 500). Uniform weights: omega does not enter.
+    h_times = lambda th, v, b: hvp(lambda t, _, rows: mean_loss(t, rows), th, None, b)(v)  # noqa: E731
+    val_grad = lambda th, b: outer_value_and_grad(mean_loss, th, b)[1]  # noqa: E731
     per_row = lambda th, v, b: example_u(loss_B, th, b, v, chunk=a.chunk)[0]  # noqa: E731
 
     def rows_of(n):
         return make_batch(rng, n=n, batch=n, seq=a.seq, vocab=512, offset=0)
 
     rows = [("train-step gradient", a.batch, grad, (params, rows_of(a.batch))),
-            ("HVP (Hessian rows)", a.hessian_rows, hvp, (params, v, rows_of(a.hessian_rows))),
-            ("validation gradient", a.val_rows, grad, (params, rows_of(a.val_rows))),
+            ("HVP (Hessian rows)", a.hessian_rows, h_times,
+             (params, v, rows_of(a.hessian_rows))),
+            ("validation gradient", a.val_rows, val_grad, (params, rows_of(a.val_rows))),
             ("per-row term (JVP)", a.rows, per_row, (params, v, rows_of(a.rows)))]
     print(f"base architecture, {jax.default_backend()}, seq {a.seq}, chunk {a.chunk}, "
           f"median of {a.runs}")
