@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jbilevel import linsolve
 from jbilevel import sharding as sh
 from jbilevel import weights as weights_lib
+from jbilevel.models.transformer import differentiable_attention
 from jbilevel.objectives import InnerObjective, OuterObjective
 
 BACKENDS = ("jaxopt", "native")
@@ -178,7 +179,8 @@ def hvp(inner_loss: Callable, theta, omega, batch, ridge: float = 0.0, *,
     grad_g = lambda th: jax.grad(inner_loss)(th, omega, batch)
 
     def matvec(v):
-        hv = as_f32(jax.jvp(grad_g, (theta,), (cast_like(v, theta),))[1])
+        with differentiable_attention():  # forward over reverse: no cuDNN attention
+            hv = as_f32(jax.jvp(grad_g, (theta,), (cast_like(v, theta),))[1])
         hv = hv if ridge == 0 else linsolve.tree_axpy(ridge, v, hv)
         return sh.constrain_like_params(hv)
 
@@ -205,7 +207,8 @@ def _chunked_hvp(inner: InnerObjective, theta, omega, batch, ridge, chunk):
             return sh.constrain_like_params(jax.tree.map(jnp.add, acc, hv)), None
 
         zero = sh.constrain_like_params(jax.tree.map(jnp.zeros_like, v))
-        hv, _ = jax.lax.scan(one, zero, chunks)
+        with differentiable_attention():  # forward over reverse: no cuDNN attention
+            hv, _ = jax.lax.scan(one, zero, chunks)
         if inner.mu:  # the Hessian of mu/2 |theta - theta_ref|^2
             hv = linsolve.tree_axpy(inner.mu, v, hv)
         hv = hv if ridge == 0 else linsolve.tree_axpy(ridge, v, hv)
@@ -342,7 +345,11 @@ def example_u(example_loss: Callable, theta, batch: dict, v, *, chunk: int | Non
       ``(u_R, ids_R, valid_R)``; R >= B when chunks pad the rows (padding rows are invalid).
     """
     v = cast_like(v, theta)
-    one = lambda rows: jax.jvp(lambda th: example_loss(th, rows), (theta,), (v,))[1]
+
+    def one(rows):
+        with differentiable_attention():  # forward mode: no cuDNN attention
+            return jax.jvp(lambda th: example_loss(th, rows), (theta,), (v,))[1]
+
     n = batch["ids"].shape[0]
     valid_B = batch.get("valid")
     if not chunk or chunk >= n:

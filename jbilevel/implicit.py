@@ -43,6 +43,7 @@ from jbilevel.adjoint import (  # noqa: F401  (BACKENDS, DEFAULT_BACKEND, Neuman
     solve_info,
     weight_vjp,
 )
+from jbilevel.models.transformer import differentiable_attention
 from jbilevel.objectives import InnerObjective, check_ids
 
 
@@ -81,7 +82,8 @@ class Unrolled:
 def _mixed_native(inner_loss, theta, omega, batch, v):
     """``-(d/domega grad_theta g)^T v`` by a VJP through the optimality condition."""
     optimality = lambda om: jax.grad(inner_loss)(theta, om, batch)
-    _, vjp = jax.vjp(optimality, omega)
+    with differentiable_attention():  # a derivative of a gradient: no cuDNN attention
+        _, vjp = jax.vjp(optimality, omega)
     return jax.tree.map(jnp.negative, vjp(cast_like(v, theta))[0])
 
 
@@ -100,7 +102,10 @@ def _solve_and_mix(method, inner_loss, outer_loss, theta, omega, batch, outer_ba
             x, *info["solve"] = solve(as_f32(rhs))
             return cast_like(x, theta)
 
-        optimality = lambda th, om: jax.grad(inner_loss)(th, om, batch)
+        def optimality(th, om):  # differentiated again by jaxopt: no cuDNN attention
+            with differentiable_attention():
+                return jax.grad(inner_loss)(th, om, batch)
+
         (d_omega,) = _jaxopt().implicit_diff.root_vjp(
             optimality, theta, (omega,), grad_f, solve=jaxopt_solve
         )
@@ -120,7 +125,10 @@ def _unrolled(method: Unrolled, inner_loss, outer_loss, theta, omega, inner_batc
     opt = method.optimizer
 
     def theta_k(om):
-        grad_g = lambda th: jax.grad(inner_loss)(th, om, inner_batch)
+        def grad_g(th):  # differentiated again through the unrolled steps: no cuDNN attention
+            with differentiable_attention():
+                return jax.grad(inner_loss)(th, om, inner_batch)
+
         if opt is None:
             step = lambda _, th: linsolve.tree_axpy(-method.lr, grad_g(th), th)
             return jax.lax.fori_loop(0, method.steps, step, theta)
@@ -281,8 +289,9 @@ def implicit_solver(
     """
     Implicit(solver=solver, maxiter=maxiter, tol=tol, ridge=ridge, backend=backend)  # validate
 
-    def optimality(theta, omega, batch):
-        return jax.grad(inner_loss)(theta, omega, batch)
+    def optimality(theta, omega, batch):  # differentiated again: no cuDNN attention
+        with differentiable_attention():
+            return jax.grad(inner_loss)(theta, omega, batch)
 
     def linear_solve(matvec, b):
         if ridge:

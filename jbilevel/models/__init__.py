@@ -9,7 +9,7 @@ from jbilevel.models.config import ModelConfig
 from jbilevel.models.hf_io import load_pretrained, load_tokenizer, read_config, save_pretrained
 from jbilevel.models.lora import LoRA, init_lora, lora_axes, merge_lora
 from jbilevel.models.sampling import Generation, generate
-from jbilevel.models.transformer import Model, build
+from jbilevel.models.transformer import Model, build, differentiable_attention
 
 __all__ = [
     "Generation",
@@ -18,6 +18,7 @@ __all__ = [
     "ModelConfig",
     "base_model_path",
     "build",
+    "differentiable_attention",
     "generate",
     "init_lora",
     "load_pretrained",

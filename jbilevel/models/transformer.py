@@ -19,6 +19,8 @@ hf_io.py maps this to and from the exact HF tensor names.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import math
@@ -239,18 +241,45 @@ def _lora_delta(lw, hf_name, scale, x_BxLxI):
     return scale * jnp.einsum("blr,ro->blo", xa_BxLxR, b_RxO.astype(x_BxLxI.dtype))
 
 
+# Set while a trace needs attention that autodiff can take in any mode and to any order.
+_ANY_ORDER: contextvars.ContextVar = contextvars.ContextVar("jbilevel_any_order", default=False)
+
+
+@contextlib.contextmanager
+def differentiable_attention():
+    """Within this context, models trace ``attention="cudnn"`` and ``"dot_product"`` through
+    XLA's implementation of ``jax.nn.dot_product_attention``.
+
+    cuDNN's fused attention has one reverse-mode rule and nothing else, so ``jax.jvp`` of it,
+    and any second derivative (the hypergradient's Hessian-vector products and per-example
+    JVPs), fails ("Differentiation rule for 'dot_product_attention_fwd_wrapper' not
+    implemented"). ``jbilevel.adjoint`` traces its forward-mode and second-order passes in
+    this context, so a model configured for cuDNN trains with it and takes hypergradients
+    through XLA's attention: the same function up to rounding, with the scores materialised
+    (per layer and per row chunk, under remat).
+    """
+    token = _ANY_ORDER.set(True)
+    try:
+        yield
+    finally:
+        _ANY_ORDER.reset(token)
+
+
 def _fused_attention(c: ModelConfig, q_BxLxHxK, k_BxLxKVxK, v_BxLxKVxK, mask_BxL):
-    """Causal attention via ``jax.nn.dot_product_attention`` (optionally cuDNN flash attention).
+    """Causal attention via ``jax.nn.dot_product_attention`` (optionally cuDNN flash attention;
+    XLA's inside :func:`differentiable_attention`).
 
     Padding is given as per-row lengths, so rows must be right-padded (real tokens first).
     """
     lengths_B = mask_BxL.sum(axis=-1).astype(jnp.int32)
     window = None if c.sliding_window is None else (c.sliding_window - 1, 0)
     dtype = q_BxLxHxK.dtype
+    implementation = ("xla" if _ANY_ORDER.get()  # None could pick cuDNN on a GPU
+                      else "cudnn" if c.attention == "cudnn" else None)
     return jax.nn.dot_product_attention(
         q_BxLxHxK, k_BxLxKVxK.astype(dtype), v_BxLxKVxK.astype(dtype), is_causal=True,
         query_seq_lengths=lengths_B, key_value_seq_lengths=lengths_B, local_window_size=window,
-        implementation="cudnn" if c.attention == "cudnn" else None)
+        implementation=implementation)
 
 
 def _layer(c: ModelConfig, sites: dict, scale, x_BxLxD, p, lw, cos_sin, mask_info, cache_kv):
