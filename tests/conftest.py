@@ -1,10 +1,19 @@
-"""The test world, set once: 8 fake CPU devices and strict rank promotion.
+"""The test world, set once: 8 fake CPU devices, strict rank promotion and a fast compile.
 
 Nothing else in the test suite sets global JAX flags. Float64 tests opt in locally
 with ``jax.enable_x64(True)`` (see the ``x64`` fixture).
 """
 
-import jax
+import os
+
+# The suite's models are tiny, so XLA's CPU compile, not running the programs, is most of its
+# time, and LLVM's optimisation of the generated code (level 2 by default) most of the compile.
+# Level 0 about halves compile-bound tests; the HLO passes (fusion, layout) still run. Set
+# before JAX starts its backend; the processes tests spawn inherit it.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), FAST_COMPILE]).strip()
+
+import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_numpy_rank_promotion", "raise")

@@ -21,6 +21,7 @@ from pathlib import Path
 import _llm
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE
 
 from jbilevel import cli
 
@@ -50,11 +51,11 @@ def _args(root: Path, out: Path, *extra: str) -> list[str]:
 
 def _start(root: Path, out: Path, log: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-           # the first run compiles, the later ones read the executables back
+           # the first two runs compile (side by side), the resumed one reads them back
            "JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache"),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = FAST_COMPILE  # none of the caller's other XLA flags (device counts)
     with open(root / f"{log}.out", "w") as stdout, open(root / f"{log}.err", "w") as stderr:
         return subprocess.Popen([sys.executable, "-m", "jbilevel.cli", *_args(root, out)],
                                 stdout=stdout, stderr=stderr, env=env, cwd=root)
@@ -88,9 +89,10 @@ def runs(tmp_path_factory):
     _llm.model_dir(root)
     _alpaca(root / "train.jsonl")
     whole, killed = root / "whole", root / "killed"
-    whole_result, whole_err = _finish(_start(root, whole, log="whole"), root, "whole")
+    straight = _start(root, whole, log="whole")  # side by side, one per core
     victim = _start(root, killed, log="victim")
     at = _kill_after_checkpoint(victim, killed)
+    whole_result, whole_err = _finish(straight, root, "whole")
     assert victim.returncode == -signal.SIGKILL and not (killed / "results.json").exists()
     resumed_result, resumed_err = _finish(_start(root, killed, log="resumed"), root, "resumed")
     return {"root": root, "whole": whole, "killed": killed, "at": at,

@@ -87,19 +87,16 @@ def test_loss_grad_hvp_and_example_jvp_match_unchunked(tie):
     def mean(loss):
         return lambda p: jnp.mean(loss(p, batch))
 
-    _close(jax.jit(chunked_loss)(params, batch), jax.jit(full_loss)(params, batch))
-    _close(jax.jit(jax.grad(mean(chunked_loss)))(params),
-           jax.jit(jax.grad(mean(full_loss)))(params))
+    @jax.jit  # one program for both losses: the loss, its gradient, the HVP and the JVPs
+    def values(p, v):
+        return [(loss(p, batch), jax.grad(mean(loss))(p),
+                 jax.jvp(jax.grad(mean(loss)), (p,), (v,))[1],  # forward-over-reverse HVP
+                 jax.jvp(lambda q, f=loss: f(q, batch), (p,), (v,))[1])  # u_i = <grad l_i, v>
+                for loss in (chunked_loss, full_loss)]
 
-    def hvp(loss):  # forward-over-reverse, as in the implicit solve
-        return jax.jit(lambda p, v: jax.jvp(jax.grad(mean(loss)), (p,), (v,))[1])
-
-    _close(hvp(chunked_loss)(params, tangent), hvp(full_loss)(params, tangent))
-
-    def jvp(loss):  # the per-example term u_i = <grad l_i, v>
-        return jax.jit(lambda p, v: jax.jvp(lambda q: loss(q, batch), (p,), (v,))[1])
-
-    _close(jvp(chunked_loss)(params, tangent), jvp(full_loss)(params, tangent))
+    got, want = values(params, tangent)
+    for g, w in zip(got, want, strict=True):
+        _close(g, w)
 
 
 def test_model_token_nll_chunks_by_its_memory_budget():
