@@ -71,7 +71,8 @@ class ModelConfig:
     # its default implementation; "cudnn": the same forced onto cuDNN flash attention (GPU,
     # bf16/f16). Both fused paths serve cache-free forwards and assume right padding (real
     # tokens first, as in jbilevel's training batches and its online buffer's rows); KV-cache
-    # decoding always uses "xla".
+    # decoding always uses "xla", and so do the hypergradient's forward-mode and second-order
+    # passes (cuDNN's kernel has one reverse-mode rule; ``differentiable_attention``).
     attention: str = "xla"
     # The LM loss applies the output projection this many MiB of float32 logits at a time on
     # each device (``jbilevel.losses.chunked_token_nll``); the [rows, tokens, vocab] logits are
