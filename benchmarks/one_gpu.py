@@ -185,7 +185,7 @@ def main() -> int:
 
     jax.config.update("jax_platforms", "cpu")  # this process writes files; the runs use the GPU
     out = Path(args.out)
-    model = out / f"model-{args.preset}"
+    model = out / (f"model-{args.preset}" + (f"-{args.layers}layers" if args.layers else ""))
     if not (model / "model.safetensors").exists():
         write_model(model, args.preset, args.layers)
     train_file, val_file = write_data(out / "data", args.rows, args.val_rows, args.words)
