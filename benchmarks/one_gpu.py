@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -129,12 +131,11 @@ def summary(name: str, rec: dict, tokens_per_step: int) -> dict:
         return [c for c in rec["calls"] if c["step"] == step]
 
     def median(xs):
-        xs = sorted(xs)
-        return xs[len(xs) // 2] if xs else None
+        return statistics.median(xs) if xs else None
 
     train_calls, hyper_calls = of("train"), of("hyper")
-    before_hyper = [c["peak"] for c in rec["calls"][:next(
-        (i for i, c in enumerate(rec["calls"]) if c["step"] == "hyper"), len(rec["calls"]))]]
+    before_hyper = [c["peak"] for c in
+                    itertools.takewhile(lambda c: c["step"] != "hyper", rec["calls"])]
     step_s = median([c["s"] for c in train_calls[1:]])
     return {
         "recipe": name, "rc": rec["rc"], "device": rec["device"], "wall_s": rec["wall_s"],

@@ -159,6 +159,19 @@ def _row_aligned(batch: dict) -> bool:
     return all(jnp.ndim(x) and jnp.shape(x)[0] == n for x in jax.tree.leaves(batch))
 
 
+def differentiable_grad(fn: Callable) -> Callable:
+    """``jax.grad(fn)`` traced inside ``jbilevel.models.differentiable_attention``: the gradient
+    to take when it is differentiated again (Hessian-vector products, the mixed term, unrolled
+    steps), which a model's cuDNN attention cannot be."""
+    grad = jax.grad(fn)
+
+    def traced(*args):
+        with differentiable_attention():
+            return grad(*args)
+
+    return traced
+
+
 def hvp(inner_loss: Callable, theta, omega, batch, ridge: float = 0.0, *,
         chunk: int | None = None) -> Callable:
     """``v -> (H + ridge I) v``, H the Hessian of ``inner_loss(., omega, batch)`` at theta.
@@ -176,11 +189,10 @@ def hvp(inner_loss: Callable, theta, omega, batch, ridge: float = 0.0, *,
     if (chunk and rows > chunk and isinstance(inner_loss, InnerObjective)
             and _row_aligned(batch)):
         return _chunked_hvp(inner_loss, theta, omega, batch, ridge, chunk)
-    grad_g = lambda th: jax.grad(inner_loss)(th, omega, batch)
+    grad_g = lambda th: differentiable_grad(inner_loss)(th, omega, batch)
 
     def matvec(v):
-        with differentiable_attention():  # forward over reverse: no cuDNN attention
-            hv = as_f32(jax.jvp(grad_g, (theta,), (cast_like(v, theta),))[1])
+        hv = as_f32(jax.jvp(grad_g, (theta,), (cast_like(v, theta),))[1])
         hv = hv if ridge == 0 else linsolve.tree_axpy(ridge, v, hv)
         return sh.constrain_like_params(hv)
 
@@ -202,13 +214,12 @@ def _chunked_hvp(inner: InnerObjective, theta, omega, batch, ridge, chunk):
         v_theta = cast_like(v, theta)
 
         def one(acc, rows):
-            grad_rows = lambda th: jax.grad(data_sum)(th, rows)
+            grad_rows = lambda th: differentiable_grad(data_sum)(th, rows)
             hv = as_f32(jax.jvp(grad_rows, (theta,), (v_theta,))[1])
             return sh.constrain_like_params(jax.tree.map(jnp.add, acc, hv)), None
 
         zero = sh.constrain_like_params(jax.tree.map(jnp.zeros_like, v))
-        with differentiable_attention():  # forward over reverse: no cuDNN attention
-            hv, _ = jax.lax.scan(one, zero, chunks)
+        hv, _ = jax.lax.scan(one, zero, chunks)
         if inner.mu:  # the Hessian of mu/2 |theta - theta_ref|^2
             hv = linsolve.tree_axpy(inner.mu, v, hv)
         hv = hv if ridge == 0 else linsolve.tree_axpy(ridge, v, hv)

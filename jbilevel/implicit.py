@@ -37,13 +37,13 @@ from jbilevel.adjoint import (  # noqa: F401  (BACKENDS, DEFAULT_BACKEND, Neuman
     adjoint,
     as_f32,
     cast_like,
+    differentiable_grad,
     example_u,
     hvp,
     linear_solver,
     solve_info,
     weight_vjp,
 )
-from jbilevel.models.transformer import differentiable_attention
 from jbilevel.objectives import InnerObjective, check_ids
 
 
@@ -81,9 +81,8 @@ class Unrolled:
 
 def _mixed_native(inner_loss, theta, omega, batch, v):
     """``-(d/domega grad_theta g)^T v`` by a VJP through the optimality condition."""
-    optimality = lambda om: jax.grad(inner_loss)(theta, om, batch)
-    with differentiable_attention():  # a derivative of a gradient: no cuDNN attention
-        _, vjp = jax.vjp(optimality, omega)
+    optimality = lambda om: differentiable_grad(inner_loss)(theta, om, batch)
+    _, vjp = jax.vjp(optimality, omega)
     return jax.tree.map(jnp.negative, vjp(cast_like(v, theta))[0])
 
 
@@ -102,10 +101,7 @@ def _solve_and_mix(method, inner_loss, outer_loss, theta, omega, batch, outer_ba
             x, *info["solve"] = solve(as_f32(rhs))
             return cast_like(x, theta)
 
-        def optimality(th, om):  # differentiated again by jaxopt: no cuDNN attention
-            with differentiable_attention():
-                return jax.grad(inner_loss)(th, om, batch)
-
+        optimality = lambda th, om: differentiable_grad(inner_loss)(th, om, batch)
         (d_omega,) = _jaxopt().implicit_diff.root_vjp(
             optimality, theta, (omega,), grad_f, solve=jaxopt_solve
         )
@@ -125,10 +121,7 @@ def _unrolled(method: Unrolled, inner_loss, outer_loss, theta, omega, inner_batc
     opt = method.optimizer
 
     def theta_k(om):
-        def grad_g(th):  # differentiated again through the unrolled steps: no cuDNN attention
-            with differentiable_attention():
-                return jax.grad(inner_loss)(th, om, inner_batch)
-
+        grad_g = lambda th: differentiable_grad(inner_loss)(th, om, inner_batch)
         if opt is None:
             step = lambda _, th: linsolve.tree_axpy(-method.lr, grad_g(th), th)
             return jax.lax.fori_loop(0, method.steps, step, theta)
@@ -289,9 +282,7 @@ def implicit_solver(
     """
     Implicit(solver=solver, maxiter=maxiter, tol=tol, ridge=ridge, backend=backend)  # validate
 
-    def optimality(theta, omega, batch):  # differentiated again: no cuDNN attention
-        with differentiable_attention():
-            return jax.grad(inner_loss)(theta, omega, batch)
+    optimality = differentiable_grad(inner_loss)  # (theta, omega, batch) -> grad_theta g
 
     def linear_solve(matvec, b):
         if ridge:
