@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 EXIT_USER_ERROR = 2  # bad input: the message says what to fix (argparse uses 2 as well)
 EXIT_INTERRUPTED = 3  # the run stopped early; results.json says why ("interrupted")
@@ -35,9 +36,16 @@ def _build_parser() -> argparse.ArgumentParser:
     level.add_argument("-v", "--verbose", action="store_true",
                        help="more detail: every data-load message, a line per logged training "
                             "record, tracebacks of input errors")
+    cache = argparse.ArgumentParser(add_help=False)
+    cache.add_argument(
+        "--compile-cache", metavar="DIR", default=None,
+        help="persistent XLA compilation cache: programs compiled once (by this run, an "
+             "earlier one, a resume, another seed with the same shapes) load from DIR instead "
+             "of compiling again; 'none' turns it off (default: $JAX_COMPILATION_CACHE_DIR; "
+             "demo: OUT/xla_cache)")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
-        "demo", parents=[talk],
+        "demo", parents=[talk, cache],
         help="compare methods fine-tuning a tiny pretrained model on a built-in task (CPU, "
              "minutes)",
         description="Fine-tunes the shipped pretrained base (or, with --base scratch, trains a "
@@ -72,7 +80,7 @@ def _build_parser() -> argparse.ArgumentParser:
                            "core, up to all methods; 1: one after another, with the bar)")
 
     tr = sub.add_parser(
-        "train", parents=[talk],
+        "train", parents=[talk, cache],
         help="train one configuration and write its run report",
         description="Example: jbilevel train --config configs/quality_bds.yaml loop.steps=500. "
                     "--out belongs to one run: rerunning the same configuration resumes it, "
@@ -82,7 +90,7 @@ def _build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", help="dotted key=value, e.g. method.lr_theta=1e-5")
 
     ev = sub.add_parser(
-        "eval", parents=[talk],
+        "eval", parents=[talk, cache],
         help="validation/test loss (and task score) of a saved model",
         description="Examples: jbilevel eval --run runs/bds   |   "
                     "jbilevel eval --run runs/bds --data other.jsonl   |   "
@@ -133,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(QUIET if args.quiet else VERBOSE if args.verbose else NORMAL)
     command = {"demo": _demo, "train": _train, "eval": _eval, "export": _export}[args.command]
     try:
+        if "compile_cache" in args:
+            _compile_cache(args, console)
         return command(args, console)
     except UserError as e:
         console.close_bar()
@@ -142,6 +152,18 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"jbilevel {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+def _compile_cache(args, console) -> None:
+    """--compile-cache: on for this process and the ones it starts (the demo's runs)."""
+    from jbilevel.xla_options import CACHE_ENV, use_compilation_cache
+
+    directory = args.compile_cache
+    if directory is None and args.command == "demo" and not os.environ.get(CACHE_ENV):
+        directory = str(Path(args.out) / "xla_cache")  # its runs share programs; so do reruns
+    used = use_compilation_cache(directory)
+    if used:
+        console.info(f"compiled programs are cached in {used} (--compile-cache)")
 
 
 def _demo(args, console) -> int:

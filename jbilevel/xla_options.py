@@ -27,6 +27,10 @@ per-process choice: the jbilevel command, scripts/reproduce.py and the benchmark
 first thing, before JAX starts its threads; importing jbilevel never changes the process's
 allocator. ``JBILEVEL_HOST_MALLOC=0`` turns it off alone,
 ``JBILEVEL_XLA_DEFAULTS=0`` both.
+
+``use_compilation_cache`` turns JAX's persistent compilation cache on for a process and the
+processes it starts (``--compile-cache`` of ``jbilevel demo | train | eval`` and
+``scripts/reproduce.py``): a rerun, a resume or another seed loads its compiled programs.
 """
 
 from __future__ import annotations
@@ -118,3 +122,38 @@ def tune_host_malloc(environ=None, libc=None) -> bool:
     # In this order, stopping at the first refusal: one arena alone changes nothing measurable,
     # while no trimming with mmap still on was worse than the default (docs/performance.md).
     return all(mallopt(param, value) == 1 for param, value in HOST_MALLOC)
+
+
+CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"  # JAX's own variable: started processes inherit it
+CACHE_OFF = "none"
+
+
+def use_compilation_cache(directory: str | os.PathLike | None) -> str | None:
+    """Turns JAX's persistent compilation cache on (or off) for this process and the
+    processes it starts: a program compiled once (in this run, an earlier one, another seed
+    or method with the same shapes, a resume) is loaded from ``directory`` instead of
+    compiled again. The cached program is the compiled one, so results do not change.
+
+    JAX keys every entry on the program, the compiler options and the JAX and XLA versions,
+    and caches programs that took at least 1 s to compile
+    (``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS``). Several processes may share a
+    directory; on a multi-host slice give each host a local one or a shared mount.
+
+    Args: directory; ``"none"`` turns the cache off; None keeps what ``$JAX_COMPILATION_CACHE_DIR``
+      says (unset: off).
+    Returns: the directory in use, or None.
+    """
+    if directory is None:
+        return os.environ.get(CACHE_ENV) or None
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    path = None if str(directory) == CACHE_OFF else os.path.abspath(directory)
+    if path is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.makedirs(path, exist_ok=True)
+        os.environ[CACHE_ENV] = path
+    jax.config.update("jax_compilation_cache_dir", path)
+    compilation_cache.reset_cache()  # JAX decides once whether to cache: decide again
+    return path

@@ -12,7 +12,9 @@ the built-in tasks fine-tuning the shipped base; ``configs``: from scratch); eve
 
 Writes to ``--out`` (default docs/results): ``<task>.md`` (the table and the command),
 ``<task>.json`` (every run's results), ``<task>.png`` (bars: mean ± std, dots: seeds) and
-``runs/<task>/<method>/seed<s>/`` (each run's full report).
+``runs/<task>/<method>/seed<s>/`` (each run's full report) and ``runs/xla_cache/`` (the
+compiled programs: a method's later seeds, and a rerun, load them instead of compiling;
+``--compile-cache``).
 
 ``--redraw FILE.json`` runs nothing: it reads a per-run JSON (``{"<method>_s<seed>": results}``,
 as committed under docs/results/), keeps the ``--methods`` given, in that order, and writes
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import sys
@@ -49,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="rerun runs that already finished")
     p.add_argument("--redraw", metavar="JSON", help="table and plot from a per-run JSON only")
     p.add_argument("--title", help="plot title (default: the task or the JSON's name)")
+    p.add_argument("--compile-cache", metavar="DIR", default=None,
+                   help="persistent XLA compilation cache the runs share (a method's seeds "
+                        "compile once); 'none': off (default: $JAX_COMPILATION_CACHE_DIR, "
+                        "else OUT/runs/xla_cache)")
     p.add_argument("overrides", nargs="*", help="key=value for every run, e.g. loop.steps=500")
     return p
 
@@ -176,6 +183,12 @@ def main(argv=None) -> int:
         print(f"reproduce: no config {', '.join(missing)} (methods need "
               f"{args.configs}/<task>_<method>.yaml)", file=sys.stderr)
         return 2
+    from jbilevel.xla_options import CACHE_ENV, use_compilation_cache
+
+    cache = args.compile_cache
+    if cache is None and not os.environ.get(CACHE_ENV):
+        cache = out / "runs" / "xla_cache"
+    use_compilation_cache(cache)
     results: dict[str, list[dict]] = {}
     for method, path in configs.items():
         results[method] = []

@@ -20,6 +20,19 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 import pytest  # noqa: E402
 
+from jbilevel.xla_options import CACHE_ENV, use_compilation_cache  # noqa: E402
+
+_CACHE_AT_START = os.environ.get(CACHE_ENV)
+
+
+@pytest.fixture(autouse=True)
+def _compilation_cache_as_the_session_started():
+    """A command run in this process (``cli.main(["demo", ...])``) may turn JAX's persistent
+    compilation cache on for the process; the next test starts as the session did."""
+    yield
+    if os.environ.get(CACHE_ENV) != _CACHE_AT_START:
+        use_compilation_cache(_CACHE_AT_START or "none")
+
 
 @pytest.fixture
 def x64():

@@ -1,0 +1,64 @@
+"""--compile-cache: JAX's persistent compilation cache, on for a process and the ones it starts."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jbilevel import cli
+from jbilevel.console import NORMAL, Console
+from jbilevel.xla_options import CACHE_ENV, use_compilation_cache
+
+
+@pytest.fixture
+def cache_state(monkeypatch):
+    """Every program cached (not only those that took 1 s to compile); the process's cache
+    settings as they were afterwards."""
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    before = (jax.config.jax_compilation_cache_dir,
+              jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    yield
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+    use_compilation_cache(before[0] or "none")
+
+
+def _entries(path):
+    return sorted(p for p in os.listdir(path)) if os.path.isdir(path) else []
+
+
+def test_programs_land_in_the_cache_and_none_turns_it_off(tmp_path, cache_state):
+    # JAX compiled programs in this process before (other tests): the cache still turns on
+    path = use_compilation_cache(tmp_path / "c")
+    assert path == str(tmp_path / "c") and os.environ[CACHE_ENV] == path  # children inherit
+    x = jnp.arange(6.0)
+    assert float(jax.jit(lambda a: jnp.sin(a).sum() * 3.0)(x)) == pytest.approx(
+        3.0 * float(np.sin(np.arange(6.0)).sum()), rel=1e-6)
+    cached = _entries(path)
+    assert cached, "the compiled program was not written to the cache"
+
+    assert use_compilation_cache("none") is None and CACHE_ENV not in os.environ
+    jax.jit(lambda a: jnp.cos(a).sum() * 5.0)(x)
+    assert _entries(path) == cached  # off: nothing new written
+    assert use_compilation_cache(None) is None  # None: what the environment says (unset)
+
+
+def test_cli_demo_caches_in_its_out_dir_unless_told_otherwise(tmp_path, cache_state, capsys):
+    console = Console(NORMAL)
+    args = cli._build_parser().parse_args(["demo", "--out", str(tmp_path / "demo")])
+    cli._compile_cache(args, console)
+    assert os.environ[CACHE_ENV] == str(tmp_path / "demo" / "xla_cache")
+    assert f"cached in {tmp_path / 'demo' / 'xla_cache'}" in capsys.readouterr().err
+
+    args = cli._build_parser().parse_args(
+        ["train", "--config", "x.yaml", "--compile-cache", str(tmp_path / "mine")])
+    cli._compile_cache(args, console)
+    assert os.environ[CACHE_ENV] == str(tmp_path / "mine")
+    assert f"cached in {tmp_path / 'mine'}" in capsys.readouterr().err
+
+    args = cli._build_parser().parse_args(
+        ["demo", "--out", str(tmp_path / "demo"), "--compile-cache", "none"])
+    cli._compile_cache(args, console)
+    assert CACHE_ENV not in os.environ and "cached in" not in capsys.readouterr().err
