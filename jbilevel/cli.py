@@ -156,12 +156,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _compile_cache(args, console) -> None:
     """--compile-cache: on for this process and the ones it starts (the demo's runs)."""
+    from jbilevel.errors import UserError
     from jbilevel.xla_options import CACHE_ENV, use_compilation_cache
 
     directory = args.compile_cache
     if directory is None and args.command == "demo" and not os.environ.get(CACHE_ENV):
         directory = str(Path(args.out) / "xla_cache")  # its runs share programs; so do reruns
-    used = use_compilation_cache(directory)
+    try:
+        used = use_compilation_cache(directory)
+    except OSError as e:
+        raise UserError(f"--compile-cache {directory}: cannot make that directory ({e}); give "
+                        "a writable one, or 'none' to compile without a cache") from e
     if used:
         console.info(f"compiled programs are cached in {used} (--compile-cache)")
 

@@ -62,3 +62,14 @@ def test_cli_demo_caches_in_its_out_dir_unless_told_otherwise(tmp_path, cache_st
         ["demo", "--out", str(tmp_path / "demo"), "--compile-cache", "none"])
     cli._compile_cache(args, console)
     assert CACHE_ENV not in os.environ and "cached in" not in capsys.readouterr().err
+
+
+def test_an_unwritable_cache_directory_is_a_clear_error(tmp_path, cache_state, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    code = cli.main(["eval", "--run", str(tmp_path / "no_run"),
+                     "--compile-cache", str(blocker / "cache")])
+    assert code == cli.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert f"--compile-cache {blocker / 'cache'}: cannot make that directory" in err
+    assert "'none'" in err
