@@ -141,8 +141,6 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(QUIET if args.quiet else VERBOSE if args.verbose else NORMAL)
     command = {"demo": _demo, "train": _train, "eval": _eval, "export": _export}[args.command]
     try:
-        if "compile_cache" in args:
-            _compile_cache(args, console)
         return command(args, console)
     except UserError as e:
         console.close_bar()
@@ -155,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _compile_cache(args, console) -> None:
-    """--compile-cache: on for this process and the ones it starts (the demo's runs)."""
+    """--compile-cache: on for this process and the ones it starts (the demo's runs). Called
+    after ``distributed.initialize``: the message asks JAX which process this is, which starts
+    its backend."""
     from jbilevel.errors import UserError
     from jbilevel.xla_options import CACHE_ENV, use_compilation_cache
 
@@ -174,6 +174,7 @@ def _compile_cache(args, console) -> None:
 def _demo(args, console) -> int:
     from jbilevel import demo
 
+    _compile_cache(args, console)
     return demo.main(args, console)
 
 
@@ -191,6 +192,7 @@ def _eval(args, console) -> int:
     if args.max_len is not None:
         overrides.insert(0, f"data.max_len={args.max_len}")
     distributed.initialize()
+    _compile_cache(args, console)
     if args.run:
         result = saved.evaluate_run(args.run, data=args.data, overrides=overrides,
                                     console=console)
@@ -221,6 +223,7 @@ def _train(args, console) -> int:
 
     cfg = config.load(experiment.ExperimentConfig, args.config, args.overrides)
     distributed.initialize()
+    _compile_cache(args, console)
     out = args.out or f"runs/{cfg.method.method}"
     result = experiment.run(cfg, out, console=console)
     print(json.dumps(result, indent=2))
