@@ -157,16 +157,16 @@ def _compile_cache(args, console) -> None:
     after ``distributed.initialize``: the message asks JAX which process this is, which starts
     its backend."""
     from jbilevel.errors import UserError
-    from jbilevel.xla_options import CACHE_ENV, use_compilation_cache
+    from jbilevel.xla_options import use_compilation_cache
 
-    directory = args.compile_cache
-    if directory is None and args.command == "demo" and not os.environ.get(CACHE_ENV):
-        directory = str(Path(args.out) / "xla_cache")  # its runs share programs; so do reruns
+    # the demo's runs share programs; so do its reruns
+    default = Path(args.out) / "xla_cache" if args.command == "demo" else None
     try:
-        used = use_compilation_cache(directory)
+        used = use_compilation_cache(args.compile_cache, default=default)
     except OSError as e:
-        raise UserError(f"--compile-cache {directory}: cannot make that directory ({e}); give "
-                        "a writable one, or 'none' to compile without a cache") from e
+        raise UserError(f"--compile-cache {args.compile_cache or default}: cannot make that "
+                        f"directory ({e}); give a writable one, or 'none' to compile without a "
+                        "cache") from e
     if used:
         console.info(f"compiled programs are cached in {used} (--compile-cache)")
 

@@ -128,7 +128,8 @@ CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"  # JAX's own variable: started processes
 CACHE_OFF = "none"
 
 
-def use_compilation_cache(directory: str | os.PathLike | None) -> str | None:
+def use_compilation_cache(directory: str | os.PathLike | None, *,
+                          default: str | os.PathLike | None = None) -> str | None:
     """Turns JAX's persistent compilation cache on (or off) for this process and the
     processes it starts: a program compiled once (in this run, an earlier one, another seed
     or method with the same shapes, a resume) is loaded from ``directory`` instead of
@@ -139,12 +140,16 @@ def use_compilation_cache(directory: str | os.PathLike | None) -> str | None:
     (``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS``). Several processes may share a
     directory; on a multi-host slice give each host a local one or a shared mount.
 
-    Args: directory; ``"none"`` turns the cache off; None keeps what ``$JAX_COMPILATION_CACHE_DIR``
-      says (unset: off).
+    Args:
+      directory: the cache's directory; ``"none"`` turns the cache off; None keeps what
+        ``$JAX_COMPILATION_CACHE_DIR`` says, or where it is unset uses ``default``.
+      default: the directory for ``directory=None`` without the variable (None: off).
     Returns: the directory in use, or None.
     """
     if directory is None:
-        return os.environ.get(CACHE_ENV) or None
+        if os.environ.get(CACHE_ENV) or default is None:
+            return os.environ.get(CACHE_ENV) or None
+        directory = default
     import jax
     from jax.experimental.compilation_cache import compilation_cache
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shlex
 import sys
@@ -183,12 +182,9 @@ def main(argv=None) -> int:
         print(f"reproduce: no config {', '.join(missing)} (methods need "
               f"{args.configs}/<task>_<method>.yaml)", file=sys.stderr)
         return 2
-    from jbilevel.xla_options import CACHE_ENV, use_compilation_cache
+    from jbilevel.xla_options import use_compilation_cache
 
-    cache = args.compile_cache
-    if cache is None and not os.environ.get(CACHE_ENV):
-        cache = out / "runs" / "xla_cache"
-    use_compilation_cache(cache)
+    use_compilation_cache(args.compile_cache, default=out / "runs" / "xla_cache")
     results: dict[str, list[dict]] = {}
     for method, path in configs.items():
         results[method] = []
