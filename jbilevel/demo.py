@@ -350,5 +350,6 @@ def main(args, console: Console | None = None) -> int:
           f"  curves.png                 full validation loss against steps, every method\n"
           f"  <method>/                  each run's report: results.json, weights.csv,\n"
           f"                             weights.png (weights by ground truth), curated.jsonl,\n"
-          f"                             curated_top50.jsonl, test_predictions.jsonl, model/")
+          f"                             curated_top50.jsonl, test_predictions.jsonl,\n"
+          f"                             validation_predictions.jsonl, model/")
     return 0

@@ -188,6 +188,28 @@ def evaluate(model, params, task, split: str = "test", batch_size: int = 250) ->
     return {**task.score(predictions, split), "predictions": predictions}
 
 
+SPLIT_PREFIX = {"validation": "val", "test": "test"}  # results.json keys: val_accuracy, ...
+
+
+def score_splits(model, params, task, batch_size: int) -> tuple[dict, dict]:
+    """Greedy answers to the prompts of each split in ``task.scored``, scored with the task
+    metric.
+
+    Returns: ({"val_<metric>" / "test_<metric>": value}, {split: decoded answers}); both empty
+    for a task without a metric.
+    """
+    scores: dict = {}
+    predictions: dict = {}
+    if task.scorer is None:
+        return scores, predictions
+    for split in task.scored:
+        if split in task.splits:
+            record = evaluate(model, params, task, split, batch_size)
+            predictions[split] = record.pop("predictions")
+            scores.update({f"{SPLIT_PREFIX[split]}_{k}": v for k, v in record.items()})
+    return scores, predictions
+
+
 def _mesh_of(params):
     """The mesh the params are laid out on (None: not on a mesh, e.g. one device)."""
     for leaf in jax.tree.leaves(params):
@@ -523,15 +545,12 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
     plain_loss = lm_example_loss(model)
     s_N = np.asarray(inputs.to_host(weights.weights(state.omega, cfg.method.weighting)))
     learned = cfg.method.method in ("bds", "bmo")
-    predictions = None
     with console.phase("final evaluation") as phase:
         result["val_loss"] = mean_loss(plain_loss, params, task.validation, cfg.eval_batch_size)
         if task.test is not None:
             result["test_loss"] = mean_loss(plain_loss, params, task.test, cfg.eval_batch_size)
-        if task.scorer is not None and task.test is not None:  # decode the test prompts, score
-            test = evaluate(model, params, task, "test", cfg.eval_batch_size)
-            predictions = test.pop("predictions")
-            result.update({f"test_{k}": v for k, v in test.items()})
+        scores, predictions = score_splits(model, params, task, cfg.eval_batch_size)
+        result.update(scores)
         if learned:
             if good_N is not None:
                 result.update({f"weight_{k}": v for k, v in task.score_weights(s_N).items()})
@@ -559,12 +578,13 @@ def _write_json(path: Path, record: dict) -> None:
 
 def write_report(out: Path, result: dict, task, data_set, good_N, s_N, predictions, model,
                  params, *, learned: bool) -> None:
-    """results.json, weights.csv (+ .npy), test predictions, plots, curated data and the model.
+    """results.json, weights.csv (+ .npy), predictions, plots, curated data and the model.
 
     ``weights.csv`` has one row per training example id with its source file, line (text
     files) and record index, so it joins back to the source whatever rows were skipped.
     ``good_N`` None (data from files: no ground truth) leaves the csv's ``good`` column empty;
-    ``predictions`` None (no task metric) writes no test_predictions.jsonl.
+    ``predictions`` maps each scored split to its decoded answers (``<split>_predictions.jsonl``;
+    empty without a task metric).
     """
     from jbilevel import report
     from jbilevel.data import export_curated, source_of
@@ -581,9 +601,9 @@ def write_report(out: Path, result: dict, task, data_set, good_N, s_N, predictio
             writer.writerow([i, f"{s_N[i]:.6g}", "" if good_N is None else int(good_N[i]),
                              where.get("source_file", ""), _blank(where.get("source_line")),
                              _blank(where.get("source_row")), inputs.preview(data_set.rows[i])])
-    if predictions is not None:
-        with open(out / "test_predictions.jsonl", "w") as f:
-            for row, pred in zip(task.test.rows, predictions, strict=True):
+    for split, answers in predictions.items():
+        with open(out / f"{split}_predictions.jsonl", "w") as f:
+            for row, pred in zip(task.splits[split].rows, answers, strict=True):
                 f.write(json.dumps({"question": row.get("question", inputs.preview(row)),
                                     "prediction": pred,
                                     "answer": row.get("answer", row.get("response"))}) + "\n")

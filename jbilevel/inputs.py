@@ -65,6 +65,10 @@ class DataConfig:
     # "safety" (compliance and refusal on the rows marked harmful, accuracy on the others),
     # "none" (losses only)
     metric: Literal["none", "answer", "safety"] = "none"
+    # also score greedy answers to the validation prompts with ``metric`` (``val_<name>`` in
+    # results.json, validation_predictions.jsonl): a task signal for choosing settings that
+    # never reads the test split; the validation rows then need the metric's columns
+    score_validation: bool = False
 
     def __post_init__(self):
         if self.train and not self.validation:
@@ -72,6 +76,10 @@ class DataConfig:
         if self.metric != "none" and not self.test:
             raise ValueError(f"data.metric={self.metric!r} scores answers to the test prompts; "
                              "set data.test to a file, or data.metric=none")
+        if self.score_validation and self.metric == "none":
+            raise ValueError("data.score_validation=true scores the validation answers with "
+                             "data.metric; set data.metric (answer or safety), or "
+                             "data.score_validation=false")
         if not self.train and (self.validation or self.test):
             raise ValueError("data.validation/test given without data.train; set data.train")
         if self.max_len <= 1:
@@ -151,8 +159,34 @@ def load_task(task_cfg, data_cfg: DataConfig, model_spec):
     good_N = None
     if data_cfg.truth:
         good_N = ground_truth(splits["train"], data_cfg.truth)
+    for split in scored_splits(data_cfg):
+        check_metric_columns(splits[split], data_cfg.metric, split)
     return FileTask(name=str(data_cfg.train), tokenizer=tokenizer, splits=splits, good_N=good_N,
-                    scorer=None if data_cfg.metric == "none" else scorer(data_cfg.metric))
+                    scorer=None if data_cfg.metric == "none" else scorer(data_cfg.metric),
+                    scored=scored_splits(data_cfg))
+
+
+def scored_splits(data_cfg: DataConfig) -> tuple[str, ...]:
+    """The splits whose greedy answers a run scores with ``data.metric`` (none without one)."""
+    if data_cfg.metric == "none":
+        return ()
+    return ("validation", "test") if data_cfg.score_validation else ("test",)
+
+
+def check_metric_columns(dataset, metric: str, split: str) -> None:
+    """Raises a DataError naming the first row of ``split`` that lacks a column ``metric``
+    scores against, before any training step (not after the last one)."""
+    from jbilevel.data import DataError
+    from jbilevel.data.tasks import METRIC_COLUMNS
+
+    fix = (f"add it to every {split} row, or set data.score_validation=false"
+           if split == "validation" else "add it to every test row, or set data.metric=none")
+    for row, where in zip(dataset.rows, dataset.where, strict=True):
+        missing = [c for c in METRIC_COLUMNS[metric] if c not in row]
+        if missing:
+            raise DataError(f"data.{split}: {where}: no column {missing[0]!r} (keys: "
+                            f"{', '.join(sorted(row))}), which data.metric={metric} scores "
+                            f"answers against; {fix}", "missing_key")
 
 
 def ground_truth(dataset, column: str) -> np.ndarray:
@@ -188,7 +222,7 @@ def task_files(task_cfg, directory, data_cfg: DataConfig, *, write: bool = True
       other settings (max_len, ...) are kept; ``write``: write the files (deterministic in the
       task's seed and options), or only name them.
     Returns: ``data_cfg`` with the three files, schema qa through the tokenizer's chat template,
-      the ``good`` column as ground truth and the task's metric.
+      the ``good`` column as ground truth and the task's metric, on validation and test.
     """
     from pathlib import Path
 
@@ -202,7 +236,8 @@ def task_files(task_cfg, directory, data_cfg: DataConfig, *, write: bool = True
         paths = {split: str(directory / f"{split}.jsonl") for split in SPLITS}
     return dataclasses.replace(
         data_cfg, train=paths["train"], validation=paths["validation"], test=paths["test"],
-        schema="qa", chat_template="tokenizer", truth="good", metric=TASK_METRIC[task_cfg.name])
+        schema="qa", chat_template="tokenizer", truth="good", metric=TASK_METRIC[task_cfg.name],
+        score_validation=True)
 
 
 # Row-level problems the skip policy can count instead of stopping at.

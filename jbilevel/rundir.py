@@ -28,6 +28,7 @@ RESUMABLE = (
     "loop.steps", "loop.log_every", "loop.checkpoint_every", "loop.keep", "loop.progress",
     "loop.eval_every", "eval_batch_size", "mesh.data", "mesh.fsdp", "mesh.tensor",
     "model.remat", "model.remat_policy", "model.scan_unroll", "model.attention",
+    "data.score_validation",
 )
 _SHAPE = ("family", "hidden_size", "num_layers", "num_heads", "intermediate_size")
 _OMEGA = ("weighting", "lr_omega", "omega_optim", "omega_step_max")

@@ -87,7 +87,8 @@ def _file_loss(model, params, data: str, data_cfg: inputs.DataConfig, tokenizer,
 
 def evaluate_run(run_dir: str | Path, *, data: str | None = None, overrides: Sequence[str] = (),
                  console: Console | None = None) -> dict:
-    """Validation / test loss (and the task score for built-in tasks) of a run's saved model.
+    """Validation / test loss (and the task metric on the splits the run scores) of a run's
+    saved model.
 
     Args:
       run_dir: a directory written by ``jbilevel train --out``.
@@ -119,10 +120,7 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, overrides: Seq
                   "val_loss": experiment.mean_loss(loss, params, task.validation, bs)}
         if task.test is not None:
             result["test_loss"] = experiment.mean_loss(loss, params, task.test, bs)
-        if task.scorer is not None and task.test is not None:
-            scores = experiment.evaluate(model, params, task, "test", bs)
-            scores.pop("predictions")
-            result.update({f"test_{k}": v for k, v in scores.items()})
+        result.update(experiment.score_splits(model, params, task, bs)[0])
         phase.summary = ", ".join(f"{k} {v:.4g}" for k, v in result.items()
                                   if isinstance(v, float))
     result["data"] = experiment.data_reports(cfg, task)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jbilevel import config, experiment, inputs, train
+from jbilevel import saved as saved_runs
 from jbilevel.algorithms import MethodConfig
 from jbilevel.models import base_model_path, load_pretrained
 
@@ -72,8 +73,18 @@ def test_built_in_task_fine_tunes_the_base_through_its_files(tmp_path):
     with open(tmp_path / "task" / "weights.csv") as f:
         assert [int(r["good"]) for r in csv.DictReader(f)] == [r["good"] for r in rows]
     for key in ("test_accuracy", "test_accuracy_sub", "test_corrupted_add", "weight_auroc",
-                "weight_mass_on_good"):
+                "weight_mass_on_good", "val_accuracy", "val_accuracy_sub"):
         assert 0.0 <= first[key] <= 1.0, key
+    # The validation answers are scored too (a signal for choosing settings without the test
+    # split): the metric of the validation rows and the answers written beside them.
+    assert saved.data.score_validation and first["val_n"] == 16 and first["test_n"] == 16
+    answers = [json.loads(x) for x in
+               (tmp_path / "task" / "validation_predictions.jsonl").read_text().splitlines()]
+    val_rows = [json.loads(x) for x in (data / "validation.jsonl").read_text().splitlines()]
+    assert [a["question"] for a in answers] == [r["question"] for r in val_rows]
+    assert first["val_accuracy"] == np.mean([a["prediction"].strip() == r["answer"]
+                                             for a, r in zip(answers, val_rows, strict=True)])
+    assert saved_runs.evaluate_run(tmp_path / "task")["val_accuracy"] == first["val_accuracy"]
     # The saved config trains on the files alone: the same run, number for number.
     again = experiment.run(saved, tmp_path / "files")
     assert {k: v for k, v in again.items() if k != "train_seconds"} == {
@@ -106,3 +117,19 @@ def test_ground_truth_and_metric_errors_name_the_fix(tmp_path):
                                                                             "n": 1}
     with pytest.raises(ValueError, match="data.metric='answer' scores answers to the test"):
         inputs.DataConfig(train=ok, validation=val, metric="answer")
+    with pytest.raises(ValueError, match="score_validation=true scores the validation answers"):
+        inputs.DataConfig(train=ok, validation=val, test=val, score_validation=True)
+    # A column the metric reads, missing from a scored split: named before any training step.
+    plain = _write(tmp_path / "plain.jsonl", [{"question": "q", "response": "r"}] * 2)
+    for data, match in (
+            (dict(validation=plain, test=val, metric="answer", score_validation=True),
+             r"data.validation: .*plain.jsonl line 1: no column 'answer' .*which "
+             r"data.metric=answer scores answers against; add it to every validation row, or "
+             r"set data.score_validation=false"),
+            (dict(validation=val, test=val, metric="safety"),
+             r"data.test: .*val.jsonl line 1: no column 'harmful' .*add it to every test row, "
+             r"or set data.metric=none")):
+        with pytest.raises(ValueError, match=match):
+            inputs.load_task(None, inputs.DataConfig(train=ok, **data), spec)
+    assert inputs.load_task(None, inputs.DataConfig(train=ok, validation=plain, test=val,
+                                                    metric="answer"), spec).scored == ("test",)

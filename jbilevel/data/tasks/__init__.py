@@ -40,6 +40,7 @@ class Task:
         may be missing for data from files.
       good_N: train ground truth, 1 good / 0 bad, indexed by train example id (None: unknown).
       scorer: ``scorer(predictions, rows) -> dict`` on decoded strings (None: no metric).
+      scored: the splits whose greedy answers a run scores with ``scorer`` (those present).
     """
 
     name: str
@@ -47,6 +48,7 @@ class Task:
     splits: dict
     good_N: np.ndarray | None = None
     scorer: Callable | None = None
+    scored: tuple[str, ...] = ("test",)
 
     @property
     def train(self) -> SFTDataset:
@@ -139,6 +141,7 @@ def _scorers() -> dict:
 
 METRICS = ("answer", "safety")  # names of SCORERS: how a task's test answers are scored
 TASK_METRIC = {"quality": "answer", "safety": "safety", "coverage": "answer"}
+METRIC_COLUMNS = {"answer": ("answer",), "safety": ("answer", "harmful")}  # what each reads
 
 
 def scorer(metric: str) -> Callable:
@@ -208,5 +211,5 @@ def make_task(name: str, seed: int = 0, **options) -> Task:
     raise ValueError(f"unknown task {name!r}; use one of {TASKS}")
 
 
-__all__ = ["METRICS", "SPLITS", "TASKS", "TASK_METRIC", "TASK_TEMPLATE", "Task", "build_splits",
-           "make_task", "score_answers", "scorer", "task_rows", "write_splits"]
+__all__ = ["METRICS", "METRIC_COLUMNS", "SPLITS", "TASKS", "TASK_METRIC", "TASK_TEMPLATE", "Task",
+           "build_splits", "make_task", "score_answers", "scorer", "task_rows", "write_splits"]
