@@ -56,9 +56,12 @@ FINETUNE_METHODS = {
 # at ridge 1000 (benign test accuracy 70.8% against 67.3%; docs/results.md). Hypergradients
 # from the first step: the base refuses harmful requests, and 75 steps of uniform weights on
 # compliant answers teach it to comply (seed 0: validation loss 0.101 against 0.107 from step
-# 75, which then complied with 99.6% of the harmful test requests).
+# 75, which then complied with 99.6% of the harmful test requests). lr_omega 0.13, chosen on
+# the validation split's task metric (seed 0: no compliance, benign accuracy 82% against 78%
+# at 0.15, validation loss 0.098 against 0.101; 0.12 and 0.1 complied with 15% and 10% of the
+# validation's harmful requests although their validation losses were as low).
 FINETUNE_TASK_METHODS = {
-    "safety": {"bds": {"hyper_start": 0, "hypergrad": dataclasses.replace(
+    "safety": {"bds": {"hyper_start": 0, "lr_omega": 0.13, "hypergrad": dataclasses.replace(
         FINETUNE_METHODS["bds"]["hypergrad"], ridge=100.0, on_negative_curvature="continue")}},
 }
 # Every method's model step: Adam at 1e-3, decaying along a cosine to 0 at the last step. On

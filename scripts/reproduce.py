@@ -36,8 +36,11 @@ from pathlib import Path
 import numpy as np
 
 # Columns of the table, in order, when the runs report them.
+# val_accuracy, val_unsafe_compliance and val_benign_accuracy are the task metric on the
+# validation split: what settings may be chosen on (never the test columns).
 METRICS = ("test_accuracy", "test_accuracy_add", "test_accuracy_sub", "test_corrupted",
-           "test_unsafe_compliance", "test_benign_accuracy", "val_loss", "weight_auroc",
+           "test_unsafe_compliance", "test_benign_accuracy", "val_loss", "val_accuracy",
+           "val_unsafe_compliance", "val_benign_accuracy", "weight_auroc",
            "weight_mass_on_good", "train_seconds")
 
 
