@@ -456,7 +456,7 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
         hyper_bs += -hyper_bs % (sh.data_parallel_size(mesh, rules) * jax.process_count())
         hyper = _process_batcher(data_set, hyper_bs, mesh, rules, seed=cfg.seed + 2,
                                  shuffle=True)  # a fresh Hessian sample each time
-    t0 = time.perf_counter()
+    t0, earlier = time.perf_counter(), 0.0
     interrupted, preempted = None, None
     step = start = 0
     with Checkpointer(out / "checkpoints", keep=loop.keep) as ckpt:
@@ -487,6 +487,8 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
                            else "initialising the train state"):
             state, start = train.restore_or_init(ckpt, init, state_sh,
                                                  train.data_sources(data, val, hyper), init_args)
+            if latest is not None:  # the earlier sessions' time up to that checkpoint
+                earlier = ckpt.meta(latest).get("seconds", 0.0)
         del init_args
         if start:
             console.info(f"resumed from step {start}" + (
@@ -509,7 +511,8 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
         try:
             state, step = train.run(compiled, cfg.method, loop, state, data, val,
                                     start_step=start, ckpt=ckpt, hyper_batches=hyper, log=log,
-                                    eval_fn=eval_fn, before_step=refresher, console=console)
+                                    eval_fn=eval_fn, before_step=refresher, console=console,
+                                    clock=lambda: earlier + time.perf_counter() - t0)
             if refresher is not None and step > start:
                 refresher.log_buffer(state, step)
         except train.NonFiniteLossError as e:
@@ -520,7 +523,9 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
         finally:
             log.close()
             console.close_bar()
-    train_seconds = time.perf_counter() - t0
+    # every session's time: the earlier ones' up to the checkpoint this one resumed from
+    # (what they spent after it is lost with them) and this one's, loading and compiling in
+    train_seconds = earlier + time.perf_counter() - t0
     if interrupted is None and step < loop.steps:
         interrupted = {"reason": "stopped_early",
                        "message": f"the training loop stopped at step {step} of {loop.steps}; "

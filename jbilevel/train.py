@@ -324,6 +324,7 @@ def run(
     eval_fn: Callable[[Any], dict[str, float]] | None = None,
     before_step: Callable[[TrainState, int], tuple[TrainState, dict]] | None = None,
     console: Console | None = None,
+    clock: Callable[[], float] | None = None,
 ) -> tuple[TrainState, int]:
     """Trains from ``start_step`` to ``loop.steps``, or until SIGTERM (see the module doc).
 
@@ -348,6 +349,9 @@ def run(
       console: where the progress bar (``loop.progress``) and warnings go (default: stderr).
         A hypergradient's numbers (``val_loss``, ``cg_residual``, ...) join every record
         until the next one, with ``hyper_step``: the step they were measured at.
+      clock: ``() -> seconds the run has taken so far``, saved with each checkpoint as
+        ``seconds`` (so a resumed run's time counts its earlier sessions; see
+        ``experiment.run``'s ``train_seconds``).
     Returns:
       ``(state, step)``: the final state and the number of steps it has taken.
     Raises:
@@ -382,7 +386,10 @@ def run(
     def save(at_step: int):
         if ckpt is not None:
             positions = {k: v.state() for k, v in sources.items()}
-            ckpt.save(at_step, checkpointed(state), {"step": at_step, "data": positions})
+            meta = {"step": at_step, "data": positions}
+            if clock is not None:
+                meta["seconds"] = round(clock(), 3)
+            ckpt.save(at_step, checkpointed(state), meta)
 
     def read(pending):
         at, metrics = pending

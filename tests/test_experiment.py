@@ -37,9 +37,16 @@ def test_run_writes_report_and_resumes(tmp_path, method):
         assert 0.0 <= result["weight_auroc"] <= 1.0
         assert (tmp_path / "weights.png").exists() and (tmp_path / "curated.jsonl").exists()
         assert any(abs(float(r["weight"]) - 1.0) > 1e-7 for r in rows)  # omega moved
+    # The checkpoint holds the run's time so far; a resumed run's train_seconds counts it (the
+    # record is set to 1000 s here so that no real session time could pass for it).
+    meta_file = tmp_path / "checkpoints" / "6" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    assert 0.0 < meta["seconds"] <= result["train_seconds"]
+    meta_file.write_text(json.dumps({**meta, "seconds": 1000.0}))
     # A second run resumes from the step-6 checkpoint: nothing left to train, same answer.
     again = experiment.run(cfg, tmp_path)
     assert again["steps"] == 6 and again["val_loss"] == pytest.approx(result["val_loss"])
+    assert 1000.0 < again["train_seconds"] < 1000.0 + result["train_seconds"] + 60.0
 
 
 def test_cli_train_config_and_errors(tmp_path, capsys):
