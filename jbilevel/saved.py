@@ -22,11 +22,25 @@ from jbilevel.errors import UserError
 
 
 def load_config(run_dir: str | Path) -> experiment.ExperimentConfig:
+    """The settings that applied to the run in ``run_dir`` (its ``config.yaml``).
+
+    A built-in task's files live in the run's own ``data/`` directory, and ``config.yaml``
+    names them where the run was made: when the directory has been moved or copied since and
+    those paths are gone, the files are read from ``run_dir/data/`` instead.
+    """
     path = Path(run_dir) / "config.yaml"
     if not path.exists():
         raise UserError(f"{path}: not found; is {run_dir} a directory written by "
                         "`jbilevel train --out`?")
-    return config_lib.load(experiment.ExperimentConfig, path)
+    cfg = config_lib.load(experiment.ExperimentConfig, path)
+    moved = {}
+    for split in ("train", "validation", "test"):
+        recorded = getattr(cfg.data, split)
+        here = Path(run_dir).absolute() / "data" / f"{split}.jsonl"
+        if (recorded and not Path(recorded).exists() and here.is_file()
+                and Path(recorded).name == here.name and Path(recorded).parent.name == "data"):
+            moved[split] = str(here)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **moved)) if moved else cfg
 
 
 def data_config(base: inputs.DataConfig, overrides: Sequence[str]) -> inputs.DataConfig:

@@ -89,6 +89,11 @@ def test_built_in_task_fine_tunes_the_base_through_its_files(tmp_path):
     again = experiment.run(saved, tmp_path / "files")
     assert {k: v for k, v in again.items() if k != "train_seconds"} == {
         k: v for k, v in first.items() if k != "train_seconds"}
+    # A moved run directory still evaluates: its task files are read from where it is now.
+    (tmp_path / "task").rename(tmp_path / "moved")
+    moved = saved_runs.evaluate_run(tmp_path / "moved")
+    assert moved["val_accuracy"] == first["val_accuracy"]
+    assert moved["data"]["train"]["source"] == str(tmp_path / "moved" / "data" / "train.jsonl")
 
 
 def _write(path, rows):
