@@ -159,11 +159,12 @@ def load_task(task_cfg, data_cfg: DataConfig, model_spec):
     good_N = None
     if data_cfg.truth:
         good_N = ground_truth(splits["train"], data_cfg.truth)
-    for split in scored_splits(data_cfg):
+    scored = scored_splits(data_cfg)
+    for split in scored:
         check_metric_columns(splits[split], data_cfg.metric, split)
     return FileTask(name=str(data_cfg.train), tokenizer=tokenizer, splits=splits, good_N=good_N,
                     scorer=None if data_cfg.metric == "none" else scorer(data_cfg.metric),
-                    scored=scored_splits(data_cfg))
+                    scored=scored)
 
 
 def scored_splits(data_cfg: DataConfig) -> tuple[str, ...]:

@@ -32,9 +32,11 @@ def load_config(run_dir: str | Path) -> experiment.ExperimentConfig:
     if not path.exists():
         raise UserError(f"{path}: not found; is {run_dir} a directory written by "
                         "`jbilevel train --out`?")
+    from jbilevel.data.tasks import SPLITS
+
     cfg = config_lib.load(experiment.ExperimentConfig, path)
     moved = {}
-    for split in ("train", "validation", "test"):
+    for split in SPLITS:
         recorded = getattr(cfg.data, split)
         here = Path(run_dir).absolute() / "data" / f"{split}.jsonl"
         if (recorded and not Path(recorded).exists() and here.is_file()
