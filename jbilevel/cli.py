@@ -57,8 +57,9 @@ def _build_parser() -> argparse.ArgumentParser:
                            "safety: harmful requests answered compliantly; coverage: the "
                            "answers of one skill mostly wrong)")
     demo.add_argument("--base", default="pretrained", choices=["pretrained", "scratch"],
-                      help="pretrained (default): fine-tune the shipped base model on the "
-                           "task's files (0.5-4 minutes per method on 2 CPU cores; results: "
+                      help="pretrained (default): fine-tune a shipped model on the task's "
+                           "files, the base (quality, safety) or the base instruction-tuned "
+                           "(coverage), 0.5-6 minutes per method on 2 CPU cores (results: "
                            "docs/results.md); scratch: train a random model on the character "
                            "tokenizer, ~1 minute per method, too short to learn the task")
     demo.add_argument("--size", default="tiny", choices=["tiny", "small"],

@@ -43,8 +43,10 @@ class TaskConfig:
     name: Literal["quality", "safety", "coverage"] = "quality"  # which built-in task
     # "pretrained": fine-tune model.path (default: the shipped base,
     # jbilevel.models.base_model_path()) on the task written as JSONL files (run_dir/data/);
+    # "instruct": the same, model.path defaulting to the shipped instruction-tuned base
+    # (base_model_path("instruct"), which already answers arithmetic in the chat format);
     # "scratch": train the random model of the model fields on the character tokenizer
-    base: Literal["pretrained", "scratch"] = "pretrained"
+    base: Literal["pretrained", "instruct", "scratch"] = "pretrained"
     seed: int = 0  # task generation seed (data, corruption)
     options: dict = dataclasses.field(default_factory=dict)  # the task's options, e.g. n_train
 
@@ -331,12 +333,13 @@ def resolve(cfg: ExperimentConfig, out_dir: str | Path, *, write: bool = False
             ) -> ExperimentConfig:
     """The configuration a run trains with: a built-in task on a pretrained model becomes files.
 
-    With ``task.base: pretrained`` and no ``data.train``, returns the config that reads the
-    task's splits from ``out_dir/data/{train,validation,test}.jsonl`` (with the ground-truth
-    column ``good``) through the ordinary data path, with ``model.path`` the shipped base
-    unless one is set, and with ``write`` writes those files (deterministic in the task's seed
-    and options): ``jbilevel train --config out_dir/config.yaml`` runs the same thing from
-    the files. Any other config is returned unchanged.
+    With ``task.base: pretrained`` (or ``instruct``) and no ``data.train``, returns the config
+    that reads the task's splits from ``out_dir/data/{train,validation,test}.jsonl`` (with the
+    ground-truth column ``good``) through the ordinary data path, with ``model.path`` the
+    shipped base (``base_model_path(task.base)``) unless one is set, and with ``write``
+    writes those files (deterministic in the task's seed and options): ``jbilevel train
+    --config out_dir/config.yaml`` runs the same thing from the files. Any other config is
+    returned unchanged.
     """
     if cfg.data.train or cfg.task.base == "scratch":
         return cfg
@@ -345,7 +348,7 @@ def resolve(cfg: ExperimentConfig, out_dir: str | Path, *, write: bool = False
     data = inputs.task_files(cfg.task, Path(out_dir) / "data", cfg.data, write=write)
     model = cfg.model
     if model.path is None:
-        model = dataclasses.replace(model, path=base_model_path())
+        model = dataclasses.replace(model, path=base_model_path(cfg.task.base))
     return dataclasses.replace(cfg, data=data, model=model)
 
 

@@ -383,15 +383,22 @@ def _cpu() -> str:
     return "unknown CPU"
 
 
+def parse_recipe(parser: argparse.ArgumentParser, recipe_cls, script: str, argv=None):
+    """Adds a --flag per field of the dataclass ``recipe_cls`` (its default the field's),
+    parses ``argv``; returns (args, the recipe, the command line that reproduces it)."""
+    for f in dataclasses.fields(recipe_cls):
+        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default),
+                            default=f.default)
+    args = parser.parse_args(argv)
+    recipe = recipe_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(recipe_cls)})
+    command = f"python scripts/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
+    return args, recipe, command
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output HF directory")
-    for f in dataclasses.fields(Recipe):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
-    args = p.parse_args(argv)
-    recipe = Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)})
-    command = "python scripts/pretrain_base.py " + " ".join(argv if argv is not None
-                                                            else sys.argv[1:])
+    args, recipe, command = parse_recipe(p, Recipe, "pretrain_base.py", argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     seconds = {}

@@ -7,10 +7,11 @@ import pytest
 
 from jbilevel import config, demo, experiment
 from jbilevel.console import QUIET, Console
+from jbilevel.models import base_model_path
 
-# The shipped pretrained base fine-tuned on a small coverage task (its own files).
+# The shipped instruction-tuned base fine-tuned on a small coverage task (its own files).
 SMALL = {
-    "task": experiment.TaskConfig(name="coverage",
+    "task": experiment.TaskConfig(name="coverage", base="instruct",
                                   options={"n_train": 64, "n_val": 16, "n_test": 16}),
     "batch_size": 16, "val_batch_size": 16, "eval_batch_size": 16,
 }
@@ -21,11 +22,13 @@ def test_demo_writes_table_plots_and_runs(tmp_path, capsys):
                        progress=False, changes=SMALL)
     assert [r["method"] for r in summary["rows"]] == ["mix", "bds", "online"]
     mix, bds, online = summary["rows"]
-    assert summary["config"]["online"]["online"]["every"] == 50
+    online_cfg = summary["config"]["online"]["online"]  # coverage: one refresh at step 0
+    assert (online_cfg["start"], online_cfg["every"], online_cfg["fraction"]) == (0, 4, 1.0)
     assert summary["config"]["online"]["method"]["method"] == "bds"
     assert summary["config"]["bds"]["model"]["path"] is None  # the shipped base, at run time
     saved = config.load(experiment.ExperimentConfig, tmp_path / "bds" / "config.yaml")
     assert saved.data.train == str(tmp_path / "bds" / "data" / "train.jsonl")
+    assert saved.model.path == base_model_path("instruct")
     assert mix["weight_auroc"] is None and 0.0 <= bds["weight_auroc"] <= 1.0
     assert 0.0 <= bds["test_accuracy"] <= 1.0 and bds["val_loss"] > 0
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == summary["rows"]
@@ -142,3 +145,14 @@ def test_cli_demo_refuses_a_corruption_the_task_does_not_have(tmp_path):
     with pytest.raises(ValueError, match="no corruption option"):
         cli.main(["demo", "--task", "safety", "--corruption", "rule", "--out", str(tmp_path)])
     assert not (tmp_path / "results.json").exists()
+
+
+def test_coverage_starts_from_the_instruction_tuned_base():
+    online = demo.demo_config("online", task="coverage")
+    assert online.task.base == "instruct" and online.method.method == "bds"
+    assert (online.online.start, online.online.every, online.online.fraction,
+            online.online.select) == (0, 300, 1.0, "random")  # one refresh of every question
+    quality = demo.demo_config("online", task="quality")
+    assert quality.task.base == "pretrained"
+    assert (quality.online.start, quality.online.every, quality.online.fraction) == (100, 50, 0.2)
+    assert demo.demo_config("mix", task="coverage", base="scratch").task.base == "scratch"

@@ -2,13 +2,15 @@
 files with a ground-truth column and read through the same path as a user's model and data."""
 
 import csv
+import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from jbilevel import config, experiment, inputs, train
+from jbilevel import config, demo, experiment, inputs, train
 from jbilevel import saved as saved_runs
 from jbilevel.algorithms import MethodConfig
 from jbilevel.models import base_model_path, load_pretrained
@@ -16,10 +18,14 @@ from jbilevel.models import base_model_path, load_pretrained
 ROOT = Path(__file__).parents[1]
 
 
-def test_base_model_loads_in_transformers_unchanged():
+CARDS = {"pretrained": "# jbilevel base model", "instruct": "# jbilevel instruction-tuned base"}
+
+
+@pytest.mark.parametrize("which", ["pretrained", "instruct"])
+def test_base_model_loads_in_transformers_unchanged(which):
     from transformers import AutoConfig, AutoTokenizer
 
-    path = base_model_path()
+    path = base_model_path(which)
     tok = AutoTokenizer.from_pretrained(path)
     chat = tok.apply_chat_template([{"role": "user", "content": "What is 17 + 25?"}],
                                    add_generation_prompt=True, tokenize=False)
@@ -29,7 +35,7 @@ def test_base_model_loads_in_transformers_unchanged():
     assert digits == list("1234567890")  # every digit its own token
     hf_config = AutoConfig.from_pretrained(path)
     assert hf_config.model_type == "llama" and hf_config.vocab_size == len(tok)
-    assert (Path(path) / "README.md").read_text().startswith("# jbilevel base model")
+    assert (Path(path) / "README.md").read_text().startswith(CARDS[which])
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
 
@@ -41,14 +47,15 @@ def test_base_model_loads_in_transformers_unchanged():
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
-def test_package_data_carries_the_base_model():
+@pytest.mark.parametrize("directory", ["base", "instruct"])
+def test_package_data_carries_the_shipped_models(directory):
     """A non-editable install copies what pyproject's package-data globs match."""
     import tomllib
 
     patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
         "package-data"]["jbilevel"]
     carried = {p for pattern in patterns for p in (ROOT / "jbilevel").glob(pattern)}
-    files = sorted(p for p in (ROOT / "jbilevel" / "assets" / "base").iterdir())
+    files = sorted(p for p in (ROOT / "jbilevel" / "assets" / directory).iterdir())
     assert {p.name for p in files} >= {"config.json", "model.safetensors", "tokenizer.json",
                                        "tokenizer_config.json", "README.md"}
     assert [p for p in files if p not in carried] == []
@@ -138,3 +145,46 @@ def test_ground_truth_and_metric_errors_name_the_fix(tmp_path):
             inputs.load_task(None, inputs.DataConfig(train=ok, **data), spec)
     assert inputs.load_task(None, inputs.DataConfig(train=ok, validation=plain, test=val,
                                                     metric="answer"), spec).scored == ("test",)
+
+
+def _instruct_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("instruct_base",
+                                                  ROOT / "scripts" / "instruct_base.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass resolves annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_instruct_rows_hold_out_the_tasks_evaluation_problems():
+    """The instruction-tuned base never saw a validation or test question of the tasks."""
+    from jbilevel.data.tasks import task_rows
+
+    script = _instruct_script()
+    assert script.problem_of("Subtract 25 from 67.") == ("-", 67, 25)
+    with pytest.raises(ValueError, match="not an arithmetic question"):
+        script.problem_of("What is 2 * 3?")
+    recipe = script.Recipe(held_out_seeds=3)
+    held = script.held_out_problems(recipe.held_out_seeds)
+    rows = script.instruct_rows(recipe, held)
+    assert {k: len(v) for k, v in rows.items()} == {"train": 2200, "validation": 200,
+                                                    "test": 500}
+    asked = {split: [script.problem_of(r["question"]) for r in split_rows]
+             for split, split_rows in rows.items()}
+    every = [p for problems in asked.values() for p in problems]
+    assert len(set(every)) == len(every)  # distinct across the splits
+    for seed in range(3):
+        for split in ("validation", "test"):
+            task = {script.problem_of(r["question"])
+                    for r in task_rows("coverage", seed=seed, **demo.FINETUNE_TASKS["coverage"]
+                                       )[split]}
+            assert task and task <= held and not task & set(every)
+    sub = [r for r in rows["train"] if r["skill"] == "sub"]
+    assert len(sub) == 1100 and all(r["response"] == r["answer"] for r in rows["train"])
+    assert all(int(r["answer"]) >= 0 for r in sub)
+    # the shipped model's record says it was made with the script's defaults
+    record = json.loads((Path(base_model_path("instruct")) / "instruct.json").read_text())
+    assert record["recipe"] == dataclasses.asdict(script.Recipe())
+    assert record["held_out"] == len(script.held_out_problems(script.Recipe().held_out_seeds))
