@@ -2,7 +2,8 @@
 
 With ``base="pretrained"`` (the default, here and on the command line) each method fine-tunes
 the shipped pretrained base (``jbilevel.models.base_model_path()``, a tiny Llama that already
-knows arithmetic and the requests of the tasks) on the task's files (``experiment.run``, one
+knows arithmetic and the requests of the tasks; for coverage that base instruction-tuned,
+``base_model_path("instruct")``) on the task's files (``experiment.run``, one
 run directory per method, each with the data it trained on in ``data/``); ``base="scratch"``
 (``jbilevel demo --base scratch``) trains a tiny decoder from scratch on the character
 tokenizer instead, the earlier demo, whose short run is too short to learn the task. The
@@ -84,10 +85,11 @@ FINETUNE_ONLINE = {"every": 50, "start_frac": 1 / 3, "select": "dynamic", "fract
 # format from the data's answers, corruption included, and online generation then regenerates
 # the corruption (docs/results.md). One refresh, at step 0 (every_frac 1: once a run), of every
 # question, drawn at random (all are drawn): the instruction-tuned model's own answers, which
-# the question weights then sort out. Chosen on seed 0's validation loss (0.31 against bds
-# offline's 0.38, and 0.42-0.47 for refreshes of the lowest-weighted fifth from step 10, 25 or
-# 100, whose samples were already 20-32% corrupted: the model learns the corruption within tens
-# of steps).
+# the question weights then sort out. Chosen on seed 0's validation loss, on a stand-in for
+# the shipped model (0.31 against bds offline's 0.38, and 0.42-0.47 for refreshes from step 10,
+# 25 or 100, whose samples already followed the corruption: the model learns it within tens of
+# steps) and checked on the shipped one (0.29 against bds's 0.36 and 0.40 for the refreshes
+# above from step 100).
 FINETUNE_TASK_BASE = {"coverage": "instruct"}
 FINETUNE_TASK_ONLINE = {"coverage": {"start_frac": 0.0, "every_frac": 1.0, "fraction": 1.0,
                                      "select": "random"}}
@@ -157,7 +159,8 @@ def demo_config(method: str, *, task: str = "quality", base: str = "pretrained",
     Args:
       method: sft, mix, val, oracle, bmo, bds, or "online" (bds plus self-refining generation
         when fine-tuning, bmo plus it from scratch).
-      task: quality, safety or coverage; base: "pretrained" (fine-tune the shipped base) or
+      task: quality, safety or coverage; base: "pretrained" (fine-tune a shipped model: the
+        base, or for coverage the instruction-tuned base, ``FINETUNE_TASK_BASE``) or
         "scratch" (a random ``size`` model on the character tokenizer).
       steps: training steps (default ``config_steps(base)``); seed: task and run seed.
       corruption: the quality / coverage task's corruption kind (default: the configs' rule).
