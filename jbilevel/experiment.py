@@ -129,6 +129,11 @@ class ExperimentConfig:
                 "step size")
 
 
+# methods whose theta trains on the validation rows: their val_loss / val_<metric> are
+# training scores (results.json says so: ``validation_in_training``)
+TRAINS_ON_VALIDATION = ("mix", "val", "bmo")
+
+
 def training_set(task, method: str):
     """The examples a method trains theta on, and the ids' ground truth (None if unknown)."""
     if method == "val":
@@ -538,6 +543,7 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
         "theta": cfg.theta.kind, "n_train": n, "steps": step, "resumed_from": start,
         "train_seconds": round(train_seconds, 2), "steps_planned": loop.steps,
         "interrupted": interrupted,
+        "validation_in_training": cfg.method.method in TRAINS_ON_VALIDATION,
     }
     if interrupted is not None:  # no final evaluation, weights or model: not a finished run
         interrupted["last_checkpoint"] = rundir.latest_checkpoint(out)

@@ -32,6 +32,8 @@ def test_demo_writes_table_plots_and_runs(tmp_path, capsys):
     assert mix["weight_auroc"] is None and 0.0 <= bds["weight_auroc"] <= 1.0
     assert 0.0 <= bds["test_accuracy"] <= 1.0 and bds["val_loss"] > 0
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == summary["rows"]
+    assert [json.loads((tmp_path / m / "results.json").read_text())["validation_in_training"]
+            for m in ("mix", "bds", "online")] == [True, False, False]
     table = (tmp_path / "results.md").read_text()
     assert table.startswith("| method | test_accuracy | corrupted | dropped_skill | val_loss | "
                             "weight_auroc")

@@ -85,6 +85,7 @@ def test_built_in_task_fine_tunes_the_base_through_its_files(tmp_path):
     # The validation answers are scored too (a signal for choosing settings without the test
     # split): the metric of the validation rows and the answers written beside them.
     assert saved.data.score_validation and first["val_n"] == 16 and first["test_n"] == 16
+    assert first["validation_in_training"]  # bmo trains on those rows: a training score
     answers = [json.loads(x) for x in
                (tmp_path / "task" / "validation_predictions.jsonl").read_text().splitlines()]
     val_rows = [json.loads(x) for x in (data / "validation.jsonl").read_text().splitlines()]
