@@ -31,7 +31,7 @@ RESUMABLE = (
     "data.score_validation",
 )
 _SHAPE = ("family", "hidden_size", "num_layers", "num_heads", "intermediate_size")
-_OMEGA = ("weighting", "lr_omega", "omega_optim", "omega_step_max")
+_OMEGA = ("weighting", "lr_omega", "omega_optim", "omega_step_max", "omega_eps")
 _BMO = ("lam", "lam_decay", "lam_min")
 _BDS = ("hyper_every", "hyper_start", "hyper_max_val_loss", "hypergrad", "mu",
         "hessian_rows", "hyper_chunk")

@@ -196,3 +196,15 @@ def test_omega_step_max_caps_every_logits_step():
             np.testing.assert_allclose(step_capped, [-0.01, 0.05, -0.05], rtol=1e-5)
     with pytest.raises(ValueError, match="omega_step_max"):
         MethodConfig(omega_step_max=-1.0)
+
+
+def test_omega_eps_shrinks_the_steps_of_logits_with_weak_hypergradients():
+    """Adam's first step is -lr g / (|g| + eps): about a full step for every logit at the
+    default eps, a fraction |g| / (|g| + eps) of one with a larger eps."""
+    g = jnp.asarray([1e-7, -1e-5, 1e-3])
+    for eps in (1e-8, 1e-5):
+        tx = omega_optimizer(MethodConfig(lr_omega=0.1, omega_eps=eps))
+        step, _ = tx.update(g, tx.init(g))
+        np.testing.assert_allclose(step, -0.1 * g / (jnp.abs(g) + eps), rtol=1e-4)
+    with pytest.raises(ValueError, match="omega_eps"):
+        MethodConfig(omega_eps=-1.0)

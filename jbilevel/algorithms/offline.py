@@ -64,6 +64,10 @@ class MethodConfig:
     # lr_omega, logits move in proportion to their hypergradient up to this cap, so the few
     # examples with the largest hypergradients cannot take all the weight in one step.
     omega_step_max: float = 0.0
+    # Adam's epsilon for the data logits: a logit whose hypergradient is well below it moves
+    # by less than a full step (optax's default 1e-8 gives every logit about the same step,
+    # the noisy ones too)
+    omega_eps: float = 1e-8
     lam: float = 0.5  # bmo: weight of the validation loss in the theta update
     lam_decay: float = 0.0  # bmo: lam decreases by this much per epoch (paper code: 0.1)
     lam_min: float = 0.0  # bmo: floor of the lam schedule
@@ -94,7 +98,7 @@ class MethodConfig:
                              f"{self.hypergrad!r}")
         for name in ("clip", "weight_decay", "warmup", "decay_steps", "mu", "lam_decay",
                      "hyper_start", "hessian_rows", "hyper_chunk", "hyper_max_val_loss",
-                     "omega_step_max"):
+                     "omega_step_max", "omega_eps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.decay_steps and self.decay_steps <= self.warmup:
@@ -144,7 +148,7 @@ def omega_optimizer(cfg: MethodConfig) -> optax.GradientTransformation:
     if cfg.omega_optim == "sgd":
         opt = optax.sgd(cfg.lr_omega)
     else:
-        opt = optax.adam(cfg.lr_omega, b1=cfg.b1, b2=cfg.b2)
+        opt = optax.adam(cfg.lr_omega, b1=cfg.b1, b2=cfg.b2, eps=cfg.omega_eps)
     return optax.chain(opt, optax.clip(cfg.omega_step_max)) if cfg.omega_step_max else opt
 
 
