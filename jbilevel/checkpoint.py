@@ -80,15 +80,6 @@ class Checkpointer:
         restored = self._manager.restore(step, args=args)
         return restored.state, dict(restored.meta or {})
 
-    def meta(self, step: int | None = None) -> dict:
-        """The JSON record saved at ``step`` (default: the newest), without the arrays."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"{self.directory}: no finished checkpoint to read")
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return dict(restored.meta or {})
-
     def wait(self) -> None:
         """Blocks until any save in flight has been committed to disk."""
         self._manager.wait_until_finished()

@@ -464,7 +464,7 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
         hyper_bs += -hyper_bs % (sh.data_parallel_size(mesh, rules) * jax.process_count())
         hyper = _process_batcher(data_set, hyper_bs, mesh, rules, seed=cfg.seed + 2,
                                  shuffle=True)  # a fresh Hessian sample each time
-    t0, earlier = time.perf_counter(), 0.0
+    t0 = time.perf_counter()
     interrupted, preempted = None, None
     step = start = 0
     with Checkpointer(out / "checkpoints", keep=loop.keep) as ckpt:
@@ -493,10 +493,9 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
         latest = ckpt.latest_step()
         with console.phase(f"restoring the checkpoint of step {latest}" if latest is not None
                            else "initialising the train state"):
-            state, start = train.restore_or_init(ckpt, init, state_sh,
-                                                 train.data_sources(data, val, hyper), init_args)
-            if latest is not None:  # the earlier sessions' time up to that checkpoint
-                earlier = ckpt.meta(latest).get("seconds", 0.0)
+            # earlier: the earlier sessions' time up to that checkpoint
+            state, start, earlier = train.restore_or_init(
+                ckpt, init, state_sh, train.data_sources(data, val, hyper), init_args)
         del init_args
         if start:
             console.info(f"resumed from step {start}" + (

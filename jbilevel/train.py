@@ -264,7 +264,7 @@ def _health(omega_N, weighting: str):
 
 def restore_or_init(ckpt: Checkpointer, init_fn: Callable[..., TrainState],
                     state_sh: TrainState, sources: dict[str, BatchSource],
-                    init_args: tuple = ()) -> tuple[TrainState, int]:
+                    init_args: tuple = ()) -> tuple[TrainState, int, float]:
     """The newest checkpoint if there is one, else a fresh state.
 
     Args:
@@ -277,12 +277,13 @@ def restore_or_init(ckpt: Checkpointer, init_fn: Callable[..., TrainState],
         constants of the init program; ``jax.ShapeDtypeStruct`` leaves suffice when a
         checkpoint exists, except for LoRA runs: their frozen base is rebuilt from them.
     Returns:
-      ``(state, step)``.
+      ``(state, step, seconds)``: ``seconds`` is the run's time up to that checkpoint (what
+      :func:`run`'s ``clock`` recorded; 0 for a fresh state or a checkpoint without it).
     """
     shapes = jax.eval_shape(init_fn, *init_args)
     donate = tuple(range(len(init_args)))
     if ckpt.latest_step() is None:
-        return jax.jit(init_fn, out_shardings=state_sh, donate_argnums=donate)(*init_args), 0
+        return jax.jit(init_fn, out_shardings=state_sh, donate_argnums=donate)(*init_args), 0, 0.0
     state, meta = ckpt.restore(abstract_like(checkpointed(shapes), checkpointed(state_sh)))
     if shapes.frozen is not None:  # a LoRA run's base is rebuilt (read again), never saved
         state = state.replace(frozen=jax.jit(lambda *a: init_fn(*a).frozen,
@@ -293,7 +294,7 @@ def restore_or_init(ckpt: Checkpointer, init_fn: Callable[..., TrainState],
             raise ValueError(f"{ckpt.directory}: checkpoint has no position for data "
                              f"source {name!r} (it has {sorted(meta['data'])})")
         source.restore(meta["data"][name])
-    return state, int(meta["step"])
+    return state, int(meta["step"]), float(meta.get("seconds", 0.0))
 
 
 def checkpointed(state: TrainState) -> TrainState:

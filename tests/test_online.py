@@ -298,7 +298,7 @@ def test_interrupted_online_run_resumes_exactly(bmo, tmp_path):
         if ckpt is None:
             state, start = bmo.fresh(), 0
         else:
-            state, start = train.restore_or_init(ckpt, bmo.init, bmo.state_sh,
+            state, start, _ = train.restore_or_init(ckpt, bmo.init, bmo.state_sh,
                                                  train.data_sources(data, val))
         records = []
         state, step = train.run(bmo.compiled, bmo.method, loop, state, data, val,

@@ -100,7 +100,7 @@ def run_to(method: str, mesh_cfg: sh.MeshConfig, steps: int, ckpt_dir=None,
     ckpt = Checkpointer(ckpt_dir, keep=2) if ckpt_dir else None
     if ckpt is not None:
         sources = train.data_sources(data, val, hyper)
-        state, start = train.restore_or_init(ckpt, init, state_sh, sources)
+        state, start, _ = train.restore_or_init(ckpt, init, state_sh, sources)
     else:
         import jax
 
