@@ -96,23 +96,15 @@ def held_out_problems(n_seeds: int) -> set[tuple[str, int, int]]:
 def instruct_rows(recipe: Recipe, held: set) -> dict:
     """Split name -> clean chat rows (question, response, answer, good=1, skill), every
     problem distinct and none in ``held``."""
-    from jbilevel.data.tasks.arith import MAX_OPERAND, answer, question
+    from jbilevel.data.tasks.arith import answer, distinct_problems, question
     from jbilevel.data.tasks.quality import SKILLS
 
     rng = np.random.default_rng([recipe.seed, 11])
-    m = MAX_OPERAND + 1
-    pools = {op: [(op, a, b) for a in range(m) for b in range(m)
-                  if (op, a, b) not in held and (op == "+" or a >= b)] for op in ("+", "-")}
     sizes = {"train": recipe.n_train, "validation": recipe.n_val, "test": recipe.n_test}
     n_sub = {s: round(recipe.sub_frac * n) for s, n in sizes.items()}
-    draws = {}
-    for op in ("+", "-"):
-        need = sum(n_sub[s] if op == "-" else sizes[s] - n_sub[s] for s in sizes)
-        if need > len(pools[op]):
-            raise ValueError(f"{need} distinct '{op}' problems asked for; {len(pools[op])} are "
-                             "not held out")
-        draws[op] = iter([pools[op][i] for i in rng.choice(len(pools[op]), need,
-                                                           replace=False)])
+    draws = {op: iter(distinct_problems(
+        rng, sum(n_sub[s] if op == "-" else sizes[s] - n_sub[s] for s in sizes), op,
+        nonnegative=True, exclude=held)) for op in ("+", "-")}
     out = {}
     for split, size in sizes.items():
         ops = ["-"] * n_sub[split] + ["+"] * (size - n_sub[split])

@@ -159,6 +159,21 @@ def _instruct_script():
     return module
 
 
+def test_distinct_problems_never_draws_an_excluded_one():
+    from jbilevel.data.tasks.arith import distinct_problems
+
+    space = 100 * 101 // 2  # differences a - b of 0..99 with a >= b
+    held = {("-", a, b) for a in range(100) for b in range(a + 1) if (a + b) % 3}
+    drawn = distinct_problems(np.random.default_rng(0), space - len(held), "-", nonnegative=True,
+                              exclude=held)
+    assert len(set(drawn)) == space - len(held) and not set(drawn) & held
+    with pytest.raises(ValueError, match="outside the .* excluded"):
+        distinct_problems(np.random.default_rng(0), space - len(held) + 1, "-",
+                          nonnegative=True, exclude=held)
+    with pytest.raises(ValueError, match="only supported with nonnegative"):
+        distinct_problems(np.random.default_rng(0), 1, "+", exclude=held)
+
+
 def test_instruct_rows_hold_out_the_tasks_evaluation_problems():
     """The instruction-tuned base never saw a validation or test question of the tasks."""
     from jbilevel.data.tasks import task_rows
