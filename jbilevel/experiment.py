@@ -407,6 +407,8 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
     requested, cfg = cfg, resolve(cfg, out)
     resuming = rundir.check_config(out, cfg)
     if cfg is not requested:  # the task's files, only now: a refused run writes nothing
+        if resuming:
+            rundir.check_task_files(out, cfg.task)
         if jax.process_index() == 0:
             resolve(requested, out, write=True)
         if jax.process_count() > 1:

@@ -9,6 +9,11 @@ refused with the differing keys and the ways out (another ``--out``, or deleting
 The keys in :data:`RESUMABLE` may differ on resume: they change how long the run goes, how
 often it looks and saves, and how the same computation is laid out on the devices, not what
 it computes (``loop.steps`` extends a finished run; ``mesh.*`` resumes on another slice).
+The data files (:data:`BY_CONTENT`) are compared by what they tokenise to, not by their
+paths, so a run directory that moved (with the files of its built-in task in
+``DIR/data/``) resumes with the command that started it and the new ``--out``. A built-in
+task's files are checked before they are written again (:func:`check_task_files`): another
+task, seed or option is refused without touching the old run's files.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ RESUMABLE = (
     "model.remat", "model.remat_policy", "model.scan_unroll", "model.attention",
     "data.score_validation",
 )
+# compared through run.json's fingerprint of the tokenised examples instead (check_fingerprint)
+BY_CONTENT = ("data.train", "data.validation", "data.test")
 _SHAPE = ("family", "hidden_size", "num_layers", "num_heads", "intermediate_size")
 _OMEGA = ("weighting", "lr_omega", "omega_optim", "omega_step_max", "omega_eps")
 _BMO = ("lam", "lam_decay", "lam_min")
@@ -93,12 +100,13 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def differences(recorded: Any, now: Any) -> dict[str, tuple[Any, Any]]:
     """``{dotted key: (recorded value, new value)}`` of the applied settings that differ and
-    may not differ on resume (a key that applies to only one of them counts)."""
+    may not differ on resume (a key that applies to only one of them counts; the data files'
+    paths do not, their contents are compared later)."""
     a, b = _flat(applied(recorded)), _flat(applied(now))
     missing = object()
     return {k: (a.get(k, _NA), b.get(k, _NA))
             for k in sorted(set(a) | set(b))
-            if k not in RESUMABLE and a.get(k, missing) != b.get(k, missing)}
+            if k not in RESUMABLE + BY_CONTENT and a.get(k, missing) != b.get(k, missing)}
 
 
 def check_config(out: str | Path, cfg: Any, *, named: str | Path | None = None) -> bool:
@@ -142,8 +150,28 @@ def check_config(out: str | Path, cfg: Any, *, named: str | Path | None = None) 
             f"--out {named} holds a different run{inside}; its configuration differs in:\n"
             f"{lines}\nResuming would mix two runs. Either give this run its own directory "
             f"(--out {named}_2), or delete the old run to start over ({_remove(named)}). Keys "
-            f"that may differ on resume: {', '.join(RESUMABLE)}.")
+            f"that may differ on resume: {', '.join(RESUMABLE)}; the data files' paths "
+            "(their contents are compared).")
     return True
+
+
+def check_task_files(out: str | Path, task_cfg: Any) -> None:
+    """Before a resumed built-in task's files are written again: raises RunDirError when the
+    files in ``out/data`` differ from the ones ``task_cfg`` (name, seed, options) gives, so a
+    refused run leaves the old run's files as they were. A missing file is not checked (it is
+    written again, and the fingerprint compares what it tokenises to)."""
+    from jbilevel.data.tasks import split_text, task_rows
+
+    rows = task_rows(task_cfg.name, seed=task_cfg.seed, **task_cfg.options)
+    changed = [split for split, split_rows in rows.items()
+               if (path := Path(out) / "data" / f"{split}.jsonl").exists()
+               and path.read_text() != split_text(split_rows)]
+    if changed:
+        raise RunDirError(
+            f"--out {out}: the run in this directory was trained on other data: task "
+            f"{task_cfg.name!r} with seed {task_cfg.seed} and options {task_cfg.options} gives "
+            f"other rows than its data/{{{','.join(changed)}}}.jsonl. Either give this run its "
+            f"own directory (--out {out}_2), or delete the old run ({_remove(Path(out))}).")
 
 
 def _remove(out: Path) -> str:
@@ -186,8 +214,8 @@ def check_fingerprint(out: str | Path, now: dict) -> None:
         new = {k: v["examples"] for k, v in now["data"].items()}
         raise RunDirError(
             f"--out {out}: the run in this directory was trained on other contents of "
-            f"{', '.join(changed)} (same paths, but the files or what they tokenise to "
-            f"changed; examples then: {was}, now: {new}). Either give this run its own "
+            f"{', '.join(changed)} (the files or what they tokenise to changed; examples "
+            f"then: {was}, now: {new}). Either give this run its own "
             f"directory (--out {out}_2), or delete the old run ({_remove(Path(out))}).")
 
 

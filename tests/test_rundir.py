@@ -134,3 +134,27 @@ def test_demo_refusal_names_the_demo_directory(tmp_path):
     assert str(e.value).startswith(f"--out {tmp_path} holds a different run ({tmp_path / 'bds'})")
     assert f"(--out {tmp_path}_2)" in str(e.value) and f"(rm -r {tmp_path})" in str(e.value)
     assert not (tmp_path / "mix").exists()  # refused before the first method ran
+
+
+def test_a_moved_run_resumes_and_another_task_is_refused_before_writing(tmp_path):
+    """A built-in task's run records its files by path (DIR/data/*.jsonl): after the directory
+    moves, the command that started it resumes it (the files are compared by content); a
+    different task seed is refused before the old run's files are written over."""
+    cfg = _cfg("task.options={n_train: 16, n_val: 8, n_test: 8}", "method.method=sft",
+               "loop.steps=2", "loop.checkpoint_every=1", "batch_size=8", "val_batch_size=8",
+               "eval_batch_size=8")
+    experiment.run(cfg, tmp_path / "a", console=Console(QUIET))
+    (tmp_path / "a").rename(tmp_path / "b")
+    files = {p.name: p.read_bytes() for p in (tmp_path / "b" / "data").iterdir()}
+    other = config.replace(cfg, ["task.seed=1"])
+    with pytest.raises(rundir.RunDirError, match=r"trained on other data: task 'quality' with "
+                                                 r"seed 1 .* than its data/\{train,validation,"
+                                                 r"test\}.jsonl"):
+        experiment.run(other, tmp_path / "b", console=Console(QUIET))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "b" / "data").iterdir()} == files
+    result = experiment.run(config.replace(cfg, ["loop.steps=3"]), tmp_path / "b",
+                            console=Console(QUIET))
+    assert result["resumed_from"] == 2 and result["steps"] == 3
+    recorded = (tmp_path / "b" / "config.yaml").read_text()  # the new place from now on
+    assert str(tmp_path / "b" / "data" / "train.jsonl") in recorded
+    assert str(tmp_path / "a") not in recorded

@@ -169,8 +169,13 @@ def task_rows(name: str, seed: int = 0, **options) -> dict:
     return rows(seed, **options)
 
 
+def split_text(rows: list[dict]) -> str:
+    """One split's JSONL file contents (one JSON object a line), as ``write_splits`` writes it."""
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
 def write_splits(rows_by_split: dict, directory: str | Path) -> dict:
-    """Writes each split's rows to ``directory/<split>.jsonl`` (one JSON object a line).
+    """Writes each split's rows to ``directory/<split>.jsonl`` (:func:`split_text`).
 
     Returns: split name -> path written.
     """
@@ -180,7 +185,7 @@ def write_splits(rows_by_split: dict, directory: str | Path) -> dict:
     for split, rows in rows_by_split.items():
         path = directory / f"{split}.jsonl"
         tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.write_text(split_text(rows))
         tmp.replace(path)  # a reader never sees half a file
         paths[split] = str(path)
     return paths
@@ -212,4 +217,5 @@ def make_task(name: str, seed: int = 0, **options) -> Task:
 
 
 __all__ = ["METRICS", "METRIC_COLUMNS", "SPLITS", "TASKS", "TASK_METRIC", "TASK_TEMPLATE", "Task",
-           "build_splits", "make_task", "score_answers", "scorer", "task_rows", "write_splits"]
+           "build_splits", "make_task", "score_answers", "scorer", "split_text", "task_rows",
+           "write_splits"]
