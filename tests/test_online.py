@@ -345,6 +345,8 @@ def test_cli_trains_online_and_logs_generations(tmp_path):
     assert "online_refreshed" not in records[0]  # step 1 trained offline only (start: 1)
     assert records[0]["online_ratio_mean"] == 0  # nothing drawn from the empty buffer
     assert records[-1]["online_refreshed"] == 8 and "online_gen_accuracy" in records[-1]
+    # each record names the refresh its online_gen_* numbers come from (logged until the next)
+    assert [r.get("online_refresh_step") for r in records] == [None, 1, 1, 3]
     # refreshes before steps 2 and 4: the first rows are logged when replaced, the second at
     # the end; 8 questions x 2 samples each time
     rows = [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()]

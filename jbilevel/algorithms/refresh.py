@@ -183,7 +183,9 @@ class Refresher:
                                    gen.mask, logp, prompts["ids"], prompts["valid"]))
         buffer = self._assemble(rows, step, state.online)
         state = state.replace(online=buffer)
-        metrics = {"online_refreshed": float(len(chosen)),
+        # the trainer logs these with every later step until the next refresh: the step marks
+        # which refresh they describe (the buffer's and generations.jsonl's generated_at)
+        metrics = {"online_refresh_step": float(step), "online_refreshed": float(len(chosen)),
                    "online_selected_weight": float(np.mean(_host(
                        self._weights(state.omega, jnp.asarray(chosen, jnp.int32)))))}
         gen_len = _host(jnp.sum(buffer.loss_mask, axis=1))[_host(buffer.valid) > 0]
