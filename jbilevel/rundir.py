@@ -38,7 +38,8 @@ RESUMABLE = (
 # compared through run.json's fingerprint of the tokenised examples instead (check_fingerprint)
 BY_CONTENT = ("data.train", "data.validation", "data.test")
 _SHAPE = ("family", "hidden_size", "num_layers", "num_heads", "intermediate_size")
-_OMEGA = ("weighting", "lr_omega", "omega_optim", "omega_step_max", "omega_eps")
+_OMEGA = ("weighting", "lr_omega", "omega_optim", "omega_step_max", "omega_eps",
+          "omega_decay")
 _BMO = ("lam", "lam_decay", "lam_min")
 _BDS = ("hyper_every", "hyper_start", "hyper_max_val_loss", "hypergrad", "mu",
         "hessian_rows", "hyper_chunk")

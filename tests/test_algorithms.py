@@ -208,3 +208,27 @@ def test_omega_eps_shrinks_the_steps_of_logits_with_weak_hypergradients():
         np.testing.assert_allclose(step, -0.1 * g / (jnp.abs(g) + eps), rtol=1e-4)
     with pytest.raises(ValueError, match="omega_eps"):
         MethodConfig(omega_eps=-1.0)
+
+
+def test_omega_decay_pulls_every_logit_toward_zero_decoupled_from_its_step():
+    """AdamW's decay: the step adds -lr * decay * omega to Adam's (SGD: lr * decay * omega to
+    the gradient), so a logit with a steady hypergradient settles near -sign(g) / decay; at 0
+    the optimizer (and its state, which checkpoints hold) is plain Adam."""
+    g, omega = jnp.asarray([1e-6, -1e-3, 0.0]), jnp.asarray([2.0, -1.0, 3.0])
+    adam = omega_optimizer(MethodConfig(lr_omega=0.1))
+    decayed = omega_optimizer(MethodConfig(lr_omega=0.1, omega_decay=0.5))
+    step_adam, _ = adam.update(g, adam.init(omega), omega)
+    step, _ = decayed.update(g, decayed.init(omega), omega)
+    np.testing.assert_allclose(step, step_adam - 0.1 * 0.5 * omega, rtol=1e-6)
+    sgd = omega_optimizer(MethodConfig(omega_optim="sgd", lr_omega=10.0, omega_decay=0.5))
+    step, _ = sgd.update(g, sgd.init(omega), omega)
+    np.testing.assert_allclose(step, -10.0 * (g + 0.5 * omega), rtol=1e-6)
+    w, state = jnp.zeros(1), decayed.init(jnp.zeros(1))  # a steady gradient of one sign
+    for _ in range(400):
+        u, state = decayed.update(jnp.asarray([1e-4]), state, w)
+        w = w + u
+    np.testing.assert_allclose(w, [-1 / 0.5], rtol=1e-3)
+    assert jax.tree.structure(adam.init(omega)) == jax.tree.structure(
+        omega_optimizer(MethodConfig(lr_omega=0.1, omega_decay=0.0)).init(omega))
+    with pytest.raises(ValueError, match="omega_decay"):
+        MethodConfig(omega_decay=-1.0)
