@@ -39,7 +39,7 @@ RESUMABLE = (
 BY_CONTENT = ("data.train", "data.validation", "data.test")
 _SHAPE = ("family", "hidden_size", "num_layers", "num_heads", "intermediate_size")
 _OMEGA = ("weighting", "lr_omega", "omega_optim", "omega_step_max", "omega_eps",
-          "omega_decay")
+          "omega_weight_decay", "omega_decay_steps")
 _BMO = ("lam", "lam_decay", "lam_min")
 _BDS = ("hyper_every", "hyper_start", "hyper_max_val_loss", "hypergrad", "mu",
         "hessian_rows", "hyper_chunk")

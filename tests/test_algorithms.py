@@ -210,17 +210,17 @@ def test_omega_eps_shrinks_the_steps_of_logits_with_weak_hypergradients():
         MethodConfig(omega_eps=-1.0)
 
 
-def test_omega_decay_pulls_every_logit_toward_zero_decoupled_from_its_step():
+def test_omega_weight_decay_pulls_every_logit_toward_zero_decoupled_from_its_step():
     """AdamW's decay: the step adds -lr * decay * omega to Adam's (SGD: lr * decay * omega to
     the gradient), so a logit with a steady hypergradient settles near -sign(g) / decay; at 0
     the optimizer (and its state, which checkpoints hold) is plain Adam."""
     g, omega = jnp.asarray([1e-6, -1e-3, 0.0]), jnp.asarray([2.0, -1.0, 3.0])
     adam = omega_optimizer(MethodConfig(lr_omega=0.1))
-    decayed = omega_optimizer(MethodConfig(lr_omega=0.1, omega_decay=0.5))
+    decayed = omega_optimizer(MethodConfig(lr_omega=0.1, omega_weight_decay=0.5))
     step_adam, _ = adam.update(g, adam.init(omega), omega)
     step, _ = decayed.update(g, decayed.init(omega), omega)
     np.testing.assert_allclose(step, step_adam - 0.1 * 0.5 * omega, rtol=1e-6)
-    sgd = omega_optimizer(MethodConfig(omega_optim="sgd", lr_omega=10.0, omega_decay=0.5))
+    sgd = omega_optimizer(MethodConfig(omega_optim="sgd", lr_omega=10.0, omega_weight_decay=0.5))
     step, _ = sgd.update(g, sgd.init(omega), omega)
     np.testing.assert_allclose(step, -10.0 * (g + 0.5 * omega), rtol=1e-6)
     w, state = jnp.zeros(1), decayed.init(jnp.zeros(1))  # a steady gradient of one sign
@@ -229,6 +229,21 @@ def test_omega_decay_pulls_every_logit_toward_zero_decoupled_from_its_step():
         w = w + u
     np.testing.assert_allclose(w, [-1 / 0.5], rtol=1e-3)
     assert jax.tree.structure(adam.init(omega)) == jax.tree.structure(
-        omega_optimizer(MethodConfig(lr_omega=0.1, omega_decay=0.0)).init(omega))
-    with pytest.raises(ValueError, match="omega_decay"):
-        MethodConfig(omega_decay=-1.0)
+        omega_optimizer(MethodConfig(lr_omega=0.1, omega_weight_decay=0.0)).init(omega))
+    with pytest.raises(ValueError, match="omega_weight_decay"):
+        MethodConfig(omega_weight_decay=-1.0)
+
+
+def test_omega_decay_steps_take_the_weight_step_size_down_a_cosine():
+    """With a steady hypergradient Adam's step is lr_t in size: lr_omega at the first weight
+    step, half of it halfway, 0 from omega_decay_steps on."""
+    tx = omega_optimizer(MethodConfig(lr_omega=0.2, omega_decay_steps=10))
+    g, state = jnp.asarray([1e-4, -1e-3]), tx.init(jnp.zeros(2))
+    sizes = []
+    for _ in range(12):
+        u, state = tx.update(g, state, jnp.zeros(2))
+        sizes.append(float(u[1]))
+    want = [0.2 * 0.5 * (1 + np.cos(np.pi * k / 10)) if k < 10 else 0.0 for k in range(12)]
+    np.testing.assert_allclose(sizes, want, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="omega_decay_steps"):
+        MethodConfig(omega_decay_steps=-1)

@@ -69,10 +69,14 @@ class MethodConfig:
     # the noisy ones too)
     omega_eps: float = 1e-8
     # decoupled decay of the data logits toward 0 (every weight 1) in each omega step, as
-    # AdamW's weight_decay (the step subtracts lr_omega * omega_decay * omega): a logit whose
-    # hypergradient keeps its sign settles near -+1/omega_decay, one whose sign keeps flipping
-    # stays near 0 instead of drifting with the noise (0: no decay)
-    omega_decay: float = 0.0
+    # AdamW's weight_decay (the step subtracts lr_omega * omega_weight_decay * omega): a logit
+    # whose hypergradient keeps its sign settles near -+1/omega_weight_decay, one whose sign
+    # keeps flipping stays near 0 instead of drifting with the noise (0: no decay)
+    omega_weight_decay: float = 0.0
+    # lr_omega follows a cosine down to 0 over this many weight steps (bds: hypergradient
+    # steps taken; bmo: train steps), so the first steps move the logits in full and the late
+    # ones, where the weights drift with the hypergradient's noise, hardly (0: constant)
+    omega_decay_steps: int = 0
     lam: float = 0.5  # bmo: weight of the validation loss in the theta update
     lam_decay: float = 0.0  # bmo: lam decreases by this much per epoch (paper code: 0.1)
     lam_min: float = 0.0  # bmo: floor of the lam schedule
@@ -103,7 +107,8 @@ class MethodConfig:
                              f"{self.hypergrad!r}")
         for name in ("clip", "weight_decay", "warmup", "decay_steps", "mu", "lam_decay",
                      "hyper_start", "hessian_rows", "hyper_chunk", "hyper_max_val_loss",
-                     "omega_step_max", "omega_eps", "omega_decay"):
+                     "omega_step_max", "omega_eps", "omega_weight_decay",
+                     "omega_decay_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.decay_steps and self.decay_steps <= self.warmup:
@@ -149,17 +154,20 @@ def theta_optimizer(cfg: MethodConfig) -> optax.GradientTransformation:
 def omega_optimizer(cfg: MethodConfig) -> optax.GradientTransformation:
     """Adam, or plain SGD: Adam rescales the tiny softmax-coupling gradient of every logit to a
     full step, SGD moves each logit in proportion to its own gradient (both with
-    ``omega_decay`` pulling the logits toward 0, decoupled as in AdamW); then, if
+    ``omega_weight_decay`` pulling the logits toward 0, decoupled as in AdamW, and the step
+    size on a cosine with ``omega_decay_steps``); then, if
     ``omega_step_max`` is set, every logit's step is clipped to that size."""
+    lr = (optax.cosine_decay_schedule(cfg.lr_omega, cfg.omega_decay_steps)
+          if cfg.omega_decay_steps else cfg.lr_omega)
     if cfg.omega_optim == "sgd":
-        opt = optax.sgd(cfg.lr_omega)
-        if cfg.omega_decay:
-            opt = optax.chain(optax.add_decayed_weights(cfg.omega_decay), opt)
-    elif cfg.omega_decay:
-        opt = optax.adamw(cfg.lr_omega, b1=cfg.b1, b2=cfg.b2, eps=cfg.omega_eps,
-                          weight_decay=cfg.omega_decay)
-    else:  # the optimizer state of runs and checkpoints made before omega_decay existed
-        opt = optax.adam(cfg.lr_omega, b1=cfg.b1, b2=cfg.b2, eps=cfg.omega_eps)
+        opt = optax.sgd(lr)
+        if cfg.omega_weight_decay:
+            opt = optax.chain(optax.add_decayed_weights(cfg.omega_weight_decay), opt)
+    elif cfg.omega_weight_decay:
+        opt = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.omega_eps,
+                          weight_decay=cfg.omega_weight_decay)
+    else:  # without the two: the optimizer state of checkpoints made before they existed
+        opt = optax.adam(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.omega_eps)
     return optax.chain(opt, optax.clip(cfg.omega_step_max)) if cfg.omega_step_max else opt
 
 
