@@ -275,8 +275,10 @@ def run(out: str | Path, *, methods=("mix", "bmo", "bds", "online"), task: str =
     steps = config_steps(base) if steps is None else steps
     configs = {m: demo_config(m, task=task, base=base, size=size, steps=steps, seed=seed,
                               corruption=corruption, changes=changes) for m in methods}
-    for method, cfg in configs.items():
-        rundir.check_config(out / method, experiment.resolve(cfg, out / method), named=out)
+    for method, cfg in configs.items():  # refused before any method runs or writes
+        resolved = experiment.resolve(cfg, out / method)
+        if rundir.check_config(out / method, resolved, named=out) and resolved is not cfg:
+            rundir.check_task_files(out / method, cfg.task)  # another --seed, --corruption
     t_start = time.perf_counter()
     processes = min(jobs, len(configs)) if jobs > 1 else 1
     if processes > 1:

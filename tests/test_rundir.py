@@ -158,3 +158,21 @@ def test_a_moved_run_resumes_and_another_task_is_refused_before_writing(tmp_path
     recorded = (tmp_path / "b" / "config.yaml").read_text()  # the new place from now on
     assert str(tmp_path / "b" / "data" / "train.jsonl") in recorded
     assert str(tmp_path / "a") not in recorded
+
+
+def test_demo_with_another_task_option_is_refused_before_any_method_runs(tmp_path):
+    """`--corruption` changes only the task's files (their paths stay): the demo compares the
+    files before it starts a method, and leaves the old ones as they were."""
+    from jbilevel import demo
+
+    cfg = demo.demo_config("mix", steps=8)
+    experiment.resolve(cfg, tmp_path / "mix", write=True)
+    rundir.record(tmp_path / "mix", experiment.resolve(cfg, tmp_path / "mix"),
+                  {"data": {}, "model": None})
+    files = (tmp_path / "mix" / "data" / "train.jsonl").read_bytes()
+    with pytest.raises(rundir.RunDirError, match=r"task 'quality' with seed 0 and options "
+                                                 r"\{.*'corruption': 'style'"):
+        demo.run(tmp_path, methods=("bds", "mix"), steps=8, corruption="style",
+                 console=Console(QUIET))
+    assert (tmp_path / "mix" / "data" / "train.jsonl").read_bytes() == files
+    assert not (tmp_path / "bds").exists()  # refused before the first method ran
