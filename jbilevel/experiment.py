@@ -430,7 +430,7 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
     fingerprint = rundir.fingerprint(task, cfg.model.path)
     latest = None
     if resuming:
-        rundir.check_fingerprint(out, fingerprint)
+        rundir.check_fingerprint(out, fingerprint, cfg.model.path)
         latest = rundir.latest_checkpoint(out)
         if latest is not None and latest > loop.steps:
             raise rundir.RunDirError(

@@ -9,9 +9,12 @@ refused with the differing keys and the ways out (another ``--out``, or deleting
 The keys in :data:`RESUMABLE` may differ on resume: they change how long the run goes, how
 often it looks and saves, and how the same computation is laid out on the devices, not what
 it computes (``loop.steps`` extends a finished run; ``mesh.*`` resumes on another slice).
-The data files (:data:`BY_CONTENT`) are compared by what they tokenise to, not by their
-paths, so a run directory that moved (with the files of its built-in task in
-``DIR/data/``) resumes with the command that started it and the new ``--out``. A built-in
+The data files and the model directory (:data:`BY_CONTENT`) are compared by their contents,
+not by their paths: the data by what it tokenises to, the model by its ``config.json``, its
+weight files' sizes and safetensors headers and a sample of their bytes. So a run directory
+that moved (with the files of its built-in task in ``DIR/data/``) resumes with the command
+that started it and the new ``--out``, and so does a run whose model directory moved (a
+checkout or install of jbilevel that moved takes the shipped base with it). A built-in
 task's files are checked before they are written again (:func:`check_task_files`): another
 task, seed or option is refused without touching the old run's files.
 """
@@ -35,8 +38,11 @@ RESUMABLE = (
     "model.remat", "model.remat_policy", "model.scan_unroll", "model.attention",
     "data.score_validation",
 )
-# compared through run.json's fingerprint of the tokenised examples instead (check_fingerprint)
-BY_CONTENT = ("data.train", "data.validation", "data.test")
+# compared through run.json's fingerprint of their contents instead (check_fingerprint)
+BY_CONTENT = ("data.train", "data.validation", "data.test", "model.path")
+# each weight file contributes this many evenly spaced samples of this many bytes to the
+# model's fingerprint (the whole file when it is smaller): 1 MiB read per file, at any size
+WEIGHT_SAMPLES, WEIGHT_SAMPLE_BYTES = 16, 1 << 16
 _SHAPE = ("family", "hidden_size", "num_layers", "num_heads", "intermediate_size")
 _OMEGA = ("weighting", "lr_omega", "omega_optim", "omega_step_max", "omega_eps",
           "omega_weight_decay", "omega_decay_steps")
@@ -151,8 +157,8 @@ def check_config(out: str | Path, cfg: Any, *, named: str | Path | None = None) 
             f"--out {named} holds a different run{inside}; its configuration differs in:\n"
             f"{lines}\nResuming would mix two runs. Either give this run its own directory "
             f"(--out {named}_2), or delete the old run to start over ({_remove(named)}). Keys "
-            f"that may differ on resume: {', '.join(RESUMABLE)}; the data files' paths "
-            "(their contents are compared).")
+            f"that may differ on resume: {', '.join(RESUMABLE)}; the paths of the data files "
+            "and of the model directory (their contents are compared).")
     return True
 
 
@@ -184,7 +190,8 @@ def fingerprint(task: Any, model_path: str | None) -> dict:
 
     The data part hashes the tokenised examples (token ids, boundaries, prompt lengths), so a
     changed file, tokenizer or template shows up whatever the file format; the model part
-    hashes ``config.json`` and lists the weight files' sizes.
+    hashes ``config.json``, lists the weight files' sizes and hashes a sample of the weights
+    (:func:`weights_digest`), which tells another fine-tune of the same architecture apart.
     """
     data = {}
     for name, ds in task.splits.items():
@@ -195,20 +202,50 @@ def fingerprint(task: Any, model_path: str | None) -> dict:
     model = None
     if model_path is not None:
         root = Path(model_path)
+        files = sorted(root.glob("*.safetensors"))
         model = {"config_sha256": hashlib.sha256((root / "config.json").read_bytes()).hexdigest(),
-                 "weights": {p.name: p.stat().st_size for p in sorted(root.glob("*.safetensors"))}}
+                 "weights": {p.name: p.stat().st_size for p in files},
+                 "weights_sample_sha256": weights_digest(files)}
     return {"data": data, "model": model}
 
 
-def check_fingerprint(out: str | Path, now: dict) -> None:
-    """Raises RunDirError when ``out/run.json`` records other data or another model."""
+def weights_digest(files: list[Path]) -> str:
+    """sha256 of each weight file's name, size, safetensors header (tensor names, dtypes,
+    shapes, offsets) and ``WEIGHT_SAMPLES`` evenly spaced ``WEIGHT_SAMPLE_BYTES`` of its bytes
+    (all of a file smaller than that). About 1 MiB read per file, so a start of an 8B-model
+    run does not read 16 GB, while a model fine-tuned from the same base differs in nearly
+    every sample."""
+    h = hashlib.sha256()
+    whole = WEIGHT_SAMPLES * WEIGHT_SAMPLE_BYTES
+    for path in files:
+        size = path.stat().st_size
+        h.update(f"{path.name}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            if size <= whole:
+                h.update(f.read())
+                continue
+            header = int.from_bytes(f.read(8), "little")  # safetensors: u64 length, then JSON
+            h.update(f.read(min(header, size - 8)))
+            for k in range(WEIGHT_SAMPLES):
+                f.seek((size - WEIGHT_SAMPLE_BYTES) * k // (WEIGHT_SAMPLES - 1))
+                h.update(f.read(WEIGHT_SAMPLE_BYTES))
+    return h.hexdigest()
+
+
+def check_fingerprint(out: str | Path, now: dict, model_path: str | None = None) -> None:
+    """Raises RunDirError when ``out/run.json`` records other data or another model.
+
+    ``model_path``: this start's ``model.path``. A run.json written before the weights were
+    sampled (no ``weights_sample_sha256``) cannot tell a moved model from another one, so
+    for it the model directory must also be where ``out/config.yaml`` says it was.
+    """
     path = Path(out) / "run.json"
     if not path.exists():
         return
     recorded = json.loads(path.read_text()).get("fingerprint", {})
     changed = [f"data.{k}" for k in sorted(set(recorded.get("data", {})) | set(now["data"]))
                if recorded.get("data", {}).get(k) != now["data"].get(k)]
-    if recorded.get("model") != now["model"]:
+    if not _same_model(recorded.get("model"), now["model"], Path(out), model_path):
         changed.append("model.path")
     if changed:
         was = {k: v["examples"] for k, v in recorded.get("data", {}).items()}
@@ -218,6 +255,17 @@ def check_fingerprint(out: str | Path, now: dict) -> None:
             f"{', '.join(changed)} (the files or what they tokenise to changed; examples "
             f"then: {was}, now: {new}). Either give this run its own "
             f"directory (--out {out}_2), or delete the old run ({_remove(Path(out))}).")
+
+
+def _same_model(recorded: dict | None, now: dict | None, out: Path,
+                model_path: str | None) -> bool:
+    sample = "weights_sample_sha256"
+    if recorded is None or now is None or sample in recorded:
+        return recorded == now
+    from jbilevel import experiment  # an older run.json: the same contents and the same path
+
+    then = config_lib.load(experiment.ExperimentConfig, out / "config.yaml").model.path
+    return recorded == {k: v for k, v in now.items() if k != sample} and then == model_path
 
 
 def record(out: str | Path, cfg: Any, fingerprint: dict, model_summary: str = "") -> None:

@@ -176,3 +176,56 @@ def test_demo_with_another_task_option_is_refused_before_any_method_runs(tmp_pat
                  console=Console(QUIET))
     assert (tmp_path / "mix" / "data" / "train.jsonl").read_bytes() == files
     assert not (tmp_path / "bds").exists()  # refused before the first method ran
+
+
+def test_a_run_whose_model_moved_resumes_and_other_weights_are_refused(tmp_path, monkeypatch):
+    """The model directory is compared by content (config.json, the weight files' sizes and
+    headers, samples of their bytes), not by path: after it moves, the run resumes with the
+    new model.path; the same architecture with other weights is refused; a run.json from
+    before the weights were sampled still needs the old path."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    monkeypatch.setattr(rundir, "WEIGHT_SAMPLE_BYTES", 256)  # sample the 109 KB fixture
+    model = _llm.model_dir(tmp_path / "m1")
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"question": f"q{i}", "response": f"r{i}"}) + "\n"
+                             for i in range(8)))
+    common = (f"data.train={train}", f"data.validation={train}", "data.max_len=32",
+              "method.method=sft", "loop.checkpoint_every=1", "batch_size=8",
+              "eval_batch_size=8")
+    out = tmp_path / "run"
+    experiment.run(_cfg(*common, f"model.path={model}", "loop.steps=2"), out,
+                   console=Console(QUIET))
+    (tmp_path / "m2").mkdir()
+    moved = model.rename(tmp_path / "m2" / "llama")
+    result = experiment.run(_cfg(*common, f"model.path={moved}", "loop.steps=3"), out,
+                            console=Console(QUIET))
+    assert result["resumed_from"] == 2 and result["steps"] == 3
+    assert f"path: {moved}\n" in (out / "config.yaml").read_text()
+
+    other = tmp_path / "m3" / "llama"  # another fine-tune: same config, shapes and sizes
+    other.parent.mkdir()
+    moved.rename(other)
+    weights = load_file(str(other / "model.safetensors"))
+    save_file({k: (v * np.float32(1.01)).astype(v.dtype) for k, v in weights.items()},
+              str(other / "model.safetensors"), metadata={"format": "pt"})
+    assert (other / "model.safetensors").stat().st_size == 109248
+    with pytest.raises(rundir.RunDirError, match=r"trained on other contents of model.path"):
+        experiment.run(_cfg(*common, f"model.path={other}", "loop.steps=4"), out,
+                       console=Console(QUIET))
+
+    legacy = json.loads((out / "run.json").read_text())  # as written before the sampling
+    legacy["fingerprint"]["model"].pop("weights_sample_sha256")
+    (out / "run.json").write_text(json.dumps(legacy))
+    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    back = tmp_path / "m4" / "llama"
+    back.parent.mkdir()
+    other.rename(back)
+    with pytest.raises(rundir.RunDirError, match=r"trained on other contents of model.path"):
+        experiment.run(_cfg(*common, f"model.path={back}", "loop.steps=4"), out,
+                       console=Console(QUIET))
+    back.rename(moved)  # where config.yaml says it was
+    result = experiment.run(_cfg(*common, f"model.path={moved}", "loop.steps=4"), out,
+                            console=Console(QUIET))
+    assert result["resumed_from"] == 3
