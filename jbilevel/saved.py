@@ -181,7 +181,7 @@ def export_run(run_dir: str | Path, out: str, *, top_frac: float | None = None,
     Returns:
       The number of rows written.
     """
-    from jbilevel.data import export_curated
+    from jbilevel.data import export_curated, select_ids
 
     console = console or Console()
     run_dir = Path(run_dir)
@@ -191,7 +191,7 @@ def export_run(run_dir: str | Path, out: str, *, top_frac: float | None = None,
         raise UserError(f"{path}: no learned weights; did the run finish?")
     s_N = np.load(path)
     task = load_task(cfg, run_dir / "model", console)
-    data_set, _ = experiment.training_set(task, cfg.method.method)
+    data_set, good_N = experiment.training_set(task, cfg.method.method)
     if len(s_N) != len(data_set):
         raise UserError(f"{path}: {len(s_N)} weights but the run's training set now has "
                         f"{len(data_set)} examples; were the data files changed?")
@@ -199,4 +199,10 @@ def export_run(run_dir: str | Path, out: str, *, top_frac: float | None = None,
         n = export_curated(data_set, s_N, out, format=format, top_frac=top_frac,
                            threshold=min_weight)
         phase.summary = f"{n} of {len(data_set)} examples"
+        if good_N is not None:  # a built-in task, or data.truth: how clean the selection is
+            good_N = np.asarray(good_N) == 1
+            kept = good_N[select_ids(s_N, top_frac=top_frac, threshold=min_weight)]
+            phase.summary += (f"; by the ground truth {int(kept.sum())} of {int(good_N.sum())} "
+                              f"good and {int((~kept).sum())} of {int((~good_N).sum())} bad "
+                              "rows kept")
     return n

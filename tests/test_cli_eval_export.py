@@ -79,6 +79,15 @@ def test_eval_built_in_task_scores_the_test_split(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["test_accuracy"] == trained["test_accuracy"]
     np.testing.assert_allclose(printed["val_loss"], trained["val_loss"], rtol=1e-5)
+    good_N = np.loadtxt(tmp_path / "weights.csv", delimiter=",", skiprows=1, usecols=2)
+    weights_N = np.where(good_N == 1, 1.5, 0.2)  # weights that keep the good rows ...
+    weights_N[np.flatnonzero(good_N == 0)[:3]] = 1.0  # ... and three bad ones
+    np.save(tmp_path / "weights.npy", weights_N)
+    assert cli.main(["export", "--run", str(tmp_path), "--out", str(tmp_path / "x.jsonl"),
+                     "--min-weight", "0.5"]) == 0
+    good, bad = int((good_N == 1).sum()), int((good_N == 0).sum())
+    assert (f": {good + 3} of 32 examples; by the ground truth {good} of {good} good and 3 of "
+            f"{bad} bad rows kept (") in capsys.readouterr().err
 
 
 def test_eval_and_export_errors(tmp_path, capsys):
