@@ -16,6 +16,15 @@ Writes to ``--out`` (default docs/results): ``<task>.md`` (the table and the com
 compiled programs: a method's later seeds, and a rerun, load them instead of compiling;
 ``--compile-cache``).
 
+``--retrain sft|mix`` with ``--min-weight T`` (or ``--top-frac F``) also fine-tunes a fresh
+model, with each weighted run's own settings and that method, on the training rows whose
+learned weight is at least T (the top F), as ``jbilevel export`` writes them: the weights used
+as a hard selection. Its rows are named ``<method>_w<T>_<retrain>`` (``_top<F>_``), its runs
+go to ``runs/<task>/<that name>/seed<s>/`` next to ``seed<s>.curated.jsonl``:
+
+    python scripts/reproduce.py --configs configs/finetune --task safety --methods bds \
+        --seeds 0 1 2 --out <dir> --retrain sft --min-weight 0.5
+
 ``--redraw FILE.json`` runs nothing: it reads a per-run JSON (``{"<method>_s<seed>": results}``,
 as committed under docs/results/), keeps the ``--methods`` given, in that order, and writes
 ``FILE.png`` and ``FILE.md`` next to it:
@@ -34,6 +43,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+# The methods that learn weights, whose runs --retrain selects from.
+WEIGHTED = ("bmo", "bds", "online")
 
 # Columns of the table, in order, when the runs report them.
 # val_accuracy, val_unsafe_compliance and val_benign_accuracy are the task metric on the
@@ -58,6 +70,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="persistent XLA compilation cache the runs share (a method's seeds "
                         "compile once); 'none': off (default: $JAX_COMPILATION_CACHE_DIR, "
                         "else OUT/runs/xla_cache)")
+    p.add_argument("--retrain", choices=("sft", "mix"),
+                   help="also fine-tune anew with this method on each weighted run's selected "
+                        "rows (--min-weight or --top-frac)")
+    pick = p.add_mutually_exclusive_group()
+    pick.add_argument("--min-weight", type=float, help="--retrain: keep weights >= this")
+    pick.add_argument("--top-frac", type=float, help="--retrain: keep this fraction, highest "
+                                                     "weights first")
     p.add_argument("overrides", nargs="*", help="key=value for every run, e.g. loop.steps=500")
     return p
 
@@ -76,6 +95,25 @@ def run_one(config_path: Path, overrides: list[str], out_dir: Path, fresh: bool)
         if rundir.applied(saved) == rundir.applied(cfg) and result.get("interrupted") is None:
             return result
     return experiment.run(requested, out_dir, progress=False)
+
+
+def retrain_one(run_dir: Path, method: str, out_dir: Path, *, min_weight: float | None = None,
+                top_frac: float | None = None, fresh: bool = False) -> dict:
+    """A fresh fine-tune with ``method`` on the rows of the finished run ``run_dir`` whose
+    learned weight is >= min_weight (or its top_frac), with that run's settings otherwise;
+    the rows go to ``out_dir``'s sibling ``<name>.curated.jsonl``. Reused like run_one."""
+    from jbilevel import saved
+    from jbilevel.console import QUIET, Console
+
+    curated = out_dir.with_name(out_dir.name + ".curated.jsonl")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    kept = saved.export_run(run_dir, str(curated), top_frac=top_frac, min_weight=min_weight,
+                            console=Console(QUIET))
+    if not kept:
+        raise ValueError(f"{run_dir}: no training row has weight >= {min_weight}; lower "
+                         "--min-weight")
+    return run_one(run_dir / "config.yaml", [f"method.method={method}", f"data.train={curated}"],
+                   out_dir, fresh)
 
 
 def summarise(results: dict[str, list[dict]]) -> dict[str, dict[str, tuple[float, float, int]]]:
@@ -185,6 +223,9 @@ def main(argv=None) -> int:
         print(f"reproduce: no config {', '.join(missing)} (methods need "
               f"{args.configs}/<task>_<method>.yaml)", file=sys.stderr)
         return 2
+    if args.retrain and args.min_weight is None and args.top_frac is None:
+        print("reproduce: --retrain needs --min-weight or --top-frac", file=sys.stderr)
+        return 2
     from jbilevel.xla_options import use_compilation_cache
 
     use_compilation_cache(args.compile_cache, default=out / "runs" / "xla_cache")
@@ -196,6 +237,19 @@ def main(argv=None) -> int:
             print(f"{method} seed {seed} -> {run_dir}", flush=True)
             overrides = [f"seed={seed}", f"task.seed={seed}", *args.overrides]
             results[method].append(run_one(path, overrides, run_dir, args.fresh))
+            if args.retrain and method in WEIGHTED:
+                pick = (f"w{args.min_weight:g}" if args.min_weight is not None
+                        else f"top{args.top_frac:g}")
+                label = f"{method}_{pick}_{args.retrain}"
+                again = out / "runs" / args.task / label / f"seed{seed}"
+                print(f"{label} seed {seed} -> {again}", flush=True)
+                try:
+                    results.setdefault(label, []).append(retrain_one(
+                        run_dir, args.retrain, again, min_weight=args.min_weight,
+                        top_frac=args.top_frac, fresh=args.fresh))
+                except ValueError as e:
+                    print(f"reproduce: {e}", file=sys.stderr)
+                    return 2
     summary = summarise(results)
     table = markdown(summary, command, args.seeds)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,16 @@
-"""scripts/reproduce.py: the mean ± std table over seeds (the sweep is smoke-tested by hand)."""
+"""scripts/reproduce.py: the mean ± std table over seeds (the sweep is smoke-tested by hand)
+and the fine-tune on a run's selected rows (--retrain)."""
 
 import importlib.util
 import json
 from pathlib import Path
 
+import _llm
+import numpy as np
 import pytest
+
+from jbilevel import config, experiment, rundir
+from jbilevel.console import QUIET, Console
 
 _SPEC = importlib.util.spec_from_file_location(
     "reproduce", Path(__file__).parents[1] / "scripts" / "reproduce.py")
@@ -46,3 +52,34 @@ def test_redraw_groups_runs_by_method_and_seed(tmp_path):
     assert "| mix | 2 | 0.6 ± 0.14 |" in table and "| bds | 1 | 0.9 |" in table
     assert (tmp_path / "runs.png").stat().st_size > 0
     assert reproduce.main(["--redraw", str(tmp_path / "absent.json")]) == 2
+
+
+def test_retrain_fine_tunes_anew_on_the_rows_a_run_selects(tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"question": f"q{i}", "response": f"r{i}"}) + "\n"
+                             for i in range(16)))
+    cfg = config.load(experiment.ExperimentConfig, overrides=[
+        f"data.train={train}", f"data.validation={train}", "data.max_len=32",
+        f"model.path={_llm.model_dir(tmp_path)}", "method.method=bmo", "loop.steps=2",
+        "batch_size=8", "val_batch_size=8", "eval_batch_size=8"])
+    run = tmp_path / "bmo"
+    experiment.run(cfg, run, console=Console(QUIET))
+    np.save(run / "weights.npy", np.where(np.arange(16) % 4 == 0, 2.0, 0.5))  # as if learned
+
+    again = tmp_path / "bmo_w1_sft" / "seed0"
+    result = reproduce.retrain_one(run, "sft", again, min_weight=1.0)
+    assert result["method"] == "sft" and result["n_train"] == 4 and result["steps"] == 2
+    kept = [json.loads(row)["question"] for row in
+            (again.parent / "seed0.curated.jsonl").read_text().splitlines()]
+    assert kept == ["q0", "q4", "q8", "q12"]
+    diff = rundir_differences(run, again)  # the run's own settings but for the method
+    assert diff.pop("method.method") == ("bmo", "sft")
+    assert diff and all(rundir._NA in pair for pair in diff.values())  # what only bmo uses
+    with pytest.raises(ValueError, match=r"no training row has weight >= 3"):
+        reproduce.retrain_one(run, "sft", tmp_path / "none" / "seed0", min_weight=3.0)
+    assert reproduce.main(["--retrain", "sft", "--out", str(tmp_path)]) == 2
+
+
+def rundir_differences(a: Path, b: Path) -> dict:
+    load = lambda d: config.load(experiment.ExperimentConfig, d / "config.yaml")  # noqa: E731
+    return rundir.differences(load(a), load(b))
