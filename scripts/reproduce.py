@@ -226,6 +226,7 @@ def main(argv=None) -> int:
     if args.retrain and args.min_weight is None and args.top_frac is None:
         print("reproduce: --retrain needs --min-weight or --top-frac", file=sys.stderr)
         return 2
+    from jbilevel.errors import UserError
     from jbilevel.xla_options import use_compilation_cache
 
     use_compilation_cache(args.compile_cache, default=out / "runs" / "xla_cache")
@@ -247,7 +248,7 @@ def main(argv=None) -> int:
                     results.setdefault(label, []).append(retrain_one(
                         run_dir, args.retrain, again, min_weight=args.min_weight,
                         top_frac=args.top_frac, fresh=args.fresh))
-                except ValueError as e:
+                except (ValueError, UserError) as e:  # no row kept; no weights (interrupted)
                     print(f"reproduce: {e}", file=sys.stderr)
                     return 2
     summary = summarise(results)
