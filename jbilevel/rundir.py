@@ -107,8 +107,8 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def differences(recorded: Any, now: Any) -> dict[str, tuple[Any, Any]]:
     """``{dotted key: (recorded value, new value)}`` of the applied settings that differ and
-    may not differ on resume (a key that applies to only one of them counts; the data files'
-    paths do not, their contents are compared later)."""
+    may not differ on resume (a key that applies to only one of them counts; the paths of
+    :data:`BY_CONTENT` do not, their contents are compared later by check_fingerprint)."""
     a, b = _flat(applied(recorded)), _flat(applied(now))
     missing = object()
     return {k: (a.get(k, _NA), b.get(k, _NA))
