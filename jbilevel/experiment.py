@@ -489,9 +489,12 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
             steps = online_lib.make_online_steps(example_loss, model, cfg.method,
                                                  cfg.online, seed=cfg.seed)
         compiled = train.compile_steps(steps, cfg.method, mesh, rules, state_sh)
+        train_step = f"{cfg.method.method} train step"
         compiled = dataclasses.replace(
-            compiled, train=console.first_call(compiled.train, f"{cfg.method.method} train step"),
-            hyper=console.first_call(compiled.hyper, "hypergradient step"))
+            compiled, train=console.first_call(compiled.train, train_step + (
+                " with generated rows" if refresher is not None else "")),
+            hyper=console.first_call(compiled.hyper, "hypergradient step"),
+            train_offline=console.first_call(compiled.train_offline, train_step))
         latest = ckpt.latest_step()
         with console.phase(f"restoring the checkpoint of step {latest}" if latest is not None
                            else "initialising the train state"):
@@ -520,7 +523,9 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
         try:
             state, step = train.run(compiled, cfg.method, loop, state, data, val,
                                     start_step=start, ckpt=ckpt, hyper_batches=hyper, log=log,
-                                    eval_fn=eval_fn, before_step=refresher, console=console,
+                                    eval_fn=eval_fn, before_step=refresher,
+                                    offline_until=cfg.online.start if refresher is not None else 0,
+                                    console=console,
                                     clock=lambda: earlier + time.perf_counter() - t0)
             if refresher is not None and step > start:
                 refresher.log_buffer(state, step)

@@ -142,6 +142,7 @@ class CompiledSteps:
     hyper: Callable | None
     with_val: bool  # train step takes (state, batch, val_batch)
     batch_sharding: Any  # where every batch leaf goes (rows split over the data axes)
+    train_offline: Callable | None = None  # online: the step before the first refresh
 
 
 def compile_steps(steps: Steps, cfg: MethodConfig, mesh, rules: sh.AxisRules,
@@ -161,14 +162,16 @@ def compile_steps(steps: Steps, cfg: MethodConfig, mesh, rules: sh.AxisRules,
         return traced
 
     options = train_compiler_options(mesh.devices.flat[0].platform)
-    train = jax.jit(pinned(steps.train), in_shardings=(state_sh,) + (batch_sh,) * n_batches,
-                    out_shardings=(state_sh, rep), donate_argnums=0, compiler_options=options)
-    hyper = None
-    if steps.hyper is not None:
-        hyper = jax.jit(pinned(steps.hyper), in_shardings=(state_sh, batch_sh, batch_sh),
-                        out_shardings=(state_sh, rep), donate_argnums=0,
-                        compiler_options=options)
-    return CompiledSteps(train, hyper, with_val, batch_sh)
+
+    def jitted(step, batches: int):  # compiled on its first call: an unused step costs nothing
+        if step is None:
+            return None
+        return jax.jit(pinned(step), in_shardings=(state_sh,) + (batch_sh,) * batches,
+                       out_shardings=(state_sh, rep), donate_argnums=0,
+                       compiler_options=options)
+
+    return CompiledSteps(jitted(steps.train, n_batches), jitted(steps.hyper, 2), with_val,
+                         batch_sh, train_offline=jitted(steps.train_offline, n_batches))
 
 
 class _Preemption:
@@ -324,6 +327,7 @@ def run(
     on_log: Callable[[int, dict], None] | None = None,
     eval_fn: Callable[[Any], dict[str, float]] | None = None,
     before_step: Callable[[TrainState, int], tuple[TrainState, dict]] | None = None,
+    offline_until: int = 0,
     console: Console | None = None,
     clock: Callable[[], float] | None = None,
 ) -> tuple[TrainState, int]:
@@ -347,6 +351,9 @@ def run(
       before_step: ``(state, step) -> (state, metrics)`` on the host before each train step
         (online generation refreshes its buffer here); non-empty metrics are logged with
         every later step until it returns new ones.
+      offline_until: steps below it run ``compiled.train_offline`` (when there is one)
+        instead of ``compiled.train``: online generation's steps before its first refresh,
+        whose buffer is still empty (``online.start``).
       console: where the progress bar (``loop.progress``) and warnings go (default: stderr).
         A hypergradient's numbers (``val_loss``, ``cg_residual``, ...) join every record
         until the next one, with ``hyper_step``: the step they were measured at.
@@ -424,10 +431,12 @@ def run(
                 state, hooked = before_step(state, step)
                 hook_metrics = hooked or hook_metrics
             batch = put(next(data))
+            train_step = (compiled.train_offline if compiled.train_offline is not None
+                          and step < offline_until else compiled.train)
             if compiled.with_val:
-                state, metrics = compiled.train(state, batch, put(next(val_batches)))
+                state, metrics = train_step(state, batch, put(next(val_batches)))
             else:
-                state, metrics = compiled.train(state, batch)
+                state, metrics = train_step(state, batch)
             step += 1
             if (compiled.hyper is not None and step % cfg.hyper_every == 0
                     and step >= cfg.hyper_start):

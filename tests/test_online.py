@@ -210,17 +210,83 @@ def test_bmo_generated_rows_move_their_question_weight(bmo):
 
 
 def test_bds_hypergradient_reaches_questions_through_generated_rows(lm):
+    """A hyper batch of 8 of the 24 training rows takes a third of the buffer (a draw of 4 of
+    its 12 rows): the weights that move are those of the offline rows and of the drawn rows'
+    questions, whose only way in is their generated rows."""
     s = Setup(*lm, MethodConfig(method="bds", weighting="sigmoid", lr_omega=0.1,
                                  hypergrad=Implicit("cg", maxiter=2, tol=0.0, ridge=10.0)),
               sharded=False)
     task = s.task
     state, _ = s.refresher(s.fresh(), 0)
-    in_buffer, offline, untouched = _question_split(state, len(task.train))
+    in_buffer, offline, _ = _question_split(state, len(task.train))
+    assert ol.hyper_buffer_rows(12, len(offline), len(task.train)) == 4
+    drawn = ol.hyper_buffer(state.online, jax.random.fold_in(jax.random.fold_in(
+        jax.random.key(0), 2), state.step), len(offline), len(task.train))
+    reached = set(np.asarray(drawn["ids"]).tolist())
+    assert len(drawn["ids"]) == 4 and reached < in_buffer and np.all(drawn["valid"] == 1)
     state, _ = s.compiled.hyper(
         state, s.put(task.train.batch(offline, task.train.max_len)),
         s.put(task.validation.batch(np.arange(8), task.validation.max_len)))
-    omega = np.asarray(state.omega)
-    assert all(omega[i] == 0 for i in untouched) and all(omega[i] != 0 for i in in_buffer)
+    moved = set(np.flatnonzero(np.asarray(state.omega)).tolist())
+    assert moved == set(offline) | reached
+
+
+def test_hyper_buffer_takes_the_hyper_batch_share_of_the_buffer(lm):
+    """All of the buffer when the hyper batch is every training row; else the same share,
+    drawn among the valid rows only (and every valid row when there are no more than that)."""
+    assert ol.hyper_buffer_rows(400, 2000, 2000) == ol.hyper_buffer_rows(400, 2048, 2000) == 400
+    assert ol.hyper_buffer_rows(400, 512, 2000) == 103  # ceil(400 * 512 / 2000)
+    assert ol.hyper_buffer_rows(40_000, 512, 100_000) == 205
+    assert ol.hyper_buffer_rows(8, 1, 1000) == 1
+    buffer = ol.init_buffer(12, 4)
+    ids = np.arange(12, dtype=np.int32) + 100
+    full = buffer.replace(ids=jnp.asarray(ids), valid=jnp.ones(12, jnp.float32))
+    key = jax.random.key(3)
+    assert np.array_equal(ol.hyper_buffer(full, key, 24, 24)["ids"], ids)  # the whole buffer
+    drawn = np.asarray(ol.hyper_buffer(full, key, 6, 24)["ids"])  # a quarter: 3 distinct rows
+    assert len(drawn) == len(set(drawn)) == 3 and set(drawn) <= set(ids)
+    other = np.asarray(ol.hyper_buffer(full, jax.random.key(4), 6, 24)["ids"])
+    assert set(other) != set(drawn)  # a fresh draw each time
+    two_valid = full.replace(valid=jnp.asarray((ids % 6 == 0).astype(np.float32)))  # 102, 108
+    rows = ol.hyper_buffer(two_valid, key, 6, 24)
+    assert len(rows["ids"]) == 3 and float(np.sum(rows["valid"])) == 2
+    assert {int(i) for i, v in zip(rows["ids"], rows["valid"], strict=True) if v} == {102, 108}
+
+
+def test_before_the_first_refresh_online_trains_as_offline(bmo):
+    """Until online.start the buffer is empty and the trainer runs the offline step: a run
+    whose first refresh never comes ends where offline bmo does, to the bit, and its records
+    carry no online_* numbers."""
+    import dataclasses
+
+    from jbilevel.algorithms import make_steps
+    from jbilevel.data import Batcher
+
+    task, method = bmo.task, bmo.method
+    late = Setup(task, bmo.model, method, dataclasses.replace(ONLINE, start=100))
+    plain_sh = late.state_sh.replace(online=None)
+    plain = train.compile_steps(make_steps(bmo.loss, method), method, late.mesh,
+                                sh.AxisRules(), plain_sh)
+    fresh_plain = jax.jit(lambda: late.init().replace(online=None), out_shardings=plain_sh)
+
+    def run(compiled, state, **online):
+        buckets = (task.train.max_len,)
+        data = Batcher(task.train, 8, seed=0, buckets=buckets)
+        val = Batcher(task.validation, 8, seed=1, buckets=buckets)
+        loop = train.LoopConfig(steps=3, log_every=1, checkpoint_every=0, progress=False)
+        records = []
+        state, _ = train.run(compiled, method, loop, state, data, val,
+                             on_log=lambda at, r: records.append(r), **online)
+        return jax.device_get(state), records
+
+    got, records = run(late.compiled, late.fresh(), before_step=late.refresher,
+                       offline_until=100)
+    want, _ = run(plain, fresh_plain())
+    assert int(got.online.born) == -1  # never refreshed
+    for a, b in zip(jax.tree.leaves(got.replace(online=None)), jax.tree.leaves(want),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert len(records) == 3 and not any(k.startswith("online_") for r in records for k in r)
 
 
 @pytest.mark.parametrize("hessian_rows", [0, 4])
@@ -343,7 +409,8 @@ def test_cli_trains_online_and_logs_generations(tmp_path):
     assert result["online"] is True and result["steps"] == 4
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert "online_refreshed" not in records[0]  # step 1 trained offline only (start: 1)
-    assert records[0]["online_ratio_mean"] == 0  # nothing drawn from the empty buffer
+    # ... with the offline step: nothing is drawn from the still empty buffer
+    assert "online_ratio_mean" not in records[0] and "online_ratio_mean" in records[1]
     assert records[-1]["online_refreshed"] == 8 and "online_gen_accuracy" in records[-1]
     # each record names the refresh its online_gen_* numbers come from (logged until the next)
     assert [r.get("online_refresh_step") for r in records] == [None, 1, 1, 3]

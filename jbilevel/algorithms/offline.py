@@ -200,6 +200,9 @@ class Steps:
     train: Callable  # (state, batch[, val_batch]) -> (state, metrics): one theta step
     hyper: Callable | None = None  # bds: (state, hyper_batch, val_batch) -> (state, metrics)
     evaluate: Callable | None = None  # (theta, batch) -> loss_B per example
+    # online generation: the train step while the buffer is still empty (before the first
+    # refresh), with train's signature: the offline step, which skips the generated rows
+    train_offline: Callable | None = None
 
 
 def _mean(loss_B, batch, w_B=None):

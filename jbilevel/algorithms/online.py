@@ -259,6 +259,24 @@ def draw(buffer: Buffer, key, n: int) -> dict:
     return jax.tree.map(lambda x: jnp.take(x, idx, axis=0), buffer.batch())
 
 
+def hyper_buffer_rows(capacity: int, hyper_rows: int, n_train: int) -> int:
+    """How many buffer rows a bds hypergradient takes: all of them when its hyper batch holds
+    every training row, else the same share of the buffer (at least one row), so that the
+    generated rows' term costs what the offline rows' does, not a pass over the whole buffer
+    (fraction x N x num_samples rows)."""
+    if hyper_rows >= n_train:
+        return capacity
+    return min(capacity, max(1, math.ceil(capacity * hyper_rows / n_train)))
+
+
+def hyper_buffer(buffer: Buffer, key, hyper_rows: int, n_train: int) -> dict:
+    """The buffer rows of a hypergradient over ``hyper_rows`` of the ``n_train`` training rows:
+    the whole buffer, or a uniform draw of :func:`hyper_buffer_rows` valid rows (``key``)."""
+    capacity = buffer.valid.shape[0]
+    n = hyper_buffer_rows(capacity, hyper_rows, n_train)
+    return buffer.batch() if n == capacity else draw(buffer, key, n)
+
+
 def make_online_steps(example_loss: ExampleLoss, model, method: MethodConfig,
                       cfg: OnlineConfig, *, seed: int = 0) -> Steps:
     """bmo/bds steps that also train on the generated pairs in ``state.online``.
@@ -268,19 +286,24 @@ def make_online_steps(example_loss: ExampleLoss, model, method: MethodConfig,
       model: the same model: a ``jbilevel.models.Model`` or its logits forward.
       method: bmo or bds settings.
       cfg: online settings.
-      seed: the per-step draw of buffer rows uses ``fold_in(key(seed), step)`` (resumable).
+      seed: the per-step draws of buffer rows use keys folded from it and the step
+        (resumable).
     Returns:
       ``Steps`` with the signatures of ``make_steps(method)``; train metrics add
       ``online_ratio_mean`` / ``online_clipped`` (fractions over tokens, or rows for
       per_sequence) and ``online_gen_loss`` (mean NLL of the drawn generated rows).
+      ``train_offline`` is the offline step, for the steps before the first refresh. bds's
+      hypergradient takes the whole buffer when its hyper batch is every training row, else
+      a draw of the same share of the buffer (:func:`hyper_buffer_rows`).
     """
     if method.method not in BASES:
         raise ValueError(f"online generation runs on top of {BASES}, not method "
                          f"{method.method!r}; set method.method to bmo or bds")
-    # bds: the hypergradient over the whole buffer and the hyper batch
+    # bds: the hypergradient over the hyper batch and the buffer (or a draw from it)
     base = make_steps(online_example_loss(example_loss, model), method,
                       hyper_rows=hyper_rows(example_loss, model, method, cfg.gen_weight))
     draw_key = jax.random.fold_in(jax.random.key(seed), 1)
+    hyper_key = jax.random.fold_in(jax.random.key(seed), 2)
 
     def with_ratios(theta, gen: dict):
         # a separate no-grad forward: the ratio enters the loss as data (stop-gradient, also
@@ -317,9 +340,15 @@ def make_online_steps(example_loss: ExampleLoss, model, method: MethodConfig,
         return state, {**metrics, **stats}
 
     def bds_hyper(state: TrainState, hyper_batch: dict, val_batch: dict):
-        gen, _ = with_ratios(state.theta, state.online.batch())  # the whole buffer
+        rows = hyper_buffer(state.online, jax.random.fold_in(hyper_key, state.step),
+                            hyper_batch["ids"].shape[0], state.omega.shape[0])
+        gen, _ = with_ratios(state.theta, rows)
         return base.hyper(state, combine(hyper_batch, gen, cfg.gen_weight), val_batch)
 
+    # base.train on a plain batch is the offline step: the trainer runs it until the first
+    # refresh has filled the buffer (a step on the empty buffer would pay for batch_size
+    # generated rows that all weigh 0)
     if method.method == "bmo":
-        return Steps(train=bmo_train, evaluate=example_loss)
-    return Steps(train=bds_train, hyper=bds_hyper, evaluate=example_loss)
+        return Steps(train=bmo_train, evaluate=example_loss, train_offline=base.train)
+    return Steps(train=bds_train, hyper=bds_hyper, evaluate=example_loss,
+                 train_offline=base.train)
