@@ -253,40 +253,59 @@ def test_hyper_buffer_takes_the_hyper_batch_share_of_the_buffer(lm):
     assert {int(i) for i, v in zip(rows["ids"], rows["valid"], strict=True) if v} == {102, 108}
 
 
+def _train(setup, total, ckpt_dir=None, offline_until=0):
+    """``setup``'s run to step ``total`` (resumed from ``ckpt_dir``'s checkpoint if it has
+    one): the final state, the step reached and the logged records."""
+    from jbilevel.data import Batcher
+
+    task = setup.task
+    buckets = (task.train.max_len,)
+    data = Batcher(task.train, 8, seed=0, buckets=buckets)
+    val = Batcher(task.validation, 8, seed=1, buckets=buckets)
+    loop = train.LoopConfig(steps=total, log_every=1, checkpoint_every=0, progress=False)
+    ckpt = Checkpointer(ckpt_dir) if ckpt_dir else None
+    if ckpt is None:
+        state, start = setup.fresh(), 0
+    else:
+        state, start, _ = train.restore_or_init(ckpt, setup.init, setup.state_sh,
+                                             train.data_sources(data, val))
+    records = []
+    state, step = train.run(setup.compiled, setup.method, loop, state, data, val,
+                            start_step=start, ckpt=ckpt, before_step=setup.refresher,
+                            offline_until=offline_until,
+                            on_log=lambda at, r: records.append((at, r)))
+    if ckpt is not None:
+        ckpt.close()
+    return jax.device_get(state), step, records
+
+
+def _same_run(got, want):
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_before_the_first_refresh_online_trains_as_offline(bmo):
     """Until online.start the buffer is empty and the trainer runs the offline step: a run
     whose first refresh never comes ends where offline bmo does, to the bit, and its records
     carry no online_* numbers."""
     import dataclasses
+    from types import SimpleNamespace
 
     from jbilevel.algorithms import make_steps
-    from jbilevel.data import Batcher
 
-    task, method = bmo.task, bmo.method
-    late = Setup(task, bmo.model, method, dataclasses.replace(ONLINE, start=100))
+    late = Setup(bmo.task, bmo.model, bmo.method, dataclasses.replace(ONLINE, start=100))
     plain_sh = late.state_sh.replace(online=None)
-    plain = train.compile_steps(make_steps(bmo.loss, method), method, late.mesh,
-                                sh.AxisRules(), plain_sh)
-    fresh_plain = jax.jit(lambda: late.init().replace(online=None), out_shardings=plain_sh)
-
-    def run(compiled, state, **online):
-        buckets = (task.train.max_len,)
-        data = Batcher(task.train, 8, seed=0, buckets=buckets)
-        val = Batcher(task.validation, 8, seed=1, buckets=buckets)
-        loop = train.LoopConfig(steps=3, log_every=1, checkpoint_every=0, progress=False)
-        records = []
-        state, _ = train.run(compiled, method, loop, state, data, val,
-                             on_log=lambda at, r: records.append(r), **online)
-        return jax.device_get(state), records
-
-    got, records = run(late.compiled, late.fresh(), before_step=late.refresher,
-                       offline_until=100)
-    want, _ = run(plain, fresh_plain())
+    plain = SimpleNamespace(  # offline bmo, as _train needs it
+        task=bmo.task, method=bmo.method, refresher=None, state_sh=plain_sh,
+        compiled=train.compile_steps(make_steps(bmo.loss, bmo.method), bmo.method, late.mesh,
+                                     sh.AxisRules(), plain_sh),
+        fresh=jax.jit(lambda: late.init().replace(online=None), out_shardings=plain_sh))
+    got, _, records = _train(late, 3, offline_until=100)
+    want, _, _ = _train(plain, 3)
     assert int(got.online.born) == -1  # never refreshed
-    for a, b in zip(jax.tree.leaves(got.replace(online=None)), jax.tree.leaves(want),
-                    strict=True):
-        np.testing.assert_array_equal(a, b)
-    assert len(records) == 3 and not any(k.startswith("online_") for r in records for k in r)
+    _same_run(got.replace(online=None), want)
+    assert len(records) == 3 and not any(k.startswith("online_")
+                                         for _, r in records for k in r)
 
 
 @pytest.mark.parametrize("hessian_rows", [0, 4])
@@ -351,42 +370,35 @@ def test_chunked_online_hypergradient_equals_the_whole_batch_one(bmo, hessian_ro
 def test_interrupted_online_run_resumes_exactly(bmo, tmp_path):
     """Refresh every 3 steps: a run stopped after step 7 (its checkpoint holds the step-6
     buffer) and resumed to 10 ends bit-identical to a straight run, refresh at 9 included."""
-    from jbilevel.data import Batcher
-
-    task = bmo.task
-
-    def run(total, ckpt_dir=None):
-        buckets = (task.train.max_len,)
-        data = Batcher(task.train, 8, seed=0, buckets=buckets)
-        val = Batcher(task.validation, 8, seed=1, buckets=buckets)
-        loop = train.LoopConfig(steps=total, log_every=5, checkpoint_every=0, progress=False)
-        ckpt = Checkpointer(ckpt_dir) if ckpt_dir else None
-        if ckpt is None:
-            state, start = bmo.fresh(), 0
-        else:
-            state, start, _ = train.restore_or_init(ckpt, bmo.init, bmo.state_sh,
-                                                 train.data_sources(data, val))
-        records = []
-        state, step = train.run(bmo.compiled, bmo.method, loop, state, data, val,
-                                start_step=start, ckpt=ckpt, before_step=bmo.refresher,
-                                on_log=lambda at, r: records.append((at, r)))
-        if ckpt is not None:
-            ckpt.close()
-        return jax.device_get(state), step, records
-
-    first, step, _ = run(7, tmp_path / "c")
+    first, step, _ = _train(bmo, 7, tmp_path / "c")
     assert step == 7 and int(first.online.born) == 6
-    resumed, step, records = run(10, tmp_path / "c")
-    straight, _, straight_records = run(10)
+    resumed, step, records = _train(bmo, 10, tmp_path / "c")
+    straight, _, straight_records = _train(bmo, 10)
     assert step == 10 and int(resumed.online.born) == 9
-    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight), strict=True):
-        np.testing.assert_array_equal(a, b)
+    _same_run(resumed, straight)
     assert not np.array_equal(resumed.online.input_ids, first.online.input_ids)  # refreshed
     last, want = records[-1], straight_records[-1]
     assert last[0] == want[0] == 10 and last[1]["online_refreshed"] == 6
     for k in want[1]:
         if k != "steps_per_s":
             assert last[1][k] == want[1][k], k
+
+
+def test_resume_before_the_first_refresh_switches_to_the_online_step(bmo, tmp_path):
+    """First refresh at step 4: a run stopped after step 2 (offline steps, empty buffer) and
+    resumed to 6 trains offline until 4 and online from there, bit-identical to a straight
+    run."""
+    import dataclasses
+
+    late = Setup(bmo.task, bmo.model, bmo.method, dataclasses.replace(ONLINE, start=4))
+    first, step, _ = _train(late, 2, tmp_path / "c", offline_until=4)
+    assert step == 2 and int(first.online.born) == -1
+    resumed, step, records = _train(late, 6, tmp_path / "c", offline_until=4)
+    straight, _, straight_records = _train(late, 6, offline_until=4)
+    assert step == 6 and int(resumed.online.born) == 4
+    _same_run(resumed, straight)
+    online = [at for at, r in straight_records if "online_ratio_mean" in r]
+    assert online == [5, 6] and [at for at, r in records if "online_ratio_mean" in r] == online
 
 
 def test_cli_trains_online_and_logs_generations(tmp_path):
