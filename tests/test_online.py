@@ -220,8 +220,9 @@ def test_bds_hypergradient_reaches_questions_through_generated_rows(lm):
     state, _ = s.refresher(s.fresh(), 0)
     in_buffer, offline, _ = _question_split(state, len(task.train))
     assert ol.hyper_buffer_rows(12, len(offline), len(task.train)) == 4
-    drawn = ol.hyper_buffer(state.online, jax.random.fold_in(jax.random.fold_in(
-        jax.random.key(0), 2), state.step), len(offline), len(task.train))
+    # the key make_online_steps (seed 0) draws this step's buffer rows with
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 2), state.step)
+    drawn = ol.hyper_buffer(state.online, key, len(offline), len(task.train))
     reached = set(np.asarray(drawn["ids"]).tolist())
     assert len(drawn["ids"]) == 4 and reached < in_buffer and np.all(drawn["valid"] == 1)
     state, _ = s.compiled.hyper(
@@ -231,7 +232,7 @@ def test_bds_hypergradient_reaches_questions_through_generated_rows(lm):
     assert moved == set(offline) | reached
 
 
-def test_hyper_buffer_takes_the_hyper_batch_share_of_the_buffer(lm):
+def test_hyper_buffer_takes_the_hyper_batch_share_of_the_buffer():
     """All of the buffer when the hyper batch is every training row; else the same share,
     drawn among the valid rows only (and every valid row when there are no more than that)."""
     assert ol.hyper_buffer_rows(400, 2000, 2000) == ol.hyper_buffer_rows(400, 2048, 2000) == 400
