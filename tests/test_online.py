@@ -209,22 +209,26 @@ def test_bmo_generated_rows_move_their_question_weight(bmo):
     assert metrics["online_clipped"] == 0 and np.isfinite(metrics["online_gen_loss"])
 
 
-def test_bds_hypergradient_reaches_questions_through_generated_rows(lm):
+@pytest.mark.parametrize("sharded", [False, True])
+def test_bds_hypergradient_reaches_questions_through_generated_rows(lm, sharded):
     """A hyper batch of 8 of the 24 training rows takes a third of the buffer (a draw of 4 of
-    its 12 rows): the weights that move are those of the offline rows and of the drawn rows'
-    questions, whose only way in is their generated rows."""
+    its 12 rows; on the (2, 4) mesh 8, one per device): the weights that move are those of
+    the offline rows and of the drawn rows' questions, whose only way in is their generated
+    rows."""
     s = Setup(*lm, MethodConfig(method="bds", weighting="sigmoid", lr_omega=0.1,
                                  hypergrad=Implicit("cg", maxiter=2, tol=0.0, ridge=10.0)),
-              sharded=False)
+              sharded=sharded)
     task = s.task
     state, _ = s.refresher(s.fresh(), 0)
     in_buffer, offline, _ = _question_split(state, len(task.train))
-    assert ol.hyper_buffer_rows(12, len(offline), len(task.train)) == 4
+    ways = sh.data_parallel_size(s.mesh, sh.AxisRules())
+    rows = ol.hyper_buffer_rows(12, len(offline), len(task.train), ways)
+    assert rows == (8 if sharded else 4)
     # the key make_online_steps (seed 0) draws this step's buffer rows with
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 2), state.step)
-    drawn = ol.hyper_buffer(state.online, key, len(offline), len(task.train))
+    drawn = ol.draw(state.online, key, rows)
     reached = set(np.asarray(drawn["ids"]).tolist())
-    assert len(drawn["ids"]) == 4 and reached < in_buffer and np.all(drawn["valid"] == 1)
+    assert reached < in_buffer and np.all(drawn["valid"] == 1)
     state, _ = s.compiled.hyper(
         state, s.put(task.train.batch(offline, task.train.max_len)),
         s.put(task.validation.batch(np.arange(8), task.validation.max_len)))
@@ -239,6 +243,8 @@ def test_hyper_buffer_takes_the_hyper_batch_share_of_the_buffer():
     assert ol.hyper_buffer_rows(400, 512, 2000) == 103  # ceil(400 * 512 / 2000)
     assert ol.hyper_buffer_rows(40_000, 512, 100_000) == 205
     assert ol.hyper_buffer_rows(8, 1, 1000) == 1
+    assert ol.hyper_buffer_rows(400, 512, 2000, ways=8) == 104  # 103, as many per device
+    assert ol.hyper_buffer_rows(16, 1, 1000, ways=8) == 8
     buffer = ol.init_buffer(12, 4)
     ids = np.arange(12, dtype=np.int32) + 100
     full = buffer.replace(ids=jnp.asarray(ids), valid=jnp.ones(12, jnp.float32))

@@ -259,21 +259,24 @@ def draw(buffer: Buffer, key, n: int) -> dict:
     return jax.tree.map(lambda x: jnp.take(x, idx, axis=0), buffer.batch())
 
 
-def hyper_buffer_rows(capacity: int, hyper_rows: int, n_train: int) -> int:
+def hyper_buffer_rows(capacity: int, hyper_rows: int, n_train: int, ways: int = 1) -> int:
     """How many buffer rows a bds hypergradient takes: all of them when its hyper batch holds
-    every training row, else the same share of the buffer (at least one row), so that the
+    every training row, else the same share of the buffer, rounded up to a multiple of
+    ``ways`` (the data-parallel split, so every device gets as many rows), so that the
     generated rows' term costs what the offline rows' does, not a pass over the whole buffer
     (fraction x N x num_samples rows)."""
     if hyper_rows >= n_train:
         return capacity
-    return min(capacity, max(1, math.ceil(capacity * hyper_rows / n_train)))
+    share = math.ceil(capacity * hyper_rows / n_train)
+    return min(capacity, max(ways, -(-share // ways) * ways))
 
 
 def hyper_buffer(buffer: Buffer, key, hyper_rows: int, n_train: int) -> dict:
     """The buffer rows of a hypergradient over ``hyper_rows`` of the ``n_train`` training rows:
-    the whole buffer, or a uniform draw of :func:`hyper_buffer_rows` valid rows (``key``)."""
+    the whole buffer, or a uniform draw of :func:`hyper_buffer_rows` valid rows (``key``),
+    as many per device inside a sharded step."""
     capacity = buffer.valid.shape[0]
-    n = hyper_buffer_rows(capacity, hyper_rows, n_train)
+    n = hyper_buffer_rows(capacity, hyper_rows, n_train, sh.batch_ways())
     return buffer.batch() if n == capacity else draw(buffer, key, n)
 
 
