@@ -67,9 +67,12 @@ def main():
                                   seed=cfg.seed)
     init, init_args, state_sh, example_loss = experiment.state_setup(
         cfg, model, n, mesh, rules, load_weights=True)
-    fresh = jax.jit(lambda *args: init(*args).replace(online=refresher.init_buffer()))
-    state = fresh(*init_args)
-    state_sh = state_sh.replace(online=jax.tree.map(lambda x: x.sharding, state.online))
+    def fresh(*args):  # as experiment.run builds an online run's state
+        return init(*args).replace(online=refresher.init_buffer())
+
+    state_sh = state_sh.replace(online=ol.buffer_shardings(
+        mesh, rules, jax.eval_shape(fresh, *init_args).online))
+    state = jax.jit(fresh, out_shardings=state_sh)(*init_args)
     steps = ol.make_online_steps(example_loss, model, cfg.method, cfg.online, seed=cfg.seed)
     compiled = train.compile_steps(steps, cfg.method, mesh, rules, state_sh)
     with mock.patch.object(ol, "hyper_buffer_rows", lambda capacity, *_: capacity):
@@ -89,7 +92,7 @@ def main():
     data = experiment._process_batcher(data_set, cfg.batch_size, mesh, rules, seed=0)
     batches = [put(next(data)) for _ in range(a.steps)]
     capacity = refresher.capacity
-    share = ol.hyper_buffer_rows(capacity, hyper_rows, n)
+    share = ol.hyper_buffer_rows(capacity, hyper_rows, n, sh.data_parallel_size(mesh, rules))
     runners = {  # name -> (step, state it starts from, batch list or the hyper batch)
         "offline step": (compiled.train_offline, empty, batches),
         "step, empty buffer": (compiled.train, empty, batches),
