@@ -524,7 +524,7 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
             state, step = train.run(compiled, cfg.method, loop, state, data, val,
                                     start_step=start, ckpt=ckpt, hyper_batches=hyper, log=log,
                                     eval_fn=eval_fn, before_step=refresher,
-                                    offline_until=cfg.online.start if refresher is not None else 0,
+                                    offline_until=cfg.online.start,  # online runs only
                                     console=console,
                                     clock=lambda: earlier + time.perf_counter() - t0)
             if refresher is not None and step > start:
