@@ -5,12 +5,14 @@ Before any pod time is spent, :func:`compile_memory` builds the train state as s
 compiles the same jitted, donated steps the trainer runs (``train.compile_steps``) for the
 target devices: fake CPU devices, or a TPU topology from ``jax.experimental.topologies``
 (ahead-of-time, no TPU attached; needs libtpu). It reports XLA's per-device memory of each
-step and how evenly the parameters and optimizer state are split.
+step and how evenly the parameters and optimizer state are split. With online generation it
+also compiles what a refresh runs: one sampler call and the log's ratio pass over the buffer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -21,7 +23,8 @@ import jax.numpy as jnp
 
 from jbilevel import sharding as sh
 from jbilevel import train
-from jbilevel.algorithms import MethodConfig, init_state, make_steps
+from jbilevel.algorithms import MethodConfig, init_state, make_steps, refresh
+from jbilevel.algorithms import online as online_lib
 from jbilevel.inputs import ThetaConfig
 from jbilevel.models import ModelConfig, build, init_lora, lora_axes
 from jbilevel.objectives import lm_example_loss, lm_lora_example_loss
@@ -36,6 +39,8 @@ class Shapes:
     val_batch_size: int = 8  # validation rows per bmo / bds step
     hyper_batch_size: int = 8  # bds: training rows per hypergradient
     n_examples: int = 51760  # length of omega (Alpaca-cleaned has 51,760 examples)
+    prompt_len: int = 256  # online: tokens of the longest prompt the sampler continues
+    new_tokens: int = 256  # online: sampled tokens per response (buffer rows: prompt + these)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -68,7 +73,7 @@ class MemoryReport:
     mesh_shape: dict  # {"data": ., "fsdp": ., "tensor": .}
     state_total: int  # bytes of theta + opt_theta (+ frozen base params for LoRA), all devices
     state_per_device: int  # the same bytes on the most loaded device
-    steps: dict  # step name ("train", "hyper") -> StepMemory
+    steps: dict  # step name ("train", "hyper"; online: "generate", "log ratios") -> StepMemory
     errors: dict  # step name -> XLA's message, for steps that do not fit the devices' memory
 
     @property
@@ -116,10 +121,30 @@ def _memory(compiled, seconds: float) -> StepMemory:
                       code=m.generated_code_size_in_bytes, compile_s=round(seconds, 1))
 
 
+def _sampler_call(model, online: online_lib.OnlineConfig, state, prompts: int, shapes: Shapes,
+                  mesh, rules: sh.AxisRules, batch_sh):
+    """A refresh's sampler call as a jitted function and its abstract arguments: ``prompts``
+    prompts of ``shapes.prompt_len`` tokens split over the data axes, the state's theta."""
+    rep = sh.replicated(mesh)
+
+    def call(theta, prompt_ids, prompt_mask, key):
+        return refresh.sample(model, online, theta, prompt_ids, prompt_mask, key,
+                              max_new_tokens=shapes.new_tokens, eos_id=0, pad_id=0, mesh=mesh,
+                              rules=rules)
+
+    def rows(dtype):
+        return jax.ShapeDtypeStruct((prompts, shapes.prompt_len), dtype, sharding=batch_sh)
+
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    return jax.jit(call), (state.theta, rows(jnp.int32), rows(jnp.int32),
+                           jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep))
+
+
 def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config: sh.MeshConfig,
                    shapes: Shapes = Shapes(), *, devices: Sequence[Any] | None = None,
                    param_dtype: str = "float32", theta: ThetaConfig | None = None,
-                   rules: sh.AxisRules | None = None) -> MemoryReport:
+                   rules: sh.AxisRules | None = None,
+                   online: online_lib.OnlineConfig | None = None) -> MemoryReport:
     """Compiles ``method``'s steps for a mesh without materialising any array.
 
     Args:
@@ -134,6 +159,14 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
       theta: full fine-tuning, or LoRA adapters trained over frozen base params (which then
         count in the state, as the trainer holds them in ``state.frozen``). Default: full.
       rules: the logical-to-mesh axis table (default ``sh.AxisRules()``).
+      online: online generation's settings (``every > 0``; full fine-tuning only, as in a
+        run): the train state then carries the buffer of generated pairs (``fraction x
+        n_examples x num_samples`` rows of ``prompt_len + new_tokens`` tokens, laid out as a
+        run lays it), the train and hypergradient steps are the online ones, and two more
+        programs of a refresh are compiled: ``generate``, one sampler call
+        (``generate_batch_size`` prompts, ``num_samples`` responses each, the KV cache split
+        with the rows), and ``log ratios``, the importance ratios of the whole buffer for
+        ``generations.jsonl``, one sampler call's rows at a time.
     Returns:
       The per-device memory of every step and the parameter + optimizer-state split. The
       invariant checked by the tests: ``state_ratio`` is close to 1 for an fsdp mesh.
@@ -149,9 +182,22 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
     dtype = jnp.dtype(param_dtype)
     theta = theta or ThetaConfig()
     lora = theta.kind == "lora"
+    online = online if online is not None and online.enabled else None
+    if online is not None:
+        if lora:
+            raise ValueError("online generation trains every parameter (theta.kind=full), as "
+                             "a run does; drop theta=lora or online")
+        if online.batch_size % ways:
+            raise ValueError(f"online.batch_size={online.batch_size} must be a multiple of the "
+                             f"mesh's data-parallel size {ways} (data x fsdp)")
+        _, chunk, n_chunks = refresh.calls(online, shapes.n_examples, ways)
+        capacity = n_chunks * chunk * online.num_samples
 
     def init():
         params = model.init(jax.random.key(0), dtype)
+        if online is not None:
+            return init_state(params, shapes.n_examples, method).replace(
+                online=online_lib.init_buffer(capacity, shapes.prompt_len + shapes.new_tokens))
         if not lora:
             return init_state(params, shapes.n_examples, method)
         adapters = init_lora(model, jax.random.key(1), rank=theta.rank, alpha=theta.alpha,
@@ -164,23 +210,36 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
     state_sh = train.state_shardings(mesh, rules, state_shapes, theta_axes, method,
                                      frozen_axes=param_axes)
     loss = lm_lora_example_loss(model) if lora else lm_example_loss(model)
-    compiled = train.compile_steps(make_steps(loss, method, frozen=lora), method, mesh, rules,
-                                   state_sh)
+    steps = make_steps(loss, method, frozen=lora)
+    if online is not None:
+        state_sh = state_sh.replace(online=online_lib.buffer_shardings(mesh, rules,
+                                                                      state_shapes.online))
+        steps = online_lib.make_online_steps(loss, model, method, online)
+    compiled = train.compile_steps(steps, method, mesh, rules, state_sh)
     state = _abstract(state_shapes, state_sh)
     batch_sh = compiled.batch_sharding
     train_batch = _batch(shapes.batch_size, shapes.seq_len, batch_sh)
     val_batch = _batch(shapes.val_batch_size, shapes.seq_len, batch_sh)
     args = {"train": (state, train_batch, val_batch) if compiled.with_val else
             (state, train_batch)}
+    programs = {"train": compiled.train}
     if compiled.hyper is not None:
         hyper_batch = _batch(shapes.hyper_batch_size, shapes.seq_len, batch_sh)
         args["hyper"] = (state, hyper_batch, val_batch)
+        programs["hyper"] = compiled.hyper
+    if online is not None:
+        programs["generate"], args["generate"] = _sampler_call(model, online, state, chunk,
+                                                               shapes, mesh, rules, batch_sh)
+        programs["log ratios"] = jax.jit(functools.partial(
+            refresh.row_ratios, model, online, rows=chunk * online.num_samples, mesh=mesh,
+            rules=rules))
+        args["log ratios"] = (state.theta, state.online)
     steps: dict[str, StepMemory] = {}
     errors: dict[str, str] = {}
     for name, step_args in args.items():
         t0 = time.perf_counter()
         try:
-            exe = getattr(compiled, name).lower(*step_args).compile()
+            exe = programs[name].lower(*step_args).compile()
         except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses what cannot fit
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise

@@ -12,6 +12,9 @@ the parameters + optimizer state split.
     # the Llama-3-8B LoRA reference run (r16 on q_proj/v_proj over the frozen bf16 base):
     python scripts/compile_check.py --model llama-3-8b --platform tpu --topology v5e:2x4 \
         --param-dtype bfloat16 --remat --theta lora --methods bmo
+    # online generation on top (the buffer, one sampler call, the log's ratio pass):
+    python scripts/compile_check.py --model pythia-1b --platform tpu --topology v5e:2x4 \
+        --remat --online --prompt-len 256 --new-tokens 256
     # fake CPU devices (no libtpu):
     python scripts/compile_check.py --model pythia-1b --platform cpu --devices 8 16 64
 
@@ -61,6 +64,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, default=32.0)
     p.add_argument("--lora-targets", nargs="+", default=["q_proj", "v_proj"])
+    p.add_argument("--online", action="store_true",
+                   help="online generation on top of each method: its train / hypergradient "
+                   "steps with the buffer, one sampler call and the log's ratio pass")
+    p.add_argument("--online-fraction", type=float, default=0.1,
+                   help="online: fraction of --n-examples refreshed (buffer: fraction x N x "
+                   "samples rows)")
+    p.add_argument("--num-samples", type=int, default=4, help="online: responses per question")
+    p.add_argument("--prompt-len", type=int, default=256, help="online: prompt tokens")
+    p.add_argument("--new-tokens", type=int, default=256, help="online: sampled tokens")
+    p.add_argument("--generate-per-device", type=int, default=4,
+                   help="online: prompts per device in each sampler call "
+                   "(online.generate_batch_size = this x devices)")
+    p.add_argument("--online-batch-per-device", type=int, default=1,
+                   help="online: generated rows per device in each train step "
+                   "(online.batch_size = this x devices)")
+    p.add_argument("--split-params", action="store_true",
+                   help="online: keep the weights split while decoding "
+                   "(online.gather_params=false)")
     p.add_argument("--max-ratio", type=float, default=1.25)
     p.add_argument("--markdown", default=None, help="append each table row to this file")
     return p
@@ -104,6 +125,7 @@ def main(argv=None) -> int:
 
     from jbilevel import aot
     from jbilevel.algorithms import MethodConfig
+    from jbilevel.algorithms.online import OnlineConfig
     from jbilevel.inputs import ThetaConfig
     from jbilevel.models.presets import param_count, preset
     from jbilevel.sharding import MeshConfig
@@ -124,6 +146,12 @@ def main(argv=None) -> int:
           f"{param_count(full) / 1e9:.3f}B), seq {args.seq_len}, {args.per_device_batch} "
           f"row(s)/device, params {args.param_dtype}, compute {args.compute_dtype}, "
           f"remat {args.remat}, theta {theta_name}", flush=True)
+    if args.online:
+        print(f"online: {args.online_fraction} x {args.n_examples} questions x "
+              f"{args.num_samples} samples of {args.prompt_len} + {args.new_tokens} tokens, "
+              f"{args.generate_per_device} prompt(s)/device a sampler call, "
+              f"{args.online_batch_per_device} generated row(s)/device a step, weights "
+              f"{'split' if args.split_params else 'gathered'} while decoding", flush=True)
     header = ("| model | theta | method | mesh | step | state total GiB | per device GiB | ratio "
               "to total/n | args GiB | out GiB | alias GiB | temp GiB | peak GiB | compile s |")
 
@@ -143,14 +171,20 @@ def main(argv=None) -> int:
         hyper_b = (args.hyper_rows_per_device or args.per_device_batch) * n
         hessian_b = (args.hessian_rows_per_device or hyper_b // n) * n
         shapes = aot.Shapes(seq_len=args.seq_len, batch_size=b, val_batch_size=b,
-                            hyper_batch_size=hyper_b, n_examples=args.n_examples)
-        for method in args.methods:
-            method_cfg = MethodConfig(method=method, hessian_rows=hessian_b,
+                            hyper_batch_size=hyper_b, n_examples=args.n_examples,
+                            prompt_len=args.prompt_len, new_tokens=args.new_tokens)
+        online = OnlineConfig(
+            every=1 if args.online else 0, fraction=args.online_fraction,
+            num_samples=args.num_samples, generate_batch_size=args.generate_per_device * n,
+            batch_size=args.online_batch_per_device * n, gather_params=not args.split_params)
+        for name in args.methods:
+            method_cfg = MethodConfig(method=name, hessian_rows=hessian_b,
                                       hyper_chunk=args.hyper_chunk_per_device * n)
             report = aot.compile_memory(model, method_cfg,
                                         MeshConfig(data=1, fsdp=n, tensor=1), shapes,
                                         devices=devices, param_dtype=args.param_dtype,
-                                        theta=theta)
+                                        theta=theta, online=online)
+            method = name + ("+online" if args.online else "")
             worst = max(worst, report.state_ratio)
             for step, m in report.steps.items():
                 row = (f"| {args.model} ({model.num_layers}L) | {args.theta} | {method} | "

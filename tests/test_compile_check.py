@@ -70,3 +70,33 @@ def test_lora_state_counts_the_frozen_base_and_splits_evenly():
     adapters = 2 * 4 * ((64 + 64) + (64 + 32))
     assert report.state_total == 4 * param_count(TINY) + 3 * 4 * adapters + 4
     assert report.state_per_device <= 1.25 * report.state_total / n
+
+
+def test_online_adds_the_buffer_the_sampler_call_and_the_log_pass():
+    from jbilevel.algorithms.online import OnlineConfig
+
+    n = 8
+    shapes = aot.Shapes(seq_len=16, batch_size=n, val_batch_size=n, hyper_batch_size=n,
+                        n_examples=1000, prompt_len=24, new_tokens=40)
+    # 100 questions a refresh in calls of 32 prompts: 4 calls, 128 x 4 samples = 512 rows
+    online = OnlineConfig(every=5, fraction=0.1, num_samples=4, batch_size=8,
+                          generate_batch_size=32)
+    method, mesh = MethodConfig(method="bds"), MeshConfig(data=1, fsdp=n)
+    offline = aot.compile_memory(TINY, method, mesh, shapes, devices=jax.devices()[:n])
+    report = aot.compile_memory(TINY, method, mesh, shapes, devices=jax.devices()[:n],
+                                online=online)
+    assert set(report.steps) == {"train", "hyper", "generate", "log ratios"}
+    assert report.state_total == offline.state_total  # the buffer is data, not optimizer state
+    # the buffer's rows split over the 8 devices: 5 int32/f32 arrays of 512 x 64 tokens, ids
+    # and valid, plus its replicated int32 step
+    buffer = (5 * 512 * 64 + 2 * 512) * 4 // n + 4
+    for step in ("train", "hyper"):
+        assert report.steps[step].argument == offline.steps[step].argument + buffer
+    # a sampler call's 128 x 4 samples of 40 tokens (4 arrays) come out split over the devices
+    assert report.steps["generate"].output < 2 * 4 * 512 * 40 * 4 // n
+    # the log's ratio pass over a call's 512 / 4 = 128 rows: each device computes the logits of
+    # its own rows only (1 MiB; unpinned, every device held all 8 MiB, and more)
+    assert report.steps["log ratios"].temp < 128 * 64 * 256 * 4 // 2
+    with pytest.raises(ValueError, match="online.batch_size=4 must be a multiple .* size 8"):
+        aot.compile_memory(TINY, method, mesh, shapes, devices=jax.devices()[:n],
+                           online=OnlineConfig(every=5, batch_size=4))

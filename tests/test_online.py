@@ -138,6 +138,23 @@ def bmo(lm):
     return Setup(*lm, MethodConfig(method="bmo", weighting="sigmoid", lr_omega=0.1))
 
 
+def test_online_batch_must_split_over_the_mesh(lm):
+    from jbilevel.config import ConfigError
+
+    task, model = lm
+    mesh = sh.make_mesh(sh.MeshConfig(data=2, fsdp=4, tensor=1))
+    batch_sh = sh.batch_sharding(mesh, sh.AxisRules(), 1)
+    online = ol.OnlineConfig(every=3, fraction=0.5, num_samples=2, batch_size=12)
+    with pytest.raises(ConfigError, match="online.batch_size=12 is not divisible by the mesh's "
+                       "data-parallel size 8"):
+        refresh.Refresher(online, model, task.train, weighting="sigmoid",
+                          batch_sharding=batch_sh)
+    one = sh.batch_sharding(sh.make_mesh(sh.MeshConfig(data=1), jax.devices()[:1]),
+                            sh.AxisRules(), 1)
+    assert refresh.Refresher(online, model, task.train, weighting="sigmoid",
+                             batch_sharding=one).capacity == 24
+
+
 def test_refresh_stores_sampling_logprobs_and_unchanged_model_gives_sft_loss(bmo):
     task, model = bmo.task, bmo.model
     state, metrics = bmo.refresher(bmo.fresh(), 0)
@@ -186,6 +203,31 @@ def test_sampler_denominator_stores_the_tempered_logprobs(bmo):
     np.testing.assert_allclose(buf.logp[mask], want[mask], atol=5e-5)
     untempered = bmo.logprobs(state.theta, buf.batch())
     assert np.abs(np.asarray(untempered)[mask] - buf.logp[mask]).max() > 0.1  # not these
+
+
+def test_log_ratios_in_sampler_sized_passes_equal_one_pass(bmo):
+    """generations.jsonl's ratios go through the buffer a sampler call's rows at a time (one
+    forward over the whole buffer would not fit at LLM scale): the same as one pass."""
+    state, _ = bmo.refresher(bmo.fresh(), 0)
+    theta = jax.tree.map(lambda a: a * 1.5, state.theta)  # moved: ratios away from 1
+    buf = jax.device_get(state.online)
+
+    def ratios(rows):
+        return jax.jit(functools.partial(refresh.row_ratios, bmo.model, ONLINE,
+                                         rows=rows))(theta, state.online)
+
+    logp = bmo.logprobs(theta, buf.batch())
+    ratio, _ = ol.importance_ratio(logp, buf.logp, buf.loss_mask, kind=ONLINE.ratio,
+                                   clip=ONLINE.clip, floor=ONLINE.floor)
+    want = np.asarray(ratio).sum(-1) / np.maximum(buf.loss_mask.sum(-1), 1.0)
+    valid = buf.valid > 0
+    assert np.abs(want[valid] - 1.0).max() > 0.01
+    for rows in (16, 8, 2):  # one pass; one row per device per pass; uneven over the devices
+        got_ratio, got_logp = ratios(rows)
+        np.testing.assert_allclose(got_ratio, want, rtol=2e-5)
+        np.testing.assert_allclose(got_logp, buf.logp.sum(-1), rtol=1e-6)
+    with pytest.raises(ValueError, match="rows=3 must divide the buffer's 16 rows"):
+        ratios(3)
 
 
 def _question_split(state, n):

@@ -74,6 +74,62 @@ def pack(prompt_ids_BxP, prompt_mask_BxP, tokens_BxGxT, mask_BxGxT, logp_BxGxT, 
     return {**rows, "ids": rep(ids_B).astype(jnp.int32), "valid": valid_R}
 
 
+def calls(cfg: OnlineConfig, n: int, ways: int) -> tuple[int, int, int]:
+    """How a refresh of ``n`` training questions samples: (questions selected, prompts per
+    sampler call, sampler calls). A call's prompts are ``cfg.generate_batch_size`` (0: all
+    selected questions) rounded up to a multiple of ``ways`` (the rows' data-parallel split),
+    so the buffer holds ``calls x prompts x cfg.num_samples`` rows."""
+    n_select = max(1, round(cfg.fraction * n))
+    chunk = cfg.generate_batch_size or n_select
+    chunk = -(-chunk // ways) * ways
+    return n_select, chunk, -(-n_select // chunk)
+
+
+def sample(model, cfg: OnlineConfig, theta, prompt_ids_BxP, prompt_mask_BxP, key, *,
+           max_new_tokens: int, eos_id, pad_id: int, mesh, rules: sh.AxisRules):
+    """One sampler call of a refresh: ``cfg.num_samples`` responses to each left-padded prompt
+    (``jbilevel.models.generate`` with the refresh's sampling settings, on ``mesh``)."""
+    from jbilevel.models import generate
+
+    return generate(model, theta, prompt_ids_BxP, prompt_mask_BxP, key,
+                    max_new_tokens=max_new_tokens, num_samples=cfg.num_samples,
+                    temperature=cfg.temperature, top_p=cfg.top_p, eos_id=eos_id, pad_id=pad_id,
+                    mesh=mesh, rules=rules, gather_params=cfg.gather_params)
+
+
+def row_ratios(model, cfg: OnlineConfig, theta, buffer: Buffer, *, rows: int, mesh=None,
+               rules: sh.AxisRules | None = None):
+    """Each buffer row's mean token importance ratio under ``theta`` and its summed sampling
+    log-prob (R each), for the log. The forward runs over ``rows`` rows at a time (one sampler
+    call's worth, which the run sized to fit), rows ``c, c + R / rows, ...`` together: with
+    the buffer's rows split over devices in contiguous blocks, every pass takes as many rows
+    from each device, so nothing moves between devices. On ``mesh`` the activations are
+    pinned to the rows' split (``rules``), as in a train step: left to itself, XLA follows
+    the fsdp-split weights and every device computes every row's logits."""
+    if mesh is not None:
+        with sh.activation_sharding(mesh, rules or sh.AxisRules()):
+            return row_ratios(model, cfg, theta, buffer, rows=rows)
+
+    def one(gen):
+        logp_cur = token_logprobs(model, theta, gen)
+        ratio, _ = importance_ratio(logp_cur, gen["logp"], gen["loss_mask"], kind=cfg.ratio,
+                                    clip=cfg.clip, floor=cfg.floor)
+        count = jnp.maximum(jnp.sum(gen["loss_mask"], axis=-1), 1.0)
+        return jnp.sum(ratio, axis=-1) / count, jnp.sum(gen["logp"], axis=-1)
+
+    capacity = buffer.valid.shape[0]
+    passes = capacity // rows
+    if passes * rows != capacity:
+        raise ValueError(f"rows={rows} must divide the buffer's {capacity} rows")
+    if passes == 1:
+        return one(buffer.batch())
+    # row r = i * passes + c goes to pass c: (R, ...) -> (rows, passes, ...) -> (passes, rows, ...)
+    strided = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(rows, passes, *x.shape[1:]), 0, 1),
+                           buffer.batch())
+    out = jax.lax.map(one, strided)
+    return tuple(jnp.swapaxes(o, 0, 1).reshape(capacity) for o in out)
+
+
 def _host(x) -> np.ndarray:
     if jax.process_count() == 1:
         return np.asarray(jax.device_get(x))
@@ -113,13 +169,16 @@ class Refresher:
         self.scorer, self.rules = scorer, rules or sh.AxisRules()
         self.log_path = None if log_dir is None else Path(log_dir) / "generations.jsonl"
         n = len(dataset)
-        self.n_select = max(1, round(cfg.fraction * n))
         mesh = batch_sharding.mesh
         ways = math.lcm(math.prod(mesh.shape[a] for a in _batch_axes(batch_sharding)),
                         jax.process_count())  # sampler calls split like batches
-        chunk = cfg.generate_batch_size or self.n_select
-        self.chunk = -(-chunk // ways) * ways
-        self.n_chunks = -(-self.n_select // self.chunk)
+        self.n_select, self.chunk, self.n_chunks = calls(cfg, n, ways)
+        split = math.prod(mesh.shape[a] for a in _batch_axes(batch_sharding))
+        if cfg.batch_size % split:  # each train step's draw splits over the devices like a batch
+            raise ConfigError(
+                f"online.batch_size={cfg.batch_size} is not divisible by the mesh's "
+                f"data-parallel size {split} (mesh.data x mesh.fsdp); change online.batch_size "
+                "or the mesh")
         self.prompt_len = int(dataset.prompt_len_N.max())
         longest = int((dataset.length_N - dataset.prompt_len_N).max())
         self.max_new_tokens = cfg.max_new_tokens or longest
@@ -135,7 +194,9 @@ class Refresher:
         self._pack = jax.jit(functools.partial(pack, pad_id=dataset.pad_id))
         self._weights = jax.jit(lambda omega, ids: weights.batch_weights(omega, ids, weighting),
                                 out_shardings=rep)
-        self._ratios = jax.jit(self._row_ratios)
+        self._ratios = jax.jit(functools.partial(
+            row_ratios, model, cfg, rows=self.chunk * cfg.num_samples, mesh=mesh,
+            rules=self.rules))
         self._concat = None  # jitted on the first refresh (needs the buffer's shardings)
 
     @property
@@ -154,8 +215,6 @@ class Refresher:
     def __call__(self, state: TrainState, step: int) -> tuple[TrainState, dict]:
         if step < self.cfg.start or (step - self.cfg.start) % self.cfg.every:
             return state, {}
-        from jbilevel.models import generate
-
         self.log_buffer(state, step)  # the rows being replaced, with their final ratios
         key_sel, key_gen = jax.random.split(jax.random.fold_in(jax.random.key(self.seed), step))
         chosen = _host(self._select(key_sel, state.omega))
@@ -171,13 +230,11 @@ class Refresher:
             local = distributed.process_slice(self.chunk)
             prompts = distributed.global_batch({k: v[local] for k, v in prompts.items()},
                                                self.batch_sharding)
-            gen = generate(self.model, state.theta, prompts["prompt_ids"],
-                           prompts["prompt_mask"], jax.random.fold_in(key_gen, c),
-                           max_new_tokens=self.max_new_tokens, num_samples=self.cfg.num_samples,
-                           temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-                           eos_id=self.dataset.tokenizer.eos_id, pad_id=self.dataset.pad_id,
-                           mesh=self.batch_sharding.mesh, rules=self.rules,
-                           gather_params=self.cfg.gather_params)
+            gen = sample(self.model, self.cfg, state.theta, prompts["prompt_ids"],
+                         prompts["prompt_mask"], jax.random.fold_in(key_gen, c),
+                         max_new_tokens=self.max_new_tokens,
+                         eos_id=self.dataset.tokenizer.eos_id, pad_id=self.dataset.pad_id,
+                         mesh=self.batch_sharding.mesh, rules=self.rules)
             logp = gen.logprobs if self.cfg.denominator == "model" else gen.sampling_logprobs
             rows.append(self._pack(prompts["prompt_ids"], prompts["prompt_mask"], gen.tokens,
                                    gen.mask, logp, prompts["ids"], prompts["valid"]))
@@ -206,14 +263,6 @@ class Refresher:
             self._concat = jax.jit(concat, out_shardings=jax.tree.map(lambda x: x.sharding,
                                                                        like))
         return self._concat(rows, step)
-
-    def _row_ratios(self, theta, buffer: Buffer):
-        gen = buffer.batch()
-        logp_cur = token_logprobs(self.model, theta, gen)
-        ratio, _ = importance_ratio(logp_cur, gen["logp"], gen["loss_mask"], kind=self.cfg.ratio,
-                                    clip=self.cfg.clip, floor=self.cfg.floor)
-        count = jnp.maximum(jnp.sum(gen["loss_mask"], axis=-1), 1.0)
-        return jnp.sum(ratio, axis=-1) / count, jnp.sum(gen["logp"], axis=-1)
 
     def _texts(self, buffer: Buffer) -> tuple[np.ndarray, list[str]]:
         valid = _host(buffer.valid) > 0
