@@ -144,7 +144,8 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
                    shapes: Shapes = Shapes(), *, devices: Sequence[Any] | None = None,
                    param_dtype: str = "float32", theta: ThetaConfig | None = None,
                    rules: sh.AxisRules | None = None,
-                   online: online_lib.OnlineConfig | None = None) -> MemoryReport:
+                   online: online_lib.OnlineConfig | None = None,
+                   only: Sequence[str] | None = None) -> MemoryReport:
     """Compiles ``method``'s steps for a mesh without materialising any array.
 
     Args:
@@ -167,6 +168,8 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
         (``generate_batch_size`` prompts, ``num_samples`` responses each, the KV cache split
         with the rows), and ``log ratios``, the importance ratios of the whole buffer for
         ``generations.jsonl``, one sampler call's rows at a time.
+      only: compile just these of the steps above (default: all of them), e.g. to try
+        sampler settings without recompiling the hypergradient.
     Returns:
       The per-device memory of every step and the parameter + optimizer-state split. The
       invariant checked by the tests: ``state_ratio`` is close to 1 for an fsdp mesh.
@@ -234,6 +237,12 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
             refresh.row_ratios, model, online, rows=chunk * online.num_samples, mesh=mesh,
             rules=rules))
         args["log ratios"] = (state.theta, state.online)
+    if only is not None:
+        unknown = set(only) - set(args)
+        if unknown:
+            raise ValueError(f"only={sorted(unknown)}: not a step of this method "
+                             f"(its steps: {', '.join(args)})")
+        args = {name: a for name, a in args.items() if name in only}
     steps: dict[str, StepMemory] = {}
     errors: dict[str, str] = {}
     for name, step_args in args.items():

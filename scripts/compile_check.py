@@ -82,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--split-params", action="store_true",
                    help="online: keep the weights split while decoding "
                    "(online.gather_params=false)")
+    p.add_argument("--steps", nargs="+", default=None,
+                   choices=["train", "hyper", "generate", "log ratios"],
+                   help="compile only these steps (default: all of each method's)")
     p.add_argument("--max-ratio", type=float, default=1.25)
     p.add_argument("--markdown", default=None, help="append each table row to this file")
     return p
@@ -183,7 +186,7 @@ def main(argv=None) -> int:
             report = aot.compile_memory(model, method_cfg,
                                         MeshConfig(data=1, fsdp=n, tensor=1), shapes,
                                         devices=devices, param_dtype=args.param_dtype,
-                                        theta=theta, online=online)
+                                        theta=theta, online=online, only=args.steps)
             method = name + ("+online" if args.online else "")
             worst = max(worst, report.state_ratio)
             for step, m in report.steps.items():

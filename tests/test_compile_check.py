@@ -97,6 +97,13 @@ def test_online_adds_the_buffer_the_sampler_call_and_the_log_pass():
     # the log's ratio pass over a call's 512 / 4 = 128 rows: each device computes the logits of
     # its own rows only (1 MiB; unpinned, every device held all 8 MiB, and more)
     assert report.steps["log ratios"].temp < 128 * 64 * 256 * 4 // 2
+    alone = aot.compile_memory(TINY, method, mesh, shapes, devices=jax.devices()[:n],
+                               online=online, only=["generate"])
+    assert list(alone.steps) == ["generate"]
+    assert alone.steps["generate"].temp == report.steps["generate"].temp
+    with pytest.raises(ValueError, match=r"only=\['log'\]: not a step .* train, hyper"):
+        aot.compile_memory(TINY, method, mesh, shapes, devices=jax.devices()[:n],
+                           only=["log"])
     with pytest.raises(ValueError, match="online.batch_size=4 must be a multiple .* size 8"):
         aot.compile_memory(TINY, method, mesh, shapes, devices=jax.devices()[:n],
                            online=OnlineConfig(every=5, batch_size=4))
