@@ -41,9 +41,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="cpu / gpu: fsdp mesh sizes")
     p.add_argument("--topology", nargs="+", default=["v5e:2x4", "v5e:4x4", "v5e:8x8"],
                    help="tpu: topologies (jax.experimental.topologies names); fsdp over all")
+    p.add_argument("--tensor", type=int, default=1,
+                   help="tensor-parallel ways (attention heads, MLP, vocabulary); the mesh is "
+                   "fsdp=devices/tensor x tensor")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--per-device-batch", type=int, default=1,
-                   help="rows per device of the train, validation and hypergradient batches")
+                   help="rows per fsdp group (per device without --tensor) of the train, "
+                   "validation and hypergradient batches")
     p.add_argument("--hyper-chunk-per-device", type=int, default=1,
                    help="bds: rows per device in each forward-mode pass of the hypergradient "
                    "(method.hyper_chunk = this x devices)")
@@ -169,7 +173,12 @@ def main(argv=None) -> int:
     worst = 0.0
     unfit = 0
     for target, devices in targets:
-        n = len(devices)
+        if len(devices) % args.tensor:
+            raise SystemExit(f"--tensor {args.tensor} does not divide {target}'s "
+                             f"{len(devices)} devices")
+        n = len(devices) // args.tensor  # data-parallel ways: batch rows split n ways
+        mesh_cfg = MeshConfig(data=1, fsdp=n, tensor=args.tensor)
+        where = f"{target} fsdp={n}" + (f" tensor={args.tensor}" if args.tensor > 1 else "")
         b = args.per_device_batch * n
         hyper_b = (args.hyper_rows_per_device or args.per_device_batch) * n
         hessian_b = (args.hessian_rows_per_device or hyper_b // n) * n
@@ -183,22 +192,21 @@ def main(argv=None) -> int:
         for name in args.methods:
             method_cfg = MethodConfig(method=name, hessian_rows=hessian_b,
                                       hyper_chunk=args.hyper_chunk_per_device * n)
-            report = aot.compile_memory(model, method_cfg,
-                                        MeshConfig(data=1, fsdp=n, tensor=1), shapes,
+            report = aot.compile_memory(model, method_cfg, mesh_cfg, shapes,
                                         devices=devices, param_dtype=args.param_dtype,
                                         theta=theta, online=online, only=args.steps)
             method = name + ("+online" if args.online else "")
             worst = max(worst, report.state_ratio)
             for step, m in report.steps.items():
                 row = (f"| {args.model} ({model.num_layers}L) | {args.theta} | {method} | "
-                       f"{target} fsdp={n} | "
+                       f"{where} | "
                        f"{step} | {_gib(report.state_total)} | {_gib(report.state_per_device)} "
                        f"| {report.state_ratio:.3f} | {_gib(m.argument)} | {_gib(m.output)} | "
                        f"{_gib(m.alias)} | {_gib(m.temp)} | {_gib(m.peak)} | {m.compile_s} |")
                 emit(row)
             for step, message in report.errors.items():
                 row = (f"| {args.model} ({model.num_layers}L) | {args.theta} | {method} | "
-                       f"{target} fsdp={n} | "
+                       f"{where} | "
                        f"{step} | {_gib(report.state_total)} | {_gib(report.state_per_device)} "
                        f"| {report.state_ratio:.3f} | does not fit: {message} | | | | | |")
                 emit(row)

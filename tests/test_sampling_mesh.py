@@ -63,3 +63,33 @@ def _loop_body_gathers(gather_params: bool) -> list[str]:
 def test_decoding_loop_moves_no_weights():
     assert _loop_body_gathers(gather_params=True) == []
     assert _loop_body_gathers(gather_params=False)  # the per-token gathers it avoids
+
+
+def test_split_weights_are_gathered_one_layer_at_a_time():
+    """gather_params=False is for a model whose weights do not fit one device: each decoded
+    token gathers them again, and without apply(stream_layers=True) XLA hoists every layer's
+    gathers out of the loop, holding the whole model twice (prefill and loop)."""
+    cfg = ModelConfig(vocab_size=64, hidden_size=256, num_layers=8, num_heads=4,
+                      intermediate_size=1024)
+    model = build(cfg)
+    mesh = sh.make_mesh(sh.MeshConfig(data=1, fsdp=8, tensor=1))
+    rules = sh.AxisRules()
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0)))
+    shardings = sh.tree_shardings(mesh, rules, model.param_axes(), shapes)
+    params = jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d),
+                          shapes, shardings)
+    ids = jax.ShapeDtypeStruct((8, 6), jnp.int32, sharding=sh.batch_sharding(mesh, rules, 2))
+    layer = sum(np.prod(a.shape[1:]) * 4 for a in jax.tree.leaves(shapes["layers"]))
+
+    def temp(gather: bool, stream: bool) -> int:
+        return _generate.lower(
+            cfg, params, ids, ids, jax.random.key(1), jnp.float32(1.0), jnp.asarray([3]),
+            jnp.int32(0), None, max_new_tokens=4, num_samples=1, top_k=0, top_p=1.0,
+            greedy=False, mesh=mesh, rules=decoding_rules(rules, gather),
+            stream_layers=stream).compile().memory_analysis().temp_size_in_bytes
+
+    streamed, hoisted, gathered = temp(False, True), temp(False, False), temp(True, False)
+    # measured: 39.4 MB streamed, 68.3 MB hoisted, 48.4 MB gathered once (8 layers of 4.2 MB)
+    assert hoisted > 2 * cfg.num_layers * layer
+    assert streamed + 3 * layer < hoisted
+    assert streamed < gathered

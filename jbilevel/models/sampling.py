@@ -5,7 +5,7 @@ mesh) the prompts and the KV cache are split over the batch axes, and the parame
 gathered over ``fsdp`` once per call into a decoding sharding (tensor-parallel axes kept), so
 the loop over decoded tokens moves no weights; ``gather_params=False`` keeps them
 fsdp-sharded (for a model that does not fit one device), and then every decoded token
-gathers them again.
+gathers them again, one layer at a time (``apply(stream_layers=True)``).
 """
 
 from __future__ import annotations
@@ -76,9 +76,11 @@ def decoding_rules(rules: sh.AxisRules, gather_params: bool = True) -> sh.AxisRu
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "c", "max_new_tokens", "num_samples", "top_k", "top_p", "greedy", "mesh", "rules"))
+    "c", "max_new_tokens", "num_samples", "top_k", "top_p", "greedy", "mesh", "rules",
+    "stream_layers"))
 def _generate(c, params, ids_BxP, mask_BxP, rng, temperature, eos_id, pad_id, lora, *,
-              max_new_tokens, num_samples, top_k, top_p, greedy, mesh=None, rules=None):
+              max_new_tokens, num_samples, top_k, top_p, greedy, mesh=None, rules=None,
+              stream_layers=False):
     if mesh is None:
         return _sample(c, params, ids_BxP, mask_BxP, rng, temperature, eos_id, pad_id, lora,
                        max_new_tokens=max_new_tokens, num_samples=num_samples, top_k=top_k,
@@ -90,11 +92,11 @@ def _generate(c, params, ids_BxP, mask_BxP, rng, temperature, eos_id, pad_id, lo
         params = jax.tree.map(sh.constrain, params, axes)
         return _sample(c, params, ids_BxP, mask_BxP, rng, temperature, eos_id, pad_id, lora,
                        max_new_tokens=max_new_tokens, num_samples=num_samples, top_k=top_k,
-                       top_p=top_p, greedy=greedy)
+                       top_p=top_p, greedy=greedy, stream_layers=stream_layers)
 
 
 def _sample(c, params, ids_BxP, mask_BxP, rng, temperature, eos_id, pad_id, lora, *,
-            max_new_tokens, num_samples, top_k, top_p, greedy):
+            max_new_tokens, num_samples, top_k, top_p, greedy, stream_layers=False):
     g, t_new = num_samples, max_new_tokens
     b, p = ids_BxP.shape
     ids = jnp.repeat(ids_BxP, g, axis=0)
@@ -110,7 +112,7 @@ def _sample(c, params, ids_BxP, mask_BxP, rng, temperature, eos_id, pad_id, lora
     pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
     params, lora = unstack_layers(c, params, lora)  # once, for the prefill and the loop
     logits, cache = apply(c, params, ids, pos, kv_mask_BxS, lora=lora, cache=cache,
-                          cache_index=0, last_only=True)
+                          cache_index=0, last_only=True, stream_layers=stream_layers)
     next_pos_B = jnp.sum(mask, axis=1)
 
     def pick(logits_BxV, done_B, key):
@@ -134,7 +136,8 @@ def _sample(c, params, ids_BxP, mask_BxP, rng, temperature, eos_id, pad_id, lora
         cache, logits_BxV, done_B, key = carry
         out, done_B, key = pick(logits_BxV, done_B, key)
         new_logits, cache = apply(c, params, out[0][:, None], (next_pos_B + t)[:, None],
-                                  kv_mask_BxS, lora=lora, cache=cache, cache_index=p + t)
+                                  kv_mask_BxS, lora=lora, cache=cache, cache_index=p + t,
+                                  stream_layers=stream_layers)
         return (cache, new_logits[:, 0], done_B, key), out
 
     init = (cache, logits[:, -1], jnp.zeros((bg,), bool), rng)
@@ -188,4 +191,5 @@ def generate(model, params, prompt_ids_BxP, prompt_mask_BxP, rng, *, max_new_tok
                      max_new_tokens=max_new_tokens, num_samples=num_samples, top_k=int(top_k),
                      top_p=float(top_p), greedy=bool(greedy), mesh=mesh,
                      rules=None if mesh is None else decoding_rules(rules or sh.AxisRules(),
-                                                                    gather_params))
+                                                                    gather_params),
+                     stream_layers=mesh is not None and not gather_params)

@@ -380,7 +380,7 @@ def unstack_layers(c: ModelConfig, params, lora=None):
 
 
 def apply(c: ModelConfig, params, ids_BxL, pos_BxL, kv_mask_BxS, *, lora=None, cache=None,
-          cache_index=0, last_only=False, hidden_only=False):
+          cache_index=0, last_only=False, hidden_only=False, stream_layers=False):
     """Core forward, optionally through a KV cache.
 
     Args:
@@ -394,6 +394,9 @@ def apply(c: ModelConfig, params, ids_BxL, pos_BxL, kv_mask_BxS, *, lora=None, c
       last_only: logits of the last position only, L -> 1 (a prefill before decoding).
       hidden_only: return ``(hidden_BxLxD, head_VxD)`` (after the final norm, in the compute
         dtype) instead of logits, for a loss that applies the head itself (cache must be None).
+      stream_layers: with a cache, each layer's weights wait for the previous layer's output
+        (an optimization barrier), so weights split over fsdp are gathered one layer at a
+        time; otherwise XLA may gather every layer's up front (the whole model on a device).
     Returns:
       (logits_BxLxV float32, updated cache (same structure) or None).
     """
@@ -434,6 +437,8 @@ def apply(c: ModelConfig, params, ids_BxL, pos_BxL, kv_mask_BxS, *, lora=None, c
         layers, lw_layers = _per_layer(c, params["layers"]), _per_layer(c, lw)
         for i, ckv in enumerate(cache):
             p_i, lw_i = layers[i], lw_layers[i]
+            if stream_layers:
+                (p_i, lw_i), x = jax.lax.optimization_barrier(((p_i, lw_i), x))
             x, new = body(x, (p_i, lw_i, ckv))
             new_cache.append(new)
         new_cache = tuple(new_cache)
