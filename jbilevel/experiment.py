@@ -174,21 +174,38 @@ def _longest(dataset) -> int:
     return min(dataset.max_len, -(-int(dataset.length_N.max()) // 8) * 8)
 
 
-def evaluate(model, params, task, split: str = "test", batch_size: int = 250) -> dict:
+def evaluate(model, params, task, split: str = "test", batch_size: int = 250, *,
+             gather_params: bool = True) -> dict:
     """Greedy-decodes every prompt of ``split`` and scores the answers with the task metric.
 
     Every process calls it with the same arguments (params may span processes); the decoded
-    tokens are gathered onto every host, so each returns the same scores.
+    tokens are gathered onto every host, so each returns the same scores. With params on a
+    mesh of several devices the prompts and the KV cache are split over its data axes (the
+    batch rounded up to a multiple of them with padding rows), as online generation's
+    sampler calls are: each device decodes its own rows. ``gather_params=False`` keeps the
+    weights split while decoding (see ``jbilevel.models.generate``).
     """
     from jbilevel.models import generate
 
     ds = task.splits[split]
     max_new = int((ds.length_N - ds.prompt_len_N).max())
+    mesh = _mesh_of(params)
+    rows, put, on_mesh = batch_size, (lambda x: x), {}
+    if mesh is not None and mesh.size > 1:
+        rules = sh.AxisRules()
+        ways = sh.data_parallel_size(mesh, rules)
+        rows = batch_size + -batch_size % ways
+        sharding = sh.batch_sharding(mesh, rules, 2)
+
+        def put(x):  # every process holds the whole batch and places its shards
+            return jax.make_array_from_callback(x.shape, sharding, x.__getitem__)
+
+        on_mesh = dict(mesh=mesh, rules=rules, gather_params=gather_params)
     predictions: list[str] = []
-    for batch in ds.prompt_batches(batch_size):
-        out = generate(model, params, batch["prompt_ids"], batch["prompt_mask"],
+    for batch in ds.prompt_batches(rows):
+        out = generate(model, params, put(batch["prompt_ids"]), put(batch["prompt_mask"]),
                        jax.random.key(0), max_new_tokens=max_new, greedy=True,
-                       eos_id=task.tokenizer.eos_id, pad_id=task.tokenizer.pad_id)
+                       eos_id=task.tokenizer.eos_id, pad_id=task.tokenizer.pad_id, **on_mesh)
         tokens_BxT = inputs.to_host(out.tokens)[:, 0, :]
         for b in np.flatnonzero(batch["valid"]):
             predictions.append(task.tokenizer.decode(tokens_BxT[b]))
@@ -198,9 +215,10 @@ def evaluate(model, params, task, split: str = "test", batch_size: int = 250) ->
 SPLIT_PREFIX = {"validation": "val", "test": "test"}  # results.json keys: val_accuracy, ...
 
 
-def score_splits(model, params, task, batch_size: int) -> tuple[dict, dict]:
+def score_splits(model, params, task, batch_size: int, *,
+                 gather_params: bool = True) -> tuple[dict, dict]:
     """Greedy answers to the prompts of each split in ``task.scored``, scored with the task
-    metric.
+    metric (:func:`evaluate`).
 
     Returns: ({"val_<metric>" / "test_<metric>": value}, {split: decoded answers}); both empty
     for a task without a metric.
@@ -211,7 +229,8 @@ def score_splits(model, params, task, batch_size: int) -> tuple[dict, dict]:
         return scores, predictions
     for split in task.scored:
         if split in task.splits:
-            record = evaluate(model, params, task, split, batch_size)
+            record = evaluate(model, params, task, split, batch_size,
+                              gather_params=gather_params)
             predictions[split] = record.pop("predictions")
             scores.update({f"{SPLIT_PREFIX[split]}_{k}": v for k, v in record.items()})
     return scores, predictions
@@ -569,7 +588,8 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
         result["val_loss"] = mean_loss(plain_loss, params, task.validation, cfg.eval_batch_size)
         if task.test is not None:
             result["test_loss"] = mean_loss(plain_loss, params, task.test, cfg.eval_batch_size)
-        scores, predictions = score_splits(model, params, task, cfg.eval_batch_size)
+        scores, predictions = score_splits(model, params, task, cfg.eval_batch_size,
+                                           gather_params=cfg.online.gather_params)
         result.update(scores)
         if learned:
             if good_N is not None:

@@ -136,7 +136,8 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, overrides: Seq
                   "val_loss": experiment.mean_loss(loss, params, task.validation, bs)}
         if task.test is not None:
             result["test_loss"] = experiment.mean_loss(loss, params, task.test, bs)
-        result.update(experiment.score_splits(model, params, task, bs)[0])
+        result.update(experiment.score_splits(
+            model, params, task, bs, gather_params=cfg.online.gather_params)[0])
         phase.summary = ", ".join(f"{k} {v:.4g}" for k, v in result.items()
                                   if isinstance(v, float))
     result["data"] = experiment.data_reports(cfg, task)

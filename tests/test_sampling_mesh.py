@@ -93,3 +93,37 @@ def test_split_weights_are_gathered_one_layer_at_a_time():
     assert hoisted > 2 * cfg.num_layers * layer
     assert streamed + 3 * layer < hoisted
     assert streamed < gathered
+
+
+def test_evaluation_splits_its_prompts_over_the_mesh(monkeypatch):
+    """The final evaluation decodes on the params' mesh with its prompts split over the data
+    axes (unpinned, every device held every prompt's KV cache), and answers as on one
+    device; 5 prompts a batch round up to 8, one per device."""
+    import jbilevel.models
+    from jbilevel import experiment
+    from jbilevel.data import make_task
+
+    task = make_task("quality", seed=0, n_train=8, n_val=4, n_test=11)
+    tok = task.tokenizer
+    model = build(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=2,
+                              num_heads=4, intermediate_size=64, max_position_embeddings=64,
+                              eos_token_id=tok.eos_id, pad_token_id=tok.pad_id))
+    params = model.init(jax.random.key(0))
+    want = experiment.evaluate(model, params, task, "test", batch_size=5)
+    mesh = sh.make_mesh(sh.MeshConfig(data=2, fsdp=4, tensor=1))
+    rules = sh.AxisRules()
+    sharded = jax.device_put(params, sh.tree_shardings(mesh, rules, model.param_axes(), params))
+    calls = []
+    real = jbilevel.models.generate
+
+    def spy(model, params, ids, mask, rng, **kw):
+        calls.append((ids.shape, ids.sharding, kw.get("mesh")))
+        return real(model, params, ids, mask, rng, **kw)
+
+    monkeypatch.setattr(jbilevel.models, "generate", spy)
+    got = experiment.evaluate(model, sharded, task, "test", batch_size=5)
+    assert got["predictions"] == want["predictions"] and got["accuracy"] == want["accuracy"]
+    assert len(got["predictions"]) == 11 and len(calls) == 2  # 11 prompts, 8 a batch
+    for shape, sharding, on in calls:
+        assert shape[0] == 8 and on is mesh
+        assert sharding.spec[0] == sh.batch_sharding(mesh, rules, 2).spec[0]

@@ -62,7 +62,8 @@ class OnlineConfig:
     gen_weight: float = 0.5  # share of the theta data loss on generated pairs (rest: offline)
     generate_batch_size: int = 0  # prompts per sampler call (0: all selected questions at once)
     # gather the weights over fsdp once per sampler call (False: keep them split, for a model
-    # that does not fit one device; each decoded token then gathers them again, a layer at a time)
+    # that does not fit one device; each decoded token then gathers them again, a layer at a
+    # time); the final evaluation's greedy decoding follows it too
     gather_params: bool = True
 
     def __post_init__(self):
