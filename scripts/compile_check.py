@@ -172,6 +172,7 @@ def main(argv=None) -> int:
     emit("|" + "---|" * (header.count("|") - 1))
     worst = 0.0
     unfit = 0
+    hints: set[str] = set()
     for target, devices in targets:
         if len(devices) % args.tensor:
             raise SystemExit(f"--tensor {args.tensor} does not divide {target}'s "
@@ -211,12 +212,18 @@ def main(argv=None) -> int:
                        f"| {report.state_ratio:.3f} | does not fit: {message} | | | | | |")
                 emit(row)
                 unfit += 1
+                if step == "generate" and not args.split_params:
+                    hints.add("the sampler's weights: try --split-params "
+                              "(online.gather_params=false) or --tensor")
+                if step in ("generate", "log ratios"):
+                    hints.add("fewer rows per sampler call: --generate-per-device")
     if worst > args.max_ratio:
         print(f"FAIL: parameters + optimizer state per device are {worst:.3f}x total/n "
               f"(> {args.max_ratio})", file=sys.stderr)
         return 1
     if unfit:
-        print(f"FAIL: {unfit} step(s) do not fit the devices' memory", file=sys.stderr)
+        print(f"FAIL: {unfit} step(s) do not fit the devices' memory"
+              + "".join(f"\n  {h}" for h in sorted(hints)), file=sys.stderr)
         return 1
     print(f"ok: parameters + optimizer state per device <= {worst:.3f}x total/n")
     return 0
