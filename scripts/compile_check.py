@@ -193,9 +193,12 @@ def main(argv=None) -> int:
         for name in args.methods:
             method_cfg = MethodConfig(method=name, hessian_rows=hessian_b,
                                       hyper_chunk=args.hyper_chunk_per_device * n)
-            report = aot.compile_memory(model, method_cfg, mesh_cfg, shapes,
-                                        devices=devices, param_dtype=args.param_dtype,
-                                        theta=theta, online=online, only=args.steps)
+            try:
+                report = aot.compile_memory(model, method_cfg, mesh_cfg, shapes,
+                                            devices=devices, param_dtype=args.param_dtype,
+                                            theta=theta, online=online, only=args.steps)
+            except ValueError as e:  # settings that do not fit together: say which
+                raise SystemExit(f"{name} on {where}: {e}") from None
             method = name + ("+online" if args.online else "")
             worst = max(worst, report.state_ratio)
             for step, m in report.steps.items():
