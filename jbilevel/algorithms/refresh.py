@@ -170,10 +170,9 @@ class Refresher:
         self.log_path = None if log_dir is None else Path(log_dir) / "generations.jsonl"
         n = len(dataset)
         mesh = batch_sharding.mesh
-        ways = math.lcm(math.prod(mesh.shape[a] for a in _batch_axes(batch_sharding)),
-                        jax.process_count())  # sampler calls split like batches
-        self.n_select, self.chunk, self.n_chunks = calls(cfg, n, ways)
         split = math.prod(mesh.shape[a] for a in _batch_axes(batch_sharding))
+        ways = math.lcm(split, jax.process_count())  # sampler calls split like batches
+        self.n_select, self.chunk, self.n_chunks = calls(cfg, n, ways)
         if cfg.batch_size % split:  # each train step's draw splits over the devices like a batch
             raise ConfigError(
                 f"online.batch_size={cfg.batch_size} is not divisible by the mesh's "
