@@ -193,13 +193,7 @@ def evaluate(model, params, task, split: str = "test", batch_size: int = 250, *,
     rows, put, on_mesh = batch_size, (lambda x: x), {}
     if mesh is not None and mesh.size > 1:
         rules = sh.AxisRules()
-        ways = sh.data_parallel_size(mesh, rules)
-        rows = batch_size + -batch_size % ways
-        sharding = sh.batch_sharding(mesh, rules, 2)
-
-        def put(x):  # every process holds the whole batch and places its shards
-            return jax.make_array_from_callback(x.shape, sharding, x.__getitem__)
-
+        rows, put = _rows_on(mesh, rules, batch_size)
         on_mesh = dict(mesh=mesh, rules=rules, gather_params=gather_params)
     predictions: list[str] = []
     for batch in ds.prompt_batches(rows):
@@ -210,6 +204,18 @@ def evaluate(model, params, task, split: str = "test", batch_size: int = 250, *,
         for b in np.flatnonzero(batch["valid"]):
             predictions.append(task.tokenizer.decode(tokens_BxT[b]))
     return {**task.score(predictions, split), "predictions": predictions}
+
+
+def _rows_on(mesh, rules: sh.AxisRules, batch_size: int):
+    """(rows, put) for host batches evaluated on ``mesh``: the batch size rounded up to a
+    multiple of its data-parallel split (padding rows), and ``put(array)``, which splits an
+    array's rows over the data axes when every process holds the whole batch."""
+    sharding = sh.batch_sharding(mesh, rules, 1)  # a prefix: rows split, other dims whole
+
+    def put(x):
+        return jax.make_array_from_callback(x.shape, sharding, x.__getitem__)
+
+    return batch_size + -batch_size % sh.data_parallel_size(mesh, rules), put
 
 
 SPLIT_PREFIX = {"validation": "val", "test": "test"}  # results.json keys: val_accuracy, ...
@@ -256,7 +262,7 @@ def split_loss(example_loss, dataset, batch_size: int) -> Callable[[Any], float]
     from jbilevel.data import Batcher
 
     rules = sh.AxisRules()
-    compiled: dict = {}  # mesh -> (jitted loss, batch sharding)
+    compiled: dict = {}  # mesh -> jitted loss
 
     def place(mesh):
         if mesh not in compiled:
@@ -264,8 +270,7 @@ def split_loss(example_loss, dataset, batch_size: int) -> Callable[[Any], float]
                 with sh.activation_sharding(mesh, rules):
                     return example_loss(params, batch)
 
-            compiled[mesh] = (jax.jit(pinned, out_shardings=sh.replicated(mesh)),
-                              sh.batch_sharding(mesh, rules, 1))
+            compiled[mesh] = jax.jit(pinned, out_shardings=sh.replicated(mesh))
         return compiled[mesh]
 
     batches: dict = {}  # rows per batch -> the split's batches
@@ -275,13 +280,11 @@ def split_loss(example_loss, dataset, batch_size: int) -> Callable[[Any], float]
         if mesh is None:
             fn, rows, put = jax.jit(example_loss), batch_size, lambda b: b
         else:
-            fn, sharding = place(mesh)
-            ways = sh.data_parallel_size(mesh, rules)
-            rows = batch_size + -batch_size % ways
+            fn = place(mesh)
+            rows, put_rows = _rows_on(mesh, rules, batch_size)
 
-            def put(batch):  # every process holds the whole batch and places its shards
-                return {k: jax.make_array_from_callback(v.shape, sharding, v.__getitem__)
-                        for k, v in batch.items()}
+            def put(batch):
+                return {k: put_rows(v) for k, v in batch.items()}
         if rows not in batches:
             batches[rows] = list(Batcher(dataset, rows, shuffle=False,
                                          buckets=(_longest(dataset),)).epoch_batches())
