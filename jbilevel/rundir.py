@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from jbilevel import config as config_lib
+from jbilevel.algorithms.offline import UNIFORM_METHODS
 from jbilevel.errors import UserError
 
 RESUMABLE = (
@@ -49,7 +50,6 @@ _OMEGA = ("weighting", "lr_omega", "omega_optim", "omega_step_max", "omega_eps",
 _BMO = ("lam", "lam_decay", "lam_min")
 _BDS = ("hyper_every", "hyper_start", "hyper_max_val_loss", "hypergrad", "mu",
         "hessian_rows", "hyper_chunk")
-_UNIFORM = ("sft", "mix", "val", "oracle")
 
 
 _NA = "(does not apply)"
@@ -75,7 +75,7 @@ def applied(cfg: Any) -> dict:
         _drop(d["model"], _SHAPE)
     if cfg.theta.kind == "full":
         d["theta"] = {"kind": "full"}
-    if method in _UNIFORM:
+    if method in UNIFORM_METHODS:
         _drop(d["method"], _OMEGA + _BMO + _BDS)
     else:
         _drop(d["method"], _BDS if method == "bmo" else _BMO)
@@ -83,7 +83,7 @@ def applied(cfg: Any) -> dict:
         del d["online"]
     if method != "bmo":
         _drop(d["loop"], ("steps_per_epoch",))
-    if method in _UNIFORM:
+    if method in UNIFORM_METHODS:
         _drop(d, ("val_batch_size",))
     if method != "bds":
         _drop(d, ("hyper_batch_size",))
