@@ -443,6 +443,7 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
     task = load_data(cfg, console)
     data_set, good_N = training_set(task, cfg.method.method)
     n = len(data_set)
+    learned = cfg.method.method in ("bds", "bmo")  # methods that learn the weights
     lora = cfg.theta.kind == "lora"
     positions = data_set.max_len
     if cfg.online.enabled:  # generated rows: longest prompt + sampled tokens
@@ -541,6 +542,8 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
         elif loop.eval_every:
             val_loss = split_loss(example_loss, task.validation, cfg.eval_batch_size)
             eval_fn = lambda s: {"val_loss": val_loss(s.theta)}  # noqa: E731
+        if eval_fn is not None and learned and good_N is not None:
+            eval_fn = _with_weight_scores(eval_fn, task, cfg.method.weighting)
         step = start
         try:
             state, step = train.run(compiled, cfg.method, loop, state, data, val,
@@ -586,7 +589,6 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
     params = final_params(state, model, lora)
     plain_loss = lm_example_loss(model)
     s_N = np.asarray(inputs.to_host(weights.weights(state.omega, cfg.method.weighting)))
-    learned = cfg.method.method in ("bds", "bmo")
     with console.phase("final evaluation") as phase:
         result["val_loss"] = mean_loss(plain_loss, params, task.validation, cfg.eval_batch_size)
         if task.test is not None:
@@ -617,6 +619,21 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
 
 def _write_json(path: Path, record: dict) -> None:
     path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _with_weight_scores(eval_fn, task, weighting: str):
+    """``eval_fn`` plus the weights scored against the ground truth (``weight_auroc``,
+    ``weight_mass_on_good``), so that metrics.jsonl shows when the bad rows lost their weight,
+    not only where they ended. The weights come to the host (every process: a collective),
+    one float per training row."""
+
+    def scored(state):
+        s_N = np.asarray(inputs.to_host(weights.weights(state.omega, weighting)))
+        scores = task.score_weights(s_N)
+        return {**eval_fn(state), "weight_auroc": scores["auroc"],
+                "weight_mass_on_good": scores["mass_on_good"]}
+
+    return scored
 
 
 def write_report(out: Path, result: dict, task, data_set, good_N, s_N, predictions, model,

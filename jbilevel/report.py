@@ -57,7 +57,8 @@ def trim_metrics(path: str | Path, upto: int) -> int:
 
 
 def plot_curves(metrics_path: str | Path, path: str | Path,
-                keys: tuple[str, ...] = ("loss", "val_loss", "ess")) -> None:
+                keys: tuple[str, ...] = ("loss", "val_loss", "ess",
+                                         "eval_weight_mass_on_good")) -> None:
     """Training curves from ``metrics.jsonl``: one panel per metric that was recorded."""
     plt = _pyplot()
     records = read_metrics(metrics_path)

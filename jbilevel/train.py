@@ -94,7 +94,10 @@ class LoopConfig:
     checkpoint_every: int = 500  # steps between checkpoints (0 = only at the end / SIGTERM)
     keep: int = 3  # checkpoints kept on disk
     progress: bool = True  # show a progress bar
-    eval_every: int = 0  # steps between full validation-loss evaluations (0 = never)
+    # steps between full validation-loss evaluations (0 = never); bds / bmo runs with a ground
+    # truth (a built-in task, data.truth) also score their weights then (eval_weight_auroc,
+    # eval_weight_mass_on_good in metrics.jsonl)
+    eval_every: int = 0
 
     def __post_init__(self):
         for name in ("steps", "log_every", "keep"):

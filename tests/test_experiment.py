@@ -20,12 +20,20 @@ TINY = dict(
 def test_run_writes_report_and_resumes(tmp_path, method):
     cfg = experiment.ExperimentConfig(
         **TINY, method=MethodConfig(method=method, hyper_every=3),
-        loop=train.LoopConfig(steps=6, log_every=3, checkpoint_every=3, progress=False))
+        loop=train.LoopConfig(steps=6, log_every=3, checkpoint_every=3, progress=False,
+                              eval_every=3))
     result = experiment.run(cfg, tmp_path)
     assert result["steps"] == 6 and result["test_n"] == 16
     assert 0.0 <= result["test_accuracy"] <= 1.0
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [3, 6]
+    if method == "bds":  # the weights scored along the run; the last score is the final one
+        assert 0.0 <= records[0]["eval_weight_auroc"] <= 1.0
+        for key in ("weight_auroc", "weight_mass_on_good"):
+            assert records[-1][f"eval_{key}"] == pytest.approx(result[key], rel=1e-6)
+        assert records[0]["eval_weight_mass_on_good"] != records[-1]["eval_weight_mass_on_good"]
+    else:  # mix learns no weights
+        assert "eval_weight_auroc" not in records[-1] and "eval_val_loss" in records[-1]
     with open(tmp_path / "weights.csv") as f:
         rows = list(csv.DictReader(f))
     n = 64 if method == "bds" else 80  # mix trains on train + validation

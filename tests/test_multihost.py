@@ -2,8 +2,9 @@
 
 A SIGTERM that reaches one process stops both at the same step with one checkpoint and exit
 status 143; the resumed run ends where an uninterrupted one does; evaluation (losses and
-generation), the final model and the curated export work with params spread over both
-processes (mesh fsdp=8: every parameter is split across the two).
+generation, the weights' scores every loop.eval_every steps), the final model and the curated
+export work with params spread over both processes (mesh fsdp=8: every parameter is split
+across the two).
 """
 
 import json
@@ -23,7 +24,7 @@ task: {base: scratch, options: {n_train: 64, n_val: 16, n_test: 16}}
 model: {hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64}
 method: {method: bmo}
 mesh: {data: 1, fsdp: -1}
-loop: {steps: 12, log_every: 1, checkpoint_every: 0, progress: false}
+loop: {steps: 12, log_every: 1, checkpoint_every: 0, progress: false, eval_every: 6}
 batch_size: 16
 val_batch_size: 16
 eval_batch_size: 12  # not a multiple of the 8 devices: evaluation pads its batches
@@ -135,6 +136,9 @@ def test_sigterm_on_one_process_stops_both_then_resume_eval_export(tmp_path):
         k: v for k, v in want.items() if k not in differ}
     np.testing.assert_array_equal(np.load(out / "weights.npy"),
                                   np.load(straight / "weights.npy"))
+    # the weights scored along the run from both processes' rows: step 12's score is the final
+    last = json.loads((straight / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["eval_weight_mass_on_good"] == want["weight_mass_on_good"]
     model = load_file(out / "model" / "model.safetensors")
     reference = load_file(straight / "model" / "model.safetensors")
     assert model.keys() == reference.keys()
