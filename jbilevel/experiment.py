@@ -588,7 +588,7 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
 
     params = final_params(state, model, lora)
     plain_loss = lm_example_loss(model)
-    s_N = np.asarray(inputs.to_host(weights.weights(state.omega, cfg.method.weighting)))
+    s_N = _host_weights(state, cfg.method.weighting)
     with console.phase("final evaluation") as phase:
         result["val_loss"] = mean_loss(plain_loss, params, task.validation, cfg.eval_batch_size)
         if task.test is not None:
@@ -621,6 +621,12 @@ def _write_json(path: Path, record: dict) -> None:
     path.write_text(json.dumps(record, indent=2) + "\n")
 
 
+def _host_weights(state, weighting: str) -> np.ndarray:
+    """The training rows' weights of ``state`` as one numpy array on every process (a
+    collective: every process calls it), as the run's report and its logged scores read them."""
+    return np.asarray(inputs.to_host(weights.weights(state.omega, weighting)))
+
+
 def _with_weight_scores(eval_fn, task, weighting: str):
     """``eval_fn`` plus the weights scored against the ground truth (``weight_auroc``,
     ``weight_mass_on_good``), so that metrics.jsonl shows when the bad rows lost their weight,
@@ -628,8 +634,7 @@ def _with_weight_scores(eval_fn, task, weighting: str):
     one float per training row."""
 
     def scored(state):
-        s_N = np.asarray(inputs.to_host(weights.weights(state.omega, weighting)))
-        scores = task.score_weights(s_N)
+        scores = task.score_weights(_host_weights(state, weighting))
         return {**eval_fn(state), "weight_auroc": scores["auroc"],
                 "weight_mass_on_good": scores["mass_on_good"]}
 
