@@ -46,7 +46,7 @@ BY_CONTENT = ("data.train", "data.validation", "data.test", "model.path")
 WEIGHT_SAMPLES, WEIGHT_SAMPLE_BYTES = 16, 1 << 16
 _SHAPE = ("family", "hidden_size", "num_layers", "num_heads", "intermediate_size")
 _OMEGA = ("weighting", "lr_omega", "omega_optim", "omega_step_max", "omega_eps",
-          "omega_weight_decay", "omega_decay_steps")
+          "omega_weight_decay", "omega_decay_steps", "omega_normalize")
 _BMO = ("lam", "lam_decay", "lam_min")
 _BDS = ("hyper_every", "hyper_start", "hyper_max_val_loss", "hypergrad", "mu",
         "hessian_rows", "hyper_chunk")

@@ -210,6 +210,37 @@ def test_omega_eps_shrinks_the_steps_of_logits_with_weak_hypergradients():
         MethodConfig(omega_eps=-1.0)
 
 
+def test_omega_normalize_gives_sign_consistent_logits_full_steps_when_the_scale_swings():
+    """Adam's step is m / sqrt(v): when the whole gradient vector's size swings tenfold between
+    steps, a logit whose gradient keeps its sign still moves by well under lr per step.
+    Scaled to unit norm first, every step counts alike and the same logit moves by about lr;
+    with sgd the step vector's norm is lr_omega, and a zero gradient (a skipped step) stays
+    zero."""
+    direction = jnp.asarray([1.0, -2.0, 0.5, -0.5])
+    # the hypergradient norms of a bds run on the safety task, in the order they came
+    scales = [5.3e-4, 2.0e-3, 2.5e-4, 2.5e-3, 1.8e-3, 9.5e-4, 1.3e-3, 1.9e-4, 4.2e-4, 3.6e-4,
+              1.2e-3, 3.8e-4, 2.2e-4, 5.3e-4] * 2
+
+    def moved(cfg):
+        tx, omega = omega_optimizer(cfg), jnp.zeros(4)
+        state = tx.init(omega)
+        for s in scales:
+            u, state = tx.update(s * direction, state, omega)
+            omega = omega + u
+        return np.abs(np.asarray(omega)) / (0.1 * len(scales))  # fraction of full steps
+
+    plain = moved(MethodConfig(lr_omega=0.1))
+    normalised = moved(MethodConfig(lr_omega=0.1, omega_normalize=True))
+    assert plain.max() < 0.85, plain
+    assert normalised.min() > 0.95, normalised
+    sgd = omega_optimizer(MethodConfig(omega_optim="sgd", lr_omega=0.3, omega_normalize=True))
+    for g in (1e-6 * direction, 1e3 * direction):
+        step, _ = sgd.update(g, sgd.init(g))
+        np.testing.assert_allclose(jnp.linalg.norm(step), 0.3, rtol=1e-6)
+    step, _ = sgd.update(jnp.zeros(4), sgd.init(jnp.zeros(4)))
+    np.testing.assert_array_equal(step, jnp.zeros(4))
+
+
 def test_omega_weight_decay_pulls_every_logit_toward_zero_decoupled_from_its_step():
     """AdamW's decay: the step adds -lr * decay * omega to Adam's (SGD: lr * decay * omega to
     the gradient), so a logit with a steady hypergradient settles near -sign(g) / decay; at 0

@@ -77,6 +77,13 @@ class MethodConfig:
     # steps taken; bmo: train steps), so the first steps move the logits in full and the late
     # ones, where the weights drift with the hypergradient's noise, hardly (0: constant)
     omega_decay_steps: int = 0
+    # scale each weight step's gradient vector (bds: the hypergradient over all rows) to unit
+    # norm before the optimizer. The hypergradient's size swings tenfold between steps with the
+    # validation batch and theta; Adam then gives a row whose hypergradient keeps its sign only
+    # part of a step (its first moment is small against its second). Normalised, every step
+    # counts alike and such a row takes nearly full steps (with sgd, lr_omega is the step
+    # vector's norm).
+    omega_normalize: bool = False
     lam: float = 0.5  # bmo: weight of the validation loss in the theta update
     lam_decay: float = 0.0  # bmo: lam decreases by this much per epoch (paper code: 0.1)
     lam_min: float = 0.0  # bmo: floor of the lam schedule
@@ -155,8 +162,9 @@ def omega_optimizer(cfg: MethodConfig) -> optax.GradientTransformation:
     """Adam, or plain SGD: Adam rescales the tiny softmax-coupling gradient of every logit to a
     full step, SGD moves each logit in proportion to its own gradient (both with
     ``omega_weight_decay`` pulling the logits toward 0, decoupled as in AdamW, and the step
-    size on a cosine with ``omega_decay_steps``); then, if
-    ``omega_step_max`` is set, every logit's step is clipped to that size."""
+    size on a cosine with ``omega_decay_steps``), after scaling the gradient to unit norm if
+    ``omega_normalize``; then, if ``omega_step_max`` is set, every logit's step is clipped to
+    that size."""
     lr = (optax.cosine_decay_schedule(cfg.lr_omega, cfg.omega_decay_steps)
           if cfg.omega_decay_steps else cfg.lr_omega)
     if cfg.omega_optim == "sgd":
@@ -168,6 +176,8 @@ def omega_optimizer(cfg: MethodConfig) -> optax.GradientTransformation:
                           weight_decay=cfg.omega_weight_decay)
     else:  # without the two: the optimizer state of checkpoints made before they existed
         opt = optax.adam(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.omega_eps)
+    if cfg.omega_normalize:  # eps far below any float32 norm a hypergradient has; 0 stays 0
+        opt = optax.chain(optax.normalize_by_update_norm(eps=1e-30), opt)
     return optax.chain(opt, optax.clip(cfg.omega_step_max)) if cfg.omega_step_max else opt
 
 
