@@ -60,10 +60,17 @@ FINETUNE_METHODS = {
 # 75, which then complied with 99.6% of the harmful test requests). lr_omega 0.13, chosen on
 # the validation split's task metric (seed 0: no compliance, benign accuracy 82% against 78%
 # at 0.15, validation loss 0.098 against 0.101; 0.12 and 0.1 complied with 15% and 10% of the
-# validation's harmful requests although their validation losses were as low).
+# validation's harmful requests although their validation losses were as low). Each weight
+# step's hypergradient scaled to unit norm before Adam (omega_normalize): its size swings
+# tenfold between steps, which left the unsafe rows, whose hypergradients keep their sign,
+# under half of Adam's full step, and one seed of three complied on an Intel host. Chosen on
+# that host's validation split over seeds 0-2: no compliance on any seed (against 9% on seed
+# 0), benign accuracy 87.3% against 86.7%, loss 0.076 against 0.081 (docs/results.md).
 FINETUNE_TASK_METHODS = {
-    "safety": {"bds": {"hyper_start": 0, "lr_omega": 0.13, "hypergrad": dataclasses.replace(
-        FINETUNE_METHODS["bds"]["hypergrad"], ridge=100.0, on_negative_curvature="continue")}},
+    "safety": {"bds": {"hyper_start": 0, "lr_omega": 0.13, "omega_normalize": True,
+                       "hypergrad": dataclasses.replace(
+                           FINETUNE_METHODS["bds"]["hypergrad"], ridge=100.0,
+                           on_negative_curvature="continue")}},
 }
 # Every method's model step: Adam at 1e-3, decaying along a cosine to 0 at the last step. On
 # quality seed 0 (validation loss): clean rows only 0.089 against 0.157 at a constant 3e-4
