@@ -27,9 +27,9 @@ def _leaves(state):
     return [np.asarray(x) for x in jax.tree.leaves(state)]
 
 
-def _one_step(method, mesh_cfg):
+def _one_step(method, mesh_cfg, **overrides):
     train_set, val_set, _ = toy.problem()
-    cfg, compiled, state_sh, init = toy.setup(method, mesh_cfg)
+    cfg, compiled, state_sh, init = toy.setup(method, mesh_cfg, **overrides)
     state = jax.jit(init, out_shardings=state_sh)()
     batch = toy.Batches(train_set, toy.B).__next__()
     val = toy.Batches(val_set, 16).__next__()
@@ -42,16 +42,23 @@ def _one_step(method, mesh_cfg):
     return state, jax.device_get(metrics)
 
 
-@pytest.mark.parametrize("method", ["bmo", "bds"])
-def test_one_step_parity_single_device_vs_2x4_mesh(method):
-    single, m1 = _one_step(method, ONE)
-    sharded, m8 = _one_step(method, MESH_2x4)
+@pytest.mark.parametrize("method,overrides", [("bmo", {}), ("bds", {}),
+                                              ("bds", {"omega_normalize": True,
+                                                       "omega_optim": "sgd"})],
+                         ids=["bmo", "bds", "bds-normalised-sgd"])
+def test_one_step_parity_single_device_vs_2x4_mesh(method, overrides):
+    """With omega_normalize the step's norm is taken over omega's shards as one vector: the
+    sgd step has norm lr_omega on the mesh too."""
+    single, m1 = _one_step(method, ONE, **overrides)
+    sharded, m8 = _one_step(method, MESH_2x4, **overrides)
     assert sharded.theta["w"].sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
     for a, b in zip(_leaves(single), _leaves(sharded), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     for k in m1:
         np.testing.assert_allclose(m1[k], m8[k], rtol=1e-5, atol=1e-6)
     assert float(jnp.abs(sharded.omega).max()) > 0  # omega moved: the hypergradient reached it
+    if overrides.get("omega_normalize"):
+        np.testing.assert_allclose(float(jnp.linalg.norm(sharded.omega)), 0.1, rtol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["bmo", "bds"])
