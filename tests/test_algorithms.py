@@ -212,7 +212,7 @@ def test_omega_eps_shrinks_the_steps_of_logits_with_weak_hypergradients():
 
 def test_omega_normalize_gives_sign_consistent_logits_full_steps_when_the_scale_swings():
     """Adam's step is m / sqrt(v): when the whole gradient vector's size swings tenfold between
-    steps, a logit whose gradient keeps its sign still moves by well under lr per step.
+    steps, a logit whose gradient keeps its sign moves by less than lr per step.
     Scaled to unit norm first, every step counts alike and the same logit moves by about lr;
     with sgd the step vector's norm is lr_omega, and a zero gradient (a skipped step) stays
     zero."""
