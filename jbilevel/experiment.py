@@ -31,6 +31,7 @@ from jbilevel import inputs, rundir, train, weights
 from jbilevel import sharding as sh
 from jbilevel.algorithms import MethodConfig, init_state, make_steps, refresh
 from jbilevel.algorithms import online as online_lib
+from jbilevel.algorithms.offline import UNIFORM_METHODS
 from jbilevel.checkpoint import Checkpointer
 from jbilevel.console import Console, load_report_lines
 from jbilevel.objectives import lm_example_loss, lm_lora_example_loss
@@ -443,7 +444,7 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
     task = load_data(cfg, console)
     data_set, good_N = training_set(task, cfg.method.method)
     n = len(data_set)
-    learned = cfg.method.method in ("bds", "bmo")  # methods that learn the weights
+    learned = cfg.method.method not in UNIFORM_METHODS  # bds, bmo: they learn the weights
     lora = cfg.theta.kind == "lora"
     positions = data_set.max_len
     if cfg.online.enabled:  # generated rows: longest prompt + sampled tokens

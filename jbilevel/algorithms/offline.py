@@ -77,12 +77,12 @@ class MethodConfig:
     # steps taken; bmo: train steps), so the first steps move the logits in full and the late
     # ones, where the weights drift with the hypergradient's noise, hardly (0: constant)
     omega_decay_steps: int = 0
-    # scale each weight step's gradient vector (bds: the hypergradient over all rows) to unit
-    # norm before the optimizer. The hypergradient's size swings tenfold between steps with the
-    # validation batch and theta; Adam then gives a row whose hypergradient keeps its sign only
-    # part of a step (its first moment is small against its second). Normalised, every step
-    # counts alike and such a row takes nearly full steps (with sgd, lr_omega is the step
-    # vector's norm).
+    # scale each weight step's gradient vector (bds: the hypergradient; bmo: the batch rows'
+    # gradient) to unit norm before the optimizer. bds's hypergradient swung tenfold in size
+    # between steps on the safety task (with the validation batch and theta); Adam then gives a
+    # row whose hypergradient keeps its sign only part of a step (its first moment is small
+    # against its second). Normalised, every step counts alike and such a row takes nearly
+    # full steps (with sgd, lr_omega is the step vector's norm).
     omega_normalize: bool = False
     lam: float = 0.5  # bmo: weight of the validation loss in the theta update
     lam_decay: float = 0.0  # bmo: lam decreases by this much per epoch (paper code: 0.1)
