@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from jbilevel.data import CharTokenizer, load_sft
+from jbilevel.data import CharTokenizer, DataError, load_sft
 from jbilevel.data.schemas import ALPACA_NO_INPUT_TEMPLATE, ALPACA_TEMPLATE
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "data")
@@ -115,6 +115,8 @@ def test_hf_tokenizer_matches_char_tokenizer(tmp_path):
     for k, v in ds_char.batch([0], 48).items():
         np.testing.assert_array_equal(ds_hf.batch([0], 48)[k], v, err_msg=k)
     assert ds_hf.response_text(0) == "7"
+    with pytest.raises(DataError, match="'gpt2' is not a directory.*hub names are not fetched"):
+        load_sft(rows, tokenizer="gpt2", max_len=64)  # a hub name, not a local path
 
 
 def test_padding_rows_carry_no_loss():

@@ -6,6 +6,8 @@ tokens added), ``decode(ids) -> str``, and the ids ``pad_id``, ``bos_id`` (or No
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from jbilevel.data.report import DataError
@@ -140,7 +142,12 @@ def as_tokenizer(tokenizer):
     if hasattr(tokenizer, "encode_batch") and hasattr(tokenizer, "pad_id"):
         return tokenizer
     if isinstance(tokenizer, str):
-        from transformers import AutoTokenizer
+        from jbilevel.models.hf_io import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        if not os.path.isdir(tokenizer):
+            raise DataError(f"tokenizer {tokenizer!r} is not a directory (working directory "
+                            f"{os.getcwd()}); pass a local HF tokenizer directory (hub names "
+                            "are not fetched), a tokenizer object, or None for the built-in "
+                            "character tokenizer")
+        tokenizer = load_tokenizer(tokenizer)
     return HFTokenizer(tokenizer)
