@@ -69,6 +69,10 @@ class DataConfig:
     # results.json, validation_predictions.jsonl): a task signal for choosing settings that
     # never reads the test split; the validation rows then need the metric's columns
     score_validation: bool = False
+    # false withholds the test split: the run neither loads nor scores it, so settings are
+    # chosen on the validation split without a test figure in view; ``jbilevel eval --run DIR
+    # data.score_test=true`` (or the same run again with it true) scores it afterwards
+    score_test: bool = True
 
     def __post_init__(self):
         if self.train and not self.validation:
@@ -139,6 +143,10 @@ def load_task(task_cfg, data_cfg: DataConfig, model_spec):
     if not data_cfg.train:
         from jbilevel.data import make_task
 
+        if not data_cfg.score_test:
+            raise ConfigError("data.score_test=false withholds the test split of data files "
+                              "and of the built-in tasks on a pretrained model "
+                              "(task.base=pretrained); a from-scratch task always scores it")
         if getattr(task_cfg, "base", "scratch") != "scratch":
             raise ConfigError(f"task.base={task_cfg.base!r}: a built-in task on a pretrained "
                               "model trains on its files; experiment.resolve writes them")
@@ -154,7 +162,7 @@ def load_task(task_cfg, data_cfg: DataConfig, model_spec):
     splits = {}
     for split in ("train", "validation", "test"):
         path = getattr(data_cfg, split)
-        if path:
+        if path and (split != "test" or data_cfg.score_test):
             splits[split] = load_split(path, data_cfg, tokenizer, field=f"data.{split}")
     good_N = None
     if data_cfg.truth:
@@ -171,7 +179,8 @@ def scored_splits(data_cfg: DataConfig) -> tuple[str, ...]:
     """The splits whose greedy answers a run scores with ``data.metric`` (none without one)."""
     if data_cfg.metric == "none":
         return ()
-    return ("validation", "test") if data_cfg.score_validation else ("test",)
+    return (("validation",) if data_cfg.score_validation else ()) + (
+        ("test",) if data_cfg.score_test else ())
 
 
 def check_metric_columns(dataset, metric: str, split: str) -> None:

@@ -37,7 +37,7 @@ RESUMABLE = (
     "loop.steps", "loop.log_every", "loop.checkpoint_every", "loop.keep", "loop.progress",
     "loop.eval_every", "eval_batch_size", "mesh.data", "mesh.fsdp", "mesh.tensor",
     "model.remat", "model.remat_policy", "model.scan_unroll", "model.attention",
-    "data.score_validation",
+    "data.score_validation", "data.score_test",
 )
 # compared through run.json's fingerprint of their contents instead (check_fingerprint)
 BY_CONTENT = ("data.train", "data.validation", "data.test", "model.path")
@@ -243,12 +243,16 @@ def check_fingerprint(out: str | Path, now: dict, model_path: str | None = None)
     if not path.exists():
         return
     recorded = json.loads(path.read_text()).get("fingerprint", {})
-    changed = [f"data.{k}" for k in sorted(set(recorded.get("data", {})) | set(now["data"]))
-               if recorded.get("data", {}).get(k) != now["data"].get(k)]
+    then = recorded.get("data", {})
+    # a test split one of the two starts did not read (data.score_test=false, or no data.test)
+    # is no change: training never reads it
+    changed = [f"data.{k}" for k in sorted(set(then) | set(now["data"]))
+               if then.get(k) != now["data"].get(k)
+               and not (k == "test" and (k not in then or k not in now["data"]))]
     if not _same_model(recorded.get("model"), now["model"], Path(out), model_path):
         changed.append("model.path")
     if changed:
-        was = {k: v["examples"] for k, v in recorded.get("data", {}).items()}
+        was = {k: v["examples"] for k, v in then.items()}
         new = {k: v["examples"] for k, v in now["data"].items()}
         raise RunDirError(
             f"--out {out}: the run in this directory was trained on other contents of "

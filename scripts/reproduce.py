@@ -25,6 +25,14 @@ go to ``runs/<task>/<that name>/seed<s>/`` next to ``seed<s>.curated.jsonl``:
     python scripts/reproduce.py --configs configs/finetune --task safety --methods bds \
         --seeds 0 1 2 --out <dir> --retrain sft --min-weight 0.5
 
+``--withhold-test`` runs every run with ``data.score_test=false``: no run reads the test
+split, so the table holds validation figures only and a setting is chosen on them blind. The
+same command without it then scores the test split of the runs already trained (each is
+evaluated again from its saved checkpoint, not retrained):
+
+    python scripts/reproduce.py --configs configs/finetune --task safety --methods bds \
+        --seeds 0 1 2 --out <dir> --withhold-test method.lr_omega=0.1
+
 ``--redraw FILE.json`` runs nothing: it reads a per-run JSON (``{"<method>_s<seed>": results}``,
 as committed under docs/results/), keeps the ``--methods`` given, in that order, and writes
 ``FILE.png`` and ``FILE.md`` next to it:
@@ -77,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     pick.add_argument("--min-weight", type=float, help="--retrain: keep weights >= this")
     pick.add_argument("--top-frac", type=float, help="--retrain: keep this fraction, highest "
                                                      "weights first")
+    p.add_argument("--withhold-test", action="store_true",
+                   help="data.score_test=false for every run: validation figures only")
     p.add_argument("overrides", nargs="*", help="key=value for every run, e.g. loop.steps=500")
     return p
 
@@ -236,7 +246,9 @@ def main(argv=None) -> int:
         for seed in args.seeds:
             run_dir = out / "runs" / args.task / method / f"seed{seed}"
             print(f"{method} seed {seed} -> {run_dir}", flush=True)
-            overrides = [f"seed={seed}", f"task.seed={seed}", *args.overrides]
+            overrides = [f"seed={seed}", f"task.seed={seed}",
+                         *(["data.score_test=false"] if args.withhold_test else []),
+                         *args.overrides]
             results[method].append(run_one(path, overrides, run_dir, args.fresh))
             if args.retrain and method in WEIGHTED:
                 pick = (f"w{args.min_weight:g}" if args.min_weight is not None

@@ -204,3 +204,10 @@ def test_instruct_rows_hold_out_the_tasks_evaluation_problems():
     record = json.loads((Path(base_model_path("instruct")) / "instruct.json").read_text())
     assert record["recipe"] == dataclasses.asdict(script.Recipe())
     assert record["held_out"] == len(script.held_out_problems(script.Recipe().held_out_seeds))
+
+
+def test_a_from_scratch_task_cannot_withhold_its_test_split():
+    with pytest.raises(ValueError, match=r"data.score_test=false withholds the test split of "
+                                         r"data files .* a from-scratch task always scores it"):
+        inputs.load_task(experiment.TaskConfig(name="quality", base="scratch", options=SMALL),
+                         inputs.DataConfig(score_test=False), experiment.ModelSpec())

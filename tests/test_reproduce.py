@@ -83,3 +83,32 @@ def test_retrain_fine_tunes_anew_on_the_rows_a_run_selects(tmp_path):
 def rundir_differences(a: Path, b: Path) -> dict:
     load = lambda d: config.load(experiment.ExperimentConfig, d / "config.yaml")  # noqa: E731
     return rundir.differences(load(a), load(b))
+
+
+def test_withheld_test_split_is_scored_later_without_retraining(tmp_path, capsys):
+    from jbilevel import saved
+
+    sweep = ["--configs", str(Path(__file__).parents[1] / "configs" / "finetune"), "--task",
+             "safety", "--methods", "mix", "--seeds", "0", "--out", str(tmp_path),
+             "loop.steps=2", "loop.eval_every=0", "task.options.n_train=32",
+             "task.options.n_val=8", "task.options.n_test=8", "eval_batch_size=8"]
+    assert reproduce.main([*sweep, "--withhold-test"]) == 0
+    run = tmp_path / "runs" / "safety" / "mix" / "seed0"
+    blind = json.loads((tmp_path / "safety.json").read_text())["runs"]["mix"][0]
+    assert blind["test_withheld"] and blind["val_n_harmful"] + blind["val_n_benign"] == 8
+    assert [k for k in blind if k.startswith("test_")] == ["test_withheld"]
+    assert "| test_" not in (tmp_path / "safety.md").read_text()  # validation columns only
+    assert not (run / "test_predictions.jsonl").exists()
+    assert "test_loss" not in saved.evaluate_run(run, console=Console(QUIET))
+    revealed = saved.evaluate_run(run, overrides=["data.score_test=true"],
+                                  console=Console(QUIET))
+    capsys.readouterr()
+    # The same sweep without the flag evaluates the finished run again from its checkpoint.
+    assert reproduce.main(sweep) == 0
+    assert "test_benign_accuracy" in capsys.readouterr().out
+    seen = json.loads((tmp_path / "safety.json").read_text())["runs"]["mix"][0]
+    assert seen["resumed_from"] == 2 and not seen["test_withheld"]
+    assert seen["val_loss"] == blind["val_loss"]
+    for key in ("test_loss", "test_unsafe_compliance", "test_benign_accuracy"):
+        assert seen[key] == revealed[key], key
+    assert (run / "test_predictions.jsonl").exists()
