@@ -590,6 +590,8 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
 
     params = final_params(state, model, lora)
     plain_loss = lm_example_loss(model)
+    if (note := inputs.withheld_note(cfg.data, out)) is not None:
+        console.info(note)
     s_N = _host_weights(state, cfg.method.weighting)
     with console.phase("final evaluation") as phase:
         result["val_loss"] = mean_loss(plain_loss, params, task.validation, cfg.eval_batch_size)

@@ -175,6 +175,14 @@ def load_task(task_cfg, data_cfg: DataConfig, model_spec):
                     scored=scored)
 
 
+def withheld_note(data_cfg: DataConfig, run_dir) -> str | None:
+    """The line that says a run's test split is withheld and how to score it (None if not)."""
+    if data_cfg.score_test or not data_cfg.test:
+        return None
+    return (f"the test split is withheld (data.score_test=false): not read, not scored; "
+            f"jbilevel eval --run {run_dir} data.score_test=true scores it")
+
+
 def scored_splits(data_cfg: DataConfig) -> tuple[str, ...]:
     """The splits whose greedy answers a run scores with ``data.metric`` (none without one)."""
     if data_cfg.metric == "none":

@@ -129,6 +129,8 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, overrides: Seq
         return {"run": str(run_dir), **_file_loss(model, params, data, cfg.data, tokenizer,
                                                    cfg.eval_batch_size, console)}
     task = load_task(cfg, model_dir, console)
+    if (note := inputs.withheld_note(cfg.data, run_dir)) is not None:
+        console.info(note)
     loss = lm_example_loss(model)
     bs = cfg.eval_batch_size
     with console.phase("evaluating") as phase:

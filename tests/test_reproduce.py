@@ -94,6 +94,9 @@ def test_withheld_test_split_is_scored_later_without_retraining(tmp_path, capsys
              "task.options.n_val=8", "task.options.n_test=8", "eval_batch_size=8"]
     assert reproduce.main([*sweep, "--withhold-test"]) == 0
     run = tmp_path / "runs" / "safety" / "mix" / "seed0"
+    printed = capsys.readouterr()
+    assert (f"the test split is withheld (data.score_test=false): not read, not scored; "
+            f"jbilevel eval --run {run} data.score_test=true scores it") in printed.err
     blind = json.loads((tmp_path / "safety.json").read_text())["runs"]["mix"][0]
     assert blind["test_withheld"] and blind["val_n_harmful"] + blind["val_n_benign"] == 8
     assert [k for k in blind if k.startswith("test_")] == ["test_withheld"]
