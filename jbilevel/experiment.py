@@ -576,7 +576,7 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
         "train_seconds": round(train_seconds, 2), "steps_planned": loop.steps,
         "interrupted": interrupted,
         "validation_in_training": cfg.method.method in TRAINS_ON_VALIDATION,
-        "test_withheld": not cfg.data.score_test,  # data.score_test=false: no test_* figures
+        "test_withheld": cfg.data.test_withheld,  # data.score_test=false: no test_* figures
     }
     if interrupted is not None:  # no final evaluation, weights or model: not a finished run
         interrupted["last_checkpoint"] = rundir.latest_checkpoint(out)

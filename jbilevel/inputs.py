@@ -89,6 +89,12 @@ class DataConfig:
         if self.max_len <= 1:
             raise ValueError(f"data.max_len={self.max_len} must be > 1")
 
+    @property
+    def test_withheld(self) -> bool:
+        """A test split is given and ``score_test`` is false: the run neither reads nor scores
+        it."""
+        return bool(self.test) and not self.score_test
+
 
 # SFT splits from files: a Task whose ground truth and scorer come from data.truth/data.metric
 # (None when they are not set).
@@ -162,7 +168,7 @@ def load_task(task_cfg, data_cfg: DataConfig, model_spec):
     splits = {}
     for split in ("train", "validation", "test"):
         path = getattr(data_cfg, split)
-        if path and (split != "test" or data_cfg.score_test):
+        if path and not (split == "test" and data_cfg.test_withheld):
             splits[split] = load_split(path, data_cfg, tokenizer, field=f"data.{split}")
     good_N = None
     if data_cfg.truth:
@@ -177,7 +183,7 @@ def load_task(task_cfg, data_cfg: DataConfig, model_spec):
 
 def withheld_note(data_cfg: DataConfig, run_dir) -> str | None:
     """The line that says a run's test split is withheld and how to score it (None if not)."""
-    if data_cfg.score_test or not data_cfg.test:
+    if not data_cfg.test_withheld:
         return None
     return (f"the test split is withheld (data.score_test=false): not read, not scored; "
             f"jbilevel eval --run {run_dir} data.score_test=true scores it")
