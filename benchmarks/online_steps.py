@@ -11,14 +11,23 @@ filled by one refresh. Rows, timed in rounds that visit them in turn (the median
 
 - ``offline step``: what the trainer runs before the first refresh (``train_offline``);
 - ``step, empty buffer``: the step with generated rows on the still empty buffer (what
-  earlier versions ran before the first refresh): the same objective, at the cost of
-  ``online.batch_size`` more rows that all weigh 0;
+  earlier versions ran before the first refresh): the same objective; the ``online.batch_size``
+  generated rows all weigh 0 and their pass is skipped (``online.if_any_valid``);
 - ``step, full buffer``: the step with generated rows after a refresh;
+- ``step, full buffer, no skip``: the same with the skip compiled out (what the branch costs
+  where every row is valid);
 - ``hyper, share of buffer``: the hypergradient as it runs now, over the hyper batch and the
   same share of the buffer (``online.hyper_buffer_rows``; all of it when the hyper batch is
   every training row);
 - ``hyper, whole buffer``: over the hyper batch and the whole buffer, as earlier versions
-  took it (compiled here with a rule that keeps every buffer row).
+  took it (compiled here with a rule that keeps every buffer row);
+- ``hyper, empty buffer``: the hypergradient before the first refresh, as it runs now (the
+  buffer's rows all invalid: their forward and derivatives are skipped,
+  ``online.if_any_valid``);
+- ``hyper, empty buffer, computed``: the same with the skip off, as earlier versions ran it
+  (every buffer row through the model, then weighed 0);
+- ``hyper, offline only``: bds's offline hypergradient over the hyper batch, the floor;
+- ``hyper, share of buffer, no skip``: the first hyper row with the skip compiled out.
 
 Benchmark on an idle machine (docs/design.md, Measuring).
 """
@@ -38,6 +47,7 @@ from jbilevel import experiment, inputs, train
 from jbilevel import sharding as sh
 from jbilevel.algorithms import online as ol
 from jbilevel.algorithms import refresh
+from jbilevel.algorithms.offline import make_steps
 from jbilevel.console import QUIET, Console
 from jbilevel.models import build
 from jbilevel.xla_options import tune_host_malloc
@@ -86,19 +96,32 @@ def main():
                                                        seed=2, shuffle=True)))
         val_b = put(next(experiment._process_batcher(task.validation, cfg.val_batch_size,
                                                      mesh, rules, seed=1)))
+        data = experiment._process_batcher(data_set, cfg.batch_size, mesh, rules, seed=0)
+        batches = [put(next(data)) for _ in range(a.steps)]
         empty = state
         state, _ = refresher(jax.tree.map(lambda x: x.copy(), state), cfg.online.start)
         whole_hyper = whole.hyper.lower(state, hyper_b, val_b).compile()
-    data = experiment._process_batcher(data_set, cfg.batch_size, mesh, rules, seed=0)
-    batches = [put(next(data)) for _ in range(a.steps)]
+    with mock.patch.object(ol, "if_any_valid", lambda _valid, fn, *args: fn(*args)):
+        computed = train.compile_steps(ol.make_online_steps(example_loss, model, cfg.method,
+                                                            cfg.online, seed=cfg.seed),
+                                       cfg.method, mesh, rules, state_sh)
+        computed_hyper = computed.hyper.lower(empty, hyper_b, val_b).compile()
+        computed_train = computed.train.lower(state, batches[0]).compile()
+    offline = train.compile_steps(make_steps(example_loss, cfg.method), cfg.method, mesh,
+                                  rules, state_sh)
     capacity = refresher.capacity
     share = ol.hyper_buffer_rows(capacity, hyper_rows, n, sh.data_parallel_size(mesh, rules))
     runners = {  # name -> (step, state it starts from, batch list or the hyper batch)
         "offline step": (compiled.train_offline, empty, batches),
         "step, empty buffer": (compiled.train, empty, batches),
         "step, full buffer": (compiled.train, state, batches),
+        "step, full buffer, no skip": (computed_train, state, batches),
         f"hyper, share of buffer ({share} rows)": (compiled.hyper, state, None),
         f"hyper, whole buffer ({capacity} rows)": (whole_hyper, state, None),
+        "hyper, empty buffer": (compiled.hyper, empty, None),
+        "hyper, empty buffer, computed": (computed_hyper, empty, None),
+        "hyper, offline only": (offline.hyper, empty, None),
+        "hyper, share of buffer, no skip": (computed_hyper, state, None),
     }
     states = {}
     t_setup = time.perf_counter()

@@ -357,6 +357,45 @@ def test_before_the_first_refresh_online_trains_as_offline(bmo):
                                          for _, r in records for k in r)
 
 
+def test_before_the_first_refresh_the_hypergradient_skips_the_empty_buffer(lm):
+    """On the empty buffer online bds's hyper step (the trainer's, on the (2, 4) mesh) moves
+    omega as offline bds's does, without running the model over the buffer: its rows are
+    filled with sampling log-probs that make any pass over them non-finite, which the step
+    shows only with the skip (``online.if_any_valid``) turned off."""
+    from unittest import mock
+
+    from jbilevel.algorithms.offline import make_steps
+
+    lr = 1e4  # SGD on omega, as in the test below: the step reads the hypergradient
+    s = Setup(*lm, MethodConfig(method="bds", lr_omega=lr, omega_optim="sgd", hyper_chunk=5,
+                                 hypergrad=Implicit("cg", maxiter=2, tol=0.0, ridge=100.0)))
+    task = s.task
+    start = s.fresh()
+    start = start.replace(online=start.online.replace(
+        loss_mask=jnp.ones_like(start.online.loss_mask),
+        logp=jnp.full_like(start.online.logp, jnp.nan)))
+    assert float(jnp.sum(start.online.valid)) == 0
+    hyper_b = s.put(task.train.batch(np.arange(16), task.train.max_len))
+    val_b = s.put(task.validation.batch(np.arange(8), task.validation.max_len))
+    copy = lambda: jax.tree.map(lambda x: x.copy(), start)  # noqa: E731 (the steps donate it)
+    offline = train.compile_steps(make_steps(s.loss, s.method), s.method, s.mesh,
+                                  sh.AxisRules(), s.state_sh)
+    want, _ = offline.hyper(copy(), hyper_b, val_b)
+    got, metrics = s.compiled.hyper(copy(), hyper_b, val_b)
+    assert float(metrics["hyper_taken"]) == 1.0
+    d_want = (start.omega - want.omega) / lr
+    scale = float(jnp.abs(d_want).max())
+    assert scale > 0
+    np.testing.assert_allclose((start.omega - got.omega) / lr, d_want, rtol=1e-4,
+                               atol=1e-5 * scale)
+    with mock.patch.object(ol, "if_any_valid", lambda _valid, fn, *args: fn(*args)):
+        computed = train.compile_steps(ol.make_online_steps(s.loss, s.model.forward, s.method,
+                                                            ONLINE), s.method, s.mesh,
+                                       sh.AxisRules(), s.state_sh)
+        _, metrics = computed.hyper(copy(), hyper_b, val_b)
+    assert float(metrics["hyper_taken"]) == 0.0  # the junk rows, run, poison the solve
+
+
 @pytest.mark.parametrize("hessian_rows", [0, 4])
 def test_chunked_online_hypergradient_equals_the_whole_batch_one(bmo, hessian_rows):
     """Online bds's hyper step (chunks of 5 rows, offline and generated separately) moves

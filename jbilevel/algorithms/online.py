@@ -180,14 +180,31 @@ def ratio_weighted_nll(nll_BxL, ratio_BxL, mask_BxL) -> jax.Array:
     return total_B / jnp.where(count_B > 0, count_B, 1.0)
 
 
+def if_any_valid(valid, fn, *args):
+    """``fn(*args)`` if any entry of ``valid`` is > 0, else zeros of its output's shapes.
+
+    For passes over buffer rows, which may all be invalid (before the first refresh, or a
+    chunk of padding rows): the model's forward over them, and every derivative taken
+    through it, runs only when one of them counts. Their results are masked by ``valid``
+    either way, so the outcome is the same; only the work is skipped."""
+    def zeros(*a):
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *a))
+
+    return jax.lax.cond(jnp.any(valid > 0), fn, zeros, *args)
+
+
 def generated_loss(model) -> ExampleLoss:
-    """Per-row ratio-weighted NLL of generated rows (a batch carrying ``ratio``)."""
+    """Per-row ratio-weighted NLL of generated rows (a batch carrying ``ratio``; 0 for every
+    row of a batch with no valid row, without running the model)."""
     nll_fn = token_nll_fn(model)
 
-    def loss(theta, gen: dict) -> jax.Array:
+    def rows_loss(theta, gen: dict) -> jax.Array:
         nll_BxL = nll_fn(theta, gen["input_ids"], gen["labels"],
                          attention_mask=gen["attention_mask"])
         return ratio_weighted_nll(nll_BxL, gen["ratio"], gen["loss_mask"])
+
+    def loss(theta, gen: dict) -> jax.Array:
+        return if_any_valid(gen["valid"], rows_loss, theta, gen)
 
     return loss
 
@@ -312,7 +329,8 @@ def make_online_steps(example_loss: ExampleLoss, model, method: MethodConfig,
     def with_ratios(theta, gen: dict):
         # a separate no-grad forward: the ratio enters the loss as data (stop-gradient, also
         # inside the hypergradient) and its statistics become metrics
-        logp_cur = token_logprobs(model, jax.lax.stop_gradient(theta), gen)
+        logp_cur = if_any_valid(gen["valid"], lambda th, g: token_logprobs(model, th, g),
+                                jax.lax.stop_gradient(theta), gen)
         ratio, clipped = importance_ratio(logp_cur, gen["logp"], gen["loss_mask"],
                                           kind=cfg.ratio, clip=cfg.clip, floor=cfg.floor)
         mask = gen["loss_mask"] * gen["valid"][:, None]
