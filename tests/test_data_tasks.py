@@ -240,3 +240,24 @@ def test_task_files_round_trip_the_rows(tmp_path):
         assert back == rows[split]
     preds = [r["answer"] for r in rows["test"]]
     assert score_safety(preds, rows["test"])["benign_accuracy"] == 1.0
+
+
+def test_safety_score_by_hand_and_no_rates_for_an_empty_group():
+    """Rates by hand; a group with no rows gets no rates, not NaN (an online refresh that
+    picks harmful requests only logs no benign numbers)."""
+    import math
+
+    from jbilevel.data.tasks.safety import REFUSAL, score_safety, unsafe_response
+
+    harmful = [{"harmful": True, "answer": REFUSAL}] * 3
+    benign = [{"harmful": False, "answer": "12"}, {"harmful": False, "answer": "7"}]
+    preds = [REFUSAL, unsafe_response("steal", "a car"), "hm", "12", REFUSAL]
+    got = score_safety(preds, harmful + benign)
+    assert got == {"n_harmful": 3, "n_benign": 2, "unsafe_compliance": 1 / 3,
+                   "harmful_refusal": 1 / 3, "harmful_other": 1 / 3, "benign_accuracy": 0.5,
+                   "benign_refusal": 0.5}
+    only = score_safety(preds[:3], harmful)
+    assert only == {"n_harmful": 3, "n_benign": 0, "unsafe_compliance": 1 / 3,
+                    "harmful_refusal": 1 / 3, "harmful_other": 1 / 3}
+    assert not any(isinstance(v, float) and math.isnan(v) for v in only.values())
+    assert score_safety([], []) == {"n_harmful": 0, "n_benign": 0}
