@@ -12,7 +12,7 @@ filled by one refresh. Rows, timed in rounds that visit them in turn (the median
 - ``offline step``: what the trainer runs before the first refresh (``train_offline``);
 - ``step, empty buffer``: the step with generated rows on the still empty buffer (what
   earlier versions ran before the first refresh): the same objective; the ``online.batch_size``
-  generated rows all weigh 0 and their pass is skipped (``online.if_any_valid``);
+  generated rows all weigh 0 (their ratio's forward is skipped, ``adjoint.if_any_valid``);
 - ``step, full buffer``: the step with generated rows after a refresh;
 - ``step, full buffer, no skip``: the same with the skip compiled out (what the branch costs
   where every row is valid);
@@ -22,8 +22,7 @@ filled by one refresh. Rows, timed in rounds that visit them in turn (the median
 - ``hyper, whole buffer``: over the hyper batch and the whole buffer, as earlier versions
   took it (compiled here with a rule that keeps every buffer row);
 - ``hyper, empty buffer``: the hypergradient before the first refresh, as it runs now (the
-  buffer's rows all invalid: their forward and derivatives are skipped,
-  ``online.if_any_valid``);
+  buffer's rows all invalid: every pass over them is skipped, ``adjoint.if_any_valid``);
 - ``hyper, empty buffer, computed``: the same with the skip off, as earlier versions ran it
   (every buffer row through the model, then weighed 0);
 - ``hyper, offline only``: bds's offline hypergradient over the hyper batch, the floor;
@@ -35,6 +34,7 @@ Benchmark on an idle machine (docs/design.md, Measuring).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
@@ -42,8 +42,8 @@ from unittest import mock
 
 import jax
 
+from jbilevel import adjoint, experiment, inputs, train
 from jbilevel import config as config_lib
-from jbilevel import experiment, inputs, train
 from jbilevel import sharding as sh
 from jbilevel.algorithms import online as ol
 from jbilevel.algorithms import refresh
@@ -101,7 +101,10 @@ def main():
         empty = state
         state, _ = refresher(jax.tree.map(lambda x: x.copy(), state), cfg.online.start)
         whole_hyper = whole.hyper.lower(state, hyper_b, val_b).compile()
-    with mock.patch.object(ol, "if_any_valid", lambda _valid, fn, *args: fn(*args)):
+    with contextlib.ExitStack() as stack:  # every pass over buffer rows run, valid or not
+        for module in (ol, adjoint):
+            stack.enter_context(mock.patch.object(module, "if_any_valid",
+                                                  lambda _valid, fn, *args: fn(*args)))
         computed = train.compile_steps(ol.make_online_steps(example_loss, model, cfg.method,
                                                             cfg.online, seed=cfg.seed),
                                        cfg.method, mesh, rules, state_sh)

@@ -21,6 +21,7 @@ too much in bf16) and, inside a trainer step, pinned to theta's own sharding
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Literal, NamedTuple
 
@@ -154,6 +155,41 @@ def cast_like(tree, ref):
     return jax.tree.map(lambda x, r: x.astype(r.dtype), tree, ref)
 
 
+def if_any_valid(valid, fn, *args):
+    """``fn(*args)`` if any entry of ``valid`` is > 0, else zeros of its output's shapes.
+
+    For passes over rows that may all be invalid (online bds's buffer of generated rows
+    before its first refresh): the work runs only when one of them counts; the result is
+    the same, since invalid rows weigh 0. Wrap a whole pass whose output is not
+    differentiated further (a Hessian-vector product, a forward-mode JVP, a forward): a
+    branch inside a reverse-mode derivative passes its residuals out, which took 9% more
+    memory in online bds's hypergradient at Pythia-1b on a v5e-64."""
+    def zeros(*a):
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *a))
+
+    return jax.lax.cond(jnp.any(valid > 0), fn, zeros, *args)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowGroups:
+    """A Hessian batch whose rows come in groups, each with its own per-row loss.
+
+    g's data term is ``(1/n) sum_groups sum_rows valid_b s_{ids_b} scale loss_b``, n the
+    valid rows of all groups: what one batch of all the rows gives with the groups' losses
+    concatenated (``jbilevel.algorithms.online.combine``). :func:`hvp` sums one
+    forward-over-reverse pass per group (per ``chunk`` rows of it), so no pass spans rows of
+    two losses; a ``skippable`` group's passes run only when one of its rows is valid
+    (:func:`if_any_valid` around the group's whole product).
+
+    Fields:
+      groups: ``(example_loss, rows, scale, skippable)`` per group: ``(theta, rows) ->
+        loss_B``; rows with ``ids``, ``valid`` and every leaf's rows on axis 0; a scalar
+        multiplying the group's losses (None: 1).
+    """
+
+    groups: tuple
+
+
 def _row_aligned(batch: dict) -> bool:
     n = batch["ids"].shape[0]
     return all(jnp.ndim(x) and jnp.shape(x)[0] == n for x in jax.tree.leaves(batch))
@@ -183,12 +219,19 @@ def hvp(inner_loss: Callable, theta, omega, batch, ridge: float = 0.0, *,
     With ``chunk`` rows (an ``InnerObjective`` over a batch whose leaves all have the rows on
     axis 0), the product is summed over row chunks, one forward-over-reverse pass per chunk:
     the Hessian of a weighted mean is the weighted sum of the rows' Hessians, so the result is
-    the same while memory is that of a pass over ``chunk`` rows.
+    the same while memory is that of a pass over ``chunk`` rows. A :class:`RowGroups` batch
+    is summed the same way, group by group, each with its own loss.
     """
+    if isinstance(batch, RowGroups):
+        if not isinstance(inner_loss, InnerObjective):
+            raise ValueError("hvp: a RowGroups batch needs an InnerObjective (its weighting "
+                             "and mu; each group brings its own per-row loss)")
+        return _chunked_hvp(inner_loss, theta, omega, batch.groups, ridge, chunk)
     rows = batch["ids"].shape[0] if isinstance(batch, dict) and "ids" in batch else 0
     if (chunk and rows > chunk and isinstance(inner_loss, InnerObjective)
             and _row_aligned(batch)):
-        return _chunked_hvp(inner_loss, theta, omega, batch, ridge, chunk)
+        return _chunked_hvp(inner_loss, theta, omega,
+                            ((inner_loss.example_loss, batch, None, False),), ridge, chunk)
     grad_g = lambda th: differentiable_grad(inner_loss)(th, omega, batch)
 
     def matvec(v):
@@ -199,27 +242,46 @@ def hvp(inner_loss: Callable, theta, omega, batch, ridge: float = 0.0, *,
     return matvec
 
 
-def _chunked_hvp(inner: InnerObjective, theta, omega, batch, ridge, chunk):
-    chunks = interleaved_chunks(batch, chunk)
-    n = jnp.sum(chunks["valid"])
+def _chunked_hvp(inner: InnerObjective, theta, omega, groups, ridge, chunk):
+    """``(H + ridge I) v`` as a sum over ``groups`` (see :class:`RowGroups`), each cut into
+    chunks of ``chunk`` rows (all of its rows when None), one forward-over-reverse pass per
+    chunk."""
+    parts = [(loss, interleaved_chunks(rows, min(chunk or rows["ids"].shape[0],
+                                                 rows["ids"].shape[0])), scale, skippable)
+             for loss, rows, scale, skippable in groups]
+    n = jnp.sum(parts[0][1]["valid"])
+    for _, chunks, _, _ in parts[1:]:
+        n = n + jnp.sum(chunks["valid"])
     n = jnp.where(n > 0, n, 1.0)
 
-    def data_sum(th, rows):  # this chunk's share of g's data term (the mean over all n rows)
-        loss_B = inner.example_loss(th, rows)
+    def data_sum(th, rows, *, loss, scale):  # a chunk's share of g's data term (all n rows)
+        loss_B = loss(th, rows)
+        if scale is not None:
+            loss_B = loss_B * scale
         s_B = weights_lib.batch_weights(omega, rows["ids"], inner.weighting).astype(loss_B.dtype)
         valid_B = rows["valid"].astype(loss_B.dtype)
         return jnp.sum(jnp.where(valid_B > 0, s_B * loss_B, 0.0) * valid_B) / n
 
     def matvec(v):
         v_theta = cast_like(v, theta)
-
-        def one(acc, rows):
-            grad_rows = lambda th: differentiable_grad(data_sum)(th, rows)
-            hv = as_f32(jax.jvp(grad_rows, (theta,), (v_theta,))[1])
-            return sh.constrain_like_params(jax.tree.map(jnp.add, acc, hv)), None
-
         zero = sh.constrain_like_params(jax.tree.map(jnp.zeros_like, v))
-        hv, _ = jax.lax.scan(one, zero, chunks)
+
+        def group_hv(acc, chunks, part):  # acc + this group's product, chunk by chunk
+            def one(acc, rows):
+                grad_rows = lambda th: differentiable_grad(part)(th, rows)  # noqa: E731
+                hv = as_f32(jax.jvp(grad_rows, (theta,), (v_theta,))[1])
+                return sh.constrain_like_params(jax.tree.map(jnp.add, acc, hv)), None
+
+            return jax.lax.scan(one, acc, chunks)[0]
+
+        hv = zero
+        for loss, chunks, scale, skippable in parts:
+            part = functools.partial(data_sum, loss=loss, scale=scale)
+            if skippable:
+                hv = sh.constrain_like_params(jax.tree.map(jnp.add, hv, if_any_valid(
+                    chunks["valid"], functools.partial(group_hv, zero, chunks, part))))
+            else:
+                hv = group_hv(hv, chunks, part)
         if inner.mu:  # the Hessian of mu/2 |theta - theta_ref|^2
             hv = linsolve.tree_axpy(inner.mu, v, hv)
         hv = hv if ridge == 0 else linsolve.tree_axpy(ridge, v, hv)

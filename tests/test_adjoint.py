@@ -30,6 +30,41 @@ def test_chunked_hvp_equals_the_dense_hessian(x64):
         np.testing.assert_allclose(ravel_pytree(got)[0], want, rtol=1e-10, atol=1e-12)
 
 
+def test_row_groups_hvp_equals_the_dense_hessian_of_their_weighted_mean(x64):
+    """Three groups of rows, each with its own loss and scale: the summed product is the
+    dense Hessian's of the valid-row weighted mean over all of them (n counts every group's
+    valid rows), chunked or not; a skippable group with no valid row adds nothing, one with
+    valid rows counts as any other."""
+    from jbilevel.adjoint import RowGroups
+
+    train, _, theta, omega = _problem()
+    rows = lambda sl: jax.tree.map(lambda x: x[sl], train)  # noqa: E731
+    a, b = rows(slice(0, 20)), rows(slice(20, None))  # a holds the 3 padding rows
+    cubic = lambda th, batch: mlp_loss(th, batch) ** 1.5  # noqa: E731 (another per-row loss)
+    empty = {**b, "valid": jnp.zeros_like(b["valid"])}
+    groups = [(mlp_loss, a, 0.7, False), (cubic, b, None, True), (cubic, empty, 3.0, True)]
+    inner = objectives.inner_objective(mlp_loss, mu=0.05)
+
+    def g(flat):  # the weighted mean over every group's valid rows, written out
+        th = unravel(flat)
+        total, n = 0.0, 0.0
+        for loss, r, scale, _ in groups:
+            s_B = jax.nn.softmax(omega)[r["ids"]] * len(omega)
+            total += jnp.sum(r["valid"] * s_B * loss(th, r) * (1.0 if scale is None else scale))
+            n += jnp.sum(r["valid"])
+        return total / n + 0.025 * jnp.sum(flat ** 2)
+
+    flat, unravel = ravel_pytree(theta)
+    v = jax.tree.map(lambda x: jnp.cos(jnp.arange(x.size, dtype=x.dtype).reshape(x.shape)), theta)
+    want = jax.jit(jax.hessian(g))(flat) @ ravel_pytree(v)[0] + 0.5 * ravel_pytree(v)[0]
+    for chunk in (None, 6):
+        got = jax.jit(lambda v, c=chunk: hvp(inner, theta, omega, RowGroups(tuple(groups)),
+                                             0.5, chunk=c)(v))(v)
+        np.testing.assert_allclose(ravel_pytree(got)[0], want, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="RowGroups batch needs an InnerObjective"):
+        hvp(lambda th, om, batch: 0.0, theta, omega, RowGroups(tuple(groups)))
+
+
 def test_bf16_theta_solves_in_float32():
     train, val, theta, omega = _problem()
     theta = jax.tree.map(lambda x: x.astype(jnp.bfloat16), theta)

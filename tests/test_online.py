@@ -358,42 +358,67 @@ def test_before_the_first_refresh_online_trains_as_offline(bmo):
 
 
 def test_before_the_first_refresh_the_hypergradient_skips_the_empty_buffer(lm):
-    """On the empty buffer online bds's hyper step (the trainer's, on the (2, 4) mesh) moves
-    omega as offline bds's does, without running the model over the buffer: its rows are
-    filled with sampling log-probs that make any pass over them non-finite, which the step
-    shows only with the skip (``online.if_any_valid``) turned off."""
+    """On the empty buffer online bds's hyper step moves omega as offline bds's does, and
+    the model never sees a buffer row (``adjoint.if_any_valid`` around each pass over them:
+    the importance ratio's forward, the Hessian's products, the per-row term), where with
+    the skip compiled out it sees every one of them. The buffer rows are marked by a token no
+    task row holds, and a forward counts them (``jax.debug.callback`` fires only in the
+    branch taken)."""
+    import contextlib
     from unittest import mock
 
+    from jbilevel import adjoint
     from jbilevel.algorithms.offline import make_steps
 
+    task, model = lm
     lr = 1e4  # SGD on omega, as in the test below: the step reads the hypergradient
-    s = Setup(*lm, MethodConfig(method="bds", lr_omega=lr, omega_optim="sgd", hyper_chunk=5,
-                                 hypergrad=Implicit("cg", maxiter=2, tol=0.0, ridge=100.0)))
-    task = s.task
+    s = Setup(task, model, MethodConfig(method="bds", lr_omega=lr, omega_optim="sgd",
+                                        hessian_rows=4, hyper_chunk=5,
+                                        hypergrad=Implicit("cg", maxiter=2, tol=0.0,
+                                                           ridge=100.0)), sharded=False)
+    mark = model.config.vocab_size - 1
+    hyper_b = s.put(task.train.batch(np.arange(len(task.train)), task.train.max_len))
+    val_b = s.put(task.validation.batch(np.arange(8), task.validation.max_len))
+    assert not np.any(np.all(np.asarray(hyper_b["input_ids"]) == mark, axis=-1))
     start = s.fresh()
     start = start.replace(online=start.online.replace(
-        loss_mask=jnp.ones_like(start.online.loss_mask),
-        logp=jnp.full_like(start.online.logp, jnp.nan)))
+        input_ids=jnp.full_like(start.online.input_ids, mark)))
     assert float(jnp.sum(start.online.valid)) == 0
-    hyper_b = s.put(task.train.batch(np.arange(16), task.train.max_len))
-    val_b = s.put(task.validation.batch(np.arange(8), task.validation.max_len))
-    copy = lambda: jax.tree.map(lambda x: x.copy(), start)  # noqa: E731 (the steps donate it)
+    seen = []
+
+    def counting(params, ids, attention_mask=None):
+        jax.debug.callback(lambda n: seen.append(int(n)),
+                           jnp.sum(jnp.all(ids == mark, axis=-1)))
+        return model.forward(params, ids, attention_mask=attention_mask)
+
+    def hyper_step():
+        compiled = train.compile_steps(ol.make_online_steps(s.loss, counting, s.method,
+                                                            ONLINE), s.method, s.mesh,
+                                       sh.AxisRules(), s.state_sh)
+        seen.clear()
+        out = compiled.hyper(jax.tree.map(lambda x: x.copy(), start), hyper_b, val_b)
+        jax.block_until_ready(out)
+        return out, sum(seen)
+
+    (got, metrics), marked = hyper_step()
+    run_anyway = lambda _valid, fn, *args: fn(*args)  # noqa: E731
+    with contextlib.ExitStack() as stack:
+        for module in (ol, adjoint):
+            stack.enter_context(mock.patch.object(module, "if_any_valid", run_anyway))
+        (computed, _), marked_computed = hyper_step()
     offline = train.compile_steps(make_steps(s.loss, s.method), s.method, s.mesh,
                                   sh.AxisRules(), s.state_sh)
-    want, _ = offline.hyper(copy(), hyper_b, val_b)
-    got, metrics = s.compiled.hyper(copy(), hyper_b, val_b)
+    want, _ = offline.hyper(jax.tree.map(lambda x: x.copy(), start), hyper_b, val_b)
     assert float(metrics["hyper_taken"]) == 1.0
     d_want = (start.omega - want.omega) / lr
     scale = float(jnp.abs(d_want).max())
     assert scale > 0
-    np.testing.assert_allclose((start.omega - got.omega) / lr, d_want, rtol=1e-4,
-                               atol=1e-5 * scale)
-    with mock.patch.object(ol, "if_any_valid", lambda _valid, fn, *args: fn(*args)):
-        computed = train.compile_steps(ol.make_online_steps(s.loss, s.model.forward, s.method,
-                                                            ONLINE), s.method, s.mesh,
-                                       sh.AxisRules(), s.state_sh)
-        _, metrics = computed.hyper(copy(), hyper_b, val_b)
-    assert float(metrics["hyper_taken"]) == 0.0  # the junk rows, run, poison the solve
+    for new in (got, computed):
+        np.testing.assert_allclose((start.omega - new.omega) / lr, d_want, rtol=1e-4,
+                                   atol=1e-5 * scale)
+    # computed: the ratio's forward and the per-row term over the 12 buffer rows (15 with
+    # the chunks' padding), the Hessian's products over its sample of 4
+    assert marked == 0 and marked_computed >= 12 + 12 + 4
 
 
 @pytest.mark.parametrize("hessian_rows", [0, 4])

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from jbilevel import losses
 from jbilevel import sharding as sh
+from jbilevel.adjoint import RowGroups, if_any_valid
 from jbilevel.algorithms.offline import (
     MethodConfig,
     Steps,
@@ -180,31 +181,14 @@ def ratio_weighted_nll(nll_BxL, ratio_BxL, mask_BxL) -> jax.Array:
     return total_B / jnp.where(count_B > 0, count_B, 1.0)
 
 
-def if_any_valid(valid, fn, *args):
-    """``fn(*args)`` if any entry of ``valid`` is > 0, else zeros of its output's shapes.
-
-    For passes over buffer rows, which may all be invalid (before the first refresh, or a
-    chunk of padding rows): the model's forward over them, and every derivative taken
-    through it, runs only when one of them counts. Their results are masked by ``valid``
-    either way, so the outcome is the same; only the work is skipped."""
-    def zeros(*a):
-        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *a))
-
-    return jax.lax.cond(jnp.any(valid > 0), fn, zeros, *args)
-
-
 def generated_loss(model) -> ExampleLoss:
-    """Per-row ratio-weighted NLL of generated rows (a batch carrying ``ratio``; 0 for every
-    row of a batch with no valid row, without running the model)."""
+    """Per-row ratio-weighted NLL of generated rows (a batch carrying ``ratio``)."""
     nll_fn = token_nll_fn(model)
 
-    def rows_loss(theta, gen: dict) -> jax.Array:
+    def loss(theta, gen: dict) -> jax.Array:
         nll_BxL = nll_fn(theta, gen["input_ids"], gen["labels"],
                          attention_mask=gen["attention_mask"])
         return ratio_weighted_nll(nll_BxL, gen["ratio"], gen["loss_mask"])
-
-    def loss(theta, gen: dict) -> jax.Array:
-        return if_any_valid(gen["valid"], rows_loss, theta, gen)
 
     return loss
 
@@ -234,22 +218,41 @@ def hyper_rows(example_loss: ExampleLoss, model, method: MethodConfig, gen_weigh
     ``make_steps(hyper_rows=)``).
 
     The Hessian is estimated on ``method.hessian_rows`` offline rows and as many generated
-    rows, combined with the same ``gen_weight``; ``u = <grad l, v>`` is taken for every
+    rows, combined with the same ``gen_weight`` (a ``jbilevel.adjoint.RowGroups``: one
+    product per group, each with its own loss); ``u = <grad l, v>`` is taken for every
     offline row (with the offline loss) and every generated row (with the ratio-weighted
-    loss), each scaled as in the combined batch. With ``hessian_rows == 0`` the result equals
-    ``jbilevel.hypergrad`` on the combined batch.
+    loss), each scaled as in the combined batch. The generated rows' products and u are
+    skipped while none of them is valid (before the first refresh). With
+    ``hessian_rows == 0`` the result equals ``jbilevel.hypergrad`` on the combined batch.
     """
     gen_loss = generated_loss(model)
+
+    def gen_loss_or_none(theta, gen: dict):  # u's pass skips a buffer with no valid row
+        return if_any_valid(gen["valid"], gen_loss, theta, gen)
 
     def split(_, batch: dict):
         off, gen = batch["offline"], batch["generated"]
         n_off = off["ids"].shape[0]
-        hessian = combine(hessian_sample(off, method), hessian_sample(gen, method), gen_weight)
+        # the Hessian: a product per group, the generated rows' skipped while none is valid
+        h_off, h_gen = hessian_sample(off, method), hessian_sample(gen, method)
+        s_off, s_gen = group_scales(h_off["valid"], h_gen["valid"], gen_weight)
+        hessian = RowGroups(((example_loss, h_off, s_off, False), (gen_loss, h_gen, s_gen, True)))
         # the scale is one value per group (combine), so it multiplies u after the chunking
         return hessian, [(example_loss, off, batch["scale"][0]),
-                         (gen_loss, gen, batch["scale"][n_off])]
+                         (gen_loss_or_none, gen, batch["scale"][n_off])]
 
     return split
+
+
+def group_scales(valid_off, valid_gen, gen_weight: float):
+    """The scales on the offline and on the generated rows' losses (scalars) under which the
+    valid-row mean of both is ``(1 - gen_weight) mean_offline + gen_weight mean_generated``
+    (1 and anything while no row is generated)."""
+    n_off = jnp.sum(valid_off.astype(jnp.float32))
+    n_gen = jnp.sum(valid_gen.astype(jnp.float32))
+    n = n_off + n_gen
+    scale_off = jnp.where(n_gen > 0, (1.0 - gen_weight) * n / jnp.maximum(n_off, 1.0), 1.0)
+    return scale_off, gen_weight * n / jnp.maximum(n_gen, 1.0)
 
 
 def combine(offline: dict, generated: dict, gen_weight: float) -> dict:
@@ -257,10 +260,7 @@ def combine(offline: dict, generated: dict, gen_weight: float) -> dict:
     ``(1 - gen_weight) mean_offline + gen_weight mean_generated`` (all offline if none is
     generated)."""
     v_off, v_gen = offline["valid"].astype(jnp.float32), generated["valid"].astype(jnp.float32)
-    n_off, n_gen = jnp.sum(v_off), jnp.sum(v_gen)
-    n = n_off + n_gen
-    scale_off = jnp.where(n_gen > 0, (1.0 - gen_weight) * n / jnp.maximum(n_off, 1.0), 1.0)
-    scale_gen = gen_weight * n / jnp.maximum(n_gen, 1.0)
+    scale_off, scale_gen = group_scales(v_off, v_gen, gen_weight)
     scale = jnp.concatenate([jnp.broadcast_to(scale_off, v_off.shape),
                              jnp.broadcast_to(scale_gen, v_gen.shape)])
     return {"offline": offline, "generated": generated,
