@@ -227,7 +227,7 @@ def hyper_rows(example_loss: ExampleLoss, model, method: MethodConfig, gen_weigh
     """
     gen_loss = generated_loss(model)
 
-    def gen_loss_or_none(theta, gen: dict):  # u's pass skips a buffer with no valid row
+    def gen_loss_skipping(theta, gen: dict):  # u's pass skips a buffer with no valid row
         return if_any_valid(gen["valid"], gen_loss, theta, gen)
 
     def split(_, batch: dict):
@@ -239,15 +239,16 @@ def hyper_rows(example_loss: ExampleLoss, model, method: MethodConfig, gen_weigh
         hessian = RowGroups(((example_loss, h_off, s_off, False), (gen_loss, h_gen, s_gen, True)))
         # the scale is one value per group (combine), so it multiplies u after the chunking
         return hessian, [(example_loss, off, batch["scale"][0]),
-                         (gen_loss_or_none, gen, batch["scale"][n_off])]
+                         (gen_loss_skipping, gen, batch["scale"][n_off])]
 
     return split
 
 
 def group_scales(valid_off, valid_gen, gen_weight: float):
     """The scales on the offline and on the generated rows' losses (scalars) under which the
-    valid-row mean of both is ``(1 - gen_weight) mean_offline + gen_weight mean_generated``
-    (1 and anything while no row is generated)."""
+    valid-row mean of both is ``(1 - gen_weight) mean_offline + gen_weight mean_generated``;
+    while no row is valid among the generated ones, 1 on the offline rows (their mean alone)
+    and a scale the generated rows' zero weight never uses."""
     n_off = jnp.sum(valid_off.astype(jnp.float32))
     n_gen = jnp.sum(valid_gen.astype(jnp.float32))
     n = n_off + n_gen
