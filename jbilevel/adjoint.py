@@ -160,9 +160,10 @@ def if_any_valid(valid, fn, *args):
 
     For passes over rows that may all be invalid (online bds's buffer of generated rows
     before its first refresh): the work runs only when one of them counts; the result is
-    the same, since invalid rows weigh 0. Wrap a whole pass whose output is not
-    differentiated further (a Hessian-vector product, a forward-mode JVP, a forward): a
-    branch inside a reverse-mode derivative passes its residuals out, which took 9% more
+    the same, since invalid rows weigh 0. Use it around a pass that is not differentiated
+    in reverse mode: a forward, a Hessian-vector product taken whole, or inside a
+    forward-mode JVP (whose branch of JVPs keeps everything inside). A branch inside a
+    reverse-mode derivative passes its residuals out of the branch, which took 9% more
     memory in online bds's hypergradient at Pythia-1b on a v5e-64."""
     def zeros(*a):
         return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *a))
