@@ -16,6 +16,9 @@ filled by one refresh. Rows, timed in rounds that visit them in turn (the median
 - ``step, full buffer``: the step with generated rows after a refresh;
 - ``step, full buffer, no skip``: the same with the skip compiled out (what the branch costs
   where every row is valid);
+- ``step, full buffer, one pass``: the step as earlier versions took it, one reverse pass over
+  the offline and generated rows together (now one pass per group,
+  ``adjoint.grouped_value_and_grad``);
 - ``hyper, share of buffer``: the hypergradient as it runs now, over the hyper batch and the
   same share of the buffer (``online.hyper_buffer_rows``; all of it when the hyper batch is
   every training row);
@@ -104,12 +107,19 @@ def main():
     with contextlib.ExitStack() as stack:  # every pass over buffer rows run, valid or not
         for module in (ol, adjoint):
             stack.enter_context(mock.patch.object(module, "if_any_valid",
-                                                  lambda _valid, fn, *args: fn(*args)))
+                                                  lambda _valid, fn, *args, **_: fn(*args)))
         computed = train.compile_steps(ol.make_online_steps(example_loss, model, cfg.method,
                                                             cfg.online, seed=cfg.seed),
                                        cfg.method, mesh, rules, state_sh)
         computed_hyper = computed.hyper.lower(empty, hyper_b, val_b).compile()
         computed_train = computed.train.lower(state, batches[0]).compile()
+    # the train step as earlier versions took it: one reverse pass over both groups' rows
+    with mock.patch.object(ol, "RowGroups", lambda groups: ol.combine(
+            groups[0][1], groups[1][1], cfg.online.gen_weight)):
+        one_pass = train.compile_steps(ol.make_online_steps(example_loss, model, cfg.method,
+                                                            cfg.online, seed=cfg.seed),
+                                       cfg.method, mesh, rules, state_sh)
+        one_pass_train = one_pass.train.lower(state, batches[0]).compile()
     offline = train.compile_steps(make_steps(example_loss, cfg.method), cfg.method, mesh,
                                   rules, state_sh)
     capacity = refresher.capacity
@@ -119,6 +129,7 @@ def main():
         "step, empty buffer": (compiled.train, empty, batches),
         "step, full buffer": (compiled.train, state, batches),
         "step, full buffer, no skip": (computed_train, state, batches),
+        "step, full buffer, one pass": (one_pass_train, state, batches),
         f"hyper, share of buffer ({share} rows)": (compiled.hyper, state, None),
         f"hyper, whole buffer ({capacity} rows)": (whole_hyper, state, None),
         "hyper, empty buffer": (compiled.hyper, empty, None),

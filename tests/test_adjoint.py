@@ -65,6 +65,51 @@ def test_row_groups_hvp_equals_the_dense_hessian_of_their_weighted_mean(x64):
         hvp(lambda th, om, batch: 0.0, theta, omega, RowGroups(tuple(groups)))
 
 
+def test_grouped_value_and_grad_equals_one_pass_over_the_written_out_objective(x64):
+    """A pass per group, gradients summed: the value and gradient of ``extra + coeff *`` the
+    valid-row weighted mean over every group's rows (n counts them all), the per-row losses
+    in group order, extra's aux from the first group that is not skippable; a skippable
+    group with no valid row adds nothing and gives zero losses."""
+    from jbilevel.adjoint import RowGroups, grouped_value_and_grad
+
+    train, val, theta, omega = _problem()
+    rows = lambda sl: jax.tree.map(lambda x: x[sl], train)  # noqa: E731
+    a, b = rows(slice(0, 20)), rows(slice(20, None))  # a holds the 3 padding rows
+    cubic = lambda th, batch: mlp_loss(th, batch) ** 1.5  # noqa: E731 (another per-row loss)
+    empty = {**b, "valid": jnp.zeros_like(b["valid"])}
+    groups = ((cubic, empty, 3.0, True), (mlp_loss, a, 0.7, False), (cubic, b, None, True))
+    coeff = 0.6
+
+    def extra(th):
+        f = jnp.mean(mlp_loss(th, val))
+        return 0.4 * f, f
+
+    def objective(th):  # written out over every group at once
+        total, n, losses = 0.0, 0.0, []
+        for loss, r, scale, _ in groups:
+            l_B = loss(th, r) * (1.0 if scale is None else scale)
+            s_B = jax.nn.softmax(omega)[r["ids"]] * len(omega)
+            total += jnp.sum(r["valid"] * s_B * l_B)
+            n += jnp.sum(r["valid"])
+            losses.append(l_B)
+        return coeff * total / n + extra(th)[0], jnp.concatenate(losses)
+
+    (want, want_losses), want_grads = jax.value_and_grad(objective, has_aux=True)(theta)
+    (got, (losses, aux)), grads = jax.jit(lambda th: grouped_value_and_grad(
+        "softmax", omega, RowGroups(groups), th, coeff=coeff, extra=extra))(theta)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    np.testing.assert_allclose(aux, jnp.mean(mlp_loss(theta, val)), rtol=1e-12)
+    for x, y in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-14)
+    n_empty = empty["ids"].shape[0]
+    np.testing.assert_array_equal(losses[:n_empty], 0.0)  # the skipped group's pass
+    np.testing.assert_allclose(losses[n_empty:], want_losses[n_empty:], rtol=1e-12)
+    index = RowGroups(groups).index()
+    assert index["ids"].shape == losses.shape and float(index["valid"].sum()) == 17 + 20
+    with pytest.raises(ValueError, match="extra needs a group that is not skippable"):
+        grouped_value_and_grad("softmax", omega, RowGroups((groups[0],)), theta, extra=extra)
+
+
 def test_bf16_theta_solves_in_float32():
     train, val, theta, omega = _problem()
     theta = jax.tree.map(lambda x: x.astype(jnp.bfloat16), theta)

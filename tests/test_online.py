@@ -357,6 +357,29 @@ def test_before_the_first_refresh_online_trains_as_offline(bmo):
                                          for _, r in records for k in r)
 
 
+def _marked_empty_buffer(setup):
+    """A fresh state whose (empty) buffer rows all hold a marker token no task row holds, and
+    a forward of the model that appends to ``seen`` how many marked rows each call gets
+    (``jax.debug.callback`` fires only in the branch taken)."""
+    model = setup.model
+    mark = model.config.vocab_size - 1
+    for split in (setup.task.train, setup.task.validation):
+        rows = split.batch(np.arange(len(split)), split.max_len)["input_ids"]
+        assert not np.any(np.all(np.asarray(rows) == mark, axis=-1))
+    state = setup.fresh()
+    state = state.replace(online=state.online.replace(
+        input_ids=jnp.full_like(state.online.input_ids, mark)))
+    assert float(jnp.sum(state.online.valid)) == 0
+    seen = []
+
+    def counting(params, ids, attention_mask=None):
+        jax.debug.callback(lambda n: seen.append(int(n)),
+                           jnp.sum(jnp.all(ids == mark, axis=-1)))
+        return model.forward(params, ids, attention_mask=attention_mask)
+
+    return state, counting, seen
+
+
 def test_before_the_first_refresh_the_hypergradient_skips_the_empty_buffer(lm):
     """On the empty buffer online bds's hyper step moves omega as offline bds's does, and
     the model never sees a buffer row (``adjoint.if_any_valid`` around each pass over them:
@@ -376,20 +399,9 @@ def test_before_the_first_refresh_the_hypergradient_skips_the_empty_buffer(lm):
                                         hessian_rows=4, hyper_chunk=5,
                                         hypergrad=Implicit("cg", maxiter=2, tol=0.0,
                                                            ridge=100.0)), sharded=False)
-    mark = model.config.vocab_size - 1
     hyper_b = s.put(task.train.batch(np.arange(len(task.train)), task.train.max_len))
     val_b = s.put(task.validation.batch(np.arange(8), task.validation.max_len))
-    assert not np.any(np.all(np.asarray(hyper_b["input_ids"]) == mark, axis=-1))
-    start = s.fresh()
-    start = start.replace(online=start.online.replace(
-        input_ids=jnp.full_like(start.online.input_ids, mark)))
-    assert float(jnp.sum(start.online.valid)) == 0
-    seen = []
-
-    def counting(params, ids, attention_mask=None):
-        jax.debug.callback(lambda n: seen.append(int(n)),
-                           jnp.sum(jnp.all(ids == mark, axis=-1)))
-        return model.forward(params, ids, attention_mask=attention_mask)
+    start, counting, seen = _marked_empty_buffer(s)
 
     def hyper_step():
         compiled = train.compile_steps(ol.make_online_steps(s.loss, counting, s.method,
@@ -401,7 +413,7 @@ def test_before_the_first_refresh_the_hypergradient_skips_the_empty_buffer(lm):
         return out, sum(seen)
 
     (got, metrics), marked = hyper_step()
-    run_anyway = lambda _valid, fn, *args: fn(*args)  # noqa: E731
+    run_anyway = lambda _valid, fn, *args, **_: fn(*args)  # noqa: E731
     with contextlib.ExitStack() as stack:
         for module in (ol, adjoint):
             stack.enter_context(mock.patch.object(module, "if_any_valid", run_anyway))
@@ -419,6 +431,79 @@ def test_before_the_first_refresh_the_hypergradient_skips_the_empty_buffer(lm):
     # computed: the ratio's forward and the per-row term over the 12 buffer rows (15 with
     # the chunks' padding), the Hessian's products over its sample of 4
     assert marked == 0 and marked_computed >= 12 + 12 + 4
+
+
+@pytest.mark.parametrize("method", ["bds", "bmo"])
+def test_online_train_step_takes_a_pass_per_group_and_skips_the_empty_buffer(lm, method):
+    """The online train step takes one reverse pass over the offline rows and one over the
+    generated rows (``adjoint.grouped_value_and_grad``): after a refresh it moves theta (and
+    bmo's omega) as one pass over the combined batch does; on the empty buffer the model never
+    sees a buffer row, where with the skip compiled out it sees every drawn one, and the step
+    moves theta as the offline step does. Buffer rows are marked by a token no task row
+    holds, and a forward counts them (``jax.debug.callback`` fires only in the branch
+    taken)."""
+    import contextlib
+    from unittest import mock
+
+    from jbilevel import adjoint
+    from jbilevel.algorithms.offline import make_steps
+
+    task, model = lm
+    s = Setup(task, model, MethodConfig(method=method, weighting="sigmoid", lr_omega=0.1),
+              sharded=False)
+    copy = lambda state: jax.tree.map(lambda x: x.copy(), state)  # noqa: E731 (donated)
+    batch = s.put(task.train.batch(np.arange(8), task.train.max_len))
+    val = (s.put(task.validation.batch(np.arange(8), task.validation.max_len)),) * (
+        method == "bmo")
+    full, _ = s.refresher(s.fresh(), 0)
+
+    def one_pass(state, batch, *val):  # the step over the combined batch (earlier versions)
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 1), state.step)
+        gen = ol.draw(state.online, key, ONLINE.batch_size)
+        ratio, _ = ol.importance_ratio(ol.token_logprobs(model.forward, state.theta, gen),
+                                       gen["logp"], gen["loss_mask"], kind=ONLINE.ratio,
+                                       clip=ONLINE.clip, floor=ONLINE.floor)
+        both = ol.combine(batch, {**gen, "ratio": ratio}, ONLINE.gen_weight)
+        steps = make_steps(ol.online_example_loss(s.loss, model.forward), s.method)
+        return steps.train(state, both, *val)
+
+    def same_step(got, want, metrics, want_metrics):
+        for k in ("loss", "weighted_loss", "grad_norm"):
+            np.testing.assert_allclose(metrics[k], want_metrics[k], rtol=1e-5)
+        # Adam's first step is about lr times the gradient's sign: a rounding difference
+        # moves only coordinates whose gradient is near Adam's epsilon
+        for a, b in zip(jax.tree.leaves(got.theta), jax.tree.leaves(want.theta), strict=True):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-3 * s.method.lr_theta)
+        np.testing.assert_allclose(got.omega, want.omega, rtol=0, atol=1e-3 * s.method.lr_omega)
+
+    got, metrics = s.compiled.train(copy(full), batch, *val)
+    want, want_metrics = jax.jit(one_pass)(copy(full), batch, *val)
+    assert float(metrics["grad_norm"]) > 0
+    same_step(got, want, metrics, want_metrics)
+    if method == "bmo":
+        assert not np.array_equal(got.omega, full.omega)
+
+    empty, counting, seen = _marked_empty_buffer(s)
+
+    def empty_step():
+        compiled = train.compile_steps(ol.make_online_steps(s.loss, counting, s.method, ONLINE),
+                                       s.method, s.mesh, sh.AxisRules(), s.state_sh)
+        seen.clear()
+        out = compiled.train(copy(empty), batch, *val)
+        jax.block_until_ready(out)
+        offline = compiled.train_offline(copy(empty), batch, *val)
+        return out, offline, sum(seen)
+
+    (got, metrics), (want, want_metrics), marked = empty_step()
+    with contextlib.ExitStack() as stack:
+        for module in (ol, adjoint):
+            stack.enter_context(mock.patch.object(module, "if_any_valid",
+                                                  lambda _valid, fn, *args, **_: fn(*args)))
+        (computed, _), _, marked_computed = empty_step()
+    assert marked == 0 and marked_computed >= ONLINE.batch_size  # the ratio's forward, the pass
+    same_step(got, want, metrics, want_metrics)
+    for a, b in zip(jax.tree.leaves(computed.theta), jax.tree.leaves(got.theta), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-3 * s.method.lr_theta)
 
 
 @pytest.mark.parametrize("hessian_rows", [0, 4])

@@ -36,7 +36,15 @@ import jax.numpy as jnp
 import optax
 
 from jbilevel import losses, weights
-from jbilevel.adjoint import Implicit, Neumann, adjoint, example_u, weight_vjp
+from jbilevel.adjoint import (
+    Implicit,
+    Neumann,
+    RowGroups,
+    adjoint,
+    example_u,
+    grouped_value_and_grad,
+    weight_vjp,
+)
 from jbilevel.objectives import ExampleLoss, inner_objective, outer_objective
 
 METHODS = ("sft", "mix", "val", "oracle", "bmo", "bds")
@@ -272,6 +280,10 @@ def make_steps(example_loss: ExampleLoss, cfg: MethodConfig, *, frozen: bool = F
     Returns:
       ``Steps``; ``train`` takes ``(state, batch)`` for uniform methods and bds, and
       ``(state, batch, val_batch)`` for bmo. ``evaluate`` is ``example_loss`` as given.
+      bds's and bmo's ``train`` also take a ``jbilevel.adjoint.RowGroups`` batch, rows in
+      groups each with its own per-row loss (online bds's offline and generated rows): the
+      same objective, its gradient one reverse pass per group
+      (``adjoint.grouped_value_and_grad``).
     """
     tx_theta, tx_omega = theta_optimizer(cfg), omega_optimizer(cfg)
 
@@ -297,33 +309,56 @@ def make_steps(example_loss: ExampleLoss, cfg: MethodConfig, *, frozen: bool = F
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         return state.replace(step=state.step + 1, theta=theta, opt_theta=opt_theta), metrics
 
-    def weighted_step(state: TrainState, batch: dict):
+    def grouped(state: TrainState, batch):
+        if frozen and isinstance(batch, RowGroups):
+            raise ValueError("a RowGroups batch brings its own per-row losses, which cannot "
+                             "bind the frozen base params of make_steps(frozen=True)")
+        return isinstance(batch, RowGroups)
+
+    def weighted_step(state: TrainState, batch: dict | RowGroups):
         example_loss, inner, _ = bind(state)
         omega_N = jax.lax.stop_gradient(state.omega)
+        if grouped(state, batch):  # a reverse pass per group of rows, gradients summed
+            (g, (loss_B, _)), grads = grouped_value_and_grad(
+                cfg.weighting, omega_N, batch, state.theta,
+                extra=lambda theta: (inner.regulariser(theta), None))
+            batch = batch.index()
+        else:
+            def loss_fn(theta):
+                loss_B = example_loss(theta, batch)
+                g = inner.data_term(loss_B, omega_N, batch) + inner.regulariser(theta)
+                return g, loss_B
 
-        def loss_fn(theta):
-            loss_B = example_loss(theta, batch)
-            g = inner.data_term(loss_B, omega_N, batch) + inner.regulariser(theta)
-            return g, loss_B
-
-        (g, loss_B), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.theta)
+            (g, loss_B), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.theta)
         theta, opt_theta = _apply(tx_theta, grads, state.opt_theta, state.theta)
         metrics = {"loss": _mean(loss_B, batch), "weighted_loss": g,
                    "grad_norm": optax.tree.norm(grads)}
         return state.replace(step=state.step + 1, theta=theta, opt_theta=opt_theta), metrics
 
-    def bmo_step(state: TrainState, batch: dict, val_batch: dict):
+    def bmo_step(state: TrainState, batch: dict | RowGroups, val_batch: dict):
         example_loss, inner, outer = bind(state)
-        s_B = jax.lax.stop_gradient(
-            weights.batch_weights(state.omega, batch["ids"], cfg.weighting))
+        if grouped(state, batch):  # a reverse pass per group of rows, the validation term
+            # riding with the first; the theta step's weights without gradient, as below
+            def val_term(theta):
+                val = outer(theta, val_batch)
+                return state.lam * val, val
 
-        def loss_fn(theta):
-            loss_B = example_loss(theta, batch)
-            train = _mean(loss_B, batch, s_B.astype(loss_B.dtype))
-            val = outer(theta, val_batch)
-            return state.lam * val + (1.0 - state.lam) * train, (loss_B, val)
+            (total, (loss_B, val)), grads = grouped_value_and_grad(
+                cfg.weighting, jax.lax.stop_gradient(state.omega), batch, state.theta,
+                coeff=1.0 - state.lam, extra=val_term)
+            batch = batch.index()
+        else:
+            s_B = jax.lax.stop_gradient(
+                weights.batch_weights(state.omega, batch["ids"], cfg.weighting))
 
-        (total, (loss_B, val)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.theta)
+            def loss_fn(theta):
+                loss_B = example_loss(theta, batch)
+                train = _mean(loss_B, batch, s_B.astype(loss_B.dtype))
+                val = outer(theta, val_batch)
+                return state.lam * val + (1.0 - state.lam) * train, (loss_B, val)
+
+            (total, (loss_B, val)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                state.theta)
         loss_B = jax.lax.stop_gradient(loss_B)  # losses at theta before its update
         omega_loss, d_omega = jax.value_and_grad(inner.data_term, argnums=1)(
             loss_B, state.omega, batch)

@@ -348,18 +348,25 @@ def make_online_steps(example_loss: ExampleLoss, model, method: MethodConfig,
                                                          gen["valid"])}
         return {**gen, "ratio": ratio}, stats
 
-    def generated(state: TrainState):
+    gen_loss = generated_loss(model)
+
+    def with_generated(state: TrainState, batch: dict):
+        """The step's offline rows and a draw of generated ones, as two groups: the train
+        step takes one reverse pass per group (so it holds one group's activations at a
+        time) and skips the generated rows' while none of them is valid."""
         key = jax.random.fold_in(draw_key, state.step)
-        return with_ratios(state.theta, draw(state.online, key, cfg.batch_size))
+        gen, stats = with_ratios(state.theta, draw(state.online, key, cfg.batch_size))
+        s_off, s_gen = group_scales(batch["valid"], gen["valid"], cfg.gen_weight)
+        return RowGroups(((example_loss, batch, s_off, False), (gen_loss, gen, s_gen, True))), stats
 
     def bmo_train(state: TrainState, batch: dict, val_batch: dict):
-        gen, stats = generated(state)
-        state, metrics = base.train(state, combine(batch, gen, cfg.gen_weight), val_batch)
+        rows, stats = with_generated(state, batch)
+        state, metrics = base.train(state, rows, val_batch)
         return state, {**metrics, **stats}
 
     def bds_train(state: TrainState, batch: dict):
-        gen, stats = generated(state)
-        state, metrics = base.train(state, combine(batch, gen, cfg.gen_weight))
+        rows, stats = with_generated(state, batch)
+        state, metrics = base.train(state, rows)
         return state, {**metrics, **stats}
 
     def bds_hyper(state: TrainState, hyper_batch: dict, val_batch: dict):
