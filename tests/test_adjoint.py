@@ -110,6 +110,19 @@ def test_grouped_value_and_grad_equals_one_pass_over_the_written_out_objective(x
         grouped_value_and_grad("softmax", omega, RowGroups((groups[0],)), theta, extra=extra)
 
 
+def test_a_row_groups_batch_cannot_bind_frozen_base_params():
+    """Adapters over frozen params: the groups' own losses would ignore the base, so the
+    step refuses them rather than train the wrong objective."""
+    from jbilevel.adjoint import RowGroups
+
+    train, _, theta, _ = _problem()
+    cfg = MethodConfig(method="bds")
+    steps = make_steps(lambda th, base, batch: mlp_loss(th, batch), cfg, frozen=True)
+    state = init_state(theta, N, cfg, frozen=theta)
+    with pytest.raises(ValueError, match="RowGroups batch brings its own per-row losses"):
+        steps.train(state, RowGroups(((mlp_loss, train, None, False),)))
+
+
 def test_bf16_theta_solves_in_float32():
     train, val, theta, omega = _problem()
     theta = jax.tree.map(lambda x: x.astype(jnp.bfloat16), theta)
