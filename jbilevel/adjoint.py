@@ -276,17 +276,16 @@ def grouped_value_and_grad(weighting: str, omega, batch: RowGroups, theta, *,
                 g = sh.constrain_like_params(jax.tree.map(jnp.add, acc[1], g))
             return (v, g), out
 
-        if not skippable:
-            acc, (loss_B, extra_aux) = accumulate(acc, theta, rows)
-        elif acc is None:
-            acc, (loss_B, extra_aux) = if_any_valid(rows["valid"], accumulate, acc, theta, rows)
-        else:  # the sum passes through the branch (if_any_valid)
-            def skip(acc, th, rows, accumulate=accumulate):
-                out = jax.eval_shape(accumulate, acc, th, rows)[1]
-                return acc, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out)
+        def skip(acc, th, rows, accumulate=accumulate):  # the sum as it was, zero losses
+            shapes = jax.eval_shape(accumulate, acc, th, rows)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            return (zeros[0] if acc is None else acc), zeros[1]
 
+        if skippable:  # the sum passes through the branch (if_any_valid)
             acc, (loss_B, extra_aux) = if_any_valid(rows["valid"], accumulate, acc, theta, rows,
                                                     otherwise=skip)
+        else:
+            acc, (loss_B, extra_aux) = accumulate(acc, theta, rows)
         losses.append(loss_B)
         aux = extra_aux if with_extra else aux
     return (acc[0], (jnp.concatenate(losses), aux)), acc[1]

@@ -234,14 +234,22 @@ def hyper_rows(example_loss: ExampleLoss, model, method: MethodConfig, gen_weigh
         off, gen = batch["offline"], batch["generated"]
         n_off = off["ids"].shape[0]
         # the Hessian: a product per group, the generated rows' skipped while none is valid
-        h_off, h_gen = hessian_sample(off, method), hessian_sample(gen, method)
-        s_off, s_gen = group_scales(h_off["valid"], h_gen["valid"], gen_weight)
-        hessian = RowGroups(((example_loss, h_off, s_off, False), (gen_loss, h_gen, s_gen, True)))
+        hessian = row_groups(example_loss, gen_loss, hessian_sample(off, method),
+                             hessian_sample(gen, method), gen_weight)
         # the scale is one value per group (combine), so it multiplies u after the chunking
         return hessian, [(example_loss, off, batch["scale"][0]),
                          (gen_loss_skipping, gen, batch["scale"][n_off])]
 
     return split
+
+
+def row_groups(example_loss: ExampleLoss, gen_loss: ExampleLoss, offline: dict,
+               generated: dict, gen_weight: float) -> RowGroups:
+    """Offline and generated rows as two groups, each with its own loss and scaled as
+    :func:`combine` scales them; the generated rows' passes skippable (none of them is valid
+    before the first refresh)."""
+    s_off, s_gen = group_scales(offline["valid"], generated["valid"], gen_weight)
+    return RowGroups(((example_loss, offline, s_off, False), (gen_loss, generated, s_gen, True)))
 
 
 def group_scales(valid_off, valid_gen, gen_weight: float):
@@ -356,8 +364,7 @@ def make_online_steps(example_loss: ExampleLoss, model, method: MethodConfig,
         time) and skips the generated rows' while none of them is valid."""
         key = jax.random.fold_in(draw_key, state.step)
         gen, stats = with_ratios(state.theta, draw(state.online, key, cfg.batch_size))
-        s_off, s_gen = group_scales(batch["valid"], gen["valid"], cfg.gen_weight)
-        return RowGroups(((example_loss, batch, s_off, False), (gen_loss, gen, s_gen, True))), stats
+        return row_groups(example_loss, gen_loss, batch, gen, cfg.gen_weight), stats
 
     def bmo_train(state: TrainState, batch: dict, val_batch: dict):
         rows, stats = with_generated(state, batch)
