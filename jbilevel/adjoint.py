@@ -226,9 +226,11 @@ def _group_share(weighting: str, omega, n, loss, scale, theta, rows):
 
 
 def grouped_value_and_grad(weighting: str, omega, batch: RowGroups, theta, *,
-                           coeff: float = 1.0, extra: Callable | None = None):
+                           coeff: float = 1.0, extra: Callable | None = None,
+                           chunk: int | None = None, start=None):
     """``extra(theta) + coeff * g's data term`` on a :class:`RowGroups` batch, and its
-    gradient in theta, one reverse-mode pass per group.
+    gradient in theta, one reverse-mode pass per group (with ``chunk``, per ``chunk`` rows
+    of a group).
 
     A step over rows of several losses (online generation's offline and generated rows) then
     holds one group's activations at a time, where one pass over their concatenated losses
@@ -246,11 +248,23 @@ def grouped_value_and_grad(weighting: str, omega, batch: RowGroups, theta, *,
       theta: where the value and gradient are taken.
       coeff: multiplies the data term.
       extra: ``theta -> (scalar, aux)``, added to the objective in the first pass over a group
-        that is not skippable (a regulariser, bmo's validation term).
+        that is not skippable (a regulariser, bmo's validation term); with ``chunk`` or
+        ``start``, in a pass of its own ahead of the groups.
+      chunk: rows per reverse pass (gradient accumulation): each group is cut into
+        interleaved chunks (:func:`interleaved_chunks`, padding rows invalid), one pass per
+        chunk in a ``lax.scan``, the sum carried in float32 in theta's sharding and the
+        gradient returned in theta's dtypes. The same value and gradient (to rounding) in the
+        memory of a pass over ``chunk`` rows. None: a group in one pass.
+      start: ``((value, aux), grads)`` of terms taken in passes of their own (bmo's
+        validation term over its batch in chunks, :func:`outer_value_and_grad`): the sum
+        starts from it, its aux returned as extra's. Takes the chunked path.
     Returns:
       ``((value, (loss_R, aux)), grads)``: ``loss_R`` every group's (scaled) per-row losses
       in :meth:`RowGroups.index`'s order; ``aux`` extra's (None without it); grads like theta.
     """
+    if chunk is not None or start is not None:
+        return _value_and_grad_in_chunks(weighting, omega, batch.groups, theta, coeff=coeff,
+                                         extra=extra, chunk=chunk, start=start)
     groups = batch.groups
     lead = next((i for i, group in enumerate(groups) if not group[3]), None)
     if extra is not None and lead is None:
@@ -289,6 +303,49 @@ def grouped_value_and_grad(weighting: str, omega, batch: RowGroups, theta, *,
         losses.append(loss_B)
         aux = extra_aux if with_extra else aux
     return (acc[0], (jnp.concatenate(losses), aux)), acc[1]
+
+
+def _value_and_grad_in_chunks(weighting: str, omega, groups, theta, *, coeff, extra, chunk,
+                              start):
+    """:func:`grouped_value_and_grad` a chunk of rows per reverse pass, summed in float32."""
+    if extra is not None and start is not None:
+        raise ValueError("grouped_value_and_grad: give extra or start, not both")
+    n = _valid_total(rows for _, rows, _, _ in groups)
+    if start is None:
+        dtype = jnp.result_type(jnp.float32, *jax.tree.leaves(theta))
+        start = ((jnp.zeros((), dtype), None), jax.tree.map(jnp.zeros_like, theta))
+        if extra is not None:  # a pass of its own: a scan's passes are all alike
+            start = jax.value_and_grad(extra, has_aux=True)(theta)
+    (value, aux), grads = start
+    acc = (as_f32(value), sh.constrain_like_params(as_f32(grads)))
+    losses = []
+    for loss, rows, scale, skippable in groups:
+        n_rows = rows["ids"].shape[0]
+        chunks = interleaved_chunks(rows, min(chunk or n_rows, n_rows))
+
+        def share(th, part, loss=loss, scale=scale):  # a chunk's share of the data term
+            total, loss_B = _group_share(weighting, omega, n, loss, scale, th, part)
+            return coeff * total, loss_B
+
+        def one(acc, part, share=share):  # acc plus this chunk's pass
+            (v, loss_B), g = jax.value_and_grad(share, has_aux=True)(theta, part)
+            g = sh.constrain_like_params(jax.tree.map(jnp.add, acc[1], as_f32(g)))
+            return (acc[0] + v.astype(acc[0].dtype), g), loss_B
+
+        def group_pass(acc, chunks, one=one, n_rows=n_rows):
+            acc, loss_KxC = jax.lax.scan(one, acc, chunks)
+            return acc, chunk_rows(loss_KxC, n_rows)
+
+        def skip(acc, chunks, group_pass=group_pass):  # the sum as it was, zero losses
+            shapes = jax.eval_shape(group_pass, acc, chunks)[1]
+            return acc, jnp.zeros(shapes.shape, shapes.dtype)
+
+        if skippable:  # the sum passes through the branch (if_any_valid)
+            acc, loss_B = if_any_valid(chunks["valid"], group_pass, acc, chunks, otherwise=skip)
+        else:
+            acc, loss_B = group_pass(acc, chunks)
+        losses.append(loss_B)
+    return (acc[0], (jnp.concatenate(losses), aux)), cast_like(acc[1], theta)
 
 
 def _row_aligned(batch: dict) -> bool:
@@ -494,6 +551,12 @@ def interleaved_chunks(batch: dict, chunk: int) -> dict:
            for name, value in batch.items() if name != "valid"}
     out["valid"] = split(valid_B, "constant")
     return out
+
+
+def chunk_rows(x_KxC, n: int):
+    """The inverse of :func:`interleaved_chunks` for one per-row quantity: ``(K, chunk)`` back
+    to the batch's ``n`` rows in their order (the padding dropped)."""
+    return jnp.swapaxes(x_KxC, 0, 1).reshape(-1)[:n]
 
 
 def example_u(example_loss: Callable, theta, batch: dict, v, *, chunk: int | None = None):

@@ -100,6 +100,18 @@ class ExperimentConfig:
         if self.online.enabled and self.method.method not in online_lib.BASES:
             raise ValueError(f"online.every={self.online.every} runs on top of bmo or bds, not "
                              f"method {self.method.method!r}; set method.method or online.every=0")
+        chunk = self.method.train_chunk
+        cut = {"batch_size": self.batch_size}  # the rows train_chunk cuts into passes
+        if self.method.method == "bmo":
+            cut["val_batch_size"] = self.val_batch_size
+        if self.online.enabled:
+            cut["online.batch_size"] = self.online.batch_size
+        for name, rows in cut.items():
+            if chunk and rows > chunk and rows % chunk:
+                raise ValueError(
+                    f"method.train_chunk={chunk} does not divide {name}={rows}: the "
+                    "train step sums its gradient over passes of train_chunk rows each; set "
+                    f"method.train_chunk to a divisor of {name}, or 0 for one pass")
         self._refuse_silently_wrong()
 
     def _refuse_silently_wrong(self):
@@ -475,6 +487,12 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
             cfg.online, model, data_set, weighting=cfg.method.weighting,
             batch_sharding=sh.batch_sharding(mesh, rules, 1), seed=cfg.seed, log_dir=out,
             scorer=getattr(task, "scorer", None), rules=rules)
+    ways = sh.data_parallel_size(mesh, rules)
+    if cfg.method.train_chunk % ways:
+        raise config_lib.ConfigError(
+            f"method.train_chunk={cfg.method.train_chunk} is not a multiple of the mesh's "
+            f"data-parallel size {ways} (mesh.data x mesh.fsdp): each pass's rows are split "
+            "over those devices; change method.train_chunk or the mesh")
     data = _process_batcher(data_set, cfg.batch_size, mesh, rules, seed=cfg.seed)
     val = _process_batcher(task.validation, cfg.val_batch_size, mesh, rules, seed=cfg.seed + 1)
     if cfg.method.method == "bmo" and cfg.method.lam_decay and (

@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--hyper-chunk-per-device", type=int, default=1,
                    help="bds: rows per device in each forward-mode pass of the hypergradient "
                    "(method.hyper_chunk = this x devices)")
+    p.add_argument("--train-chunk-per-device", type=int, default=0,
+                   help="method.train_chunk: rows per device in each reverse pass of the train "
+                        "step, the gradient summed over the passes (0: the whole batch in one)")
     p.add_argument("--hyper-rows-per-device", type=int, default=None,
                    help="bds: rows per device of the hypergradient batch (default: "
                    "--per-device-batch)")
@@ -151,7 +154,10 @@ def main(argv=None) -> int:
     print(f"{args.model}: {param_count(model) / 1e9:.3f}B parameters compiled "
           f"({model.num_layers} of {full.num_layers} layers; full model "
           f"{param_count(full) / 1e9:.3f}B), seq {args.seq_len}, {args.per_device_batch} "
-          f"row(s)/device, params {args.param_dtype}, compute {args.compute_dtype}, "
+          f"row(s)/device"
+          + (f" in passes of {args.train_chunk_per_device}" if args.train_chunk_per_device
+             else "")
+          + f", params {args.param_dtype}, compute {args.compute_dtype}, "
           f"remat {args.remat}, theta {theta_name}", flush=True)
     if args.online:
         print(f"online: {args.online_fraction} x {args.n_examples} questions x "
@@ -192,7 +198,8 @@ def main(argv=None) -> int:
             batch_size=args.online_batch_per_device * n, gather_params=not args.split_params)
         for name in args.methods:
             method_cfg = MethodConfig(method=name, hessian_rows=hessian_b,
-                                      hyper_chunk=args.hyper_chunk_per_device * n)
+                                      hyper_chunk=args.hyper_chunk_per_device * n,
+                                      train_chunk=args.train_chunk_per_device * n)
             try:
                 report = aot.compile_memory(model, method_cfg, mesh_cfg, shapes,
                                             devices=devices, param_dtype=args.param_dtype,

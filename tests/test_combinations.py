@@ -28,6 +28,10 @@ CONFIG = ("task:\n  options: {n_train: 32, n_val: 16, n_test: 16}\n"
     (["method.method=mix", "method.decay_steps=1"],
      "method.decay_steps=1 is below loop.steps=2: the model's step size reaches 0 at step 1 .* "
      "set method.decay_steps to loop.steps, or 0 for a constant step size"),
+    (["method.method=bmo", "method.train_chunk=6"],
+     "method.train_chunk=6 does not divide batch_size=16: the train step sums its gradient "
+     "over passes of train_chunk rows each; set method.train_chunk to a divisor of batch_size, "
+     "or 0 for one pass"),
 ])
 def test_train_refuses_with_the_reason_and_the_choices(tmp_path, capsys, overrides, message):
     path, out = tmp_path / "run.yaml", tmp_path / "out"
@@ -50,3 +54,14 @@ def test_bmo_lam_schedule_must_match_the_epoch_length(tmp_path):
                                          r"loop.steps_per_epoch=2"):
         experiment.run(cfg, tmp_path)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_train_chunk_must_split_over_the_data_parallel_devices(tmp_path, capsys):
+    """Each pass of ``method.train_chunk`` rows is split over the mesh's data-parallel
+    devices (8 here), so a chunk of 4 rows is refused, naming the setting and the mesh."""
+    path = tmp_path / "run.yaml"
+    path.write_text(CONFIG)
+    assert cli.main(["train", "--config", str(path), "--out", str(tmp_path / "out"),
+                     "method.train_chunk=4"]) == 2
+    assert ("method.train_chunk=4 is not a multiple of the mesh's data-parallel size 8 "
+            "(mesh.data x mesh.fsdp)") in capsys.readouterr().err

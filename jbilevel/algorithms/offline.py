@@ -41,8 +41,10 @@ from jbilevel.adjoint import (
     Neumann,
     RowGroups,
     adjoint,
+    cast_like,
     example_u,
     grouped_value_and_grad,
+    outer_value_and_grad,
     weight_vjp,
 )
 from jbilevel.objectives import ExampleLoss, inner_objective, outer_objective
@@ -112,6 +114,12 @@ class MethodConfig:
     # over r rows needs about the memory of a train step over 2r rows, so half the batch size
     # keeps the hypergradient within a train step's memory. 0: all rows in one pass.
     hyper_chunk: int = 32
+    # rows per reverse pass of the train step (gradient accumulation): the batch's gradient
+    # is summed over passes of this many rows (float32, in the parameters' sharding) before
+    # the one optimizer update, so activation memory follows train_chunk, not batch_size; bmo's
+    # validation batch is cut the same way. Global rows, like batch_size: it must divide the
+    # batches it cuts and be a multiple of the mesh's data-parallel size. 0: one pass.
+    train_chunk: int = 0
 
     def __post_init__(self):
         for name in ("lr_theta", "lr_omega", "hyper_every"):
@@ -121,9 +129,9 @@ class MethodConfig:
             raise ValueError(f"hypergrad must be Implicit(...) or Neumann(...), got "
                              f"{self.hypergrad!r}")
         for name in ("clip", "weight_decay", "warmup", "decay_steps", "mu", "lam_decay",
-                     "hyper_start", "hessian_rows", "hyper_chunk", "hyper_max_val_loss",
-                     "omega_step_max", "omega_eps", "omega_weight_decay",
-                     "omega_decay_steps"):
+                     "hyper_start", "hessian_rows", "hyper_chunk", "train_chunk",
+                     "hyper_max_val_loss", "omega_step_max", "omega_eps",
+                     "omega_weight_decay", "omega_decay_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.decay_steps and self.decay_steps <= self.warmup:
@@ -283,9 +291,13 @@ def make_steps(example_loss: ExampleLoss, cfg: MethodConfig, *, frozen: bool = F
       bds's and bmo's ``train`` also take a ``jbilevel.adjoint.RowGroups`` batch, rows in
       groups each with its own per-row loss (online bds's offline and generated rows): the
       same objective, its gradient one reverse pass per group
-      (``adjoint.grouped_value_and_grad``).
+      (``adjoint.grouped_value_and_grad``). With ``cfg.train_chunk`` every train step sums
+      its gradient over passes of that many rows (gradient accumulation; the uniform
+      methods' through ``adjoint.outer_value_and_grad``): the same update to float32
+      rounding, in the activation memory of ``train_chunk`` rows.
     """
     tx_theta, tx_omega = theta_optimizer(cfg), omega_optimizer(cfg)
+    chunk = cfg.train_chunk or None
 
     def bind(state: TrainState):
         """This call's ``(theta, batch) -> loss_B`` and the objectives built on it."""
@@ -304,25 +316,36 @@ def make_steps(example_loss: ExampleLoss, cfg: MethodConfig, *, frozen: bool = F
 
     def uniform_step(state: TrainState, batch: dict):
         _, _, outer = bind(state)
-        loss, grads = jax.value_and_grad(outer)(state.theta, batch)
+        loss, grads = outer_value_and_grad(outer, state.theta, batch, chunk=chunk)
+        grads = cast_like(grads, state.theta)  # summed over chunks in float32
         theta, opt_theta = _apply(tx_theta, grads, state.opt_theta, state.theta)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         return state.replace(step=state.step + 1, theta=theta, opt_theta=opt_theta), metrics
 
-    def grouped(state: TrainState, batch):
-        if frozen and isinstance(batch, RowGroups):
-            raise ValueError("a RowGroups batch brings its own per-row losses, which cannot "
-                             "bind the frozen base params of make_steps(frozen=True)")
-        return isinstance(batch, RowGroups)
+    def groups_of(batch, example_loss, *, val_batch=None) -> RowGroups | None:
+        """The batch as the RowGroups the step takes a pass per group (per chunk) of, or None
+        for one pass over a plain batch (and bmo's validation batch)."""
+        if isinstance(batch, RowGroups):
+            if frozen:
+                raise ValueError("a RowGroups batch brings its own per-row losses, which "
+                                 "cannot bind the frozen base params of "
+                                 "make_steps(frozen=True)")
+            return batch
+        rows = max(jax.tree.leaves(b)[0].shape[0] for b in (batch, val_batch or batch))
+        if chunk is None or rows <= chunk:
+            return None
+        valid = batch.get("valid", jnp.ones(batch["ids"].shape, jnp.float32))
+        return RowGroups(((example_loss, {**batch, "valid": valid}, None, False),))
 
     def weighted_step(state: TrainState, batch: dict | RowGroups):
         example_loss, inner, _ = bind(state)
         omega_N = jax.lax.stop_gradient(state.omega)
-        if grouped(state, batch):  # a reverse pass per group of rows, gradients summed
+        groups = groups_of(batch, example_loss)
+        if groups is not None:  # a reverse pass per group (chunk) of rows, gradients summed
             (g, (loss_B, _)), grads = grouped_value_and_grad(
-                cfg.weighting, omega_N, batch, state.theta,
-                extra=lambda theta: (inner.regulariser(theta), None))
-            batch = batch.index()
+                cfg.weighting, omega_N, groups, state.theta,
+                extra=lambda theta: (inner.regulariser(theta), None), chunk=chunk)
+            batch = groups.index()
         else:
             def loss_fn(theta):
                 loss_B = example_loss(theta, batch)
@@ -337,16 +360,25 @@ def make_steps(example_loss: ExampleLoss, cfg: MethodConfig, *, frozen: bool = F
 
     def bmo_step(state: TrainState, batch: dict | RowGroups, val_batch: dict):
         example_loss, inner, outer = bind(state)
-        if grouped(state, batch):  # a reverse pass per group of rows, the validation term
-            # riding with the first; the theta step's weights without gradient, as below
+        groups = groups_of(batch, example_loss, val_batch=val_batch)
+        if groups is not None:  # a reverse pass per group (chunk) of rows; the validation
+            # term rides with the first group, or in chunks its own passes; the theta step's
+            # weights without gradient, as below
             def val_term(theta):
                 val = outer(theta, val_batch)
                 return state.lam * val, val
 
+            start = None
+            if chunk is not None:
+                val, val_grads = outer_value_and_grad(outer, state.theta, val_batch,
+                                                      chunk=chunk)
+                start = ((state.lam * val, val),
+                         jax.tree.map(lambda x: state.lam * x, val_grads))
             (total, (loss_B, val)), grads = grouped_value_and_grad(
-                cfg.weighting, jax.lax.stop_gradient(state.omega), batch, state.theta,
-                coeff=1.0 - state.lam, extra=val_term)
-            batch = batch.index()
+                cfg.weighting, jax.lax.stop_gradient(state.omega), groups, state.theta,
+                coeff=1.0 - state.lam, extra=val_term if start is None else None, chunk=chunk,
+                start=start)
+            batch = groups.index()
         else:
             s_B = jax.lax.stop_gradient(
                 weights.batch_weights(state.omega, batch["ids"], cfg.weighting))
