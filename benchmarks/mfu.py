@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/mfu.py                      # every variant below
     PYTHONPATH=. python benchmarks/mfu.py --variants cudnn,dots,8 --method bmo
+    PYTHONPATH=. python benchmarks/mfu.py --variants cudnn,remat,8 cudnn,remat,8,2  # passes
 
 The step is jbilevel's own (``algorithms.make_steps``: loss, backward, clipping and Adam on
 f32 master weights, compute in bf16), on a TinyLlama-1.1B-shaped model (d 2048, 22 layers,
@@ -10,7 +11,9 @@ Model FLOPs per step follow PaLM's accounting (appendix B): 6 * matmul parameter
 + 12 * layers * seq * d * tokens, with no credit for rematerialisation. MFU is reported
 against the datasheet dense bf16 peak (H100 SXM: 989 TFLOP/s) and against a measured 8192^3
 bf16 matmul on the same device. bmo's step also runs the validation batch (same size) through
-forward and backward: its FLOPs count both batches.
+forward and backward: its FLOPs count both batches. A fourth field in a variant is
+``method.train_chunk``: the batch's gradient summed over passes of that many rows (gradient
+accumulation), whose cost against the one-pass step on the same batch this measures.
 """
 
 from __future__ import annotations
@@ -74,10 +77,11 @@ def attention_parity() -> float:
     return float(np.abs(got[real] - want[real]).max() / np.abs(want[real]).max())
 
 
-def run_variant(c: ModelConfig, method: str, batch: int, seq: int, steps: int) -> float:
+def run_variant(c: ModelConfig, method: str, batch: int, seq: int, steps: int,
+                train_chunk: int = 0) -> float:
     """Seconds per optimizer step (median of `steps` timed steps after two warm-ups)."""
     model = build(c)
-    cfg = MethodConfig(method=method, lr_theta=1e-5, lr_omega=1e-4)
+    cfg = MethodConfig(method=method, lr_theta=1e-5, lr_omega=1e-4, train_chunk=train_chunk)
     step = make_steps(lm_example_loss(model), cfg).train
     state = jax.jit(lambda: init_state(model.init(jax.random.key(0)), batch, cfg))()
     rng = np.random.default_rng(0)
@@ -99,7 +103,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", nargs="+",
                    default=["cudnn,noremat,4", "cudnn,remat,8", "cudnn,dots,8", "xla,remat,4"],
-                   help="attention,remat (nothing|dots|noremat),batch triples")
+                   help="attention,remat (nothing|dots|noremat),batch[,rows per pass]")
     p.add_argument("--method", default="sft", choices=["sft", "bmo"])
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--steps", type=int, default=10)
@@ -117,11 +121,12 @@ def main() -> None:
         print(f"cudnn vs xla attention, bf16 logits, relative max error {attention_parity():.2e}")
     rows = []
     for variant in args.variants:
-        attention, remat, batch = variant.split(",")
+        attention, remat, batch, *chunk = variant.split(",")
         c = TINYLLAMA.replace(attention=attention, remat=remat != "noremat",
                               remat_policy="dots" if remat == "dots" else "nothing")
         try:
-            sec = run_variant(c, args.method, int(batch), args.seq, args.steps)
+            sec = run_variant(c, args.method, int(batch), args.seq, args.steps,
+                              train_chunk=int(chunk[0]) if chunk else 0)
         except Exception as e:  # an OOM in one variant should not hide the others
             rows.append((variant, f"failed: {type(e).__name__}: {str(e)[:80]}"))
             continue
@@ -133,9 +138,9 @@ def main() -> None:
                               f"  MFU {mfu_sheet} (datasheet)  {100 * tflops / peak:.1f}% "
                               "(measured matmul)"))
     print(f"\n{args.method} step, seq {args.seq}, bf16 compute, f32 master weights + Adam")
-    print(f"{'attention,remat,batch':24s} result")
+    print(f"{'attention,remat,batch[,pass]':30s} result")
     for variant, result in rows:
-        print(f"{variant:24s} {result}")
+        print(f"{variant:30s} {result}")
 
 
 if __name__ == "__main__":
