@@ -575,6 +575,8 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
                 refresher.log_buffer(state, step)
         except train.NonFiniteLossError as e:
             interrupted = {"reason": "non_finite_loss", "message": str(e)}
+        except train.OutOfMemoryError as e:
+            interrupted = {"reason": "out_of_memory", "message": str(e)}
         except train.Preempted as stop:  # every process stopped at the same step, saved
             interrupted = {"reason": "sigterm", "message": str(stop)}
             preempted, step = stop, stop.step

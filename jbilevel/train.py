@@ -64,6 +64,32 @@ class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss; the last good checkpoint is left intact."""
 
 
+class OutOfMemoryError(RuntimeError):
+    """A step needed more device memory than there is; the last checkpoint is left intact."""
+
+
+# what lowers the memory of each phase of a training loop (docs/llm.md, docs/scale.md)
+_MEMORY_HINTS = {
+    "train step": "method.train_chunk (rows per reverse pass: gradient accumulation)",
+    "hypergradient step": "method.hyper_chunk (rows per pass), method.hessian_rows",
+    "online refresh": "online.generate_batch_size (prompts per sampler call), "
+                      "online.gather_params=false",
+    "evaluation": "eval_batch_size",
+}
+
+
+def _out_of_memory(error: Exception, doing: str, step: int, ckpt) -> OutOfMemoryError:
+    """The user's message for an XLA ``RESOURCE_EXHAUSTED`` raised in ``doing`` at ``step``."""
+    what = next((line for line in str(error).splitlines() if line.strip()), "")[:300]
+    where = f"{ckpt.directory} step {ckpt.latest_step()}" if ckpt else "none (no ckpt)"
+    return OutOfMemoryError(
+        f"step {step}: out of device memory in the {doing} ({what}). The run stopped and "
+        f"nothing after the last checkpoint was saved (last: {where}); the same command "
+        f"with less memory a step resumes from it. For the {doing}: {_MEMORY_HINTS[doing]}; "
+        "for every step: model.remat=true, or more devices in mesh.fsdp. "
+        "scripts/compile_check.py measures each step's memory ahead of a run (docs/scale.md)")
+
+
 class Preempted(SystemExit):
     """SIGTERM stopped the run at ``step`` after that step's checkpoint was written.
 
@@ -368,6 +394,9 @@ def run(
     Raises:
       NonFiniteLossError: a loss became NaN/inf; nothing after the last good checkpoint is
         saved.
+      OutOfMemoryError: a step ran out of device memory (XLA's ``RESOURCE_EXHAUSTED``); the
+        message names the phase and the settings that lower its memory; nothing after the
+        last checkpoint is saved.
       Preempted: SIGTERM on any process: every process stopped at the same step and that
         step's checkpoint is written (when ``ckpt`` is given).
     """
@@ -425,49 +454,60 @@ def run(
             console.record(at, record)
 
     stopped = False
+    doing = "train step"  # the phase last started (named if the device runs out of memory)
     with _Preemption() as preempt:
-        while step < loop.steps:
-            if loop.steps_per_epoch and step and step % loop.steps_per_epoch == 0:
-                lam = lambda_at(cfg, step // loop.steps_per_epoch)
-                state = state.replace(lam=jax.device_put(jnp.float32(lam), state_lam_sh))
-            if before_step is not None:
-                state, hooked = before_step(state, step)
-                hook_metrics = hooked or hook_metrics
-            batch = put(next(data))
-            train_step = (compiled.train_offline if compiled.train_offline is not None
-                          and step < offline_until else compiled.train)
-            if compiled.with_val:
-                state, metrics = train_step(state, batch, put(next(val_batches)))
-            else:
-                state, metrics = train_step(state, batch)
-            step += 1
-            if (compiled.hyper is not None and step % cfg.hyper_every == 0
-                    and step >= cfg.hyper_start):
-                state, hyper_metrics = compiled.hyper(state, put(next(hyper_batches)),
-                                                      put(next(val_batches)))
-                hyper_metrics = {**hyper_metrics, "hyper_step": step}
-                console.hyper_started(step)
-            if hyper_metrics or hook_metrics:
-                metrics = {**metrics, **hyper_metrics, **hook_metrics}
-            if logged(step):  # this step's weight health; lam copied as state is donated next
-                health = _health(state.omega, cfg.weighting)
-                metrics = {**metrics, **health, "lam": jnp.copy(state.lam)}
-            if evaluated(step):
-                metrics = {**metrics, **{f"eval_{k}": v for k, v in eval_fn(state).items()}}
+        try:
+            while step < loop.steps:
+                if loop.steps_per_epoch and step and step % loop.steps_per_epoch == 0:
+                    lam = lambda_at(cfg, step // loop.steps_per_epoch)
+                    state = state.replace(lam=jax.device_put(jnp.float32(lam), state_lam_sh))
+                if before_step is not None:
+                    doing = "online refresh"
+                    state, hooked = before_step(state, step)
+                    hook_metrics = hooked or hook_metrics
+                batch = put(next(data))
+                train_step = (compiled.train_offline if compiled.train_offline is not None
+                              and step < offline_until else compiled.train)
+                doing = "train step"
+                if compiled.with_val:
+                    state, metrics = train_step(state, batch, put(next(val_batches)))
+                else:
+                    state, metrics = train_step(state, batch)
+                step += 1
+                if (compiled.hyper is not None and step % cfg.hyper_every == 0
+                        and step >= cfg.hyper_start):
+                    doing = "hypergradient step"
+                    state, hyper_metrics = compiled.hyper(state, put(next(hyper_batches)),
+                                                          put(next(val_batches)))
+                    hyper_metrics = {**hyper_metrics, "hyper_step": step}
+                    console.hyper_started(step)
+                if hyper_metrics or hook_metrics:
+                    metrics = {**metrics, **hyper_metrics, **hook_metrics}
+                if logged(step):  # this step's weight health; lam copied (state is donated)
+                    health = _health(state.omega, cfg.weighting)
+                    metrics = {**metrics, **health, "lam": jnp.copy(state.lam)}
+                if evaluated(step):
+                    doing = "evaluation"
+                    metrics = {**metrics,
+                               **{f"eval_{k}": v for k, v in eval_fn(state).items()}}
+                if pending is not None:
+                    read(pending)  # step N-1's numbers, while step N runs
+                pending = (step, metrics)
+                if progress is not None:
+                    progress.update()
+                if loop.checkpoint_every and step % loop.checkpoint_every == 0:
+                    read(pending)
+                    pending = None
+                    save(step)
+                if preempt.stop_at(step):
+                    stopped = True
+                    break
             if pending is not None:
-                read(pending)  # step N-1's numbers, while step N runs
-            pending = (step, metrics)
-            if progress is not None:
-                progress.update()
-            if loop.checkpoint_every and step % loop.checkpoint_every == 0:
                 read(pending)
-                pending = None
-                save(step)
-            if preempt.stop_at(step):
-                stopped = True
-                break
-        if pending is not None:
-            read(pending)
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            raise _out_of_memory(e, doing, step, ckpt) from e
         if step > start_step and (not loop.checkpoint_every or step % loop.checkpoint_every):
             save(step)  # the final state, unless the periodic save just wrote it
     if ckpt is not None:

@@ -52,7 +52,8 @@ def test_resume_allows_only_the_documented_keys(tmp_path):
     assert rundir.check_config(tmp_path / "empty", cfg) is False
     rundir.record(tmp_path / "run", cfg, {"data": {}, "model": None})
     same = _cfg("method.method=bds", "loop.steps=5000", "loop.progress=false", "mesh.fsdp=2",
-                "eval_batch_size=10", "model.remat=true", "method.lam=0.9")  # lam: not bds's
+                "eval_batch_size=10", "model.remat=true", "method.train_chunk=16",
+                "method.hyper_chunk=8", "method.lam=0.9")  # lam: not bds's
     assert rundir.check_config(tmp_path / "run", same) is True
     with pytest.raises(rundir.RunDirError) as e:
         rundir.check_config(tmp_path / "run", _cfg("method.method=bmo", "batch_size=32"))

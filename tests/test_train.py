@@ -1,6 +1,8 @@
 """Trainer: sharded parity, exact resume after SIGKILL, restore onto another mesh, failures."""
 
+import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -169,6 +171,53 @@ def test_non_finite_loss_stops_with_message_and_keeps_checkpoint(tmp_path):
                            match=r"step 1: non-finite .*loss=nan.*last good: .* step 0"):
             train.run(compiled, cfg, loop, state, data, iter(()), ckpt=ckpt)
         assert ckpt.all_steps() == [0]
+
+
+@pytest.mark.parametrize("phase", ["train step", "hypergradient step"])
+def test_out_of_memory_names_the_phase_and_its_settings_and_keeps_the_checkpoint(tmp_path,
+                                                                                 phase):
+    """XLA's RESOURCE_EXHAUSTED in a step (raised as XLA raises it, at the third train or
+    hypergradient call) stops the run with a message naming the step, the phase, the
+    settings that lower its memory and the last checkpoint, which stays for a resume;
+    another runtime error keeps its own type."""
+    train_set, val_set, _ = toy.problem()
+    cfg, compiled, state_sh, init = toy.setup("bds", ONE, hyper_every=1)
+    which = "train" if phase == "train step" else "hyper"
+
+    def run_raising(error, directory):
+        calls = {"train": 0, "hyper": 0}
+
+        def failing(name, step):
+            def call(*args):
+                calls[name] += 1
+                if name == which and calls[name] == 3:
+                    raise error
+                return step(*args)
+            return call
+
+        steps = dataclasses.replace(compiled, train=failing("train", compiled.train),
+                                    hyper=failing("hyper", compiled.hyper))
+        with Checkpointer(directory) as ckpt:
+            loop = train.LoopConfig(steps=10, checkpoint_every=2, progress=False)
+            try:
+                train.run(steps, cfg, loop, jax.jit(init, out_shardings=state_sh)(),
+                          toy.Batches(train_set, toy.B), toy.Batches(val_set, 16),
+                          hyper_batches=toy.Batches(train_set, toy.N), ckpt=ckpt)
+            finally:
+                assert ckpt.all_steps() == [2]
+
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL: another error"):
+        run_raising(jax.errors.JaxRuntimeError("INTERNAL: another error"), tmp_path / "a")
+    with pytest.raises(train.OutOfMemoryError) as e:
+        run_raising(jax.errors.JaxRuntimeError(
+            "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB."),
+            tmp_path / "b")
+    at = 2 if which == "train" else 3  # the hypergradient follows the step it counts
+    hint = "method.train_chunk" if which == "train" else "method.hyper_chunk"
+    assert re.fullmatch(
+        rf"step {at}: out of device memory in the {phase} \(RESOURCE_EXHAUSTED: Out of memory "
+        rf"while trying to allocate 1.00GiB.\)\. The run stopped .*\(last: .*b step 2\).* "
+        rf"For the {phase}: {hint} .*scripts/compile_check.py .*", str(e.value)), str(e.value)
 
 
 def _free_port():
