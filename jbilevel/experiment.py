@@ -598,8 +598,10 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
         "validation_in_training": cfg.method.method in TRAINS_ON_VALIDATION,
         "test_withheld": cfg.data.test_withheld,  # data.score_test=false: no test_* figures
     }
-    if interrupted is not None:  # no final evaluation, weights or model: not a finished run
+
+    def stopped(interrupted: dict) -> dict:  # no final evaluation, weights or model
         interrupted["last_checkpoint"] = rundir.latest_checkpoint(out)
+        result["interrupted"] = interrupted
         result["data"] = data_reports(cfg, task)
         console.warn(f"run interrupted ({interrupted['reason']}): {interrupted['message']}")
         if jax.process_index() == 0:
@@ -608,12 +610,27 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
             raise preempted  # exit status 143; the same command resumes
         return result
 
+    if interrupted is not None:  # not a finished run
+        return stopped(interrupted)
+    try:
+        return _finish(cfg, out, console, result, state, model, lora, task, data_set, good_N,
+                       learned)
+    except train.OutOfMemoryError as e:  # the final state is saved: a rerun evaluates it
+        return stopped({"reason": "out_of_memory", "message": str(e)})
+
+
+def _finish(cfg, out: Path, console, result: dict, state, model, lora: bool, task, data_set,
+            good_N, learned: bool) -> dict:
+    """A finished run's final evaluation (out of device memory: ``train.OutOfMemoryError``),
+    report and model."""
     params = final_params(state, model, lora)
     plain_loss = lm_example_loss(model)
     if (note := inputs.withheld_note(cfg.data, out)) is not None:
         console.info(note)
     s_N = _host_weights(state, cfg.method.weighting)
-    with console.phase("final evaluation") as phase:
+    last = f"{out / 'checkpoints'} step {rundir.latest_checkpoint(out)}"
+    with (train.naming_out_of_memory("final evaluation", result["steps"], last),
+          console.phase("final evaluation") as phase):
         result["val_loss"] = mean_loss(plain_loss, params, task.validation, cfg.eval_batch_size)
         if task.test is not None:
             result["test_loss"] = mean_loss(plain_loss, params, task.test, cfg.eval_batch_size)

@@ -37,7 +37,8 @@ RESUMABLE = (
     "loop.steps", "loop.log_every", "loop.checkpoint_every", "loop.keep", "loop.progress",
     "loop.eval_every", "eval_batch_size", "mesh.data", "mesh.fsdp", "mesh.tensor",
     "model.remat", "model.remat_policy", "model.scan_unroll", "model.attention",
-    "method.train_chunk", "method.hyper_chunk", "data.score_validation", "data.score_test",
+    "method.train_chunk", "method.hyper_chunk", "online.gather_params",
+    "data.score_validation", "data.score_test",
 )
 # compared through run.json's fingerprint of their contents instead (check_fingerprint)
 BY_CONTENT = ("data.train", "data.validation", "data.test", "model.path")

@@ -20,6 +20,7 @@ processes on this host).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -75,19 +76,37 @@ _MEMORY_HINTS = {
     "online refresh": "online.generate_batch_size (prompts per sampler call), "
                       "online.gather_params=false",
     "evaluation": "eval_batch_size",
+    "final evaluation": "eval_batch_size (prompts per decoding batch), "
+                        "online.gather_params=false (the weights split while decoding)",
 }
 
 
-def _out_of_memory(error: Exception, doing: str, step: int, ckpt) -> OutOfMemoryError:
+def _out_of_memory(error: Exception, doing: str, step: int, last: str) -> OutOfMemoryError:
     """The user's message for an XLA ``RESOURCE_EXHAUSTED`` raised in ``doing`` at ``step``."""
     what = next((line for line in str(error).splitlines() if line.strip()), "")[:300]
-    where = f"{ckpt.directory} step {ckpt.latest_step()}" if ckpt else "none (no ckpt)"
     return OutOfMemoryError(
         f"step {step}: out of device memory in the {doing} ({what}). The run stopped and "
-        f"nothing after the last checkpoint was saved (last: {where}); the same command "
+        f"nothing after the last checkpoint was saved (last: {last}); the same command "
         f"with less memory a step resumes from it. For the {doing}: {_MEMORY_HINTS[doing]}; "
         "for every step: model.remat=true, or more devices in mesh.fsdp. "
         "scripts/compile_check.py measures each step's memory ahead of a run (docs/scale.md)")
+
+
+def _last_checkpoint(ckpt) -> str:
+    return f"{ckpt.directory} step {ckpt.latest_step()}" if ckpt else "none (no ckpt)"
+
+
+@contextlib.contextmanager
+def naming_out_of_memory(doing: str, step: int, last: str):
+    """Turns XLA's ``RESOURCE_EXHAUSTED`` inside the block into :class:`OutOfMemoryError`
+    naming ``doing`` (a key of the hints: ``"final evaluation"``, ...), the step and the
+    last checkpoint ``last``; other errors pass unchanged."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        raise _out_of_memory(e, doing, step, last) from e
 
 
 class Preempted(SystemExit):
@@ -437,7 +456,7 @@ def run(
         bad = [k for k, v in record.items()
                if ("loss" in k or "norm" in k) and not math.isfinite(v)]
         if bad:
-            where = f"{ckpt.directory} step {ckpt.latest_step()}" if ckpt else "none (no ckpt)"
+            where = _last_checkpoint(ckpt)
             raise NonFiniteLossError(
                 f"step {at}: non-finite {', '.join(f'{k}={record[k]}' for k in bad)}; the run "
                 f"stopped and nothing after the last good checkpoint was saved (last good: "
@@ -507,7 +526,7 @@ def run(
         except jax.errors.JaxRuntimeError as e:
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise
-            raise _out_of_memory(e, doing, step, ckpt) from e
+            raise _out_of_memory(e, doing, step, _last_checkpoint(ckpt)) from e
         if step > start_step and (not loop.checkpoint_every or step % loop.checkpoint_every):
             save(step)  # the final state, unless the periodic save just wrote it
     if ckpt is not None:

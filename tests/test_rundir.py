@@ -125,6 +125,41 @@ def test_non_finite_loss_marks_the_run_interrupted(tmp_path, capsys):
     assert result["data"]["train"]["n_kept"] == 16
 
 
+def test_out_of_memory_in_the_final_evaluation_stops_with_the_settings_then_resumes(
+        tmp_path, capsys, monkeypatch):
+    """The final evaluation out of device memory (XLA's RESOURCE_EXHAUSTED, raised as XLA
+    raises it): results.json records the reason with the final checkpoint, the warning names
+    the settings that lower the evaluation's memory, exit status 3; the same command with a
+    smaller eval_batch_size then evaluates the saved final state without training again."""
+    import jax
+
+    args = ["train", "--out", str(tmp_path), "-q", "method.method=sft",
+            "task.options={n_train: 16, n_val: 8, n_test: 8}", "model.hidden_size=32",
+            "model.num_layers=1", "model.num_heads=2", "model.intermediate_size=64",
+            "loop.steps=2", "batch_size=8", "val_batch_size=8", "eval_batch_size=8"]
+    score_splits = experiment.score_splits
+
+    def out_of_memory(*a, **k):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to "
+                                         "allocate 9.00GiB.")
+
+    monkeypatch.setattr(experiment, "score_splits", out_of_memory)
+    assert cli.main(args) == cli.EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert ("warning: run interrupted (out_of_memory): step 2: out of device memory in the "
+            "final evaluation (RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+            "9.00GiB.)") in err
+    assert "For the final evaluation: eval_batch_size (prompts per decoding batch)" in err
+    reason = json.loads((tmp_path / "results.json").read_text())["interrupted"]
+    assert reason["reason"] == "out_of_memory" and reason["last_checkpoint"] == 2
+    assert not (tmp_path / "model").exists()
+    monkeypatch.setattr(experiment, "score_splits", score_splits)
+    assert cli.main([*args[:-1], "eval_batch_size=4"]) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["interrupted"] is None and result["resumed_from"] == 2
+    assert result["val_loss"] > 0 and (tmp_path / "model" / "config.json").exists()
+
+
 def test_demo_refusal_names_the_demo_directory(tmp_path):
     from jbilevel import demo
 
