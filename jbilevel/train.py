@@ -85,9 +85,10 @@ def _out_of_memory(error: Exception, doing: str, step: int, last: str) -> OutOfM
     """The user's message for an XLA ``RESOURCE_EXHAUSTED`` raised in ``doing`` at ``step``."""
     what = next((line for line in str(error).splitlines() if line.strip()), "")[:300]
     return OutOfMemoryError(
-        f"step {step}: out of device memory in the {doing} ({what}). The run stopped and "
-        f"nothing after the last checkpoint was saved (last: {last}); the same command "
-        f"with less memory a step resumes from it. For the {doing}: {_MEMORY_HINTS[doing]}; "
+        f"step {step}: out of device memory in the {doing} ({what}). The run stopped; "
+        f"nothing after the last checkpoint was saved (last: {last}), and the same command "
+        f"with the {doing}'s memory lowered resumes from it. For the {doing}: "
+        f"{_MEMORY_HINTS[doing]}; "
         "for every step: model.remat=true, or more devices in mesh.fsdp. "
         "scripts/compile_check.py measures each step's memory ahead of a run (docs/scale.md)")
 
