@@ -216,7 +216,7 @@ def test_out_of_memory_names_the_phase_and_its_settings_and_keeps_the_checkpoint
     hint = "method.train_chunk" if which == "train" else "method.hyper_chunk"
     assert re.fullmatch(
         rf"step {at}: out of device memory in the {phase} \(RESOURCE_EXHAUSTED: Out of memory "
-        rf"while trying to allocate 1.00GiB.\)\. The run stopped .*\(last: .*b step 2\).* "
+        rf"while trying to allocate 1.00GiB.\)\. The run stopped; .*\(last: .*b step 2\).* "
         rf"For the {phase}: {hint} .*scripts/compile_check.py .*", str(e.value)), str(e.value)
 
 
