@@ -227,6 +227,12 @@ def main(argv=None) -> int:
                               "(online.gather_params=false) or --tensor")
                 if step in ("generate", "log ratios"):
                     hints.add("fewer rows per sampler call: --generate-per-device")
+                if step == "train" and not args.train_chunk_per_device:
+                    hints.add("the train step's gradient over passes of fewer rows: "
+                              "--train-chunk-per-device (method.train_chunk)")
+                if step == "hyper":
+                    hints.add("fewer rows per hypergradient pass: --hyper-chunk-per-device "
+                              "(method.hyper_chunk), --hessian-rows-per-device")
     if worst > args.max_ratio:
         print(f"FAIL: parameters + optimizer state per device are {worst:.3f}x total/n "
               f"(> {args.max_ratio})", file=sys.stderr)
