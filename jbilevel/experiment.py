@@ -612,9 +612,9 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
 
     if interrupted is not None:  # not a finished run
         return stopped(interrupted)
-    try:
-        return _finish(cfg, out, console, result, state, model, lora, task, data_set, good_N,
-                       learned)
+    try:  # on a copy: a final evaluation that stops leaves none of its figures in result
+        return _finish(cfg, out, console, dict(result), state, model, lora, task, data_set,
+                       good_N, learned)
     except train.OutOfMemoryError as e:  # the final state is saved: a rerun evaluates it
         return stopped({"reason": "out_of_memory", "message": str(e)})
 

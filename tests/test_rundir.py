@@ -150,9 +150,10 @@ def test_out_of_memory_in_the_final_evaluation_stops_with_the_settings_then_resu
             "final evaluation (RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
             "9.00GiB.)") in err
     assert "For the final evaluation: eval_batch_size (prompts per decoding batch)" in err
-    reason = json.loads((tmp_path / "results.json").read_text())["interrupted"]
+    stopped = json.loads((tmp_path / "results.json").read_text())
+    reason = stopped["interrupted"]
     assert reason["reason"] == "out_of_memory" and reason["last_checkpoint"] == 2
-    assert not (tmp_path / "model").exists()
+    assert "val_loss" not in stopped and not (tmp_path / "model").exists()
     monkeypatch.setattr(experiment, "score_splits", score_splits)
     assert cli.main([*args[:-1], "eval_batch_size=4"]) == 0
     result = json.loads((tmp_path / "results.json").read_text())
