@@ -97,6 +97,14 @@ def _last_checkpoint(ckpt) -> str:
     return f"{ckpt.directory} step {ckpt.latest_step()}" if ckpt else "none (no ckpt)"
 
 
+def _raise_named(error: jax.errors.JaxRuntimeError, doing: str, step: int, last: str):
+    """Raises ``error`` as :class:`OutOfMemoryError` if it is XLA's ``RESOURCE_EXHAUSTED``
+    (see :func:`_out_of_memory`), else unchanged."""
+    if "RESOURCE_EXHAUSTED" not in str(error):
+        raise error
+    raise _out_of_memory(error, doing, step, last) from error
+
+
 @contextlib.contextmanager
 def naming_out_of_memory(doing: str, step: int, last: str):
     """Turns XLA's ``RESOURCE_EXHAUSTED`` inside the block into :class:`OutOfMemoryError`
@@ -105,9 +113,7 @@ def naming_out_of_memory(doing: str, step: int, last: str):
     try:
         yield
     except jax.errors.JaxRuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        raise _out_of_memory(e, doing, step, last) from e
+        _raise_named(e, doing, step, last)
 
 
 class Preempted(SystemExit):
@@ -524,10 +530,8 @@ def run(
                     break
             if pending is not None:
                 read(pending)
-        except jax.errors.JaxRuntimeError as e:
-            if "RESOURCE_EXHAUSTED" not in str(e):
-                raise
-            raise _out_of_memory(e, doing, step, _last_checkpoint(ckpt)) from e
+        except jax.errors.JaxRuntimeError as e:  # the phase is known only here
+            _raise_named(e, doing, step, _last_checkpoint(ckpt))
         if step > start_step and (not loop.checkpoint_every or step % loop.checkpoint_every):
             save(step)  # the final state, unless the periodic save just wrote it
     if ckpt is not None:
