@@ -141,8 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     console = Console(QUIET if args.quiet else VERBOSE if args.verbose else NORMAL)
     command = {"demo": _demo, "train": _train, "eval": _eval, "export": _export}[args.command]
+    from jbilevel import distributed
+
     try:
-        return command(args, console)
+        status = command(args, console)
     except UserError as e:
         console.close_bar()
         if args.verbose:
@@ -150,7 +152,17 @@ def main(argv: list[str] | None = None) -> int:
 
             traceback.print_exc()
         print(f"jbilevel {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        status = EXIT_USER_ERROR
+    except Exception:
+        if not distributed.stopped_here():
+            raise
+        import traceback
+
+        traceback.print_exc()
+        status = 1
+    if distributed.stopped_here():  # a multi-process run this process stopped: other
+        distributed.leave(status)  # processes may be blocked in a collective; no barrier
+    return status
 
 
 def _compile_cache(args, console) -> None:

@@ -47,8 +47,8 @@ class Console:
         self.stream = stream
         self._bar = None  # the TrainBar on screen, if any
 
-    def _write(self, line: str) -> None:
-        if not _first_process():
+    def _write(self, line: str, any_process: bool = False) -> None:
+        if not (any_process or _first_process()):
             return
         stream = self.stream or sys.stderr
         if self._bar is not None:
@@ -66,9 +66,10 @@ class Console:
         if self.verbosity >= VERBOSE:
             self._write(line)
 
-    def warn(self, line: str) -> None:
-        """A warning: shown at every verbosity, ``--quiet`` included."""
-        self._write(f"warning: {line}")
+    def warn(self, line: str, own: bool = False) -> None:
+        """A warning: shown at every verbosity, ``--quiet`` included; ``own``: news of this
+        process alone (a multi-process run it stopped), written whichever process it is."""
+        self._write(f"warning: {line}", any_process=own)
 
     @contextlib.contextmanager
     def phase(self, what: str) -> Iterator[Phase]:

@@ -4,12 +4,24 @@ On a TPU pod or a multi-node GPU cluster every host runs the same program;
 ``jax.distributed.initialize`` joins them into one set of global devices. Each process then
 loads only its slice of every global batch, and :func:`global_batch` assembles the slices
 into arrays sharded over the whole mesh.
+
+A process that stops a run on its own (out of device memory on its devices, an error of its
+own) cannot tell the others through the collectives they are blocked in. It tells them
+through JAX's coordination service instead (:func:`announce_stop`); each process watches for
+that while it runs (:func:`watching_for_stops`) and, unless it stops by itself within
+``STOP_GRACE_S``, leaves with the stopped process's reason and exit status 3 (:func:`leave`).
+Without this the others would wait in their next collective until JAX's shutdown barrier
+gives up (5 minutes) and aborts every process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any
+import sys
+import threading
+import time
+from typing import Any, NoReturn
 
 import jax
 
@@ -74,3 +86,105 @@ def global_batch(batch: dict[str, Any], sharding: jax.sharding.NamedSharding) ->
     if jax.process_count() == 1:
         return jax.device_put(batch, sharding)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+STOP_KEY = "jbilevel/stopped"  # coordination-service key: the first stopping process's reason
+STOP_GRACE_S = 60.0  # how long a process may take to stop by itself once another has (the
+# failure may be every process's, e.g. a program too large for every device); then it leaves
+EXIT_STOPPED = 3  # the command line's status for a run that stopped before its last step
+
+_stopping = threading.Event()  # set once this process stops a multi-process run by itself
+
+
+def _client():
+    """JAX's coordination-service client (no public API offers its key-value store)."""
+    from jax._src import distributed as jax_distributed
+
+    return jax_distributed.global_state.client
+
+
+def announce_stop(reason: str) -> bool:
+    """Tells the other processes of a multi-process run that this one stops, and why.
+
+    A no-op for a single process. Returns True if this process's reason is the one the
+    others will print (the first announced).
+    """
+    if jax.process_count() == 1:
+        return False
+    _stopping.set()
+    who = f"process {jax.process_index()} of {jax.process_count()}"
+    try:
+        _client().key_value_set(STOP_KEY, f"{who} stopped the run: {reason}")
+    except jax.errors.JaxRuntimeError:  # ALREADY_EXISTS: another process stopped first
+        return False
+    return True
+
+
+def stopped_here() -> bool:
+    """True if this process stopped a multi-process run by itself (:func:`announce_stop`)."""
+    return _stopping.is_set()
+
+
+@contextlib.contextmanager
+def watching_for_stops():
+    """While the block runs, a thread waits for another process's :func:`announce_stop`.
+
+    If this process has not stopped by itself ``STOP_GRACE_S`` after that, the thread prints
+    the other's reason and calls :func:`leave` with ``EXIT_STOPPED``: this process's main
+    thread is then blocked in a collective the stopped process will never join, and no
+    Python exception can reach it. A no-op for a single process.
+    """
+    if jax.process_count() == 1:
+        yield
+        return
+    done = threading.Event()
+    watcher = threading.Thread(target=_watch, args=(done,), name="jbilevel-stop-watch",
+                               daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()  # the thread sees it within a second; it must not be inside the client's
+        watcher.join()  # call when the interpreter exits (C++ aborts the process then)
+
+
+def _watch(done: threading.Event) -> None:
+    client = _client()
+    while not done.is_set():
+        try:
+            reason = client.blocking_key_value_get(STOP_KEY, 1000)
+            break
+        except jax.errors.JaxRuntimeError as e:
+            if "DEADLINE_EXCEEDED" not in str(e):
+                return  # the service is gone: JAX itself ends this process
+    else:
+        return
+    if done.wait(STOP_GRACE_S) or _stopping.is_set():
+        return  # this process stopped too (the same failure everywhere) or finished
+    print(f"jbilevel: {reason}\njbilevel: process {jax.process_index()} cannot go on without "
+          f"it and leaves too (exit status {EXIT_STOPPED}); the run's results.json and last "
+          "checkpoint are where the stopped process wrote them, and the same command "
+          "resumes", file=sys.stderr, flush=True)
+    leave(EXIT_STOPPED)
+
+
+def leave(status: int) -> NoReturn:
+    """Ends this process of a stopped multi-process run with ``status``, at once.
+
+    A normal exit would wait in JAX's shutdown barrier for processes still blocked in a
+    collective. Process 0 hosts the coordination service, so it leaves last: it waits up to
+    ``STOP_GRACE_S`` + 60 s for the others to have left (each says so before it does).
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    client, me = _client(), jax.process_index()
+    try:
+        client.key_value_set(f"jbilevel/left/{me}", "1")
+        if me == 0:
+            for k in range(1, jax.process_count()):
+                client.blocking_key_value_get(f"jbilevel/left/{k}",
+                                              int((STOP_GRACE_S + 60) * 1000))
+            time.sleep(1.0)  # the last one's exit, between its word and its os._exit
+    except jax.errors.JaxRuntimeError:
+        pass  # a process never said it left (or the service is gone): leave anyway
+    os._exit(status)

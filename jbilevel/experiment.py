@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbilevel import config as config_lib
-from jbilevel import inputs, rundir, train, weights
+from jbilevel import distributed, inputs, rundir, train, weights
 from jbilevel import sharding as sh
 from jbilevel.algorithms import MethodConfig, init_state, make_steps, refresh
 from jbilevel.algorithms import online as online_lib
@@ -431,10 +432,25 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
 
     Returns:
       The results record also written to ``out_dir/results.json``. Its ``interrupted`` is
-      None for a finished run; for one that stopped early (a non-finite loss, or the loop
-      returning before ``loop.steps``) it says why, and only results.json is written (the
-      last good checkpoint stays in ``out_dir/checkpoints``).
+      None for a finished run; for one that stopped early (a non-finite loss, out of device
+      memory, or the loop returning before ``loop.steps``) it says why, and only
+      results.json is written (the last good checkpoint stays in ``out_dir/checkpoints``).
+
+    In a multi-process run a process that stops by itself (out of memory on its devices, an
+    exception of its own) tells the others (``jbilevel.distributed.announce_stop``), and
+    writes results.json even if it is not process 0; the others leave within
+    ``distributed.STOP_GRACE_S`` (``jbilevel train`` then ends every process with status 3).
     """
+    with distributed.watching_for_stops():
+        try:
+            return _run(cfg, out_dir, progress=progress, console=console)
+        except Exception as e:  # this process's own error: the others must not wait for it
+            distributed.announce_stop(f"{type(e).__name__}: {e}")
+            raise
+
+
+def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
+         console: Console | None) -> dict:
     from jbilevel.models import build
 
     console = console or Console()
@@ -513,8 +529,8 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
     step = start = 0
     with Checkpointer(out / "checkpoints", keep=loop.keep) as ckpt:
         load = cfg.model.path is not None and (ckpt.latest_step() is None or lora)
-        with console.phase(f"loading weights from {cfg.model.path}" if load
-                           else "setting up the model") as phase:
+        doing = f"loading weights from {cfg.model.path}" if load else "setting up the model"
+        with console.phase(doing) as phase, train.naming_setup_out_of_memory(doing):
             init, init_args, state_sh, example_loss = state_setup(
                 cfg, model, n, mesh, rules, load_weights=ckpt.latest_step() is None or lora)
             phase.summary = rundir.model_summary(model.config, cfg.model.path)
@@ -538,8 +554,10 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
             hyper=console.first_call(compiled.hyper, "hypergradient step"),
             train_offline=console.first_call(compiled.train_offline, train_step))
         latest = ckpt.latest_step()
-        with console.phase(f"restoring the checkpoint of step {latest}" if latest is not None
-                           else "initialising the train state"):
+        doing = (f"restoring the checkpoint of step {latest}" if latest is not None
+                 else "initialising the train state")
+        state_gib = train.per_device_gib(jax.eval_shape(init, *init_args), state_sh)
+        with console.phase(doing), train.naming_setup_out_of_memory(doing, state_gib):
             # earlier: the earlier sessions' time up to that checkpoint
             state, start, earlier = train.restore_or_init(
                 ckpt, init, state_sh, train.data_sources(data, val, hyper), init_args)
@@ -603,8 +621,12 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
         interrupted["last_checkpoint"] = rundir.latest_checkpoint(out)
         result["interrupted"] = interrupted
         result["data"] = data_reports(cfg, task)
-        console.warn(f"run interrupted ({interrupted['reason']}): {interrupted['message']}")
-        if jax.process_index() == 0:
+        # a process that stops by itself says so and writes the record: process 0 may be
+        # blocked in a collective (or stopped the same way)
+        first = preempted is None and distributed.announce_stop(interrupted["message"])
+        console.warn(f"run interrupted ({interrupted['reason']}): {interrupted['message']}",
+                     own=first)
+        if jax.process_index() == 0 or first:
             _write_json(out / "results.json", result)
         if preempted is not None:
             raise preempted  # exit status 143; the same command resumes
@@ -659,7 +681,11 @@ def _finish(cfg, out: Path, console, result: dict, state, model, lora: bool, tas
 
 
 def _write_json(path: Path, record: dict) -> None:
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    """Writes by renaming a temporary file of this process's own: two processes of a stopped
+    run may both write the record, and a reader sees one whole file."""
+    tmp = path.with_name(f"{path.name}.{jax.process_index()}.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def _host_weights(state, weighting: str) -> np.ndarray:

@@ -81,9 +81,13 @@ _MEMORY_HINTS = {
 }
 
 
+def _first_line(error: Exception) -> str:
+    return next((line for line in str(error).splitlines() if line.strip()), "")[:300]
+
+
 def _out_of_memory(error: Exception, doing: str, step: int, last: str) -> OutOfMemoryError:
     """The user's message for an XLA ``RESOURCE_EXHAUSTED`` raised in ``doing`` at ``step``."""
-    what = next((line for line in str(error).splitlines() if line.strip()), "")[:300]
+    what = _first_line(error)
     return OutOfMemoryError(
         f"step {step}: out of device memory in the {doing} ({what}). The run stopped; "
         f"nothing after the last checkpoint was saved (last: {last}), and the same command "
@@ -103,6 +107,40 @@ def _raise_named(error: jax.errors.JaxRuntimeError, doing: str, step: int, last:
     if "RESOURCE_EXHAUSTED" not in str(error):
         raise error
     raise _out_of_memory(error, doing, step, last) from error
+
+
+def per_device_gib(shapes, shardings) -> float:
+    """GiB a device holds of a tree of ``shapes`` (arrays or ``jax.ShapeDtypeStruct``s) laid
+    out by ``shardings`` (one device's shard of each leaf; evenly split leaves)."""
+    total = sum(math.prod(sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+                for x, sharding in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings),
+                                       strict=True))
+    return total / 2**30
+
+
+@contextlib.contextmanager
+def naming_setup_out_of_memory(doing: str, state_gib: float | None = None):
+    """Turns XLA's ``RESOURCE_EXHAUSTED`` while ``doing`` (loading the weights, building or
+    restoring the train state: before any step) into a :class:`~jbilevel.errors.UserError`
+    naming the settings that shrink the state; ``state_gib``: what it takes a device."""
+    from jbilevel.errors import UserError
+
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        what = _first_line(e)
+        size = ("" if state_gib is None else
+                f"; the train state (parameters, optimizer state, weights) takes "
+                f"{state_gib:.2f} GiB a device on this mesh")
+        raise UserError(
+            f"out of device memory while {doing} ({what}){size}. Lower it with "
+            "model.param_dtype=bfloat16 (parameters and optimizer state at half of float32's "
+            "size), theta.kind=lora (the base frozen: no optimizer state for it), or more "
+            "devices in mesh.fsdp (each holds 1/fsdp of the state); "
+            "scripts/compile_check.py measures the state and every step ahead of a run "
+            "(docs/scale.md)") from e
 
 
 @contextlib.contextmanager

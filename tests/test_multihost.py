@@ -14,6 +14,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from jbilevel import cli
@@ -156,3 +157,48 @@ def test_sigterm_on_one_process_stops_both_then_resume_eval_export(tmp_path):
     assert len((tmp_path / "top.jsonl").read_text().splitlines()) == 32
     curated = (out / "curated.jsonl").read_text().splitlines()
     assert len(curated) == 64 and "weight" in json.loads(curated[0])
+
+
+# Process {who} alone runs out of device memory at its 9th batch (step 4, right after the
+# step-4 checkpoint); the other is then blocked in the next step's collectives.
+ONE_PROCESS_OUT_OF_MEMORY = """\
+import os
+import jax
+jax.config.update("jax_num_cpu_devices", 4)
+from jbilevel import cli, distributed
+from jbilevel.data import Batcher
+distributed.STOP_GRACE_S = 5.0
+if os.environ["JBILEVEL_PROCESS_ID"] == "{who}":
+    real, calls = Batcher.__next__, []
+    def short_of_memory(self):
+        calls.append(1)
+        if len(calls) == 9:
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 1 "
+                                             "bytes (a device of this process only)")
+        return real(self)
+    Batcher.__next__ = short_of_memory
+cli.main(["train", "--config", {config!r}, "--out", {out!r}, "loop.checkpoint_every=4"])
+raise AssertionError("jbilevel train returned: a stopped multi-process run leaves at once")
+"""
+
+
+@pytest.mark.parametrize("who", [1, 0])
+def test_out_of_memory_on_one_process_stops_both_with_its_reason(tmp_path, who):
+    """Before, the other process waited in its next collective until JAX's shutdown barrier
+    gave up (5 minutes) and aborted both (status 134); with process 1 stopped, nothing wrote
+    results.json (process 0 writes it)."""
+    path, out = tmp_path / "tiny.yaml", tmp_path / "run"
+    path.write_text(CONFIG)
+    done = _two_processes(ONE_PROCESS_OUT_OF_MEMORY.format(
+        who=who, config=str(path), out=str(out)), tmp_path / "jax_cache")
+    for code, _, err in done:
+        assert code == 3, err[-3000:]  # the stopped run's status, on both
+    stopped, other = done[who][2], done[1 - who][2]
+    assert "step 4: out of device memory in the train step" in stopped
+    assert f"process {who} of 2 stopped the run: step 4: out of device memory" in other
+    assert f"process {1 - who} cannot go on without it and leaves too (exit status 3)" in other
+    record = json.loads((out / "results.json").read_text())
+    assert record["interrupted"]["reason"] == "out_of_memory"
+    assert record["interrupted"]["last_checkpoint"] == 4 and record["steps"] == 0
+    assert sorted(os.listdir(out)) == sorted(  # no tmp file of either writer left behind
+        ["checkpoints", "config.yaml", "metrics.jsonl", "results.json", "run.json", "tensorboard"])

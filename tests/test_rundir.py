@@ -161,6 +161,50 @@ def test_out_of_memory_in_the_final_evaluation_stops_with_the_settings_then_resu
     assert result["val_loss"] > 0 and (tmp_path / "model" / "config.json").exists()
 
 
+def test_out_of_memory_while_initialising_the_state_is_one_message(tmp_path, capsys,
+                                                                     monkeypatch):
+    """A train state too large for the devices (XLA's RESOURCE_EXHAUSTED before any step) is
+    a setting to change: one message with the state's size a device and the settings that
+    shrink it, exit status 2, no traceback; nothing else is wrong with the directory."""
+    import jax
+
+    from jbilevel import train
+
+    def out_of_memory(*a, **k):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to "
+                                         "allocate 30.00GiB.")
+
+    monkeypatch.setattr(train, "restore_or_init", out_of_memory)
+    args = ["train", "--out", str(tmp_path), "-q", "method.method=sft",
+            "task.options={n_train: 16, n_val: 8, n_test: 8}", "model.hidden_size=32",
+            "model.num_layers=1", "model.num_heads=2", "model.intermediate_size=64",
+            "loop.steps=2", "batch_size=8", "val_batch_size=8", "eval_batch_size=8"]
+    assert cli.main(args) == cli.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert ("jbilevel train: error: out of device memory while initialising the train state "
+            "(RESOURCE_EXHAUSTED: Out of memory while trying to allocate 30.00GiB.); the train "
+            "state (parameters, optimizer state, weights) takes ") in err
+    assert ("GiB a device on this mesh. Lower it with model.param_dtype=bfloat16 (parameters "
+            "and optimizer state at half of float32's size), theta.kind=lora") in err
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_per_device_gib_counts_one_shard_of_each_leaf():
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jbilevel import train
+
+    mesh = jax.make_mesh((8,), ("fsdp",))
+    tree = {"split": jax.ShapeDtypeStruct((8, 4), jnp.float32),  # a (1, 4) shard: 16 bytes
+            "whole": jax.ShapeDtypeStruct((3,), jnp.bfloat16)}  # replicated: 6 bytes
+    shardings = {"split": NamedSharding(mesh, PartitionSpec("fsdp")),
+                 "whole": NamedSharding(mesh, PartitionSpec())}
+    assert train.per_device_gib(tree, shardings) == 22 / 2**30
+
+
 def test_demo_refusal_names_the_demo_directory(tmp_path):
     from jbilevel import demo
 
