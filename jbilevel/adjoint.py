@@ -327,13 +327,8 @@ def _value_and_grad_in_chunks(weighting: str, omega, groups, theta, *, coeff, ex
             total, loss_B = _group_share(weighting, omega, n, loss, scale, th, part)
             return coeff * total, loss_B
 
-        def one(acc, part, share=share):  # acc plus this chunk's pass
-            (v, loss_B), g = jax.value_and_grad(share, has_aux=True)(theta, part)
-            g = sh.constrain_like_params(jax.tree.map(jnp.add, acc[1], as_f32(g)))
-            return (acc[0] + v.astype(acc[0].dtype), g), loss_B
-
-        def group_pass(acc, chunks, one=one, n_rows=n_rows):
-            acc, loss_KxC = jax.lax.scan(one, acc, chunks)
+        def group_pass(acc, chunks, share=share, n_rows=n_rows):
+            acc, loss_KxC = _sum_of_passes(share, theta, chunks, acc)
             return acc, chunk_rows(loss_KxC, n_rows)
 
         def skip(acc, chunks, group_pass=group_pass):  # the sum as it was, zero losses
@@ -512,21 +507,28 @@ def outer_value_and_grad(outer_loss: Callable, theta, batch, *, chunk: int | Non
     def total(th, part):  # this chunk's share of the mean over all n valid rows
         loss_B = outer_loss.example_loss(th, part)
         valid_B = part["valid"].astype(loss_B.dtype)
-        return jnp.sum(jnp.where(valid_B > 0, loss_B, 0.0) * valid_B) / n
+        return jnp.sum(jnp.where(valid_B > 0, loss_B, 0.0) * valid_B) / n, None
 
-    def one(carry, part):
-        f, acc = carry
-        value, grad = jax.value_and_grad(total)(theta, part)
-        acc = sh.constrain_like_params(jax.tree.map(jnp.add, acc, as_f32(grad)))
-        return (f + value, acc), None
-
-    zero = sh.constrain_like_params(jax.tree.map(
-        lambda x: jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)), theta))
     first = jax.tree.map(lambda x: x[0], chunks)
-    f_zero = jnp.zeros((), jnp.promote_types(jax.eval_shape(total, theta, first).dtype,
+    f_zero = jnp.zeros((), jnp.promote_types(jax.eval_shape(total, theta, first)[0].dtype,
                                              jnp.float32))
-    (f_val, grad_f), _ = jax.lax.scan(one, (f_zero, zero), chunks)
+    zero = sh.constrain_like_params(as_f32(jax.tree.map(jnp.zeros_like, theta)))
+    (f_val, grad_f), _ = _sum_of_passes(total, theta, chunks, (f_zero, zero))
     return f_val, grad_f
+
+
+def _sum_of_passes(fn, theta, chunks, acc):
+    """``acc`` plus ``value_and_grad(fn, has_aux=True)(theta, chunk)`` over the leading axis
+    of ``chunks``, one reverse pass per chunk in a ``lax.scan``: ``acc`` is ``(value,
+    grads)`` in at least float32, the running gradient pinned to theta's sharding. Returns
+    ``(acc, aux stacked over the chunks)``."""
+
+    def one(acc, part):
+        (v, aux), g = jax.value_and_grad(fn, has_aux=True)(theta, part)
+        g = sh.constrain_like_params(jax.tree.map(jnp.add, acc[1], as_f32(g)))
+        return (acc[0] + v.astype(acc[0].dtype), g), aux
+
+    return jax.lax.scan(one, acc, chunks)
 
 
 def interleaved_chunks(batch: dict, chunk: int) -> dict:
