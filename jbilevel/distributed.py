@@ -181,9 +181,10 @@ def leave(status: int) -> NoReturn:
     try:
         client.key_value_set(f"jbilevel/left/{me}", "1")
         if me == 0:
+            deadline = time.monotonic() + STOP_GRACE_S + 60
             for k in range(1, jax.process_count()):
-                client.blocking_key_value_get(f"jbilevel/left/{k}",
-                                              int((STOP_GRACE_S + 60) * 1000))
+                left_ms = max(int((deadline - time.monotonic()) * 1000), 1)
+                client.blocking_key_value_get(f"jbilevel/left/{k}", left_ms)
             time.sleep(1.0)  # the last one's exit, between its word and its os._exit
     except jax.errors.JaxRuntimeError:
         pass  # a process never said it left (or the service is gone): leave anyway
