@@ -133,7 +133,7 @@ def naming_setup_out_of_memory(doing: str, state_gib: float | None = None):
         what = _first_line(e)
         size = ("" if state_gib is None else
                 f"; the train state (parameters, optimizer state, weights) takes "
-                f"{state_gib:.2f} GiB a device on this mesh")
+                f"{state_gib:.3g} GiB a device on this mesh")
         raise UserError(
             f"out of device memory while {doing} ({what}){size}. Lower it with "
             "model.param_dtype=bfloat16 (parameters and optimizer state at half of float32's "
