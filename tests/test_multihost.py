@@ -159,25 +159,26 @@ def test_sigterm_on_one_process_stops_both_then_resume_eval_export(tmp_path):
     assert len(curated) == 64 and "weight" in json.loads(curated[0])
 
 
-# Process {who} alone runs out of device memory at its 9th batch (step 4, right after the
-# step-4 checkpoint); the other is then blocked in the next step's collectives.
+# Process {who} alone runs out of device memory at its 6th batch (step 5, after the step-4
+# checkpoint); the other is then blocked in that step's collectives. sft: the fewest programs.
 ONE_PROCESS_OUT_OF_MEMORY = """\
 import os
 import jax
 jax.config.update("jax_num_cpu_devices", 4)
 from jbilevel import cli, distributed
 from jbilevel.data import Batcher
-distributed.STOP_GRACE_S = 5.0
+distributed.STOP_GRACE_S = 2.0
 if os.environ["JBILEVEL_PROCESS_ID"] == "{who}":
     real, calls = Batcher.__next__, []
     def short_of_memory(self):
         calls.append(1)
-        if len(calls) == 9:
+        if len(calls) == 6:
             raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 1 "
                                              "bytes (a device of this process only)")
         return real(self)
     Batcher.__next__ = short_of_memory
-cli.main(["train", "--config", {config!r}, "--out", {out!r}, "loop.checkpoint_every=4"])
+cli.main(["train", "--config", {config!r}, "--out", {out!r}, "method.method=sft",
+          "loop.checkpoint_every=4"])
 raise AssertionError("jbilevel train returned: a stopped multi-process run leaves at once")
 """
 
@@ -194,8 +195,8 @@ def test_out_of_memory_on_one_process_stops_both_with_its_reason(tmp_path, who):
     for code, _, err in done:
         assert code == 3, err[-3000:]  # the stopped run's status, on both
     stopped, other = done[who][2], done[1 - who][2]
-    assert "step 4: out of device memory in the train step" in stopped
-    assert f"process {who} of 2 stopped the run: step 4: out of device memory" in other
+    assert "step 5: out of device memory in the train step" in stopped
+    assert f"process {who} of 2 stopped the run: step 5: out of device memory" in other
     assert f"process {1 - who} cannot go on without it and leaves too (exit status 3)" in other
     record = json.loads((out / "results.json").read_text())
     assert record["interrupted"]["reason"] == "out_of_memory"
