@@ -562,6 +562,8 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
             state, start, earlier = train.restore_or_init(
                 ckpt, init, state_sh, train.data_sources(data, val, hyper), init_args)
         del init_args
+        if not lora:  # LoRA's adapters are float32 whatever the base's dtype
+            _warn_if_steps_round_away(state.theta, cfg.method.lr_theta, console)
         if start:
             console.info(f"resumed from step {start}" + (
                 f" of {loop.steps}: the run is complete; evaluating it again"
@@ -689,6 +691,45 @@ def _write_json(path: Path, record: dict) -> None:
     tmp = path.with_name(f"{path.name}.{jax.process_index()}.tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+ROUNDED_AWAY_WARN = 0.1  # warn when a step of lr_theta leaves this share of weights as they were
+
+
+def rounded_away_share(theta, step: float) -> float:
+    """The share of ``theta``'s elements that a step of size ``step`` leaves unchanged in
+    their own dtype (``w + step`` rounds back to ``w``). A collective when theta spans
+    processes. bfloat16 keeps 8 significant bits, so a weight of magnitude ``|w|`` ignores
+    steps below about ``|w| / 512``: for pretrained LLM weights (``|w|`` ~ 0.01-0.05) that
+    is most of them at fine-tuning's 1e-5."""
+
+    @jax.jit
+    def share(theta):
+        leaves = jax.tree.leaves(theta)
+        same = sum(jnp.sum(x + jnp.asarray(step, x.dtype) == x, dtype=jnp.float32)
+                   for x in leaves)
+        return same / sum(x.size for x in leaves)
+
+    return float(share(theta))
+
+
+def _warn_if_steps_round_away(theta, lr: float, console: Console) -> None:
+    """Warns when the trained weights are stored in a dtype that rounds most steps of the
+    peak learning rate away (full fine-tuning with ``model.param_dtype: bfloat16``)."""
+    dtypes = {jnp.dtype(x.dtype) for x in jax.tree.leaves(theta)}
+    if all(jnp.finfo(d).bits >= 32 for d in dtypes if jnp.issubdtype(d, jnp.floating)):
+        return
+    lost = rounded_away_share(theta, lr)
+    if lost >= ROUNDED_AWAY_WARN:
+        names = ", ".join(sorted(d.name for d in dtypes))
+        console.warn(
+            f"the trained weights are {names}: a step of lr_theta={lr:g} leaves {lost:.0%} "
+            "of them unchanged (the dtype rounds it away; Adam's steps are about lr_theta in "
+            "size, smaller in warmup and decay), so most of the fine-tuning would be lost. "
+            "Keep float32 master weights (model.param_dtype=float32 with "
+            "model.compute_dtype=bfloat16: parameters and optimizer state take twice the "
+            "memory), or train LoRA adapters (theta.kind=lora: float32 over the bfloat16 "
+            "base)")
 
 
 def _host_weights(state, weighting: str) -> np.ndarray:

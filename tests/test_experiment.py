@@ -3,6 +3,7 @@
 import csv
 import json
 
+import jax
 import pytest
 
 from jbilevel import cli, experiment, train
@@ -127,3 +128,45 @@ def test_sigterm_marks_the_run_interrupted_and_writes_no_report(tmp_path, monkey
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["2"]
     for name in ("model", "weights.csv", "weights.npy", "test_predictions.jsonl", "curves.png"):
         assert not (tmp_path / name).exists(), name  # nothing that looks like a finished run
+
+
+def test_rounded_away_share_is_the_share_of_weights_a_step_leaves_as_they_were():
+    import jax.numpy as jnp
+
+    # bfloat16 keeps 8 significant bits: 1.0 ignores a step of 1e-3 (half its spacing is
+    # 2**-8), 2**-10 and 0 take it; float32 takes it everywhere
+    theta = {"a": jnp.array([1.0, 2.0**-10, 0.0], jnp.bfloat16),
+             "b": jnp.array([4.0], jnp.bfloat16)}
+    assert experiment.rounded_away_share(theta, 1e-3) == 0.5
+    assert experiment.rounded_away_share(jax.tree.map(lambda x: x.astype(jnp.float32), theta),
+                                         1e-3) == 0.0
+
+
+def test_bfloat16_weights_that_round_the_steps_away_are_warned_of(tmp_path, capsys):
+    args = ["-q", "method.method=sft", "task.options={n_train: 16, n_val: 8, n_test: 8}",
+            "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
+            "model.intermediate_size=64", "loop.steps=1", "batch_size=8", "val_batch_size=8",
+            "eval_batch_size=8", "method.lr_theta=1e-5"]
+    assert cli.main(["train", "--out", str(tmp_path / "bf16"), *args,
+                     "model.param_dtype=bfloat16"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the trained weights are bfloat16: a step of lr_theta=1e-05 leaves " in err
+    share = int(err.split("lr_theta=1e-05 leaves ")[1].split("%")[0])
+    assert 50 <= share <= 100  # a random init's weights (std 0.02) ignore a 1e-5 step
+    assert "Keep float32 master weights (model.param_dtype=float32 with" in err
+
+
+def test_float32_weights_are_not_warned_of():
+    import io
+
+    import jax.numpy as jnp
+
+    from jbilevel.console import Console
+
+    out = io.StringIO()
+    theta = {"w": jnp.full((4, 4), 0.05, jnp.float32)}
+    experiment._warn_if_steps_round_away(theta, 1e-5, Console(stream=out))
+    assert out.getvalue() == ""
+    experiment._warn_if_steps_round_away(jax.tree.map(lambda x: x.astype(jnp.bfloat16), theta),
+                                         1e-5, Console(stream=out))
+    assert "a step of lr_theta=1e-05 leaves 100% of them unchanged" in out.getvalue()
