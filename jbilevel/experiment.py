@@ -699,9 +699,9 @@ ROUNDED_AWAY_WARN = 0.1  # warn when a step of lr_theta leaves this share of wei
 def rounded_away_share(theta, step: float) -> float:
     """The share of ``theta``'s elements that a step of size ``step`` leaves unchanged in
     their own dtype (``w + step`` rounds back to ``w``). A collective when theta spans
-    processes. bfloat16 keeps 8 significant bits, so a weight of magnitude ``|w|`` ignores
-    steps below about ``|w| / 512``: for pretrained LLM weights (``|w|`` ~ 0.01-0.05) that
-    is most of them at fine-tuning's 1e-5."""
+    processes. bfloat16 keeps 8 significant bits, so a weight ``w`` ignores steps below
+    ``|w| / 512`` (up to ``|w| / 256``, by where ``|w|`` lies between powers of two): for
+    pretrained LLM weights (``|w|`` ~ 0.01-0.05) most of them at fine-tuning's 1e-5."""
 
     @jax.jit
     def share(theta):
@@ -725,7 +725,7 @@ def _warn_if_steps_round_away(theta, lr: float, console: Console) -> None:
         console.warn(
             f"the trained weights are {names}: a step of lr_theta={lr:g} leaves {lost:.0%} "
             "of them unchanged (the dtype rounds it away; Adam's steps are about lr_theta in "
-            "size, smaller in warmup and decay), so most of the fine-tuning would be lost. "
+            "size, smaller in warmup and decay): those weights would not train. "
             "Keep float32 master weights (model.param_dtype=float32 with "
             "model.compute_dtype=bfloat16: parameters and optimizer state take twice the "
             "memory), or train LoRA adapters (theta.kind=lora: float32 over the bfloat16 "
