@@ -206,16 +206,17 @@ def _eval(args, console) -> int:
         overrides.insert(0, f"data.max_len={args.max_len}")
     distributed.initialize()
     _compile_cache(args, console)
-    if args.run:
-        result = saved.evaluate_run(args.run, data=args.data, overrides=overrides,
-                                    console=console)
-    else:
-        from jbilevel import inputs
+    with distributed.stopping_together():  # a process that fails alone: the others leave
+        if args.run:
+            result = saved.evaluate_run(args.run, data=args.data, overrides=overrides,
+                                        console=console)
+        else:
+            from jbilevel import inputs
 
-        data_cfg = saved.data_config(inputs.DataConfig(), overrides)
-        result = saved.evaluate_model(args.model, args.data, tokenizer=args.tokenizer,
-                                      data_cfg=data_cfg, batch_size=args.batch_size,
-                                      console=console)
+            data_cfg = saved.data_config(inputs.DataConfig(), overrides)
+            result = saved.evaluate_model(args.model, args.data, tokenizer=args.tokenizer,
+                                          data_cfg=data_cfg, batch_size=args.batch_size,
+                                          console=console)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -114,7 +114,7 @@ def announce_stop(reason: str) -> bool:
     _stopping.set()
     who = f"process {jax.process_index()} of {jax.process_count()}"
     try:
-        _client().key_value_set(STOP_KEY, f"{who} stopped the run: {reason}")
+        _client().key_value_set(STOP_KEY, f"{who} stopped: {reason}")
     except jax.errors.JaxRuntimeError:  # ALREADY_EXISTS: another process stopped first
         return False
     return True
@@ -146,6 +146,19 @@ def watching_for_stops():
     finally:
         done.set()  # the thread sees it within a second; it must not be inside the client's
         watcher.join()  # call when the interpreter exits (C++ aborts the process then)
+
+
+@contextlib.contextmanager
+def stopping_together():
+    """The block of a command that every process of a run executes together: it watches
+    for another process's stop (:func:`watching_for_stops`) and announces an exception of
+    this process's own (:func:`announce_stop`) before it propagates."""
+    with watching_for_stops():
+        try:
+            yield
+        except Exception as e:  # this process's own error: the others must not wait for it
+            announce_stop(f"{type(e).__name__}: {e}")
+            raise
 
 
 def _watch(done: threading.Event) -> None:

@@ -441,12 +441,8 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
     writes results.json even if it is not process 0; the others leave within
     ``distributed.STOP_GRACE_S`` (``jbilevel train`` then ends every process with status 3).
     """
-    with distributed.watching_for_stops():
-        try:
-            return _run(cfg, out_dir, progress=progress, console=console)
-        except Exception as e:  # this process's own error: the others must not wait for it
-            distributed.announce_stop(f"{type(e).__name__}: {e}")
-            raise
+    with distributed.stopping_together():
+        return _run(cfg, out_dir, progress=progress, console=console)
 
 
 def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,

@@ -14,7 +14,6 @@ import sys
 import textwrap
 
 import numpy as np
-import pytest
 from safetensors.numpy import load_file
 
 from jbilevel import cli
@@ -159,8 +158,8 @@ def test_sigterm_on_one_process_stops_both_then_resume_eval_export(tmp_path):
     assert len(curated) == 64 and "weight" in json.loads(curated[0])
 
 
-# Process {who} alone runs out of device memory at its 6th batch (step 5, after the step-4
-# checkpoint); the other is then blocked in that step's collectives. sft: the fewest programs.
+# Process 1 alone runs out of device memory at its 6th batch (step 5, after the step-4
+# checkpoint); process 0 is then blocked in that step's collectives. sft: the fewest programs.
 ONE_PROCESS_OUT_OF_MEMORY = """\
 import os
 import jax
@@ -168,7 +167,7 @@ jax.config.update("jax_num_cpu_devices", 4)
 from jbilevel import cli, distributed
 from jbilevel.data import Batcher
 distributed.STOP_GRACE_S = 2.0
-if os.environ["JBILEVEL_PROCESS_ID"] == "{who}":
+if os.environ["JBILEVEL_PROCESS_ID"] == "1":
     real, calls = Batcher.__next__, []
     def short_of_memory(self):
         calls.append(1)
@@ -182,24 +181,55 @@ cli.main(["train", "--config", {config!r}, "--out", {out!r}, "method.method=sft"
 raise AssertionError("jbilevel train returned: a stopped multi-process run leaves at once")
 """
 
+# A finished run, then `jbilevel eval` in which process 0 alone fails (an error of its own
+# host), while process 1 waits for it in the evaluation's collectives.
+ONE_PROCESS_FAILS_IN_EVAL = """\
+import os
+import jax
+jax.config.update("jax_num_cpu_devices", 4)
+from jbilevel import cli, distributed, experiment
+distributed.STOP_GRACE_S = 2.0
+assert cli.main(["train", "--config", {config!r}, "--out", {out!r}, "method.method=sft",
+                 "loop.steps=2", "loop.eval_every=0"]) == 0
+if os.environ["JBILEVEL_PROCESS_ID"] == "0":
+    def unreadable(*a, **k):
+        raise OSError("the test split is unreadable on this host")
+    experiment.score_splits = unreadable
+cli.main(["eval", "--run", {out!r}])
+raise AssertionError("jbilevel eval returned: a stopped multi-process run leaves at once")
+"""
 
-@pytest.mark.parametrize("who", [1, 0])
-def test_out_of_memory_on_one_process_stops_both_with_its_reason(tmp_path, who):
-    """Before, the other process waited in its next collective until JAX's shutdown barrier
-    gave up (5 minutes) and aborted both (status 134); with process 1 stopped, nothing wrote
-    results.json (process 0 writes it)."""
+
+def test_out_of_memory_on_one_process_stops_both_with_its_reason(tmp_path):
+    """Before, process 0 waited in its next collective until JAX's shutdown barrier gave up
+    (5 minutes) and aborted both (status 134), and nothing wrote results.json (process 0
+    writes it)."""
     path, out = tmp_path / "tiny.yaml", tmp_path / "run"
     path.write_text(CONFIG)
-    done = _two_processes(ONE_PROCESS_OUT_OF_MEMORY.format(
-        who=who, config=str(path), out=str(out)), tmp_path / "jax_cache")
+    done = _two_processes(ONE_PROCESS_OUT_OF_MEMORY.format(config=str(path), out=str(out)),
+                          tmp_path / "jax_cache")
     for code, _, err in done:
         assert code == 3, err[-3000:]  # the stopped run's status, on both
-    stopped, other = done[who][2], done[1 - who][2]
+    stopped, other = done[1][2], done[0][2]
     assert "step 5: out of device memory in the train step" in stopped
-    assert f"process {who} of 2 stopped the run: step 5: out of device memory" in other
-    assert f"process {1 - who} cannot go on without it and leaves too (exit status 3)" in other
+    assert "process 1 of 2 stopped: step 5: out of device memory in the train step" in other
+    assert "process 0 cannot go on without it and leaves too (exit status 3)" in other
     record = json.loads((out / "results.json").read_text())
     assert record["interrupted"]["reason"] == "out_of_memory"
     assert record["interrupted"]["last_checkpoint"] == 4 and record["steps"] == 0
     assert sorted(os.listdir(out)) == sorted(  # no tmp file of either writer left behind
         ["checkpoints", "config.yaml", "metrics.jsonl", "results.json", "run.json", "tensorboard"])
+
+
+def test_an_error_on_process_0_alone_in_eval_stops_both(tmp_path):
+    """Process 0 hosts JAX's coordination service: it leaves after the other, with its
+    traceback and status 1; the other names it and leaves with status 3."""
+    path, out = tmp_path / "tiny.yaml", tmp_path / "run"
+    path.write_text(CONFIG)
+    (failed, _, failed_err), (code, _, err) = _two_processes(
+        ONE_PROCESS_FAILS_IN_EVAL.format(config=str(path), out=str(out)), tmp_path / "cache")
+    assert failed == 1 and code == 3, (failed_err[-3000:], err[-3000:])
+    assert "OSError: the test split is unreadable on this host" in failed_err  # traceback
+    assert ("process 0 of 2 stopped: OSError: the test split is unreadable on this host"
+            in err)
+    assert "process 1 cannot go on without it and leaves too (exit status 3)" in err
