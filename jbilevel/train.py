@@ -135,12 +135,12 @@ def naming_setup_out_of_memory(doing: str, state_gib: float | None = None):
                 f"; the train state (parameters, optimizer state, weights) takes "
                 f"{state_gib:.3g} GiB a device on this mesh")
         raise UserError(
-            f"out of device memory while {doing} ({what}){size}. Lower it with "
-            "model.param_dtype=bfloat16 (parameters and optimizer state at half of float32's "
-            "size), theta.kind=lora (the base frozen: no optimizer state for it), or more "
-            "devices in mesh.fsdp (each holds 1/fsdp of the state); "
-            "scripts/compile_check.py measures the state and every step ahead of a run "
-            "(docs/scale.md)") from e
+            f"out of device memory while {doing} ({what}){size}. Lower it with more "
+            "devices in mesh.fsdp (each holds 1/fsdp of the state), or theta.kind=lora (the "
+            "base frozen, no optimizer state for it; with model.param_dtype=bfloat16 half its "
+            "size). bfloat16 weights in full fine-tuning halve the state too but round most "
+            "fine-tuning steps away (docs/llm.md). scripts/compile_check.py measures the "
+            "state and every step ahead of a run (docs/scale.md)") from e
 
 
 @contextlib.contextmanager

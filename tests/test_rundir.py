@@ -185,8 +185,8 @@ def test_out_of_memory_while_initialising_the_state_is_one_message(tmp_path, cap
     assert ("jbilevel train: error: out of device memory while initialising the train state "
             "(RESOURCE_EXHAUSTED: Out of memory while trying to allocate 30.00GiB.); the train "
             "state (parameters, optimizer state, weights) takes ") in err
-    assert ("GiB a device on this mesh. Lower it with model.param_dtype=bfloat16 (parameters "
-            "and optimizer state at half of float32's size), theta.kind=lora") in err
+    assert ("GiB a device on this mesh. Lower it with more devices in mesh.fsdp (each holds "
+            "1/fsdp of the state), or theta.kind=lora (the base frozen") in err
     assert not (tmp_path / "results.json").exists()
 
 
