@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -80,19 +79,6 @@ class MemoryReport:
     def state_ratio(self) -> float:
         """state_per_device / (state_total / devices): 1.0 is a perfect split."""
         return self.state_per_device / (self.state_total / self.devices)
-
-
-def _per_device_bytes(shapes: Any, shardings: Any) -> tuple[int, int]:
-    """(total bytes, bytes held by the most loaded device) of a pytree of sharded shapes."""
-    total = 0
-    per_device: dict[Any, int] = {}
-    for s, shd in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings), strict=True):
-        itemsize = jnp.dtype(s.dtype).itemsize
-        total += math.prod(s.shape) * itemsize
-        shard = math.prod(shd.shard_shape(s.shape)) * itemsize
-        for d in shd.device_set:
-            per_device[d] = per_device.get(d, 0) + shard
-    return total, max(per_device.values())
 
 
 def _abstract(shapes: Any, shardings: Any) -> Any:
@@ -250,13 +236,13 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
         try:
             exe = programs[name].lower(*step_args).compile()
         except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses what cannot fit
-            if "RESOURCE_EXHAUSTED" not in str(e):
+            if not train.is_out_of_memory(e):
                 raise
             errors[name] = str(e).splitlines()[0]
             continue
         steps[name] = _memory(exe, time.perf_counter() - t0)
     held = (state_shapes.theta, state_shapes.opt_theta, state_shapes.frozen)
-    total, per_device = _per_device_bytes(
+    total, per_device = sh.per_device_bytes(
         held, (state_sh.theta, state_sh.opt_theta, state_sh.frozen))
     return MemoryReport(devices=mesh.size, mesh_shape=dict(mesh.shape), state_total=total,
                         state_per_device=per_device, steps=steps, errors=errors)

@@ -552,7 +552,7 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
         latest = ckpt.latest_step()
         doing = (f"restoring the checkpoint of step {latest}" if latest is not None
                  else "initialising the train state")
-        state_gib = train.per_device_gib(jax.eval_shape(init, *init_args), state_sh)
+        state_gib = sh.per_device_bytes(jax.eval_shape(init, *init_args), state_sh)[1] / 2**30
         with console.phase(doing), train.naming_setup_out_of_memory(doing, state_gib):
             # earlier: the earlier sessions' time up to that checkpoint
             state, start, earlier = train.restore_or_init(

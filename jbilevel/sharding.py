@@ -200,6 +200,20 @@ def tree_shardings(mesh: Mesh, rules: AxisRules, axes_tree: Any, shapes_tree: An
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def per_device_bytes(shapes: Any, shardings: Any) -> tuple[int, int]:
+    """(total bytes, bytes held by the most loaded device) of a pytree of shapes (arrays or
+    ``jax.ShapeDtypeStruct``s) laid out by ``shardings``."""
+    total = 0
+    per_device: dict[Any, int] = {}
+    for s, shd in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings), strict=True):
+        itemsize = np.dtype(s.dtype).itemsize
+        total += math.prod(s.shape) * itemsize
+        shard = math.prod(shd.shard_shape(s.shape)) * itemsize
+        for d in shd.device_set:
+            per_device[d] = per_device.get(d, 0) + shard
+    return total, max(per_device.values())
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

@@ -101,21 +101,18 @@ def _last_checkpoint(ckpt) -> str:
     return f"{ckpt.directory} step {ckpt.latest_step()}" if ckpt else "none (no ckpt)"
 
 
+def is_out_of_memory(error: Exception) -> bool:
+    """Whether a runtime error is XLA's ``RESOURCE_EXHAUSTED`` (out of device memory, at
+    compile or run time)."""
+    return "RESOURCE_EXHAUSTED" in str(error)
+
+
 def _raise_named(error: jax.errors.JaxRuntimeError, doing: str, step: int, last: str):
     """Raises ``error`` as :class:`OutOfMemoryError` if it is XLA's ``RESOURCE_EXHAUSTED``
     (see :func:`_out_of_memory`), else unchanged."""
-    if "RESOURCE_EXHAUSTED" not in str(error):
+    if not is_out_of_memory(error):
         raise error
     raise _out_of_memory(error, doing, step, last) from error
-
-
-def per_device_gib(shapes, shardings) -> float:
-    """GiB a device holds of a tree of ``shapes`` (arrays or ``jax.ShapeDtypeStruct``s) laid
-    out by ``shardings`` (one device's shard of each leaf; evenly split leaves)."""
-    total = sum(math.prod(sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
-                for x, sharding in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings),
-                                       strict=True))
-    return total / 2**30
 
 
 @contextlib.contextmanager
@@ -128,7 +125,7 @@ def naming_setup_out_of_memory(doing: str, state_gib: float | None = None):
     try:
         yield
     except jax.errors.JaxRuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e):
+        if not is_out_of_memory(e):
             raise
         what = _first_line(e)
         size = ("" if state_gib is None else

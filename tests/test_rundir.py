@@ -190,19 +190,19 @@ def test_out_of_memory_while_initialising_the_state_is_one_message(tmp_path, cap
     assert not (tmp_path / "results.json").exists()
 
 
-def test_per_device_gib_counts_one_shard_of_each_leaf():
+def test_per_device_bytes_counts_one_shard_of_each_leaf():
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from jbilevel import train
+    from jbilevel import sharding
 
     mesh = jax.make_mesh((8,), ("fsdp",))
-    tree = {"split": jax.ShapeDtypeStruct((8, 4), jnp.float32),  # a (1, 4) shard: 16 bytes
+    tree = {"split": jax.ShapeDtypeStruct((8, 4), jnp.float32),  # 128 bytes, a (1, 4) shard: 16
             "whole": jax.ShapeDtypeStruct((3,), jnp.bfloat16)}  # replicated: 6 bytes
     shardings = {"split": NamedSharding(mesh, PartitionSpec("fsdp")),
                  "whole": NamedSharding(mesh, PartitionSpec())}
-    assert train.per_device_gib(tree, shardings) == 22 / 2**30
+    assert sharding.per_device_bytes(tree, shardings) == (128 + 6, 22)  # total, a device
 
 
 def test_demo_refusal_names_the_demo_directory(tmp_path):
