@@ -94,6 +94,7 @@ STOP_GRACE_S = 60.0  # how long a process may take to stop by itself once anothe
 EXIT_STOPPED = 3  # the command line's status for a run that stopped before its last step
 
 _stopping = threading.Event()  # set once this process stops a multi-process run by itself
+_first: list[bool] = []  # whether its announcement was the first (the one the others print)
 
 
 def _client():
@@ -106,18 +107,20 @@ def _client():
 def announce_stop(reason: str) -> bool:
     """Tells the other processes of a multi-process run that this one stops, and why.
 
-    A no-op for a single process. Returns True if this process's reason is the one the
-    others will print (the first announced).
+    A no-op for a single process, and after this process's first announcement. Returns True
+    if this process's reason is the one the others will print (the first announced).
     """
     if jax.process_count() == 1:
         return False
-    _stopping.set()
-    who = f"process {jax.process_index()} of {jax.process_count()}"
-    try:
-        _client().key_value_set(STOP_KEY, f"{who} stopped: {reason}")
-    except jax.errors.JaxRuntimeError:  # ALREADY_EXISTS: another process stopped first
-        return False
-    return True
+    if not _first:
+        _stopping.set()
+        who = f"process {jax.process_index()} of {jax.process_count()}"
+        try:
+            _client().key_value_set(STOP_KEY, f"{who} stopped: {reason}")
+            _first.append(True)
+        except jax.errors.JaxRuntimeError:  # ALREADY_EXISTS: another process stopped first
+            _first.append(False)
+    return _first[0]
 
 
 def stopped_here() -> bool:

@@ -521,7 +521,7 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
         hyper = _process_batcher(data_set, hyper_bs, mesh, rules, seed=cfg.seed + 2,
                                  shuffle=True)  # a fresh Hessian sample each time
     t0 = time.perf_counter()
-    interrupted, preempted, first_to_stop = None, None, False
+    interrupted, preempted = None, None
     step = start = 0
     with Checkpointer(out / "checkpoints", keep=loop.keep) as ckpt:
         load = cfg.model.path is not None and (ckpt.latest_step() is None or lora)
@@ -593,7 +593,7 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
             interrupted = {"reason": "non_finite_loss", "message": str(e)}
         except train.OutOfMemoryError as e:  # maybe on this process's devices alone: the
             # others hear of it now, before the checkpointer closes (its writes sync them)
-            first_to_stop = distributed.announce_stop(str(e))
+            distributed.announce_stop(str(e))
             interrupted = {"reason": "out_of_memory", "message": str(e)}
         except train.Preempted as stop:  # every process stopped at the same step, saved
             interrupted = {"reason": "sigterm", "message": str(stop)}
@@ -623,8 +623,7 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
         result["data"] = data_reports(cfg, task)
         # a process that stops by itself says so and writes the record: process 0 may be
         # blocked in a collective (or stopped the same way)
-        first = first_to_stop or (preempted is None
-                                  and distributed.announce_stop(interrupted["message"]))
+        first = preempted is None and distributed.announce_stop(interrupted["message"])
         console.warn(f"run interrupted ({interrupted['reason']}): {interrupted['message']}",
                      own=first)
         if jax.process_index() == 0 or first:
