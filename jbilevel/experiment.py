@@ -669,10 +669,12 @@ def _finish(cfg, out: Path, console, result: dict, state, model, lora: bool, tas
                                   and isinstance(v, float))
     result["data"] = data_reports(cfg, task)
     host_params = inputs.to_process0(params)  # leaf by leaf: never whole on every host
+    adapters = inputs.to_process0(state.theta) if lora else None
     if jax.process_index() == 0:
         with console.phase(f"writing the run report and the model to {out}"):
             write_report(out, result, task, data_set, good_N, s_N, predictions, model,
-                         host_params, learned=learned)
+                         host_params, learned=learned, adapters=adapters,
+                         base_model=cfg.model.path)
     if jax.process_count() > 1:  # no process reads the report (e.g. `eval` next) before it exists
         from jax.experimental import multihost_utils
 
@@ -748,8 +750,13 @@ def _with_weight_scores(eval_fn, task, weighting: str):
 
 
 def write_report(out: Path, result: dict, task, data_set, good_N, s_N, predictions, model,
-                 params, *, learned: bool) -> None:
+                 params, *, learned: bool, adapters=None, base_model: str | None = None
+                 ) -> None:
     """results.json, weights.csv (+ .npy), predictions, plots, curated data and the model.
+
+    ``model/`` holds ``params`` (a LoRA run's adapters merged in, in the base's dtype); a LoRA
+    run's ``adapters`` also go to ``adapter/`` in PEFT's format, exact and apart from the base
+    (``base_model``, recorded in its config).
 
     ``weights.csv`` has one row per training example id with its source file, line (text
     files) and record index, so it joins back to the source whatever rows were skipped.
@@ -759,7 +766,7 @@ def write_report(out: Path, result: dict, task, data_set, good_N, s_N, predictio
     """
     from jbilevel import report
     from jbilevel.data import export_curated, source_of
-    from jbilevel.models import save_pretrained
+    from jbilevel.models import save_adapter, save_pretrained
 
     _write_json(out / "results.json", result)
     np.save(out / "weights.npy", np.asarray(s_N, np.float32))
@@ -785,6 +792,8 @@ def write_report(out: Path, result: dict, task, data_set, good_N, s_N, predictio
         export_curated(data_set, s_N, str(out / "curated_top50.jsonl"), top_frac=0.5)
     save_pretrained(str(out / "model"), params, model.config)
     inputs.save_tokenizer(task.tokenizer, str(out / "model"))
+    if adapters is not None:
+        save_adapter(str(out / "adapter"), adapters, model.config, base_model=base_model)
 
 
 def _blank(value) -> str:

@@ -1,7 +1,8 @@
 """A finished run directory (``jbilevel train --out DIR``): evaluate its model, export its data.
 
 A run directory holds ``config.yaml`` (the settings that applied to the run), ``model/``
-(the HF model with its tokenizer; LoRA adapters already merged) and ``weights.npy`` (one
+(the HF model with its tokenizer; LoRA adapters already merged; a LoRA run's ``adapter/``
+holds them alone, in PEFT's format) and ``weights.npy`` (one
 learned weight per training example id). ``jbilevel eval`` and ``jbilevel export`` call these."""
 
 from __future__ import annotations

@@ -90,6 +90,24 @@ def test_lora_run_keeps_the_base_frozen_and_resumes(tmp_path, model_dir):
     assert not [p for p in paths if p[0] == "frozen" and len(p) > 1]
     again = experiment.run(cfg, tmp_path)  # resumes from the final checkpoint, base reread
     assert again["val_loss"] == pytest.approx(first["val_loss"], rel=1e-6)
+    # adapter/: the adapters alone, in PEFT's format, over the base they were trained on
+    adapter_cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (adapter_cfg["r"], adapter_cfg["lora_alpha"], adapter_cfg["target_modules"],
+            adapter_cfg["base_model_name_or_path"]) == (2, 4.0, ["q_proj", "v_proj"],
+                                                        str(model_dir))
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+
+    def hf(path):
+        return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+
+    ids = torch.arange(3, 40).reshape(1, -1)
+    with torch.no_grad():
+        merged = hf(tmp_path / "model")(ids).logits.numpy()
+        assert np.abs(hf(model_dir)(ids).logits.numpy() - merged).max() > 1e-3  # it trained
+        adapted = peft.PeftModel.from_pretrained(hf(model_dir), str(tmp_path / "adapter"))
+        np.testing.assert_allclose(adapted(ids).logits.numpy(), merged, atol=1e-4, rtol=0)
 
 
 def test_data_and_model_errors_name_the_fix(tmp_path, model_dir):

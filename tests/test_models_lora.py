@@ -7,7 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jbilevel.models import ModelConfig, build, load_pretrained, save_pretrained
+from jbilevel.models import (
+    ModelConfig,
+    build,
+    load_pretrained,
+    save_adapter,
+    save_pretrained,
+)
 from jbilevel.models.lora import LoRA, init_lora, merge_lora
 
 ROOT = os.path.join(os.path.dirname(__file__), "fixtures", "models")
@@ -51,6 +57,29 @@ def test_lora_zero_init_merge_and_hf(name, tmp_path):
     with torch.no_grad():
         hf_logits = hf(torch.tensor(ref["input_ids"])).logits.numpy()
     np.testing.assert_allclose(hf_logits, with_lora, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt_neox", "gpt2"])
+def test_saved_adapter_loads_in_peft_with_the_same_logits(name, tmp_path):
+    """save_adapter writes what PEFT reads: the unmerged base in transformers plus the
+    adapter directory in peft computes forward(params, x, lora=lora), every target of the
+    family (fused qkv and GPT-2's Conv1D included)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    forward, params, config = load_pretrained(os.path.join(ROOT, name))
+    ref = np.load(os.path.join(ROOT, name, "ref.npz"))
+    lora = _randomise_b(init_lora(config, jax.random.key(0), rank=4, alpha=8.0,
+                                  targets=TARGETS[name]), jax.random.key(1))
+    with_lora = np.asarray(jax.jit(forward)(params, jnp.asarray(ref["input_ids"]), lora=lora))
+    save_pretrained(str(tmp_path / "base"), params, config)
+    save_adapter(str(tmp_path / "adapter"), lora, config, base_model=str(tmp_path / "base"))
+    base = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "base"), dtype=torch.float32, attn_implementation="eager")
+    model = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor(ref["input_ids"])).logits.numpy()
+    np.testing.assert_allclose(logits, with_lora, atol=1e-4, rtol=0)
 
 
 def test_lora_gradients_and_default_targets():

@@ -6,7 +6,13 @@ plain dict parameter pytree; see `transformer.py` for the layout and `hf_io.py` 
 
 from jbilevel.models.base import base_model_path
 from jbilevel.models.config import ModelConfig
-from jbilevel.models.hf_io import load_pretrained, load_tokenizer, read_config, save_pretrained
+from jbilevel.models.hf_io import (
+    load_pretrained,
+    load_tokenizer,
+    read_config,
+    save_adapter,
+    save_pretrained,
+)
 from jbilevel.models.lora import LoRA, init_lora, lora_axes, merge_lora
 from jbilevel.models.sampling import Generation, generate
 from jbilevel.models.transformer import Model, build, differentiable_attention
@@ -26,5 +32,6 @@ __all__ = [
     "lora_axes",
     "merge_lora",
     "read_config",
+    "save_adapter",
     "save_pretrained",
 ]

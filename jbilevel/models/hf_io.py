@@ -318,6 +318,50 @@ def save_pretrained(path: str, params, config: ModelConfig) -> None:
         json.dump(d, fh, indent=2, sort_keys=True)
 
 
+def save_adapter(path: str, lora, config: ModelConfig, base_model: str | None = None) -> None:
+    """Writes LoRA adapters as PEFT does: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+    ``peft.PeftModel.from_pretrained(<the base in transformers>, path)`` then computes what
+    ``forward(params, x, lora=lora)`` does, with the adapters exact (float32 as trained) where
+    a merged model in the base's dtype rounds the update into its weights.
+
+    Args:
+      path: output directory (created).
+      lora: the trained ``jbilevel.models.LoRA`` (numpy or jax leaves; whole on this host).
+      config: the base model's ModelConfig.
+      base_model: recorded as ``base_model_name_or_path`` (the base's directory).
+    """
+    from safetensors.numpy import save_file
+
+    os.makedirs(path, exist_ok=True)
+    entries = [e.hf_name.removesuffix(".weight") for e in hf_entries(config)]
+    tensors = {}
+    for name, w in lora.weights.items():
+        modules = [m for m in entries if m.endswith("." + name)]  # one a layer, in layer order
+        if len(modules) != config.num_layers:
+            raise ValueError(f"LoRA target {name!r}: {len(modules)} {config.family} modules "
+                             f"end in it, expected one in each of {config.num_layers} layers")
+        # PEFT: lora_A.weight (r, in), lora_B.weight (out, r), update = scale * B @ A on HF's
+        # (out, in) weight; ours: a (in, r), b (r, out) with in and out in HF's order (the
+        # fused qkv outputs too: merge_lora splits b's out dim in HF's packing)
+        a, b = np.asarray(w["a"], np.float32), np.asarray(w["b"], np.float32)
+        for i, module in enumerate(modules):
+            tensors[f"base_model.model.{module}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
+            tensors[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    adapter_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank,
+        "lora_alpha": lora.alpha, "target_modules": sorted(lora.weights), "lora_dropout": 0.0,
+        "bias": "none", "fan_in_fan_out": config.family == "gpt2",  # GPT-2's Conv1D (in, out)
+        "use_rslora": False, "use_dora": False, "modules_to_save": None,
+        "init_lora_weights": True, "inference_mode": True,
+        "base_model_name_or_path": base_model or "",
+    }
+    with open(os.path.join(path, "adapter_config.json"), "w") as fh:
+        json.dump(adapter_config, fh, indent=2, sort_keys=True)
+
+
 def load_tokenizer(path: str):
     """transformers AutoTokenizer from a local directory (no hub, no remote code)."""
     from transformers import AutoTokenizer
