@@ -493,8 +493,14 @@ def run(
             ckpt.save(at_step, checkpointed(state), meta)
 
     def read(pending):
-        at, metrics = pending
-        record = _as_floats(metrics)
+        at, parts = pending
+        record = {}
+        for phase, metrics in parts:  # in dispatch order: a failed phase fails those after it
+            try:
+                record.update(_as_floats(metrics))
+            except jax.errors.JaxRuntimeError as e:  # raised by the program that failed,
+                # which ran asynchronously: a phase of step `at`, not the one dispatched last
+                _raise_named(e, phase, at, _last_checkpoint(ckpt))
         bad = [k for k, v in record.items()
                if ("loss" in k or "norm" in k) and not math.isfinite(v)]
         if bad:
@@ -515,7 +521,9 @@ def run(
             console.record(at, record)
 
     stopped = False
-    doing = "train step"  # the phase last started (named if the device runs out of memory)
+    # the phase last started and the step it counts as in metrics.jsonl (named if the device
+    # runs out of memory when it is dispatched)
+    doing, doing_at = "train step", start_step + 1
     with _Preemption() as preempt:
         try:
             while step < loop.steps:
@@ -523,37 +531,36 @@ def run(
                     lam = lambda_at(cfg, step // loop.steps_per_epoch)
                     state = state.replace(lam=jax.device_put(jnp.float32(lam), state_lam_sh))
                 if before_step is not None:
-                    doing = "online refresh"
+                    doing, doing_at = "online refresh", step
                     state, hooked = before_step(state, step)
                     hook_metrics = hooked or hook_metrics
+                doing, doing_at = "train step", step + 1
                 batch = put(next(data))
                 train_step = (compiled.train_offline if compiled.train_offline is not None
                               and step < offline_until else compiled.train)
-                doing = "train step"
                 if compiled.with_val:
                     state, metrics = train_step(state, batch, put(next(val_batches)))
                 else:
                     state, metrics = train_step(state, batch)
                 step += 1
+                parts = [("train step", {**metrics, **hook_metrics})]  # (phase, its numbers)
                 if (compiled.hyper is not None and step % cfg.hyper_every == 0
                         and step >= cfg.hyper_start):
-                    doing = "hypergradient step"
+                    doing, doing_at = "hypergradient step", step
                     state, hyper_metrics = compiled.hyper(state, put(next(hyper_batches)),
                                                           put(next(val_batches)))
                     hyper_metrics = {**hyper_metrics, "hyper_step": step}
                     console.hyper_started(step)
-                if hyper_metrics or hook_metrics:
-                    metrics = {**metrics, **hyper_metrics, **hook_metrics}
+                parts.append(("hypergradient step", hyper_metrics))  # or an earlier one's
                 if logged(step):  # this step's weight health; lam copied (state is donated)
                     health = _health(state.omega, cfg.weighting)
-                    metrics = {**metrics, **health, "lam": jnp.copy(state.lam)}
+                    parts.append((doing, {**health, "lam": jnp.copy(state.lam)}))
                 if evaluated(step):
-                    doing = "evaluation"
-                    metrics = {**metrics,
-                               **{f"eval_{k}": v for k, v in eval_fn(state).items()}}
+                    doing, doing_at = "evaluation", step
+                    parts.append((doing, {f"eval_{k}": v for k, v in eval_fn(state).items()}))
                 if pending is not None:
                     read(pending)  # step N-1's numbers, while step N runs
-                pending = (step, metrics)
+                pending = (step, parts)
                 if progress is not None:
                     progress.update()
                 if loop.checkpoint_every and step % loop.checkpoint_every == 0:
@@ -566,7 +573,7 @@ def run(
             if pending is not None:
                 read(pending)
         except jax.errors.JaxRuntimeError as e:  # the phase is known only here
-            _raise_named(e, doing, step, _last_checkpoint(ckpt))
+            _raise_named(e, doing, doing_at, _last_checkpoint(ckpt))
         if step > start_step and (not loop.checkpoint_every or step % loop.checkpoint_every):
             save(step)  # the final state, unless the periodic save just wrote it
     if ckpt is not None:

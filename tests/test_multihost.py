@@ -158,7 +158,7 @@ def test_sigterm_on_one_process_stops_both_then_resume_eval_export(tmp_path):
     assert len(curated) == 64 and "weight" in json.loads(curated[0])
 
 
-# Process 1 alone runs out of device memory at its 6th batch (step 5, after the step-4
+# Process 1 alone runs out of device memory at its 6th batch (step 6, after the step-4
 # checkpoint); process 0 is then blocked in that step's collectives. sft: the fewest programs.
 ONE_PROCESS_OUT_OF_MEMORY = """\
 import os
@@ -211,8 +211,8 @@ def test_out_of_memory_on_one_process_stops_both_with_its_reason(tmp_path):
     for code, _, err in done:
         assert code == 3, err[-3000:]  # the stopped run's status, on both
     stopped, other = done[1][2], done[0][2]
-    assert "step 5: out of device memory in the train step" in stopped
-    assert "process 1 of 2 stopped: step 5: out of device memory in the train step" in other
+    assert "step 6: out of device memory in the train step" in stopped
+    assert "process 1 of 2 stopped: step 6: out of device memory in the train step" in other
     assert "process 0 cannot go on without it and leaves too (exit status 3)" in other
     record = json.loads((out / "results.json").read_text())
     assert record["interrupted"]["reason"] == "out_of_memory"

@@ -173,13 +173,29 @@ def test_non_finite_loss_stops_with_message_and_keeps_checkpoint(tmp_path):
         assert ckpt.all_steps() == [0]
 
 
+class _FailedResult:
+    """A result of a program that failed after it was dispatched: reading it raises the
+    program's error, as jax raises an asynchronous computation's error."""
+
+    def __init__(self, error):
+        self._error = error
+
+    def copy_to_host_async(self):
+        pass
+
+    def __array__(self, *args, **kwargs):
+        raise self._error
+
+
+@pytest.mark.parametrize("raised", ["at dispatch", "when read"])
 @pytest.mark.parametrize("phase", ["train step", "hypergradient step"])
 def test_out_of_memory_names_the_phase_and_its_settings_and_keeps_the_checkpoint(tmp_path,
-                                                                                 phase):
-    """XLA's RESOURCE_EXHAUSTED in a step (raised as XLA raises it, at the third train or
-    hypergradient call) stops the run with a message naming the step, the phase, the
-    settings that lower its memory and the last checkpoint, which stays for a resume;
-    another runtime error keeps its own type."""
+                                                                                 phase, raised):
+    """XLA's RESOURCE_EXHAUSTED in a step (at the third train or hypergradient call, raised
+    as XLA raises it: by the call, or, for a program that ran asynchronously, when its
+    results are read, after the loop has dispatched the next step's phases) stops the run
+    with a message naming the step, the phase, the settings that lower its memory and the
+    last checkpoint, which stays for a resume; another runtime error keeps its own type."""
     train_set, val_set, _ = toy.problem()
     cfg, compiled, state_sh, init = toy.setup("bds", ONE, hyper_every=1)
     which = "train" if phase == "train step" else "hyper"
@@ -191,7 +207,10 @@ def test_out_of_memory_names_the_phase_and_its_settings_and_keeps_the_checkpoint
             def call(*args):
                 calls[name] += 1
                 if name == which and calls[name] == 3:
-                    raise error
+                    if raised == "at dispatch":
+                        raise error
+                    state, metrics = step(*args)
+                    return state, {**metrics, "loss": _FailedResult(error)}
                 return step(*args)
             return call
 
@@ -212,7 +231,7 @@ def test_out_of_memory_names_the_phase_and_its_settings_and_keeps_the_checkpoint
         run_raising(jax.errors.JaxRuntimeError(
             "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB."),
             tmp_path / "b")
-    at = 2 if which == "train" else 3  # the hypergradient follows the step it counts
+    at = 3  # the step whose numbers metrics.jsonl would have logged (the hypergradient's too)
     hint = "method.train_chunk" if which == "train" else "method.hyper_chunk"
     assert re.fullmatch(
         rf"step {at}: out of device memory in the {phase} \(RESOURCE_EXHAUSTED: Out of memory "
