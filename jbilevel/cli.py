@@ -192,9 +192,7 @@ def _demo(args, console) -> int:
 
 
 def _eval(args, console) -> int:
-    import json
-
-    from jbilevel import distributed, saved
+    from jbilevel import distributed, report, saved
 
     if bool(args.run) == bool(args.model) or (args.model and not args.data):
         print("jbilevel eval: give --run DIR, or --model PATH with --data PATH", file=sys.stderr)
@@ -217,7 +215,7 @@ def _eval(args, console) -> int:
             result = saved.evaluate_model(args.model, args.data, tokenizer=args.tokenizer,
                                           data_cfg=data_cfg, batch_size=args.batch_size,
                                           console=console)
-    print(json.dumps(result, indent=2))
+    print(report.to_json(result, indent=2))
     return 0
 
 
@@ -231,16 +229,14 @@ def _export(args, console) -> int:
 
 
 def _train(args, console) -> int:
-    import json
-
-    from jbilevel import config, distributed, experiment
+    from jbilevel import config, distributed, experiment, report
 
     cfg = config.load(experiment.ExperimentConfig, args.config, args.overrides)
     distributed.initialize()
     _compile_cache(args, console)
     out = args.out or f"runs/{cfg.method.method}"
     result = experiment.run(cfg, out, console=console)
-    print(json.dumps(result, indent=2))
+    print(report.to_json(result, indent=2))
     if result["interrupted"] is not None:
         return EXIT_INTERRUPTED
     console.info(f"run report in {out}/ (results.json, weights.csv, curves.png, model/)")

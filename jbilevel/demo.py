@@ -16,12 +16,11 @@ learned weights by ground truth.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from pathlib import Path
 
-from jbilevel import experiment, rundir, train
+from jbilevel import experiment, report, rundir, train
 from jbilevel.adjoint import Implicit
 from jbilevel.algorithms import MethodConfig
 from jbilevel.algorithms.online import OnlineConfig
@@ -273,7 +272,6 @@ def run(out: str | Path, *, methods=("mix", "bmo", "bds", "online"), task: str =
     (``jbilevel.jobs``; no progress bar, a line per logged record instead, written to stderr
     at ``console``'s verbosity): the same runs and numbers, in less wall time.
     """
-    from jbilevel import report
     from jbilevel.data.tasks.coverage import DROPPED
     from jbilevel.data.tasks.quality import SKILLS
 
@@ -333,7 +331,7 @@ def run(out: str | Path, *, methods=("mix", "bmo", "bds", "online"), task: str =
                "wall_seconds": round(time.perf_counter() - t_start, 1),
                "rows": rows, "runs": runs,
                "config": {m: dataclasses.asdict(cfg) for m, cfg in configs.items()}}
-    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "results.json").write_text(report.to_json(summary, indent=2) + "\n")
     (out / "results.md").write_text(format_table(rows) + "\n")
     report.plot_comparison({m: out / m / "metrics.jsonl" for m in methods},
                            out / "curves.png", key="eval_val_loss")

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbilevel import config as config_lib
-from jbilevel import distributed, inputs, rundir, train, weights
+from jbilevel import distributed, inputs, report, rundir, train, weights
 from jbilevel import sharding as sh
 from jbilevel.algorithms import MethodConfig, init_state, make_steps, refresh
 from jbilevel.algorithms import online as online_lib
@@ -565,8 +565,6 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
                 f" of {loop.steps}: the run is complete; evaluating it again"
                 if start >= loop.steps else f"; training to step {loop.steps}"))
             if jax.process_index() == 0:
-                from jbilevel import report
-
                 report.trim_metrics(out / "metrics.jsonl", start)
         log = train.MetricsLog(out)
         eval_fn = None  # full validation loss every loop.eval_every steps
@@ -686,7 +684,7 @@ def _write_json(path: Path, record: dict) -> None:
     """Writes by renaming a temporary file of this process's own: two processes of a stopped
     run may both write the record, and a reader sees one whole file."""
     tmp = path.with_name(f"{path.name}.{jax.process_index()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.write_text(report.to_json(record, indent=2) + "\n")
     os.replace(tmp, path)
 
 
@@ -764,7 +762,6 @@ def write_report(out: Path, result: dict, task, data_set, good_N, s_N, predictio
     ``predictions`` maps each scored split to its decoded answers (``<split>_predictions.jsonl``;
     empty without a task metric).
     """
-    from jbilevel import report
     from jbilevel.data import export_curated, source_of
     from jbilevel.models import save_adapter, save_pretrained
 

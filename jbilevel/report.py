@@ -1,11 +1,32 @@
-"""Plots of a run: learned weights by ground truth, training curves."""
+"""A run's records and plots: strict JSON, learned weights by ground truth, training curves."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
+
+
+def finite_or_none(value):
+    """``value`` (nested dicts and lists) with every non-finite float as None: JSON has no
+    NaN or infinity, and strict readers (jq, JavaScript, most non-Python parsers) refuse the
+    bare ``NaN`` tokens Python's json module writes by default."""
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_none(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def to_json(record, **kwargs) -> str:
+    """``json.dumps`` of a run's record (results.json, a metrics.jsonl line) as strict JSON:
+    a NaN or infinite number (a metric with nothing to measure, e.g. a refresh's accuracy on
+    benign questions when it drew none) is written as null."""
+    return json.dumps(finite_or_none(record), allow_nan=False, **kwargs)
 
 
 def _pyplot():
@@ -40,10 +61,13 @@ def plot_weights(s_N, good_N, path: str | Path, title: str = "") -> None:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The records of ``metrics.jsonl``, a null (a non-finite number, see :func:`to_json`)
+    read as NaN."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [{k: math.nan if v is None else v for k, v in json.loads(line).items()}
+            for line in path.read_text().splitlines() if line.strip()]
 
 
 def trim_metrics(path: str | Path, upto: int) -> int:
@@ -52,7 +76,7 @@ def trim_metrics(path: str | Path, upto: int) -> int:
     records = read_metrics(path)
     kept = [r for r in records if r["step"] <= upto]
     if len(kept) < len(records):
-        Path(path).write_text("".join(json.dumps(r) + "\n" for r in kept))
+        Path(path).write_text("".join(to_json(r) + "\n" for r in kept))
     return len(records) - len(kept)
 
 

@@ -8,7 +8,6 @@ learned weight per training example id). ``jbilevel eval`` and ``jbilevel export
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import jax
 import numpy as np
 
 from jbilevel import config as config_lib
-from jbilevel import experiment, inputs
+from jbilevel import experiment, inputs, report
 from jbilevel import sharding as sh
 from jbilevel.console import Console, load_report_lines
 from jbilevel.errors import UserError
@@ -145,7 +144,7 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, overrides: Seq
                                   if isinstance(v, float))
     result["data"] = experiment.data_reports(cfg, task)
     if jax.process_index() == 0:
-        (run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        (run_dir / "eval.json").write_text(report.to_json(result, indent=2) + "\n")
     return result
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import math
 import signal
 import time
@@ -36,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jbilevel import distributed, weights
+from jbilevel import distributed, report, weights
 from jbilevel import sharding as sh
 from jbilevel.algorithms.offline import (
     MethodConfig,
@@ -334,7 +333,7 @@ class MetricsLog:
             self._tb = SummaryWriter(str(out_dir / "tensorboard"))
 
     def write(self, step: int, record: dict[str, float]) -> None:
-        self._file.write(json.dumps({"step": step, **record}) + "\n")
+        self._file.write(report.to_json({"step": step, **record}) + "\n")
         self._file.flush()
         if self._tb is not None:
             for k, v in record.items():

@@ -132,7 +132,7 @@ def summarise(results: dict[str, list[dict]]) -> dict[str, dict[str, tuple[float
     for method, runs in results.items():
         out[method] = {}
         for key in METRICS:
-            values = [r[key] for r in runs if key in r]
+            values = [r[key] for r in runs if r.get(key) is not None]  # null: not finite
             if values:
                 std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
                 out[method][key] = (float(np.mean(values)), std, len(values))

@@ -1,6 +1,8 @@
 """Trainer: sharded parity, exact resume after SIGKILL, restore onto another mesh, failures."""
 
 import dataclasses
+import json
+import math
 import os
 import re
 import signal
@@ -15,8 +17,8 @@ import numpy as np
 import pytest
 import toy
 
+from jbilevel import report, train
 from jbilevel import sharding as sh
-from jbilevel import train
 from jbilevel.checkpoint import Checkpointer
 
 ONE = sh.MeshConfig(data=1, fsdp=1, tensor=1)
@@ -283,3 +285,28 @@ def test_two_processes_equal_one(tmp_path, method):
     single, _ = toy.run_to(method, MESH_2x4, 8)
     for i, want in enumerate(_leaves(single)):
         np.testing.assert_allclose(multi[f"arr_{i}"], want, rtol=1e-5, atol=1e-6)
+
+
+def test_metrics_and_results_are_strict_json(tmp_path):
+    """A non-finite number (a metric with nothing to measure) is written as null, which strict
+    JSON readers accept where they refuse the bare NaN token Python writes by default, and
+    read back as NaN."""
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda token: pytest.fail(f"not JSON: {token}"))
+
+    log = train.MetricsLog(tmp_path, tensorboard=False)
+    log.write(1, {"loss": 0.5, "online_gen_benign_accuracy": float("nan")})
+    log.write(2, {"loss": float("inf")})
+    log.close()
+    path = tmp_path / "metrics.jsonl"
+    assert [strict(line) for line in path.read_text().splitlines()] == [
+        {"step": 1, "loss": 0.5, "online_gen_benign_accuracy": None},
+        {"step": 2, "loss": None}]
+    first = report.read_metrics(path)[0]
+    assert first["loss"] == 0.5 and math.isnan(first["online_gen_benign_accuracy"])
+    assert report.trim_metrics(path, 1) == 1  # rewritten as strictly
+    assert strict(path.read_text()) == {"step": 1, "loss": 0.5,
+                                        "online_gen_benign_accuracy": None}
+    assert strict(report.to_json({"a": [1.0, float("-inf"), {"b": float("nan")}], "c": "x"})
+                  ) == {"a": [1.0, None, {"b": None}], "c": "x"}

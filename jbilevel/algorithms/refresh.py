@@ -15,6 +15,7 @@ import numpy as np
 
 from jbilevel import distributed, weights
 from jbilevel import sharding as sh
+from jbilevel.adjoint import chunk_rows, interleaved_chunks
 from jbilevel.algorithms.offline import TrainState
 from jbilevel.algorithms.online import (
     Buffer,
@@ -123,11 +124,8 @@ def row_ratios(model, cfg: OnlineConfig, theta, buffer: Buffer, *, rows: int, me
         raise ValueError(f"rows={rows} must divide the buffer's {capacity} rows")
     if passes == 1:
         return one(buffer.batch())
-    # row r = i * passes + c goes to pass c: (R, ...) -> (rows, passes, ...) -> (passes, rows, ...)
-    strided = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(rows, passes, *x.shape[1:]), 0, 1),
-                           buffer.batch())
-    out = jax.lax.map(one, strided)
-    return tuple(jnp.swapaxes(o, 0, 1).reshape(capacity) for o in out)
+    out = jax.lax.map(one, interleaved_chunks(buffer.batch(), rows))  # row c + k * passes: pass c
+    return tuple(chunk_rows(o, capacity) for o in out)
 
 
 def _host(x) -> np.ndarray:
