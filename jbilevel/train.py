@@ -571,7 +571,7 @@ def run(
                     break
             if pending is not None:
                 read(pending)
-        except jax.errors.JaxRuntimeError as e:  # the phase is known only here
+        except jax.errors.JaxRuntimeError as e:  # raised when dispatched: the phase last started
             _raise_named(e, doing, doing_at, _last_checkpoint(ckpt))
         if step > start_step and (not loop.checkpoint_every or step % loop.checkpoint_every):
             save(step)  # the final state, unless the periodic save just wrote it
