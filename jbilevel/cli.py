@@ -239,7 +239,8 @@ def _train(args, console) -> int:
     print(report.to_json(result, indent=2))
     if result["interrupted"] is not None:
         return EXIT_INTERRUPTED
-    console.info(f"run report in {out}/ (results.json, weights.csv, curves.png, model/)")
+    adapter = ", adapter/" if result["theta"] == "lora" else ""
+    console.info(f"run report in {out}/ (results.json, weights.csv, curves.png, model/{adapter})")
     return 0
 
 
