@@ -644,6 +644,8 @@ def _finish(cfg, out: Path, console, result: dict, state, model, lora: bool, tas
     """A finished run's final evaluation (out of device memory: ``train.OutOfMemoryError``),
     report and model."""
     params = final_params(state, model, lora)
+    if lora:
+        result.update(_merge_rounding(state, model, console))
     plain_loss = lm_example_loss(model)
     if (note := inputs.withheld_note(cfg.data, out)) is not None:
         console.info(note)
@@ -706,6 +708,33 @@ def rounded_away_share(theta, step: float) -> float:
         return same / sum(x.size for x in leaves)
 
     return float(share(theta))
+
+
+MERGE_ERROR_WARN = 0.1  # warn when the merged model's update is off by this share of its size
+
+
+def _merge_rounding(state, model, console: Console) -> dict:
+    """A LoRA run over a base stored below float32: what merging the adapters into the base's
+    dtype (``model/``) keeps of their update (``lora_merge_lost``, ``lora_merge_error``; see
+    ``models.lora.merge_rounding``), with a warning when the merged update is off by
+    ``MERGE_ERROR_WARN`` or more. Nothing for a float32 base (the merge is exact there)."""
+    from jbilevel.models.lora import merge_rounding
+
+    dtypes = {jnp.dtype(x.dtype) for x in jax.tree.leaves(state.frozen["layers"])}
+    if all(jnp.finfo(d).bits >= 32 for d in dtypes if jnp.issubdtype(d, jnp.floating)):
+        return {}
+    measured = jax.jit(merge_rounding, static_argnums=2)(state.frozen, state.theta,
+                                                         model.config)
+    lost, error = float(measured["lost"]), float(measured["error"])
+    if error >= MERGE_ERROR_WARN:
+        names = ", ".join(sorted(d.name for d in dtypes))
+        console.warn(
+            f"model/ holds the adapters merged into the base's {names} weights, which round "
+            f"{lost:.0%} of the update's elements to nothing and leave the merged update off by "
+            f"{error:.0%} of its size (an update much smaller than the weights it is added to); "
+            "the final evaluation scores model/. adapter/ holds the adapters exact, in PEFT's "
+            "format: evaluate or serve them over the base (docs/llm.md)")
+    return {"lora_merge_lost": lost, "lora_merge_error": error}
 
 
 def _warn_if_steps_round_away(theta, lr: float, console: Console) -> None:

@@ -110,6 +110,29 @@ def test_lora_run_keeps_the_base_frozen_and_resumes(tmp_path, model_dir):
         np.testing.assert_allclose(adapted(ids).logits.numpy(), merged, atol=1e-4, rtol=0)
 
 
+def test_lora_merge_into_a_bfloat16_base_is_measured_and_warned_of(tmp_path, model_dir):
+    """A LoRA run over a bfloat16 base says what merging its adapters into model/ rounds
+    away: a small step (lr 1e-4, two steps) makes an update the merge mostly loses."""
+    import io
+
+    from jbilevel.console import Console
+
+    lora = inputs.ThetaConfig(kind="lora", rank=2, alpha=4.0)
+    cfg = _cfg(model_dir, "sft", lora)
+    small = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, param_dtype="bfloat16"),
+        method=dataclasses.replace(cfg.method, lr_theta=1e-4))
+    out = io.StringIO()
+    result = experiment.run(small, tmp_path / "bf16", console=Console(stream=out))
+    assert result["lora_merge_error"] >= experiment.MERGE_ERROR_WARN
+    assert 0.3 < result["lora_merge_lost"] <= 1.0, result["lora_merge_lost"]
+    assert ("warning: model/ holds the adapters merged into the base's bfloat16 weights, which "
+            f"round {result['lora_merge_lost']:.0%} of the update's elements") in out.getvalue()
+    assert "adapter/ holds the adapters exact" in out.getvalue()
+    exact = experiment.run(cfg, tmp_path / "f32", console=Console(stream=io.StringIO()))
+    assert "lora_merge_error" not in exact  # a float32 base: the merge is exact
+
+
 def test_data_and_model_errors_name_the_fix(tmp_path, model_dir):
     with pytest.raises(ValueError, match="data.validation is required"):
         inputs.DataConfig(train="x.jsonl")

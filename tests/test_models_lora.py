@@ -14,7 +14,7 @@ from jbilevel.models import (
     save_adapter,
     save_pretrained,
 )
-from jbilevel.models.lora import LoRA, init_lora, merge_lora
+from jbilevel.models.lora import LoRA, init_lora, merge_lora, merge_rounding
 
 ROOT = os.path.join(os.path.dirname(__file__), "fixtures", "models")
 TARGETS = {
@@ -108,3 +108,25 @@ def test_lora_unknown_target_names_the_choices():
                          num_heads=4)
     with pytest.raises(ValueError, match="q_proj.*query_key_value"):
         init_lora(config, jax.random.key(0), rank=2, alpha=4.0, targets=("q_proj",))
+
+
+def test_merge_rounding_is_what_the_merge_keeps_of_the_update():
+    """Rank 1 over a q kernel of ones: half the update's elements 2^-10 (below half a bfloat16
+    step at 1.0, 2^-8: rounded to nothing), half 0.5 (1.5 is exact). float32 keeps all."""
+    config = ModelConfig(family="llama", vocab_size=64, hidden_size=8, num_layers=2,
+                         num_heads=2, num_kv_heads=2, intermediate_size=16)
+    params = build(config).init(jax.random.key(0))
+    params["layers"]["q"]["kernel"] = jnp.ones_like(params["layers"]["q"]["kernel"])
+    small_or_half = jnp.where(jnp.arange(8) % 2 == 0, 2.0 ** -10, 0.5)
+    lora = LoRA({"q_proj": {"a": jnp.ones((2, 8, 1)),
+                            "b": jnp.broadcast_to(small_or_half, (2, 1, 8))}}, 1.0, 1)
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    measured = merge_rounding(bf16, lora, config)
+    assert float(measured["lost"]) == 0.5
+    np.testing.assert_allclose(float(measured["error"]),
+                               (2.0 ** -20 / (2.0 ** -20 + 0.25)) ** 0.5, rtol=1e-6)
+    kept = (merge_lora(bf16, lora, config)["layers"]["q"]["kernel"].astype(jnp.float32) - 1.0)
+    np.testing.assert_array_equal(np.asarray(kept[0, 0]).reshape(-1),
+                                  np.where(np.arange(8) % 2 == 0, 0.0, 0.5))
+    exact = merge_rounding(params, lora, config)
+    assert (float(exact["lost"]), float(exact["error"])) == (0.0, 0.0)
