@@ -733,7 +733,8 @@ def _merge_rounding(state, model, console: Console) -> dict:
             f"{lost:.0%} of the update's elements to nothing and leave the merged update off by "
             f"{error:.0%} of its size (an update much smaller than the weights it is added to); "
             "the final evaluation scores model/. adapter/ holds the adapters exact, in PEFT's "
-            "format: evaluate or serve them over the base (docs/llm.md)")
+            "format: `jbilevel eval --run <this run> --adapter` scores them over the base, "
+            "and PEFT serves them (docs/llm.md)")
     return {"lora_merge_lost": lost, "lora_merge_error": error}
 
 

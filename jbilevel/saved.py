@@ -86,6 +86,21 @@ def _load_model(model_dir: Path, mesh_cfg: sh.MeshConfig, console: Console,
     return model, params
 
 
+def _merge_adapter(model, params, adapter_dir: Path, console: Console):
+    """``params`` with the PEFT-format LoRA adapters of ``adapter_dir`` merged in (in
+    ``params``' dtype: float32 keeps the update exact)."""
+    from jbilevel.models import load_adapter, merge_lora
+
+    with console.phase(f"merging the adapters of {adapter_dir}") as phase:
+        try:
+            lora = load_adapter(str(adapter_dir), model.config)
+        except (ValueError, FileNotFoundError) as e:
+            raise UserError(str(e)) from None
+        params = jax.jit(merge_lora, static_argnums=2)(params, lora, model.config)
+        phase.summary = f"rank {lora.rank} on {', '.join(sorted(lora.weights))}"
+    return params
+
+
 def _file_loss(model, params, data: str, data_cfg: inputs.DataConfig, tokenizer,
                batch_size: int, console: Console) -> dict:
     from jbilevel.objectives import lm_example_loss
@@ -102,7 +117,7 @@ def _file_loss(model, params, data: str, data_cfg: inputs.DataConfig, tokenizer,
 
 
 def evaluate_run(run_dir: str | Path, *, data: str | None = None, overrides: Sequence[str] = (),
-                 console: Console | None = None) -> dict:
+                 adapter: bool = False, console: Console | None = None) -> dict:
     """Validation / test loss (and the task metric on the splits the run scores) of a run's
     saved model.
 
@@ -112,8 +127,12 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, overrides: Seq
         was (its prompt template, chat template, bos, max_len), so the loss is the one the
         run itself would report for it.
       overrides: ``data.key=value`` changes to the run's data settings.
+      adapter: a LoRA run: score its exact adapters (``adapter/``) over its base
+        (``model.path``), merged in float32, instead of ``model/`` (merged in the base's
+        dtype, which may round the update away).
     Returns:
-      The record, also written to ``run_dir/eval.json`` when the run's own splits are scored.
+      The record, also written to ``run_dir/eval.json`` (``eval_adapter.json`` with
+      ``adapter``) when the run's own splits are scored.
     """
     from jbilevel.objectives import lm_example_loss
 
@@ -121,9 +140,17 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, overrides: Seq
     run_dir = Path(run_dir)
     cfg = load_config(run_dir)
     cfg = dataclasses.replace(cfg, data=data_config(cfg.data, overrides))
-    model_dir = run_dir / "model"
-    model, params = _load_model(model_dir, cfg.mesh, console, cfg.model.param_dtype,
-                                cfg.model.compute_dtype)
+    model_dir = run_dir / "model"  # the run's tokenizer too
+    if adapter:
+        if not (run_dir / "adapter").is_dir() or cfg.model.path is None:
+            raise UserError(f"{run_dir / 'adapter'}: not found; --adapter scores a finished "
+                            "LoRA run's adapters (theta.kind: lora)")
+        model, params = _load_model(Path(cfg.model.path), cfg.mesh, console, "float32",
+                                    cfg.model.compute_dtype)
+        params = _merge_adapter(model, params, run_dir / "adapter", console)
+    else:
+        model, params = _load_model(model_dir, cfg.mesh, console, cfg.model.param_dtype,
+                                    cfg.model.compute_dtype)
     if data is not None:
         tokenizer = inputs.load_tokenizer(_run_tokenizer(cfg, model_dir))
         return {"run": str(run_dir), **_file_loss(model, params, data, cfg.data, tokenizer,
@@ -143,14 +170,18 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, overrides: Seq
         phase.summary = ", ".join(f"{k} {v:.4g}" for k, v in result.items()
                                   if isinstance(v, float))
     result["data"] = experiment.data_reports(cfg, task)
+    if adapter:
+        result["adapter"] = str(run_dir / "adapter")
     if jax.process_index() == 0:
-        (run_dir / "eval.json").write_text(report.to_json(result, indent=2) + "\n")
+        name = "eval_adapter.json" if adapter else "eval.json"
+        (run_dir / name).write_text(report.to_json(result, indent=2) + "\n")
     return result
 
 
 def evaluate_model(model_dir: str | Path, data: str, *, tokenizer: str | None = None,
                    data_cfg: inputs.DataConfig | None = None, batch_size: int = 16,
-                   mesh: sh.MeshConfig | None = None, console: Console | None = None) -> dict:
+                   mesh: sh.MeshConfig | None = None, adapter: str | Path | None = None,
+                   console: Console | None = None) -> dict:
     """Mean per-example response NLL of a local HF model on an SFT file.
 
     Args:
@@ -160,16 +191,19 @@ def evaluate_model(model_dir: str | Path, data: str, *, tokenizer: str | None = 
         template, bos, max_len, over-length policy; default: train's defaults), so the same
         model, file and settings give the loss a run reports.
       mesh: device mesh for the params (default: every device, data parallel).
+      adapter: a LoRA adapter directory in PEFT's format (a run's ``adapter/``, or PEFT's
+        own) for ``model_dir``, merged in float32 before scoring.
     """
     console = console or Console()
     inputs.check_model_dir(str(model_dir), "--model")
     model_dir = Path(model_dir)
     model, params = _load_model(model_dir, mesh or sh.MeshConfig(), console)
+    if adapter is not None:
+        params = _merge_adapter(model, params, Path(adapter), console)
     spec = experiment.ModelSpec(path=str(model_dir), tokenizer=tokenizer)
-    return {"model": str(model_dir), **_file_loss(model, params, data,
-                                                   data_cfg or inputs.DataConfig(),
-                                                   inputs.load_tokenizer(spec), batch_size,
-                                                   console)}
+    record = {"model": str(model_dir)} | ({} if adapter is None else {"adapter": str(adapter)})
+    return {**record, **_file_loss(model, params, data, data_cfg or inputs.DataConfig(),
+                                   inputs.load_tokenizer(spec), batch_size, console)}
 
 
 def export_run(run_dir: str | Path, out: str, *, top_frac: float | None = None,

@@ -6,7 +6,7 @@ import _llm
 import numpy as np
 import pytest
 
-from jbilevel import cli, config, experiment, inputs
+from jbilevel import cli, config, experiment, inputs, saved
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,33 @@ def test_eval_model_on_a_file(lora_run, capsys):
     trained = json.loads((lora_run / "results.json").read_text())
     assert printed["n"] == 3
     np.testing.assert_allclose(printed["loss"], trained["val_loss"], rtol=1e-5)
+
+
+def test_eval_adapter_over_its_base(lora_run, capsys, tmp_path):
+    """--adapter: the run's adapter/ over the base it trained on (--run), or any PEFT adapter
+    directory over a model (--model); over this float32 base both are model/'s numbers."""
+    trained = json.loads((lora_run / "results.json").read_text())
+    capsys.readouterr()
+    assert cli.main(["eval", "--run", str(lora_run), "--adapter", "-q"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["adapter"] == str(lora_run / "adapter")
+    assert json.loads((lora_run / "eval_adapter.json").read_text()) == printed
+    for key in ("val_loss", "test_loss"):
+        np.testing.assert_allclose(printed[key], trained[key], rtol=1e-5, err_msg=key)
+    base = saved.load_config(lora_run).model.path
+    args = ["eval", "--model", base, "--data", str(_llm.DATA / "openorca.jsonl"),
+            "--max-len", "160", "-q"]
+    assert cli.main([*args, "--adapter", str(lora_run / "adapter")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    np.testing.assert_allclose(printed["loss"], trained["val_loss"], rtol=1e-5)
+    assert cli.main(args) == 0  # the base alone scores otherwise: the adapters counted
+    assert abs(json.loads(capsys.readouterr().out)["loss"] - trained["val_loss"]) > 1e-4
+    assert cli.main(["eval", "--run", str(lora_run), "--adapter", str(lora_run)]) == 2
+    assert cli.main([*args, "--adapter"]) == 2
+    assert "--adapter takes no DIR with --run" in capsys.readouterr().err
+    (tmp_path / "config.yaml").write_text((lora_run / "config.yaml").read_text())  # no adapter/
+    assert cli.main(["eval", "--run", str(tmp_path), "--adapter"]) == 2
+    assert f"{tmp_path / 'adapter'}: not found; --adapter scores" in capsys.readouterr().err
 
 
 def test_export_top_frac_and_min_weight(lora_run, tmp_path):

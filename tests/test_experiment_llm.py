@@ -122,7 +122,8 @@ def test_lora_merge_into_a_bfloat16_base_is_measured_and_warned_of(tmp_path, mod
     cfg = _cfg(model_dir, "sft", lora)
     small = dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, param_dtype="bfloat16"),
-        method=dataclasses.replace(cfg.method, lr_theta=1e-4))
+        method=dataclasses.replace(cfg.method, lr_theta=1e-4),
+        loop=dataclasses.replace(cfg.loop, eval_every=2))
     out = io.StringIO()
     result = experiment.run(small, tmp_path, console=Console(stream=out))
     assert result["lora_merge_error"] >= experiment.MERGE_ERROR_WARN
@@ -130,6 +131,15 @@ def test_lora_merge_into_a_bfloat16_base_is_measured_and_warned_of(tmp_path, mod
     assert ("warning: model/ holds the adapters merged into the base's bfloat16 weights, which "
             f"round {result['lora_merge_lost']:.0%} of the update's elements") in out.getvalue()
     assert "adapter/ holds the adapters exact" in out.getvalue()
+    # `jbilevel eval --run --adapter` scores the exact adapters over the base
+    from jbilevel import cli
+
+    assert cli.main(["eval", "--run", str(tmp_path), "--adapter", "-q"]) == 0
+    exact = json.loads((tmp_path / "eval_adapter.json").read_text())
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    trained = last["eval_val_loss"]  # the adapters over the base, as the run computes them
+    assert exact["adapter"] == str(tmp_path / "adapter")
+    assert abs(exact["val_loss"] - trained) < abs(result["val_loss"] - trained) / 3
 
 
 def test_data_and_model_errors_name_the_fix(tmp_path, model_dir):

@@ -10,6 +10,7 @@ import pytest
 from jbilevel.models import (
     ModelConfig,
     build,
+    load_adapter,
     load_pretrained,
     save_adapter,
     save_pretrained,
@@ -80,6 +81,12 @@ def test_saved_adapter_loads_in_peft_with_the_same_logits(name, tmp_path):
     with torch.no_grad():
         logits = model(torch.tensor(ref["input_ids"])).logits.numpy()
     np.testing.assert_allclose(logits, with_lora, atol=1e-4, rtol=0)
+    # ... and load_adapter reads it back exactly, and reads what PEFT itself saves
+    jax.tree.map(np.testing.assert_array_equal,
+                 load_adapter(str(tmp_path / "adapter"), config), lora)
+    model.save_pretrained(str(tmp_path / "by_peft"))
+    jax.tree.map(np.testing.assert_array_equal,
+                 load_adapter(str(tmp_path / "by_peft"), config), lora)
 
 
 def test_lora_gradients_and_default_targets():
@@ -130,3 +137,28 @@ def test_merge_rounding_is_what_the_merge_keeps_of_the_update():
                                   np.where(np.arange(8) % 2 == 0, 0.0, 0.5))
     exact = merge_rounding(params, lora, config)
     assert (float(exact["lost"]), float(exact["error"])) == (0.0, 0.0)
+
+
+def test_load_adapter_names_the_file_and_what_it_cannot_read(tmp_path):
+    import json
+
+    config = ModelConfig(family="llama", vocab_size=64, hidden_size=8, num_layers=2,
+                         num_heads=2, num_kv_heads=2, intermediate_size=16)
+    save_adapter(str(tmp_path), init_lora(config, jax.random.key(0), rank=2, alpha=4.0),
+                 config)
+    path = tmp_path / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({**saved, "use_dora": True}))
+    with pytest.raises(ValueError, match=rf"{path}: use_dora=True: jbilevel's LoRA is plain"):
+        load_adapter(str(tmp_path), config)
+    path.write_text(json.dumps({**saved, "target_modules": ["q_proj", "c_attn"]}))
+    with pytest.raises(ValueError, match=rf"{path}: LoRA target 'c_attn' is not a llama"):
+        load_adapter(str(tmp_path), config)
+    path.write_text(json.dumps({**saved, "target_modules": ["q_proj", "k_proj"]}))
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: tensor "
+                       r"'base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight' "
+                       r"missing \(target 'k_proj'\)"):
+        load_adapter(str(tmp_path), config)
+    path.write_text(json.dumps({**saved, "r": 3}))
+    with pytest.raises(ValueError, match=r"without adapter_config.json's rank r=3"):
+        load_adapter(str(tmp_path), config)

@@ -7,6 +7,7 @@ plain dict parameter pytree; see `transformer.py` for the layout and `hf_io.py` 
 from jbilevel.models.base import base_model_path
 from jbilevel.models.config import ModelConfig
 from jbilevel.models.hf_io import (
+    load_adapter,
     load_pretrained,
     load_tokenizer,
     read_config,
@@ -27,6 +28,7 @@ __all__ = [
     "differentiable_attention",
     "generate",
     "init_lora",
+    "load_adapter",
     "load_pretrained",
     "load_tokenizer",
     "lora_axes",

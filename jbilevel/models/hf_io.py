@@ -334,20 +334,15 @@ def save_adapter(path: str, lora, config: ModelConfig, base_model: str | None = 
     from safetensors.numpy import save_file
 
     os.makedirs(path, exist_ok=True)
-    entries = [e.hf_name.removesuffix(".weight") for e in hf_entries(config)]
     tensors = {}
     for name, w in lora.weights.items():
-        modules = [m for m in entries if m.endswith("." + name)]  # one a layer, in layer order
-        if len(modules) != config.num_layers:
-            raise ValueError(f"LoRA target {name!r}: {len(modules)} {config.family} modules "
-                             f"end in it, expected one in each of {config.num_layers} layers")
         # PEFT: lora_A.weight (r, in), lora_B.weight (out, r), update = scale * B @ A on HF's
         # (out, in) weight; ours: a (in, r), b (r, out) with in and out in HF's order (the
         # fused qkv outputs too: merge_lora splits b's out dim in HF's packing)
         a, b = np.asarray(w["a"], np.float32), np.asarray(w["b"], np.float32)
-        for i, module in enumerate(modules):
-            tensors[f"base_model.model.{module}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
-            tensors[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
+        for i, module in enumerate(_adapted_modules(config, name)):
+            tensors[f"{module}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
+            tensors[f"{module}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"),
               metadata={"format": "pt"})
     adapter_config = {
@@ -360,6 +355,66 @@ def save_adapter(path: str, lora, config: ModelConfig, base_model: str | None = 
     }
     with open(os.path.join(path, "adapter_config.json"), "w") as fh:
         json.dump(adapter_config, fh, indent=2, sort_keys=True)
+
+
+def _adapted_modules(config: ModelConfig, name: str) -> list[str]:
+    """PEFT's key prefix of LoRA target ``name`` (an HF module name) in each layer, in order."""
+    modules = [e.hf_name.removesuffix(".weight") for e in hf_entries(config)
+               if e.hf_name.endswith(f".{name}.weight")]
+    if len(modules) != config.num_layers:
+        raise ValueError(f"LoRA target {name!r}: {len(modules)} {config.family} modules end in "
+                         f"it, expected one in each of {config.num_layers} layers")
+    return [f"base_model.model.{m}" for m in modules]
+
+
+def load_adapter(path: str, config: ModelConfig):
+    """Reads LoRA adapters in PEFT's format (what :func:`save_adapter` writes, or PEFT's
+    ``save_pretrained`` of a LoRA adapter on a base of ``config``'s family) as a
+    ``jbilevel.models.LoRA`` with float32 leaves.
+
+    Raises:
+      ValueError naming the file: adapter settings this LoRA does not compute (rsLoRA, DoRA,
+      trained biases or whole modules), a target that is not a projection of the family, a
+      missing or misshapen tensor.
+    """
+    from safetensors.numpy import load_file
+
+    from jbilevel.models.lora import LoRA, resolve_targets
+
+    cfg_path = os.path.join(path, "adapter_config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{cfg_path}: missing; is {path} a PEFT adapter directory?")
+    with open(cfg_path) as fh:
+        d = json.load(fh)
+    unsupported = [k for k, off in (("peft_type", "LORA"), ("use_rslora", False),
+                                    ("use_dora", False), ("bias", "none"),
+                                    ("modules_to_save", None)) if d.get(k, off) != off]
+    if unsupported:
+        raise ValueError(f"{cfg_path}: {', '.join(f'{k}={d[k]!r}' for k in unsupported)}: "
+                         "jbilevel's LoRA is plain LoRA (peft_type LORA, no rsLoRA, DoRA, "
+                         "trained biases or modules_to_save)")
+    targets = d["target_modules"]
+    targets = [targets] if isinstance(targets, str) else sorted(targets)
+    try:
+        names = resolve_targets(config, targets)
+    except ValueError as e:
+        raise ValueError(f"{cfg_path}: {e}") from None
+    file = os.path.join(path, "adapter_model.safetensors")
+    tensors = load_file(file)
+    rank = int(d["r"])
+    weights = {}
+    for name in names:
+        a, b = [], []
+        for module in _adapted_modules(config, name):
+            for key, into in ((f"{module}.lora_A.weight", a), (f"{module}.lora_B.weight", b)):
+                if key not in tensors:
+                    raise ValueError(f"{file}: tensor {key!r} missing (target {name!r})")
+                if rank not in tensors[key].shape:
+                    raise ValueError(f"{file}: tensor {key!r} has shape {tensors[key].shape}, "
+                                     f"without adapter_config.json's rank r={rank}")
+                into.append(tensors[key].astype(np.float32).T)
+        weights[name] = {"a": jnp.asarray(np.stack(a)), "b": jnp.asarray(np.stack(b))}
+    return LoRA(weights, float(d["lora_alpha"]), rank)
 
 
 def load_tokenizer(path: str):
