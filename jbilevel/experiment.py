@@ -189,7 +189,7 @@ def _longest(dataset) -> int:
 
 
 def evaluate(model, params, task, split: str = "test", batch_size: int = 250, *,
-             gather_params: bool = True) -> dict:
+             gather_params: bool = True, lora=None) -> dict:
     """Greedy-decodes every prompt of ``split`` and scores the answers with the task metric.
 
     Every process calls it with the same arguments (params may span processes); the decoded
@@ -197,13 +197,14 @@ def evaluate(model, params, task, split: str = "test", batch_size: int = 250, *,
     mesh of several devices the prompts and the KV cache are split over its data axes (the
     batch rounded up to a multiple of them with padding rows), as online generation's
     sampler calls are: each device decodes its own rows. ``gather_params=False`` keeps the
-    weights split while decoding (see ``jbilevel.models.generate``).
+    weights split while decoding (see ``jbilevel.models.generate``); ``lora``: adapters over
+    ``params``, unmerged.
     """
     from jbilevel.models import generate
 
     ds = task.splits[split]
     max_new = int((ds.length_N - ds.prompt_len_N).max())
-    mesh = _mesh_of(params)
+    mesh = mesh_of(params)
     rows, put, on_mesh = batch_size, (lambda x: x), {}
     if mesh is not None and mesh.size > 1:
         rules = sh.AxisRules()
@@ -213,7 +214,8 @@ def evaluate(model, params, task, split: str = "test", batch_size: int = 250, *,
     for batch in ds.prompt_batches(rows):
         out = generate(model, params, put(batch["prompt_ids"]), put(batch["prompt_mask"]),
                        jax.random.key(0), max_new_tokens=max_new, greedy=True,
-                       eos_id=task.tokenizer.eos_id, pad_id=task.tokenizer.pad_id, **on_mesh)
+                       eos_id=task.tokenizer.eos_id, pad_id=task.tokenizer.pad_id, lora=lora,
+                       **on_mesh)
         tokens_BxT = inputs.to_host(out.tokens)[:, 0, :]
         for b in np.flatnonzero(batch["valid"]):
             predictions.append(task.tokenizer.decode(tokens_BxT[b]))
@@ -236,9 +238,9 @@ SPLIT_PREFIX = {"validation": "val", "test": "test"}  # results.json keys: val_a
 
 
 def score_splits(model, params, task, batch_size: int, *,
-                 gather_params: bool = True) -> tuple[dict, dict]:
+                 gather_params: bool = True, lora=None) -> tuple[dict, dict]:
     """Greedy answers to the prompts of each split in ``task.scored``, scored with the task
-    metric (:func:`evaluate`).
+    metric (:func:`evaluate`; ``lora``: adapters over ``params``, unmerged).
 
     Returns: ({"val_<metric>" / "test_<metric>": value}, {split: decoded answers}); both empty
     for a task without a metric.
@@ -250,13 +252,13 @@ def score_splits(model, params, task, batch_size: int, *,
     for split in task.scored:
         if split in task.splits:
             record = evaluate(model, params, task, split, batch_size,
-                              gather_params=gather_params)
+                              gather_params=gather_params, lora=lora)
             predictions[split] = record.pop("predictions")
             scores.update({f"{SPLIT_PREFIX[split]}_{k}": v for k, v in record.items()})
     return scores, predictions
 
 
-def _mesh_of(params):
+def mesh_of(params):
     """The mesh the params are laid out on (None: not on a mesh, e.g. one device)."""
     for leaf in jax.tree.leaves(params):
         if isinstance(getattr(leaf, "sharding", None), jax.sharding.NamedSharding):
@@ -290,7 +292,7 @@ def split_loss(example_loss, dataset, batch_size: int) -> Callable[[Any], float]
     batches: dict = {}  # rows per batch -> the split's batches
 
     def mean(params) -> float:
-        mesh = _mesh_of(params)
+        mesh = mesh_of(params)
         if mesh is None:
             fn, rows, put = jax.jit(example_loss), batch_size, lambda b: b
         else:

@@ -86,32 +86,46 @@ def _load_model(model_dir: Path, mesh_cfg: sh.MeshConfig, console: Console,
     return model, params
 
 
-def _merge_adapter(model, params, adapter_dir: Path, console: Console):
-    """``params`` with the PEFT-format LoRA adapters of ``adapter_dir`` merged in (in
-    ``params``' dtype: float32 keeps the update exact)."""
-    from jbilevel.models import load_adapter, merge_lora
+def _load_adapter(model, params, adapter_dir: Path, console: Console):
+    """The PEFT-format LoRA adapters of ``adapter_dir`` for ``model``, on the mesh of
+    ``params`` (split like the kernels they adapt, as in training)."""
+    from jbilevel.models import load_adapter, lora_axes
 
-    with console.phase(f"merging the adapters of {adapter_dir}") as phase:
+    with console.phase(f"loading the adapters of {adapter_dir}") as phase:
         try:
             lora = load_adapter(str(adapter_dir), model.config)
         except (ValueError, FileNotFoundError) as e:
             raise UserError(str(e)) from None
-        params = jax.jit(merge_lora, static_argnums=2)(params, lora, model.config)
+        mesh = experiment.mesh_of(params)
+        if mesh is not None:
+            shardings = sh.tree_shardings(mesh, sh.AxisRules(),
+                                          lora_axes(model.config, lora), lora)
+            lora = jax.tree.map(lambda x, s: jax.make_array_from_callback(
+                x.shape, s, x.__getitem__), lora, shardings)
         phase.summary = f"rank {lora.rank} on {', '.join(sorted(lora.weights))}"
-    return params
+    return lora
+
+
+def _loss_and_weights(model, params, lora):
+    """``(example_loss(weights, batch), weights)`` of the model, through its LoRA adapters
+    unmerged when there are some (as training and PEFT compute them)."""
+    from jbilevel.objectives import lm_example_loss, lm_lora_example_loss
+
+    if lora is None:
+        return lm_example_loss(model), params
+    loss = lm_lora_example_loss(model)
+    return (lambda w, batch: loss(w[0], w[1], batch)), (lora, params)
 
 
 def _file_loss(model, params, data: str, data_cfg: inputs.DataConfig, tokenizer,
-               batch_size: int, console: Console) -> dict:
-    from jbilevel.objectives import lm_example_loss
-
+               batch_size: int, console: Console, lora=None) -> dict:
     with console.phase(f"reading and tokenising {data}") as phase:
         ds = inputs.load_split(data, data_cfg, tokenizer, field="--data")
         phase.summary = f"{len(ds)} examples"
     for line in load_report_lines("--data", data, ds.report, console.verbosity):
         console.info(line)
     with console.phase("evaluating") as phase:
-        loss = experiment.mean_loss(lm_example_loss(model), params, ds, batch_size)
+        loss = experiment.mean_loss(*_loss_and_weights(model, params, lora), ds, batch_size)
         phase.summary = f"loss {loss:.4g}"
     return {"data": data, "n": len(ds), "loss": loss, "load_report": ds.report.as_dict()}
 
@@ -127,46 +141,45 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, overrides: Seq
         was (its prompt template, chat template, bos, max_len), so the loss is the one the
         run itself would report for it.
       overrides: ``data.key=value`` changes to the run's data settings.
-      adapter: a LoRA run: score its exact adapters (``adapter/``) over its base
-        (``model.path``), merged in float32, instead of ``model/`` (merged in the base's
-        dtype, which may round the update away).
+      adapter: a LoRA run: score its adapters (``adapter/``) over its base (``model.path``)
+        as the run computed them, unmerged (as PEFT serves them), instead of ``model/``
+        (merged in the base's dtype, which may round the update away).
     Returns:
       The record, also written to ``run_dir/eval.json`` (``eval_adapter.json`` with
       ``adapter``) when the run's own splits are scored.
     """
-    from jbilevel.objectives import lm_example_loss
-
     console = console or Console()
     run_dir = Path(run_dir)
     cfg = load_config(run_dir)
     cfg = dataclasses.replace(cfg, data=data_config(cfg.data, overrides))
     model_dir = run_dir / "model"  # the run's tokenizer too
+    lora = None
     if adapter:
         if not (run_dir / "adapter").is_dir() or cfg.model.path is None:
             raise UserError(f"{run_dir / 'adapter'}: not found; --adapter scores a finished "
                             "LoRA run's adapters (theta.kind: lora)")
-        model, params = _load_model(Path(cfg.model.path), cfg.mesh, console, "float32",
-                                    cfg.model.compute_dtype)
-        params = _merge_adapter(model, params, run_dir / "adapter", console)
+        model, params = _load_model(Path(cfg.model.path), cfg.mesh, console,
+                                    cfg.model.param_dtype, cfg.model.compute_dtype)
+        lora = _load_adapter(model, params, run_dir / "adapter", console)
     else:
         model, params = _load_model(model_dir, cfg.mesh, console, cfg.model.param_dtype,
                                     cfg.model.compute_dtype)
     if data is not None:
         tokenizer = inputs.load_tokenizer(_run_tokenizer(cfg, model_dir))
         return {"run": str(run_dir), **_file_loss(model, params, data, cfg.data, tokenizer,
-                                                   cfg.eval_batch_size, console)}
+                                                   cfg.eval_batch_size, console, lora=lora)}
     task = load_task(cfg, model_dir, console)
     if (note := inputs.withheld_note(cfg.data, run_dir)) is not None:
         console.info(note)
-    loss = lm_example_loss(model)
+    loss, weights = _loss_and_weights(model, params, lora)
     bs = cfg.eval_batch_size
     with console.phase("evaluating") as phase:
         result = {"run": str(run_dir),
-                  "val_loss": experiment.mean_loss(loss, params, task.validation, bs)}
+                  "val_loss": experiment.mean_loss(loss, weights, task.validation, bs)}
         if task.test is not None:
-            result["test_loss"] = experiment.mean_loss(loss, params, task.test, bs)
+            result["test_loss"] = experiment.mean_loss(loss, weights, task.test, bs)
         result.update(experiment.score_splits(
-            model, params, task, bs, gather_params=cfg.online.gather_params)[0])
+            model, params, task, bs, gather_params=cfg.online.gather_params, lora=lora)[0])
         phase.summary = ", ".join(f"{k} {v:.4g}" for k, v in result.items()
                                   if isinstance(v, float))
     result["data"] = experiment.data_reports(cfg, task)
@@ -192,18 +205,17 @@ def evaluate_model(model_dir: str | Path, data: str, *, tokenizer: str | None = 
         model, file and settings give the loss a run reports.
       mesh: device mesh for the params (default: every device, data parallel).
       adapter: a LoRA adapter directory in PEFT's format (a run's ``adapter/``, or PEFT's
-        own) for ``model_dir``, merged in float32 before scoring.
+        own) for ``model_dir``, scored unmerged over it.
     """
     console = console or Console()
     inputs.check_model_dir(str(model_dir), "--model")
     model_dir = Path(model_dir)
     model, params = _load_model(model_dir, mesh or sh.MeshConfig(), console)
-    if adapter is not None:
-        params = _merge_adapter(model, params, Path(adapter), console)
+    lora = None if adapter is None else _load_adapter(model, params, Path(adapter), console)
     spec = experiment.ModelSpec(path=str(model_dir), tokenizer=tokenizer)
     record = {"model": str(model_dir)} | ({} if adapter is None else {"adapter": str(adapter)})
     return {**record, **_file_loss(model, params, data, data_cfg or inputs.DataConfig(),
-                                   inputs.load_tokenizer(spec), batch_size, console)}
+                                   inputs.load_tokenizer(spec), batch_size, console, lora=lora)}
 
 
 def export_run(run_dir: str | Path, out: str, *, top_frac: float | None = None,

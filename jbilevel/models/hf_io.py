@@ -370,7 +370,7 @@ def _adapted_modules(config: ModelConfig, name: str) -> list[str]:
 def load_adapter(path: str, config: ModelConfig):
     """Reads LoRA adapters in PEFT's format (what :func:`save_adapter` writes, or PEFT's
     ``save_pretrained`` of a LoRA adapter on a base of ``config``'s family) as a
-    ``jbilevel.models.LoRA`` with float32 leaves.
+    ``jbilevel.models.LoRA`` with float32 numpy leaves (on this host).
 
     Raises:
       ValueError naming the file: adapter settings this LoRA does not compute (rsLoRA, DoRA,
@@ -413,7 +413,7 @@ def load_adapter(path: str, config: ModelConfig):
                     raise ValueError(f"{file}: tensor {key!r} has shape {tensors[key].shape}, "
                                      f"without adapter_config.json's rank r={rank}")
                 into.append(tensors[key].astype(np.float32).T)
-        weights[name] = {"a": jnp.asarray(np.stack(a)), "b": jnp.asarray(np.stack(b))}
+        weights[name] = {"a": np.stack(a), "b": np.stack(b)}
     return LoRA(weights, float(d["lora_alpha"]), rank)
 
 

@@ -100,7 +100,7 @@ def init_lora(model_or_config, rng, *, rank: int, alpha: float, targets=("q_proj
     return LoRA(weights, float(alpha), int(rank))
 
 
-def _kernel_updates(params, lora: LoRA, config: ModelConfig) -> dict:
+def kernel_updates(params, lora: LoRA, config: ModelConfig) -> dict:
     """``{site: (alpha / r) A B}`` in float32, each shaped as the kernel it updates (a fused
     qkv adapter split into its q, k and v parts in HF's packing)."""
     c = config
@@ -134,7 +134,7 @@ def merge_lora(params, lora: LoRA, config: ModelConfig):
     Invariant: forward(merge_lora(p, l, c), x) == forward(p, x, lora=l) up to rounding.
     """
     layers = dict(params["layers"])
-    for s, dlt in _kernel_updates(params, lora, config).items():
+    for s, dlt in kernel_updates(params, lora, config).items():
         kern = layers[s]["kernel"]
         layers[s] = {**layers[s],
                      "kernel": (kern.astype(jnp.float32) + dlt).astype(kern.dtype)}
@@ -151,7 +151,7 @@ def merge_rounding(params, lora: LoRA, config: ModelConfig) -> dict:
     below about 1/256 of it is lost: the learning rates of LLM fine-tuning make such updates.
     """
     lost = nonzero = err2 = norm2 = jnp.float32(0)
-    for s, dlt in _kernel_updates(params, lora, config).items():
+    for s, dlt in kernel_updates(params, lora, config).items():
         base = params["layers"][s]["kernel"]
         kept = (base.astype(jnp.float32) + dlt).astype(base.dtype).astype(jnp.float32) - base
         lost += jnp.sum((kept == 0) & (dlt != 0), dtype=jnp.float32)
