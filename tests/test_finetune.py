@@ -13,7 +13,7 @@ import pytest
 from jbilevel import config, demo, experiment, inputs, train
 from jbilevel import saved as saved_runs
 from jbilevel.algorithms import MethodConfig
-from jbilevel.models import base_model_path, load_pretrained
+from jbilevel.models import base_model_path, build, load_pretrained
 
 ROOT = Path(__file__).parents[1]
 
@@ -211,3 +211,25 @@ def test_a_from_scratch_task_cannot_withhold_its_test_split():
                                          r"data files .* a from-scratch task always scores it"):
         inputs.load_task(experiment.TaskConfig(name="quality", base="scratch", options=SMALL),
                          inputs.DataConfig(score_test=False), experiment.ModelSpec())
+
+
+def test_lora_adapters_answer_as_the_merged_model_over_a_float32_base(tmp_path):
+    """A built-in task with LoRA: `eval --adapter` decodes through the adapters unmerged, on the
+    8-device mesh; over a float32 base the merge is exact, so every score equals model/'s,
+    and the adapters count (3 steps at 1e-2 on half-corrupted answers move the instruction-
+    tuned base's answers)."""
+    cfg = experiment.ExperimentConfig(
+        task=experiment.TaskConfig(name="quality", base="instruct", options=SMALL),
+        theta=inputs.ThetaConfig(kind="lora", rank=4, alpha=8.0,
+                                 targets=("q_proj", "v_proj", "up_proj")),
+        method=MethodConfig(method="sft", lr_theta=1e-2),
+        loop=train.LoopConfig(steps=3, checkpoint_every=0, progress=False),
+        batch_size=16, val_batch_size=16, eval_batch_size=16)
+    merged = experiment.run(cfg, tmp_path)
+    adapted = saved_runs.evaluate_run(tmp_path, adapter=True)
+    for key in ("val_loss", "test_loss", "val_accuracy", "test_accuracy", "test_corrupted"):
+        np.testing.assert_allclose(adapted[key], merged[key], rtol=1e-5, err_msg=key)
+    task = saved_runs.load_task(saved_runs.load_config(tmp_path), tmp_path / "model")
+    _, base, config = load_pretrained(base_model_path("instruct"))
+    alone = experiment.evaluate(build(config), base, task, "test", 16)
+    assert alone["accuracy"] - adapted["test_accuracy"] > 0.2, (alone, adapted)
