@@ -97,7 +97,7 @@ def _build_parser() -> argparse.ArgumentParser:
                     "jbilevel eval --run runs/bds --data other.jsonl   |   "
                     "jbilevel eval --model runs/bds/model --data val.jsonl "
                     "data.chat_template=tokenizer data.add_bos=false   |   "
-                    "jbilevel eval --run runs/lora --adapter. "
+                    "jbilevel eval --model <base> --adapter runs/lora/adapter --data val.jsonl. "
                     "With --run the run's own data settings apply; data.* overrides change "
                     "them, as in `jbilevel train`.")
     ev.add_argument("--run", help="a run directory written by `jbilevel train --out`")
@@ -107,10 +107,9 @@ def _build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--schema", default=None, help="same as data.schema=...")
     ev.add_argument("--max-len", type=int, default=None, help="same as data.max_len=...")
     ev.add_argument("--batch-size", type=int, default=16, help="rows per batch (--model)")
-    ev.add_argument("--adapter", nargs="?", const="", default=None, metavar="DIR",
-                    help="LoRA adapters in PEFT's format, merged in float32: with --run, the "
-                         "run's adapter/ over its base (exact, where model/ is merged in the "
-                         "base's dtype); with --model, DIR over that model")
+    ev.add_argument("--adapter", metavar="DIR", default=None,
+                    help="with --model: LoRA adapters in PEFT's format (a LoRA run's adapter/, "
+                         "or PEFT's own) scored over that model, unmerged")
     ev.add_argument("overrides", nargs="*",
                     help="data-format settings as in train: data.prompt_template=..., "
                          "data.chat_template=tokenizer, data.add_bos=false, data.max_len=...")
@@ -202,9 +201,9 @@ def _eval(args, console) -> int:
     if bool(args.run) == bool(args.model) or (args.model and not args.data):
         print("jbilevel eval: give --run DIR, or --model PATH with --data PATH", file=sys.stderr)
         return EXIT_USER_ERROR
-    if args.adapter and args.run or args.adapter == "" and args.model:
-        print("jbilevel eval: --adapter takes no DIR with --run (the run's adapter/) and one "
-              "with --model", file=sys.stderr)
+    if args.adapter and args.run:
+        print("jbilevel eval: --adapter goes with --model; --run scores a LoRA run through its "
+              "own adapter/", file=sys.stderr)
         return EXIT_USER_ERROR
     overrides = list(args.overrides)
     if args.schema is not None:
@@ -216,7 +215,7 @@ def _eval(args, console) -> int:
     with distributed.stopping_together():  # a process that fails alone: the others leave
         if args.run:
             result = saved.evaluate_run(args.run, data=args.data, overrides=overrides,
-                                        adapter=args.adapter is not None, console=console)
+                                        console=console)
         else:
             from jbilevel import inputs
 

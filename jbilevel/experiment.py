@@ -363,6 +363,16 @@ def state_setup(cfg: ExperimentConfig, model, n: int, mesh, rules, *, load_weigh
     return init, init_args, state_sh, loss
 
 
+def scoring_loss(model, params, lora=None):
+    """``(example_loss(weights, batch), weights)`` for :func:`mean_loss`: the model's, through
+    LoRA adapters over ``params`` unmerged when ``lora`` is given (as training and PEFT
+    compute them)."""
+    if lora is None:
+        return lm_example_loss(model), params
+    loss = lm_lora_example_loss(model)
+    return (lambda w, batch: loss(w[0], w[1], batch)), (lora, params)
+
+
 def final_params(state, model, lora: bool):
     """The trained model's full params, on device: LoRA adapters merged into the base."""
     if not lora:
@@ -644,21 +654,23 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
 def _finish(cfg, out: Path, console, result: dict, state, model, lora: bool, task, data_set,
             good_N, learned: bool) -> dict:
     """A finished run's final evaluation (out of device memory: ``train.OutOfMemoryError``),
-    report and model."""
-    params = final_params(state, model, lora)
+    report and model. A LoRA run is scored through its adapters over the base, unmerged (the
+    function it trained; ``model/`` is the merge, see :func:`_merge_rounding`)."""
     if lora:
         result.update(_merge_rounding(state, model, console))
-    plain_loss = lm_example_loss(model)
+    base, adapters = (state.frozen, state.theta) if lora else (state.theta, None)
+    loss, scored = scoring_loss(model, base, adapters)
     if (note := inputs.withheld_note(cfg.data, out)) is not None:
         console.info(note)
     s_N = _host_weights(state, cfg.method.weighting)
     last = f"{out / 'checkpoints'} step {rundir.latest_checkpoint(out)}"
+    bs = cfg.eval_batch_size
     with (train.naming_out_of_memory("final evaluation", result["steps"], last),
           console.phase("final evaluation") as phase):
-        result["val_loss"] = mean_loss(plain_loss, params, task.validation, cfg.eval_batch_size)
+        result["val_loss"] = mean_loss(loss, scored, task.validation, bs)
         if task.test is not None:
-            result["test_loss"] = mean_loss(plain_loss, params, task.test, cfg.eval_batch_size)
-        scores, predictions = score_splits(model, params, task, cfg.eval_batch_size,
+            result["test_loss"] = mean_loss(loss, scored, task.test, bs)
+        scores, predictions = score_splits(model, base, task, bs, lora=adapters,
                                            gather_params=cfg.online.gather_params)
         result.update(scores)
         if learned:
@@ -670,12 +682,13 @@ def _finish(cfg, out: Path, console, result: dict, state, model, lora: bool, tas
                                   if k.startswith(("val_", "test_", "weight_"))
                                   and isinstance(v, float))
     result["data"] = data_reports(cfg, task)
-    host_params = inputs.to_process0(params)  # leaf by leaf: never whole on every host
-    adapters = inputs.to_process0(state.theta) if lora else None
+    # leaf by leaf: never whole on every host
+    host_params = inputs.to_process0(final_params(state, model, lora))
+    host_adapters = None if adapters is None else inputs.to_process0(adapters)
     if jax.process_index() == 0:
         with console.phase(f"writing the run report and the model to {out}"):
             write_report(out, result, task, data_set, good_N, s_N, predictions, model,
-                         host_params, learned=learned, adapters=adapters,
+                         host_params, learned=learned, adapters=host_adapters,
                          base_model=cfg.model.path)
     if jax.process_count() > 1:  # no process reads the report (e.g. `eval` next) before it exists
         from jax.experimental import multihost_utils
@@ -719,7 +732,8 @@ def _merge_rounding(state, model, console: Console) -> dict:
     """A LoRA run over a base stored below float32: what merging the adapters into the base's
     dtype (``model/``) keeps of their update (``lora_merge_lost``, ``lora_merge_error``; see
     ``models.lora.merge_rounding``), with a warning when the merged update is off by
-    ``MERGE_ERROR_WARN`` or more. Nothing for a float32 base (the merge is exact there)."""
+    ``MERGE_ERROR_WARN`` or more (the run's own evaluation goes through the adapters
+    unmerged). Nothing for a float32 base (the merge is exact there)."""
     from jbilevel.models.lora import merge_rounding
 
     dtypes = {jnp.dtype(x.dtype) for x in jax.tree.leaves(state.frozen["layers"])}
@@ -731,12 +745,11 @@ def _merge_rounding(state, model, console: Console) -> dict:
     if error >= MERGE_ERROR_WARN:
         names = ", ".join(sorted(d.name for d in dtypes))
         console.warn(
-            f"model/ holds the adapters merged into the base's {names} weights, which round "
+            f"model/ will hold the adapters merged into the base's {names} weights, which round "
             f"{lost:.0%} of the update's elements to nothing and leave the merged update off by "
-            f"{error:.0%} of its size (an update much smaller than the weights it is added to); "
-            "the final evaluation scores model/. adapter/ holds the adapters exact, in PEFT's "
-            "format: `jbilevel eval --run <this run> --adapter` scores them over the base, "
-            "and PEFT serves them (docs/llm.md)")
+            f"{error:.0%} of its size (an update much smaller than the weights it is added to): "
+            "model/ is not the model this run trained and evaluates. adapter/ holds the "
+            "adapters as trained, in PEFT's format: serve them over the base (docs/llm.md)")
     return {"lora_merge_lost": lost, "lora_merge_error": error}
 
 

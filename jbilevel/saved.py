@@ -106,17 +106,6 @@ def _load_adapter(model, params, adapter_dir: Path, console: Console):
     return lora
 
 
-def _loss_and_weights(model, params, lora):
-    """``(example_loss(weights, batch), weights)`` of the model, through its LoRA adapters
-    unmerged when there are some (as training and PEFT compute them)."""
-    from jbilevel.objectives import lm_example_loss, lm_lora_example_loss
-
-    if lora is None:
-        return lm_example_loss(model), params
-    loss = lm_lora_example_loss(model)
-    return (lambda w, batch: loss(w[0], w[1], batch)), (lora, params)
-
-
 def _file_loss(model, params, data: str, data_cfg: inputs.DataConfig, tokenizer,
                batch_size: int, console: Console, lora=None) -> dict:
     with console.phase(f"reading and tokenising {data}") as phase:
@@ -125,13 +114,13 @@ def _file_loss(model, params, data: str, data_cfg: inputs.DataConfig, tokenizer,
     for line in load_report_lines("--data", data, ds.report, console.verbosity):
         console.info(line)
     with console.phase("evaluating") as phase:
-        loss = experiment.mean_loss(*_loss_and_weights(model, params, lora), ds, batch_size)
+        loss = experiment.mean_loss(*experiment.scoring_loss(model, params, lora), ds, batch_size)
         phase.summary = f"loss {loss:.4g}"
     return {"data": data, "n": len(ds), "loss": loss, "load_report": ds.report.as_dict()}
 
 
 def evaluate_run(run_dir: str | Path, *, data: str | None = None, overrides: Sequence[str] = (),
-                 adapter: bool = False, console: Console | None = None) -> dict:
+                 console: Console | None = None) -> dict:
     """Validation / test loss (and the task metric on the splits the run scores) of a run's
     saved model.
 
@@ -141,12 +130,14 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, overrides: Seq
         was (its prompt template, chat template, bos, max_len), so the loss is the one the
         run itself would report for it.
       overrides: ``data.key=value`` changes to the run's data settings.
-      adapter: a LoRA run: score its adapters (``adapter/``) over its base (``model.path``)
-        as the run computed them, unmerged (as PEFT serves them), instead of ``model/``
-        (merged in the base's dtype, which may round the update away).
     Returns:
-      The record, also written to ``run_dir/eval.json`` (``eval_adapter.json`` with
-      ``adapter``) when the run's own splits are scored.
+      The record, also written to ``run_dir/eval.json`` when the run's own splits are scored.
+
+    A LoRA run is scored as its final evaluation scored it: its adapters (``adapter/``) over
+    its base (``model.path``, read in the run's dtype), unmerged, as PEFT serves them;
+    ``model/`` holds their merge into the base's dtype, which may round the update away
+    (``eval --model <run>/model`` scores that). A run without ``adapter/`` (older versions)
+    is scored from ``model/``.
     """
     console = console or Console()
     run_dir = Path(run_dir)
@@ -154,10 +145,13 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, overrides: Seq
     cfg = dataclasses.replace(cfg, data=data_config(cfg.data, overrides))
     model_dir = run_dir / "model"  # the run's tokenizer too
     lora = None
-    if adapter:
-        if not (run_dir / "adapter").is_dir() or cfg.model.path is None:
-            raise UserError(f"{run_dir / 'adapter'}: not found; --adapter scores a finished "
-                            "LoRA run's adapters (theta.kind: lora)")
+    if cfg.theta.kind == "lora" and cfg.model.path and (run_dir / "adapter").is_dir():
+        if not (Path(cfg.model.path) / "config.json").exists():
+            raise UserError(
+                f"{run_dir}: a LoRA run is scored through adapter/ over its base, model.path "
+                f"{cfg.model.path} in {run_dir / 'config.yaml'}, which is not a model "
+                "directory (moved?); set model.path there to the base's directory, or score "
+                f"the merged model: jbilevel eval --model {model_dir} --data <file>")
         model, params = _load_model(Path(cfg.model.path), cfg.mesh, console,
                                     cfg.model.param_dtype, cfg.model.compute_dtype)
         lora = _load_adapter(model, params, run_dir / "adapter", console)
@@ -171,7 +165,7 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, overrides: Seq
     task = load_task(cfg, model_dir, console)
     if (note := inputs.withheld_note(cfg.data, run_dir)) is not None:
         console.info(note)
-    loss, weights = _loss_and_weights(model, params, lora)
+    loss, weights = experiment.scoring_loss(model, params, lora)
     bs = cfg.eval_batch_size
     with console.phase("evaluating") as phase:
         result = {"run": str(run_dir),
@@ -183,11 +177,8 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, overrides: Seq
         phase.summary = ", ".join(f"{k} {v:.4g}" for k, v in result.items()
                                   if isinstance(v, float))
     result["data"] = experiment.data_reports(cfg, task)
-    if adapter:
-        result["adapter"] = str(run_dir / "adapter")
     if jax.process_index() == 0:
-        name = "eval_adapter.json" if adapter else "eval.json"
-        (run_dir / name).write_text(report.to_json(result, indent=2) + "\n")
+        (run_dir / "eval.json").write_text(report.to_json(result, indent=2) + "\n")
     return result
 
 
