@@ -12,6 +12,7 @@ import pytest
 
 from jbilevel import config, demo, experiment, inputs, train
 from jbilevel import saved as saved_runs
+from jbilevel import sharding as sh
 from jbilevel.algorithms import MethodConfig
 from jbilevel.models import base_model_path, build, load_pretrained
 
@@ -215,15 +216,16 @@ def test_a_from_scratch_task_cannot_withhold_its_test_split():
 
 def test_lora_adapters_answer_as_the_merged_model_over_a_float32_base(tmp_path):
     """A built-in task with LoRA: the final evaluation and `eval --run` decode through the
-    adapters unmerged, on the 8-device mesh; over a float32 base the merge is exact, so every
-    score equals model/'s, and the adapters count (3 steps at 1e-2 on half-corrupted answers
-    move the instruction-tuned base's answers)."""
+    adapters unmerged, on a data x fsdp x tensor mesh of the 8 devices; over a float32 base
+    the merge is exact, so every score equals model/'s, and the adapters count (3 steps at
+    1e-2 on half-corrupted answers move the instruction-tuned base's answers)."""
     cfg = experiment.ExperimentConfig(
         task=experiment.TaskConfig(name="quality", base="instruct", options=SMALL),
         theta=inputs.ThetaConfig(kind="lora", rank=4, alpha=8.0,
                                  targets=("q_proj", "v_proj", "up_proj")),
         method=MethodConfig(method="sft", lr_theta=1e-2),
         loop=train.LoopConfig(steps=3, checkpoint_every=0, progress=False),
+        mesh=sh.MeshConfig(data=2, fsdp=2, tensor=2),  # the adapters split like their kernels
         batch_size=16, val_batch_size=16, eval_batch_size=16)
     adapted = experiment.run(cfg, tmp_path)
     assert saved_runs.evaluate_run(tmp_path)["test_accuracy"] == adapted["test_accuracy"]
