@@ -38,8 +38,9 @@ class Shapes:
     val_batch_size: int = 8  # validation rows per bmo / bds step
     hyper_batch_size: int = 8  # bds: training rows per hypergradient
     n_examples: int = 51760  # length of omega (Alpaca-cleaned has 51,760 examples)
-    prompt_len: int = 256  # online: tokens of the longest prompt the sampler continues
-    new_tokens: int = 256  # online: sampled tokens per response (buffer rows: prompt + these)
+    prompt_len: int = 256  # online / evaluate: tokens of the longest prompt continued
+    new_tokens: int = 256  # online / evaluate: tokens decoded per prompt
+    eval_batch_size: int = 8  # evaluate: prompts per decoding batch of the final evaluation
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -72,7 +73,8 @@ class MemoryReport:
     mesh_shape: dict  # {"data": ., "fsdp": ., "tensor": .}
     state_total: int  # bytes of theta + opt_theta (+ frozen base params for LoRA), all devices
     state_per_device: int  # the same bytes on the most loaded device
-    steps: dict  # step name ("train", "hyper"; online: "generate", "log ratios") -> StepMemory
+    steps: dict  # step name ("train", "hyper"; online: "generate", "log ratios";
+    #              "evaluate" when asked for) -> StepMemory
     errors: dict  # step name -> XLA's message, for steps that do not fit the devices' memory
 
     @property
@@ -126,12 +128,36 @@ def _sampler_call(model, online: online_lib.OnlineConfig, state, prompts: int, s
                            jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep))
 
 
+def _evaluate_call(model, state, lora: bool, shapes: Shapes, mesh, rules: sh.AxisRules,
+                   batch_sh, gather_params: bool):
+    """The final evaluation's decoding batch as a jitted function and its abstract arguments:
+    greedy answers to ``shapes.eval_batch_size`` prompts split over the data axes, through a
+    LoRA run's adapters over its base unmerged (as the run scores them)."""
+    from jbilevel.models import generate
+
+    def call(params, adapters, prompt_ids, prompt_mask, key):
+        return generate(model, params, prompt_ids, prompt_mask, key,
+                        max_new_tokens=shapes.new_tokens, greedy=True, eos_id=0, pad_id=0,
+                        lora=adapters, mesh=mesh, rules=rules, gather_params=gather_params)
+
+    def rows(dtype):
+        return jax.ShapeDtypeStruct((shapes.eval_batch_size, shapes.prompt_len), dtype,
+                                    sharding=batch_sh)
+
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    weights = (state.frozen, state.theta) if lora else (state.theta, None)
+    return jax.jit(call), (*weights, rows(jnp.int32), rows(jnp.int32),
+                           jax.ShapeDtypeStruct(key.shape, key.dtype,
+                                                sharding=sh.replicated(mesh)))
+
+
 def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config: sh.MeshConfig,
                    shapes: Shapes = Shapes(), *, devices: Sequence[Any] | None = None,
                    param_dtype: str = "float32", theta: ThetaConfig | None = None,
                    rules: sh.AxisRules | None = None,
                    online: online_lib.OnlineConfig | None = None,
-                   only: Sequence[str] | None = None) -> MemoryReport:
+                   only: Sequence[str] | None = None,
+                   gather_params: bool = True) -> MemoryReport:
     """Compiles ``method``'s steps for a mesh without materialising any array.
 
     Args:
@@ -155,7 +181,11 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
         with the rows), and ``log ratios``, the importance ratios of the whole buffer for
         ``generations.jsonl``, one sampler call's rows at a time.
       only: compile just these of the steps above (default: all of them), e.g. to try
-        sampler settings without recompiling the hypergradient.
+        sampler settings without recompiling the hypergradient; ``"evaluate"`` (compiled only
+        when named here) is one decoding batch of the final evaluation: greedy answers to
+        ``shapes.eval_batch_size`` prompts, a LoRA run's adapters unmerged over its base.
+      gather_params: ``evaluate``'s weights while decoding: gathered over fsdp once per call,
+        or kept split (``online.gather_params``, which a run's final evaluation follows).
     Returns:
       The per-device memory of every step and the parameter + optimizer-state split. The
       invariant checked by the tests: ``state_ratio`` is close to 1 for an fsdp mesh.
@@ -223,6 +253,13 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
             refresh.row_ratios, model, online, rows=chunk * online.num_samples, mesh=mesh,
             rules=rules))
         args["log ratios"] = (state.theta, state.online)
+    if only is not None and "evaluate" in only:
+        if shapes.eval_batch_size % ways:
+            raise ValueError(f"eval_batch_size={shapes.eval_batch_size} must be a multiple of "
+                             f"the mesh's data-parallel size {ways} (data x fsdp)")
+        programs["evaluate"], args["evaluate"] = _evaluate_call(
+            model, state, lora, shapes, mesh, rules, batch_sh,
+            online.gather_params if online is not None else gather_params)
     if only is not None:
         unknown = set(only) - set(args)
         if unknown:

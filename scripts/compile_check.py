@@ -82,16 +82,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=256, help="online: sampled tokens")
     p.add_argument("--generate-per-device", type=int, default=4,
                    help="online: prompts per device in each sampler call "
-                   "(online.generate_batch_size = this x devices)")
+                   "(online.generate_batch_size = this x devices); evaluate: in each decoding "
+                   "batch (eval_batch_size = this x devices)")
     p.add_argument("--online-batch-per-device", type=int, default=1,
                    help="online: generated rows per device in each train step "
                    "(online.batch_size = this x devices)")
     p.add_argument("--split-params", action="store_true",
-                   help="online: keep the weights split while decoding "
+                   help="online / evaluate: keep the weights split while decoding "
                    "(online.gather_params=false)")
     p.add_argument("--steps", nargs="+", default=None,
-                   choices=["train", "hyper", "generate", "log ratios"],
-                   help="compile only these steps (default: all of each method's)")
+                   choices=["train", "hyper", "generate", "log ratios", "evaluate"],
+                   help="compile only these steps (default: all of each method's but "
+                   "evaluate, the final evaluation's decoding batch: --prompt-len, "
+                   "--new-tokens, --generate-per-device, --split-params)")
     p.add_argument("--max-ratio", type=float, default=1.25)
     p.add_argument("--markdown", default=None, help="append each table row to this file")
     return p
@@ -191,7 +194,8 @@ def main(argv=None) -> int:
         hessian_b = (args.hessian_rows_per_device or hyper_b // n) * n
         shapes = aot.Shapes(seq_len=args.seq_len, batch_size=b, val_batch_size=b,
                             hyper_batch_size=hyper_b, n_examples=args.n_examples,
-                            prompt_len=args.prompt_len, new_tokens=args.new_tokens)
+                            prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                            eval_batch_size=args.generate_per_device * n)
         online = OnlineConfig(
             every=1 if args.online else 0, fraction=args.online_fraction,
             num_samples=args.num_samples, generate_batch_size=args.generate_per_device * n,
@@ -203,7 +207,8 @@ def main(argv=None) -> int:
             try:
                 report = aot.compile_memory(model, method_cfg, mesh_cfg, shapes,
                                             devices=devices, param_dtype=args.param_dtype,
-                                            theta=theta, online=online, only=args.steps)
+                                            theta=theta, online=online, only=args.steps,
+                                            gather_params=not args.split_params)
             except ValueError as e:  # settings that do not fit together: say which
                 raise SystemExit(f"{name} on {where}: {e}") from None
             method = name + ("+online" if args.online else "")
@@ -222,10 +227,10 @@ def main(argv=None) -> int:
                        f"| {report.state_ratio:.3f} | does not fit: {message} | | | | | |")
                 emit(row)
                 unfit += 1
-                if step == "generate" and not args.split_params:
+                if step in ("generate", "evaluate") and not args.split_params:
                     hints.add("the sampler's weights: try --split-params "
                               "(online.gather_params=false) or --tensor")
-                if step in ("generate", "log ratios"):
+                if step in ("generate", "log ratios", "evaluate"):
                     hints.add("fewer rows per sampler call: --generate-per-device")
                 if step == "train" and not args.train_chunk_per_device:
                     hints.add("the train step's gradient over passes of fewer rows: "

@@ -1,5 +1,7 @@
 """Compile-only memory check (jbilevel.aot) on the 8 fake CPU test devices."""
 
+import dataclasses
+
 import jax
 import pytest
 
@@ -107,3 +109,28 @@ def test_online_adds_the_buffer_the_sampler_call_and_the_log_pass():
     with pytest.raises(ValueError, match="online.batch_size=4 must be a multiple .* size 8"):
         aot.compile_memory(TINY, method, mesh, shapes, devices=jax.devices()[:n],
                            online=OnlineConfig(every=5, batch_size=4))
+
+
+def test_evaluate_compiles_the_final_evaluations_decoding_batch():
+    """Asked for by name: one decoding batch of the final evaluation, a LoRA run's adapters
+    decoded unmerged over its frozen base (the base's shard and the adapters its inputs)."""
+    from jbilevel.inputs import ThetaConfig
+
+    n = 8
+    shapes = aot.Shapes(seq_len=16, batch_size=n, val_batch_size=n, hyper_batch_size=n,
+                        n_examples=1000, prompt_len=24, new_tokens=8, eval_batch_size=16)
+    method, mesh = MethodConfig(method="sft"), MeshConfig(data=1, fsdp=n)
+    lora = ThetaConfig(kind="lora", rank=4)
+    reports = {kind: aot.compile_memory(TINY, method, mesh, shapes, devices=jax.devices()[:n],
+                                        theta=ThetaConfig(kind=kind, rank=4),
+                                        only=["evaluate"])
+               for kind in ("full", "lora")}
+    assert [list(r.steps) for r in reports.values()] == [["evaluate"], ["evaluate"]]
+    full, adapted = (reports[k].steps["evaluate"] for k in ("full", "lora"))
+    # f32 adapters of q (64 -> 64) and v (64 -> 32) at rank 4 over 2 layers, split like
+    # their kernels: A (in, r) on the embedding over fsdp, B (r, out) on heads (no fsdp: whole)
+    a_bytes, b_bytes = 4 * 2 * 4 * (64 + 64), 4 * 2 * 4 * (64 + 32)
+    assert adapted.argument - full.argument == a_bytes // n + b_bytes
+    with pytest.raises(ValueError, match="eval_batch_size=4 must be a multiple .* size 8"):
+        aot.compile_memory(TINY, method, mesh, dataclasses.replace(shapes, eval_batch_size=4),
+                           devices=jax.devices()[:n], theta=lora, only=["evaluate"])
