@@ -160,5 +160,6 @@ def test_load_adapter_names_the_file_and_what_it_cannot_read(tmp_path):
                        r"missing \(target 'k_proj'\)"):
         load_adapter(str(tmp_path), config)
     path.write_text(json.dumps({**saved, "r": 3}))
-    with pytest.raises(ValueError, match=r"without adapter_config.json's rank r=3"):
+    with pytest.raises(ValueError, match=r"lora_A.weight' has shape \(2, 8\); rank r=3 "
+                       r"\(adapter_config.json\) on this llama model needs \(3, 8\)"):
         load_adapter(str(tmp_path), config)

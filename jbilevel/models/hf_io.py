@@ -379,7 +379,8 @@ def load_adapter(path: str, config: ModelConfig):
     """
     from safetensors.numpy import load_file
 
-    from jbilevel.models.lora import LoRA, resolve_targets
+    from jbilevel.models.lora import LoRA, resolve_targets, site_dims
+    from jbilevel.models.transformer import LORA_SITES
 
     cfg_path = os.path.join(path, "adapter_config.json")
     if not os.path.exists(cfg_path):
@@ -404,14 +405,17 @@ def load_adapter(path: str, config: ModelConfig):
     rank = int(d["r"])
     weights = {}
     for name in names:
+        n_in, n_out = site_dims(config, LORA_SITES[config.family][name])
         a, b = [], []
         for module in _adapted_modules(config, name):
-            for key, into in ((f"{module}.lora_A.weight", a), (f"{module}.lora_B.weight", b)):
+            for key, into, shape in ((f"{module}.lora_A.weight", a, (rank, n_in)),
+                                     (f"{module}.lora_B.weight", b, (n_out, rank))):
                 if key not in tensors:
                     raise ValueError(f"{file}: tensor {key!r} missing (target {name!r})")
-                if rank not in tensors[key].shape:
-                    raise ValueError(f"{file}: tensor {key!r} has shape {tensors[key].shape}, "
-                                     f"without adapter_config.json's rank r={rank}")
+                if tensors[key].shape != shape:
+                    raise ValueError(f"{file}: tensor {key!r} has shape {tensors[key].shape}; "
+                                     f"rank r={rank} (adapter_config.json) on this "
+                                     f"{config.family} model needs {shape}")
                 into.append(tensors[key].astype(np.float32).T)
         weights[name] = {"a": np.stack(a), "b": np.stack(b)}
     return LoRA(weights, float(d["lora_alpha"]), rank)

@@ -35,7 +35,8 @@ def _config(model_or_config) -> ModelConfig:
     return model_or_config if isinstance(model_or_config, ModelConfig) else model_or_config.config
 
 
-def _site_dims(c: ModelConfig, site: str) -> tuple[int, int]:
+def site_dims(c: ModelConfig, site: str) -> tuple[int, int]:
+    """(input, output) features of a LoRA site's kernel (``LORA_SITES``' values)."""
     d, f = c.hidden_size, c.mlp_size
     hk, kvk = c.num_heads * c.dim_per_head, c.kv_heads * c.dim_per_head
     return {"q": (d, hk), "k": (d, kvk), "v": (d, kvk), "o": (hk, d), "gate": (d, f),
@@ -93,7 +94,7 @@ def init_lora(model_or_config, rng, *, rank: int, alpha: float, targets=("q_proj
     keys = jax.random.split(rng, len(names))
     weights = {}
     for key, name in zip(keys, names, strict=True):
-        i, o = _site_dims(c, LORA_SITES[c.family][name])
+        i, o = site_dims(c, LORA_SITES[c.family][name])
         bound = 1.0 / i ** 0.5
         a = jax.random.uniform(key, (c.num_layers, i, rank), jnp.float32, -bound, bound)
         weights[name] = {"a": a.astype(dtype), "b": jnp.zeros((c.num_layers, rank, o), dtype)}
