@@ -151,6 +151,9 @@ def test_load_adapter_names_the_file_and_what_it_cannot_read(tmp_path):
     path.write_text(json.dumps({**saved, "use_dora": True}))
     with pytest.raises(ValueError, match=rf"{path}: use_dora=True: jbilevel's LoRA is plain"):
         load_adapter(str(tmp_path), config)
+    path.write_text(json.dumps({**saved, "alpha_pattern": {"v_proj": 16}}))
+    with pytest.raises(ValueError, match=r"alpha_pattern=\{'v_proj': 16\}: jbilevel's LoRA"):
+        load_adapter(str(tmp_path), config)
     path.write_text(json.dumps({**saved, "target_modules": ["q_proj", "c_attn"]}))
     with pytest.raises(ValueError, match=rf"{path}: LoRA target 'c_attn' is not a llama"):
         load_adapter(str(tmp_path), config)

@@ -389,13 +389,18 @@ def load_adapter(path: str, config: ModelConfig):
         d = json.load(fh)
     unsupported = [k for k, off in (("peft_type", "LORA"), ("use_rslora", False),
                                     ("use_dora", False), ("bias", "none"),
-                                    ("modules_to_save", None)) if d.get(k, off) != off]
+                                    ("modules_to_save", None), ("rank_pattern", {}),
+                                    ("alpha_pattern", {}), ("layers_to_transform", None))
+                   if (d.get(k) or off) != off]
     if unsupported:
         raise ValueError(f"{cfg_path}: {', '.join(f'{k}={d[k]!r}' for k in unsupported)}: "
-                         "jbilevel's LoRA is plain LoRA (peft_type LORA, no rsLoRA, DoRA, "
-                         "trained biases or modules_to_save)")
-    targets = d["target_modules"]
+                         "jbilevel's LoRA is plain LoRA (peft_type LORA; one rank and alpha on "
+                         "every layer of its targets; no rsLoRA, DoRA, trained biases or "
+                         "modules_to_save)")
+    targets = d.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else sorted(targets)
+    if not targets:
+        raise ValueError(f"{cfg_path}: no target_modules")
     try:
         names = resolve_targets(config, targets)
     except ValueError as e:
