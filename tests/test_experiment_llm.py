@@ -138,8 +138,6 @@ def test_lora_merge_into_a_bfloat16_base_is_measured_and_warned_of(tmp_path, mod
     assert cli.main(["eval", "--run", str(tmp_path), "-q"]) == 0  # the same, again
     assert json.loads((tmp_path / "eval.json").read_text())["val_loss"] == pytest.approx(
         result["val_loss"], rel=1e-6)
-    merged = _loss(tmp_path / "model", "openorca.jsonl")  # in the model's bfloat16
-    assert abs(merged - result["val_loss"]) > 1e-3  # the merge rounded the update
 
 
 def test_data_and_model_errors_name_the_fix(tmp_path, model_dir):
