@@ -725,6 +725,15 @@ def rounded_away_share(theta, step: float) -> float:
     return float(share(theta))
 
 
+def _narrow_dtype_names(tree) -> str | None:
+    """The names of ``tree``'s dtypes (e.g. ``"bfloat16"``) if one of them is a float narrower
+    than float32, else None."""
+    dtypes = {jnp.dtype(x.dtype) for x in jax.tree.leaves(tree)}
+    if all(jnp.finfo(d).bits >= 32 for d in dtypes if jnp.issubdtype(d, jnp.floating)):
+        return None
+    return ", ".join(sorted(d.name for d in dtypes))
+
+
 MERGE_ERROR_WARN = 0.1  # warn when the merged model's update is off by this share of its size
 
 
@@ -736,14 +745,13 @@ def _merge_rounding(state, model, console: Console) -> dict:
     unmerged). Nothing for a float32 base (the merge is exact there)."""
     from jbilevel.models.lora import merge_rounding
 
-    dtypes = {jnp.dtype(x.dtype) for x in jax.tree.leaves(state.frozen["layers"])}
-    if all(jnp.finfo(d).bits >= 32 for d in dtypes if jnp.issubdtype(d, jnp.floating)):
+    names = _narrow_dtype_names(state.frozen["layers"])
+    if names is None:
         return {}
     measured = jax.jit(merge_rounding, static_argnums=2)(state.frozen, state.theta,
                                                          model.config)
     lost, error = float(measured["lost"]), float(measured["error"])
     if error >= MERGE_ERROR_WARN:
-        names = ", ".join(sorted(d.name for d in dtypes))
         console.warn(
             f"model/ will hold the adapters merged into the base's {names} weights, which round "
             f"{lost:.0%} of the update's elements to nothing and leave the merged update off by "
@@ -756,12 +764,11 @@ def _merge_rounding(state, model, console: Console) -> dict:
 def _warn_if_steps_round_away(theta, lr: float, console: Console) -> None:
     """Warns when the trained weights are stored in a dtype that rounds most steps of the
     peak learning rate away (full fine-tuning with ``model.param_dtype: bfloat16``)."""
-    dtypes = {jnp.dtype(x.dtype) for x in jax.tree.leaves(theta)}
-    if all(jnp.finfo(d).bits >= 32 for d in dtypes if jnp.issubdtype(d, jnp.floating)):
+    names = _narrow_dtype_names(theta)
+    if names is None:
         return
     lost = rounded_away_share(theta, lr)
     if lost >= ROUNDED_AWAY_WARN:
-        names = ", ".join(sorted(d.name for d in dtypes))
         console.warn(
             f"the trained weights are {names}: a step of lr_theta={lr:g} leaves {lost:.0%} "
             "of them unchanged (the dtype rounds it away; Adam's steps are about lr_theta in "
