@@ -111,8 +111,13 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="with --model: LoRA adapters in PEFT's format (a LoRA run's adapter/, "
                          "or PEFT's own) scored over that model, unmerged")
     ev.add_argument("overrides", nargs="*",
-                    help="data-format settings as in train: data.prompt_template=..., "
-                         "data.chat_template=tokenizer, data.add_bos=false, data.max_len=...")
+                    help="settings as in train: data format (data.prompt_template=..., "
+                         "data.chat_template=tokenizer, data.add_bos=false, data.max_len=...), "
+                         "where the weights go (mesh.data, mesh.fsdp, mesh.tensor: a model "
+                         "that does not fit one device needs mesh.data=1 mesh.fsdp=-1) and "
+                         "their dtype (model.param_dtype, model.compute_dtype; --model reads "
+                         "float32 by default, --run as it trained); with --run also "
+                         "eval_batch_size and online.gather_params")
 
     ex = sub.add_parser(
         "export", parents=[talk], help="a curated dataset from a run's learned weights",
@@ -217,12 +222,15 @@ def _eval(args, console) -> int:
             result = saved.evaluate_run(args.run, data=args.data, overrides=overrides,
                                         console=console)
         else:
-            from jbilevel import inputs
+            from jbilevel import experiment
 
-            data_cfg = saved.data_config(inputs.DataConfig(), overrides)
+            cfg = saved.eval_config(experiment.ExperimentConfig(), overrides, saved.MODEL_KEYS)
             result = saved.evaluate_model(args.model, args.data, tokenizer=args.tokenizer,
-                                          data_cfg=data_cfg, batch_size=args.batch_size,
-                                          adapter=args.adapter, console=console)
+                                          data_cfg=cfg.data, batch_size=args.batch_size,
+                                          mesh=cfg.mesh, adapter=args.adapter,
+                                          param_dtype=cfg.model.param_dtype,
+                                          compute_dtype=cfg.model.compute_dtype,
+                                          console=console)
     print(report.to_json(result, indent=2))
     return 0
 

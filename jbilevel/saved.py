@@ -45,14 +45,30 @@ def load_config(run_dir: str | Path) -> experiment.ExperimentConfig:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **moved)) if moved else cfg
 
 
-def data_config(base: inputs.DataConfig, overrides: Sequence[str]) -> inputs.DataConfig:
-    """``base`` with ``data.key=value`` overrides (the data-format settings ``train`` takes)."""
-    bad = [o for o in overrides if not o.startswith("data.")]
+# What ``jbilevel eval`` may change of a run's settings or of a model's defaults: how the data
+# is formatted, and where and in which dtype the weights are held (a model scored on another
+# slice than it trained on, or read in bfloat16 where float32 would not fit). The rest of a
+# run's settings do not affect its scoring; eval_batch_size and online.gather_params shape a
+# run's decoding, which ``--model`` does not do (its rows per batch: ``--batch-size``).
+MODEL_KEYS = ("data.", "mesh.", "model.param_dtype", "model.compute_dtype")
+RUN_KEYS = (*MODEL_KEYS, "eval_batch_size", "online.gather_params")
+
+
+def eval_config(base: experiment.ExperimentConfig, overrides: Sequence[str],
+                keys: Sequence[str] = RUN_KEYS) -> experiment.ExperimentConfig:
+    """``base`` with the ``key=value`` overrides ``jbilevel eval`` takes (those under
+    ``keys``: a key ending in ``.`` takes every field under it)."""
+    def allowed(item: str) -> bool:
+        key = item.partition("=")[0].strip()
+        return any(key.startswith(k) if k.endswith(".") else key == k for k in keys)
+
+    bad = [o for o in overrides if not allowed(o)]
     if bad:
-        raise config_lib.ConfigError(f"{', '.join(bad)}: eval takes data.* settings only "
-                                     "(e.g. data.chat_template=tokenizer data.add_bos=false)")
-    return config_lib.replace(base, [o.removeprefix("data.") for o in overrides],
-                              "eval overrides")
+        takes = ", ".join(k + "*" if k.endswith(".") else k for k in keys)
+        raise config_lib.ConfigError(
+            f"{', '.join(bad)}: eval takes {takes} only (e.g. data.chat_template=tokenizer "
+            "mesh.data=1 mesh.fsdp=-1 model.param_dtype=bfloat16)")
+    return config_lib.replace(base, list(overrides), "eval overrides")
 
 
 def _run_tokenizer(cfg: experiment.ExperimentConfig, model_dir: Path):
@@ -106,6 +122,14 @@ def _load_adapter(model, params, adapter_dir: Path, console: Console):
     return lora
 
 
+def _placement(model, params) -> dict:
+    """How a model was scored: its mesh's axis sizes and its weights' and matmuls' dtypes."""
+    mesh = experiment.mesh_of(params)
+    dtype = str(jax.tree.leaves(params)[0].dtype)  # the dtype every weight was read in
+    return {"mesh": None if mesh is None else dict(mesh.shape), "param_dtype": dtype,
+            "compute_dtype": model.config.compute_dtype or dtype}
+
+
 def _file_loss(model, params, data: str, data_cfg: inputs.DataConfig, tokenizer,
                batch_size: int, console: Console, lora=None) -> dict:
     with console.phase(f"reading and tokenising {data}") as phase:
@@ -142,7 +166,7 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, overrides: Seq
     console = console or Console()
     run_dir = Path(run_dir)
     cfg = load_config(run_dir)
-    cfg = dataclasses.replace(cfg, data=data_config(cfg.data, overrides))
+    cfg = eval_config(cfg, overrides)
     model_dir = run_dir / "model"  # the run's tokenizer too
     lora = None
     if cfg.theta.kind == "lora" and cfg.model.path and (run_dir / "adapter").is_dir():
@@ -161,7 +185,8 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, overrides: Seq
     if data is not None:
         tokenizer = inputs.load_tokenizer(_run_tokenizer(cfg, model_dir))
         return {"run": str(run_dir), **_file_loss(model, params, data, cfg.data, tokenizer,
-                                                   cfg.eval_batch_size, console, lora=lora)}
+                                                   cfg.eval_batch_size, console, lora=lora),
+                **_placement(model, params)}
     task = load_task(cfg, model_dir, console)
     if (note := inputs.withheld_note(cfg.data, run_dir)) is not None:
         console.info(note)
@@ -177,6 +202,7 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, overrides: Seq
         phase.summary = ", ".join(f"{k} {v:.4g}" for k, v in result.items()
                                   if isinstance(v, float))
     result["data"] = experiment.data_reports(cfg, task)
+    result.update(_placement(model, params))
     if jax.process_index() == 0:
         (run_dir / "eval.json").write_text(report.to_json(result, indent=2) + "\n")
     return result
@@ -185,6 +211,7 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, overrides: Seq
 def evaluate_model(model_dir: str | Path, data: str, *, tokenizer: str | None = None,
                    data_cfg: inputs.DataConfig | None = None, batch_size: int = 16,
                    mesh: sh.MeshConfig | None = None, adapter: str | Path | None = None,
+                   param_dtype: str = "float32", compute_dtype: str | None = None,
                    console: Console | None = None) -> dict:
     """Mean per-example response NLL of a local HF model on an SFT file.
 
@@ -194,19 +221,27 @@ def evaluate_model(model_dir: str | Path, data: str, *, tokenizer: str | None = 
       data_cfg: how to format it: the ``data`` settings of ``jbilevel train`` (prompt and chat
         template, bos, max_len, over-length policy; default: train's defaults), so the same
         model, file and settings give the loss a run reports.
-      mesh: device mesh for the params (default: every device, data parallel).
+      mesh: device mesh for the params (default: every device, data parallel, the weights
+        whole on each; a model that does not fit one device needs ``fsdp`` / ``tensor``).
       adapter: a LoRA adapter directory in PEFT's format (a run's ``adapter/``, or PEFT's
         own) for ``model_dir``, scored unmerged over it.
+      param_dtype / compute_dtype: the dtype the weights are read in, whatever they are
+        stored in, and the matmuls' (None: the weights'); as ``model.*`` in training.
+    Returns:
+      The record: the model (and adapter), the data file, ``n`` rows scored, ``loss``, the
+      file's load report, and the mesh and dtypes it was scored with.
     """
     console = console or Console()
     inputs.check_model_dir(str(model_dir), "--model")
     model_dir = Path(model_dir)
-    model, params = _load_model(model_dir, mesh or sh.MeshConfig(), console)
+    model, params = _load_model(model_dir, mesh or sh.MeshConfig(), console, param_dtype,
+                                compute_dtype)
     lora = None if adapter is None else _load_adapter(model, params, Path(adapter), console)
     spec = experiment.ModelSpec(path=str(model_dir), tokenizer=tokenizer)
     record = {"model": str(model_dir)} | ({} if adapter is None else {"adapter": str(adapter)})
     return {**record, **_file_loss(model, params, data, data_cfg or inputs.DataConfig(),
-                                   inputs.load_tokenizer(spec), batch_size, console, lora=lora)}
+                                   inputs.load_tokenizer(spec), batch_size, console, lora=lora),
+            **_placement(model, params)}
 
 
 def export_run(run_dir: str | Path, out: str, *, top_frac: float | None = None,

@@ -45,6 +45,46 @@ def test_eval_model_on_a_file(lora_run, capsys):
     trained = json.loads((lora_run / "results.json").read_text())
     assert printed["n"] == 3
     np.testing.assert_allclose(printed["loss"], trained["val_loss"], rtol=1e-5)
+    assert (printed["mesh"], printed["param_dtype"], printed["compute_dtype"]) == (
+        {"data": 8, "fsdp": 1, "tensor": 1}, "float32", "float32")
+
+
+def test_eval_model_placed_and_read_as_asked(lora_run, capsys):
+    """`eval` takes where the weights go and their dtype: split over fsdp and tensor the
+    model scores the same; read in bfloat16 (what a model too large for float32 needs) it
+    scores in bfloat16; the record says which."""
+    args = ["eval", "--model", str(lora_run / "model"), "--data",
+            str(_llm.DATA / "openorca.jsonl"), "--max-len", "160", "-q"]
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert cli.main([*args, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]) == 0
+    split = json.loads(capsys.readouterr().out)
+    assert split["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    np.testing.assert_allclose(split["loss"], whole["loss"], rtol=1e-5)
+    assert cli.main([*args, "mesh.data=1", "mesh.fsdp=-1", "model.param_dtype=bfloat16"]) == 0
+    narrow = json.loads(capsys.readouterr().out)
+    assert (narrow["mesh"], narrow["param_dtype"], narrow["compute_dtype"]) == (
+        {"data": 1, "fsdp": 8, "tensor": 1}, "bfloat16", "bfloat16")
+    assert 1e-5 < abs(narrow["loss"] - whole["loss"]) < 0.02 * whole["loss"]
+    assert cli.main([*args, "model.compute_dtype=bfloat16"]) == 0  # float32 weights
+    mixed = json.loads(capsys.readouterr().out)
+    assert (mixed["param_dtype"], mixed["compute_dtype"]) == ("float32", "bfloat16")
+    assert 1e-5 < abs(mixed["loss"] - whole["loss"]) < 0.02 * whole["loss"]
+    # a run keeps its own settings unless told: the same file scored over fsdp
+    assert cli.main(["eval", "--run", str(lora_run), "--data", str(_llm.DATA / "openorca.jsonl"),
+                     "-q", "mesh.data=1", "mesh.fsdp=-1"]) == 0
+    run = json.loads(capsys.readouterr().out)
+    assert run["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    np.testing.assert_allclose(run["loss"], whole["loss"], rtol=1e-5)
+    # what eval does not take: named, with what it does
+    assert cli.main([*args, "method.lr_theta=1"]) == 2
+    assert ("method.lr_theta=1: eval takes data.*, mesh.*, model.param_dtype, "
+            "model.compute_dtype only") in capsys.readouterr().err
+    assert cli.main([*args, "eval_batch_size=4"]) == 2  # --model: --batch-size
+    assert "eval_batch_size=4: eval takes data.*" in capsys.readouterr().err
+    assert cli.main([*args, "mesh.fsdp=-1"]) == 2  # two axes left to fill
+    assert "mesh: at most one axis may be -1" in capsys.readouterr().err
 
 
 def test_eval_adapter_over_its_base(lora_run, capsys, tmp_path):
