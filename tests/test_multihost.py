@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 from safetensors.numpy import load_file
 
@@ -233,3 +234,58 @@ def test_an_error_on_process_0_alone_in_eval_stops_both(tmp_path):
     assert ("process 0 of 2 stopped: OSError: the test split is unreadable on this host"
             in err)
     assert "process 1 cannot go on without it and leaves too (exit status 3)" in err
+
+
+# A LoRA run of a built-in task over the shipped base, its params and adapters split over both
+# processes' devices (fsdp=8), then `jbilevel eval --run` on both: the adapters, gathered onto
+# process 0 and written to adapter/, read back onto the mesh and decoded unmerged.
+LORA_CONFIG = """\
+task: {name: quality, base: instruct, options: {n_train: 48, n_val: 16, n_test: 16}}
+theta: {kind: lora, rank: 4, alpha: 8.0, targets: [q_proj, v_proj, up_proj]}
+method: {method: sft, lr_theta: 0.01}
+mesh: {data: 1, fsdp: -1}
+loop: {steps: 3, checkpoint_every: 0, progress: false}
+batch_size: 16
+val_batch_size: 16
+eval_batch_size: 12
+"""
+TRAIN_THEN_EVAL = """\
+import sys
+import jax
+jax.config.update("jax_num_cpu_devices", 4)
+from jbilevel import cli
+code = cli.main(["train", "--config", {config!r}, "--out", {out!r}])
+sys.exit(code or cli.main(["eval", "--run", {out!r}]))
+"""
+
+
+def test_lora_run_and_its_evaluation_across_processes(tmp_path):
+    """The run's adapter/ is the whole adapters (model/ is their exact merge into the float32
+    base), and the two-process final evaluation, `eval --run` on both processes and `eval
+    --run` in one process with 8 devices give the same losses and answers."""
+    from jbilevel import saved
+    from jbilevel.models import load_adapter, load_pretrained, merge_lora
+
+    path, out = tmp_path / "lora.yaml", tmp_path / "run"
+    path.write_text(LORA_CONFIG)
+    done = _two_processes(TRAIN_THEN_EVAL.format(config=str(path), out=str(out)),
+                          tmp_path / "cache")
+    for code, _, err in done:
+        assert code == 0, err[-3000:]
+    result = json.loads((out / "results.json").read_text())
+    evaluated = json.loads((out / "eval.json").read_text())
+    here = saved.evaluate_run(out)  # this process: the same 8 devices, one host
+    assert evaluated["mesh"] == here["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    for k in ("val_loss", "test_loss"):
+        np.testing.assert_allclose(evaluated[k], result[k], rtol=1e-6, err_msg=k)
+        np.testing.assert_allclose(here[k], result[k], rtol=1e-6, err_msg=k)
+    for k in ("val_accuracy", "test_accuracy", "test_corrupted"):
+        assert evaluated[k] == here[k] == result[k], k
+    _, base, config = load_pretrained(saved.load_config(out).model.path)
+    lora = load_adapter(str(out / "adapter"), config)
+    assert all(np.ptp(np.asarray(b)) > 0 for b in jax.tree.leaves(lora))  # trained, no zeros
+    merged = merge_lora(base, lora, config)
+    _, written, _ = load_pretrained(str(out / "model"))
+    for (name, want), got in zip(jax.tree_util.tree_leaves_with_path(merged),
+                                 jax.tree.leaves(written), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7, err_msg=str(name))
