@@ -115,16 +115,16 @@ def _sampler_call(model, online: online_lib.OnlineConfig, state, prompts: int, s
     prompts of ``shapes.prompt_len`` tokens split over the data axes, the state's theta."""
     rep = sh.replicated(mesh)
 
-    def call(theta, prompt_ids, prompt_mask, key):
+    def call(theta, frozen, prompt_ids, prompt_mask, key):
         return refresh.sample(model, online, theta, prompt_ids, prompt_mask, key,
                               max_new_tokens=shapes.new_tokens, eos_id=0, pad_id=0, mesh=mesh,
-                              rules=rules)
+                              rules=rules, base=frozen)
 
     def rows(dtype):
         return jax.ShapeDtypeStruct((prompts, shapes.prompt_len), dtype, sharding=batch_sh)
 
     key = jax.eval_shape(lambda: jax.random.key(0))
-    return jax.jit(call), (state.theta, rows(jnp.int32), rows(jnp.int32),
+    return jax.jit(call), (state.theta, state.frozen, rows(jnp.int32), rows(jnp.int32),
                            jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep))
 
 
@@ -172,8 +172,8 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
       theta: full fine-tuning, or LoRA adapters trained over frozen base params (which then
         count in the state, as the trainer holds them in ``state.frozen``). Default: full.
       rules: the logical-to-mesh axis table (default ``sh.AxisRules()``).
-      online: online generation's settings (``every > 0``; full fine-tuning only, as in a
-        run): the train state then carries the buffer of generated pairs (``fraction x
+      online: online generation's settings (``every > 0``): the train state then carries
+        the buffer of generated pairs (``fraction x
         n_examples x num_samples`` rows of ``prompt_len + new_tokens`` tokens, laid out as a
         run lays it), the train and hypergradient steps are the online ones, and two more
         programs of a refresh are compiled: ``generate``, one sampler call
@@ -203,9 +203,6 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
     lora = theta.kind == "lora"
     online = online if online is not None and online.enabled else None
     if online is not None:
-        if lora:
-            raise ValueError("online generation trains every parameter (theta.kind=full), as "
-                             "a run does; drop theta=lora or online")
         if online.batch_size % ways:
             raise ValueError(f"online.batch_size={online.batch_size} must be a multiple of the "
                              f"mesh's data-parallel size {ways} (data x fsdp)")
@@ -214,14 +211,16 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
 
     def init():
         params = model.init(jax.random.key(0), dtype)
-        if online is not None:
-            return init_state(params, shapes.n_examples, method).replace(
-                online=online_lib.init_buffer(capacity, shapes.prompt_len + shapes.new_tokens))
         if not lora:
-            return init_state(params, shapes.n_examples, method)
-        adapters = init_lora(model, jax.random.key(1), rank=theta.rank, alpha=theta.alpha,
-                             targets=theta.targets)  # f32 adapters, as the trainer makes
-        return init_state(adapters, shapes.n_examples, method, frozen=params)
+            state = init_state(params, shapes.n_examples, method)
+        else:
+            adapters = init_lora(model, jax.random.key(1), rank=theta.rank, alpha=theta.alpha,
+                                 targets=theta.targets)  # f32 adapters, as the trainer makes
+            state = init_state(adapters, shapes.n_examples, method, frozen=params)
+        if online is None:
+            return state
+        return state.replace(
+            online=online_lib.init_buffer(capacity, shapes.prompt_len + shapes.new_tokens))
 
     state_shapes = jax.eval_shape(init)
     param_axes = model.param_axes()
@@ -233,7 +232,7 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
     if online is not None:
         state_sh = state_sh.replace(online=online_lib.buffer_shardings(mesh, rules,
                                                                       state_shapes.online))
-        steps = online_lib.make_online_steps(loss, model, method, online)
+        steps = online_lib.make_online_steps(loss, model, method, online, frozen=lora)
     compiled = train.compile_steps(steps, method, mesh, rules, state_sh)
     state = _abstract(state_shapes, state_sh)
     batch_sh = compiled.batch_sharding
@@ -252,7 +251,7 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
         programs["log ratios"] = jax.jit(functools.partial(
             refresh.row_ratios, model, online, rows=chunk * online.num_samples, mesh=mesh,
             rules=rules))
-        args["log ratios"] = (state.theta, state.online)
+        args["log ratios"] = (state.theta, state.online, state.frozen)
     if only is not None and "evaluate" in only:
         if shapes.eval_batch_size % ways:
             raise ValueError(f"eval_batch_size={shapes.eval_batch_size} must be a multiple of "

@@ -130,11 +130,6 @@ class ExperimentConfig:
                 f"method.lam_decay={m.lam_decay} lowers bmo's lam once per epoch, but "
                 "loop.steps_per_epoch=0 never ends one; set loop.steps_per_epoch to "
                 "ceil(training rows / batch_size), or method.lam_decay=0")
-        if self.online.enabled and self.theta.kind == "lora":
-            raise ValueError(
-                "online.every>0 with theta.kind=lora is not supported: the sampler and the "
-                "importance ratios run the model from theta, which for LoRA holds only the "
-                "adapters; set theta.kind=full, or online.every=0")
         if m.decay_steps and m.decay_steps < self.loop.steps:
             raise ValueError(
                 f"method.decay_steps={m.decay_steps} is below loop.steps={self.loop.steps}: the "
@@ -553,7 +548,7 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
             state_sh = state_sh.replace(online=online_lib.buffer_shardings(mesh, rules,
                                                                            shapes.online))
             steps = online_lib.make_online_steps(example_loss, model, cfg.method,
-                                                 cfg.online, seed=cfg.seed)
+                                                 cfg.online, seed=cfg.seed, frozen=lora)
         compiled = train.compile_steps(steps, cfg.method, mesh, rules, state_sh)
         train_step = f"{cfg.method.method} train step"
         compiled = dataclasses.replace(

@@ -161,17 +161,46 @@ def test_train_chunk_sums_the_gradient_of_one_pass(x64, method):
     assert "scan" not in programs[0] and "scan" in programs[1]
 
 
-def test_a_row_groups_batch_cannot_bind_frozen_base_params():
-    """Adapters over frozen params: the groups' own losses would ignore the base, so the
-    step refuses them rather than train the wrong objective."""
+@pytest.mark.parametrize("method", ["bmo", "bds"])
+def test_row_groups_and_hyper_rows_bind_frozen_base_params(x64, method):
+    """Adapters over frozen params (LoRA online generation): the losses of a RowGroups batch
+    and of ``hyper_rows`` take ``(theta, frozen, rows)`` like ``example_loss``, and every step
+    binds this call's base to each; the same steps as losses that close over the base
+    without ``frozen``, and not the same over another base."""
     from jbilevel.adjoint import RowGroups
 
-    train, _, theta, _ = _problem()
-    cfg = MethodConfig(method="bds")
-    steps = make_steps(lambda th, base, batch: mlp_loss(th, batch), cfg, frozen=True)
-    state = init_state(theta, N, cfg, frozen=theta)
-    with pytest.raises(ValueError, match="RowGroups batch brings its own per-row losses"):
-        steps.train(state, RowGroups(((mlp_loss, train, None, False),)))
+    train, val, theta, _ = _problem()
+    base = theta
+    theta = jax.tree.map(lambda x: 0.1 * jnp.sin(x), theta)
+    adapted = lambda th, b, rows: mlp_loss(jax.tree.map(jnp.add, th, b), rows)  # noqa: E731
+    cubic = lambda th, b, rows: adapted(th, b, rows) ** 1.5  # noqa: E731
+    a, b = (jax.tree.map(lambda x, sl=sl: x[sl], train) for sl in (slice(0, 24), slice(24, None)))
+    cfg = MethodConfig(method=method, lr_omega=0.1, mu=0.01)
+
+    def steps_and_groups(over):  # over=None: frozen; else closing over that base
+        if over is None:
+            wrap = lambda loss: loss  # noqa: E731
+        else:
+            wrap = lambda loss: lambda th, rows: loss(th, over, rows)  # noqa: E731
+        groups = RowGroups(((wrap(adapted), a, 0.7, False), (wrap(cubic), b, None, True)))
+        hyper_rows = lambda _, batch: (groups, [(wrap(adapted), a, 0.7), (wrap(cubic), b, 1.0)])
+        steps = make_steps(wrap(adapted), cfg, frozen=over is None, hyper_rows=hyper_rows)
+        state = init_state(theta, N, cfg, frozen=base if over is None else None)
+        return steps, groups, state.replace(omega=jnp.linspace(-1.0, 1.0, N))
+
+    def run(over):
+        steps, groups, state = steps_and_groups(over)
+        args = (groups, val) if method == "bmo" else (groups,)
+        out = [jax.jit(lambda s: steps.train(s, *args))(state)]
+        if method == "bds":
+            out.append(jax.jit(lambda s: steps.hyper(s, train, val))(state))
+        return jax.tree.leaves([(s.theta, s.omega, m) for s, m in out])
+
+    frozen, closed = run(None), run(base)
+    for x, y in zip(frozen, closed, strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-15)
+    other = run(jax.tree.map(lambda x: 2.0 * x, base))
+    assert max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(frozen, other, strict=True)) > 1e-3
 
 
 def test_bf16_theta_solves_in_float32():

@@ -22,9 +22,6 @@ CONFIG = ("task:\n  options: {n_train: 32, n_val: 16, n_test: 16}\n"
     (["method.method=bmo", "method.lam_decay=0.1"],
      "lam_decay=0.1 lowers bmo's lam once per epoch, but loop.steps_per_epoch=0 never ends "
      "one; set loop.steps_per_epoch to ceil"),
-    (["method.method=bds", "online.every=2", "theta.kind=lora"],
-     "online.every>0 with theta.kind=lora is not supported: .* set theta.kind=full, or "
-     "online.every=0"),
     (["method.method=mix", "method.decay_steps=1"],
      "method.decay_steps=1 is below loop.steps=2: the model's step size reaches 0 at step 1 .* "
      "set method.decay_steps to loop.steps, or 0 for a constant step size"),

@@ -74,24 +74,31 @@ def test_lora_state_counts_the_frozen_base_and_splits_evenly():
     assert report.state_per_device <= 1.25 * report.state_total / n
 
 
-def test_online_adds_the_buffer_the_sampler_call_and_the_log_pass():
+def _online_setting():
+    """(8, shapes, online settings, bds, an fsdp mesh of 8, the buffer's bytes a device): 100
+    questions a refresh in calls of 32 prompts, 4 calls, 128 x 4 samples = 512 rows; split
+    over the 8 devices, 5 int32/f32 arrays of 512 x 64 tokens, ids and valid, plus its
+    replicated int32 step."""
     from jbilevel.algorithms.online import OnlineConfig
 
     n = 8
     shapes = aot.Shapes(seq_len=16, batch_size=n, val_batch_size=n, hyper_batch_size=n,
                         n_examples=1000, prompt_len=24, new_tokens=40)
-    # 100 questions a refresh in calls of 32 prompts: 4 calls, 128 x 4 samples = 512 rows
     online = OnlineConfig(every=5, fraction=0.1, num_samples=4, batch_size=8,
                           generate_batch_size=32)
-    method, mesh = MethodConfig(method="bds"), MeshConfig(data=1, fsdp=n)
+    buffer = (5 * 512 * 64 + 2 * 512) * 4 // n + 4
+    return n, shapes, online, MethodConfig(method="bds"), MeshConfig(data=1, fsdp=n), buffer
+
+
+def test_online_adds_the_buffer_the_sampler_call_and_the_log_pass():
+    from jbilevel.algorithms.online import OnlineConfig
+
+    n, shapes, online, method, mesh, buffer = _online_setting()
     offline = aot.compile_memory(TINY, method, mesh, shapes, devices=jax.devices()[:n])
     report = aot.compile_memory(TINY, method, mesh, shapes, devices=jax.devices()[:n],
                                 online=online)
     assert set(report.steps) == {"train", "hyper", "generate", "log ratios"}
     assert report.state_total == offline.state_total  # the buffer is data, not optimizer state
-    # the buffer's rows split over the 8 devices: 5 int32/f32 arrays of 512 x 64 tokens, ids
-    # and valid, plus its replicated int32 step
-    buffer = (5 * 512 * 64 + 2 * 512) * 4 // n + 4
     for step in ("train", "hyper"):
         assert report.steps[step].argument == offline.steps[step].argument + buffer
     # a sampler call's 128 x 4 samples of 40 tokens (4 arrays) come out split over the devices
@@ -109,6 +116,32 @@ def test_online_adds_the_buffer_the_sampler_call_and_the_log_pass():
     with pytest.raises(ValueError, match="online.batch_size=4 must be a multiple .* size 8"):
         aot.compile_memory(TINY, method, mesh, shapes, devices=jax.devices()[:n],
                            online=OnlineConfig(every=5, batch_size=4))
+
+
+def test_lora_online_compiles_over_the_frozen_base():
+    """Online generation with LoRA adapters: the same four programs; the buffer adds to the
+    train and hypergradient steps what it adds with full fine-tuning, and the sampler call
+    and the log's ratio pass take the frozen base's shard plus the adapters (split like
+    their kernels) where full fine-tuning's take theta's shard."""
+    from jbilevel.inputs import ThetaConfig
+
+    n, shapes, online, method, mesh, buffer = _online_setting()
+    lora = ThetaConfig(kind="lora", rank=4)
+
+    def report(theta, with_online, only=None):
+        return aot.compile_memory(TINY, method, mesh, shapes, devices=jax.devices()[:n],
+                                  theta=theta, online=online if with_online else None,
+                                  only=only)
+
+    adapted, offline = report(lora, True), report(lora, False)
+    full = report(None, True, only=["generate", "log ratios"])
+    assert set(adapted.steps) == {"train", "hyper", "generate", "log ratios"}
+    assert adapted.state_total == offline.state_total
+    for step in ("train", "hyper"):
+        assert adapted.steps[step].argument == offline.steps[step].argument + buffer
+    a_bytes, b_bytes = 4 * 2 * 4 * (64 + 64), 4 * 2 * 4 * (64 + 32)  # q and v at rank 4
+    for step in ("generate", "log ratios"):
+        assert adapted.steps[step].argument - full.steps[step].argument == a_bytes // n + b_bytes
 
 
 def test_evaluate_compiles_the_final_evaluations_decoding_batch():

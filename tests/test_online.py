@@ -599,7 +599,8 @@ def test_resume_before_the_first_refresh_switches_to_the_online_step(bmo, tmp_pa
     assert online == [5, 6] and [at for at, r in records if "online_ratio_mean" in r] == online
 
 
-def test_cli_trains_online_and_logs_generations(tmp_path):
+@pytest.mark.parametrize("theta", ["full", "lora"])
+def test_cli_trains_online_and_logs_generations(tmp_path, theta):
     import json
 
     from jbilevel import cli
@@ -614,9 +615,10 @@ def test_cli_trains_online_and_logs_generations(tmp_path):
         "batch_size: 16\nval_batch_size: 16\neval_batch_size: 16\n")
     out = tmp_path / "o"
     assert cli.main(["train", "--config", str(path), "--out", str(out), "loop.steps=4",
-                     "loop.log_every=1", "loop.progress=false"]) == 0
+                     "loop.log_every=1", "loop.progress=false", f"theta.kind={theta}"]) == 0
     result = json.loads((out / "results.json").read_text())
-    assert result["online"] is True and result["steps"] == 4
+    assert result["online"] is True and result["steps"] == 4 and result["theta"] == theta
+    assert (out / "adapter").is_dir() == (theta == "lora")
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert "online_refreshed" not in records[0]  # step 1 trained offline only (start: 1)
     # ... with the offline step: nothing is drawn from the still empty buffer
@@ -629,3 +631,84 @@ def test_cli_trains_online_and_logs_generations(tmp_path):
     rows = [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()]
     assert [(r["step"], r["generated_at"]) for r in rows] == [(3, 1)] * 16 + [(4, 3)] * 16
     assert {"id", "sample", "text", "ratio", "weight", "logp"} <= set(rows[0])
+
+
+@pytest.mark.parametrize("method", ["bmo", "bds"])
+def test_lora_online_samples_and_trains_through_the_adapters(lm, method):
+    """LoRA adapters over a frozen base (fsdp-split like their kernels): the refresh samples
+    through the adapters, unmerged (the stored log-probs are the adapted model's, not the
+    base's), and the train and hypergradient steps equal those of a full-parameter theta
+    whose model closes over the base: the frozen base bound at every step, for the offline
+    rows, the generated rows' ratios and losses and the hypergradient's rows."""
+    from jbilevel.models import init_lora, lora_axes
+    from jbilevel.objectives import lm_lora_example_loss
+
+    task, model = lm
+    # SGD at 1 on the weight logits: a step moves them by minus their gradient (Adam's first
+    # step would move each by about its step size, whatever the gradient)
+    method_cfg = MethodConfig(method=method, weighting="sigmoid", lr_omega=1.0,
+                              omega_optim="sgd",
+                              hypergrad=Implicit("cg", maxiter=2, tol=0.0, ridge=10.0))
+    mesh = sh.make_mesh(sh.MeshConfig(data=2, fsdp=4, tensor=1))
+    rules = sh.AxisRules()
+    base = model.init(jax.random.key(0))
+    adapters = init_lora(model, jax.random.key(1), rank=2, alpha=4.0,
+                         targets=("q_proj", "v_proj", "up_proj"))
+    adapters = jax.tree.map(  # B away from 0: the adapted model is not the base
+        lambda x: x + 0.5 * jax.random.normal(jax.random.key(2), x.shape), adapters)
+    refresher = refresh.Refresher(ONLINE, model, task.train, weighting="sigmoid",
+                                  batch_sharding=sh.batch_sharding(mesh, rules, 1))
+    n = len(task.train)
+
+    def init(frozen):
+        state = init_state(adapters, n, method_cfg, frozen=base if frozen else None)
+        return state.replace(online=refresher.init_buffer())
+
+    def compiled(frozen):
+        shapes = jax.eval_shape(lambda: init(frozen))
+        state_sh = train.state_shardings(
+            mesh, rules, shapes, lora_axes(model.config, adapters), method_cfg,
+            frozen_axes=model.param_axes() if frozen else None).replace(
+            online=ol.buffer_shardings(mesh, rules, shapes.online))
+        if frozen:
+            steps = ol.make_online_steps(lm_lora_example_loss(model), model, method_cfg, ONLINE,
+                                         frozen=True)
+        else:  # theta = the adapters, the base a constant of the model's forward
+            def forward(params, ids, attention_mask=None):
+                return model.forward(base, ids, attention_mask=attention_mask, lora=params)
+
+            steps = ol.make_online_steps(lm_example_loss(forward), forward, method_cfg, ONLINE)
+        run = train.compile_steps(steps, method_cfg, mesh, rules, state_sh)
+        return run, jax.jit(lambda: init(frozen), out_shardings=state_sh)()
+
+    lora_run, state = compiled(True)
+    state, metrics = refresher(state, 0)
+    rows = jax.device_get(state.online.batch())
+    mask = rows["loss_mask"] > 0
+    assert metrics["online_refreshed"] == 6 and mask.sum() > 0
+    adapted = np.asarray(ol.token_logprobs(model, adapters, rows, base))
+    np.testing.assert_allclose(rows["logp"][mask], adapted[mask], atol=2e-5)
+    alone = np.asarray(ol.token_logprobs(model, base, rows))
+    assert np.abs(alone[mask] - adapted[mask]).max() > 1e-2  # the adapters counted
+
+    closed_run, closed = compiled(False)
+    closed = closed.replace(online=state.online)
+    copy = functools.partial(jax.tree.map, jnp.copy)  # the steps donate their state
+    batch = jax.device_put(task.train.batch(np.arange(8), task.train.max_len),
+                           lora_run.batch_sharding)
+    val = jax.device_put(task.validation.batch(np.arange(8), task.validation.max_len),
+                         lora_run.batch_sharding)
+    outs = []
+    for run, s in ((lora_run, state), (closed_run, closed)):
+        args = (batch, val) if method == "bmo" else (batch,)
+        after, train_metrics = run.train(copy(s), *args)
+        out = [after.theta, after.omega, train_metrics]
+        if method == "bds":
+            after, hyper_metrics = run.hyper(copy(s), batch, val)
+            out += [after.omega, hyper_metrics]
+        outs.append(jax.device_get(out))
+    assert outs[0][2]["online_gen_loss"] > 0 and abs(outs[0][2]["online_ratio_mean"] - 1) < 1e-4
+    for got, want in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1]), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    if method == "bds":
+        assert np.abs(outs[0][3]).max() > 0  # the hypergradient moved the weights

@@ -278,7 +278,9 @@ def make_steps(example_loss: ExampleLoss, cfg: MethodConfig, *, frozen: bool = F
         ``objectives.lm_lora_example_loss``).
       cfg: method settings.
       frozen: theta is adapters over ``state.frozen``, which every step binds to the loss
-        per call and never differentiates or updates.
+        per call and never differentiates or updates. Every per-row loss the steps are
+        given then takes ``(theta, frozen, rows)``: ``example_loss``, the losses of a
+        ``RowGroups`` batch and those ``hyper_rows`` returns.
       hyper_rows: bds: which rows of a hyper batch estimate the Hessian and which get a
         per-example term, with which loss (default :func:`offline_hyper_rows`; online bds
         passes offline and generated rows with their own losses). The hypergradient is
@@ -299,20 +301,30 @@ def make_steps(example_loss: ExampleLoss, cfg: MethodConfig, *, frozen: bool = F
     tx_theta, tx_omega = theta_optimizer(cfg), omega_optimizer(cfg)
     chunk = cfg.train_chunk or None
 
-    def bind(state: TrainState):
-        """This call's ``(theta, batch) -> loss_B`` and the objectives built on it."""
-        loss = example_loss
+    def binder(state: TrainState) -> Callable[[Any], ExampleLoss]:
+        """``loss -> (theta, batch) -> loss_B``: this call's base params bound (frozen)."""
         if frozen:
             if state.frozen is None:
                 raise ValueError("make_steps(frozen=True) needs state.frozen (the base params); "
                                  "pass frozen= to init_state")
             base = state.frozen
-            loss = lambda theta, batch: example_loss(theta, base, batch)  # noqa: E731
-        elif state.frozen is not None:
+            return lambda loss: lambda theta, batch: loss(theta, base, batch)
+        if state.frozen is not None:
             raise ValueError("state.frozen is set but make_steps was built without frozen=True, "
                              "so example_loss would ignore the base params")
+        return lambda loss: loss
+
+    def bind(state: TrainState):
+        """This call's ``(theta, batch) -> loss_B`` and the objectives built on it."""
+        loss = binder(state)(example_loss)
         return (loss, inner_objective(loss, weighting=cfg.weighting, mu=cfg.mu),
                 outer_objective(loss))
+
+    def bound_groups(state: TrainState, groups: RowGroups) -> RowGroups:
+        """``groups`` with this call's base params bound to each group's loss (frozen)."""
+        bound = binder(state)
+        return RowGroups(tuple((bound(loss), rows, scale, skippable)
+                               for loss, rows, scale, skippable in groups.groups))
 
     def uniform_step(state: TrainState, batch: dict):
         _, _, outer = bind(state)
@@ -322,15 +334,11 @@ def make_steps(example_loss: ExampleLoss, cfg: MethodConfig, *, frozen: bool = F
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         return state.replace(step=state.step + 1, theta=theta, opt_theta=opt_theta), metrics
 
-    def groups_of(batch, example_loss, *, val_batch=None) -> RowGroups | None:
+    def groups_of(state, batch, example_loss, *, val_batch=None) -> RowGroups | None:
         """The batch as the RowGroups the step takes a pass per group (per chunk) of, or None
         for one pass over a plain batch (and bmo's validation batch)."""
         if isinstance(batch, RowGroups):
-            if frozen:
-                raise ValueError("a RowGroups batch brings its own per-row losses, which "
-                                 "cannot bind the frozen base params of "
-                                 "make_steps(frozen=True)")
-            return batch
+            return bound_groups(state, batch)
         rows = max(jax.tree.leaves(b)[0].shape[0] for b in (batch, val_batch or batch))
         if chunk is None or rows <= chunk:
             return None
@@ -340,7 +348,7 @@ def make_steps(example_loss: ExampleLoss, cfg: MethodConfig, *, frozen: bool = F
     def weighted_step(state: TrainState, batch: dict | RowGroups):
         example_loss, inner, _ = bind(state)
         omega_N = jax.lax.stop_gradient(state.omega)
-        groups = groups_of(batch, example_loss)
+        groups = groups_of(state, batch, example_loss)
         if groups is not None:  # a reverse pass per group (chunk) of rows, gradients summed
             (g, (loss_B, _)), grads = grouped_value_and_grad(
                 cfg.weighting, omega_N, groups, state.theta,
@@ -360,7 +368,7 @@ def make_steps(example_loss: ExampleLoss, cfg: MethodConfig, *, frozen: bool = F
 
     def bmo_step(state: TrainState, batch: dict | RowGroups, val_batch: dict):
         example_loss, inner, outer = bind(state)
-        groups = groups_of(batch, example_loss, val_batch=val_batch)
+        groups = groups_of(state, batch, example_loss, val_batch=val_batch)
         if groups is not None:  # a reverse pass per group (chunk) of rows; the validation
             # term rides with the first group, or in chunks its own passes; the theta step's
             # weights without gradient, as below
@@ -426,8 +434,12 @@ def make_steps(example_loss: ExampleLoss, cfg: MethodConfig, *, frozen: bool = F
         # the validation loss of the metrics is the adjoint's (its gradient's forward pass):
         # a separate forward over the validation batch cost ~1-2% of the step and ~10% of its
         # compile time at the quality task's shapes
-        example_loss, inner, outer = bind(state)
+        _, inner, outer = bind(state)
+        bound = binder(state)
         hessian_batch, groups = split_rows(example_loss, hyper_batch)
+        if isinstance(hessian_batch, RowGroups):
+            hessian_batch = bound_groups(state, hessian_batch)
+        groups = [(bound(loss), rows, scale) for loss, rows, scale in groups]
         v, info = adjoint(inner, outer, state.theta, state.omega, hessian_batch, val_batch,
                           cfg.hypergrad, chunk=cfg.hyper_chunk or None)
         us, ids, valids = [], [], []

@@ -163,14 +163,19 @@ def importance_ratio(logp_cur_BxL, logp_samp_BxL, mask_BxL, *, kind: str, clip: 
     return ratio, mask & (log_r > log_clip)
 
 
-def token_logprobs(model, theta, batch: dict) -> jax.Array:
+def token_logprobs(model, theta, batch: dict, base=None) -> jax.Array:
     """``log p_theta(labels_t | prefix)`` for every position (float32 BxL).
 
     ``model``: a ``jbilevel.models.Model`` (chunked output projection) or a logits forward
-    (see ``objectives.token_nll_fn``).
+    (see ``objectives.token_nll_fn``). With ``base``, ``theta`` is LoRA adapters over those
+    params (unmerged, as training computes them).
     """
-    return -token_nll_fn(model)(theta, batch["input_ids"], batch["labels"],
-                                attention_mask=batch["attention_mask"])
+    nll = token_nll_fn(model)
+    if base is None:
+        return -nll(theta, batch["input_ids"], batch["labels"],
+                    attention_mask=batch["attention_mask"])
+    return -nll(base, batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"],
+                lora=theta)
 
 
 def ratio_weighted_nll(nll_BxL, ratio_BxL, mask_BxL) -> jax.Array:
@@ -181,41 +186,54 @@ def ratio_weighted_nll(nll_BxL, ratio_BxL, mask_BxL) -> jax.Array:
     return total_B / jnp.where(count_B > 0, count_B, 1.0)
 
 
-def generated_loss(model) -> ExampleLoss:
-    """Per-row ratio-weighted NLL of generated rows (a batch carrying ``ratio``)."""
-    nll_fn = token_nll_fn(model)
+def _unbound(loss):
+    """A ``(theta, base, rows)`` loss as ``(theta, rows)``, base None: full fine-tuning."""
+    return lambda theta, rows: loss(theta, None, rows)
 
-    def loss(theta, gen: dict) -> jax.Array:
-        nll_BxL = nll_fn(theta, gen["input_ids"], gen["labels"],
-                         attention_mask=gen["attention_mask"])
+
+def _generated_loss(model):
+    def loss(theta, base, gen: dict) -> jax.Array:
+        nll_BxL = -token_logprobs(model, theta, gen, base)
         return ratio_weighted_nll(nll_BxL, gen["ratio"], gen["loss_mask"])
 
     return loss
 
 
-def online_example_loss(example_loss: ExampleLoss, model) -> ExampleLoss:
+def generated_loss(model, *, frozen: bool = False):
+    """Per-row ratio-weighted NLL of generated rows (a batch carrying ``ratio``):
+    ``(theta, gen) -> loss_R``, or with ``frozen`` ``(adapters, base, gen) -> loss_R``
+    (LoRA, the signature of ``make_steps(frozen=True)``)."""
+    loss = _generated_loss(model)
+    return loss if frozen else _unbound(loss)
+
+
+def online_example_loss(example_loss, model, *, frozen: bool = False):
     """Per-row loss of a batch that may mix offline and generated rows.
 
     A plain batch goes to ``example_loss``. A batch from :func:`combine` (keys ``offline``,
     ``generated``, ``ids``, ``valid``, ``scale``) gives ``concat(offline losses, generated
     ratio-weighted losses) * scale``, one per row of ``ids``, so the weighted objectives and
-    the hypergradient treat generated rows like examples of their source question.
+    the hypergradient treat generated rows like examples of their source question. With
+    ``frozen`` every loss takes ``(adapters, base, batch)`` (LoRA).
     """
+    gen_loss = _generated_loss(model)
+    offline = example_loss if frozen else (lambda theta, _, batch: example_loss(theta, batch))
 
-    gen_loss = generated_loss(model)
-
-    def loss(theta, batch: dict) -> jax.Array:
+    def loss(theta, base, batch: dict) -> jax.Array:
         if "generated" not in batch:
-            return example_loss(theta, batch)
-        off_B = example_loss(theta, batch["offline"])
-        return jnp.concatenate([off_B, gen_loss(theta, batch["generated"])]) * batch["scale"]
+            return offline(theta, base, batch)
+        off_B = offline(theta, base, batch["offline"])
+        gen_B = gen_loss(theta, base, batch["generated"])
+        return jnp.concatenate([off_B, gen_B]) * batch["scale"]
 
-    return loss
+    return loss if frozen else _unbound(loss)
 
 
-def hyper_rows(example_loss: ExampleLoss, model, method: MethodConfig, gen_weight: float):
+def hyper_rows(example_loss, model, method: MethodConfig, gen_weight: float, *,
+               frozen: bool = False):
     """Online bds's rows for the hypergradient of a :func:`combine` batch (for
-    ``make_steps(hyper_rows=)``).
+    ``make_steps(hyper_rows=)``; with ``frozen`` the losses take ``(adapters, base, rows)``,
+    which ``make_steps(frozen=True)`` binds).
 
     The Hessian is estimated on ``method.hessian_rows`` offline rows and as many generated
     rows, combined with the same ``gen_weight`` (a ``jbilevel.adjoint.RowGroups``: one
@@ -225,10 +243,12 @@ def hyper_rows(example_loss: ExampleLoss, model, method: MethodConfig, gen_weigh
     skipped while none of them is valid (before the first refresh). With
     ``hessian_rows == 0`` the result equals ``jbilevel.hypergrad`` on the combined batch.
     """
-    gen_loss = generated_loss(model)
+    gen_loss = generated_loss(model, frozen=frozen)
 
-    def gen_loss_skipping(theta, gen: dict):  # u's pass skips a buffer with no valid row
-        return if_any_valid(gen["valid"], gen_loss, theta, gen)
+    def skipping(theta, base, gen: dict):  # u's pass skips a buffer with no valid row
+        return if_any_valid(gen["valid"], _generated_loss(model), theta, base, gen)
+
+    gen_loss_skipping = skipping if frozen else _unbound(skipping)
 
     def split(_, batch: dict):
         off, gen = batch["offline"], batch["generated"]
@@ -307,17 +327,21 @@ def hyper_buffer(buffer: Buffer, key, hyper_rows: int, n_train: int) -> dict:
     return buffer.batch() if n == capacity else draw(buffer, key, n)
 
 
-def make_online_steps(example_loss: ExampleLoss, model, method: MethodConfig,
-                      cfg: OnlineConfig, *, seed: int = 0) -> Steps:
+def make_online_steps(example_loss, model, method: MethodConfig,
+                      cfg: OnlineConfig, *, seed: int = 0, frozen: bool = False) -> Steps:
     """bmo/bds steps that also train on the generated pairs in ``state.online``.
 
     Args:
-      example_loss: offline per-example loss ``(theta, batch) -> loss_B``.
+      example_loss: offline per-example loss ``(theta, batch) -> loss_B``, or with
+        ``frozen`` ``(adapters, base, batch) -> loss_B`` (``objectives.lm_lora_example_loss``).
       model: the same model: a ``jbilevel.models.Model`` or its logits forward.
       method: bmo or bds settings.
       cfg: online settings.
       seed: the per-step draws of buffer rows use keys folded from it and the step
         (resumable).
+      frozen: theta is LoRA adapters over ``state.frozen`` (as ``make_steps(frozen=True)``):
+        the importance ratios and the generated rows' losses run the base through the
+        adapters, unmerged.
     Returns:
       ``Steps`` with the signatures of ``make_steps(method)``; train metrics add
       ``online_ratio_mean`` / ``online_clipped`` (fractions over tokens, or rows for
@@ -330,16 +354,18 @@ def make_online_steps(example_loss: ExampleLoss, model, method: MethodConfig,
         raise ValueError(f"online generation runs on top of {BASES}, not method "
                          f"{method.method!r}; set method.method to bmo or bds")
     # bds: the hypergradient over the hyper batch and the buffer (or a draw from it)
-    base = make_steps(online_example_loss(example_loss, model), method,
-                      hyper_rows=hyper_rows(example_loss, model, method, cfg.gen_weight))
+    base = make_steps(online_example_loss(example_loss, model, frozen=frozen), method,
+                      frozen=frozen, hyper_rows=hyper_rows(example_loss, model, method,
+                                                           cfg.gen_weight, frozen=frozen))
     draw_key = jax.random.fold_in(jax.random.key(seed), 1)
     hyper_key = jax.random.fold_in(jax.random.key(seed), 2)
 
-    def with_ratios(theta, gen: dict):
+    def with_ratios(state: TrainState, gen: dict):
         # a separate no-grad forward: the ratio enters the loss as data (stop-gradient, also
         # inside the hypergradient) and its statistics become metrics
-        logp_cur = if_any_valid(gen["valid"], lambda th, g: token_logprobs(model, th, g),
-                                jax.lax.stop_gradient(theta), gen)
+        logp_cur = if_any_valid(gen["valid"],
+                                lambda th, g, b: token_logprobs(model, th, g, b),
+                                jax.lax.stop_gradient(state.theta), gen, state.frozen)
         ratio, clipped = importance_ratio(logp_cur, gen["logp"], gen["loss_mask"],
                                           kind=cfg.ratio, clip=cfg.clip, floor=cfg.floor)
         mask = gen["loss_mask"] * gen["valid"][:, None]
@@ -356,14 +382,14 @@ def make_online_steps(example_loss: ExampleLoss, model, method: MethodConfig,
                                                          gen["valid"])}
         return {**gen, "ratio": ratio}, stats
 
-    gen_loss = generated_loss(model)
+    gen_loss = generated_loss(model, frozen=frozen)
 
     def with_generated(state: TrainState, batch: dict):
         """The step's offline rows and a draw of generated ones, as two groups: the train
         step takes one reverse pass per group (so it holds one group's activations at a
         time) and skips the generated rows' while none of them is valid."""
         key = jax.random.fold_in(draw_key, state.step)
-        gen, stats = with_ratios(state.theta, draw(state.online, key, cfg.batch_size))
+        gen, stats = with_ratios(state, draw(state.online, key, cfg.batch_size))
         return row_groups(example_loss, gen_loss, batch, gen, cfg.gen_weight), stats
 
     def bmo_train(state: TrainState, batch: dict, val_batch: dict):
@@ -379,7 +405,7 @@ def make_online_steps(example_loss: ExampleLoss, model, method: MethodConfig,
     def bds_hyper(state: TrainState, hyper_batch: dict, val_batch: dict):
         rows = hyper_buffer(state.online, jax.random.fold_in(hyper_key, state.step),
                             hyper_batch["ids"].shape[0], state.omega.shape[0])
-        gen, _ = with_ratios(state.theta, rows)
+        gen, _ = with_ratios(state, rows)
         return base.hyper(state, combine(hyper_batch, gen, cfg.gen_weight), val_batch)
 
     # base.train on a plain batch is the offline step: the trainer runs it until the first

@@ -87,32 +87,35 @@ def calls(cfg: OnlineConfig, n: int, ways: int) -> tuple[int, int, int]:
 
 
 def sample(model, cfg: OnlineConfig, theta, prompt_ids_BxP, prompt_mask_BxP, key, *,
-           max_new_tokens: int, eos_id, pad_id: int, mesh, rules: sh.AxisRules):
+           max_new_tokens: int, eos_id, pad_id: int, mesh, rules: sh.AxisRules, base=None):
     """One sampler call of a refresh: ``cfg.num_samples`` responses to each left-padded prompt
-    (``jbilevel.models.generate`` with the refresh's sampling settings, on ``mesh``)."""
+    (``jbilevel.models.generate`` with the refresh's sampling settings, on ``mesh``). With
+    ``base``, ``theta`` is LoRA adapters over it, decoded unmerged."""
     from jbilevel.models import generate
 
-    return generate(model, theta, prompt_ids_BxP, prompt_mask_BxP, key,
+    params, lora = (theta, None) if base is None else (base, theta)
+    return generate(model, params, prompt_ids_BxP, prompt_mask_BxP, key,
                     max_new_tokens=max_new_tokens, num_samples=cfg.num_samples,
                     temperature=cfg.temperature, top_p=cfg.top_p, eos_id=eos_id, pad_id=pad_id,
-                    mesh=mesh, rules=rules, gather_params=cfg.gather_params)
+                    lora=lora, mesh=mesh, rules=rules, gather_params=cfg.gather_params)
 
 
-def row_ratios(model, cfg: OnlineConfig, theta, buffer: Buffer, *, rows: int, mesh=None,
-               rules: sh.AxisRules | None = None):
-    """Each buffer row's mean token importance ratio under ``theta`` and its summed sampling
-    log-prob (R each), for the log. The forward runs over ``rows`` rows at a time (one sampler
-    call's worth, which the run sized to fit), rows ``c, c + R / rows, ...`` together: with
+def row_ratios(model, cfg: OnlineConfig, theta, buffer: Buffer, base=None, *, rows: int,
+               mesh=None, rules: sh.AxisRules | None = None):
+    """Each buffer row's mean token importance ratio under ``theta`` (LoRA adapters over
+    ``base`` when given) and its summed sampling log-prob (R each), for the log. The forward
+    runs over ``rows`` rows at a time (one sampler call's worth, which the run sized to
+    fit), rows ``c, c + R / rows, ...`` together: with
     the buffer's rows split over devices in contiguous blocks, every pass takes as many rows
     from each device, so nothing moves between devices. On ``mesh`` the activations are
     pinned to the rows' split (``rules``), as in a train step: left to itself, XLA follows
     the fsdp-split weights and every device computes every row's logits."""
     if mesh is not None:
         with sh.activation_sharding(mesh, rules or sh.AxisRules()):
-            return row_ratios(model, cfg, theta, buffer, rows=rows)
+            return row_ratios(model, cfg, theta, buffer, base, rows=rows)
 
     def one(gen):
-        logp_cur = token_logprobs(model, theta, gen)
+        logp_cur = token_logprobs(model, theta, gen, base)
         ratio, _ = importance_ratio(logp_cur, gen["logp"], gen["loss_mask"], kind=cfg.ratio,
                                     clip=cfg.clip, floor=cfg.floor)
         count = jnp.maximum(jnp.sum(gen["loss_mask"], axis=-1), 1.0)
@@ -231,7 +234,7 @@ class Refresher:
                          prompts["prompt_mask"], jax.random.fold_in(key_gen, c),
                          max_new_tokens=self.max_new_tokens,
                          eos_id=self.dataset.tokenizer.eos_id, pad_id=self.dataset.pad_id,
-                         mesh=self.batch_sharding.mesh, rules=self.rules)
+                         mesh=self.batch_sharding.mesh, rules=self.rules, base=state.frozen)
             logp = gen.logprobs if self.cfg.denominator == "model" else gen.sampling_logprobs
             rows.append(self._pack(prompts["prompt_ids"], prompts["prompt_mask"], gen.tokens,
                                    gen.mask, logp, prompts["ids"], prompts["valid"]))
@@ -280,7 +283,8 @@ class Refresher:
         born = int(_host(state.online.born))
         if self.log_path is None or born < 0:
             return
-        ratio_R, logp_R = (_host(x) for x in self._ratios(state.theta, state.online))
+        ratio_R, logp_R = (_host(x) for x in self._ratios(state.theta, state.online,
+                                                          state.frozen))
         valid = _host(state.online.valid) > 0
         ids, texts = self._texts(state.online)
         w = _host(self._weights(state.omega, jnp.asarray(ids, jnp.int32)))
