@@ -243,12 +243,13 @@ def hyper_rows(example_loss, model, method: MethodConfig, gen_weight: float, *,
     skipped while none of them is valid (before the first refresh). With
     ``hessian_rows == 0`` the result equals ``jbilevel.hypergrad`` on the combined batch.
     """
-    gen_loss = generated_loss(model, frozen=frozen)
+    loss = _generated_loss(model)
 
     def skipping(theta, base, gen: dict):  # u's pass skips a buffer with no valid row
-        return if_any_valid(gen["valid"], _generated_loss(model), theta, base, gen)
+        return if_any_valid(gen["valid"], loss, theta, base, gen)
 
-    gen_loss_skipping = skipping if frozen else _unbound(skipping)
+    gen_loss, gen_loss_skipping = (loss, skipping) if frozen else (_unbound(loss),
+                                                                   _unbound(skipping))
 
     def split(_, batch: dict):
         off, gen = batch["offline"], batch["generated"]
@@ -354,9 +355,9 @@ def make_online_steps(example_loss, model, method: MethodConfig,
         raise ValueError(f"online generation runs on top of {BASES}, not method "
                          f"{method.method!r}; set method.method to bmo or bds")
     # bds: the hypergradient over the hyper batch and the buffer (or a draw from it)
-    base = make_steps(online_example_loss(example_loss, model, frozen=frozen), method,
-                      frozen=frozen, hyper_rows=hyper_rows(example_loss, model, method,
-                                                           cfg.gen_weight, frozen=frozen))
+    steps = make_steps(online_example_loss(example_loss, model, frozen=frozen), method,
+                       frozen=frozen, hyper_rows=hyper_rows(example_loss, model, method,
+                                                            cfg.gen_weight, frozen=frozen))
     draw_key = jax.random.fold_in(jax.random.key(seed), 1)
     hyper_key = jax.random.fold_in(jax.random.key(seed), 2)
 
@@ -394,24 +395,24 @@ def make_online_steps(example_loss, model, method: MethodConfig,
 
     def bmo_train(state: TrainState, batch: dict, val_batch: dict):
         rows, stats = with_generated(state, batch)
-        state, metrics = base.train(state, rows, val_batch)
+        state, metrics = steps.train(state, rows, val_batch)
         return state, {**metrics, **stats}
 
     def bds_train(state: TrainState, batch: dict):
         rows, stats = with_generated(state, batch)
-        state, metrics = base.train(state, rows)
+        state, metrics = steps.train(state, rows)
         return state, {**metrics, **stats}
 
     def bds_hyper(state: TrainState, hyper_batch: dict, val_batch: dict):
         rows = hyper_buffer(state.online, jax.random.fold_in(hyper_key, state.step),
                             hyper_batch["ids"].shape[0], state.omega.shape[0])
         gen, _ = with_ratios(state, rows)
-        return base.hyper(state, combine(hyper_batch, gen, cfg.gen_weight), val_batch)
+        return steps.hyper(state, combine(hyper_batch, gen, cfg.gen_weight), val_batch)
 
-    # base.train on a plain batch is the offline step: the trainer runs it until the first
+    # steps.train on a plain batch is the offline step: the trainer runs it until the first
     # refresh has filled the buffer (a step on the empty buffer would pay for batch_size
     # generated rows that all weigh 0)
     if method.method == "bmo":
-        return Steps(train=bmo_train, evaluate=example_loss, train_offline=base.train)
+        return Steps(train=bmo_train, evaluate=example_loss, train_offline=steps.train)
     return Steps(train=bds_train, hyper=bds_hyper, evaluate=example_loss,
-                 train_offline=base.train)
+                 train_offline=steps.train)
