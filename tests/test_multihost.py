@@ -237,12 +237,14 @@ def test_an_error_on_process_0_alone_in_eval_stops_both(tmp_path):
 
 
 # A LoRA run of a built-in task over the shipped base, its params and adapters split over both
-# processes' devices (fsdp=8), then `jbilevel eval --run` on both: the adapters, gathered onto
-# process 0 and written to adapter/, read back onto the mesh and decoded unmerged.
+# processes' devices (fsdp=8), with online generation (each refresh samples through the
+# adapters), then `jbilevel eval --run` on both: the adapters, gathered onto process 0 and
+# written to adapter/, read back onto the mesh and decoded unmerged.
 LORA_CONFIG = """\
 task: {name: quality, base: instruct, options: {n_train: 48, n_val: 16, n_test: 16}}
 theta: {kind: lora, rank: 4, alpha: 8.0, targets: [q_proj, v_proj, up_proj]}
-method: {method: sft, lr_theta: 0.01}
+method: {method: bmo, lr_theta: 0.01}
+online: {every: 2, start: 0, fraction: 0.25, num_samples: 1, batch_size: 8, max_new_tokens: 4}
 mesh: {data: 1, fsdp: -1}
 loop: {steps: 3, checkpoint_every: 0, progress: false}
 batch_size: 16
@@ -261,8 +263,9 @@ sys.exit(code or cli.main(["eval", "--run", {out!r}]))
 
 def test_lora_run_and_its_evaluation_across_processes(tmp_path):
     """The run's adapter/ is the whole adapters (model/ is their exact merge into the float32
-    base), and the two-process final evaluation, `eval --run` on both processes and `eval
-    --run` in one process with 8 devices give the same losses and answers."""
+    base), its two refreshes logged every selected question's sample once, and the
+    two-process final evaluation, `eval --run` on both processes and `eval --run` in one
+    process with 8 devices give the same losses and answers."""
     from jbilevel import saved
     from jbilevel.models import load_adapter, load_pretrained, merge_lora
 
@@ -273,6 +276,11 @@ def test_lora_run_and_its_evaluation_across_processes(tmp_path):
     for code, _, err in done:
         assert code == 0, err[-3000:]
     result = json.loads((out / "results.json").read_text())
+    assert result["online"] and result["theta"] == "lora"
+    logged = [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()]
+    for at in (0, 2):  # 12 of the 48 questions, one sample each (written by process 0 alone)
+        rows = [r for r in logged if r["generated_at"] == at]
+        assert len(rows) == len({r["id"] for r in rows}) == 12, at
     evaluated = json.loads((out / "eval.json").read_text())
     here = saved.evaluate_run(out)  # this process: the same 8 devices, one host
     assert evaluated["mesh"] == here["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
