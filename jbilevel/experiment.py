@@ -571,8 +571,15 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
             console.info(f"resumed from step {start}" + (
                 f" of {loop.steps}: the run is complete; evaluating it again"
                 if start >= loop.steps else f"; training to step {loop.steps}"))
-            if jax.process_index() == 0:
-                report.trim_metrics(out / "metrics.jsonl", start)
+            if jax.process_index() == 0:  # what this run logs again after the checkpoint
+                dropped = {"metrics.jsonl": report.trim_metrics(out / "metrics.jsonl", start)}
+                if refresher is not None:
+                    dropped["generations.jsonl"] = refresher.trim_log(
+                        start, complete=start >= loop.steps)
+                if any(dropped.values()):
+                    console.info(f"dropped the records logged after the checkpoint of step "
+                                 f"{start}, which the resumed run logs again: " + ", ".join(
+                                     f"{name} {n}" for name, n in dropped.items()))
         log = train.MetricsLog(out)
         eval_fn = None  # full validation loss every loop.eval_every steps
         if loop.eval_every and lora:  # (adapters, base): the base rides in the state

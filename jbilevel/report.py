@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -70,14 +71,27 @@ def read_metrics(path: str | Path) -> list[dict]:
             for line in path.read_text().splitlines() if line.strip()]
 
 
+def trim_records(path: str | Path, keep) -> int:
+    """Drops the records of a JSON-lines log (``metrics.jsonl``, ``generations.jsonl``) for
+    which ``keep(record)`` is false; the others stay as written. The file is replaced by a
+    finished copy, so a kill leaves the old records or the new ones. Returns: how many were
+    dropped."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if keep(json.loads(line))]
+    if len(kept) < len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+    return len(lines) - len(kept)
+
+
 def trim_metrics(path: str | Path, upto: int) -> int:
     """Drops the records of steps after ``upto`` from ``metrics.jsonl`` (a run resumed from
     the checkpoint of step ``upto`` logs those steps again). Returns: how many were dropped."""
-    records = read_metrics(path)
-    kept = [r for r in records if r["step"] <= upto]
-    if len(kept) < len(records):
-        Path(path).write_text("".join(to_json(r) + "\n" for r in kept))
-    return len(records) - len(kept)
+    return trim_records(path, lambda record: record["step"] <= upto)
 
 
 def plot_curves(metrics_path: str | Path, path: str | Path,

@@ -600,7 +600,7 @@ def test_resume_before_the_first_refresh_switches_to_the_online_step(bmo, tmp_pa
 
 
 @pytest.mark.parametrize("theta", ["full", "lora"])
-def test_cli_trains_online_and_logs_generations(tmp_path, theta):
+def test_cli_trains_online_and_logs_generations(tmp_path, capsys, theta):
     import json
 
     from jbilevel import cli
@@ -614,8 +614,10 @@ def test_cli_trains_online_and_logs_generations(tmp_path, theta):
         "         max_new_tokens: 4}\n"
         "batch_size: 16\nval_batch_size: 16\neval_batch_size: 16\n")
     out = tmp_path / "o"
-    assert cli.main(["train", "--config", str(path), "--out", str(out), "loop.steps=4",
-                     "loop.log_every=1", "loop.progress=false", f"theta.kind={theta}"]) == 0
+    args = ["train", "--config", str(path), "--out", str(out), "loop.steps=4",
+            "loop.log_every=1", "loop.progress=false", "loop.checkpoint_every=2",
+            f"theta.kind={theta}"]
+    assert cli.main(args) == 0
     result = json.loads((out / "results.json").read_text())
     assert result["online"] is True and result["steps"] == 4 and result["theta"] == theta
     assert (out / "adapter").is_dir() == (theta == "lora")
@@ -631,6 +633,21 @@ def test_cli_trains_online_and_logs_generations(tmp_path, theta):
     rows = [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()]
     assert [(r["step"], r["generated_at"]) for r in rows] == [(3, 1)] * 16 + [(4, 3)] * 16
     assert {"id", "sample", "text", "ratio", "weight", "logp"} <= set(rows[0])
+
+    # resumed from step 2's checkpoint (as after a kill at step 3): the refresh before step 3
+    # and the end log their rows again, and generations.jsonl holds each once, as before
+    import shutil
+
+    logged = (out / "generations.jsonl").read_text()
+    shutil.rmtree(out / "checkpoints" / "4")
+    (out / "results.json").unlink()
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    assert ("dropped the records logged after the checkpoint of step 2, which the resumed run "
+            "logs again: metrics.jsonl 2, generations.jsonl 32") in capsys.readouterr().err
+    assert (out / "generations.jsonl").read_text() == logged
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text()
+                                   .splitlines())] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("method", ["bmo", "bds"])

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jbilevel import distributed, weights
+from jbilevel import distributed, report, weights
 from jbilevel import sharding as sh
 from jbilevel.adjoint import chunk_rows, interleaved_chunks
 from jbilevel.algorithms.offline import TrainState
@@ -274,6 +274,16 @@ class Refresher:
         texts = [tok.decode([t for t in row[m] if t != eos]) for row, m in zip(tokens, mask,
                                                                                 strict=True)]
         return ids, texts
+
+    def trim_log(self, resumed_from: int, *, complete: bool) -> int:
+        """Drops the rows of ``generations.jsonl`` that a run resumed from its checkpoint of
+        step ``resumed_from`` writes again: those logged by the refresh at that step or
+        later (it runs after the checkpoint is saved) and the final log, unless the run was
+        ``complete`` (it only evaluates again, and logs nothing). Returns: how many."""
+        if self.log_path is None:
+            return 0
+        last = resumed_from if complete else resumed_from - 1
+        return report.trim_records(self.log_path, lambda row: row["step"] <= last)
 
     def log_buffer(self, state: TrainState, step: int) -> None:
         """Appends the buffer's rows to ``generations.jsonl``: ``step`` (now), ``generated_at``,
