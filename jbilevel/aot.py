@@ -172,10 +172,10 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
       theta: full fine-tuning, or LoRA adapters trained over frozen base params (which then
         count in the state, as the trainer holds them in ``state.frozen``). Default: full.
       rules: the logical-to-mesh axis table (default ``sh.AxisRules()``).
-      online: online generation's settings (``every > 0``): the train state then carries
-        the buffer of generated pairs (``fraction x
-        n_examples x num_samples`` rows of ``prompt_len + new_tokens`` tokens, laid out as a
-        run lays it), the train and hypergradient steps are the online ones, and two more
+      online: online generation's settings (``every > 0``; over LoRA adapters too): the
+        train state then carries the buffer of generated pairs (``fraction x n_examples x
+        num_samples`` rows of ``prompt_len + new_tokens`` tokens, laid out as a run lays
+        it), the train and hypergradient steps are the online ones, and two more
         programs of a refresh are compiled: ``generate``, one sampler call
         (``generate_batch_size`` prompts, ``num_samples`` responses each, the KV cache split
         with the rows), and ``log ratios``, the importance ratios of the whole buffer for
