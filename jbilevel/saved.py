@@ -49,9 +49,10 @@ def load_config(run_dir: str | Path) -> experiment.ExperimentConfig:
 # is formatted, and where and in which dtype the weights are held (a model scored on another
 # slice than it trained on, or read in bfloat16 where float32 would not fit). The rest of a
 # run's settings do not affect its scoring; eval_batch_size and online.gather_params shape a
-# run's decoding, which ``--model`` does not do (its rows per batch: ``--batch-size``).
+# run's decoding, which ``--model`` does not do (its rows per batch: ``--batch-size``);
+# model.path is where a LoRA run's base is read (moved since the run).
 MODEL_KEYS = ("data.", "mesh.", "model.param_dtype", "model.compute_dtype")
-RUN_KEYS = (*MODEL_KEYS, "eval_batch_size", "online.gather_params")
+RUN_KEYS = (*MODEL_KEYS, "eval_batch_size", "online.gather_params", "model.path")
 
 
 def eval_config(base: experiment.ExperimentConfig, overrides: Sequence[str],
@@ -174,8 +175,9 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, overrides: Seq
             raise UserError(
                 f"{run_dir}: a LoRA run is scored through adapter/ over its base, model.path "
                 f"{cfg.model.path} in {run_dir / 'config.yaml'}, which is not a model "
-                "directory (moved?); set model.path there to the base's directory, or score "
-                f"the merged model: jbilevel eval --model {model_dir} --data <file>")
+                "directory (moved?); add model.path=<the base's directory> to the command "
+                "(or set it there), or score the merged model: "
+                f"jbilevel eval --model {model_dir} --data <file>")
         model, params = _load_model(Path(cfg.model.path), cfg.mesh, console,
                                     cfg.model.param_dtype, cfg.model.compute_dtype)
         lora = _load_adapter(model, params, run_dir / "adapter", console)

@@ -1,6 +1,7 @@
 """`jbilevel eval` and `jbilevel export` on finished run directories."""
 
 import json
+import shutil
 
 import _llm
 import numpy as np
@@ -117,6 +118,13 @@ def test_eval_adapter_over_its_base(lora_run, capsys, tmp_path):
     assert cli.main(["eval", "--run", str(moved)]) == 2
     assert (f"a LoRA run is scored through adapter/ over its base, model.path "
             f"{tmp_path / 'gone'} in {moved / 'config.yaml'}") in capsys.readouterr().err
+    # ... and given on the command line, where the base is now: the run's numbers
+    for name in ("adapter", "model"):
+        shutil.rmtree(moved / name, ignore_errors=True)
+        shutil.copytree(lora_run / name, moved / name)
+    assert cli.main(["eval", "--run", str(moved), "-q", f"model.path={base}"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    np.testing.assert_allclose(printed["val_loss"], trained["val_loss"], rtol=1e-5)
 
 
 def test_export_top_frac_and_min_weight(lora_run, tmp_path):
