@@ -582,13 +582,19 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
                                      f"{name} {n}" for name, n in dropped.items()))
         log = train.MetricsLog(out)
         eval_fn = None  # full validation loss every loop.eval_every steps
-        if loop.eval_every and lora:  # (adapters, base): the base rides in the state
-            val_loss = split_loss(lambda p, b: example_loss(p[0], p[1], b), task.validation,
-                                  cfg.eval_batch_size)
-            eval_fn = lambda s: {"val_loss": val_loss((s.theta, s.frozen))}  # noqa: E731
-        elif loop.eval_every:
-            val_loss = split_loss(example_loss, task.validation, cfg.eval_batch_size)
-            eval_fn = lambda s: {"val_loss": val_loss(s.theta)}  # noqa: E731
+        evaluated: dict = {}  # its latest value: at the last step, the final evaluation's
+        if loop.eval_every:
+            if lora:  # (adapters, base): the base rides in the state
+                val_loss = split_loss(lambda p, b: example_loss(p[0], p[1], b),
+                                      task.validation, cfg.eval_batch_size)
+                weights_of = lambda s: (s.theta, s.frozen)  # noqa: E731
+            else:
+                val_loss = split_loss(example_loss, task.validation, cfg.eval_batch_size)
+                weights_of = lambda s: s.theta  # noqa: E731
+
+            def eval_fn(state):
+                evaluated["val_loss"] = val_loss(weights_of(state))
+                return dict(evaluated)
         if eval_fn is not None and learned and good_N is not None:
             eval_fn = _with_weight_scores(eval_fn, task, cfg.method.weighting)
         step = start
@@ -646,18 +652,22 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
 
     if interrupted is not None:  # not a finished run
         return stopped(interrupted)
+    # the loop evaluates at its last step: the final state's validation loss, measured
+    last_val = evaluated.get("val_loss") if step == loop.steps and step > start else None
     try:  # on a copy: a final evaluation that stops leaves none of its figures in result
         return _finish(cfg, out, console, dict(result), state, model, lora, task, data_set,
-                       good_N, learned)
+                       good_N, learned, val_loss=last_val)
     except train.OutOfMemoryError as e:  # the final state is saved: a rerun evaluates it
         return stopped({"reason": "out_of_memory", "message": str(e)})
 
 
 def _finish(cfg, out: Path, console, result: dict, state, model, lora: bool, task, data_set,
-            good_N, learned: bool) -> dict:
+            good_N, learned: bool, val_loss: float | None = None) -> dict:
     """A finished run's final evaluation (out of device memory: ``train.OutOfMemoryError``),
     report and model. A LoRA run is scored through its adapters over the base, unmerged (the
-    function it trained; ``model/`` is the merge, see :func:`_merge_rounding`)."""
+    function it trained; ``model/`` is the merge, see :func:`_merge_rounding`). ``val_loss``:
+    the state's validation loss when the loop has just measured it (its evaluation at the
+    last step), which the final evaluation then takes instead of a pass of its own."""
     if lora:
         result.update(_merge_rounding(state, model, console))
     base, adapters = (state.frozen, state.theta) if lora else (state.theta, None)
@@ -669,7 +679,8 @@ def _finish(cfg, out: Path, console, result: dict, state, model, lora: bool, tas
     bs = cfg.eval_batch_size
     with (train.naming_out_of_memory("final evaluation", result["steps"], last),
           console.phase("final evaluation") as phase):
-        result["val_loss"] = mean_loss(loss, scored, task.validation, bs)
+        result["val_loss"] = (mean_loss(loss, scored, task.validation, bs) if val_loss is None
+                              else val_loss)
         if task.test is not None:
             result["test_loss"] = mean_loss(loss, scored, task.test, bs)
         scores, predictions = score_splits(model, base, task, bs, lora=adapters,

@@ -18,16 +18,22 @@ TINY = dict(
 
 
 @pytest.mark.parametrize("method", ["bds", "mix"])
-def test_run_writes_report_and_resumes(tmp_path, method):
+def test_run_writes_report_and_resumes(tmp_path, method, monkeypatch):
     cfg = experiment.ExperimentConfig(
         **TINY, method=MethodConfig(method=method, hyper_every=3),
         loop=train.LoopConfig(steps=6, log_every=3, checkpoint_every=3, progress=False,
                               eval_every=3))
+    scored = []  # the splits the final evaluation takes a loss pass over
+    mean_loss = experiment.mean_loss
+    monkeypatch.setattr(experiment, "mean_loss", lambda loss, params, split, bs: (
+        scored.append(len(split)) or mean_loss(loss, params, split, bs)))
     result = experiment.run(cfg, tmp_path)
     assert result["steps"] == 6 and result["test_n"] == 16
     assert 0.0 <= result["test_accuracy"] <= 1.0
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [3, 6]
+    # the validation loss is the loop's at the last step, not a second pass: the test split's
+    assert result["val_loss"] == records[-1]["eval_val_loss"] and scored == [16]
     if method == "bds":  # the weights scored along the run; the last score is the final one
         assert 0.0 <= records[0]["eval_weight_auroc"] <= 1.0
         for key in ("weight_auroc", "weight_mass_on_good"):
@@ -53,8 +59,10 @@ def test_run_writes_report_and_resumes(tmp_path, method):
     assert 0.0 < meta["seconds"] <= result["train_seconds"]
     meta_file.write_text(json.dumps({**meta, "seconds": 1000.0}))
     # A second run resumes from the step-6 checkpoint: nothing left to train, same answer.
+    scored.clear()
     again = experiment.run(cfg, tmp_path)
     assert again["steps"] == 6 and again["val_loss"] == pytest.approx(result["val_loss"])
+    assert len(scored) == 2  # nothing trained, nothing evaluated: the final evaluation's own
     assert 1000.0 < again["train_seconds"] < 1000.0 + result["train_seconds"] + 60.0
 
 
