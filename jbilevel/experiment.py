@@ -580,7 +580,7 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
                     console.info(f"dropped the records logged after the checkpoint of step "
                                  f"{start}, which the resumed run logs again: " + ", ".join(
                                      f"{name} {n}" for name, n in dropped.items()))
-        log = train.MetricsLog(out)
+        log = train.MetricsLog(out, resumed_from=start)
         eval_fn = None  # full validation loss every loop.eval_every steps
         evaluated: dict = {}  # its latest value: at the last step, the final evaluation's
         if loop.eval_every:

@@ -321,16 +321,22 @@ class _Preemption:
 
 
 class MetricsLog:
-    """Appends metric records to ``metrics.jsonl`` and, if available, TensorBoard."""
+    """Appends metric records to ``metrics.jsonl`` and, if available, TensorBoard.
 
-    def __init__(self, out_dir: Path, tensorboard: bool = True):
+    ``resumed_from``: the checkpoint step a resumed run starts from. It logs the later steps
+    again, so TensorBoard is told to hide the earlier session's events after that step (its
+    ``purge_step``), as ``report.trim_metrics`` drops them from ``metrics.jsonl``.
+    """
+
+    def __init__(self, out_dir: Path, tensorboard: bool = True, resumed_from: int = 0):
         out_dir.mkdir(parents=True, exist_ok=True)
         self._file = open(out_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
         self._tb = None
         if tensorboard and jax.process_index() == 0:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(out_dir / "tensorboard"))
+            self._tb = SummaryWriter(str(out_dir / "tensorboard"),
+                                     purge_step=resumed_from + 1 if resumed_from else None)
 
     def write(self, step: int, record: dict[str, float]) -> None:
         self._file.write(report.to_json({"step": step, **record}) + "\n")

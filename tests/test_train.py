@@ -287,6 +287,44 @@ def test_two_processes_equal_one(tmp_path, method):
         np.testing.assert_allclose(multi[f"arr_{i}"], want, rtol=1e-5, atol=1e-6)
 
 
+def _tensorboard_events(path):
+    """The events of a TensorBoard event file (TFRecord framing: length, its CRC, the record,
+    its CRC)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    data, at, events = path.read_bytes(), 0, []
+    while at < len(data):
+        (n,) = struct.unpack("<Q", data[at:at + 8])
+        events.append(Event.FromString(data[at + 12:at + 12 + n]))
+        at += 12 + n + 4
+    return events
+
+
+def test_a_resumed_run_has_tensorboard_hide_the_steps_it_logs_again(tmp_path):
+    """A run resumed from step 2's checkpoint logs step 3 again: its event file opens with
+    TensorBoard's purge marker at step 3 (a session start, after which TensorBoard drops
+    the earlier files' events from that step on), before the new step 3."""
+    import time
+
+    log = train.MetricsLog(tmp_path)
+    for step in (1, 2, 3):
+        log.write(step, {"loss": float(step)})
+    log.close()
+    time.sleep(1.1)  # event files are named by the second they were opened in
+    resumed = train.MetricsLog(tmp_path, resumed_from=2)
+    resumed.write(3, {"loss": 30.0})
+    resumed.close()
+    first, second = sorted((tmp_path / "tensorboard").iterdir())
+    assert not any(e.HasField("session_log") for e in _tensorboard_events(first))
+    logged = [("start", e.step) if e.HasField("session_log") else
+              (e.summary.value[0].simple_value, e.step)
+              for e in _tensorboard_events(second) if e.HasField("session_log")
+              or e.HasField("summary")]
+    assert logged == [("start", 3), (30.0, 3)]
+
+
 def test_metrics_and_results_are_strict_json(tmp_path):
     """A non-finite number (a metric with nothing to measure) is written as null, which strict
     JSON readers accept where they refuse the bare NaN token Python writes by default, and
