@@ -4,9 +4,9 @@ Offline selection drops a bad response together with its question; online genera
 question and regenerates. Every ``every`` steps the host loop (``refresh.Refresher``) picks
 questions (a random fraction, or the lowest-weighted ones: "dynamic"), samples ``G`` responses
 per question from the current model (theta, or LoRA adapters over the frozen base, unmerged)
-through the KV-cache sampler and stores tokens, the
-sampling log-probs and the source question id in a fixed-shape :class:`Buffer` held in
-``TrainState.online`` (so checkpoints carry it and a resume is exact). Each train step draws
+through the KV-cache sampler and stores tokens, the sampling log-probs and the source question
+id in a fixed-shape :class:`Buffer` held in ``TrainState.online`` (so checkpoints carry it
+and a resume is exact). Each train step draws
 ``batch_size`` buffer rows and trains on them with a stop-gradient importance ratio between
 the current and the sampling model (per token or per sequence, clipped above, sampling
 log-probs floored) times the source question's weight ``s_i(omega)``:
