@@ -105,9 +105,9 @@ def row_ratios(model, cfg: OnlineConfig, theta, buffer: Buffer, base=None, *, ro
     """Each buffer row's mean token importance ratio under ``theta`` (LoRA adapters over
     ``base`` when given) and its summed sampling log-prob (R each), for the log. The forward
     runs over ``rows`` rows at a time (one sampler call's worth, which the run sized to
-    fit), rows ``c, c + R / rows, ...`` together: with
-    the buffer's rows split over devices in contiguous blocks, every pass takes as many rows
-    from each device, so nothing moves between devices. On ``mesh`` the activations are
+    fit), rows ``c, c + R / rows, ...`` together: with the buffer's rows split over devices
+    in contiguous blocks, every pass takes as many rows from each device, so nothing moves
+    between devices. On ``mesh`` the activations are
     pinned to the rows' split (``rules``), as in a train step: left to itself, XLA follows
     the fsdp-split weights and every device computes every row's logits."""
     if mesh is not None:
