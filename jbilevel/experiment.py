@@ -460,14 +460,18 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
     out = Path(out_dir)
     requested, cfg = cfg, resolve(cfg, out)
     resuming = rundir.check_config(out, cfg)
+    if jax.process_count() > 1:  # every process has read the directory before process 0
+        # writes to it (the task's files, config.yaml): a slower one would find a directory
+        # that is neither empty nor a run, or this run's config.yaml, and judge wrongly
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jbilevel: run directory checked")
     if cfg is not requested:  # the task's files, only now: a refused run writes nothing
         if resuming:
             rundir.check_task_files(out, cfg.task)
         if jax.process_index() == 0:
             resolve(requested, out, write=True)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices("jbilevel: task files written")
     loop = cfg.loop if progress is None else dataclasses.replace(cfg.loop, progress=progress)
     if cfg.model.path is not None:

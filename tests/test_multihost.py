@@ -252,10 +252,13 @@ val_batch_size: 16
 eval_batch_size: 12
 """
 TRAIN_THEN_EVAL = """\
-import sys
+import os, sys, time
 import jax
 jax.config.update("jax_num_cpu_devices", 4)
-from jbilevel import cli
+from jbilevel import cli, rundir
+if os.environ["JBILEVEL_PROCESS_ID"] == "1":  # process 1 reads the new run directory late
+    check = rundir.check_config
+    rundir.check_config = lambda *a, **k: time.sleep(3) or check(*a, **k)
 code = cli.main(["train", "--config", {config!r}, "--out", {out!r}])
 sys.exit(code or cli.main(["eval", "--run", {out!r}]))
 """
@@ -265,7 +268,9 @@ def test_lora_run_and_its_evaluation_across_processes(tmp_path):
     """The run's adapter/ is the whole adapters (model/ is their exact merge into the float32
     base), its two refreshes logged every selected question's sample once, and the
     two-process final evaluation, `eval --run` on both processes and `eval --run` in one
-    process with 8 devices give the same losses and answers."""
+    process with 8 devices give the same losses and answers. Process 1 reads the new run
+    directory 3 s late: process 0 waits for it before writing the task's files there (it
+    did not, and process 1 refused the directory as neither empty nor a run)."""
     from jbilevel import saved
     from jbilevel.models import load_adapter, load_pretrained, merge_lora
 
