@@ -171,12 +171,9 @@ def token_logprobs(model, theta, batch: dict, base=None) -> jax.Array:
     (see ``objectives.token_nll_fn``). With ``base``, ``theta`` is LoRA adapters over those
     params (unmerged, as training computes them).
     """
-    nll = token_nll_fn(model)
-    if base is None:
-        return -nll(theta, batch["input_ids"], batch["labels"],
-                    attention_mask=batch["attention_mask"])
-    return -nll(base, batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"],
-                lora=theta)
+    params, lora = (theta, None) if base is None else (base, theta)
+    return -token_nll_fn(model)(params, batch["input_ids"], batch["labels"],
+                                attention_mask=batch["attention_mask"], lora=lora)
 
 
 def ratio_weighted_nll(nll_BxL, ratio_BxL, mask_BxL) -> jax.Array:
