@@ -51,6 +51,10 @@ def cases():
         rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25))
     yield "gpt2", tf.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=32,
                                 bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    # Last, so that the cases above keep their seeds (the case's index).
+    # Qwen3: q/k norms, a head width that is not hidden_size / heads, GQA, tied head.
+    yield "qwen3", tf.Qwen3Config(**small, num_key_value_heads=2, head_dim=16,
+                                  tie_word_embeddings=True)
 
 
 def load(path):
@@ -66,8 +70,11 @@ def hf_positions(mask):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="tests/fixtures/models")
+    ap.add_argument("--only", nargs="*", help="write these cases only (default: all)")
     args = ap.parse_args()
     for i, (name, cfg) in enumerate(cases()):
+        if args.only and name not in args.only:
+            continue
         torch.manual_seed(i)
         model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
         with torch.no_grad():

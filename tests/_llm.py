@@ -9,11 +9,11 @@ FIXTURES = Path(__file__).parent / "fixtures"
 DATA = FIXTURES / "data"
 
 
-def model_dir(root: Path) -> Path:
-    """The tiny llama fixture (vocab 128, pad 0 / bos 1 / eos 2) plus a character tokenizer
-    with a chat template."""
-    path = root / "llama"
-    shutil.copytree(FIXTURES / "models" / "llama", path)
+def model_dir(root: Path, case: str = "llama") -> Path:
+    """A tiny fixture model (tests/fixtures/models/<case>: vocab 128, pad 0 / bos 1 / eos 2;
+    llama by default) plus a character tokenizer with a chat template."""
+    path = root / case
+    shutil.copytree(FIXTURES / "models" / case, path)
     hf = CharTokenizer().to_hf()
     hf.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
                         "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")

@@ -21,6 +21,8 @@ def test_presets_match_the_published_parameter_counts():
     assert param_count(preset("llama-3-8b")) == 8_030_261_248
     assert param_count(preset("qwen2.5-0.5b")) == 494_032_768  # the model cards
     assert param_count(preset("qwen2.5-1.5b")) == 1_543_714_304
+    assert param_count(preset("qwen3-1.7b")) == 1_720_574_976  # 1.41B without the embedding
+    assert param_count(preset("qwen3-8b")) == 8_190_735_360  # 6.95B without the embeddings
     assert preset("llama-3-8b", num_layers=2).num_layers == 2
     with pytest.raises(ValueError, match="available: pythia-1b, llama-3-8b"):
         preset("gpt-5")

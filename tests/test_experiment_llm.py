@@ -71,13 +71,21 @@ def test_pretrained_model_on_sft_files(tmp_path, model_dir, method, theta):
     assert (tmp_path / "model" / "tokenizer.json").exists()
 
 
-def test_lora_run_keeps_the_base_frozen_and_resumes(tmp_path, model_dir):
+@pytest.mark.parametrize("case", ["llama", "qwen3"])
+def test_lora_run_keeps_the_base_frozen_and_resumes(tmp_path_factory, model_dir, case):
+    """Qwen3 too: its q adapter feeds the per-head q norm, as PEFT's does (the logits below)."""
+    tmp_path = tmp_path_factory.mktemp("run")
+    if case != "llama":
+        model_dir = _llm.model_dir(tmp_path_factory.mktemp("model"), case)
     cfg = _cfg(model_dir, "sft", inputs.ThetaConfig(kind="lora", rank=2, alpha=4.0))
     cfg = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, eval_every=2))
     first = experiment.run(cfg, tmp_path)
     assert "lora_merge_error" not in first  # a float32 base: the merge is exact
     last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["eval_val_loss"] == pytest.approx(first["val_loss"], rel=1e-5)  # adapters + base
+    # ... and equal to the merged model's: the adapters sit where the merge puts them
+    np.testing.assert_allclose(_loss(tmp_path / "model", "openorca.jsonl"), first["val_loss"],
+                               rtol=1e-5)
     _, base, _ = load_pretrained(str(model_dir))
     _, saved, _ = load_pretrained(str(tmp_path / "model"))
     moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),

@@ -17,7 +17,7 @@ from jbilevel.models import build, generate, load_pretrained, save_pretrained
 ROOT = os.path.join(os.path.dirname(__file__), "fixtures", "models")
 CASES = sorted(os.listdir(ROOT))
 FAMILY = {"llama": "llama", "llama_tied_llama3": "llama", "llama_dynamic_bias": "llama",
-          "qwen2": "llama", "mistral": "llama", "gpt_neox": "gpt_neox",
+          "qwen2": "llama", "qwen3": "llama", "mistral": "llama", "gpt_neox": "gpt_neox",
           "gpt_neox_seq": "gpt_neox", "gpt2": "gpt2"}
 
 
@@ -49,9 +49,10 @@ def test_left_padded_logits_match_hf(case):
     np.testing.assert_allclose(logits[real], ref["pad_logits"][real], atol=1e-4, rtol=0)
 
 
-# Decoding paths that differ: GQA, dynamic RoPE recomputed per step, sliding window, NeoX, GPT-2
-# (the other cases differ from these only in the forward pass, tested above; compile time).
-GREEDY_CASES = ("llama", "llama_dynamic_bias", "mistral", "gpt_neox", "gpt2")
+# Decoding paths that differ: GQA, dynamic RoPE recomputed per step, sliding window, q/k norms
+# (Qwen3), NeoX, GPT-2 (the other cases differ from these only in the forward pass, tested
+# above; compile time).
+GREEDY_CASES = ("llama", "llama_dynamic_bias", "mistral", "qwen3", "gpt_neox", "gpt2")
 
 
 def test_greedy_matches_hf_generate(case):

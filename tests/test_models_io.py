@@ -44,6 +44,28 @@ def test_config_accepts_pre_v5_rope_fields():
     assert c.qkv_bias and not c.o_bias and c.rope_type == "default"
 
 
+def test_sliding_window_read_per_layer_as_transformers_does():
+    """Qwen2/Qwen3 window only the layers from max_window_layers on: all or none is one
+    window for the model; a mix is refused by name (one window for every layer would be
+    another model); what to_hf writes, transformers reads as the same layers."""
+    transformers = pytest.importorskip("transformers")
+    qwen3 = {"model_type": "qwen3", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+             "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "head_dim": 16, "sliding_window": 8, "max_window_layers": 28}
+    assert ModelConfig.from_hf(qwen3).sliding_window is None
+    assert ModelConfig.from_hf(dict(qwen3, use_sliding_window=True)).sliding_window is None
+    for everywhere in ({"max_window_layers": 0}, {"layer_types": ["sliding_attention"] * 4}):
+        c = ModelConfig.from_hf(dict(qwen3, use_sliding_window=True, **everywhere))
+        assert (c.sliding_window, c.qk_norm) == (8, True)
+        assert transformers.Qwen3Config(**c.to_hf()).layer_types == ["sliding_attention"] * 4
+    for mt in ("qwen2", "qwen3"):
+        with pytest.raises(ValueError, match="max_window_layers=2"):
+            ModelConfig.from_hf(dict(qwen3, model_type=mt, use_sliding_window=True,
+                                     max_window_layers=2))
+    with pytest.raises(ValueError, match="qk_norm=True with model_type='llama'"):
+        ModelConfig(qk_norm=True)
+
+
 def test_unsupported_config_errors():
     with pytest.raises(ValueError, match="model_type='bert'"):
         ModelConfig.from_hf({"model_type": "bert", "vocab_size": 8})

@@ -6,11 +6,13 @@ import dataclasses
 from typing import Any
 
 FAMILIES = ("llama", "gpt_neox", "gpt2")
-# HF model_type -> family. Qwen2 and Mistral are Llama with options (qkv bias, sliding window).
+# HF model_type -> family. Qwen2, Qwen3 and Mistral are Llama with options (q/k/v bias, q/k
+# norms, sliding window).
 MODEL_TYPES = {
     "llama": "llama",
     "mistral": "llama",
     "qwen2": "llama",
+    "qwen3": "llama",
     "gpt_neox": "gpt_neox",
     "gpt2": "gpt2",
 }
@@ -22,6 +24,7 @@ _ARCH = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
     "gpt_neox": "GPTNeoXForCausalLM",
     "gpt2": "GPT2LMHeadModel",
 }
@@ -31,7 +34,7 @@ _ARCH = {
 class ModelConfig:
     """Architecture of a decoder-only LM; hashable, so it can be a static jit argument."""
 
-    family: str = "llama"  # "llama" (also Qwen2, Mistral), "gpt_neox" or "gpt2"
+    family: str = "llama"  # "llama" (also Qwen2, Qwen3, Mistral), "gpt_neox" or "gpt2"
     vocab_size: int = 256  # rows of the token embedding and of the output head
     hidden_size: int = 64  # model width D
     num_layers: int = 2  # decoder blocks
@@ -53,6 +56,7 @@ class ModelConfig:
     qkv_bias: bool = False  # bias on the q/k/v projections (Qwen2, GPT-NeoX, GPT-2)
     o_bias: bool = False  # bias on the attention output projection
     mlp_bias: bool = False  # bias on the MLP projections
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's query and key, before RoPE
     parallel_residual: bool = False  # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
     sliding_window: int | None = None  # Mistral: attend to the last `sliding_window` tokens only
     model_type: str | None = None  # HF model_type written to config.json; None: family default
@@ -113,6 +117,9 @@ class ModelConfig:
         if self.model_type is not None and MODEL_TYPES.get(self.model_type) != self.family:
             raise ValueError(
                 f"model_type={self.model_type!r} does not match family {self.family!r}")
+        if self.qk_norm != (self.hf_model_type == "qwen3"):
+            raise ValueError(f"qk_norm={self.qk_norm} with model_type={self.hf_model_type!r}: "
+                             "the query/key norms are Qwen3's (model_type='qwen3') and only its")
 
     @property
     def kv_heads(self) -> int:
@@ -224,11 +231,7 @@ class ModelConfig:
             qkv_bias, o_bias = True, False
         else:
             qkv_bias = o_bias = bool(d.get("attention_bias", False))
-        window = d.get("sliding_window")
-        if mt == "qwen2" and not d.get("use_sliding_window", False):
-            window = None
-        if mt == "llama":
-            window = None
+        window = _sliding_window(mt, d)
         return cls(
             **common,
             **rope_kw,
@@ -244,6 +247,7 @@ class ModelConfig:
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=bool(d.get("mlp_bias", False)),
+            qk_norm=mt == "qwen3",
             sliding_window=window,
         )
 
@@ -306,11 +310,12 @@ class ModelConfig:
             rms_norm_eps=self.norm_eps,
             mlp_bias=self.mlp_bias,
         )
-        if mt == "qwen2":
-            if not self.qkv_bias or self.o_bias:
-                raise ValueError("qwen2 needs qkv_bias=True, o_bias=False")
+        if mt == "qwen2" and (not self.qkv_bias or self.o_bias):
+            raise ValueError("qwen2 needs qkv_bias=True, o_bias=False")
+        if mt in ("qwen2", "qwen3"):
+            # Every layer windowed or none (from_hf refuses a mix): max_window_layers 0.
             out.update(use_sliding_window=self.sliding_window is not None,
-                       sliding_window=self.sliding_window)
+                       sliding_window=self.sliding_window, max_window_layers=0)
         elif mt == "mistral":
             out["sliding_window"] = self.sliding_window
         elif self.sliding_window is not None:
@@ -320,6 +325,36 @@ class ModelConfig:
                 raise ValueError(f"{mt} needs qkv_bias == o_bias (HF attention_bias)")
             out["attention_bias"] = self.qkv_bias
         return out
+
+
+def _sliding_window(mt: str, d: dict[str, Any]) -> int | None:
+    """The attention window of a Llama-family config.json: one for every layer, or None.
+
+    Qwen2/Qwen3 window only the layers from ``max_window_layers`` on, and only with
+    ``use_sliding_window`` (transformers 5 spells the result out as ``layer_types``); a model
+    with windowed and full layers mixed is refused by name rather than run with one of them.
+    """
+    if mt == "llama":
+        return None
+    window = d.get("sliding_window")
+    if mt == "mistral" or window is None:
+        return window
+    n = d["num_hidden_layers"]
+    if not d.get("use_sliding_window", False):
+        return None
+    first = d.get("max_window_layers", 28)  # transformers' default for both
+    kinds = d.get("layer_types") or [
+        "sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    if set(kinds) == {"full_attention"}:
+        return None
+    if set(kinds) == {"sliding_attention"}:
+        return window
+    raise ValueError(
+        f"config.json: {mt} with use_sliding_window=true windows only some layers "
+        f"(layer_types {kinds}; max_window_layers={d.get('max_window_layers')}): a window on "
+        "some layers and not others is not supported. Set use_sliding_window=false (full "
+        "attention everywhere: the same model on sequences up to sliding_window tokens) or "
+        "max_window_layers=0")
 
 
 def _act(name: str) -> str:

@@ -100,6 +100,9 @@ def hf_entries(c: ModelConfig) -> list[_Entry]:
             out.append(_linear(pre + "self_attn.o_proj.weight", ("o", "kernel"), i, (h, k), (d,)))
             if "bias" in lay["o"]:
                 out.append(_vector(pre + "self_attn.o_proj.bias", ("o", "bias"), i, (d,)))
+            if c.qk_norm:
+                for n in ("q_norm", "k_norm"):
+                    out.append(_vector(pre + f"self_attn.{n}.weight", (n, "scale"), i, (k,)))
             out.append(_vector(pre + "post_attention_layernorm.weight", ("mlp_norm", "scale"),
                                i, (d,)))
             for n, fi, fo in (("gate", d, f), ("up", d, f), ("down", f, d)):

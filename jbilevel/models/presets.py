@@ -10,7 +10,8 @@ from __future__ import annotations
 from jbilevel.models.config import ModelConfig
 
 # The architecture fields of each model's HF config.json (EleutherAI/pythia-1b,
-# meta-llama/Meta-Llama-3-8B-Instruct, Qwen/Qwen2.5-0.5B and Qwen/Qwen2.5-1.5B).
+# meta-llama/Meta-Llama-3-8B-Instruct, Qwen/Qwen2.5-0.5B, Qwen/Qwen2.5-1.5B, Qwen/Qwen3-1.7B and
+# Qwen/Qwen3-8B).
 _HF = {
     "pythia-1b": {
         "model_type": "gpt_neox", "vocab_size": 50304, "hidden_size": 2048,
@@ -41,6 +42,22 @@ _HF = {
         "intermediate_size": 8960, "hidden_act": "silu", "rope_theta": 1000000.0,
         "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
         "use_sliding_window": False, "bos_token_id": 151643, "eos_token_id": 151643,
+    },
+    "qwen3-1.7b": {
+        "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 2048,
+        "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
+        "head_dim": 128, "intermediate_size": 6144, "hidden_act": "silu",
+        "rope_theta": 1000000.0, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True, "attention_bias": False, "use_sliding_window": False,
+        "max_window_layers": 28, "bos_token_id": 151643, "eos_token_id": 151645,
+    },
+    "qwen3-8b": {
+        "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 4096,
+        "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "head_dim": 128, "intermediate_size": 12288, "hidden_act": "silu",
+        "rope_theta": 1000000.0, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False, "attention_bias": False, "use_sliding_window": False,
+        "max_window_layers": 36, "bos_token_id": 151643, "eos_token_id": 151645,
     },
 }
 PRESETS = tuple(_HF)

@@ -1,4 +1,4 @@
-"""Decoder-only LM (Llama/Qwen2/Mistral, GPT-NeoX, GPT-2) as pure functions over a dict pytree.
+"""Decoder-only LMs (Llama/Qwen2/Qwen3/Mistral, GPT-NeoX, GPT-2): pure functions of dict pytrees.
 
 Parameter layout (layers stacked on a leading axis N and scanned with lax.scan):
 
@@ -7,6 +7,7 @@ Parameter layout (layers stacked on a leading axis N and scanned with lax.scan):
     layers/attn_norm/{scale,bias}   (N, D)  bias: LayerNorm families only
     layers/{q}/kernel      (N, D, H, K)    layers/{k,v}/kernel (N, D, KV, K); bias (N, H|KV, K)
     layers/o/kernel        (N, H, K, D)    bias (N, D)
+    layers/{q,k}_norm/scale (N, K)         qk_norm (Qwen3) only
     layers/mlp_norm/{scale,bias}
     layers/gate/kernel     (N, D, F)       llama only (SwiGLU)
     layers/up/kernel       (N, D, F)       bias (N, F)
@@ -74,6 +75,9 @@ def _specs(c: ModelConfig) -> dict:
             layers[name]["bias"] = ((n, kv, k), L + ("kv_heads", "head_dim"), "zeros")
     if c.o_bias:
         layers["o"]["bias"] = ((n, d), L + ("embed",), "zeros")
+    if c.qk_norm:
+        for name in ("q_norm", "k_norm"):
+            layers[name] = {"scale": ((n, k), L + ("head_dim",), "ones")}
     if c.family == "llama":
         layers["gate"] = {"kernel": ((n, d, f), L + ("embed", "mlp"), "normal")}
     if c.mlp_bias:
@@ -202,11 +206,12 @@ def _mask_positions(ids_BxL, attention_mask, positions):
     return mask_BxL, jnp.asarray(positions).astype(jnp.int32)
 
 
-def _rms_norm(x_BxLxD, p, eps):
-    x32 = x_BxLxD.astype(jnp.float32)
-    var_BxLx1 = jnp.mean(x32 * x32, axis=-1, keepdims=True)
-    y = (x32 * jax.lax.rsqrt(var_BxLx1 + eps)).astype(x_BxLxD.dtype)
-    return p["scale"][None, None, :] * y
+def _rms_norm(x, p, eps):
+    """RMSNorm of x (..., D) over its last axis: the model width, or one head's (Qwen3 q/k)."""
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+    y = (x32 * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+    return p["scale"].reshape((1,) * (x.ndim - 1) + (-1,)) * y
 
 
 def _layer_norm(x_BxLxD, p, eps):
@@ -308,6 +313,9 @@ def _layer(c: ModelConfig, sites: dict, scale, x_BxLxD, p, lw, cos_sin, mask_inf
                 f = fused.reshape(b, seq, 3, h, k)
                 dq, dk, dv = f[:, :, 0], f[:, :, 1], f[:, :, 2]
             q, kk, vv = q + dq, kk + dk, vv + dv
+        if c.qk_norm:  # per head, after the projections (and their adapters), before RoPE
+            q = _rms_norm(q, p["q_norm"], c.norm_eps)
+            kk = _rms_norm(kk, p["k_norm"], c.norm_eps)
         if cos_sin is not None:
             q = rope.apply(q, *cos_sin)
             kk = rope.apply(kk, *cos_sin)
