@@ -53,6 +53,9 @@ class DataConfig:
     keys: dict = dataclasses.field(default_factory=dict)  # logical field -> column name
     prompt_template: str | None = None  # str.format template over the schema's fields
     chat_template: str | None = None  # jinja2 source, or "tokenizer" for the tokenizer's own
+    # extra variables for the chat template, e.g. {enable_thinking: false} for Qwen3's
+    # non-thinking format (its prompts then end in an empty <think></think> block)
+    chat_template_kwargs: dict = dataclasses.field(default_factory=dict)
     max_len: int = 512  # longest sequence (bos + prompt + response + eos), in tokens
     overlength: Literal["error", "truncate", "skip"] = "truncate"  # longer sequences
     on_bad_row: Literal["error", "skip"] = "error"  # malformed rows: stop, or skip and count
@@ -282,7 +285,8 @@ def load_split(path: str, data_cfg: DataConfig, tokenizer, field: str = "data"):
             path, schema=data_cfg.schema, tokenizer=tokenizer, max_len=data_cfg.max_len,
             overlength=data_cfg.overlength, on_bad_row=data_cfg.on_bad_row,
             keys=data_cfg.keys or None, prompt_template=data_cfg.prompt_template,
-            chat_template=data_cfg.chat_template, add_bos=data_cfg.add_bos)
+            chat_template=data_cfg.chat_template,
+            chat_template_kwargs=data_cfg.chat_template_kwargs or None, add_bos=data_cfg.add_bos)
     except DataError as e:
         hint = ""
         if e.reason in _ROW_REASONS:

@@ -107,6 +107,38 @@ def test_tokenizer_chat_template(tmp_path):
     assert int(b["loss_mask"].sum()) == 3  # "Y", "o", eos
 
 
+def test_chat_template_kwargs_reach_the_template():
+    """data.chat_template_kwargs: e.g. Qwen3's enable_thinking=false, whose prompts end in an
+    empty think block; the tokenizer's template and a jinja source both read them."""
+    from jbilevel import config, experiment
+    from jbilevel.config import ConfigError
+
+    template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                "{% if add_generation_prompt %}<assistant>{% if enable_thinking is defined "
+                "and enable_thinking is false %}<think></think>{% endif %}{% endif %}")
+    hf = TOK.to_hf()
+    hf.chat_template = template
+    rows = [{"question": "Hi?", "response": "Yo"}]
+    for source in ("tokenizer", template):
+        for kwargs, prompt in ((None, "<user>Hi?<assistant>"),
+                               ({"enable_thinking": False}, "<user>Hi?<assistant><think></think>")):
+            ds = load_sft(rows, tokenizer=hf, chat_template=source, chat_template_kwargs=kwargs,
+                          max_len=64, add_bos=False)
+            _check_text(ds, prompt, "Yo")
+    with pytest.raises(ConfigError, match="data.chat_template_kwargs=.*set data.chat_template"):
+        load_sft(rows, chat_template_kwargs={"enable_thinking": False}, max_len=64)
+    cfg = config.replace(experiment.ExperimentConfig(),
+                         ["data.chat_template_kwargs={enable_thinking: false}"], "test")
+    assert cfg.data.chat_template_kwargs == {"enable_thinking": False}
+
+
+def _check_text(ds, prompt, response):
+    b = ds.batch([0], 48)
+    n = int(b["attention_mask"][0].sum())
+    assert TOK.decode(b["input_ids"][0, :n]) == prompt + response
+    assert TOK.decode(b["labels"][0][b["loss_mask"][0] > 0]) == response
+
+
 def test_hf_tokenizer_matches_char_tokenizer(tmp_path):
     TOK.to_hf(str(tmp_path / "tok"))
     rows = [{"question": "What is 3 + 4?", "response": "7"}]

@@ -253,7 +253,8 @@ def _bad(report: LoadReport, err: DataError, policy: str) -> None:
 def load_sft(source, *, schema: str = "auto", tokenizer=None, max_len: int = 512,
              overlength: str = "error", on_bad_row: str = "error", keys: dict | None = None,
              prompt_template: str | None = None, chat_template: str | None = None,
-             split: str = "train", add_bos: bool = True) -> SFTDataset:
+             chat_template_kwargs: dict | None = None, split: str = "train",
+             add_bos: bool = True) -> SFTDataset:
     """Load an SFT dataset from a local file, a save_to_disk directory, an HF dataset or rows.
 
     Args:
@@ -267,6 +268,8 @@ def load_sft(source, *, schema: str = "auto", tokenizer=None, max_len: int = 512
       keys: logical field -> column name, e.g. {"response": "answer"}.
       prompt_template: ``str.format`` template over the schema's logical fields.
       chat_template: jinja2 source, or "tokenizer" for the tokenizer's chat template.
+      chat_template_kwargs: extra variables the chat template reads, e.g.
+        ``{"enable_thinking": False}`` (Qwen3's template).
       split: split for hub names and DatasetDict directories.
       add_bos: prepend the tokenizer's bos (if it has one).
     Returns: SFTDataset with ids 0..N-1 over kept rows in source order, and ``.report``.
@@ -285,7 +288,8 @@ def load_sft(source, *, schema: str = "auto", tokenizer=None, max_len: int = 512
         if formatter is None:
             name = detect_schema(row, loc) if schema == "auto" else schema
             formatter = Formatter(name, keys=keys, prompt_template=prompt_template,
-                                  chat_template=chat_template, tokenizer=tok)
+                                  chat_template=chat_template,
+                                  chat_template_kwargs=chat_template_kwargs, tokenizer=tok)
         try:
             pairs.append(formatter(row, loc))
         except DataError as err:

@@ -89,7 +89,7 @@ class Formatter:
     """Turns rows of one schema into (prompt, response) strings, raising named DataErrors."""
 
     def __init__(self, schema: str, *, keys=None, prompt_template=None, chat_template=None,
-                 tokenizer=None):
+                 chat_template_kwargs=None, tokenizer=None):
         if schema not in SCHEMAS:
             raise ConfigError(f"unknown schema {schema!r} (data.schema); use one of auto, "
                               f"{', '.join(SCHEMAS)}")
@@ -97,6 +97,7 @@ class Formatter:
         self.keys = dict(keys or {})
         self.prompt_template = prompt_template
         self.chat_template = chat_template
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.tokenizer = tokenizer
         self._jinja = None
         if schema == "chat" and chat_template is None:
@@ -106,6 +107,11 @@ class Formatter:
 
             env = jinja2.Environment(keep_trailing_newline=True)
             self._jinja = env.from_string(self.chat_template)
+        if self.chat_template_kwargs and self.chat_template is None:
+            raise ConfigError(
+                f"data.chat_template_kwargs={self.chat_template_kwargs} but no chat template "
+                f"formats schema {schema!r}: set data.chat_template (e.g. tokenizer), or drop "
+                "the kwargs")
 
     def column(self, field: str) -> str:
         return self.keys.get(field, field)
@@ -169,9 +175,11 @@ class Formatter:
     def _render(self, messages: list[dict]) -> str:
         if self.chat_template == "tokenizer":
             hf = getattr(self.tokenizer, "hf", self.tokenizer)
-            return hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self._jinja.render(messages=messages, add_generation_prompt=True,
-                                  bos_token="", eos_token="")
+            return hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                          **self.chat_template_kwargs)
+        return self._jinja.render(**{"bos_token": "", "eos_token": "",
+                                     **self.chat_template_kwargs},
+                                  messages=messages, add_generation_prompt=True)
 
     def _chat(self, row: dict, where: str) -> tuple[str, str]:
         col = self.column("messages")
