@@ -132,6 +132,18 @@ def test_chat_template_kwargs_reach_the_template():
     assert cfg.data.chat_template_kwargs == {"enable_thinking": False}
 
 
+def test_a_template_that_writes_the_bos_is_not_given_a_second_one():
+    hf = TOK.to_hf()
+    hf.chat_template = ("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                        "{% if add_generation_prompt %}>{% endif %}")
+    rows = [{"question": "Hi?", "response": "Yo"}]
+    with pytest.raises(DataError, match=r"row 0.*already begins with the tokenizer's bos token "
+                                        r"\(id 1.*set data.add_bos=false"):
+        load_sft(rows, tokenizer=hf, chat_template="tokenizer", max_len=64)
+    ds = load_sft(rows, tokenizer=hf, chat_template="tokenizer", max_len=64, add_bos=False)
+    assert ds.batch([0], 16)["input_ids"][0, :2].tolist() == [BOS, _c("H")]
+
+
 def _check_text(ds, prompt, response):
     b = ds.batch([0], 48)
     n = int(b["attention_mask"][0].sum())

@@ -195,6 +195,8 @@ def tokenize_pairs(pairs, rows, where, tokenizer, *, max_len: int, overlength: s
     responses_tok = tokenizer.encode_batch([r for _, r in pairs])
     head = [tokenizer.bos_id] if (add_bos and tokenizer.bos_id is not None) else []
     tail = [tokenizer.eos_id]
+    if head:
+        _refuse_second_bos(prompts_tok, head[0], where)
     pieces, prompt_lens, lengths, kept_rows, kept_where = [], [], [], [], []
     for k, (p, r) in enumerate(zip(prompts_tok, responses_tok, strict=True)):
         n_p, n_r = len(head) + len(p), len(r) + 1
@@ -242,6 +244,17 @@ def tokenize_pairs(pairs, rows, where, tokenizer, *, max_len: int, overlength: s
         max_len=max_len,
         report=report,
     )
+
+
+def _refuse_second_bos(prompts_tok, bos_id: int, where) -> None:
+    """A chat template that writes the bos itself (Llama 3's, Gemma's) plus ``add_bos`` would
+    start every sequence with two: a format the model never saw. Refused, naming the fix."""
+    k = next((k for k, p in enumerate(prompts_tok) if len(p) and p[0] == bos_id), None)
+    if k is not None:
+        raise DataError(
+            f"{where[k]}: the formatted prompt already begins with the tokenizer's bos token "
+            f"(id {bos_id}; its chat template writes it), and data.add_bos=true would add a "
+            "second one: set data.add_bos=false", "double_bos")
 
 
 def _bad(report: LoadReport, err: DataError, policy: str) -> None:
