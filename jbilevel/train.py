@@ -335,8 +335,12 @@ class MetricsLog:
         if tensorboard and jax.process_index() == 0:
             from tensorboardX import SummaryWriter
 
+            # tensorboardX names the file by the second it opens it in; the nanosecond suffix
+            # keeps a session resumed within that second from overwriting the earlier one's
+            # file, and sorts it after that file, as TensorBoard reads them.
             self._tb = SummaryWriter(str(out_dir / "tensorboard"),
-                                     purge_step=resumed_from + 1 if resumed_from else None)
+                                     purge_step=resumed_from + 1 if resumed_from else None,
+                                     filename_suffix=f".{time.time_ns()}")
 
     def write(self, step: int, record: dict[str, float]) -> None:
         self._file.write(report.to_json({"step": step, **record}) + "\n")
