@@ -53,6 +53,7 @@ def chunked_token_nll(
     chunk: int,
     constrain_logits: Callable[[jax.Array], jax.Array] | None = None,
     constrain_head: Callable[[jax.Array], jax.Array] | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:
     """Token NLL of ``logits = hidden @ head^T`` computed ``chunk`` positions at a time.
 
@@ -72,6 +73,7 @@ def chunked_token_nll(
         its logits and to the head (the model pins rows to the batch axes and the head to its
         parameter sharding, so that the head's gradient, summed over chunks, stays split over
         the mesh instead of being accumulated whole on every device).
+      softcap: Gemma 2's final soft cap, ``logits = softcap * tanh(logits / softcap)``.
 
     Returns:
       nll_BxL float32.
@@ -99,6 +101,8 @@ def chunked_token_nll(
                                   preferred_element_type=jnp.float32)
         if constrain_logits is not None:
             logits_BxCxV = constrain_logits(logits_BxCxV)
+        if softcap is not None:
+            logits_BxCxV = softcap * jnp.tanh(logits_BxCxV / softcap)
         return token_nll(logits_BxCxV, y_BxC)
 
     if k == 1:  # nothing to recompute chunk by chunk: as jnp would do it

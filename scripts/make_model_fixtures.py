@@ -55,6 +55,17 @@ def cases():
     # Qwen3: q/k norms, a head width that is not hidden_size / heads, GQA, tied head.
     yield "qwen3", tf.Qwen3Config(**small, num_key_value_heads=2, head_dim=16,
                                   tie_word_embeddings=True)
+    # Gemma 2: soft caps, windowed and full layers alternating, sandwich norms, query scale.
+    gemma = {**small, "num_hidden_layers": 3, "num_key_value_heads": 2, "head_dim": 16,
+             "sliding_window": 4, "query_pre_attn_scalar": 24}
+    yield "gemma2", tf.Gemma2Config(**gemma, attn_logit_softcapping=5.0,
+                                    final_logit_softcapping=3.0)
+    # Gemma 3 (text): q/k norms, and RoPE per layer type (scaled on the full layers only).
+    yield "gemma3_text", tf.Gemma3TextConfig(
+        **gemma, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": dict(rope_type="linear", rope_theta=100000.0,
+                                                factor=2.0),
+                         "sliding_attention": dict(rope_type="default", rope_theta=1000.0)})
 
 
 def load(path):

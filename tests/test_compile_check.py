@@ -23,6 +23,10 @@ def test_presets_match_the_published_parameter_counts():
     assert param_count(preset("qwen2.5-1.5b")) == 1_543_714_304
     assert param_count(preset("qwen3-1.7b")) == 1_720_574_976  # 1.41B without the embedding
     assert param_count(preset("qwen3-8b")) == 8_190_735_360  # 6.95B without the embeddings
+    assert param_count(preset("gemma-2-2b")) == 2_614_341_888
+    gemma3 = preset("gemma-3-1b")
+    assert param_count(gemma3) == 999_885_952
+    assert gemma3.local_layers == tuple((i + 1) % 6 != 0 for i in range(26))  # 5 local : 1
     assert preset("llama-3-8b", num_layers=2).num_layers == 2
     with pytest.raises(ValueError, match="available: pythia-1b, llama-3-8b"):
         preset("gpt-5")

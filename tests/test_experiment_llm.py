@@ -71,9 +71,10 @@ def test_pretrained_model_on_sft_files(tmp_path, model_dir, method, theta):
     assert (tmp_path / "model" / "tokenizer.json").exists()
 
 
-@pytest.mark.parametrize("case", ["llama", "qwen3"])
+@pytest.mark.parametrize("case", ["llama", "qwen3", "gemma2"])
 def test_lora_run_keeps_the_base_frozen_and_resumes(tmp_path_factory, model_dir, case):
-    """Qwen3 too: its q adapter feeds the per-head q norm, as PEFT's does (the logits below)."""
+    """Qwen3 and Gemma 2 too: Qwen3's q adapter feeds the per-head q norm, Gemma 2's loss goes
+    through its soft cap, as PEFT's and the merged model's (the losses and logits below)."""
     tmp_path = tmp_path_factory.mktemp("run")
     if case != "llama":
         model_dir = _llm.model_dir(tmp_path_factory.mktemp("model"), case)

@@ -12,13 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jbilevel import losses
 from jbilevel.models import build, generate, load_pretrained, save_pretrained
+from jbilevel.models.transformer import apply
 
 ROOT = os.path.join(os.path.dirname(__file__), "fixtures", "models")
 CASES = sorted(os.listdir(ROOT))
 FAMILY = {"llama": "llama", "llama_tied_llama3": "llama", "llama_dynamic_bias": "llama",
-          "qwen2": "llama", "qwen3": "llama", "mistral": "llama", "gpt_neox": "gpt_neox",
-          "gpt_neox_seq": "gpt_neox", "gpt2": "gpt2"}
+          "qwen2": "llama", "qwen3": "llama", "mistral": "llama", "gemma2": "llama",
+          "gemma3_text": "llama", "gpt_neox": "gpt_neox", "gpt_neox_seq": "gpt_neox",
+          "gpt2": "gpt2"}
 
 
 def test_all_fixture_cases_present():
@@ -41,6 +44,26 @@ def test_logits_match_hf(case):
     np.testing.assert_allclose(logits, ref["logits"], atol=1e-4, rtol=0)
 
 
+def test_chunked_loss_matches_the_logits(case):
+    """The loss path (output projection a few positions at a time, Gemma 2's final soft cap
+    inside each chunk) against the token NLL of the HF-matched logits."""
+    _, _, forward, params, config, ref = case
+    x, y = jnp.asarray(ref["input_ids"][:, :-1]), jnp.asarray(ref["input_ids"][:, 1:])
+    expected = losses.token_nll(forward(params, x), y)
+
+    @jax.jit
+    def in_chunks_of_3(p):
+        mask = jnp.ones(x.shape, jnp.int32)
+        positions = jnp.cumsum(mask, axis=1) - 1
+        hidden, head = apply(config, p, x, positions, mask, hidden_only=True)
+        return losses.chunked_token_nll(hidden, head, y, chunk=3, softcap=config.final_softcap)
+
+    np.testing.assert_allclose(in_chunks_of_3(params), expected, atol=1e-5, rtol=0)
+    model = build(config)  # its own chunks (one here), as training takes the loss
+    np.testing.assert_allclose(jax.jit(model.token_nll)(params, x, y), expected, atol=1e-5,
+                               rtol=0)
+
+
 def test_left_padded_logits_match_hf(case):
     _, _, forward, params, _, ref = case
     logits = np.asarray(forward(params, jnp.asarray(ref["pad_ids"]),
@@ -50,9 +73,10 @@ def test_left_padded_logits_match_hf(case):
 
 
 # Decoding paths that differ: GQA, dynamic RoPE recomputed per step, sliding window, q/k norms
-# (Qwen3), NeoX, GPT-2 (the other cases differ from these only in the forward pass, tested
-# above; compile time).
-GREEDY_CASES = ("llama", "llama_dynamic_bias", "mistral", "qwen3", "gpt_neox", "gpt2")
+# (Qwen3), windows and RoPE per layer (Gemma), NeoX, GPT-2 (the other cases differ from these
+# only in the forward pass, tested above; compile time).
+GREEDY_CASES = ("llama", "llama_dynamic_bias", "mistral", "qwen3", "gemma2", "gemma3_text",
+                "gpt_neox", "gpt2")
 
 
 def test_greedy_matches_hf_generate(case):

@@ -66,6 +66,29 @@ def test_sliding_window_read_per_layer_as_transformers_does():
         ModelConfig(qk_norm=True)
 
 
+def test_gemma_config_defaults_and_refusals():
+    """Gemma configs as transformers 4 wrote them (the hub's): the layer pattern, caps and
+    RoPE bases from transformers' defaults; what jbilevel cannot run is refused by name."""
+    from jbilevel.models.presets import preset
+
+    gemma2 = preset("gemma-2-2b")
+    assert gemma2.local_layers == (True, False) * 13 and gemma2.sliding_window == 4096
+    assert (gemma2.attn_softcap, gemma2.final_softcap, gemma2.query_scale) == (50.0, 30.0, 256)
+    assert gemma2.rope_local_theta is None and not gemma2.qk_norm and gemma2.gemma_norms
+    gemma3 = preset("gemma-3-1b")
+    assert (gemma3.rope_theta, gemma3.rope_local_theta, gemma3.attn_softcap) == (1e6, 1e4, None)
+    assert gemma3.qk_norm and gemma3.eos_token_id == (1, 106)
+    with pytest.raises(ValueError, match="attention='cudnn'.*needs attention='xla'"):
+        gemma2.replace(attention="cudnn")
+    with pytest.raises(ValueError, match="local_layers=.*one entry per layer"):
+        gemma2.replace(num_layers=4)
+    with pytest.raises(ValueError, match="gemma_norms=True with model_type='llama'"):
+        gemma2.replace(model_type="llama", attn_softcap=None)
+    hub = dict(gemma3.to_hf(), use_bidirectional_attention=True)
+    with pytest.raises(ValueError, match="use_bidirectional_attention=true"):
+        ModelConfig.from_hf(hub)
+
+
 def test_unsupported_config_errors():
     with pytest.raises(ValueError, match="model_type='bert'"):
         ModelConfig.from_hf({"model_type": "bert", "vocab_size": 8})

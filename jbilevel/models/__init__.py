@@ -1,6 +1,7 @@
 """Flax/JAX decoder LMs with exact HF checkpoint parity, LoRA and KV-cached sampling.
 
-Families: Llama (also Qwen2, Qwen3, Mistral), GPT-NeoX, GPT-2. Everything is a pure function of a
+Families: Llama (also Qwen2, Qwen3, Mistral, Gemma 2, Gemma 3 text), GPT-NeoX, GPT-2. Everything
+is a pure function of a
 plain dict parameter pytree; see `transformer.py` for the layout and `hf_io.py` for HF names.
 """
 

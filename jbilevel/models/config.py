@@ -6,13 +6,15 @@ import dataclasses
 from typing import Any
 
 FAMILIES = ("llama", "gpt_neox", "gpt2")
-# HF model_type -> family. Qwen2, Qwen3 and Mistral are Llama with options (q/k/v bias, q/k
-# norms, sliding window).
+# HF model_type -> family. Qwen2, Qwen3, Mistral, Gemma 2 and Gemma 3 (text) are Llama with
+# options (q/k/v bias, q/k norms, sliding windows, Gemma's norms, scales and soft caps).
 MODEL_TYPES = {
     "llama": "llama",
     "mistral": "llama",
     "qwen2": "llama",
     "qwen3": "llama",
+    "gemma2": "llama",
+    "gemma3_text": "llama",
     "gpt_neox": "gpt_neox",
     "gpt2": "gpt2",
 }
@@ -20,11 +22,14 @@ ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 ACTIVATIONS = ("silu", "gelu", "gelu_new")
 ATTENTIONS = ("xla", "dot_product", "cudnn")
 REMAT_POLICIES = ("nothing", "dots")
+GEMMA = ("gemma2", "gemma3_text")
 _ARCH = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
     "gpt_neox": "GPTNeoXForCausalLM",
     "gpt2": "GPT2LMHeadModel",
 }
@@ -34,7 +39,7 @@ _ARCH = {
 class ModelConfig:
     """Architecture of a decoder-only LM; hashable, so it can be a static jit argument."""
 
-    family: str = "llama"  # "llama" (also Qwen2, Qwen3, Mistral), "gpt_neox" or "gpt2"
+    family: str = "llama"  # "llama" (also Qwen2/3, Mistral, Gemma 2/3), "gpt_neox" or "gpt2"
     vocab_size: int = 256  # rows of the token embedding and of the output head
     hidden_size: int = 64  # model width D
     num_layers: int = 2  # decoder blocks
@@ -56,9 +61,18 @@ class ModelConfig:
     qkv_bias: bool = False  # bias on the q/k/v projections (Qwen2, GPT-NeoX, GPT-2)
     o_bias: bool = False  # bias on the attention output projection
     mlp_bias: bool = False  # bias on the MLP projections
-    qk_norm: bool = False  # Qwen3: RMSNorm over each head's query and key, before RoPE
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each head's query and key, before RoPE
     parallel_residual: bool = False  # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
     sliding_window: int | None = None  # Mistral: attend to the last `sliding_window` tokens only
+    # Which layers the window applies to (Gemma: alternate, or 5 of every 6); None: all of them.
+    local_layers: tuple[bool, ...] | None = None
+    rope_local_theta: float | None = None  # Gemma 3: plain RoPE at this base on windowed layers
+    # Gemma 2 / 3 (model_type gemma2, gemma3_text; all of these go together):
+    gemma_norms: bool = False  # RMSNorm scale 1 + weight in float32; attention and MLP outputs
+    #   normalised too (post_attention / post_feedforward norms); embeddings times sqrt(D)
+    query_scale: int | None = None  # scores scaled by query_scale ** -0.5 (None: head width)
+    attn_softcap: float | None = None  # Gemma 2: scores = cap * tanh(scores / cap)
+    final_softcap: float | None = None  # Gemma 2: logits = cap * tanh(logits / cap)
     model_type: str | None = None  # HF model_type written to config.json; None: family default
     bos_token_id: int | None = None  # copied to/from config.json
     eos_token_id: int | tuple[int, ...] | None = None  # copied to/from config.json (a list there)
@@ -86,6 +100,8 @@ class ModelConfig:
     def __post_init__(self):
         if isinstance(self.eos_token_id, list):  # as in config.json; a tuple keeps it hashable
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if isinstance(self.local_layers, list):
+            object.__setattr__(self, "local_layers", tuple(bool(x) for x in self.local_layers))
         if self.family not in FAMILIES:
             raise ValueError(f"family={self.family!r} is not supported (choose from {FAMILIES})")
         if self.rope_type not in ROPE_TYPES:
@@ -117,9 +133,34 @@ class ModelConfig:
         if self.model_type is not None and MODEL_TYPES.get(self.model_type) != self.family:
             raise ValueError(
                 f"model_type={self.model_type!r} does not match family {self.family!r}")
-        if self.qk_norm != (self.hf_model_type == "qwen3"):
-            raise ValueError(f"qk_norm={self.qk_norm} with model_type={self.hf_model_type!r}: "
-                             "the query/key norms are Qwen3's (model_type='qwen3') and only its")
+        mt = self.hf_model_type
+        if self.qk_norm != (mt in ("qwen3", "gemma3_text")):
+            raise ValueError(f"qk_norm={self.qk_norm} with model_type={mt!r}: the query/key "
+                             "norms are Qwen3's and Gemma 3's (model_type qwen3, gemma3_text)")
+        if self.gemma_norms != (mt in GEMMA):
+            raise ValueError(f"gemma_norms={self.gemma_norms} with model_type={mt!r}: Gemma's "
+                             f"norms go with model_type {' or '.join(GEMMA)} and only with it")
+        if self.local_layers is not None:
+            if len(self.local_layers) != self.num_layers or self.sliding_window is None:
+                raise ValueError(f"local_layers={self.local_layers} needs one entry per layer "
+                                 f"({self.num_layers}) and a sliding_window")
+        if self.attention != "xla" and (self.attn_softcap or self.windows_differ
+                                        or self.rope_local_theta is not None):
+            raise ValueError(
+                f"attention={self.attention!r}: jax.nn.dot_product_attention has no soft cap "
+                "and one window and RoPE for all layers; this model (Gemma) needs "
+                "attention='xla'")
+
+    @property
+    def windows_differ(self) -> bool:
+        """Some layers attend through the sliding window and others to the whole sequence."""
+        return self.local_layers is not None and len(set(self.local_layers)) > 1
+
+    def is_local(self, layer: int) -> bool:
+        """Whether ``layer`` attends through the sliding window."""
+        if self.sliding_window is None:
+            return False
+        return True if self.local_layers is None else self.local_layers[layer]
 
     @property
     def kv_heads(self) -> int:
@@ -157,10 +198,14 @@ class ModelConfig:
         """
         mt = d.get("model_type")
         if mt not in MODEL_TYPES:
+            hint = ""
+            if mt == "gemma3":
+                hint = (" (Gemma 3 4B and up are image-text models: jbilevel reads the text-only "
+                        "Gemma3ForCausalLM, model_type gemma3_text, such as gemma-3-1b)")
             raise ValueError(
                 f"config.json: unsupported architecture model_type={mt!r} "
                 f"(architectures={d.get('architectures')}); supported: {sorted(MODEL_TYPES)}"
-            )
+                + hint)
         family = MODEL_TYPES[mt]
         common = dict(
             family=family,
@@ -192,6 +237,9 @@ class ModelConfig:
                 mlp_bias=True,
             )
         rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        local_theta = None
+        if mt == "gemma3_text":  # RoPE per layer type: scaled on the global layers only
+            rope, local_theta = _gemma3_rope(d)
         if "rope_theta" not in rope:
             rope["rope_theta"] = d.get("rope_theta", d.get("rotary_emb_base", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -231,10 +279,15 @@ class ModelConfig:
             qkv_bias, o_bias = True, False
         else:
             qkv_bias = o_bias = bool(d.get("attention_bias", False))
-        window = _sliding_window(mt, d)
+        if mt in GEMMA:
+            variant = _gemma(mt, d, local_theta)
+        else:
+            variant = dict(activation=_act(d.get("hidden_act", "silu")), qk_norm=mt == "qwen3",
+                           sliding_window=_sliding_window(mt, d))
         return cls(
             **common,
             **rope_kw,
+            **variant,
             hidden_size=d["hidden_size"],
             num_layers=d["num_hidden_layers"],
             num_heads=d["num_attention_heads"],
@@ -242,13 +295,10 @@ class ModelConfig:
             head_dim=_head_dim(d),
             intermediate_size=d["intermediate_size"],
             norm_eps=d.get("rms_norm_eps", 1e-6),
-            activation=_act(d.get("hidden_act", "silu")),
-            tie_word_embeddings=d.get("tie_word_embeddings", False),
+            tie_word_embeddings=d.get("tie_word_embeddings", mt in GEMMA),
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=bool(d.get("mlp_bias", False)),
-            qk_norm=mt == "qwen3",
-            sliding_window=window,
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -316,6 +366,18 @@ class ModelConfig:
             # Every layer windowed or none (from_hf refuses a mix): max_window_layers 0.
             out.update(use_sliding_window=self.sliding_window is not None,
                        sliding_window=self.sliding_window, max_window_layers=0)
+        elif mt in GEMMA:
+            act = "gelu_pytorch_tanh" if self.activation == "gelu_new" else self.activation
+            out.update(
+                hidden_act=act, hidden_activation=act, query_pre_attn_scalar=self.query_scale,
+                attn_logit_softcapping=self.attn_softcap,
+                final_logit_softcapping=self.final_softcap, sliding_window=self.sliding_window,
+                layer_types=["sliding_attention" if self.is_local(i) else "full_attention"
+                             for i in range(self.num_layers)])
+            if mt == "gemma3_text":
+                local = dict(rope_type="default",
+                             rope_theta=self.rope_local_theta or self.rope_theta)
+                out["rope_parameters"] = {"full_attention": rope, "sliding_attention": local}
         elif mt == "mistral":
             out["sliding_window"] = self.sliding_window
         elif self.sliding_window is not None:
@@ -325,6 +387,47 @@ class ModelConfig:
                 raise ValueError(f"{mt} needs qkv_bias == o_bias (HF attention_bias)")
             out["attention_bias"] = self.qkv_bias
         return out
+
+
+def _gemma3_rope(d: dict[str, Any]) -> tuple[dict, float]:
+    """(RoPE of the global layers, base of the windowed layers' plain RoPE) of a Gemma 3
+    config.json: transformers 5 keys rope_parameters by layer type, 4 wrote rope_theta,
+    rope_scaling and rope_local_base_freq."""
+    params = d.get("rope_parameters") or {}
+    if "full_attention" in params:
+        local = params.get("sliding_attention") or {}
+        if local.get("rope_type", "default") != "default":
+            raise ValueError(f"config.json: rope_parameters.sliding_attention={local}: only "
+                             "plain RoPE (rope_type default) is supported on windowed layers")
+        return dict(params["full_attention"]), float(local.get("rope_theta", 10000.0))
+    rope = dict(d.get("rope_scaling") or {})
+    rope.setdefault("rope_theta", d.get("rope_theta", 1000000.0))
+    return rope, float(d.get("rope_local_base_freq", 10000.0))
+
+
+def _gemma(mt: str, d: dict[str, Any], local_theta: float | None) -> dict[str, Any]:
+    """The Gemma 2 / Gemma 3 fields of a config.json (transformers' defaults where absent)."""
+    if d.get("use_bidirectional_attention"):
+        raise ValueError("config.json: use_bidirectional_attention=true (an encoder) is not "
+                         "supported: jbilevel fine-tunes causal LMs")
+    n, window = d["num_hidden_layers"], d.get("sliding_window")
+    every = 2 if mt == "gemma2" else d.get("sliding_window_pattern", 6)
+    kinds = d.get("layer_types") or [
+        "sliding_attention" if (i + 1) % every else "full_attention" for i in range(n)]
+    local = tuple(k == "sliding_attention" for k in kinds)
+    if window is None or not any(local):
+        window, local = None, None
+    elif all(local):
+        local = None
+    caps = (50.0, 30.0) if mt == "gemma2" else (None, None)
+    return dict(
+        activation=_act(d.get("hidden_activation") or d.get("hidden_act", "gelu_pytorch_tanh")),
+        qk_norm=mt == "gemma3_text", gemma_norms=True,
+        query_scale=int(d.get("query_pre_attn_scalar", 256)),
+        attn_softcap=d.get("attn_logit_softcapping", caps[0]),
+        final_softcap=d.get("final_logit_softcapping", caps[1]),
+        sliding_window=window, local_layers=local,
+        rope_local_theta=local_theta if window is not None else None)
 
 
 def _sliding_window(mt: str, d: dict[str, Any]) -> int | None:

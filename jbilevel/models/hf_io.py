@@ -103,8 +103,14 @@ def hf_entries(c: ModelConfig) -> list[_Entry]:
             if c.qk_norm:
                 for n in ("q_norm", "k_norm"):
                     out.append(_vector(pre + f"self_attn.{n}.weight", (n, "scale"), i, (k,)))
-            out.append(_vector(pre + "post_attention_layernorm.weight", ("mlp_norm", "scale"),
-                               i, (d,)))
+            if c.gemma_norms:  # Gemma normalises the attention output, then the MLP's input
+                for hf, ours in (("post_attention_layernorm", "post_attn_norm"),
+                                 ("pre_feedforward_layernorm", "mlp_norm"),
+                                 ("post_feedforward_layernorm", "post_mlp_norm")):
+                    out.append(_vector(pre + f"{hf}.weight", (ours, "scale"), i, (d,)))
+            else:
+                out.append(_vector(pre + "post_attention_layernorm.weight",
+                                   ("mlp_norm", "scale"), i, (d,)))
             for n, fi, fo in (("gate", d, f), ("up", d, f), ("down", f, d)):
                 out.append(_linear(pre + f"mlp.{n}_proj.weight", (n, "kernel"), i, (fi,), (fo,)))
                 if "bias" in lay[n]:

@@ -10,8 +10,8 @@ from __future__ import annotations
 from jbilevel.models.config import ModelConfig
 
 # The architecture fields of each model's HF config.json (EleutherAI/pythia-1b,
-# meta-llama/Meta-Llama-3-8B-Instruct, Qwen/Qwen2.5-0.5B, Qwen/Qwen2.5-1.5B, Qwen/Qwen3-1.7B and
-# Qwen/Qwen3-8B).
+# meta-llama/Meta-Llama-3-8B-Instruct, Qwen/Qwen2.5-0.5B, Qwen/Qwen2.5-1.5B, Qwen/Qwen3-1.7B,
+# Qwen/Qwen3-8B, google/gemma-2-2b and google/gemma-3-1b-it), as transformers 4 wrote them.
 _HF = {
     "pythia-1b": {
         "model_type": "gpt_neox", "vocab_size": 50304, "hidden_size": 2048,
@@ -58,6 +58,25 @@ _HF = {
         "rope_theta": 1000000.0, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
         "tie_word_embeddings": False, "attention_bias": False, "use_sliding_window": False,
         "max_window_layers": 36, "bos_token_id": 151643, "eos_token_id": 151645,
+    },
+    "gemma-2-2b": {
+        "model_type": "gemma2", "vocab_size": 256000, "hidden_size": 2304,
+        "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
+        "head_dim": 256, "intermediate_size": 9216, "hidden_activation": "gelu_pytorch_tanh",
+        "rope_theta": 10000.0, "max_position_embeddings": 8192, "rms_norm_eps": 1e-6,
+        "query_pre_attn_scalar": 256, "sliding_window": 4096, "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0, "tie_word_embeddings": True,
+        "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0,
+    },
+    "gemma-3-1b": {
+        "model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 1152,
+        "num_hidden_layers": 26, "num_attention_heads": 4, "num_key_value_heads": 1,
+        "head_dim": 256, "intermediate_size": 6912, "hidden_activation": "gelu_pytorch_tanh",
+        "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "rope_scaling": None,
+        "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 256,
+        "sliding_window": 512, "sliding_window_pattern": 6, "attn_logit_softcapping": None,
+        "final_logit_softcapping": None, "tie_word_embeddings": True,
+        "bos_token_id": 2, "eos_token_id": [1, 106], "pad_token_id": 0,
     },
 }
 PRESETS = tuple(_HF)

@@ -1,4 +1,4 @@
-"""Decoder-only LMs (Llama/Qwen2/Qwen3/Mistral, GPT-NeoX, GPT-2): pure functions of dict pytrees.
+"""Decoder-only LMs (Llama, Qwen, Mistral, Gemma, GPT-NeoX, GPT-2): pure functions of dict pytrees.
 
 Parameter layout (layers stacked on a leading axis N and scanned with lax.scan):
 
@@ -7,7 +7,8 @@ Parameter layout (layers stacked on a leading axis N and scanned with lax.scan):
     layers/attn_norm/{scale,bias}   (N, D)  bias: LayerNorm families only
     layers/{q}/kernel      (N, D, H, K)    layers/{k,v}/kernel (N, D, KV, K); bias (N, H|KV, K)
     layers/o/kernel        (N, H, K, D)    bias (N, D)
-    layers/{q,k}_norm/scale (N, K)         qk_norm (Qwen3) only
+    layers/{q,k}_norm/scale (N, K)         qk_norm (Qwen3, Gemma 3) only
+    layers/post_{attn,mlp}_norm/scale (N, D)   gemma_norms only
     layers/mlp_norm/{scale,bias}
     layers/gate/kernel     (N, D, F)       llama only (SwiGLU)
     layers/up/kernel       (N, D, F)       bias (N, F)
@@ -51,9 +52,10 @@ def _specs(c: ModelConfig) -> dict:
     n, d, v = c.num_layers, c.hidden_size, c.vocab_size
     h, kv, k, f = c.num_heads, c.kv_heads, c.dim_per_head, c.mlp_size
     ln = c.family != "llama"
+    unit = "zeros" if c.gemma_norms else "ones"  # Gemma's norms scale by 1 + weight
 
     def norm(prefix_shape, prefix_axes):
-        out = {"scale": (prefix_shape + (d,), prefix_axes + ("embed",), "ones")}
+        out = {"scale": (prefix_shape + (d,), prefix_axes + ("embed",), unit)}
         if ln:
             out["bias"] = (prefix_shape + (d,), prefix_axes + ("embed",), "zeros")
         return out
@@ -77,7 +79,10 @@ def _specs(c: ModelConfig) -> dict:
         layers["o"]["bias"] = ((n, d), L + ("embed",), "zeros")
     if c.qk_norm:
         for name in ("q_norm", "k_norm"):
-            layers[name] = {"scale": ((n, k), L + ("head_dim",), "ones")}
+            layers[name] = {"scale": ((n, k), L + ("head_dim",), unit)}
+    if c.gemma_norms:
+        layers["post_attn_norm"] = norm((n,), L)
+        layers["post_mlp_norm"] = norm((n,), L)
     if c.family == "llama":
         layers["gate"] = {"kernel": ((n, d, f), L + ("embed", "mlp"), "normal")}
     if c.mlp_bias:
@@ -186,7 +191,7 @@ class Model:
             chunk = losses.chunk_positions(b, length, c.vocab_size, c.loss_chunk_mib * 2**20,
                                            row_ways=batch_ways())
         return losses.chunked_token_nll(
-            hidden_BxLxD, head_VxD, labels_BxL, chunk=chunk,
+            hidden_BxLxD, head_VxD, labels_BxL, chunk=chunk, softcap=c.final_softcap,
             constrain_logits=lambda z: constrain(z, ("loss_rows", None, "loss_vocab")),
             constrain_head=lambda w: constrain(w, ("loss_vocab", None)))
 
@@ -206,12 +211,22 @@ def _mask_positions(ids_BxL, attention_mask, positions):
     return mask_BxL, jnp.asarray(positions).astype(jnp.int32)
 
 
-def _rms_norm(x, p, eps):
-    """RMSNorm of x (..., D) over its last axis: the model width, or one head's (Qwen3 q/k)."""
+def _rms_norm(x, p, eps, plus_one=False):
+    """RMSNorm of x (..., D) over its last axis: the model width, or one head's (q/k norms).
+
+    ``plus_one``: Gemma's, which scales by ``1 + weight`` in float32 before the cast back."""
     x32 = x.astype(jnp.float32)
     var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
-    y = (x32 * jax.lax.rsqrt(var + eps)).astype(x.dtype)
-    return p["scale"].reshape((1,) * (x.ndim - 1) + (-1,)) * y
+    y32 = x32 * jax.lax.rsqrt(var + eps)
+    scale = p["scale"].reshape((1,) * (x.ndim - 1) + (-1,))
+    if plus_one:
+        return (y32 * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+    return scale * y32.astype(x.dtype)
+
+
+def _softcap(x, cap):
+    """Gemma 2's soft cap: ``cap * tanh(x / cap)`` (None: x unchanged)."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
 
 
 def _layer_norm(x_BxLxD, p, eps):
@@ -287,9 +302,25 @@ def _fused_attention(c: ModelConfig, q_BxLxHxK, k_BxLxKVxK, v_BxLxKVxK, mask_BxL
         implementation=implementation)
 
 
-def _layer(c: ModelConfig, sites: dict, scale, x_BxLxD, p, lw, cos_sin, mask_info, cache_kv):
-    """One decoder block. Returns (x_BxLxD, new cache (k, v) or None)."""
-    norm = _rms_norm if c.family == "llama" else _layer_norm
+def _layer(c: ModelConfig, sites: dict, scale, x_BxLxD, p, lw, cos_sin, mask_info, cache_kv,
+           local=None):
+    """One decoder block. Returns (x_BxLxD, new cache (k, v) or None).
+
+    ``local``: whether this layer attends through the sliding window, where the layers differ
+    (a traced bool inside the layer scan); None where they do not. ``cos_sin`` is then a pair:
+    the global layers' RoPE tables and the windowed layers' (None: the same tables).
+    """
+    norm = (functools.partial(_rms_norm, plus_one=c.gemma_norms) if c.family == "llama"
+            else _layer_norm)
+    if cos_sin is not None and isinstance(cos_sin[0], tuple):
+        global_cs, local_cs = cos_sin
+        if local_cs is None:
+            cos_sin = global_cs
+        elif local is None:  # every layer windowed
+            cos_sin = local_cs
+        else:
+            cos_sin = tuple(jnp.where(local, a, b) for a, b in zip(local_cs, global_cs,
+                                                                   strict=True))
     b, seq, _ = x_BxLxD.shape
     h, kv, k = c.num_heads, c.kv_heads, c.dim_per_head
 
@@ -314,8 +345,8 @@ def _layer(c: ModelConfig, sites: dict, scale, x_BxLxD, p, lw, cos_sin, mask_inf
                 dq, dk, dv = f[:, :, 0], f[:, :, 1], f[:, :, 2]
             q, kk, vv = q + dq, kk + dk, vv + dv
         if c.qk_norm:  # per head, after the projections (and their adapters), before RoPE
-            q = _rms_norm(q, p["q_norm"], c.norm_eps)
-            kk = _rms_norm(kk, p["k_norm"], c.norm_eps)
+            q = norm(q, p["q_norm"], c.norm_eps)
+            kk = norm(kk, p["k_norm"], c.norm_eps)
         if cos_sin is not None:
             q = rope.apply(q, *cos_sin)
             kk = rope.apply(kk, *cos_sin)
@@ -338,11 +369,13 @@ def _layer(c: ModelConfig, sites: dict, scale, x_BxLxD, p, lw, cos_sin, mask_inf
         k_slot_S = jnp.arange(s)
         allowed_1xLxS = k_slot_S[None, None, :] <= q_slot_L[None, :, None]
         if c.sliding_window is not None:
-            allowed_1xLxS &= (q_slot_L[None, :, None] - k_slot_S[None, None, :]) < c.sliding_window
+            near_1xLxS = (q_slot_L[None, :, None] - k_slot_S[None, None, :]) < c.sliding_window
+            allowed_1xLxS &= near_1xLxS if local is None else (near_1xLxS | ~local)
         allowed_BxLxS = allowed_1xLxS & (kv_mask_BxS[:, None, :] > 0)
         q5 = q.reshape(b, seq, kv, h // kv, k)
         scores = jnp.einsum(f"blngk,{kv_axes}->bngls", q5, k_all.astype(q5.dtype),
-                            preferred_element_type=jnp.float32) * (k ** -0.5)
+                            preferred_element_type=jnp.float32) * ((c.query_scale or k) ** -0.5)
+        scores = _softcap(scores, c.attn_softcap)
         scores = jnp.where(allowed_BxLxS[:, None, None, :, :], scores, _NEG)
         probs = jax.nn.softmax(scores, axis=-1).astype(v_all.dtype)
         o5 = jnp.einsum(f"bngls,{kv_axes}->blngk", probs, v_all).astype(y_BxLxD.dtype)
@@ -358,11 +391,16 @@ def _layer(c: ModelConfig, sites: dict, scale, x_BxLxD, p, lw, cos_sin, mask_inf
         return proj("down", hid, "blf,fd->bld")
 
     attn_out, new_cache = attention(norm(x_BxLxD, p["attn_norm"], c.norm_eps))
+    if c.gemma_norms:
+        attn_out = norm(attn_out, p["post_attn_norm"], c.norm_eps)
     if c.parallel_residual:
         x_BxLxD = x_BxLxD + attn_out + mlp(norm(x_BxLxD, p["mlp_norm"], c.norm_eps))
     else:
         x_BxLxD = x_BxLxD + attn_out
-        x_BxLxD = x_BxLxD + mlp(norm(x_BxLxD, p["mlp_norm"], c.norm_eps))
+        mlp_out = mlp(norm(x_BxLxD, p["mlp_norm"], c.norm_eps))
+        if c.gemma_norms:
+            mlp_out = norm(mlp_out, p["post_mlp_norm"], c.norm_eps)
+        x_BxLxD = x_BxLxD + mlp_out
     return x_BxLxD, new_cache
 
 
@@ -412,10 +450,16 @@ def apply(c: ModelConfig, params, ids_BxL, pos_BxL, kv_mask_BxS, *, lora=None, c
         cd = jnp.dtype(c.compute_dtype)
         params = jax.tree.map(lambda a: a.astype(cd), params)
     x = jnp.take(params["embed"]["embedding"], ids_BxL, axis=0)
+    if c.gemma_norms:  # Gemma scales the embeddings by sqrt(D), in their dtype
+        x = x * jnp.asarray(c.hidden_size ** 0.5, x.dtype)
     if c.family == "gpt2":
         x = x + jnp.take(params["pos_embed"]["embedding"], pos_BxL, axis=0)
     x = constrain(x, _ACT)
     cs = None if c.family == "gpt2" else rope.cos_sin(c, pos_BxL)
+    if c.rope_local_theta is not None:  # Gemma 3: plain RoPE at another base on windowed layers
+        plain = c.replace(rope_type="default", rope_theta=c.rope_local_theta, rope_factor=1.0)
+        cs = (cs, rope.cos_sin(plain, pos_BxL))
+    local_N = jnp.asarray(c.local_layers) if c.windows_differ else None
     q_slot_L = cache_index + jnp.arange(ids_BxL.shape[1])
     mask_info = (kv_mask_BxS, q_slot_L, cache_index)
     if lora is None:
@@ -425,9 +469,9 @@ def apply(c: ModelConfig, params, ids_BxL, pos_BxL, kv_mask_BxS, *, lora=None, c
         sites = {site: name for name, site in LORA_SITES[c.family].items()}
 
     def body(x_BxLxD, xs):
-        p, lwl, ckv = xs
+        p, lwl, ckv, local = xs
         x_BxLxD = constrain(x_BxLxD, _ACT)
-        x_BxLxD, new = _layer(c, sites, scale, x_BxLxD, p, lwl, cs, mask_info, ckv)
+        x_BxLxD, new = _layer(c, sites, scale, x_BxLxD, p, lwl, cs, mask_info, ckv, local)
         return x_BxLxD, new
 
     if c.remat:
@@ -435,7 +479,7 @@ def apply(c: ModelConfig, params, ids_BxL, pos_BxL, kv_mask_BxS, *, lora=None, c
                   if c.remat_policy == "dots" else None)
         body = jax.checkpoint(body, prevent_cse=False, policy=policy)
     if cache is None:
-        x, _ = jax.lax.scan(body, x, (params["layers"], lw, None),
+        x, _ = jax.lax.scan(body, x, (params["layers"], lw, None, local_N),
                             unroll=min(c.scan_unroll, c.num_layers))
         new_cache = None
     else:
@@ -447,16 +491,18 @@ def apply(c: ModelConfig, params, ids_BxL, pos_BxL, kv_mask_BxS, *, lora=None, c
             p_i, lw_i = layers[i], lw_layers[i]
             if stream_layers:
                 (p_i, lw_i), x = jax.lax.optimization_barrier(((p_i, lw_i), x))
-            x, new = body(x, (p_i, lw_i, ckv))
+            x, new = body(x, (p_i, lw_i, ckv, None if local_N is None else local_N[i]))
             new_cache.append(new)
         new_cache = tuple(new_cache)
     if last_only:
         x = x[:, -1:]
-    norm = _rms_norm if c.family == "llama" else _layer_norm
+    norm = (functools.partial(_rms_norm, plus_one=c.gemma_norms) if c.family == "llama"
+            else _layer_norm)
     x = norm(x, params["final_norm"], c.norm_eps)
     head = params["embed"]["embedding"] if c.tie_word_embeddings else params["lm_head"]["kernel"]
     if hidden_only:
         return x, head
     logits = jnp.einsum("bld,vd->blv", x, head, preferred_element_type=jnp.float32)
+    logits = _softcap(logits, c.final_softcap)
     logits = constrain(logits, ("batch", None, "vocab"))
     return logits, new_cache
