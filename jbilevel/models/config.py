@@ -140,6 +140,9 @@ class ModelConfig:
         if self.gemma_norms != (mt in GEMMA):
             raise ValueError(f"gemma_norms={self.gemma_norms} with model_type={mt!r}: Gemma's "
                              f"norms go with model_type {' or '.join(GEMMA)} and only with it")
+        if self.rope_local_theta is not None and self.sliding_window is None:
+            raise ValueError(f"rope_local_theta={self.rope_local_theta} is the RoPE base of the "
+                             "windowed layers, and there are none: set a sliding_window")
         if self.local_layers is not None:
             if len(self.local_layers) != self.num_layers or self.sliding_window is None:
                 raise ValueError(f"local_layers={self.local_layers} needs one entry per layer "

@@ -224,6 +224,13 @@ def _rms_norm(x, p, eps, plus_one=False):
     return scale * y32.astype(x.dtype)
 
 
+def _norm(c: ModelConfig):
+    """The family's norm: RMSNorm (Gemma's with 1 + weight) or LayerNorm."""
+    if c.family == "llama":
+        return functools.partial(_rms_norm, plus_one=c.gemma_norms)
+    return _layer_norm
+
+
 def _softcap(x, cap):
     """Gemma 2's soft cap: ``cap * tanh(x / cap)`` (None: x unchanged)."""
     return x if cap is None else cap * jnp.tanh(x / cap)
@@ -310,8 +317,7 @@ def _layer(c: ModelConfig, sites: dict, scale, x_BxLxD, p, lw, cos_sin, mask_inf
     (a traced bool inside the layer scan); None where they do not. ``cos_sin`` is then a pair:
     the global layers' RoPE tables and the windowed layers' (None: the same tables).
     """
-    norm = (functools.partial(_rms_norm, plus_one=c.gemma_norms) if c.family == "llama"
-            else _layer_norm)
+    norm = _norm(c)
     if cos_sin is not None and isinstance(cos_sin[0], tuple):
         global_cs, local_cs = cos_sin
         if local_cs is None:
@@ -496,9 +502,7 @@ def apply(c: ModelConfig, params, ids_BxL, pos_BxL, kv_mask_BxS, *, lora=None, c
         new_cache = tuple(new_cache)
     if last_only:
         x = x[:, -1:]
-    norm = (functools.partial(_rms_norm, plus_one=c.gemma_norms) if c.family == "llama"
-            else _layer_norm)
-    x = norm(x, params["final_norm"], c.norm_eps)
+    x = _norm(c)(x, params["final_norm"], c.norm_eps)
     head = params["embed"]["embedding"] if c.tie_word_embeddings else params["lm_head"]["kernel"]
     if hidden_only:
         return x, head
