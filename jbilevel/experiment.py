@@ -209,7 +209,7 @@ def evaluate(model, params, task, split: str = "test", batch_size: int = 250, *,
     for batch in ds.prompt_batches(rows):
         out = generate(model, params, put(batch["prompt_ids"]), put(batch["prompt_mask"]),
                        jax.random.key(0), max_new_tokens=max_new, greedy=True,
-                       eos_id=task.tokenizer.eos_id, pad_id=task.tokenizer.pad_id, lora=lora,
+                       eos_id=task.tokenizer.stop_ids, pad_id=task.tokenizer.pad_id, lora=lora,
                        **on_mesh)
         tokens_BxT = inputs.to_host(out.tokens)[:, 0, :]
         for b in np.flatnonzero(batch["valid"]):

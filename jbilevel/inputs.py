@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
+import json
 import os
 from typing import Literal
 
@@ -325,11 +326,22 @@ def model_config(model_spec, tokenizer, max_len: int):
 
 
 def save_tokenizer(tokenizer, directory: str) -> None:
-    """Writes the run's tokenizer next to the saved model (HF format)."""
+    """Writes the run's tokenizer next to the saved model (HF format), and the end tokens its
+    generation stopped at beyond eos (``stop_ids``) into generation_config.json, so that the
+    saved model stops where the run's did (in jbilevel and in transformers)."""
     if hasattr(tokenizer, "to_hf"):
         tokenizer.to_hf(directory)
     elif hasattr(tokenizer, "hf"):
         tokenizer.hf.save_pretrained(directory)
+        if len(tokenizer.stop_ids) > 1:
+            source = os.path.join(tokenizer.hf.name_or_path, "generation_config.json")
+            settings = {}
+            if os.path.isfile(source):
+                with open(source) as f:
+                    settings = json.load(f)
+            settings["eos_token_id"] = list(tokenizer.stop_ids)
+            with open(os.path.join(directory, "generation_config.json"), "w") as f:
+                json.dump(settings, f, indent=2)
 
 
 def preview(row: dict, width: int = 80) -> str:

@@ -151,6 +151,25 @@ def _check_text(ds, prompt, response):
     assert TOK.decode(b["labels"][0][b["loss_mask"][0] > 0]) == response
 
 
+def test_hf_tokenizer_stops_at_every_end_token_its_model_declares(tmp_path):
+    """eos first, then generation_config.json's and config.json's eos_token_id (an id or a
+    list; ids outside the vocabulary ignored); decoding cuts at the first of them."""
+    import json
+
+    from jbilevel import inputs
+    from jbilevel.data.tokenizer import as_tokenizer
+
+    TOK.to_hf(str(tmp_path))
+    assert as_tokenizer(str(tmp_path)).stop_ids == (EOS,)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [EOS, 5]}))
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": [7, 10**6]}))
+    tok = as_tokenizer(str(tmp_path))
+    assert tok.stop_ids == (EOS, 5, 7)
+    assert tok.decode([_c("H"), _c("i"), 7, _c("x")]) == "Hi"
+    inputs.save_tokenizer(tok, str(tmp_path / "saved"))  # as a run writes its model/
+    assert as_tokenizer(str(tmp_path / "saved")).stop_ids == (EOS, 5, 7)
+
+
 def test_hf_tokenizer_matches_char_tokenizer(tmp_path):
     TOK.to_hf(str(tmp_path / "tok"))
     rows = [{"question": "What is 3 + 4?", "response": "7"}]

@@ -188,6 +188,33 @@ def test_refresh_stores_sampling_logprobs_and_unchanged_model_gives_sft_loss(bmo
                                0.75 * np.mean(want_off) + 0.25 * gen_mean, rtol=1e-5)
 
 
+def test_refresh_ends_each_sample_at_any_end_token_of_the_model(bmo):
+    """A model may end its turn with a token other than the tokenizer's eos (Gemma's
+    <end_of_turn>, listed in its generation_config.json: ``tokenizer.stop_ids``): the refresh
+    stops each sample at the first of them, where it stops at eos (kept, with a loss)."""
+    import copy
+    import dataclasses
+
+    def responses(dataset):
+        ref = refresh.Refresher(ONLINE, bmo.model, dataset, weighting="sigmoid",
+                                batch_sharding=bmo.refresher.batch_sharding)
+        buf = jax.device_get(ref(bmo.fresh(), 0)[0].online)
+        return [list(row[m > 0]) for row, m, v in zip(buf.labels, buf.loss_mask, buf.valid,
+                                                      strict=True) if v]
+
+    plain = responses(bmo.task.train)
+    eos = bmo.task.tokenizer.eos_id
+    inner = [t for r in plain for t in r[:-1] if t != eos]  # a token some sample goes past
+    end = max(set(inner), key=inner.count)
+    tokenizer = copy.copy(bmo.task.tokenizer)
+    tokenizer.stop_ids = (eos, end)
+    cut = responses(dataclasses.replace(bmo.task.train, tokenizer=tokenizer))
+    assert cut == [r[:r.index(end) + 1] if end in r else r for r in plain]
+    assert sum(len(a) < len(b) for a, b in zip(cut, plain, strict=True)) > 0
+    a = tokenizer.encode("a")[0]
+    assert tokenizer.decode([a, end, a]) == "a"  # and the logged text ends there
+
+
 def test_sampler_denominator_stores_the_tempered_logprobs(bmo):
     online = ol.OnlineConfig(every=3, fraction=0.25, num_samples=2, batch_size=8,
                              max_new_tokens=5, temperature=0.5, denominator="sampler")

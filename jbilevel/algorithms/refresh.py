@@ -233,7 +233,7 @@ class Refresher:
             gen = sample(self.model, self.cfg, state.theta, prompts["prompt_ids"],
                          prompts["prompt_mask"], jax.random.fold_in(key_gen, c),
                          max_new_tokens=self.max_new_tokens,
-                         eos_id=self.dataset.tokenizer.eos_id, pad_id=self.dataset.pad_id,
+                         eos_id=self.dataset.tokenizer.stop_ids, pad_id=self.dataset.pad_id,
                          mesh=self.batch_sharding.mesh, rules=self.rules, base=state.frozen)
             logp = gen.logprobs if self.cfg.denominator == "model" else gen.sampling_logprobs
             rows.append(self._pack(prompts["prompt_ids"], prompts["prompt_mask"], gen.tokens,

@@ -1,11 +1,13 @@
 """Tokenizers behind one small protocol: a built-in character-level one and an HF adapter.
 
 The protocol the data pipeline uses: ``encode_batch(texts) -> list[list[int]]`` (no special
-tokens added), ``decode(ids) -> str``, and the ids ``pad_id``, ``bos_id`` (or None), ``eos_id``.
+tokens added), ``decode(ids) -> str``, and the ids ``pad_id``, ``bos_id`` (or None), ``eos_id``
+(ending every training response) and ``stop_ids`` (every token that ends a generated one).
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -22,6 +24,7 @@ class CharTokenizer:
     """
 
     pad_id, bos_id, eos_id, unk_id = 0, 1, 2, 3
+    stop_ids = (eos_id,)
 
     def __init__(self):
         chars = ["\n"] + [chr(c) for c in range(32, 127)]
@@ -55,12 +58,13 @@ class CharTokenizer:
         return np.split(ids, ends[:-1]) if len(texts) else []
 
     def decode(self, ids, *, stop_at_eos: bool = True) -> str:
-        """Args: ids (any int sequence). Returns: text, specials dropped, cut at the first eos."""
+        """Args: ids (any int sequence). Returns: text, specials dropped, cut at the first end
+        token (``stop_ids``: eos)."""
         ids = np.asarray(ids, np.int64).reshape(-1)
         if stop_at_eos:
-            eos = np.flatnonzero(ids == self.eos_id)
-            if eos.size:
-                ids = ids[: eos[0]]
+            end = np.flatnonzero(np.isin(ids, self.stop_ids))
+            if end.size:
+                ids = ids[: end[0]]
         ids = ids[(ids >= len(_SPECIALS)) & (ids < self.vocab_size)]
         return "".join(self._chars[ids])
 
@@ -103,6 +107,8 @@ class HFTokenizer:
         bos = tokenizer.bos_token_id
         self.bos_id = int(bos) if bos is not None else None
         self.vocab_size = len(tokenizer)
+        self.stop_ids = _stop_ids(getattr(tokenizer, "name_or_path", ""), self.eos_id,
+                                  self.vocab_size)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         if not texts:
@@ -123,13 +129,31 @@ class HFTokenizer:
 
     def decode(self, ids) -> str:
         ids = np.asarray(ids, np.int64).reshape(-1)
-        eos = np.flatnonzero(ids == self.eos_id)
-        if eos.size:
-            ids = ids[: eos[0]]
+        end = np.flatnonzero(np.isin(ids, self.stop_ids))
+        if end.size:
+            ids = ids[: end[0]]
         return self.hf.decode(ids.tolist(), skip_special_tokens=True)
 
     def batch_decode(self, ids_BxL) -> list[str]:
         return [self.decode(row) for row in np.asarray(ids_BxL)]
+
+
+def _stop_ids(directory: str, eos_id: int, vocab_size: int) -> tuple[int, ...]:
+    """The tokenizer's eos, then every other end token its directory's model declares
+    (``eos_token_id`` of generation_config.json and config.json, an id or a list): an
+    instruction-tuned model may end its turn with a token other than the tokenizer's eos
+    (Gemma's ``<end_of_turn>``), and generation stops there as transformers' does."""
+    ids = [eos_id]
+    for name in ("generation_config.json", "config.json"):
+        path = os.path.join(directory, name) if directory else ""
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            declared = json.load(f).get("eos_token_id")
+        for i in declared if isinstance(declared, list) else [declared]:
+            if isinstance(i, int) and 0 <= i < vocab_size and i not in ids:
+                ids.append(i)
+    return tuple(ids)
 
 
 def as_tokenizer(tokenizer):
