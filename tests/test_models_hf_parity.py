@@ -64,6 +64,34 @@ def test_chunked_loss_matches_the_logits(case):
                                rtol=0)
 
 
+@pytest.mark.parametrize("name", ["qwen3", "gemma2", "gemma3_text"])
+def test_logits_and_loss_on_a_mesh_match_hf(name):
+    """Loaded straight into shards over data 2 x fsdp 2 x tensor 2 (heads split), activations
+    pinned as in training: the HF logits, and the chunked loss of them."""
+    from jbilevel import sharding as sh
+
+    path = os.path.join(ROOT, name)
+    config = load_pretrained(path)[2]
+    model = build(config)
+    mesh, rules = sh.make_mesh(sh.MeshConfig(data=2, fsdp=2, tensor=2)), sh.AxisRules()
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0)))
+    shardings = sh.tree_shardings(mesh, rules, model.param_axes(), shapes)
+    _, params, _ = load_pretrained(path, shardings=shardings)
+    assert params["layers"]["q"]["kernel"].sharding.spec[2] == "tensor"
+    ref = dict(np.load(os.path.join(path, "ref.npz")))
+    ids = jnp.asarray(np.concatenate([ref["input_ids"]] * 4))  # 8 rows, one per device
+
+    @jax.jit
+    def pinned(p, x):
+        with sh.activation_sharding(mesh, rules):
+            return model.forward(p, x), model.token_nll(p, x[:, :-1], x[:, 1:])
+
+    logits, nll = pinned(params, jax.device_put(ids, sh.batch_sharding(mesh, rules, 2)))
+    np.testing.assert_allclose(np.asarray(logits)[:2], ref["logits"], atol=1e-4, rtol=0)
+    want = losses.token_nll(jnp.asarray(ref["logits"])[:, :-1], ids[:2, 1:])
+    np.testing.assert_allclose(np.asarray(nll)[:2], want, atol=1e-4, rtol=0)
+
+
 def test_left_padded_logits_match_hf(case):
     _, _, forward, params, _, ref = case
     logits = np.asarray(forward(params, jnp.asarray(ref["pad_ids"]),
