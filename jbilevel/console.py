@@ -82,7 +82,9 @@ class Console:
         self.info(f"{what}: {phase.summary or 'done'} ({_seconds(phase.seconds)})")
 
     def first_call(self, fn: Callable | None, what: str) -> Callable | None:
-        """``fn`` (a jitted step) reporting how long its first call, the compilation, took.
+        """``fn`` (a jitted step) reporting how long its first call, the compilation, took,
+        and again for each batch shape it meets later (``data.length_buckets``), naming the
+        sequence length.
 
         A jitted call returns once its program is traced, compiled and dispatched (it runs
         asynchronously), so the first call's wall time is the compile time; the bar leaves it
@@ -90,19 +92,26 @@ class Console:
         """
         if fn is None:
             return None
-        done = False
+        seen: set = set()
 
         @functools.wraps(fn)
         def call(*args):
-            nonlocal done
-            if done:
+            import jax
+
+            shapes = tuple(getattr(x, "shape", None) for x in jax.tree.leaves(args[1:]))
+            if shapes in seen:
                 return fn(*args)
-            self.info(f"compiling the {what} ...")
+            name = what
+            if seen:  # another shape of the same step: name the batch's padded length
+                ids = next((a["input_ids"] for a in args[1:]
+                            if isinstance(a, dict) and "input_ids" in a), None)
+                name += " again" if ids is None else f" for sequence length {ids.shape[-1]}"
+            self.info(f"compiling the {name} ...")
             t0 = time.perf_counter()
             out = fn(*args)
             seconds = time.perf_counter() - t0
-            done = True
-            self.info(f"compiled the {what} in {_seconds(seconds)}")
+            seen.add(shapes)
+            self.info(f"compiled the {name} in {_seconds(seconds)}")
             if self._bar is not None:
                 self._bar.exclude(seconds)
             return out

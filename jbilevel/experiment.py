@@ -174,8 +174,18 @@ def _process_batcher(dataset, batch_size: int, mesh, rules, **kw):
             "(mesh.data x mesh.fsdp); change the batch size or the mesh"
         )
     count = jax.process_count()
+    kw.setdefault("buckets", (_longest(dataset),))
     return Batcher(dataset, batch_size // count, process_index=jax.process_index(),
-                   process_count=count, buckets=(_longest(dataset),), **kw)
+                   process_count=count, **kw)
+
+
+def _grouped(dataset, data_cfg: inputs.DataConfig) -> dict:
+    """The Batcher options of ``data.length_buckets``: one bucket (the longest sequence), or
+    that many length quantiles with rows grouped by length."""
+    from jbilevel.data.batching import length_buckets
+
+    n = data_cfg.length_buckets
+    return dict(buckets=length_buckets(dataset.length_N, n), group_by_length=n > 1)
 
 
 def _longest(dataset) -> int:
@@ -516,8 +526,10 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
             f"method.train_chunk={cfg.method.train_chunk} is not a multiple of the mesh's "
             f"data-parallel size {ways} (mesh.data x mesh.fsdp): each pass's rows are split "
             "over those devices; change method.train_chunk or the mesh")
-    data = _process_batcher(data_set, cfg.batch_size, mesh, rules, seed=cfg.seed)
-    val = _process_batcher(task.validation, cfg.val_batch_size, mesh, rules, seed=cfg.seed + 1)
+    data = _process_batcher(data_set, cfg.batch_size, mesh, rules, seed=cfg.seed,
+                            **_grouped(data_set, cfg.data))
+    val = _process_batcher(task.validation, cfg.val_batch_size, mesh, rules, seed=cfg.seed + 1,
+                           **_grouped(task.validation, cfg.data))
     if cfg.method.method == "bmo" and cfg.method.lam_decay and (
             loop.steps_per_epoch != data.steps_per_epoch):
         raise ValueError(

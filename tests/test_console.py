@@ -4,6 +4,8 @@ import io
 import re
 import time
 
+import numpy as np
+
 from jbilevel.console import NORMAL, QUIET, VERBOSE, Console
 
 
@@ -44,6 +46,15 @@ def test_first_call_is_timed_as_the_compile():
     seconds = float(re.fullmatch(r"compiled the bds train step in (\d+\.\d) s", lines[1])[1])
     assert 0.0 < seconds < 5.0 and len(lines) == 2
     assert console.first_call(None, "hypergradient step") is None
+    # a batch of another padded length (data.length_buckets) is compiled again, and said so
+    train = console.first_call(lambda state, batch: batch["input_ids"].shape, "train step")
+    for length in (8, 16, 8, 16):
+        assert train(None, {"input_ids": np.zeros((2, length))}) == (2, length)
+    lines = out.getvalue().splitlines()[2:]
+    assert [line.split(" in ")[0] for line in lines] == [
+        "compiling the train step ...", "compiled the train step",
+        "compiling the train step for sequence length 16 ...",
+        "compiled the train step for sequence length 16"]
 
 
 def test_bar_labels_a_stale_validation_loss_and_reports_each_hypergradient():

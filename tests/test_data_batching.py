@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jbilevel.data import Batcher, default_buckets, load_sft
+from jbilevel.data.batching import length_buckets
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +117,49 @@ def test_buckets(ds):
     assert [b.bucket(n) for n in (1, 16, 17, 33, 64)] == [16, 16, 32, 64, 64]
     with pytest.raises(ValueError, match="largest bucket 16 < longest sequence"):
         Batcher(ds, 8, buckets=(8, 16))
+
+
+def test_length_buckets_are_quantiles_of_the_lengths():
+    lengths = np.array([10, 50, 100, 150, 200, 300, 500])
+    assert length_buckets(lengths, 4) == (128, 192, 256, 504)  # quantiles 75, 150, 250
+    assert length_buckets(lengths, 1) == (504,)  # the longest, rounded up to 8
+    assert length_buckets(np.full(9, 30), 3) == (32,)  # one length: one bucket
+
+
+def test_group_by_length_pads_less_and_keeps_every_guarantee(ds):
+    """Batches of similar lengths: each epoch still visits every id once, deterministically
+    per (seed, epoch), the longest batch first, the partial batch last; processes agree on
+    shapes and together see the single-process order; a restored batcher resumes exactly."""
+    buckets = length_buckets(ds.length_N, 4, multiple=8)
+
+    def padded(batches):
+        return sum(b["input_ids"].size for b in batches)
+
+    plain = Batcher(ds, 8, seed=2, buckets=buckets)
+    grouped = Batcher(ds, 8, seed=2, buckets=buckets, group_by_length=True)
+    for _ in range(2):
+        batches = _epoch(grouped)
+        np.testing.assert_array_equal(np.sort(_seen(batches)), np.arange(53))
+        longest = [int(ds.length_N[b["ids"][b["valid"] > 0]].max()) for b in batches]
+        assert longest[0] == max(longest) and batches[-1]["valid"].sum() == 5
+        assert padded(batches) < 0.8 * padded(_epoch(plain))
+    orders = [grouped.epoch_order(e) for e in (0, 1)]
+    assert not np.array_equal(*orders)
+    np.testing.assert_array_equal(orders[1], Batcher(ds, 8, seed=2, group_by_length=True)
+                                  .epoch_order(1))
+    procs = [Batcher(ds, 4, seed=2, buckets=buckets, group_by_length=True, process_index=p,
+                     process_count=2) for p in range(2)]
+    parts = [_epoch(b) for b in procs]
+    merged = np.concatenate([np.concatenate([a["ids"], b["ids"]])[
+        np.concatenate([a["valid"], b["valid"]]) > 0] for a, b in zip(*parts, strict=True)])
+    np.testing.assert_array_equal(merged, grouped.epoch_order(0))
+    assert all(a["input_ids"].shape == b["input_ids"].shape for a, b in zip(*parts, strict=True))
+    ref = Batcher(ds, 8, seed=2, buckets=buckets, group_by_length=True)
+    stream = [next(ref) for _ in range(10)]
+    resumed = Batcher(ds, 8, buckets=buckets, group_by_length=True).restore(
+        {"seed": 2, "epoch": 0, "position": 4})
+    for want in stream[4:]:
+        np.testing.assert_array_equal(next(resumed)["input_ids"], want["input_ids"])
 
 
 def test_no_recompilation_across_epochs(ds):

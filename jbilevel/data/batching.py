@@ -8,6 +8,13 @@ disjoint and together cover the epoch, every process takes the same number of st
 padded length L (the smallest bucket that fits the *global* batch) agrees across processes.
 The state ``{"seed", "epoch", "position"}`` (position = global batches consumed in the epoch)
 is all a checkpoint needs to resume at the same example.
+
+``group_by_length`` (with several buckets) reorders each epoch so that a batch holds rows of
+similar length, as transformers' ``group_by_length`` does: the shuffled ids are cut into
+windows of ``GROUP_WINDOW`` global batches, each window sorted by length, cut into batches,
+and the full batches shuffled, the one holding the epoch's longest row first (the largest
+shape compiles, or runs out of memory, at the first step); the partial batch stays last.
+Every id is still visited once per epoch, and the order is still a function of (seed, epoch).
 """
 
 from __future__ import annotations
@@ -15,6 +22,21 @@ from __future__ import annotations
 import numpy as np
 
 from jbilevel.data.dataset import SFTDataset
+
+GROUP_WINDOW = 64  # global batches per window that group_by_length sorts by length
+
+
+def length_buckets(length_N, n: int, multiple: int = 64) -> tuple[int, ...]:
+    """``n`` padded lengths for sequences of ``length_N``: its quantiles 1/n, 2/n, ..., 1,
+    rounded up to ``multiple`` (the longest to 8), without repeats.
+
+    Args: the sequence lengths, the number of buckets (1: the longest alone), rounding.
+    Returns: increasing lengths, the last one holding the longest sequence.
+    """
+    longest = -(-int(np.max(length_N)) // 8) * 8
+    qs = np.quantile(np.asarray(length_N), np.arange(1, n) / n) if n > 1 else []
+    return tuple(sorted({min(longest, -(-int(np.ceil(q)) // multiple) * multiple)
+                         for q in qs} | {longest}))
 
 
 def default_buckets(max_len: int, n: int = 4, multiple: int = 8) -> tuple[int, ...]:
@@ -41,12 +63,14 @@ class Batcher:
       process_index, process_count: this process and how many share each global batch.
       drop_last: drop the last partial global batch instead of padding it with valid=0 rows.
       epoch, position: where to start (see ``state``/``restore``).
+      group_by_length: batch rows of similar length together (see the module docstring),
+        so that batches take the smaller buckets; needs ``shuffle``.
     """
 
     def __init__(self, dataset: SFTDataset, batch_size: int, *, seed: int = 0,
                  shuffle: bool = True, buckets=None, process_index: int = 0,
                  process_count: int = 1, drop_last: bool = False, epoch: int = 0,
-                 position: int = 0):
+                 position: int = 0, group_by_length: bool = False):
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
         self.dataset = dataset
@@ -60,6 +84,7 @@ class Batcher:
         self.process_index = process_index
         self.process_count = process_count
         self.drop_last = drop_last
+        self.group_by_length = group_by_length and shuffle
         self.epoch = epoch
         self.position = position
         self._order = None
@@ -78,7 +103,23 @@ class Batcher:
         n = len(self.dataset)
         if not self.shuffle:
             return np.arange(n)
-        return np.random.default_rng([self.seed, epoch]).permutation(n)
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(n)
+        if not self.group_by_length:
+            return order
+        g = self.global_batch_size
+        length = self.dataset.length_N
+        window = GROUP_WINDOW * g
+        for start in range(0, n, window):  # longest first within each window (stable)
+            part = order[start:start + window]
+            order[start:start + window] = part[np.argsort(-length[part], kind="stable")]
+        full = n // g
+        batches = order[:full * g].reshape(full, g)
+        if full:
+            batches = batches[rng.permutation(full)]
+            longest = int(np.argmax(length[batches].max(axis=1)))
+            batches[[0, longest]] = batches[[longest, 0]]
+        return np.concatenate([batches.reshape(-1), order[full * g:]])
 
     def state(self) -> dict:
         """Returns: ``{"seed", "epoch", "position"}``, plain ints (JSON/checkpoint friendly)."""
