@@ -528,8 +528,9 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
             "over those devices; change method.train_chunk or the mesh")
     data = _process_batcher(data_set, cfg.batch_size, mesh, rules, seed=cfg.seed,
                             **_grouped(data_set, cfg.data))
-    val = _process_batcher(task.validation, cfg.val_batch_size, mesh, rules, seed=cfg.seed + 1,
-                           **_grouped(task.validation, cfg.data))
+    # one length for the validation batches: bmo's step takes one of each, so several of
+    # theirs would multiply its programs (and the validation set is small)
+    val = _process_batcher(task.validation, cfg.val_batch_size, mesh, rules, seed=cfg.seed + 1)
     if cfg.method.method == "bmo" and cfg.method.lam_decay and (
             loop.steps_per_epoch != data.steps_per_epoch):
         raise ValueError(

@@ -58,10 +58,10 @@ class DataConfig:
     # non-thinking format (its prompts then end in an empty <think></think> block)
     chat_template_kwargs: dict = dataclasses.field(default_factory=dict)
     max_len: int = 512  # longest sequence (bos + prompt + response + eos), in tokens
-    # sequence lengths the training and validation batches are padded to: 1 pads every batch
-    # to the longest sequence (one compiled program per step); n > 1 groups each epoch's rows
-    # by length and pads each batch to the smallest of n lengths (quantiles of the split's
-    # lengths) that holds it: less padding on data of mixed lengths, up to n programs per step
+    # sequence lengths the training batches are padded to: 1 pads every batch to the longest
+    # sequence (one compiled program per step); n > 1 groups each epoch's rows by length and
+    # pads each batch to the smallest of n lengths (quantiles of the training lengths) that
+    # holds it: less padding on data of mixed lengths, up to n programs per step
     length_buckets: int = 1
     overlength: Literal["error", "truncate", "skip"] = "truncate"  # longer sequences
     on_bad_row: Literal["error", "skip"] = "error"  # malformed rows: stop, or skip and count
