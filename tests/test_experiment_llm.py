@@ -47,12 +47,22 @@ def _loss(model_path, split):
     return experiment.mean_loss(lm_example_loss(forward), params, ds, 8)
 
 
-@pytest.mark.parametrize("method,theta", [
-    ("bmo", inputs.ThetaConfig(kind="lora", rank=4, alpha=8.0)),
-    ("bds", inputs.ThetaConfig(kind="full")),
+@pytest.mark.parametrize("method,theta,case", [
+    ("bmo", inputs.ThetaConfig(kind="lora", rank=4, alpha=8.0), "llama"),
+    ("bds", inputs.ThetaConfig(kind="full"), "llama"),
+    # hypergradients (forward mode, Hessian-vector products) through Gemma 3's q/k norms,
+    # per-layer windows and RoPE, scanned with the layers
+    ("bds", inputs.ThetaConfig(kind="full"), "gemma3_text"),
 ])
-def test_pretrained_model_on_sft_files(tmp_path, model_dir, method, theta):
-    result = experiment.run(_cfg(model_dir, method, theta), tmp_path)
+def test_pretrained_model_on_sft_files(tmp_path_factory, model_dir, method, theta, case):
+    tmp_path = tmp_path_factory.mktemp("run")
+    cfg = _cfg(model_dir, method, theta)
+    if case != "llama":  # its random weights' Hessian needs more damping for 2 CG iterations
+        model_dir = _llm.model_dir(tmp_path_factory.mktemp("model"), case)
+        cfg = dataclasses.replace(
+            _cfg(model_dir, method, theta), method=dataclasses.replace(
+                cfg.method, hypergrad=Implicit("cg", maxiter=2, tol=0.0, ridge=1000.0)))
+    result = experiment.run(cfg, tmp_path)
     assert result["steps"] == 2 and result["n_train"] == 3 and result["theta"] == theta.kind
     base_val = _loss(model_dir, "openorca.jsonl")
     # The saved model is a plain HF checkpoint (LoRA merged): its losses are the report's.
@@ -65,7 +75,8 @@ def test_pretrained_model_on_sft_files(tmp_path, model_dir, method, theta):
         rows = list(csv.DictReader(f))
     assert [r["good"] for r in rows] == ["", "", ""]  # no ground truth for files
     assert rows[1]["preview"] == "Sum the numbers. | 2, 3 | 5"
-    assert np.load(tmp_path / "weights.npy").shape == (3,)
+    weights = np.load(tmp_path / "weights.npy")
+    assert weights.shape == (3,) and np.ptp(weights) > 1e-4  # the weights were stepped
     assert "weight_auroc" not in result and "weight_ess" in result
     assert (tmp_path / "weights.png").exists() and (tmp_path / "curated.jsonl").exists()
     assert not (tmp_path / "test_predictions.jsonl").exists()
