@@ -1,6 +1,7 @@
 """Padding cost of one sequence length against `data.length_buckets`, side by side.
 
     PYTHONPATH=. python benchmarks/length_buckets.py [--rounds 3 --buckets 1 2 4 --rows 2048]
+    PYTHONPATH=. python benchmarks/length_buckets.py --bds   # bds's hypergradient step instead
 
 SFT data mixes short and long examples (Alpaca: most rows a few hundred tokens, a tail up to
 max_len). With one bucket every batch is padded to the longest sequence; with n buckets each
@@ -11,6 +12,11 @@ a small Llama, batch 16. Every bucket's program is compiled before timing; round
 settings in turn and keep each one's median epoch, so load from other processes hits them
 alike. Reported: padded tokens per epoch (and the share that is padding), the epoch's
 seconds, and both as ratios to one bucket.
+
+``--bds``: the trainer's bds hypergradient step over every row (Hessian on 64 of them, 2 CG
+iterations, the per-example term 32 rows at a time), the rows sorted by length and each
+bucket's rows cut to its length (``offline_hyper_rows(blocks=)``), against all of them at the
+longest length; seconds per hypergradient step.
 """
 
 from __future__ import annotations
@@ -25,8 +31,10 @@ import numpy as np
 from jbilevel import sharding as sh
 from jbilevel import train
 from jbilevel.algorithms import MethodConfig, init_state, make_steps
+from jbilevel.algorithms.offline import offline_hyper_rows
 from jbilevel.data import Batcher, load_sft
-from jbilevel.data.batching import length_buckets
+from jbilevel.data.batching import length_blocks, length_buckets
+from jbilevel.implicit import Implicit
 from jbilevel.models import ModelConfig, build
 from jbilevel.objectives import lm_example_loss
 
@@ -47,6 +55,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--buckets", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--bds", action="store_true", help="time the hypergradient step instead")
     args = ap.parse_args()
     ds = load_sft(_rows(args.rows), prompt_template="{question}", max_len=MAX_LEN)
     model = build(ModelConfig(vocab_size=ds.tokenizer.vocab_size, hidden_size=128,
@@ -55,6 +64,8 @@ def main():
     cfg = MethodConfig(method="sft", lr_theta=1e-3)
     mesh = sh.make_mesh(sh.MeshConfig(data=1), jax.devices()[:1])
     rules = sh.AxisRules()
+    if args.bds:
+        return _bds(args, ds, model, mesh, rules)
 
     def init():
         return init_state(model.init(jax.random.key(0)), len(ds), cfg)
@@ -99,6 +110,41 @@ def main():
         shapes = sorted({b["input_ids"].shape[1] for b in epoch})
         print(f"| {n} | {', '.join(map(str, shapes))} | {tokens} | {1 - real / tokens:.2f} | "
               f"{s:.2f} | {tokens / base_tokens:.2f} | {s / base_s:.2f} |")
+
+
+def _bds(args, ds, model, mesh, rules):
+    cfg = MethodConfig(method="bds", hessian_rows=64, hyper_chunk=32, lr_omega=0.1,
+                       hypergrad=Implicit("cg", maxiter=2, tol=0.0, ridge=100.0))
+    lengths, n = ds.length_N, len(ds)
+    state = init_state(model.init(jax.random.key(0)), n, cfg)
+    val = ds.batch(np.arange(32), MAX_LEN)
+    loss = lm_example_loss(model)
+    print(f"{n} rows, lengths: median {int(np.median(lengths))}, p90 "
+          f"{int(np.percentile(lengths, 90))}, max {int(lengths.max())}; bds hypergradient "
+          f"over every row; {jax.devices()[0].platform}", flush=True)
+    runs = {}
+    for b in args.buckets:
+        buckets = length_buckets(lengths, b)
+        blocks = length_blocks(lengths, n, buckets) if b > 1 else None
+        batch = next(Batcher(ds, n, seed=0, buckets=buckets[-1:], sort_by_length=b > 1))
+        hyper = jax.jit(make_steps(loss, cfg, hyper_rows=offline_hyper_rows(cfg, blocks)).hyper)
+        jax.block_until_ready(hyper(state, batch, val))  # compile
+        runs[b] = (hyper, batch, blocks)
+    seconds: dict[int, list[float]] = {b: [] for b in args.buckets}
+    for _ in range(args.rounds):
+        for b, (hyper, batch, _) in runs.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(hyper(state, batch, val))
+            seconds[b].append(time.perf_counter() - t0)
+    base = statistics.median(seconds[args.buckets[0]])
+    print(f"| length_buckets | per-example rows at lengths | hyper step s | time vs "
+          f"{args.buckets[0]} |")
+    print("|---|---|---|---|")
+    for b, (_, batch, blocks) in runs.items():
+        cut = (", ".join(f"{e - s} at {L}" for s, e, L in blocks) if blocks
+               else f"{n} at {batch['input_ids'].shape[1]}")
+        s = statistics.median(seconds[b])
+        print(f"| {b} | {cut} | {s:.2f} | {s / base:.2f} |")
 
 
 if __name__ == "__main__":

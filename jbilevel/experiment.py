@@ -538,12 +538,26 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
             f"{data.steps_per_epoch} steps per epoch ({n} rows, batch_size {cfg.batch_size}): "
             f"bmo's lam would fall by method.lam_decay every {loop.steps_per_epoch} steps, not "
             f"every epoch; set loop.steps_per_epoch={data.steps_per_epoch}")
-    hyper = None
+    hyper, hyper_rows = None, None
     if cfg.method.method == "bds":
         hyper_bs = min(cfg.hyper_batch_size or n, n)
         hyper_bs += -hyper_bs % (sh.data_parallel_size(mesh, rules) * jax.process_count())
+        blocks = {}
+        if cfg.data.length_buckets > 1 and hyper_bs >= n and refresher is None:
+            # every row each time, sorted by length: each length bucket's rows take their
+            # per-example term at that length (online bds groups its rows its own way)
+            from jbilevel.algorithms.offline import offline_hyper_rows
+            from jbilevel.data.batching import length_blocks, length_buckets
+
+            buckets = length_buckets(data_set.length_N, cfg.data.length_buckets)
+            cuts = length_blocks(data_set.length_N, hyper_bs, buckets)
+            hyper_rows = offline_hyper_rows(cfg.method, blocks=cuts)
+            blocks = dict(buckets=buckets[-1:], sort_by_length=True)
+            console.info("bds: the hypergradient's per-example term takes "
+                         + ", ".join(f"{end - start} rows at {length} tokens"
+                                     for start, end, length in cuts))
         hyper = _process_batcher(data_set, hyper_bs, mesh, rules, seed=cfg.seed + 2,
-                                 shuffle=True)  # a fresh Hessian sample each time
+                                 shuffle=True, **blocks)  # a fresh Hessian sample each time
     t0 = time.perf_counter()
     interrupted, preempted = None, None
     step = start = 0
@@ -554,7 +568,7 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
             init, init_args, state_sh, example_loss = state_setup(
                 cfg, model, n, mesh, rules, load_weights=ckpt.latest_step() is None or lora)
             phase.summary = rundir.model_summary(model.config, cfg.model.path)
-        steps = make_steps(example_loss, cfg.method, frozen=lora)
+        steps = make_steps(example_loss, cfg.method, frozen=lora, hyper_rows=hyper_rows)
         if refresher is not None:  # the state also carries the buffer of generated pairs
             offline_init = init
 

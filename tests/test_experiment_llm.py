@@ -227,6 +227,18 @@ def test_load_pretrained_straight_into_shards(model_dir):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def _mixed_lengths(tmp_path, model_dir, method: str, **method_kw):
+    rows = [{"question": f"Q{i}: " + "abc " * (i % 10) * 3, "response": str(i)} for i in range(40)]
+    for split, part in (("train", rows[:32]), ("val", rows[32:])):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    cfg = _cfg(model_dir, method, inputs.ThetaConfig())
+    return dataclasses.replace(
+        cfg, method=dataclasses.replace(cfg.method, **method_kw),
+        data=inputs.DataConfig(train=str(tmp_path / "train.jsonl"),
+                               validation=str(tmp_path / "val.jsonl"), max_len=160,
+                               length_buckets=3))
+
+
 def test_length_buckets_train_on_batches_of_similar_length(tmp_path, model_dir):
     """data.length_buckets=3: rows of mixed lengths train in batches padded to three lengths,
     each of the step's programs compiled (and said) once; a run stopped halfway resumes to the
@@ -235,14 +247,7 @@ def test_length_buckets_train_on_batches_of_similar_length(tmp_path, model_dir):
 
     from jbilevel.console import Console
 
-    rows = [{"question": f"Q{i}: " + "abc " * (i % 10) * 3, "response": str(i)} for i in range(40)]
-    for split, part in (("train", rows[:32]), ("val", rows[32:])):
-        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
-    cfg = dataclasses.replace(
-        _cfg(model_dir, "bmo", inputs.ThetaConfig()),
-        data=inputs.DataConfig(train=str(tmp_path / "train.jsonl"),
-                               validation=str(tmp_path / "val.jsonl"), max_len=160,
-                               length_buckets=3))
+    cfg = _mixed_lengths(tmp_path, model_dir, "bmo")
     cfg = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, steps=8,
                                                             checkpoint_every=4))
     out = io.StringIO()
@@ -254,3 +259,24 @@ def test_length_buckets_train_on_batches_of_similar_length(tmp_path, model_dir):
     experiment.run(stopped, tmp_path / "c", console=Console(stream=io.StringIO()))
     resumed = experiment.run(cfg, tmp_path / "c", console=Console(stream=io.StringIO()))
     assert resumed["resumed_from"] == 4 and resumed["val_loss"] == first["val_loss"]
+
+
+def test_length_buckets_cut_the_bds_hypergradient_rows_to_their_length(tmp_path, model_dir):
+    """bds over every row with data.length_buckets: one hypergradient program whose
+    per-example term takes each length bucket's rows at that length, and whose weight step is
+    taken."""
+    import io
+
+    from jbilevel.console import Console
+
+    cfg = _mixed_lengths(tmp_path, model_dir, "bds", hessian_rows=0, hypergrad=Implicit(
+        "cg", maxiter=2, tol=0.0, ridge=100.0))
+    out = io.StringIO()
+    experiment.run(cfg, tmp_path / "run", console=Console(stream=out))
+    log = out.getvalue()
+    groups = re.search(r"bds: the hypergradient's per-example term takes (.*)\n", log)[1]
+    assert len(groups.split(", ")) == 3 and log.count("compiling the hypergradient step") == 1
+    metrics = [json.loads(r) for r in
+               (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m.get("hyper_taken") for m in metrics if "hyper_step" in m] == [1.0]
+    assert np.ptp(np.load(tmp_path / "run" / "weights.npy")) > 1e-5

@@ -262,10 +262,27 @@ def _apply(tx, grads, opt_state, params):
 HyperRows = Callable[[ExampleLoss, dict], tuple[dict, list[tuple[ExampleLoss, dict, Any]]]]
 
 
-def offline_hyper_rows(cfg: MethodConfig) -> HyperRows:
+def offline_hyper_rows(cfg: MethodConfig, blocks=None) -> HyperRows:
     """bds's default: the Hessian on ``hessian_sample`` rows, the per-example term on every
-    row of the hyper batch."""
-    return lambda example_loss, batch: (hessian_sample(batch, cfg), [(example_loss, batch, 1.0)])
+    row of the hyper batch.
+
+    ``blocks``: ``((start, end, length), ...)`` (``jbilevel.data.batching.length_blocks``)
+    for a hyper batch sorted by length: each block's rows get their per-example term cut to
+    ``length`` tokens, a group of its own, instead of every row at the longest one's length
+    (the same u: the cut tokens are padding).
+    """
+    def rows(example_loss, batch):
+        if not blocks:
+            return hessian_sample(batch, cfg), [(example_loss, batch, 1.0)]
+        return hessian_sample(batch, cfg), [(example_loss, _block(batch, *b), 1.0)
+                                            for b in blocks]
+
+    return rows
+
+
+def _block(batch: dict, start: int, end: int, length: int) -> dict:
+    """Rows ``start:end`` of a batch, their token axes cut to ``length``."""
+    return {k: x[start:end, :length] if x.ndim > 1 else x[start:end] for k, x in batch.items()}
 
 
 def make_steps(example_loss: ExampleLoss, cfg: MethodConfig, *, frozen: bool = False,

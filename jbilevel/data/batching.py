@@ -39,6 +39,29 @@ def length_buckets(length_N, n: int, multiple: int = 64) -> tuple[int, ...]:
                          for q in qs} | {longest}))
 
 
+def length_blocks(length_N, n_rows: int, buckets) -> tuple[tuple[int, int, int], ...]:
+    """Where each bucket's rows lie in a batch of every example sorted by length, longest
+    first (``Batcher(sort_by_length=True)`` over all of them: ``n_rows`` rows, the ones past
+    ``len(length_N)`` padding of length 0).
+
+    Args: the examples' lengths, the batch's rows, the bucket lengths (increasing).
+    Returns: ``(start, end, length)`` per non-empty bucket, longest first: rows ``start:end``
+      of the sorted batch are at most ``length`` long. The same for every such batch.
+    """
+    lengths = np.sort(np.concatenate([np.asarray(length_N),
+                                      np.zeros(n_rows - len(length_N), np.int64)]))[::-1]
+    blocks, start = [], 0
+    for b in range(len(buckets) - 1, -1, -1):
+        lower = buckets[b - 1] if b else -1
+        end = start + int(np.sum((lengths > lower) & (lengths <= buckets[b])))
+        if end > start:
+            blocks.append((start, end, int(buckets[b])))
+        start = end
+    if start != n_rows:
+        raise ValueError(f"bucket lengths {tuple(buckets)} do not hold every example")
+    return tuple(blocks)
+
+
 def default_buckets(max_len: int, n: int = 4, multiple: int = 8) -> tuple[int, ...]:
     """Args: max_len, number of buckets, rounding multiple.
 
@@ -65,12 +88,17 @@ class Batcher:
       epoch, position: where to start (see ``state``/``restore``).
       group_by_length: batch rows of similar length together (see the module docstring),
         so that batches take the smaller buckets; needs ``shuffle``.
+      sort_by_length: order each global batch's rows by length, longest first (padding rows
+        last), before the processes' parts are cut: a batch of every example then holds the
+        same lengths at the same rows each time (``length_blocks``), in a shuffled order
+        within equal lengths.
     """
 
     def __init__(self, dataset: SFTDataset, batch_size: int, *, seed: int = 0,
                  shuffle: bool = True, buckets=None, process_index: int = 0,
                  process_count: int = 1, drop_last: bool = False, epoch: int = 0,
-                 position: int = 0, group_by_length: bool = False):
+                 position: int = 0, group_by_length: bool = False,
+                 sort_by_length: bool = False):
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
         self.dataset = dataset
@@ -85,6 +113,7 @@ class Batcher:
         self.process_count = process_count
         self.drop_last = drop_last
         self.group_by_length = group_by_length and shuffle
+        self.sort_by_length = sort_by_length
         self.epoch = epoch
         self.position = position
         self._order = None
@@ -156,6 +185,9 @@ class Batcher:
         gids = self._order[self.position * g : (self.position + 1) * g]
         valid = np.arange(g) < len(gids)
         gids = np.concatenate([gids, np.zeros(g - len(gids), gids.dtype)])
+        if self.sort_by_length:
+            order = np.argsort(-np.where(valid, self.dataset.length_N[gids], 0), kind="stable")
+            gids, valid = gids[order], valid[order]
         seq_len = self.bucket(int(self.dataset.length_N[gids[valid]].max()))
         part = slice(self.process_index * self.batch_size,
                      (self.process_index + 1) * self.batch_size)
