@@ -185,7 +185,8 @@ def _grouped(dataset, data_cfg: inputs.DataConfig) -> dict:
     from jbilevel.data.batching import length_buckets
 
     n = data_cfg.length_buckets
-    return dict(buckets=length_buckets(dataset.length_N, n), group_by_length=n > 1)
+    return dict(buckets=length_buckets(dataset.length_N, n, top=_longest(dataset)),
+                group_by_length=n > 1)
 
 
 def _longest(dataset) -> int:
@@ -549,7 +550,8 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
             from jbilevel.algorithms.offline import offline_hyper_rows
             from jbilevel.data.batching import length_blocks, length_buckets
 
-            buckets = length_buckets(data_set.length_N, cfg.data.length_buckets)
+            buckets = length_buckets(data_set.length_N, cfg.data.length_buckets,
+                                     top=_longest(data_set))
             cuts = length_blocks(data_set.length_N, hyper_bs, buckets)
             hyper_rows = offline_hyper_rows(cfg.method, blocks=cuts)
             blocks = dict(buckets=buckets[-1:], sort_by_length=True)

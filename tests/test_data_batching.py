@@ -124,6 +124,7 @@ def test_length_buckets_are_quantiles_of_the_lengths():
     assert length_buckets(lengths, 4) == (128, 192, 256, 504)  # quantiles 75, 150, 250
     assert length_buckets(lengths, 1) == (504,)  # the longest, rounded up to 8
     assert length_buckets(np.full(9, 30), 3) == (32,)  # one length: one bucket
+    assert length_buckets(lengths, 2, top=500) == (192, 500)  # the largest as given
 
 
 def test_group_by_length_pads_less_and_keeps_every_guarantee(ds):

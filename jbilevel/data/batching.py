@@ -26,14 +26,16 @@ from jbilevel.data.dataset import SFTDataset
 GROUP_WINDOW = 64  # global batches per window that group_by_length sorts by length
 
 
-def length_buckets(length_N, n: int, multiple: int = 64) -> tuple[int, ...]:
+def length_buckets(length_N, n: int, multiple: int = 64, top: int | None = None
+                   ) -> tuple[int, ...]:
     """``n`` padded lengths for sequences of ``length_N``: its quantiles 1/n, 2/n, ..., 1,
-    rounded up to ``multiple`` (the longest to 8), without repeats.
+    rounded up to ``multiple``, without repeats, the last one ``top``.
 
-    Args: the sequence lengths, the number of buckets (1: the longest alone), rounding.
+    Args: the sequence lengths, the number of buckets (1: ``top`` alone), rounding, and the
+      largest length (default: the longest sequence rounded up to 8).
     Returns: increasing lengths, the last one holding the longest sequence.
     """
-    longest = -(-int(np.max(length_N)) // 8) * 8
+    longest = -(-int(np.max(length_N)) // 8) * 8 if top is None else top
     qs = np.quantile(np.asarray(length_N), np.arange(1, n) / n) if n > 1 else []
     return tuple(sorted({min(longest, -(-int(np.ceil(q)) // multiple) * multiple)
                          for q in qs} | {longest}))
