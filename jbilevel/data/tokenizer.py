@@ -148,8 +148,11 @@ def _stop_ids(directory: str, eos_id: int, vocab_size: int) -> tuple[int, ...]:
         path = os.path.join(directory, name) if directory else ""
         if not os.path.isfile(path):
             continue
-        with open(path) as f:
-            declared = json.load(f).get("eos_token_id")
+        try:
+            with open(path) as f:
+                declared = json.load(f).get("eos_token_id")
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise DataError(f"{path}: not a JSON object ({e}); fix or remove the file") from None
         for i in declared if isinstance(declared, list) else [declared]:
             if isinstance(i, int) and 0 <= i < vocab_size and i not in ids:
                 ids.append(i)
