@@ -539,14 +539,14 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
             f"{data.steps_per_epoch} steps per epoch ({n} rows, batch_size {cfg.batch_size}): "
             f"bmo's lam would fall by method.lam_decay every {loop.steps_per_epoch} steps, not "
             f"every epoch; set loop.steps_per_epoch={data.steps_per_epoch}")
-    hyper, hyper_rows = None, None
+    hyper, hyper_rows, cuts = None, None, None
     if cfg.method.method == "bds":
         hyper_bs = min(cfg.hyper_batch_size or n, n)
         hyper_bs += -hyper_bs % (sh.data_parallel_size(mesh, rules) * jax.process_count())
         blocks = {}
-        if cfg.data.length_buckets > 1 and hyper_bs >= n and refresher is None:
+        if cfg.data.length_buckets > 1 and hyper_bs >= n:
             # every row each time, sorted by length: each length bucket's rows take their
-            # per-example term at that length (online bds groups its rows its own way)
+            # per-example term at that length (online bds: its offline rows)
             from jbilevel.algorithms.offline import offline_hyper_rows
             from jbilevel.data.batching import length_blocks, length_buckets
 
@@ -581,7 +581,8 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
             state_sh = state_sh.replace(online=online_lib.buffer_shardings(mesh, rules,
                                                                            shapes.online))
             steps = online_lib.make_online_steps(example_loss, model, cfg.method,
-                                                 cfg.online, seed=cfg.seed, frozen=lora)
+                                                 cfg.online, seed=cfg.seed, frozen=lora,
+                                                 hyper_blocks=cuts)
         compiled = train.compile_steps(steps, cfg.method, mesh, rules, state_sh)
         train_step = f"{cfg.method.method} train step"
         compiled = dataclasses.replace(

@@ -756,3 +756,36 @@ def test_lora_online_samples_and_trains_through_the_adapters(lm, method):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     if method == "bds":
         assert np.abs(outs[0][3]).max() > 0  # the hypergradient moved the weights
+
+
+def test_online_hypergradient_with_offline_rows_cut_to_their_length(bmo):
+    """data.length_buckets under online bds: the offline rows, sorted by length, take their u
+    in blocks cut to their lengths; the step equals the uncut one."""
+    from jbilevel.algorithms.offline import make_steps
+    from jbilevel.data.batching import length_blocks, length_buckets
+
+    task, model = bmo.task, bmo.model
+    state, _ = bmo.refresher(bmo.fresh(), 0)
+    n = len(task.train)
+    order = np.argsort(-task.train.length_N, kind="stable")
+    off = task.train.batch(order, task.train.max_len)
+    blocks = length_blocks(task.train.length_N, n,
+                           length_buckets(task.train.length_N, 3, multiple=4,
+                                          top=task.train.max_len))
+    assert len(blocks) >= 2
+    both = ol.combine(off, jax.device_get(state.online).batch() | {"ratio": np.ones_like(
+        jax.device_get(state.online).loss_mask)}, 0.3)
+    method = MethodConfig(method="bds", hessian_rows=0, hyper_chunk=5, omega_optim="sgd",
+                          lr_omega=1e4, hypergrad=Implicit("cg", maxiter=3, tol=0.0,
+                                                           ridge=100.0))
+    mixed = ol.online_example_loss(bmo.loss, model.forward)
+    val = task.validation.batch(np.arange(8), task.validation.max_len)
+    start = init_state(jax.device_get(state.theta), n, method)
+    new = {}
+    for cut in (None, blocks):
+        steps = make_steps(mixed, method, hyper_rows=ol.hyper_rows(
+            bmo.loss, model.forward, method, 0.3, blocks=cut))
+        new[cut is None], metrics = jax.jit(steps.hyper)(start, both, val)
+        assert float(metrics["hyper_taken"]) == 1.0
+    assert float(jnp.abs(new[True].omega).max()) > 0
+    np.testing.assert_allclose(new[False].omega, new[True].omega, rtol=1e-4, atol=1e-6)

@@ -272,12 +272,18 @@ def offline_hyper_rows(cfg: MethodConfig, blocks=None) -> HyperRows:
     (the same u: the cut tokens are padding).
     """
     def rows(example_loss, batch):
-        if not blocks:
-            return hessian_sample(batch, cfg), [(example_loss, batch, 1.0)]
-        return hessian_sample(batch, cfg), [(example_loss, _block(batch, *b), 1.0)
-                                            for b in blocks]
+        return hessian_sample(batch, cfg), [(example_loss, block, 1.0)
+                                            for block in length_blocked(batch, blocks)]
 
     return rows
+
+
+def length_blocked(batch: dict, blocks) -> list[dict]:
+    """A batch sorted by length as its ``blocks`` (``(start, end, length)``; None: the whole
+    batch): rows ``start:end``, their token axes cut to ``length``."""
+    if not blocks:
+        return [batch]
+    return [_block(batch, *b) for b in blocks]
 
 
 def _block(batch: dict, start: int, end: int, length: int) -> dict:

@@ -36,6 +36,7 @@ from jbilevel.algorithms.offline import (
     Steps,
     TrainState,
     hessian_sample,
+    length_blocked,
     make_steps,
 )
 from jbilevel.objectives import ExampleLoss, token_nll_fn
@@ -228,10 +229,11 @@ def online_example_loss(example_loss, model, *, frozen: bool = False):
 
 
 def hyper_rows(example_loss, model, method: MethodConfig, gen_weight: float, *,
-               frozen: bool = False):
+               frozen: bool = False, blocks=None):
     """Online bds's rows for the hypergradient of a :func:`combine` batch (for
     ``make_steps(hyper_rows=)``; with ``frozen`` the losses take ``(adapters, base, rows)``,
-    which ``make_steps(frozen=True)`` binds).
+    which ``make_steps(frozen=True)`` binds). ``blocks``: the offline rows sorted by length,
+    each block's u taken at its length (as ``offline_hyper_rows(blocks=)``).
 
     The Hessian is estimated on ``method.hessian_rows`` offline rows and as many generated
     rows, combined with the same ``gen_weight`` (a ``jbilevel.adjoint.RowGroups``: one
@@ -255,8 +257,10 @@ def hyper_rows(example_loss, model, method: MethodConfig, gen_weight: float, *,
         # the Hessian: a product per group, the generated rows' skipped while none is valid
         hessian = row_groups(example_loss, gen_loss, hessian_sample(off, method),
                              hessian_sample(gen, method), gen_weight)
-        # the scale is one value per group (combine), so it multiplies u after the chunking
-        return hessian, [(example_loss, off, batch["scale"][0]),
+        # the scale is one value per group (combine), so it multiplies u after the chunking;
+        # offline rows sorted by length take their u in blocks cut to their lengths
+        return hessian, [*((example_loss, rows, batch["scale"][0])
+                           for rows in length_blocked(off, blocks)),
                          (gen_loss_skipping, gen, batch["scale"][n_off])]
 
     return split
@@ -327,7 +331,8 @@ def hyper_buffer(buffer: Buffer, key, hyper_rows: int, n_train: int) -> dict:
 
 
 def make_online_steps(example_loss, model, method: MethodConfig,
-                      cfg: OnlineConfig, *, seed: int = 0, frozen: bool = False) -> Steps:
+                      cfg: OnlineConfig, *, seed: int = 0, frozen: bool = False,
+                      hyper_blocks=None) -> Steps:
     """bmo/bds steps that also train on the generated pairs in ``state.online``.
 
     Args:
@@ -341,6 +346,8 @@ def make_online_steps(example_loss, model, method: MethodConfig,
       frozen: theta is LoRA adapters over ``state.frozen`` (as ``make_steps(frozen=True)``):
         the importance ratios and the generated rows' losses run the base through the
         adapters, unmerged.
+      hyper_blocks: bds over every training row sorted by length: the offline rows' blocks
+        (``jbilevel.data.batching.length_blocks``), each one's u taken at its length.
     Returns:
       ``Steps`` with the signatures of ``make_steps(method)``; train metrics add
       ``online_ratio_mean`` / ``online_clipped`` (fractions over tokens, or rows for
@@ -355,7 +362,8 @@ def make_online_steps(example_loss, model, method: MethodConfig,
     # bds: the hypergradient over the hyper batch and the buffer (or a draw from it)
     steps = make_steps(online_example_loss(example_loss, model, frozen=frozen), method,
                        frozen=frozen, hyper_rows=hyper_rows(example_loss, model, method,
-                                                            cfg.gen_weight, frozen=frozen))
+                                                            cfg.gen_weight, frozen=frozen,
+                                                            blocks=hyper_blocks))
     draw_key = jax.random.fold_in(jax.random.key(seed), 1)
     hyper_key = jax.random.fold_in(jax.random.key(seed), 2)
 
