@@ -272,17 +272,18 @@ def mesh_of(params):
     return None
 
 
-def split_loss(example_loss, dataset, batch_size: int) -> Callable[[Any], float]:
+def split_loss(example_loss, dataset, batch_size: int, buckets: int = 1
+               ) -> Callable[[Any], float]:
     """``params -> mean per-example loss over a whole split`` (fixed-shape batches, jitted once,
-    padding rows ignored).
+    padding rows ignored; ``buckets`` > 1: the rows sorted by length, each batch padded to the
+    smallest of that many lengths that holds it, one program per length, as
+    ``data.length_buckets`` pads training batches).
 
     With params on a mesh, each batch's rows are split over its data axes like a training
     batch (the batch size is rounded up to a multiple of them with padding rows) and the
     per-row losses come back replicated: params may span several processes, each process
     holds the whole split, and every process must call the returned function.
     """
-    from jbilevel.data import Batcher
-
     rules = sh.AxisRules()
     compiled: dict = {}  # mesh -> jitted loss
 
@@ -308,8 +309,7 @@ def split_loss(example_loss, dataset, batch_size: int) -> Callable[[Any], float]
             def put(batch):
                 return {k: put_rows(v) for k, v in batch.items()}
         if rows not in batches:
-            batches[rows] = list(Batcher(dataset, rows, shuffle=False,
-                                         buckets=(_longest(dataset),)).epoch_batches())
+            batches[rows] = list(_split_batcher(dataset, rows, buckets).epoch_batches())
         total = count = 0.0
         for batch in batches[rows]:
             loss_B = np.asarray(fn(params, put(batch)))
@@ -320,10 +320,23 @@ def split_loss(example_loss, dataset, batch_size: int) -> Callable[[Any], float]
     return mean
 
 
-def mean_loss(example_loss, params, dataset, batch_size: int) -> float:
+def _split_batcher(dataset, rows: int, buckets: int):
+    """One pass over a split: in id order at one length, or sorted by length (the rows
+    re-identified: a mean needs no ids) over ``buckets`` lengths."""
+    from jbilevel.data import Batcher
+    from jbilevel.data.batching import length_buckets
+
+    if buckets == 1:
+        return Batcher(dataset, rows, shuffle=False, buckets=(_longest(dataset),))
+    lengths = length_buckets(dataset.length_N, buckets, top=_longest(dataset))
+    return Batcher(dataset.subset(np.argsort(-dataset.length_N, kind="stable")), rows,
+                   shuffle=False, buckets=lengths)
+
+
+def mean_loss(example_loss, params, dataset, batch_size: int, buckets: int = 1) -> float:
     """Mean per-example loss over a whole split (see :func:`split_loss`; every process calls
     it when params span several)."""
-    return split_loss(example_loss, dataset, batch_size)(params)
+    return split_loss(example_loss, dataset, batch_size, buckets)(params)
 
 
 def state_setup(cfg: ExperimentConfig, model, n: int, mesh, rules, *, load_weights: bool):
@@ -620,10 +633,12 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
         if loop.eval_every:
             if lora:  # (adapters, base): the base rides in the state
                 val_loss = split_loss(lambda p, b: example_loss(p[0], p[1], b),
-                                      task.validation, cfg.eval_batch_size)
+                                      task.validation, cfg.eval_batch_size,
+                                      cfg.data.length_buckets)
                 weights_of = lambda s: (s.theta, s.frozen)  # noqa: E731
             else:
-                val_loss = split_loss(example_loss, task.validation, cfg.eval_batch_size)
+                val_loss = split_loss(example_loss, task.validation, cfg.eval_batch_size,
+                                      cfg.data.length_buckets)
                 weights_of = lambda s: s.theta  # noqa: E731
 
             def eval_fn(state):
@@ -710,13 +725,13 @@ def _finish(cfg, out: Path, console, result: dict, state, model, lora: bool, tas
         console.info(note)
     s_N = _host_weights(state, cfg.method.weighting)
     last = f"{out / 'checkpoints'} step {rundir.latest_checkpoint(out)}"
-    bs = cfg.eval_batch_size
+    bs, buckets = cfg.eval_batch_size, cfg.data.length_buckets
     with (train.naming_out_of_memory("final evaluation", result["steps"], last),
           console.phase("final evaluation") as phase):
-        result["val_loss"] = (mean_loss(loss, scored, task.validation, bs) if val_loss is None
-                              else val_loss)
+        result["val_loss"] = (mean_loss(loss, scored, task.validation, bs, buckets)
+                              if val_loss is None else val_loss)
         if task.test is not None:
-            result["test_loss"] = mean_loss(loss, scored, task.test, bs)
+            result["test_loss"] = mean_loss(loss, scored, task.test, bs, buckets)
         scores, predictions = score_splits(model, base, task, bs, lora=adapters,
                                            gather_params=cfg.online.gather_params)
         result.update(scores)

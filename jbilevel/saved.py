@@ -139,7 +139,8 @@ def _file_loss(model, params, data: str, data_cfg: inputs.DataConfig, tokenizer,
     for line in load_report_lines("--data", data, ds.report, console.verbosity):
         console.info(line)
     with console.phase("evaluating") as phase:
-        loss = experiment.mean_loss(*experiment.scoring_loss(model, params, lora), ds, batch_size)
+        loss = experiment.mean_loss(*experiment.scoring_loss(model, params, lora), ds, batch_size,
+                                    data_cfg.length_buckets)
         phase.summary = f"loss {loss:.4g}"
     return {"data": data, "n": len(ds), "loss": loss, "load_report": ds.report.as_dict()}
 
@@ -193,12 +194,12 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, overrides: Seq
     if (note := inputs.withheld_note(cfg.data, run_dir)) is not None:
         console.info(note)
     loss, weights = experiment.scoring_loss(model, params, lora)
-    bs = cfg.eval_batch_size
+    bs, buckets = cfg.eval_batch_size, cfg.data.length_buckets
     with console.phase("evaluating") as phase:
         result = {"run": str(run_dir),
-                  "val_loss": experiment.mean_loss(loss, weights, task.validation, bs)}
+                  "val_loss": experiment.mean_loss(loss, weights, task.validation, bs, buckets)}
         if task.test is not None:
-            result["test_loss"] = experiment.mean_loss(loss, weights, task.test, bs)
+            result["test_loss"] = experiment.mean_loss(loss, weights, task.test, bs, buckets)
         result.update(experiment.score_splits(
             model, params, task, bs, gather_params=cfg.online.gather_params, lora=lora)[0])
         phase.summary = ", ".join(f"{k} {v:.4g}" for k, v in result.items()

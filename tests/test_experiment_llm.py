@@ -239,7 +239,7 @@ def _mixed_lengths(tmp_path, model_dir, method: str, **method_kw):
                                length_buckets=3))
 
 
-def test_length_buckets_train_on_batches_of_similar_length(tmp_path, model_dir):
+def test_length_buckets_train_on_batches_of_similar_length(tmp_path, model_dir, capsys):
     """data.length_buckets=3: rows of mixed lengths train in batches padded to three lengths,
     each of the step's programs compiled (and said) once; a run stopped halfway resumes to the
     same result (the batch order is a function of seed and epoch)."""
@@ -259,6 +259,12 @@ def test_length_buckets_train_on_batches_of_similar_length(tmp_path, model_dir):
     experiment.run(stopped, tmp_path / "c", console=Console(stream=io.StringIO()))
     resumed = experiment.run(cfg, tmp_path / "c", console=Console(stream=io.StringIO()))
     assert resumed["resumed_from"] == 4 and resumed["val_loss"] == first["val_loss"]
+    # the evaluation passes sort the split by length too, so eval --run scores it as the run did
+    from jbilevel import cli
+
+    capsys.readouterr()
+    assert cli.main(["eval", "--run", str(tmp_path / "a")]) == 0
+    assert json.loads(capsys.readouterr().out)["val_loss"] == first["val_loss"]
 
 
 def test_length_buckets_cut_the_bds_hypergradient_rows_to_their_length(tmp_path, model_dir):

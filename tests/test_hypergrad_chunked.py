@@ -178,3 +178,29 @@ def test_hyper_rows_cut_to_their_length_give_the_same_step():
                      val)
     np.testing.assert_allclose(np.asarray(split.omega), np.asarray(got.omega), rtol=2e-4,
                                atol=1e-7)
+
+
+def test_split_loss_over_length_buckets_equals_one_length():
+    """The evaluation passes with data.length_buckets: the split sorted by length, batches
+    padded to their bucket, one program per length; the same mean loss."""
+    from jbilevel.data import load_sft
+    from jbilevel.experiment import split_loss
+    from jbilevel.models import ModelConfig, build
+
+    rows = [{"question": f"{i}?" + "ab" * (i % 7) * 16, "response": "x" * (1 + i % 5)}
+            for i in range(45)]
+    ds = load_sft(rows, prompt_template="{question}", max_len=256)
+    model = build(ModelConfig(vocab_size=ds.tokenizer.vocab_size, hidden_size=16,
+                              num_layers=2, num_heads=2, intermediate_size=32))
+    params = model.init(jax.random.key(0))
+    loss = objectives.lm_example_loss(model.forward)
+    one = split_loss(loss, ds, 8)(params)
+    traces = []
+
+    def counted(p, b):
+        traces.append(b["input_ids"].shape[1])
+        return loss(p, b)
+
+    three = split_loss(counted, ds, 8, buckets=3)(params)
+    assert len(set(traces)) == len(traces) == 3  # one program per length
+    np.testing.assert_allclose(three, one, rtol=1e-6)
