@@ -561,13 +561,11 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
             # every row each time, sorted by length: each length bucket's rows take their
             # per-example term at that length (online bds: its offline rows)
             from jbilevel.algorithms.offline import offline_hyper_rows
-            from jbilevel.data.batching import length_blocks, length_buckets
+            from jbilevel.data.batching import length_blocks
 
-            buckets = length_buckets(data_set.length_N, cfg.data.length_buckets,
-                                     top=_longest(data_set))
-            cuts = length_blocks(data_set.length_N, hyper_bs, buckets)
+            cuts = length_blocks(data_set.length_N, hyper_bs, data.buckets)  # training's
             hyper_rows = offline_hyper_rows(cfg.method, blocks=cuts)
-            blocks = dict(buckets=buckets[-1:], sort_by_length=True)
+            blocks = dict(buckets=data.buckets[-1:], sort_by_length=True)
             console.info("bds: the hypergradient's per-example term takes "
                          + ", ".join(f"{end - start} rows at {length} tokens"
                                      for start, end, length in cuts))

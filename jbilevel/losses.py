@@ -45,6 +45,11 @@ def chunk_positions(rows: int, length: int, vocab: int, budget_bytes: int,
     return int(min(length, max(1, budget_bytes // per_position)))
 
 
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+    """Gemma 2's soft cap, ``cap * tanh(x / cap)`` (None: x unchanged)."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
 def chunked_token_nll(
     hidden_BxLxD: jax.Array,
     head_VxD: jax.Array,
@@ -101,9 +106,7 @@ def chunked_token_nll(
                                   preferred_element_type=jnp.float32)
         if constrain_logits is not None:
             logits_BxCxV = constrain_logits(logits_BxCxV)
-        if softcap is not None:
-            logits_BxCxV = softcap * jnp.tanh(logits_BxCxV / softcap)
-        return token_nll(logits_BxCxV, y_BxC)
+        return token_nll(soft_cap(logits_BxCxV, softcap), y_BxC)
 
     if k == 1:  # nothing to recompute chunk by chunk: as jnp would do it
         return one((hidden_BxLxD, labels_BxL))[:, :length]

@@ -231,11 +231,6 @@ def _norm(c: ModelConfig):
     return _layer_norm
 
 
-def _softcap(x, cap):
-    """Gemma 2's soft cap: ``cap * tanh(x / cap)`` (None: x unchanged)."""
-    return x if cap is None else cap * jnp.tanh(x / cap)
-
-
 def _layer_norm(x_BxLxD, p, eps):
     x32 = x_BxLxD.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
@@ -381,7 +376,7 @@ def _layer(c: ModelConfig, sites: dict, scale, x_BxLxD, p, lw, cos_sin, mask_inf
         q5 = q.reshape(b, seq, kv, h // kv, k)
         scores = jnp.einsum(f"blngk,{kv_axes}->bngls", q5, k_all.astype(q5.dtype),
                             preferred_element_type=jnp.float32) * ((c.query_scale or k) ** -0.5)
-        scores = _softcap(scores, c.attn_softcap)
+        scores = losses.soft_cap(scores, c.attn_softcap)
         scores = jnp.where(allowed_BxLxS[:, None, None, :, :], scores, _NEG)
         probs = jax.nn.softmax(scores, axis=-1).astype(v_all.dtype)
         o5 = jnp.einsum(f"bngls,{kv_axes}->blngk", probs, v_all).astype(y_BxLxD.dtype)
@@ -507,6 +502,6 @@ def apply(c: ModelConfig, params, ids_BxL, pos_BxL, kv_mask_BxS, *, lora=None, c
     if hidden_only:
         return x, head
     logits = jnp.einsum("bld,vd->blv", x, head, preferred_element_type=jnp.float32)
-    logits = _softcap(logits, c.final_softcap)
+    logits = losses.soft_cap(logits, c.final_softcap)
     logits = constrain(logits, ("batch", None, "vocab"))
     return logits, new_cache
