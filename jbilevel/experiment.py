@@ -431,6 +431,10 @@ def load_data(cfg: ExperimentConfig, console: Console):
     with console.phase(what) as phase:
         task = inputs.load_task(cfg.task, cfg.data, cfg.model)
         phase.summary = ", ".join(f"{name} {len(ds)}" for name, ds in task.splits.items())
+    train_report = task.splits["train"].report
+    if cfg.data.train and train_report.response_end:
+        console.info(f"  responses end with {train_report.response_end} "
+                     f"(data.response_end={cfg.data.response_end})")
     for name, ds in task.splits.items():
         for line in load_report_lines(name, _source(cfg, name), ds.report, console.verbosity):
             console.info(line)

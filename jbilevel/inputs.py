@@ -68,6 +68,12 @@ class DataConfig:
     overlength: Literal["error", "truncate", "skip"] = "truncate"  # longer sequences
     on_bad_row: Literal["error", "skip"] = "error"  # malformed rows: stop, or skip and count
     add_bos: bool = True  # prepend the tokenizer's bos (false when the chat template writes it)
+    # what ends each trained response: "eos" the tokenizer's eos after the response text;
+    # "template" the chat template's own end of the assistant turn (the text it writes after
+    # the generation prompt, up to its first end token: Gemma's <end_of_turn>, not <eos>);
+    # "auto" template where a chat template ends the turn with one of the tokenizer's end
+    # tokens (eos, or generation_config.json's eos_token_id), else eos
+    response_end: Literal["auto", "eos", "template"] = "auto"
     # train column holding each row's ground truth, 1 good / 0 bad (None: unknown); with it the
     # run scores its learned weights (AUROC, weight mass on good rows) and can run oracle
     truth: str | None = None
@@ -297,7 +303,8 @@ def load_split(path: str, data_cfg: DataConfig, tokenizer, field: str = "data"):
             overlength=data_cfg.overlength, on_bad_row=data_cfg.on_bad_row,
             keys=data_cfg.keys or None, prompt_template=data_cfg.prompt_template,
             chat_template=data_cfg.chat_template,
-            chat_template_kwargs=data_cfg.chat_template_kwargs or None, add_bos=data_cfg.add_bos)
+            chat_template_kwargs=data_cfg.chat_template_kwargs or None, add_bos=data_cfg.add_bos,
+            response_end=data_cfg.response_end)
     except DataError as e:
         hint = ""
         if e.reason in _ROW_REASONS:

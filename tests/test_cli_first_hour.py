@@ -120,6 +120,7 @@ def test_every_phase_says_what_it_did_and_how_long(runs):
                  "  train " + str(runs["root"] / "train.jsonl") + ": read 17, kept 16, "
                  "truncated 0, skipped 1 (bad_json=1)",
                  f"    skipped (bad_json): train.jsonl line {BROKEN_LINE}: broken JSON",
+                 "  responses end with the tokenizer's eos <eos> (id 2) (data.response_end=auto)",
                  f"run directory {runs['whole']}: new run",
                  f"loading weights from {runs['root'] / 'llama'}: llama (",
                  "initialising the train state: done (", "compiling the bmo train step ...",

@@ -144,6 +144,109 @@ def test_a_template_that_writes_the_bos_is_not_given_a_second_one():
     assert ds.batch([0], 16)["input_ids"][0, :2].tolist() == [BOS, _c("H")]
 
 
+# Gemma's chat template, its structure kept: it writes the bos, names the assistant "model" and
+# ends every turn with <end_of_turn>, which its tokenizer's eos (<eos>) is not
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' "
+    "else m['role'] %}<start_of_turn>{{ role }}\n{{ m['content'] | trim }}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def _gemma_like_tokenizer(directory, *, declares_turn_end=True):
+    import json
+
+    from jbilevel.data.tokenizer import as_tokenizer
+
+    hf = TOK.to_hf()
+    hf.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    hf.chat_template = GEMMA_TEMPLATE
+    hf.save_pretrained(str(directory))
+    eot = hf.convert_tokens_to_ids("<end_of_turn>")
+    if declares_turn_end:  # as google/gemma-*-it's generation_config.json: [1, 106]
+        (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [EOS,
+                                                                                      eot]}))
+    return as_tokenizer(str(directory)), eot
+
+
+def test_responses_end_as_the_chat_template_ends_the_turn(tmp_path):
+    """data.response_end: auto trains an instruction-tuned Gemma's responses ending with its
+    <end_of_turn> (what its template writes and what generation stops at), not with <eos>;
+    eos keeps the tokenizer's eos; the text after the end token is not trained."""
+    tok, eot = _gemma_like_tokenizer(tmp_path)
+    rows = [{"question": "Hi?", "response": "Yo "}, {"question": "2+2?", "response": "4"}]
+    kw = dict(tokenizer=tok, chat_template="tokenizer", max_len=64, add_bos=False)
+    ds = load_sft(rows, **kw)
+    b = ds.batch([0, 1], 40)
+    for k, answer in enumerate(["Yo", "4"]):
+        trained = b["labels"][k][b["loss_mask"][k] > 0].tolist()
+        assert trained == TOK.encode(answer) + [eot]  # no <eos>, no newline after the turn end
+        n = int(b["attention_mask"][k].sum())
+        assert b["input_ids"][k, n - 1] == eot and b["input_ids"][k, 0] == BOS
+    assert ds.response_text(0) == "Yo"
+    assert ds.report.response_end == f"the chat template's turn end <end_of_turn> (id {eot})"
+    assert ds.report.as_dict()["response_end"] == ds.report.response_end
+    prompt = tok.hf.apply_chat_template([{"role": "user", "content": "Hi?"}], tokenize=False,
+                                        add_generation_prompt=True)
+    assert b["input_ids"][0, :ds.prompt_len_N[0]].tolist() == list(tok.encode(prompt))
+    assert load_sft(rows, response_end="template", **kw).tokens_T.tolist() == ds.tokens_T.tolist()
+    eos = load_sft(rows, response_end="eos", **kw)
+    b = eos.batch([0], 40)
+    assert b["labels"][0][b["loss_mask"][0] > 0].tolist() == TOK.encode("Yo ") + [EOS]
+    assert eos.report.response_end == f"the tokenizer's eos <eos> (id {EOS})"
+    # the chat schema: the last assistant message is the response, earlier turns the prompt
+    chat = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                          {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}]
+    ds = load_sft(chat, **kw)
+    b = ds.batch([0], 60)
+    assert b["labels"][0][b["loss_mask"][0] > 0].tolist() == [_c("d"), eot]
+
+
+def test_a_template_turn_end_that_stops_nothing_is_not_trained_silently(tmp_path):
+    """Without generation_config.json naming <end_of_turn> it is not an end token: auto falls
+    back to the eos, and template is refused by name (the model would never learn to stop)."""
+    tok, _ = _gemma_like_tokenizer(tmp_path, declares_turn_end=False)
+    rows = [{"question": "Hi?", "response": "Yo"}]
+    kw = dict(tokenizer=tok, chat_template="tokenizer", max_len=64, add_bos=False)
+    assert load_sft(rows, **kw).report.response_end == f"the tokenizer's eos <eos> (id {EOS})"
+    with pytest.raises(DataError, match=r"row 0: the chat template writes the response's turn as "
+                                        r"'Yo<end_of_turn>\\n', which holds none of the "
+                                        r"tokenizer's end tokens \(ids \[2\]\); set "
+                                        r"data.response_end=eos"):
+        load_sft(rows, response_end="template", **kw)
+    from jbilevel.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.response_end=template .* no chat template"):
+        load_sft(rows, response_end="template", max_len=64)
+    with pytest.raises(ConfigError, match="data.response_end='last'; use one of auto, eos"):
+        load_sft(rows, response_end="last", max_len=64)
+
+
+def test_jinja_template_writing_the_eos_ends_turns_with_it(tmp_path):
+    """A jinja source whose assistant turns end with {{ eos_token }} (Mistral's, Llama 2's):
+    auto trains the template's turn, which ends with the real eos; a template that writes the
+    earlier turns differently once a response follows cannot be cut and says so."""
+    TOK.to_hf(str(tmp_path))
+    rows = [{"question": "Hi?", "response": "Yo"}]
+    mistral = ("{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} "
+               "[/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+    ds = load_sft(rows, tokenizer=str(tmp_path), chat_template=mistral, max_len=64)
+    assert ds.report.response_end == f"the chat template's turn end <eos> (id {EOS})"
+    _check_text(ds, "[INST] Hi? [/INST]", "Yo")
+    # the char tokenizer cannot write <eos> as a token: auto keeps the appended eos
+    assert load_sft(rows, chat_template=mistral, max_len=64).report.response_end.startswith(
+        "the tokenizer's eos")
+    odd = ("{% for m in messages %}{{ 'bot' if m['role'] == 'assistant' else m['role'] }}: "
+           "{{ m['content'] }}{{ eos_token }}{% endfor %}"
+           "{% if add_generation_prompt %}assistant: {% endif %}")
+    with pytest.raises(DataError, match=r"row 0: the chat template writes the conversation "
+                                        r"before the response differently once the response "
+                                        r"follows .* set data.response_end=eos"):
+        load_sft(rows, tokenizer=str(tmp_path), chat_template=odd, max_len=64,
+                 response_end="template")
+    assert load_sft(rows, tokenizer=str(tmp_path), chat_template=odd,  # auto: the eos ends it
+                    max_len=64).report.response_end.startswith("the tokenizer's eos")
+
+
 def _check_text(ds, prompt, response):
     b = ds.batch([0], 48)
     n = int(b["attention_mask"][0].sum())

@@ -1,8 +1,10 @@
 """SFTDataset: tokenised examples with stable ids, prompt masks and fixed-shape batches.
 
 Example ``i`` (its stable id, 0..N-1 in source order after skips) is the token sequence
-``[bos] + prompt + response + [eos]``. Prompt and response are tokenised separately, so the
-prompt/response boundary is exact. The loss covers the response tokens and the eos.
+``[bos] + prompt + response + [eos]``, or, where the chat template's turn end is trained
+(``response_end="template"``), ``[bos] + prompt + response turn`` up to the template's end
+token. Prompt and response are tokenised separately, so the prompt/response boundary is
+exact. The loss covers the response tokens and the end token.
 """
 
 from __future__ import annotations
@@ -177,13 +179,17 @@ def concat(datasets: list[SFTDataset], ids_per_dataset=None) -> SFTDataset:
 
 
 def tokenize_pairs(pairs, rows, where, tokenizer, *, max_len: int, overlength: str = "error",
-                   report: LoadReport | None = None, add_bos: bool = True) -> SFTDataset:
+                   report: LoadReport | None = None, add_bos: bool = True,
+                   response_end: str = "eos") -> SFTDataset:
     """Tokenise (prompt, response) strings into an SFTDataset.
 
     Args:
       pairs: list of (prompt text, response text); rows/where: matching raw rows and locations.
       tokenizer: pipeline tokenizer (see ``jbilevel.data.tokenizer``).
       max_len: longest sequence (bos + prompt + response + eos) kept.
+      response_end: "eos" appends the tokenizer's eos to each response; "template": each
+        response text is a chat template's assistant turn, kept up to its first end token
+        (``tokenizer.stop_ids``), which it must hold.
       overlength: "error" raises, "truncate" cuts the response's end (then the prompt's start,
         after bos), "skip" drops the example; truncations and skips are counted in ``report``.
     Returns: the dataset; ids are 0..N-1 in input order over the kept examples.
@@ -194,12 +200,15 @@ def tokenize_pairs(pairs, rows, where, tokenizer, *, max_len: int, overlength: s
     prompts_tok = tokenizer.encode_batch([p for p, _ in pairs])
     responses_tok = tokenizer.encode_batch([r for _, r in pairs])
     head = [tokenizer.bos_id] if (add_bos and tokenizer.bos_id is not None) else []
-    tail = [tokenizer.eos_id]
+    tail = [tokenizer.eos_id] if response_end == "eos" else []
     if head:
         _refuse_second_bos(prompts_tok, head[0], where)
+    if response_end == "template":
+        responses_tok = _cut_at_turn_end(responses_tok, [r for _, r in pairs], tokenizer, where)
+    report.response_end = _end_name(tokenizer, response_end, responses_tok)
     pieces, prompt_lens, lengths, kept_rows, kept_where = [], [], [], [], []
     for k, (p, r) in enumerate(zip(prompts_tok, responses_tok, strict=True)):
-        n_p, n_r = len(head) + len(p), len(r) + 1
+        n_p, n_r = len(head) + len(p), len(r) + len(tail)
         if n_p == 0:
             raise DataError(f"{where[k]}: the prompt is empty", "empty_prompt")
         if n_p + n_r > max_len:
@@ -246,6 +255,37 @@ def tokenize_pairs(pairs, rows, where, tokenizer, *, max_len: int, overlength: s
     )
 
 
+def _cut_at_turn_end(responses_tok, texts, tokenizer, where) -> list:
+    """Each templated response turn up to and including its first end token; a turn without
+    one is refused by name (the model would never learn to stop)."""
+    stops = np.asarray(tokenizer.stop_ids)
+    out = []
+    for k, r in enumerate(responses_tok):
+        end = np.flatnonzero(np.isin(np.asarray(r), stops))
+        if not end.size:
+            raise DataError(
+                f"{where[k]}: the chat template writes the response's turn as {texts[k][-60:]!r}"
+                f", which holds none of the tokenizer's end tokens (ids "
+                f"{list(tokenizer.stop_ids)}); set "
+                "data.response_end=eos (the response followed by the tokenizer's eos), or give "
+                "the tokenizer's directory a generation_config.json naming the template's end "
+                "token in eos_token_id", "template_turn")
+        out.append(r[: end[0] + 1])
+    return out
+
+
+def _end_name(tokenizer, response_end: str, responses_tok) -> str:
+    """How the responses end, for the load report, e.g. "the tokenizer's eos <eos> (id 1)" or
+    "the chat template's turn end <end_of_turn> (id 106)"."""
+    ids = ([tokenizer.eos_id] if response_end == "eos"
+           else sorted({int(r[-1]) for r in responses_tok if len(r)}))
+    hf = getattr(tokenizer, "hf", None)
+    names = [f"{hf.convert_ids_to_tokens(i) if hf is not None else ''} (id {i})".lstrip()
+             for i in ids]
+    what = "the tokenizer's eos" if response_end == "eos" else "the chat template's turn end"
+    return f"{what} {', '.join(names)}"
+
+
 def _refuse_second_bos(prompts_tok, bos_id: int, where) -> None:
     """A chat template that writes the bos itself (Llama 3's, Gemma's) plus ``add_bos`` would
     start every sequence with two: a format the model never saw. Refused, naming the fix."""
@@ -267,7 +307,7 @@ def load_sft(source, *, schema: str = "auto", tokenizer=None, max_len: int = 512
              overlength: str = "error", on_bad_row: str = "error", keys: dict | None = None,
              prompt_template: str | None = None, chat_template: str | None = None,
              chat_template_kwargs: dict | None = None, split: str = "train",
-             add_bos: bool = True) -> SFTDataset:
+             add_bos: bool = True, response_end: str = "auto") -> SFTDataset:
     """Load an SFT dataset from a local file, a save_to_disk directory, an HF dataset or rows.
 
     Args:
@@ -285,6 +325,8 @@ def load_sft(source, *, schema: str = "auto", tokenizer=None, max_len: int = 512
         ``{"enable_thinking": False}`` (Qwen3's template).
       split: split for hub names and DatasetDict directories.
       add_bos: prepend the tokenizer's bos (if it has one).
+      response_end: "auto" | "eos" | "template": what ends each trained response (see
+        ``jbilevel.data.schemas``): the tokenizer's eos, or the chat template's turn end.
     Returns: SFTDataset with ids 0..N-1 over kept rows in source order, and ``.report``.
     """
     if on_bad_row not in ("error", "skip"):
@@ -302,7 +344,8 @@ def load_sft(source, *, schema: str = "auto", tokenizer=None, max_len: int = 512
             name = detect_schema(row, loc) if schema == "auto" else schema
             formatter = Formatter(name, keys=keys, prompt_template=prompt_template,
                                   chat_template=chat_template,
-                                  chat_template_kwargs=chat_template_kwargs, tokenizer=tok)
+                                  chat_template_kwargs=chat_template_kwargs, tokenizer=tok,
+                                  response_end=response_end)
         try:
             pairs.append(formatter(row, loc))
         except DataError as err:
@@ -313,7 +356,8 @@ def load_sft(source, *, schema: str = "auto", tokenizer=None, max_len: int = 512
     if report.n_read == 0:
         raise DataError(f"{_name(source)}: no rows (empty file or dataset)", "empty")
     return tokenize_pairs(pairs, rows, where, tok, max_len=max_len, overlength=overlength,
-                          report=report, add_bos=add_bos)
+                          report=report, add_bos=add_bos,
+                          response_end=formatter.response_end if formatter else "eos")
 
 
 def _name(source) -> str:

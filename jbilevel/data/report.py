@@ -29,6 +29,8 @@ class LoadReport:
       n_truncated: kept examples that were truncated to ``max_len``.
       skipped: count of skipped rows by reason (e.g. ``missing_key``, ``too_long``).
       messages: the first ``max_messages`` skip/truncation messages, each naming its row.
+      response_end: what ends each trained response (the tokenizer's eos, or the chat
+        template's turn end), with the token and its id.
     """
 
     n_read: int = 0
@@ -37,6 +39,7 @@ class LoadReport:
     skipped: Counter = dataclasses.field(default_factory=Counter)
     messages: list[str] = dataclasses.field(default_factory=list)
     max_messages: int = 20
+    response_end: str = ""
 
     @property
     def n_skipped(self) -> int:
@@ -63,6 +66,7 @@ class LoadReport:
             "n_skipped": self.n_skipped,
             "skipped": dict(self.skipped),
             "messages": list(self.messages),
+            "response_end": self.response_end,
         }
 
     def __str__(self) -> str:

@@ -8,6 +8,14 @@ Built-in schemas (logical field -> default column):
 ``schema="auto"`` picks one from the first row's keys. ``keys={"response": "answer"}`` renames
 columns. Prompts come from a ``str.format`` template over the logical fields, or from a jinja2
 chat template (``chat_template="tokenizer"`` uses the tokenizer's own).
+
+How a response ends (``response_end``): ``"eos"`` trains the response text followed by the
+tokenizer's eos; ``"template"`` trains what the chat template writes for the assistant's turn
+after the generation prompt, up to its first end token (an instruction-tuned Gemma ends its
+turns with ``<end_of_turn>``, not with its tokenizer's eos ``<eos>``), as TRL's SFT trainer does
+by templating the whole conversation; ``"auto"`` takes ``"template"`` when a chat template
+formats the prompts and ends an assistant turn with one of the tokenizer's end tokens
+(``stop_ids``), else ``"eos"``.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ ALPACA_NO_INPUT_TEMPLATE = (
     "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 )
 ORCA_TEMPLATE = "{system_prompt}\n\nQuestion: {question}\nAnswer: "
+RESPONSE_ENDS = ("auto", "eos", "template")
 DEFAULT_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -89,7 +98,7 @@ class Formatter:
     """Turns rows of one schema into (prompt, response) strings, raising named DataErrors."""
 
     def __init__(self, schema: str, *, keys=None, prompt_template=None, chat_template=None,
-                 chat_template_kwargs=None, tokenizer=None):
+                 chat_template_kwargs=None, tokenizer=None, response_end: str = "eos"):
         if schema not in SCHEMAS:
             raise ConfigError(f"unknown schema {schema!r} (data.schema); use one of auto, "
                               f"{', '.join(SCHEMAS)}")
@@ -112,6 +121,17 @@ class Formatter:
                 f"data.chat_template_kwargs={self.chat_template_kwargs} but no chat template "
                 f"formats schema {schema!r}: set data.chat_template (e.g. tokenizer), or drop "
                 "the kwargs")
+        if response_end not in RESPONSE_ENDS:
+            raise ConfigError(f"data.response_end={response_end!r}; use one of "
+                              f"{', '.join(RESPONSE_ENDS)}")
+        if response_end == "template" and self.chat_template is None:
+            raise ConfigError(
+                f"data.response_end=template ends each response as the chat template ends the "
+                f"assistant's turn, but no chat template formats schema {schema!r}: set "
+                "data.chat_template (e.g. tokenizer), or data.response_end=eos")
+        if response_end == "auto":
+            response_end = "template" if self._template_ends_turns() else "eos"
+        self.response_end = response_end
 
     def column(self, field: str) -> str:
         return self.keys.get(field, field)
@@ -149,7 +169,7 @@ class Formatter:
         fields.update({f: self._get(row, where, f, required=False) for f in self.schema.optional})
         response = self._get(row, where, self.schema.response, required=True)
         if self.chat_template is not None:
-            return self._render(self._as_messages(fields)), response
+            return self._turn(self._as_messages(fields), response, where)
         template = self.prompt_template
         if template is None:
             short = self.schema.template_short
@@ -172,14 +192,54 @@ class Formatter:
             messages.insert(0, {"role": "system", "content": fields["system_prompt"]})
         return messages
 
-    def _render(self, messages: list[dict]) -> str:
+    def _render(self, messages: list[dict], *, generation_prompt: bool = True,
+                eos_token: bool = False) -> str:
         if self.chat_template == "tokenizer":
             hf = getattr(self.tokenizer, "hf", self.tokenizer)
-            return hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
-                                          **self.chat_template_kwargs)
-        return self._jinja.render(**{"bos_token": "", "eos_token": "",
+            return hf.apply_chat_template(messages, add_generation_prompt=generation_prompt,
+                                          tokenize=False, **self.chat_template_kwargs)
+        # the bos is the pipeline's to add (data.add_bos); a template's {{ eos_token }} is the
+        # tokenizer's where the template's turn ends are trained, else empty
+        eos = getattr(getattr(self.tokenizer, "hf", None), "eos_token", None) or ""
+        return self._jinja.render(**{"bos_token": "", "eos_token": eos if eos_token else "",
                                      **self.chat_template_kwargs},
-                                  messages=messages, add_generation_prompt=True)
+                                  messages=messages, add_generation_prompt=generation_prompt)
+
+    def _turn(self, messages: list[dict], response: str, where: str,
+              end: str | None = None) -> tuple[str, str]:
+        """(prompt, response) of one conversation: the response text alone (the eos appended
+        later), or, ending as the template does (``end="template"``), the text the template
+        writes after the generation prompt once the response follows (cut after its end
+        token later)."""
+        if (end or self.response_end) == "eos":
+            return self._render(messages), response
+        prompt = self._render(messages, eos_token=True)
+        full = self._render([*messages, {"role": "assistant", "content": response}],
+                            generation_prompt=False, eos_token=True)
+        if not full.startswith(prompt):
+            raise DataError(
+                f"{where}: the chat template writes the conversation before the response "
+                f"differently once the response follows (...{full[:len(prompt)][-40:]!r} where "
+                f"the prompt has ...{prompt[-40:]!r}), so the response's turn cannot be cut "
+                "from it; set data.response_end=eos (the response followed by the tokenizer's "
+                "eos)", "template_turn")
+        return prompt, full[len(prompt):]
+
+    def _template_ends_turns(self) -> bool:
+        """Whether the chat template ends an assistant turn with one of the tokenizer's end
+        tokens (``response_end=auto``), tried on a one-question conversation."""
+        if self.chat_template is None or not hasattr(self.tokenizer, "stop_ids"):
+            return False
+        try:
+            _, turn = self._turn([{"role": "user", "content": "Hi"}], "Hello", "probe",
+                                 end="template")
+        except Exception:  # noqa: BLE001 - a template that cannot cut a turn: eos ends them
+            return False
+        if "Hello" not in turn:
+            return False
+        tail = turn[turn.rfind("Hello") + len("Hello"):]
+        ids = self.tokenizer.encode_batch([tail])[0] if tail else []
+        return any(int(i) in self.tokenizer.stop_ids for i in ids)
 
     def _chat(self, row: dict, where: str) -> tuple[str, str]:
         col = self.column("messages")
@@ -209,4 +269,4 @@ class Formatter:
         if not last["content"].strip():
             raise DataError(f"{where}: {col}[-1] (the response) is empty", "empty_response")
         prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
-        return self._render(prompt), last["content"]
+        return self._turn(prompt, last["content"], where)
