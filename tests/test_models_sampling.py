@@ -88,6 +88,19 @@ def test_eos_stops_and_masks(llama):
     np.testing.assert_array_equal(mask[1], [1] * stop + [0] * (8 - stop))
     np.testing.assert_array_equal(toks[1, :stop], greedy[1, :stop])
     np.testing.assert_array_equal(toks[1, stop:], 0)
+    # decoding stops once both rows have: a longer budget decodes no further and gives the
+    # same rows, padded
+    assert int(gen.decoded) == max(2, stop) < 8
+    longer = generate(build(config), params, ref["prompt_ids"], ref["prompt_mask"],
+                      jax.random.key(0), max_new_tokens=40, greedy=True, eos_id=eos, pad_id=0)
+    assert int(longer.decoded) == int(gen.decoded)
+    for name in ("tokens", "logprobs", "mask", "sampling_logprobs"):
+        a, b = np.asarray(getattr(gen, name)), np.asarray(getattr(longer, name))
+        np.testing.assert_array_equal(b[..., :8], a, err_msg=name)
+        np.testing.assert_array_equal(b[..., 8:], 0, err_msg=name)
+    # without an end token every position is decoded
+    assert int(generate(build(config), params, ref["prompt_ids"], ref["prompt_mask"],
+                        jax.random.key(0), max_new_tokens=8, greedy=True).decoded) == 8
 
 
 def test_generate_rejects_bad_arguments(llama):

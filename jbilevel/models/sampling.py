@@ -32,20 +32,23 @@ class Generation:
     log_softmax(logits)[token], i.e. what `forward` gives for the same tokens (what the
     importance ratio of online self-refinement needs). sampling_logprobs_BxGxT: log-prob under
     the distribution actually sampled from (temperature, top-k, top-p applied; 0 for greedy).
-    Masked positions hold 0 in both.
+    Masked positions hold 0 in both. decoded: how many of the T positions were decoded (an
+    int32 scalar): decoding stops once every row has stopped, the later positions padding.
     """
 
     tokens: jax.Array
     logprobs: jax.Array
     mask: jax.Array
     sampling_logprobs: jax.Array
+    decoded: jax.Array
 
     def __iter__(self):
         return iter((self.tokens, self.logprobs, self.mask))
 
 
 jax.tree_util.register_dataclass(
-    Generation, data_fields=["tokens", "logprobs", "mask", "sampling_logprobs"], meta_fields=[])
+    Generation, data_fields=["tokens", "logprobs", "mask", "sampling_logprobs", "decoded"],
+    meta_fields=[])
 
 
 def _process(logits_BxV, temperature, top_k: int, top_p: float):
@@ -132,24 +135,35 @@ def _sample(c, params, ids_BxP, mask_BxP, rng, temperature, eos_id, pad_id, lora
                jnp.where(valid_B, lp_sample_B, 0.0))
         return out, done_B, key
 
-    def step(carry, t):
-        cache, logits_BxV, done_B, key = carry
+    # One decoding step per new token until every row has stopped (or T tokens): the
+    # remaining positions would be padding, so a batch whose answers end early stops there.
+    def more(carry):
+        t, _, _, done_B, _, _ = carry
+        return (t < t_new - 1) & ~jnp.all(done_B)
+
+    def step(carry):
+        t, cache, logits_BxV, done_B, key, outs = carry
         out, done_B, key = pick(logits_BxV, done_B, key)
         new_logits, cache = apply(c, params, out[0][:, None], (next_pos_B + t)[:, None],
                                   kv_mask_BxS, lora=lora, cache=cache, cache_index=p + t,
                                   stream_layers=stream_layers)
-        return (cache, new_logits[:, 0], done_B, key), out
+        outs = tuple(o_TxB.at[t].set(o_B) for o_TxB, o_B in zip(outs, out, strict=True))
+        return t + 1, cache, new_logits[:, 0], done_B, key, outs
 
-    init = (cache, logits[:, -1], jnp.zeros((bg,), bool), rng)
-    (_, last_logits, done, key), outs = jax.lax.scan(step, init, jnp.arange(t_new - 1))
+    # what a stopped row writes: pad, log-probs 0, mask 0
+    outs = (jnp.full((t_new, bg), pad_id, ids.dtype), jnp.zeros((t_new, bg), jnp.float32),
+            jnp.zeros((t_new, bg), jnp.int32), jnp.zeros((t_new, bg), jnp.float32))
+    init = (jnp.int32(0), cache, logits[:, -1], jnp.zeros((bg,), bool), rng, outs)
+    t, _, last_logits, done, key, outs = jax.lax.while_loop(more, step, init)
+    decoded = t + jnp.where(jnp.all(done), 0, 1)  # the last position, unless all had stopped
     last, _, _ = pick(last_logits, done, key)
-    toks, lps, masks, slps = (jnp.concatenate([o_TxB, o_B[None]])
+    toks, lps, masks, slps = (o_TxB.at[t].set(o_B)
                               for o_TxB, o_B in zip(outs, last, strict=True))
 
     def shape_out(x_TxBG):
         return x_TxBG.T.reshape(b, g, t_new)
 
-    return Generation(shape_out(toks), shape_out(lps), shape_out(masks), shape_out(slps))
+    return Generation(shape_out(toks), shape_out(lps), shape_out(masks), shape_out(slps), decoded)
 
 
 def generate(model, params, prompt_ids_BxP, prompt_mask_BxP, rng, *, max_new_tokens: int,
@@ -165,7 +179,7 @@ def generate(model, params, prompt_ids_BxP, prompt_mask_BxP, rng, *, max_new_tok
       prompt_ids_BxP, prompt_mask_BxP: LEFT-padded prompts (mask 1 = real token, at least one
         real token per row); positions start at 0 on the first real token, as HF generate.
       rng: PRNG key (unused when greedy).
-      max_new_tokens: T, the number of sampled steps.
+      max_new_tokens: T, the most tokens sampled per row.
       num_samples: G continuations per prompt (rows b*G .. b*G+G-1 share prompt b).
       temperature, top_k (0 = off), top_p (1 = off): the sampling distribution.
       greedy: argmax decoding (HF do_sample=False).
@@ -176,8 +190,9 @@ def generate(model, params, prompt_ids_BxP, prompt_mask_BxP, rng, *, max_new_tok
         axes of ``rules`` (default ``AxisRules()``), parameters gathered over fsdp once per
         call (see the module docstring; ``gather_params=False`` keeps them split).
     Returns:
-      Generation(tokens_BxGxT, logprobs_BxGxT, mask_BxGxT, sampling_logprobs_BxGxT); see its
-      docstring for which log-prob is which.
+      Generation(tokens_BxGxT, logprobs_BxGxT, mask_BxGxT, sampling_logprobs_BxGxT, decoded);
+      see its docstring for which log-prob is which. Decoding stops early once every row has
+      stopped (``decoded`` < T); the positions after are padding, as they would be anyway.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
