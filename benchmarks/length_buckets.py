@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/length_buckets.py [--rounds 3 --buckets 1 2 4 --rows 2048]
     PYTHONPATH=. python benchmarks/length_buckets.py --bds   # bds's hypergradient step instead
+    PYTHONPATH=. python benchmarks/length_buckets.py --bds --hyper-batch 512   # a sample
 
 SFT data mixes short and long examples (Alpaca: most rows a few hundred tokens, a tail up to
 max_len). With one bucket every batch is padded to the longest sequence; with n buckets each
@@ -16,7 +17,10 @@ seconds, and both as ratios to one bucket.
 ``--bds``: the trainer's bds hypergradient step over every row (Hessian on 64 of them, 2 CG
 iterations, the per-example term 32 rows at a time), the rows sorted by length and each
 bucket's rows cut to its length (``offline_hyper_rows(blocks=)``), against all of them at the
-longest length; seconds per hypergradient step.
+longest length; seconds per hypergradient step. With ``--hyper-batch M`` the step takes a
+sample of M rows, as the LLM configs' ``hyper_batch_size``: with several buckets a fixed number
+from each (``length_strata``), cut to its length, against M rows drawn at random at the longest
+length; the median over ``--rounds`` rounds of 3 batches each.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from jbilevel import train
 from jbilevel.algorithms import MethodConfig, init_state, make_steps
 from jbilevel.algorithms.offline import offline_hyper_rows
 from jbilevel.data import Batcher, load_sft
-from jbilevel.data.batching import length_blocks, length_buckets
+from jbilevel.data.batching import length_blocks, length_buckets, length_strata
 from jbilevel.implicit import Implicit
 from jbilevel.models import ModelConfig, build
 from jbilevel.objectives import lm_example_loss
@@ -56,6 +60,8 @@ def main():
     ap.add_argument("--buckets", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--bds", action="store_true", help="time the hypergradient step instead")
+    ap.add_argument("--hyper-batch", type=int, default=0,
+                    help="--bds: rows per hypergradient (0: every row)")
     args = ap.parse_args()
     ds = load_sft(_rows(args.rows), prompt_template="{question}", max_len=MAX_LEN)
     model = build(ModelConfig(vocab_size=ds.tokenizer.vocab_size, hidden_size=128,
@@ -119,30 +125,38 @@ def _bds(args, ds, model, mesh, rules):
     state = init_state(model.init(jax.random.key(0)), n, cfg)
     val = ds.batch(np.arange(32), MAX_LEN)
     loss = lm_example_loss(model)
+    m = args.hyper_batch or n
     print(f"{n} rows, lengths: median {int(np.median(lengths))}, p90 "
           f"{int(np.percentile(lengths, 90))}, max {int(lengths.max())}; bds hypergradient "
-          f"over every row; {jax.devices()[0].platform}", flush=True)
+          f"over {'every row' if m >= n else f'{m} rows'}; {jax.devices()[0].platform}",
+          flush=True)
     runs = {}
     for b in args.buckets:
         buckets = length_buckets(lengths, b)
-        blocks = length_blocks(lengths, n, buckets) if b > 1 else None
-        batch = next(Batcher(ds, n, seed=0, buckets=buckets[-1:], sort_by_length=b > 1))
+        if m >= n:
+            blocks = length_blocks(lengths, n, buckets) if b > 1 else None
+            batcher = Batcher(ds, n, seed=0, buckets=buckets[-1:], sort_by_length=b > 1)
+        else:
+            blocks = length_strata(lengths, m, buckets) if b > 1 else None
+            batcher = Batcher(ds, m, seed=0, buckets=buckets[-1:], strata=blocks)
+        batches = [next(batcher) for _ in range(1 if m >= n else 3)]
         hyper = jax.jit(make_steps(loss, cfg, hyper_rows=offline_hyper_rows(cfg, blocks)).hyper)
-        jax.block_until_ready(hyper(state, batch, val))  # compile
-        runs[b] = (hyper, batch, blocks)
+        jax.block_until_ready(hyper(state, batches[0], val))  # compile
+        runs[b] = (hyper, batches, blocks)
     seconds: dict[int, list[float]] = {b: [] for b in args.buckets}
     for _ in range(args.rounds):
-        for b, (hyper, batch, _) in runs.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(hyper(state, batch, val))
-            seconds[b].append(time.perf_counter() - t0)
+        for b, (hyper, batches, _) in runs.items():
+            for batch in batches:
+                t0 = time.perf_counter()
+                jax.block_until_ready(hyper(state, batch, val))
+                seconds[b].append(time.perf_counter() - t0)
     base = statistics.median(seconds[args.buckets[0]])
     print(f"| length_buckets | per-example rows at lengths | hyper step s | time vs "
           f"{args.buckets[0]} |")
     print("|---|---|---|---|")
-    for b, (_, batch, blocks) in runs.items():
+    for b, (_, batches, blocks) in runs.items():
         cut = (", ".join(f"{e - s} at {L}" for s, e, L in blocks) if blocks
-               else f"{n} at {batch['input_ids'].shape[1]}")
+               else f"{m} at {batches[0]['input_ids'].shape[1]}")
         s = statistics.median(seconds[b])
         print(f"| {b} | {cut} | {s:.2f} | {s / base:.2f} |")
 

@@ -195,7 +195,7 @@ def _longest(dataset) -> int:
 
 
 def evaluate(model, params, task, split: str = "test", batch_size: int = 250, *,
-             gather_params: bool = True, lora=None) -> dict:
+             gather_params: bool = True, lora=None, buckets: int = 1) -> dict:
     """Greedy-decodes every prompt of ``split`` and scores the answers with the task metric.
 
     Every process calls it with the same arguments (params may span processes); the decoded
@@ -204,27 +204,40 @@ def evaluate(model, params, task, split: str = "test", batch_size: int = 250, *,
     batch rounded up to a multiple of them with padding rows), as online generation's
     sampler calls are: each device decodes its own rows. ``gather_params=False`` keeps the
     weights split while decoding (see ``jbilevel.models.generate``); ``lora``: adapters over
-    ``params``, unmerged.
+    ``params``, unmerged. ``buckets`` > 1 (``data.length_buckets``): the prompts decoded
+    longest first, each batch left-padded to the smallest of that many prompt lengths that
+    holds it (one program per length) instead of the split's longest prompt; the answers come
+    back in the split's order. Each call decodes until its rows have all ended (the split's
+    longest reference answer is the budget).
     """
+    from jbilevel.data.batching import length_buckets
     from jbilevel.models import generate
 
     ds = task.splits[split]
     max_new = int((ds.length_N - ds.prompt_len_N).max())
+    prompt_N = ds.prompt_len_N
+    order = np.arange(len(ds)) if buckets == 1 else np.argsort(-prompt_N, kind="stable")
+    lengths = length_buckets(prompt_N, buckets, top=int(prompt_N.max()))
     mesh = mesh_of(params)
     rows, put, on_mesh = batch_size, (lambda x: x), {}
     if mesh is not None and mesh.size > 1:
         rules = sh.AxisRules()
         rows, put = _rows_on(mesh, rules, batch_size)
         on_mesh = dict(mesh=mesh, rules=rules, gather_params=gather_params)
-    predictions: list[str] = []
-    for batch in ds.prompt_batches(rows):
+    predictions: list = [None] * len(ds)
+    for start in range(0, len(ds), rows):
+        ids = order[start:start + rows]
+        valid = np.arange(rows) < len(ids)
+        ids = np.concatenate([ids, np.zeros(rows - len(ids), ids.dtype)])
+        longest = int(prompt_N[ids[valid]].max())
+        batch = ds.prompt_batch(ids, lengths[int(np.searchsorted(lengths, longest))], valid)
         out = generate(model, params, put(batch["prompt_ids"]), put(batch["prompt_mask"]),
                        jax.random.key(0), max_new_tokens=max_new, greedy=True,
                        eos_id=task.tokenizer.stop_ids, pad_id=task.tokenizer.pad_id, lora=lora,
                        **on_mesh)
         tokens_BxT = inputs.to_host(out.tokens)[:, 0, :]
-        for b in np.flatnonzero(batch["valid"]):
-            predictions.append(task.tokenizer.decode(tokens_BxT[b]))
+        for b in np.flatnonzero(valid):
+            predictions[ids[b]] = task.tokenizer.decode(tokens_BxT[b])
     return {**task.score(predictions, split), "predictions": predictions}
 
 
@@ -244,9 +257,10 @@ SPLIT_PREFIX = {"validation": "val", "test": "test"}  # results.json keys: val_a
 
 
 def score_splits(model, params, task, batch_size: int, *,
-                 gather_params: bool = True, lora=None) -> tuple[dict, dict]:
+                 gather_params: bool = True, lora=None, buckets: int = 1) -> tuple[dict, dict]:
     """Greedy answers to the prompts of each split in ``task.scored``, scored with the task
-    metric (:func:`evaluate`; ``lora``: adapters over ``params``, unmerged).
+    metric (:func:`evaluate`; ``lora``: adapters over ``params``, unmerged; ``buckets``:
+    prompt lengths).
 
     Returns: ({"val_<metric>" / "test_<metric>": value}, {split: decoded answers}); both empty
     for a task without a metric.
@@ -258,7 +272,7 @@ def score_splits(model, params, task, batch_size: int, *,
     for split in task.scored:
         if split in task.splits:
             record = evaluate(model, params, task, split, batch_size,
-                              gather_params=gather_params, lora=lora)
+                              gather_params=gather_params, lora=lora, buckets=buckets)
             predictions[split] = record.pop("predictions")
             scores.update({f"{SPLIT_PREFIX[split]}_{k}": v for k, v in record.items()})
     return scores, predictions
@@ -561,16 +575,22 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
         hyper_bs = min(cfg.hyper_batch_size or n, n)
         hyper_bs += -hyper_bs % (sh.data_parallel_size(mesh, rules) * jax.process_count())
         blocks = {}
-        if cfg.data.length_buckets > 1 and hyper_bs >= n:
-            # every row each time, sorted by length: each length bucket's rows take their
-            # per-example term at that length (online bds: its offline rows)
+        if cfg.data.length_buckets > 1:
+            # each length bucket's rows take their per-example term at that length (online
+            # bds: its offline rows): every row each time, sorted by length, or a sample
+            # with a fixed number of rows from each bucket
             from jbilevel.algorithms.offline import offline_hyper_rows
-            from jbilevel.data.batching import length_blocks
+            from jbilevel.data.batching import length_blocks, length_strata
 
-            cuts = length_blocks(data_set.length_N, hyper_bs, data.buckets)  # training's
+            if hyper_bs >= n:
+                cuts = length_blocks(data_set.length_N, hyper_bs, data.buckets)  # training's
+                blocks = dict(buckets=data.buckets[-1:], sort_by_length=True)
+            else:
+                cuts = length_strata(data_set.length_N, hyper_bs, data.buckets)
+                blocks = dict(buckets=data.buckets[-1:], strata=cuts)
             hyper_rows = offline_hyper_rows(cfg.method, blocks=cuts)
-            blocks = dict(buckets=data.buckets[-1:], sort_by_length=True)
-            console.info("bds: the hypergradient's per-example term takes "
+            console.info(("bds: the hypergradient's per-example term takes " if hyper_bs >= n
+                          else "bds: each hypergradient draws ")
                          + ", ".join(f"{end - start} rows at {length} tokens"
                                      for start, end, length in cuts))
         hyper = _process_batcher(data_set, hyper_bs, mesh, rules, seed=cfg.seed + 2,
@@ -735,7 +755,8 @@ def _finish(cfg, out: Path, console, result: dict, state, model, lora: bool, tas
         if task.test is not None:
             result["test_loss"] = mean_loss(loss, scored, task.test, bs, buckets)
         scores, predictions = score_splits(model, base, task, bs, lora=adapters,
-                                           gather_params=cfg.online.gather_params)
+                                           gather_params=cfg.online.gather_params,
+                                           buckets=buckets)
         result.update(scores)
         if learned:
             if good_N is not None:

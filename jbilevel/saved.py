@@ -201,7 +201,8 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, overrides: Seq
         if task.test is not None:
             result["test_loss"] = experiment.mean_loss(loss, weights, task.test, bs, buckets)
         result.update(experiment.score_splits(
-            model, params, task, bs, gather_params=cfg.online.gather_params, lora=lora)[0])
+            model, params, task, bs, gather_params=cfg.online.gather_params, lora=lora,
+            buckets=buckets)[0])
         phase.summary = ", ".join(f"{k} {v:.4g}" for k, v in result.items()
                                   if isinstance(v, float))
     result["data"] = experiment.data_reports(cfg, task)

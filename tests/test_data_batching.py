@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jbilevel.data import Batcher, default_buckets, load_sft
-from jbilevel.data.batching import length_buckets
+from jbilevel.data.batching import length_buckets, length_strata
 
 
 @pytest.fixture(scope="module")
@@ -95,19 +95,19 @@ def test_state_restore_resumes_at_same_example(ds):
     np.testing.assert_array_equal(next(again)["ids"], stream[10]["ids"])
 
 
-def test_prompt_batches_cover_every_prompt_once(ds):
-    batches = list(ds.prompt_batches(8))
-    assert len(batches) == 7
+def test_prompt_batch_left_pads_every_prompt(ds):
     p = int(ds.prompt_len_N.max())
-    assert all(b["prompt_ids"].shape == (8, p) for b in batches)
-    ids = np.concatenate([b["ids"][b["valid"] > 0] for b in batches])
-    np.testing.assert_array_equal(ids, np.arange(53))
-    for b in batches:
-        for row, i in enumerate(b["ids"][b["valid"] > 0]):
-            n_p = int(ds.prompt_len_N[i])
-            np.testing.assert_array_equal(b["prompt_ids"][row, p - n_p :], ds.sequence(i)[:n_p])
-            assert b["prompt_mask"][row].sum() == n_p and b["prompt_mask"][row, -1] == 1
-    assert batches[-1]["valid"].sum() == 5 and batches[-1]["prompt_mask"][5:].sum() == 0
+    ids = np.arange(48, 56)
+    b = ds.prompt_batch(np.where(ids < 53, ids, 0), p, ids < 53)
+    assert b["prompt_ids"].shape == (8, p)
+    np.testing.assert_array_equal(b["ids"][:5], np.arange(48, 53))
+    for row, i in enumerate(range(48, 53)):
+        n_p = int(ds.prompt_len_N[i])
+        np.testing.assert_array_equal(b["prompt_ids"][row, p - n_p :], ds.sequence(i)[:n_p])
+        assert b["prompt_mask"][row].sum() == n_p and b["prompt_mask"][row, -1] == 1
+    assert b["valid"].sum() == 5 and b["prompt_mask"][5:].sum() == 0
+    with pytest.raises(ValueError, match=f"prompt_len {p - 1} < longest prompt"):
+        ds.prompt_batch(np.arange(53), p - 1)
 
 
 def test_buckets(ds):
@@ -161,6 +161,51 @@ def test_group_by_length_pads_less_and_keeps_every_guarantee(ds):
         {"seed": 2, "epoch": 0, "position": 4})
     for want in stream[4:]:
         np.testing.assert_array_equal(next(resumed)["input_ids"], want["input_ids"])
+
+
+def test_length_strata_sample_each_bucket_at_its_rows(ds):
+    """bds's sampled hyper batches with length buckets: every batch takes a fixed number of
+    rows from each bucket (in proportion to its size, at least one) at fixed rows, the longest
+    first; no batch holds a row twice; over a round each bucket's rows come once; the
+    processes' parts make up the batch; a restored batcher resumes exactly."""
+    buckets = length_buckets(ds.length_N, 3, multiple=8)
+    strata = length_strata(ds.length_N, 16, buckets)
+    sizes = [int(np.sum(np.searchsorted(buckets, ds.length_N) == b))
+             for b in range(len(buckets) - 1, -1, -1)]
+    assert [end - start for start, end, _ in strata] == [
+        round(1 + 13 * n / 53) for n in sizes]  # 1 each, the other 13 by size
+    assert strata[0][0] == 0 and strata[-1][1] == 16 and [b[2] for b in strata] == sorted(
+        buckets, reverse=True)
+    assert length_strata([5, 5, 5, 100], 2, (8, 104)) == ((0, 1, 104), (1, 2, 8))  # 1 each
+    with pytest.raises(ValueError, match="cannot take a row from each of 2 length buckets"):
+        length_strata([5, 5, 5, 100], 1, (8, 104))
+    batcher = Batcher(ds, 16, seed=4, buckets=buckets[-1:], strata=strata)
+    stream = [next(batcher) for _ in range(12)]
+    for b in stream:
+        assert b["valid"].all() and len(set(b["ids"].tolist())) == 16
+        for (start, end, length), lower in zip(strata, [b[2] for b in strata[1:]] + [0],
+                                               strict=True):
+            lengths = ds.length_N[b["ids"][start:end]]
+            assert (lengths <= length).all() and (lengths > lower).all()
+    last = strata[-1]  # the shortest bucket: its rows come once a round, in new orders
+    m = last[1] - last[0]
+    per_round = sizes[-1] // m
+    drawn = [b["ids"][last[0]:last[1]] for b in stream]
+    rounds = [np.concatenate(drawn[r * per_round:(r + 1) * per_round]) for r in range(2)]
+    assert all(len(set(r.tolist())) == per_round * m for r in rounds)
+    assert not np.array_equal(*rounds)
+    procs = [Batcher(ds, 8, seed=4, buckets=buckets[-1:], strata=strata, process_index=p,
+                     process_count=2) for p in range(2)]
+    for want in stream[:5]:
+        parts = [next(b) for b in procs]
+        np.testing.assert_array_equal(np.concatenate([p["ids"] for p in parts]), want["ids"])
+    resumed = Batcher(ds, 16, buckets=buckets[-1:], strata=strata).restore(
+        {"seed": 4, "epoch": 1, "position": 1})  # 4 batches an epoch
+    assert batcher.steps_per_epoch == 4
+    for want in stream[5:]:
+        np.testing.assert_array_equal(next(resumed)["input_ids"], want["input_ids"])
+    with pytest.raises(ValueError, match="need shuffle and a global batch of 16 rows, not 8"):
+        Batcher(ds, 8, strata=strata)
 
 
 def test_no_recompilation_across_epochs(ds):

@@ -267,21 +267,27 @@ def test_length_buckets_train_on_batches_of_similar_length(tmp_path, model_dir, 
     assert json.loads(capsys.readouterr().out)["val_loss"] == first["val_loss"]
 
 
-def test_length_buckets_cut_the_bds_hypergradient_rows_to_their_length(tmp_path, model_dir):
-    """bds over every row with data.length_buckets: one hypergradient program whose
-    per-example term takes each length bucket's rows at that length, and whose weight step is
-    taken."""
+@pytest.mark.parametrize("hyper_batch_size", [0, 16])
+def test_length_buckets_cut_the_bds_hypergradient_rows_to_their_length(tmp_path, model_dir,
+                                                                        hyper_batch_size):
+    """bds with data.length_buckets, over every row (0) or a sample of 16 rows drawn a fixed
+    number from each length bucket: one hypergradient program whose per-example term takes
+    each length bucket's rows at that length, and whose weight step is taken."""
     import io
 
     from jbilevel.console import Console
 
     cfg = _mixed_lengths(tmp_path, model_dir, "bds", hessian_rows=0, hypergrad=Implicit(
         "cg", maxiter=2, tol=0.0, ridge=100.0))
+    cfg = dataclasses.replace(cfg, hyper_batch_size=hyper_batch_size)
     out = io.StringIO()
     experiment.run(cfg, tmp_path / "run", console=Console(stream=out))
     log = out.getvalue()
-    groups = re.search(r"bds: the hypergradient's per-example term takes (.*)\n", log)[1]
-    assert len(groups.split(", ")) == 3 and log.count("compiling the hypergradient step") == 1
+    said = ("bds: the hypergradient's per-example term takes" if not hyper_batch_size
+            else "bds: each hypergradient draws")
+    groups = re.search(rf"{said} (.*)\n", log)[1].split(", ")
+    assert len(groups) == 3 and log.count("compiling the hypergradient step") == 1
+    assert sum(int(g.split()[0]) for g in groups) == (hyper_batch_size or 32)
     metrics = [json.loads(r) for r in
                (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m.get("hyper_taken") for m in metrics if "hyper_step" in m] == [1.0]

@@ -5,6 +5,8 @@ with the Hessian on a sample it must equal the formula of docs/design.md written
 with a dense Hessian; and the bds hyper step must take it when ``hyper_chunk`` is set.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -177,6 +179,17 @@ def test_hyper_rows_cut_to_their_length_give_the_same_step():
     split, _ = hyper(state, jax.device_put(cut, sh.batch_sharding(mesh, sh.AxisRules(), 1)),
                      val)
     np.testing.assert_allclose(np.asarray(split.omega), np.asarray(got.omega), rtol=2e-4,
+                               atol=1e-7)
+    # a Hessian sample (every 4th row): its rows cut to their blocks' lengths as well
+    from jbilevel.algorithms.offline import sample_blocks
+
+    cfg = dataclasses.replace(cfg, hessian_rows=12)
+    assert sample_blocks(48, cfg, blocks) == tuple(
+        (-(-s // 4), -(-e // 4), n) for s, e, n in blocks)
+    want, _ = jax.jit(make_steps(loss, cfg).hyper)(state, cut, val)  # the same rows, uncut
+    got, _ = jax.jit(make_steps(loss, cfg, hyper_rows=offline_hyper_rows(cfg, blocks)).hyper)(
+        state, cut, val)
+    np.testing.assert_allclose(np.asarray(got.omega), np.asarray(want.omega), rtol=2e-4,
                                atol=1e-7)
 
 

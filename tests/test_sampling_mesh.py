@@ -127,3 +127,42 @@ def test_evaluation_splits_its_prompts_over_the_mesh(monkeypatch):
     for shape, sharding, on in calls:
         assert shape[0] == 8 and on is mesh
         assert sharding.spec[0] == sh.batch_sharding(mesh, rules, 2).spec[0]
+
+
+def test_evaluation_decodes_prompts_of_mixed_lengths_in_length_buckets(monkeypatch):
+    """data.length_buckets for the greedy answers: prompts decoded longest first, each batch
+    left-padded to the smallest of the prompt-length buckets that holds it, the answers back
+    in the split's order and the same as at one length."""
+    import dataclasses
+
+    import jbilevel.models
+    from jbilevel import experiment
+    from jbilevel.data import load_sft, make_task
+    from jbilevel.data.tasks import TASK_TEMPLATE
+
+    task = make_task("quality", seed=0, n_train=8, n_val=4, n_test=12)
+    rows = [{**r, "question": "Please, " * (7 * (k % 4)) + r["question"]}
+            for k, r in enumerate(task.test.rows)]  # prompts of 4 lengths, interleaved
+    test = load_sft(rows, schema="qa", prompt_template=TASK_TEMPLATE, max_len=256)
+    task = dataclasses.replace(task, splits={**task.splits, "test": test})
+    tok = task.tokenizer
+    model = build(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=2,
+                              num_heads=4, intermediate_size=64, max_position_embeddings=256,
+                              eos_token_id=tok.eos_id, pad_token_id=tok.pad_id))
+    params = model.init(jax.random.key(0))
+    calls = []
+    real = jbilevel.models.generate
+
+    def spy(model, params, ids, mask, rng, **kw):
+        calls.append(ids.shape[1])
+        return real(model, params, ids, mask, rng, **kw)
+
+    monkeypatch.setattr(jbilevel.models, "generate", spy)
+    want = experiment.evaluate(model, params, task, "test", batch_size=3)
+    assert calls == [int(test.prompt_len_N.max())] * 4
+    calls.clear()
+    got = experiment.evaluate(model, params, task, "test", batch_size=3, buckets=4)
+    assert got["predictions"] == want["predictions"] and got["accuracy"] == want["accuracy"]
+    # 3 prompts of each length a batch, longest first: the buckets of 64 tokens (the prompt
+    # lengths' quartiles rounded up) and the longest prompt
+    assert calls == [int(test.prompt_len_N.max()), 192, 128, 128]

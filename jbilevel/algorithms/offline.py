@@ -266,16 +266,34 @@ def offline_hyper_rows(cfg: MethodConfig, blocks=None) -> HyperRows:
     """bds's default: the Hessian on ``hessian_sample`` rows, the per-example term on every
     row of the hyper batch.
 
-    ``blocks``: ``((start, end, length), ...)`` (``jbilevel.data.batching.length_blocks``)
-    for a hyper batch sorted by length: each block's rows get their per-example term cut to
-    ``length`` tokens, a group of its own, instead of every row at the longest one's length
-    (the same u: the cut tokens are padding).
+    ``blocks``: ``((start, end, length), ...)`` (``jbilevel.data.batching.length_blocks``
+    or ``length_strata``) for a hyper batch whose rows lie by length so (every row sorted by
+    length, or a sample of a fixed number from each length bucket): each block's rows get
+    their per-example term cut to ``length`` tokens, a group of its own, instead of every
+    row at the longest one's length (the same u: the cut tokens are padding), and so do the
+    Hessian sample's rows in its products (:func:`sample_blocks`).
     """
     def rows(example_loss, batch):
-        return hessian_sample(batch, cfg), [(example_loss, block, 1.0)
-                                            for block in length_blocked(batch, blocks)]
+        sample = hessian_sample(batch, cfg)
+        cut = sample_blocks(batch["ids"].shape[0], cfg, blocks)
+        hessian = sample if not cut else RowGroups(tuple(
+            (example_loss, rows, None, False) for rows in length_blocked(sample, cut)))
+        return hessian, [(example_loss, block, 1.0) for block in length_blocked(batch, blocks)]
 
     return rows
+
+
+def sample_blocks(n: int, cfg: MethodConfig, blocks):
+    """The ``blocks`` of a hyper batch of ``n`` rows as they fall on its :func:`hessian_sample`
+    (a strided sample keeps the rows' order, so each block's rows stay together): the
+    Hessian's products then take each block's rows at its length too (a ``RowGroups`` of one
+    group per block: the same sum over rows)."""
+    if not blocks or not cfg.hessian_rows or cfg.hessian_rows >= n:
+        return blocks
+    stride = n // cfg.hessian_rows
+    cut = ((-(-start // stride), min(-(-end // stride), cfg.hessian_rows), length)
+           for start, end, length in blocks)
+    return tuple((a, b, length) for a, b, length in cut if b > a)
 
 
 def length_blocked(batch: dict, blocks) -> list[dict]:

@@ -38,6 +38,7 @@ from jbilevel.algorithms.offline import (
     hessian_sample,
     length_blocked,
     make_steps,
+    sample_blocks,
 )
 from jbilevel.objectives import ExampleLoss, token_nll_fn
 
@@ -256,7 +257,8 @@ def hyper_rows(example_loss, model, method: MethodConfig, gen_weight: float, *,
         n_off = off["ids"].shape[0]
         # the Hessian: a product per group, the generated rows' skipped while none is valid
         hessian = row_groups(example_loss, gen_loss, hessian_sample(off, method),
-                             hessian_sample(gen, method), gen_weight)
+                             hessian_sample(gen, method), gen_weight,
+                             blocks=sample_blocks(n_off, method, blocks))
         # the scale is one value per group (combine), so it multiplies u after the chunking;
         # offline rows sorted by length take their u in blocks cut to their lengths
         return hessian, [*((example_loss, rows, batch["scale"][0])
@@ -267,12 +269,15 @@ def hyper_rows(example_loss, model, method: MethodConfig, gen_weight: float, *,
 
 
 def row_groups(example_loss: ExampleLoss, gen_loss: ExampleLoss, offline: dict,
-               generated: dict, gen_weight: float) -> RowGroups:
+               generated: dict, gen_weight: float, blocks=None) -> RowGroups:
     """Offline and generated rows as two groups, each with its own loss and scaled as
     :func:`combine` scales them; the generated rows' passes skippable (none of them is valid
-    before the first refresh)."""
+    before the first refresh). ``blocks``: the offline rows sorted by length, a group per
+    block cut to its length (the same sum)."""
     s_off, s_gen = group_scales(offline["valid"], generated["valid"], gen_weight)
-    return RowGroups(((example_loss, offline, s_off, False), (gen_loss, generated, s_gen, True)))
+    return RowGroups((*((example_loss, rows, s_off, False)
+                        for rows in length_blocked(offline, blocks)),
+                      (gen_loss, generated, s_gen, True)))
 
 
 def group_scales(valid_off, valid_gen, gen_weight: float):
@@ -346,8 +351,9 @@ def make_online_steps(example_loss, model, method: MethodConfig,
       frozen: theta is LoRA adapters over ``state.frozen`` (as ``make_steps(frozen=True)``):
         the importance ratios and the generated rows' losses run the base through the
         adapters, unmerged.
-      hyper_blocks: bds over every training row sorted by length: the offline rows' blocks
-        (``jbilevel.data.batching.length_blocks``), each one's u taken at its length.
+      hyper_blocks: bds with length buckets: the offline rows' blocks (over every training
+        row sorted by length, ``jbilevel.data.batching.length_blocks``, or a sample of a fixed
+        number of rows from each bucket, ``length_strata``), each one's u taken at its length.
     Returns:
       ``Steps`` with the signatures of ``make_steps(method)``; train metrics add
       ``online_ratio_mean`` / ``online_clipped`` (fractions over tokens, or rows for

@@ -15,9 +15,20 @@ windows of ``GROUP_WINDOW`` global batches, each window sorted by length, cut in
 and the full batches shuffled, the one holding the epoch's longest row first (the largest
 shape compiles, or runs out of memory, at the first step); the partial batch stays last.
 Every id is still visited once per epoch, and the order is still a function of (seed, epoch).
+
+``strata`` (bds's sampled hyper batches) draws each global batch as a fixed number of rows from
+each length bucket, the longest bucket's rows first (``length_strata``: counts proportional to
+the buckets' sizes, at least one each), so that every batch holds the same lengths at the same
+rows and each bucket's rows can be cut to their length. Bucket ``k`` visits its ids in the
+order ``default_rng([seed, e, k]).permutation`` of them, ``floor(n_k / m_k)`` batches of
+``m_k`` rows per round ``e`` (the rest wait for the next round, so no batch holds a row
+twice); batch ``s`` of the run (``epoch * steps_per_epoch + position``) takes its rows from
+every bucket's ``s``-th, so the same state resumes it.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 
@@ -64,6 +75,36 @@ def length_blocks(length_N, n_rows: int, buckets) -> tuple[tuple[int, int, int],
     return tuple(blocks)
 
 
+def length_strata(length_N, n_rows: int, buckets) -> tuple[tuple[int, int, int], ...]:
+    """How many of a sampled batch's ``n_rows`` rows each length bucket gives (``Batcher(
+    strata=)``): in proportion to the bucket's share of the examples (largest remainders), at
+    least one row from each non-empty bucket, the longest bucket first.
+
+    Args: the examples' lengths, the batch's rows (fewer than the examples), the bucket
+      lengths (increasing, the last holding every example).
+    Returns: ``(start, end, length)`` per non-empty bucket, longest first, as
+      :func:`length_blocks`: rows ``start:end`` of every such batch are at most ``length`` long.
+    """
+    length_N = np.asarray(length_N)
+    if buckets[-1] < length_N.max():
+        raise ValueError(f"bucket lengths {tuple(buckets)} do not hold every example")
+    bucket_N = np.searchsorted(np.asarray(buckets), length_N)
+    sizes = np.bincount(bucket_N, minlength=len(buckets))[::-1]  # longest first
+    lengths = np.asarray(buckets)[::-1][sizes > 0]
+    sizes = sizes[sizes > 0]
+    if not len(sizes) <= n_rows < sizes.sum():
+        raise ValueError(f"a sampled batch of {n_rows} rows cannot take a row from each of "
+                         f"{len(sizes)} length buckets out of {sizes.sum()} examples; use "
+                         "fewer buckets (data.length_buckets) or more rows")
+    share = (n_rows - len(sizes)) * sizes / sizes.sum()  # one row each, the rest by size
+    counts = 1 + np.floor(share).astype(np.int64)
+    extra = n_rows - counts.sum()
+    counts[np.argsort(-(share - np.floor(share)), kind="stable")[:extra]] += 1
+    ends = np.cumsum(counts)
+    return tuple((int(e - c), int(e), int(L)) for e, c, L in zip(ends, counts, lengths,
+                                                                    strict=True))
+
+
 def default_buckets(max_len: int, n: int = 4, multiple: int = 8) -> tuple[int, ...]:
     """Args: max_len, number of buckets, rounding multiple.
 
@@ -94,13 +135,17 @@ class Batcher:
         last), before the processes' parts are cut: a batch of every example then holds the
         same lengths at the same rows each time (``length_blocks``), in a shuffled order
         within equal lengths.
+      strata: ``length_strata``'s ``(start, end, length)`` blocks: each global batch takes
+        ``end - start`` rows of the examples at most ``length`` long (and longer than the
+        next block's length) at rows ``start:end`` (see the module docstring); needs
+        ``shuffle``.
     """
 
     def __init__(self, dataset: SFTDataset, batch_size: int, *, seed: int = 0,
                  shuffle: bool = True, buckets=None, process_index: int = 0,
                  process_count: int = 1, drop_last: bool = False, epoch: int = 0,
                  position: int = 0, group_by_length: bool = False,
-                 sort_by_length: bool = False):
+                 sort_by_length: bool = False, strata=None):
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
         self.dataset = dataset
@@ -119,6 +164,19 @@ class Batcher:
         self.epoch = epoch
         self.position = position
         self._order = None
+        self.strata = tuple(strata) if strata else None
+        if self.strata:
+            if not shuffle or self.strata[-1][1] != self.global_batch_size:
+                raise ValueError(f"strata {self.strata} need shuffle and a global batch of "
+                                 f"{self.strata[-1][1]} rows, not {self.global_batch_size}")
+            bounds = [length for *_, length in self.strata] + [-1]
+            length = dataset.length_N
+            self._strata_ids = [np.flatnonzero((length <= hi) & (length > lo))
+                                for hi, lo in itertools.pairwise(bounds)]
+            if sum(map(len, self._strata_ids)) != len(dataset) or any(
+                    end - start > len(ids) for (start, end, _), ids in zip(
+                        self.strata, self._strata_ids, strict=True)):
+                raise ValueError(f"strata {self.strata} do not fit the examples' lengths")
 
     @property
     def global_batch_size(self) -> int:
@@ -181,10 +239,13 @@ class Batcher:
             self.epoch += 1
             self.position = 0
             self._order = None
-        if self._order is None:
-            self._order = self.epoch_order(self.epoch)
         g = self.global_batch_size
-        gids = self._order[self.position * g : (self.position + 1) * g]
+        if self.strata:
+            gids = self._stratum_rows(self.epoch * self.steps_per_epoch + self.position)
+        else:
+            if self._order is None:
+                self._order = self.epoch_order(self.epoch)
+            gids = self._order[self.position * g : (self.position + 1) * g]
         valid = np.arange(g) < len(gids)
         gids = np.concatenate([gids, np.zeros(g - len(gids), gids.dtype)])
         if self.sort_by_length:
@@ -195,6 +256,18 @@ class Batcher:
                      (self.process_index + 1) * self.batch_size)
         self.position += 1
         return self.dataset.batch(gids[part], seq_len, valid[part])
+
+    def _stratum_rows(self, s: int) -> np.ndarray:
+        """The ids of batch ``s`` of the run under ``strata``: each bucket's ``s``-th draw."""
+        parts = []
+        for k, ((start, end, _), ids) in enumerate(zip(self.strata, self._strata_ids,
+                                                       strict=True)):
+            m = end - start
+            per_round = len(ids) // m
+            rnd, j = divmod(s, per_round)
+            order = np.random.default_rng([self.seed, rnd, k]).permutation(ids)
+            parts.append(order[j * m:(j + 1) * m])
+        return np.concatenate(parts)
 
     def epoch_batches(self):
         """Yield the rest of the current epoch's batches (then stop)."""

@@ -118,18 +118,6 @@ class SFTDataset:
             "valid": valid_B.astype(np.float32),
         }
 
-    def prompt_batches(self, batch_size: int, prompt_len: int | None = None):
-        """Yield every example's prompt once, in id order, in fixed-shape batches.
-
-        Args: batch_size B; prompt_len P (default: the longest prompt).
-        Yields: ``prompt_batch`` dicts; the last batch is padded with valid=0 rows.
-        """
-        prompt_len = int(self.prompt_len_N.max()) if prompt_len is None else prompt_len
-        for start in range(0, len(self), batch_size):
-            ids = np.arange(start, start + batch_size)
-            valid = ids < len(self)
-            yield self.prompt_batch(np.where(valid, ids, 0), prompt_len, valid)
-
     def subset(self, ids_M) -> SFTDataset:
         """Args: ids_M, example ids to keep (in this order).
 
