@@ -5,8 +5,6 @@ with the Hessian on a sample it must equal the formula of docs/design.md written
 with a dense Hessian; and the bds hyper step must take it when ``hyper_chunk`` is set.
 """
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,12 +139,13 @@ def test_rows_split_over_8_devices_give_the_same_result(x64):
 
 
 def test_hyper_rows_cut_to_their_length_give_the_same_step():
-    """data.length_buckets for bds: the hyper batch of every row sorted by length, each length
-    bucket's rows taking their per-example term at that length (offline_hyper_rows(blocks=)),
-    gives the step of the unsorted batch at the longest length: the cut tokens are padding.
-    Also with the batch's rows split over 8 devices (the blocks cut across their shards)."""
+    """data.length_buckets for bds: a hyper batch sorted by length, each length bucket's rows
+    taking their per-example term at that length (offline_hyper_rows(blocks=)) and so do the
+    Hessian sample's rows (every 4th row) in its products, gives the step of the same batch
+    at the longest length: the cut tokens are padding. Also with the batch's rows split over
+    8 devices (the blocks cut across their shards)."""
     from jbilevel import sharding as sh
-    from jbilevel.algorithms.offline import offline_hyper_rows
+    from jbilevel.algorithms.offline import offline_hyper_rows, sample_blocks
     from jbilevel.data import Batcher, load_sft
     from jbilevel.data.batching import length_blocks, length_buckets
     from jbilevel.models import ModelConfig, build
@@ -157,18 +156,19 @@ def test_hyper_rows_cut_to_their_length_give_the_same_step():
     model = build(ModelConfig(vocab_size=ds.tokenizer.vocab_size, hidden_size=16,
                               num_layers=2, num_heads=2, intermediate_size=32))
     loss = objectives.lm_example_loss(model.forward)
-    cfg = MethodConfig(method="bds", hessian_rows=0, hyper_chunk=8, lr_omega=0.1,
+    cfg = MethodConfig(method="bds", hessian_rows=12, hyper_chunk=8, lr_omega=0.1,
                        hypergrad=Implicit("cg", maxiter=3, tol=0.0, ridge=100.0))
     buckets = length_buckets(ds.length_N, 3, multiple=8)
     blocks = length_blocks(ds.length_N, 48, buckets)
     assert len(blocks) == 3 and blocks[-1][1] == 48  # 3 padding rows, in the last block
+    assert sample_blocks(48, cfg, blocks) == tuple(
+        (-(-s // 4), -(-e // 4), n) for s, e, n in blocks)
     state = init_state(model.init(jax.random.key(0)), len(ds), cfg)
     val = ds.batch(np.arange(8), 96)
-    whole = next(Batcher(ds, 48, seed=1, buckets=buckets[-1:]))
     cut = next(Batcher(ds, 48, seed=1, buckets=buckets[-1:], sort_by_length=True))
     lengths = cut["attention_mask"].sum(1)
     assert all(lengths[s:e].max() <= n for s, e, n in blocks) and np.all(np.diff(lengths) <= 0)
-    want, metrics = jax.jit(make_steps(loss, cfg).hyper)(state, whole, val)
+    want, metrics = jax.jit(make_steps(loss, cfg).hyper)(state, cut, val)  # uncut
     assert metrics["hyper_taken"] == 1
     hyper = jax.jit(make_steps(loss, cfg, hyper_rows=offline_hyper_rows(cfg, blocks)).hyper)
     got, _ = hyper(state, cut, val)
@@ -179,17 +179,6 @@ def test_hyper_rows_cut_to_their_length_give_the_same_step():
     split, _ = hyper(state, jax.device_put(cut, sh.batch_sharding(mesh, sh.AxisRules(), 1)),
                      val)
     np.testing.assert_allclose(np.asarray(split.omega), np.asarray(got.omega), rtol=2e-4,
-                               atol=1e-7)
-    # a Hessian sample (every 4th row): its rows cut to their blocks' lengths as well
-    from jbilevel.algorithms.offline import sample_blocks
-
-    cfg = dataclasses.replace(cfg, hessian_rows=12)
-    assert sample_blocks(48, cfg, blocks) == tuple(
-        (-(-s // 4), -(-e // 4), n) for s, e, n in blocks)
-    want, _ = jax.jit(make_steps(loss, cfg).hyper)(state, cut, val)  # the same rows, uncut
-    got, _ = jax.jit(make_steps(loss, cfg, hyper_rows=offline_hyper_rows(cfg, blocks)).hyper)(
-        state, cut, val)
-    np.testing.assert_allclose(np.asarray(got.omega), np.asarray(want.omega), rtol=2e-4,
                                atol=1e-7)
 
 
