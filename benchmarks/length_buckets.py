@@ -20,7 +20,9 @@ bucket's rows cut to its length (``offline_hyper_rows(blocks=)``), against all o
 longest length; seconds per hypergradient step. With ``--hyper-batch M`` the step takes a
 sample of M rows, as the LLM configs' ``hyper_batch_size``: with several buckets a fixed number
 from each (``length_strata``), cut to its length, against M rows drawn at random at the longest
-length; the median over ``--rounds`` rounds of 3 batches each.
+length; the median over ``--rounds`` rounds of 3 batches each. ``--memory``: instead of
+timing, each setting's compiled temporaries (the cut step's groups run one after another, so
+it should need no more memory than the uncut one).
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ def main():
     ap.add_argument("--bds", action="store_true", help="time the hypergradient step instead")
     ap.add_argument("--hyper-batch", type=int, default=0,
                     help="--bds: rows per hypergradient (0: every row)")
+    ap.add_argument("--memory", action="store_true",
+                    help="--bds: print the compiled step's temporaries instead of timing it")
     args = ap.parse_args()
     ds = load_sft(_rows(args.rows), prompt_template="{question}", max_len=MAX_LEN)
     model = build(ModelConfig(vocab_size=ds.tokenizer.vocab_size, hidden_size=128,
@@ -141,8 +145,15 @@ def _bds(args, ds, model, mesh, rules):
             batcher = Batcher(ds, m, seed=0, buckets=buckets[-1:], strata=blocks)
         batches = [next(batcher) for _ in range(1 if m >= n else 3)]
         hyper = jax.jit(make_steps(loss, cfg, hyper_rows=offline_hyper_rows(cfg, blocks)).hyper)
+        if args.memory:
+            temp = hyper.lower(state, batches[0], val).compile().memory_analysis()
+            print(f"length_buckets {b}: temporaries {temp.temp_size_in_bytes / 2**20:.1f} MiB",
+                  flush=True)
+            continue
         jax.block_until_ready(hyper(state, batches[0], val))  # compile
         runs[b] = (hyper, batches, blocks)
+    if args.memory:
+        return
     seconds: dict[int, list[float]] = {b: [] for b in args.buckets}
     for _ in range(args.rounds):
         for b, (hyper, batches, _) in runs.items():
