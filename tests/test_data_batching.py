@@ -174,18 +174,18 @@ def test_length_strata_sample_each_bucket_at_its_rows(ds):
              for b in range(len(buckets) - 1, -1, -1)]
     assert [end - start for start, end, _ in strata] == [
         round(1 + 13 * n / 53) for n in sizes]  # 1 each, the other 13 by size
-    assert strata[0][0] == 0 and strata[-1][1] == 16 and [b[2] for b in strata] == sorted(
+    assert strata[0][0] == 0 and strata[-1][1] == 16 and [s[2] for s in strata] == sorted(
         buckets, reverse=True)
     assert length_strata([5, 5, 5, 100], 2, (8, 104)) == ((0, 1, 104), (1, 2, 8))  # 1 each
     with pytest.raises(ValueError, match="cannot take a row from each of 2 length buckets"):
         length_strata([5, 5, 5, 100], 1, (8, 104))
     batcher = Batcher(ds, 16, seed=4, buckets=buckets[-1:], strata=strata)
     stream = [next(batcher) for _ in range(12)]
-    for b in stream:
-        assert b["valid"].all() and len(set(b["ids"].tolist())) == 16
-        for (start, end, length), lower in zip(strata, [b[2] for b in strata[1:]] + [0],
+    for batch in stream:
+        assert batch["valid"].all() and len(set(batch["ids"].tolist())) == 16
+        for (start, end, length), lower in zip(strata, [s[2] for s in strata[1:]] + [0],
                                                strict=True):
-            lengths = ds.length_N[b["ids"][start:end]]
+            lengths = ds.length_N[batch["ids"][start:end]]
             assert (lengths <= length).all() and (lengths > lower).all()
     last = strata[-1]  # the shortest bucket: its rows come once a round, in new orders
     m = last[1] - last[0]
