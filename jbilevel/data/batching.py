@@ -28,8 +28,6 @@ every bucket's ``s``-th, so the same state resumes it.
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 
 from jbilevel.data.dataset import SFTDataset
@@ -52,6 +50,22 @@ def length_buckets(length_N, n: int, multiple: int = 64, top: int | None = None
                          for q in qs} | {longest}))
 
 
+def _bucket_sizes(length_N, buckets) -> tuple[np.ndarray, np.ndarray]:
+    """(sizes, lengths) of the non-empty buckets, longest first: how many of ``length_N`` each
+    bucket holds (its length the smallest of ``buckets`` at least that long)."""
+    bucket_N = np.searchsorted(np.asarray(buckets), np.asarray(length_N))
+    if bucket_N.size and bucket_N.max() >= len(buckets):
+        raise ValueError(f"bucket lengths {tuple(buckets)} do not hold every example")
+    sizes = np.bincount(bucket_N, minlength=len(buckets))[::-1]
+    return sizes[sizes > 0], np.asarray(buckets)[::-1][sizes > 0]
+
+
+def _blocks(counts, lengths) -> tuple[tuple[int, int, int], ...]:
+    ends = np.cumsum(counts)
+    return tuple((int(e - c), int(e), int(L)) for e, c, L in zip(ends, counts, lengths,
+                                                                    strict=True))
+
+
 def length_blocks(length_N, n_rows: int, buckets) -> tuple[tuple[int, int, int], ...]:
     """Where each bucket's rows lie in a batch of every example sorted by length, longest
     first (``Batcher(sort_by_length=True)`` over all of them: ``n_rows`` rows, the ones past
@@ -61,18 +75,8 @@ def length_blocks(length_N, n_rows: int, buckets) -> tuple[tuple[int, int, int],
     Returns: ``(start, end, length)`` per non-empty bucket, longest first: rows ``start:end``
       of the sorted batch are at most ``length`` long. The same for every such batch.
     """
-    lengths = np.sort(np.concatenate([np.asarray(length_N),
-                                      np.zeros(n_rows - len(length_N), np.int64)]))[::-1]
-    blocks, start = [], 0
-    for b in range(len(buckets) - 1, -1, -1):
-        lower = buckets[b - 1] if b else -1
-        end = start + int(np.sum((lengths > lower) & (lengths <= buckets[b])))
-        if end > start:
-            blocks.append((start, end, int(buckets[b])))
-        start = end
-    if start != n_rows:
-        raise ValueError(f"bucket lengths {tuple(buckets)} do not hold every example")
-    return tuple(blocks)
+    padding = np.zeros(n_rows - len(length_N), np.int64)
+    return _blocks(*_bucket_sizes(np.concatenate([np.asarray(length_N), padding]), buckets))
 
 
 def length_strata(length_N, n_rows: int, buckets) -> tuple[tuple[int, int, int], ...]:
@@ -85,13 +89,7 @@ def length_strata(length_N, n_rows: int, buckets) -> tuple[tuple[int, int, int],
     Returns: ``(start, end, length)`` per non-empty bucket, longest first, as
       :func:`length_blocks`: rows ``start:end`` of every such batch are at most ``length`` long.
     """
-    length_N = np.asarray(length_N)
-    if buckets[-1] < length_N.max():
-        raise ValueError(f"bucket lengths {tuple(buckets)} do not hold every example")
-    bucket_N = np.searchsorted(np.asarray(buckets), length_N)
-    sizes = np.bincount(bucket_N, minlength=len(buckets))[::-1]  # longest first
-    lengths = np.asarray(buckets)[::-1][sizes > 0]
-    sizes = sizes[sizes > 0]
+    sizes, lengths = _bucket_sizes(length_N, buckets)
     if not len(sizes) <= n_rows < sizes.sum():
         raise ValueError(f"a sampled batch of {n_rows} rows cannot take a row from each of "
                          f"{len(sizes)} length buckets out of {sizes.sum()} examples; use "
@@ -100,9 +98,7 @@ def length_strata(length_N, n_rows: int, buckets) -> tuple[tuple[int, int, int],
     counts = 1 + np.floor(share).astype(np.int64)
     extra = n_rows - counts.sum()
     counts[np.argsort(-(share - np.floor(share)), kind="stable")[:extra]] += 1
-    ends = np.cumsum(counts)
-    return tuple((int(e - c), int(e), int(L)) for e, c, L in zip(ends, counts, lengths,
-                                                                    strict=True))
+    return _blocks(counts, lengths)
 
 
 def default_buckets(max_len: int, n: int = 4, multiple: int = 8) -> tuple[int, ...]:
@@ -169,11 +165,11 @@ class Batcher:
             if not shuffle or self.strata[-1][1] != self.global_batch_size:
                 raise ValueError(f"strata {self.strata} need shuffle and a global batch of "
                                  f"{self.strata[-1][1]} rows, not {self.global_batch_size}")
-            bounds = [length for *_, length in self.strata] + [-1]
-            length = dataset.length_N
-            self._strata_ids = [np.flatnonzero((length <= hi) & (length > lo))
-                                for hi, lo in itertools.pairwise(bounds)]
-            if sum(map(len, self._strata_ids)) != len(dataset) or any(
+            ascending = [length for *_, length in self.strata][::-1]
+            bucket_N = np.searchsorted(ascending, dataset.length_N)  # as _bucket_sizes
+            self._strata_ids = [np.flatnonzero(bucket_N == len(ascending) - 1 - k)
+                                for k in range(len(ascending))]
+            if bucket_N.max() >= len(ascending) or any(
                     end - start > len(ids) for (start, end, _), ids in zip(
                         self.strata, self._strata_ids, strict=True)):
                 raise ValueError(f"strata {self.strata} do not fit the examples' lengths")
