@@ -449,6 +449,9 @@ def load_data(cfg: ExperimentConfig, console: Console):
     if cfg.data.train and train_report.response_end:
         console.info(f"  responses end with {train_report.response_end} "
                      f"(data.response_end={cfg.data.response_end})")
+    if cfg.data.train and train_report.assistant_turns:
+        console.info(f"  {train_report.assistant_turns} "
+                     f"(data.assistant_turns={cfg.data.assistant_turns})")
     for name, ds in task.splits.items():
         for line in load_report_lines(name, _source(cfg, name), ds.report, console.verbosity):
             console.info(line)

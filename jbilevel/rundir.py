@@ -189,16 +189,18 @@ def _remove(out: Path) -> str:
 def fingerprint(task: Any, model_path: str | None) -> dict:
     """What the run computes on beyond its config: each split's tokens and the model files.
 
-    The data part hashes the tokenised examples (token ids, boundaries, prompt lengths), so a
-    changed file, tokenizer or template shows up whatever the file format; the model part
+    The data part hashes the tokenised examples (token ids, boundaries, prompt lengths, and
+    the trained tokens inside the prompts where there are any), so a changed file, tokenizer,
+    template or choice of trained turns shows up whatever the file format; the model part
     hashes ``config.json``, lists the weight files' sizes and hashes a sample of the weights
     (:func:`weights_digest`), which tells another fine-tune of the same architecture apart.
     """
     data = {}
     for name, ds in task.splits.items():
         h = hashlib.sha256()
-        for a in (ds.tokens_T, ds.offsets_N1, ds.prompt_len_N):
-            h.update(np.ascontiguousarray(a).tobytes())
+        for a in (ds.tokens_T, ds.offsets_N1, ds.prompt_len_N, ds.trained_T):
+            if a is not None:  # trained_T: where earlier assistant turns are trained
+                h.update(np.ascontiguousarray(a).tobytes())
         data[name] = {"examples": len(ds), "sha256": h.hexdigest()}
     model = None
     if model_path is not None:

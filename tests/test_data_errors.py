@@ -239,3 +239,30 @@ def test_over_long_rows_are_counted_and_reported(tmp_path, policy, counted):
     quiet = io.StringIO()
     experiment.load_data(cfg, Console(0, stream=quiet))  # --quiet keeps the warning
     assert quiet.getvalue().startswith(f"warning: train {train}: ")
+
+
+def test_the_run_says_which_assistant_turns_it_trains(tmp_path):
+    """A chat file with earlier assistant turns: the run prints how many and what became of
+    them, and results.json's data report records it."""
+    import io
+
+    from jbilevel import config, experiment
+    from jbilevel.console import Console
+
+    def chat(*turns):
+        roles = ["user", "assistant"] * len(turns)
+        return json.dumps({"messages": [{"role": r, "content": c}
+                                        for r, c in zip(roles, turns, strict=False)]})
+
+    train = _write(tmp_path / "train.jsonl", [chat("a", "b", "c", "d", "e", "f"), chat("x", "y")])
+    val = _write(tmp_path / "val.jsonl", [chat("x", "y")])
+    for turns, what in (("all", "each trained"),
+                        ("last", "context (only the last turn is trained)")):
+        cfg = config.load(experiment.ExperimentConfig, overrides=[
+            f"data.train={train}", f"data.validation={val}", "data.max_len=128",
+            f"data.assistant_turns={turns}"])
+        stream = io.StringIO()
+        task = experiment.load_data(cfg, Console(stream=stream))
+        said = f"assistant turns before the last: 2 (in 1 of 2 conversations), {what}"
+        assert f"  {said} (data.assistant_turns={turns})" in stream.getvalue()
+        assert experiment.data_reports(cfg, task)["train"]["assistant_turns"] == said

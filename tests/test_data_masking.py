@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from jbilevel.data import CharTokenizer, DataError, load_sft
+from jbilevel.data import CharTokenizer, DataError, concat, load_sft
 from jbilevel.data.schemas import ALPACA_NO_INPUT_TEMPLATE, ALPACA_TEMPLATE
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "data")
@@ -194,11 +194,98 @@ def test_responses_end_as_the_chat_template_ends_the_turn(tmp_path):
     assert b["labels"][0][b["loss_mask"][0] > 0].tolist() == TOK.encode("Yo ") + [EOS]
     assert eos.report.response_end == f"the tokenizer's eos <eos> (id {EOS})"
     # the chat schema: the last assistant message is the response, earlier turns the prompt
-    chat = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                          {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}]
-    ds = load_sft(chat, **kw)
+    ds = load_sft(CHAT, assistant_turns="last", **kw)
     b = ds.batch([0], 60)
     assert b["labels"][0][b["loss_mask"][0] > 0].tolist() == [_c("d"), eot]
+
+
+CHAT = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "bb"},
+                      {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]},
+        {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}]
+
+
+def _trained(ds, i, length=64) -> list:
+    b = ds.batch([i], length)
+    return b["labels"][0][b["loss_mask"][0] > 0].tolist()
+
+
+def test_every_assistant_turn_is_trained_as_the_template_writes_it(tmp_path):
+    """data.assistant_turns=all (the default): each earlier assistant turn of a conversation is
+    trained as the template writes it, up to its end token (Gemma: `bb<end_of_turn>`, not the
+    newline after it, not the `<start_of_turn>model` header); the tokens and the prompt are those
+    of assistant_turns=last, which trains only the last turn; the load report counts them."""
+    tok, eot = _gemma_like_tokenizer(tmp_path)
+    kw = dict(tokenizer=tok, chat_template="tokenizer", max_len=96, add_bos=False)
+    every, last = load_sft(CHAT, **kw), load_sft(CHAT, assistant_turns="last", **kw)
+    assert _trained(every, 0) == TOK.encode("bb") + [eot] + TOK.encode("d") + [eot]
+    assert _trained(last, 0) == TOK.encode("d") + [eot]
+    assert _trained(every, 1) == _trained(last, 1) == TOK.encode("y") + [eot]
+    assert every.tokens_T.tolist() == last.tokens_T.tolist()
+    assert every.prompt_len_N.tolist() == last.prompt_len_N.tolist()
+    b = every.batch([0], 64)
+    n = int(b["attention_mask"][0].sum())
+    marked = np.flatnonzero(b["loss_mask"][0]) + 1  # the positions of the trained tokens
+    head = tok.hf.apply_chat_template(CHAT[0]["messages"][:1], tokenize=False,
+                                      add_generation_prompt=True)
+    start = len(tok.encode(head))  # bb starts right after the first generation prompt
+    assert marked.tolist() == [start, start + 1, start + 2, *range(every.prompt_len_N[0], n)]
+    assert every.report.assistant_turns == ("assistant turns before the last: 1 (in 1 of 2 "
+                                            "conversations), each trained")
+    assert last.report.as_dict()["assistant_turns"].endswith(
+        "context (only the last turn is trained)")
+    # the default template, whose turns end with a newline (responses end with the eos): the
+    # earlier turn is trained as written, newline and all
+    plain = load_sft(CHAT, max_len=96)
+    assert TOK.decode(_trained(plain, 0), stop_at_eos=False) == "bb\nd"
+    assert _trained(plain, 0)[-1] == EOS
+    # kept through subset and concat, also beside a dataset without earlier turns
+    mixed = concat([plain.subset([1, 0]), load_sft(CHAT[1:], tokenizer=plain.tokenizer,
+                                                    max_len=96)])
+    assert [_trained(mixed, i) for i in range(3)] == [_trained(plain, 1), _trained(plain, 0),
+                                                      _trained(plain, 1)]
+    from types import SimpleNamespace
+
+    from jbilevel import rundir
+
+    def digest(ds):
+        return rundir.fingerprint(SimpleNamespace(splits={"train": ds}), None)["data"]
+
+    assert digest(every) != digest(last)  # a run resumed with the other choice is refused
+    assert digest(load_sft(CHAT[1:], **kw)) == digest(load_sft(CHAT[1:], assistant_turns="last",
+                                                                **kw))
+
+
+def test_an_earlier_turn_cut_by_truncation_keeps_its_trained_tokens():
+    """overlength=truncate cutting the prompt's start cuts the earlier turn's marks with it."""
+    turns = zip(["user", "assistant"] * 2, ["u", "XYZ", "v", "ok"], strict=True)
+    rows = [{"messages": [{"role": r, "content": c} for r, c in turns]}]
+    kept = "Z\n<|user|>\nv\n<|assistant|>\n"  # the prompt's end that fits
+    ds = load_sft(rows, max_len=len(kept) + 2, overlength="truncate")
+    assert ds.report.n_truncated == 1
+    assert TOK.decode(ds.sequence(0)[1:], stop_at_eos=False) == kept + "o"
+    assert TOK.decode(_trained(ds, 0, len(kept) + 2), stop_at_eos=False) == "Z\no"
+
+
+def test_a_template_writing_history_differently_cannot_train_earlier_turns():
+    """A template that writes an assistant turn one way as history and another as the latest
+    turn: the turn cannot be cut out; refused naming the row and the fix, or skipped and
+    counted under on_bad_row=skip; assistant_turns=last trains the last turn as before."""
+    marked = ("{% for m in messages %}<|{{ m['role'] }}|>{% if m['role'] == 'assistant' and not "
+              "loop.last %}(earlier) {% endif %}{{ m['content'] }}\n{% endfor %}"
+              "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    with pytest.raises(DataError, match=r"row 0: the chat template writes assistant turn "
+                                        r"messages\[1\] differently as history than as the "
+                                        r"conversation's latest turn .*set "
+                                        r"data.assistant_turns=last"):
+        load_sft(CHAT, chat_template=marked, max_len=96)
+    ds = load_sft(CHAT, chat_template=marked, max_len=96, on_bad_row="skip")
+    assert len(ds) == 1 and ds.report.skipped == {"template_turn": 1}
+    ds = load_sft(CHAT, chat_template=marked, max_len=96, assistant_turns="last")
+    assert TOK.decode(_trained(ds, 0), stop_at_eos=False) == "d"
+    from jbilevel.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.assistant_turns='first'; use one of all, last"):
+        load_sft(CHAT, assistant_turns="first", max_len=96)
 
 
 def test_a_template_turn_end_that_stops_nothing_is_not_trained_silently(tmp_path):

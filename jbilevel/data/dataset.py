@@ -4,7 +4,9 @@ Example ``i`` (its stable id, 0..N-1 in source order after skips) is the token s
 ``[bos] + prompt + response + [eos]``, or, where the chat template's turn end is trained
 (``response_end="template"``), ``[bos] + prompt + response turn`` up to the template's end
 token. Prompt and response are tokenised separately, so the prompt/response boundary is
-exact. The loss covers the response tokens and the end token.
+exact. The loss covers the response tokens and the end token, and, in a conversation whose
+earlier assistant turns are trained (the chat schema's ``assistant_turns="all"``), those turns'
+tokens inside the prompt (each turn tokenised on its own, like the response).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 
 from jbilevel.data.readers import iter_rows
 from jbilevel.data.report import DataError, LoadReport
-from jbilevel.data.schemas import Formatter, detect_schema
+from jbilevel.data.schemas import Formatter, Pieces, detect_schema
 from jbilevel.data.tokenizer import as_tokenizer
 
 POLICIES = ("error", "truncate", "skip")
@@ -35,6 +37,9 @@ class SFTDataset:
       tokenizer: the pipeline tokenizer (``pad_id``, ``eos_id``, ``decode``).
       max_len: the longest allowed sequence; batches are at most this long.
       report: what was read, kept, truncated and skipped.
+      trained_T: 1 on every token the loss predicts (uint8, aligned with ``tokens_T``): the
+        response and its end token, and any earlier assistant turns inside the prompt; None
+        when no example trains anything before its response (the tokens after the prompt).
     """
 
     tokens_T: np.ndarray
@@ -45,6 +50,7 @@ class SFTDataset:
     tokenizer: object
     max_len: int
     report: LoadReport
+    trained_T: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.prompt_len_N)
@@ -60,6 +66,14 @@ class SFTDataset:
     def sequence(self, i: int) -> np.ndarray:
         return self.tokens_T[self.offsets_N1[i] : self.offsets_N1[i + 1]]
 
+    def targets(self, i: int) -> np.ndarray:
+        """Args: id. Returns: 1 on the tokens of example i the loss predicts, else 0 (uint8)."""
+        if self.trained_T is not None:
+            return self.trained_T[self.offsets_N1[i] : self.offsets_N1[i + 1]]
+        out = np.zeros(self.length_N[i], np.uint8)
+        out[self.prompt_len_N[i] :] = 1
+        return out
+
     def batch(self, ids_B, seq_len: int, valid_B=None) -> dict:
         """Build one fixed-shape training batch (the batch contract).
 
@@ -69,7 +83,8 @@ class SFTDataset:
           valid_B: 1 for real rows, 0 for padding rows (default: all real).
         Returns:
           dict of numpy arrays: input_ids, labels (int32 BxL; labels[:, t] = input_ids[:, t+1],
-          last = pad), loss_mask (float32 BxL; 1 where labels is a response token or eos),
+          last = pad), loss_mask (float32 BxL; 1 where labels is a trained token: the
+          response and its end token, and earlier assistant turns where trained),
           attention_mask (int32 BxL), ids (int32 B), valid (float32 B).
         """
         ids_B = np.asarray(ids_B, np.int64)
@@ -85,6 +100,9 @@ class SFTDataset:
         labels[:, :-1] = input_ids[:, 1:]
         t_L = np.arange(seq_len)
         loss_mask = (t_L[None, :] >= p_B[:, None] - 1) & (t_L[None, :] < n_B[:, None] - 1)
+        if self.trained_T is not None:  # the earlier assistant turns inside the prompts
+            for b in np.flatnonzero(valid_B):
+                loss_mask[b, : n_B[b] - 1] |= self.targets(ids_B[b])[1:] > 0
         return {
             "input_ids": input_ids,
             "labels": labels,
@@ -143,12 +161,15 @@ def concat(datasets: list[SFTDataset], ids_per_dataset=None) -> SFTDataset:
     """
     if ids_per_dataset is None:
         ids_per_dataset = [np.arange(len(d)) for d in datasets]
-    pieces, lengths, prompt_lens, rows, where = [], [], [], [], []
+    pieces, lengths, prompt_lens, rows, where, trained = [], [], [], [], [], []
+    any_trained = any(d.trained_T is not None for d in datasets)
     for d, ids in zip(datasets, ids_per_dataset, strict=True):
         if d.tokenizer is not datasets[0].tokenizer:
             raise ValueError("concat needs datasets built with the same tokenizer object")
         for i in np.asarray(ids, np.int64):
             pieces.append(d.sequence(i))
+            if any_trained:
+                trained.append(d.targets(i))
             rows.append(d.rows[i])
             where.append(d.where[i])
         lengths.append(d.length_N[ids])
@@ -163,6 +184,7 @@ def concat(datasets: list[SFTDataset], ids_per_dataset=None) -> SFTDataset:
         tokenizer=datasets[0].tokenizer,
         max_len=max(d.max_len for d in datasets),
         report=datasets[0].report,
+        trained_T=np.concatenate(trained).astype(np.uint8) if trained else None,
     )
 
 
@@ -172,12 +194,14 @@ def tokenize_pairs(pairs, rows, where, tokenizer, *, max_len: int, overlength: s
     """Tokenise (prompt, response) strings into an SFTDataset.
 
     Args:
-      pairs: list of (prompt text, response text); rows/where: matching raw rows and locations.
+      pairs: list of (prompt, response text); a prompt is a text, or :class:`Pieces` whose
+        trained pieces (earlier assistant turns) the loss covers.
+      rows/where: matching raw rows and locations.
       tokenizer: pipeline tokenizer (see ``jbilevel.data.tokenizer``).
       max_len: longest sequence (bos + prompt + response + eos) kept.
       response_end: "eos" appends the tokenizer's eos to each response; "template": each
-        response text is a chat template's assistant turn, kept up to its first end token
-        (``tokenizer.stop_ids``), which it must hold.
+        response text (and each trained piece) is a chat template's assistant turn, trained up
+        to its first end token (``tokenizer.stop_ids``), which it must hold.
       overlength: "error" raises, "truncate" cuts the response's end (then the prompt's start,
         after bos), "skip" drops the example; truncations and skips are counted in ``report``.
     Returns: the dataset; ids are 0..N-1 in input order over the kept examples.
@@ -185,18 +209,21 @@ def tokenize_pairs(pairs, rows, where, tokenizer, *, max_len: int, overlength: s
     if overlength not in POLICIES:
         raise ValueError(f"overlength={overlength!r}; use one of {POLICIES}")
     report = report or LoadReport(n_read=len(pairs))
-    prompts_tok = tokenizer.encode_batch([p for p, _ in pairs])
+    prompts_tok, marks = _encode_prompts([p for p, _ in pairs], tokenizer, where, response_end)
     responses_tok = tokenizer.encode_batch([r for _, r in pairs])
     head = [tokenizer.bos_id] if (add_bos and tokenizer.bos_id is not None) else []
     tail = [tokenizer.eos_id] if response_end == "eos" else []
     if head:
         _refuse_second_bos(prompts_tok, head[0], where)
     if response_end == "template":
-        responses_tok = _cut_at_turn_end(responses_tok, [r for _, r in pairs], tokenizer, where)
+        responses_tok = [r[: _turn_end(r, tokenizer, where[k], "the response's turn",
+                                       pairs[k][1]) + 1] for k, r in enumerate(responses_tok)]
     report.response_end = _end_name(tokenizer, response_end, responses_tok)
-    pieces, prompt_lens, lengths, kept_rows, kept_where = [], [], [], [], []
+    pieces, prompt_lens, lengths, kept_rows, kept_where, kept_marks = [], [], [], [], [], []
     for k, (p, r) in enumerate(zip(prompts_tok, responses_tok, strict=True)):
         n_p, n_r = len(head) + len(p), len(r) + len(tail)
+        m = None if marks[k] is None else np.concatenate([np.zeros(len(head), np.uint8),
+                                                          marks[k]])
         if n_p == 0:
             raise DataError(f"{where[k]}: the prompt is empty", "empty_prompt")
         if n_p + n_r > max_len:
@@ -213,7 +240,9 @@ def tokenize_pairs(pairs, rows, where, tokenizer, *, max_len: int, overlength: s
             if n_p < max_len:  # cut the response's end first, then the prompt's start
                 p, r = head + list(p), r[: max_len - n_p]
             else:  # keep bos, the prompt's end and one response token
-                p, r = head + list(p)[len(p) - (max_len - 1 - len(head)) :], r[:1]
+                keep = max_len - 1 - len(head)
+                p, r = head + list(p)[len(p) - keep :], r[:1]
+                m = None if m is None else np.concatenate([m[: len(head)], m[len(m) - keep :]])
             pieces.append(p + r)
             n_p, n_r = len(p), len(r)
         else:
@@ -222,6 +251,7 @@ def tokenize_pairs(pairs, rows, where, tokenizer, *, max_len: int, overlength: s
         lengths.append(n_p + n_r)
         kept_rows.append(rows[k])
         kept_where.append(where[k])
+        kept_marks.append(m)
     if not lengths:
         raise DataError(f"no examples left: {report}", "empty")
     lengths = np.asarray(lengths, np.int64)
@@ -230,6 +260,12 @@ def tokenize_pairs(pairs, rows, where, tokenizer, *, max_len: int, overlength: s
     else:
         tokens_T = np.fromiter(itertools.chain.from_iterable(pieces), np.int32,
                                int(lengths.sum()))
+    trained_T = None
+    if any(m is not None for m in kept_marks):
+        trained_T = np.ones(len(tokens_T), np.uint8)
+        for start, n_p, m in zip(lengths.cumsum() - lengths, prompt_lens, kept_marks,
+                                 strict=True):
+            trained_T[start : start + n_p] = 0 if m is None else m
     report.n_kept = len(lengths)
     return SFTDataset(
         tokens_T=tokens_T,
@@ -240,26 +276,43 @@ def tokenize_pairs(pairs, rows, where, tokenizer, *, max_len: int, overlength: s
         tokenizer=tokenizer,
         max_len=max_len,
         report=report,
+        trained_T=trained_T,
     )
 
 
-def _cut_at_turn_end(responses_tok, texts, tokenizer, where) -> list:
-    """Each templated response turn up to and including its first end token; a turn without
-    one is refused by name (the model would never learn to stop)."""
-    stops = np.asarray(tokenizer.stop_ids)
-    out = []
-    for k, r in enumerate(responses_tok):
-        end = np.flatnonzero(np.isin(np.asarray(r), stops))
-        if not end.size:
-            raise DataError(
-                f"{where[k]}: the chat template writes the response's turn as {texts[k][-60:]!r}"
-                f", which holds none of the tokenizer's end tokens (ids "
-                f"{list(tokenizer.stop_ids)}); set "
-                "data.response_end=eos (the response followed by the tokenizer's eos), or give "
-                "the tokenizer's directory a generation_config.json naming the template's end "
-                "token in eos_token_id", "template_turn")
-        out.append(r[: end[0] + 1])
-    return out
+def _encode_prompts(prompts, tokenizer, where, response_end: str) -> tuple[list, list]:
+    """Token ids of each prompt, and for a :class:`Pieces` prompt a 0/1 mark per token (1 on
+    its trained pieces: the whole piece, or up to its first end token under ``template``);
+    None for a text prompt. A piece is tokenised on its own, as a response is."""
+    pieced = [k for k, p in enumerate(prompts) if isinstance(p, Pieces)]
+    out = tokenizer.encode_batch(["" if isinstance(p, Pieces) else p for p in prompts])
+    marks = [None] * len(prompts)
+    encoded = iter(tokenizer.encode_batch([text for k in pieced for text, _ in prompts[k]]))
+    for k in pieced:
+        ids, mark = [], []
+        for text, trained in prompts[k]:
+            t, n = list(next(encoded)), 0
+            if trained:
+                n = (_turn_end(t, tokenizer, where[k], "an earlier assistant turn", text) + 1
+                     if response_end == "template" else len(t))
+            ids += t
+            mark += [1] * n + [0] * (len(t) - n)
+        out[k], marks[k] = np.asarray(ids, np.int32), np.asarray(mark, np.uint8)
+    return out, marks
+
+
+def _turn_end(ids, tokenizer, where, what: str, text: str) -> int:
+    """Where a templated assistant turn's first end token is; a turn without one is refused by
+    name (the model would never learn to stop)."""
+    end = np.flatnonzero(np.isin(np.asarray(ids), np.asarray(tokenizer.stop_ids)))
+    if not end.size:
+        raise DataError(
+            f"{where}: the chat template writes {what} as {text[-60:]!r}, which holds none of "
+            f"the tokenizer's end tokens (ids {list(tokenizer.stop_ids)}); set "
+            "data.response_end=eos (the response followed by the tokenizer's eos), or give "
+            "the tokenizer's directory a generation_config.json naming the template's end "
+            "token in eos_token_id", "template_turn")
+    return int(end[0])
 
 
 def _end_name(tokenizer, response_end: str, responses_tok) -> str:
@@ -295,7 +348,8 @@ def load_sft(source, *, schema: str = "auto", tokenizer=None, max_len: int = 512
              overlength: str = "error", on_bad_row: str = "error", keys: dict | None = None,
              prompt_template: str | None = None, chat_template: str | None = None,
              chat_template_kwargs: dict | None = None, split: str = "train",
-             add_bos: bool = True, response_end: str = "auto") -> SFTDataset:
+             add_bos: bool = True, response_end: str = "auto",
+             assistant_turns: str = "all") -> SFTDataset:
     """Load an SFT dataset from a local file, a save_to_disk directory, an HF dataset or rows.
 
     Args:
@@ -315,6 +369,8 @@ def load_sft(source, *, schema: str = "auto", tokenizer=None, max_len: int = 512
       add_bos: prepend the tokenizer's bos (if it has one).
       response_end: "auto" | "eos" | "template": what ends each trained response (see
         ``jbilevel.data.schemas``): the tokenizer's eos, or the chat template's turn end.
+      assistant_turns: "all" | "last": a conversation's (chat schema) every assistant turn
+        is trained, or its last one only (the earlier ones are context).
     Returns: SFTDataset with ids 0..N-1 over kept rows in source order, and ``.report``.
     """
     if on_bad_row not in ("error", "skip"):
@@ -333,7 +389,7 @@ def load_sft(source, *, schema: str = "auto", tokenizer=None, max_len: int = 512
             formatter = Formatter(name, keys=keys, prompt_template=prompt_template,
                                   chat_template=chat_template,
                                   chat_template_kwargs=chat_template_kwargs, tokenizer=tok,
-                                  response_end=response_end)
+                                  response_end=response_end, assistant_turns=assistant_turns)
         try:
             pairs.append(formatter(row, loc))
         except DataError as err:
@@ -343,6 +399,12 @@ def load_sft(source, *, schema: str = "auto", tokenizer=None, max_len: int = 512
         where.append(loc)
     if report.n_read == 0:
         raise DataError(f"{_name(source)}: no rows (empty file or dataset)", "empty")
+    if formatter is not None and formatter.conversations:
+        report.assistant_turns = (
+            f"assistant turns before the last: {formatter.earlier_turns} (in "
+            f"{formatter.conversations} of {len(pairs)} conversations), "
+            + ("each trained" if assistant_turns == "all" else "context (only the last turn "
+               "is trained)"))
     return tokenize_pairs(pairs, rows, where, tok, max_len=max_len, overlength=overlength,
                           report=report, add_bos=add_bos,
                           response_end=formatter.response_end if formatter else "eos")

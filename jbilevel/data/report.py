@@ -31,6 +31,8 @@ class LoadReport:
       messages: the first ``max_messages`` skip/truncation messages, each naming its row.
       response_end: what ends each trained response (the tokenizer's eos, or the chat
         template's turn end), with the token and its id.
+      assistant_turns: how the conversations with assistant turns before their last one (chat
+        schema) were trained, and how many ("" when there are none).
     """
 
     n_read: int = 0
@@ -40,6 +42,7 @@ class LoadReport:
     messages: list[str] = dataclasses.field(default_factory=list)
     max_messages: int = 20
     response_end: str = ""
+    assistant_turns: str = ""
 
     @property
     def n_skipped(self) -> int:
@@ -67,6 +70,7 @@ class LoadReport:
             "skipped": dict(self.skipped),
             "messages": list(self.messages),
             "response_end": self.response_end,
+            "assistant_turns": self.assistant_turns,
         }
 
     def __str__(self) -> str:

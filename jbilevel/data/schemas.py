@@ -16,6 +16,12 @@ turns with ``<end_of_turn>``, not with its tokenizer's eos ``<eos>``), as TRL's 
 by templating the whole conversation; ``"auto"`` takes ``"template"`` when a chat template
 formats the prompts and ends an assistant turn with one of the tokenizer's end tokens
 (``stop_ids``), else ``"eos"``.
+
+Which assistant turns of a conversation are trained (``assistant_turns``, chat schema):
+``"all"`` trains every assistant turn (as TRL's ``assistant_only_loss`` and axolotl do): the
+prompt is then :class:`Pieces`, the conversation before the last turn with each earlier
+assistant turn as the template writes it (the text after that turn's generation prompt) marked
+trained; ``"last"`` trains the last one only, the earlier turns being context.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ ALPACA_NO_INPUT_TEMPLATE = (
 )
 ORCA_TEMPLATE = "{system_prompt}\n\nQuestion: {question}\nAnswer: "
 RESPONSE_ENDS = ("auto", "eos", "template")
+ASSISTANT_TURNS = ("all", "last")
 DEFAULT_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -94,11 +101,22 @@ def detect_schema(row: dict, where: str) -> str:
     )
 
 
+class Pieces(tuple):
+    """A prompt in pieces: ``(text, trained)`` pairs whose texts, joined, are the prompt; a
+    trained piece is an earlier assistant turn the loss covers (up to its first end token
+    where the template's turn ends are trained), the others context."""
+
+
 class Formatter:
-    """Turns rows of one schema into (prompt, response) strings, raising named DataErrors."""
+    """Turns rows of one schema into (prompt, response) strings, raising named DataErrors.
+
+    A conversation whose earlier assistant turns are trained (``assistant_turns="all"``) has a
+    :class:`Pieces` prompt. ``conversations`` and ``earlier_turns`` count the rows with earlier
+    assistant turns and those turns."""
 
     def __init__(self, schema: str, *, keys=None, prompt_template=None, chat_template=None,
-                 chat_template_kwargs=None, tokenizer=None, response_end: str = "eos"):
+                 chat_template_kwargs=None, tokenizer=None, response_end: str = "eos",
+                 assistant_turns: str = "all"):
         if schema not in SCHEMAS:
             raise ConfigError(f"unknown schema {schema!r} (data.schema); use one of auto, "
                               f"{', '.join(SCHEMAS)}")
@@ -132,6 +150,11 @@ class Formatter:
         if response_end == "auto":
             response_end = "template" if self._template_ends_turns() else "eos"
         self.response_end = response_end
+        if assistant_turns not in ASSISTANT_TURNS:
+            raise ConfigError(f"data.assistant_turns={assistant_turns!r}; use one of "
+                              f"{', '.join(ASSISTANT_TURNS)}")
+        self.assistant_turns = assistant_turns
+        self.conversations = self.earlier_turns = 0
 
     def column(self, field: str) -> str:
         return self.keys.get(field, field)
@@ -269,4 +292,38 @@ class Formatter:
         if not last["content"].strip():
             raise DataError(f"{where}: {col}[-1] (the response) is empty", "empty_response")
         prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
-        return self._turn(prompt, last["content"], where)
+        text, response = self._turn(prompt, last["content"], where)
+        earlier = [k for k, m in enumerate(prompt) if m["role"] == "assistant"]
+        if earlier:
+            self.conversations += 1
+            self.earlier_turns += len(earlier)
+        if earlier and self.assistant_turns == "all":
+            return self._pieces(prompt, earlier, text, where), response
+        return text, response
+
+    def _pieces(self, messages: list[dict], earlier: list[int], prompt: str,
+                where: str) -> Pieces:
+        """``prompt`` (the rendered ``messages``) cut into context and the earlier assistant
+        turns ``earlier``: turn k is what the template writes after the generation prompt that
+        follows ``messages[:k]``, found where ``messages[:k + 1]`` ends in the prompt."""
+        eos, col = self.response_end == "template", self.column("messages")
+        pieces, at = [], 0
+        for k in earlier:
+            try:
+                before = self._render(messages[:k], eos_token=eos)
+                through = self._render(messages[: k + 1], generation_prompt=False, eos_token=eos)
+                ok = prompt.startswith(through) and through.startswith(before) and len(before) >= at
+                detail = "" if ok else f"it ends ...{through[-50:]!r} there"
+            except Exception as e:  # noqa: BLE001 - e.g. a template refusing an assistant first
+                detail = f"rendering the history up to it fails: {type(e).__name__}: {e}"
+            if detail:
+                raise DataError(
+                    f"{where}: the chat template writes assistant turn {col}[{k}] "
+                    f"differently as history than as the conversation's latest turn ({detail}), "
+                    "so the turn cannot be cut out and trained; set data.assistant_turns=last "
+                    "(earlier turns are then context, only the last one trained)",
+                    "template_turn")
+            pieces += [(prompt[at:len(before)], False), (through[len(before):], True)]
+            at = len(through)
+        pieces.append((prompt[at:], False))
+        return Pieces((text, trained) for text, trained in pieces if text)
