@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/length_buckets.py [--rounds 3 --buckets 1 2 4 --rows 2048]
     PYTHONPATH=. python benchmarks/length_buckets.py --bds   # bds's hypergradient step instead
     PYTHONPATH=. python benchmarks/length_buckets.py --bds --hyper-batch 512   # a sample
+    PYTHONPATH=. python benchmarks/length_buckets.py --online   # an online refresh instead
 
 SFT data mixes short and long examples (Alpaca: most rows a few hundred tokens, a tail up to
 max_len). With one bucket every batch is padded to the longest sequence; with n buckets each
@@ -23,6 +24,14 @@ from each (``length_strata``), cut to its length, against M rows drawn at random
 length; the median over ``--rounds`` rounds of 3 batches each. ``--memory``: instead of
 timing, each setting's compiled temporaries (the cut step's groups run one after another, so
 it should need no more memory than the uncut one).
+
+``--online``: one online refresh (``jbilevel.algorithms.refresh.Refresher``): ``--fraction`` of
+the questions, 2 samples each, ``--new-tokens`` sampled tokens a response (a model at its
+initialisation rarely ends early, so every call decodes its budget), 32 prompts a sampler call;
+with several buckets the questions sampled longest prompt first and each call's prompts padded
+to their bucket, against every call padded to the longest prompt. The median seconds of
+``--rounds`` refreshes (each first run once, so every call's program is compiled before
+timing), and the prompt tokens (rows x padded length) its sampler calls took on average.
 """
 
 from __future__ import annotations
@@ -38,6 +47,8 @@ from jbilevel import sharding as sh
 from jbilevel import train
 from jbilevel.algorithms import MethodConfig, init_state, make_steps
 from jbilevel.algorithms.offline import offline_hyper_rows
+from jbilevel.algorithms.online import OnlineConfig
+from jbilevel.algorithms.refresh import Refresher
 from jbilevel.data import Batcher, load_sft
 from jbilevel.data.batching import length_blocks, length_buckets, length_strata
 from jbilevel.implicit import Implicit
@@ -66,6 +77,11 @@ def main():
                     help="--bds: rows per hypergradient (0: every row)")
     ap.add_argument("--memory", action="store_true",
                     help="--bds: print the compiled step's temporaries instead of timing it")
+    ap.add_argument("--online", action="store_true", help="time an online refresh instead")
+    ap.add_argument("--fraction", type=float, default=0.25,
+                    help="--online: share of the questions refreshed")
+    ap.add_argument("--new-tokens", type=int, default=64,
+                    help="--online: sampled tokens per response")
     args = ap.parse_args()
     ds = load_sft(_rows(args.rows), prompt_template="{question}", max_len=MAX_LEN)
     model = build(ModelConfig(vocab_size=ds.tokenizer.vocab_size, hidden_size=128,
@@ -76,6 +92,8 @@ def main():
     rules = sh.AxisRules()
     if args.bds:
         return _bds(args, ds, model, mesh, rules)
+    if args.online:
+        return _online(args, ds, model, mesh, rules)
 
     def init():
         return init_state(model.init(jax.random.key(0)), len(ds), cfg)
@@ -170,6 +188,50 @@ def _bds(args, ds, model, mesh, rules):
                else f"{m} at {batches[0]['input_ids'].shape[1]}")
         s = statistics.median(seconds[b])
         print(f"| {b} | {cut} | {s:.2f} | {s / base:.2f} |")
+
+
+def _online(args, ds, model, mesh, rules):
+    import jbilevel.models
+
+    cfg = OnlineConfig(every=1, fraction=args.fraction, num_samples=2, batch_size=8,
+                       max_new_tokens=args.new_tokens, generate_batch_size=32)
+    state = init_state(model.init(jax.random.key(0)), len(ds), MethodConfig(method="bmo"))
+    prompt_N = ds.prompt_len_N
+    print(f"{len(ds)} rows, prompt lengths: median {int(np.median(prompt_N))}, p90 "
+          f"{int(np.percentile(prompt_N, 90))}, max {int(prompt_N.max())}; refresh of "
+          f"{args.fraction} of the questions, 2 samples, {args.new_tokens} new tokens, 32 "
+          f"prompts a call; {jax.devices()[0].platform}", flush=True)
+    padded, real = [], jbilevel.models.generate
+
+    def counting(model, params, ids, mask, rng, **kw):  # the prompt tokens each call pads to
+        padded.append(ids.size)
+        return real(model, params, ids, mask, rng, **kw)
+
+    jbilevel.models.generate = counting
+    runs = {}
+    for b in args.buckets:
+        ref = Refresher(cfg, model, ds, weighting="sigmoid", rules=rules, buckets=b,
+                        batch_sharding=sh.batch_sharding(mesh, rules, 1))
+        runs[b] = (ref, state.replace(online=ref.init_buffer()))
+        for step in range(args.rounds):  # every call's program compiled before timing
+            jax.block_until_ready(ref(runs[b][1], step))
+    seconds: dict[int, list[float]] = {b: [] for b in args.buckets}
+    tokens: dict[int, int] = {}
+    for step in range(args.rounds):  # the same refreshes again, each setting in turn
+        for b, (ref, start) in runs.items():
+            padded.clear()
+            t0 = time.perf_counter()
+            jax.block_until_ready(ref(start, step))
+            seconds[b].append(time.perf_counter() - t0)
+            tokens[b] = tokens.get(b, 0) + sum(padded)
+    base = statistics.median(seconds[args.buckets[0]])
+    print(f"| length_buckets | prompt lengths | padded prompt tokens a refresh | refresh s | "
+          f"time vs {args.buckets[0]} |")
+    print("|---|---|---|---|---|")
+    for b, (ref, _) in runs.items():
+        s = statistics.median(seconds[b])
+        print(f"| {b} | {', '.join(map(str, ref.prompt_lengths))} | "
+              f"{tokens[b] // args.rounds} | {s:.2f} | {s / base:.2f} |")
 
 
 if __name__ == "__main__":

@@ -63,8 +63,9 @@ class DataConfig:
     # pads each batch to the smallest of n lengths (quantiles of the training lengths) that
     # holds it: less padding on data of mixed lengths, up to n programs per step; bds's
     # hypergradient takes each bucket's rows at that length (every row sorted by length, or a
-    # sampled hyper batch of a fixed number of rows from each bucket), and the
-    # validation/test loss passes sort their rows by length the same way
+    # sampled hyper batch of a fixed number of rows from each bucket), the validation/test
+    # loss passes sort their rows by length the same way, and the greedy answers and an online
+    # refresh's sampler calls pad their prompts to prompt-length buckets
     length_buckets: int = 1
     overlength: Literal["error", "truncate", "skip"] = "truncate"  # longer sequences
     on_bad_row: Literal["error", "skip"] = "error"  # malformed rows: stop, or skip and count

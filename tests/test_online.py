@@ -789,3 +789,73 @@ def test_online_hypergradient_with_offline_rows_cut_to_their_length(bmo):
         assert float(metrics["hyper_taken"]) == 1.0
     assert float(jnp.abs(new[True].omega).max()) > 0
     np.testing.assert_allclose(new[False].omega, new[True].omega, rtol=1e-4, atol=1e-6)
+
+
+def test_sampler_calls_pad_prompts_to_their_length_bucket(monkeypatch):
+    """data.length_buckets for the refresh: the selected questions sampled longest prompt
+    first, each sampler call's prompts left-padded to the smallest prompt-length bucket that
+    holds them; the rows fill the buffer of one row length, each question's responses, sampling
+    log-probs and loss tokens those of one length (nucleus of one token: the argmax)."""
+    import dataclasses
+
+    import jbilevel.models
+    from jbilevel.data import load_sft, make_task
+    from jbilevel.data.tasks import TASK_TEMPLATE
+    from jbilevel.models import ModelConfig, build
+
+    task = make_task("quality", seed=0, n_train=11, n_val=4, n_test=4)
+    rows = [{**r, "question": "Please, " * (7 * ((3 - k) % 4)) + r["question"]}
+            for k, r in enumerate(task.train.rows)]  # 4 lengths interleaved, longest first
+    train_set = load_sft(rows, schema="qa", prompt_template=TASK_TEMPLATE, max_len=256,
+                         tokenizer=task.tokenizer)
+    tok = task.tokenizer
+    model = build(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=2,
+                              num_heads=4, intermediate_size=64, max_position_embeddings=256,
+                              eos_token_id=tok.eos_id, pad_token_id=tok.pad_id))
+    online = dataclasses.replace(ONLINE, fraction=1.0, generate_batch_size=3, top_p=1e-6)
+    batch_sharding = sh.batch_sharding(sh.make_mesh(sh.MeshConfig(data=1), jax.devices()[:1]),
+                                       sh.AxisRules(), 1)
+    method = MethodConfig(method="bmo", lr_theta=1e-3)
+    widths, real = [], jbilevel.models.generate
+
+    def spy(model, params, ids, mask, rng, **kw):
+        widths.append(ids.shape[1])
+        return real(model, params, ids, mask, rng, **kw)
+
+    monkeypatch.setattr(jbilevel.models, "generate", spy)
+
+    def refreshed(buckets):
+        ref = refresh.Refresher(online, model, train_set, weighting="sigmoid",
+                                batch_sharding=batch_sharding, buckets=buckets)
+        state = init_state(model.init(jax.random.key(0)), len(train_set), method)
+        buf = jax.device_get(ref(state.replace(online=ref.init_buffer()), 0)[0].online)
+        assert buf.input_ids.shape == (12 * 2, ref.length)  # 11 questions, a padding slot
+        by_question = {}
+        for r in np.flatnonzero(buf.valid):
+            keep = buf.attention_mask[r] > 0
+            by_question.setdefault(int(buf.ids[r]), []).append(
+                (buf.input_ids[r][keep].tolist(), buf.loss_mask[r][keep].tolist(),
+                 buf.logp[r][keep]))
+        return by_question, buf
+
+    want, one = refreshed(1)
+    longest = int(train_set.prompt_len_N.max())
+    assert widths == [longest] * 4
+    widths.clear()
+    got, cut = refreshed(4)
+    # 3 prompts a call, longest first (3 + 3 + 3 + 2 of the 4 lengths; the padding slot takes
+    # the shortest, not question 0, the longest): the prompt lengths' quartiles rounded up to
+    # 64 tokens (128, 128, 192) and the longest
+    assert widths == [longest, 192, 128, 128]
+    prompt_R = train_set.prompt_len_N[cut.ids]
+    assert (np.diff(prompt_R[cut.valid > 0]) <= 0).all()  # the buffer's rows longest first
+    assert sorted(got) == sorted(want) == list(range(11))
+    for q in want:
+        for (ids, mask, logp), (ids1, mask1, logp1) in zip(got[q], want[q], strict=True):
+            assert ids == ids1 and mask == mask1
+            np.testing.assert_allclose(logp, logp1, atol=1e-5)
+    for buf in (one, cut):  # every row's tokens first, then padding without attention or loss
+        n_R = buf.attention_mask.sum(axis=1)
+        after = np.arange(buf.input_ids.shape[1])[None, :] >= n_R[:, None]
+        assert (buf.attention_mask[~after] == 1).all() and not buf.loss_mask[after].any()
+        assert (buf.input_ids[after] == tok.pad_id).all()

@@ -25,6 +25,7 @@ from jbilevel.algorithms.online import (
     token_logprobs,
 )
 from jbilevel.config import ConfigError
+from jbilevel.data.batching import length_buckets
 
 
 @functools.partial(jax.jit, static_argnames=("n", "mode", "weighting"))
@@ -41,9 +42,11 @@ def select_questions(key, omega_N, *, n: int, mode: str, weighting: str) -> jax.
 
 
 def pack(prompt_ids_BxP, prompt_mask_BxP, tokens_BxGxT, mask_BxGxT, logp_BxGxT, ids_B, valid_B,
-         pad_id: int) -> dict:
+         pad_id: int, width: int | None = None) -> dict:
     """Generated samples as training rows (the :class:`Buffer` layout), G rows per prompt;
-    rows of invalid prompts get no loss tokens.
+    rows of invalid prompts get no loss tokens. ``width``: the buffer's row length, at least
+    P + T (default P + T); the rows are padded on the right to it, so that sampler calls whose
+    prompts are padded to fewer tokens than the longest prompt fill the same buffer.
 
     The sampler's prompts are left-padded; each row is rolled left past its padding so its
     real tokens come first, as in training batches: the fused attention paths
@@ -72,6 +75,10 @@ def pack(prompt_ids_BxP, prompt_mask_BxP, tokens_BxGxT, mask_BxGxT, logp_BxGxT, 
     length = input_ids.shape[1]
     from_RxL = (jnp.arange(length)[None, :] + pads_R[:, None]) % length
     rows = {k: jnp.take_along_axis(v, from_RxL, axis=1) for k, v in rows.items()}
+    extra = 0 if width is None else width - length
+    rows = {k: jnp.pad(v, ((0, 0), (0, extra)),
+                       constant_values=pad_id if k in ("input_ids", "labels") else 0)
+            for k, v in rows.items()}
     return {**rows, "ids": rep(ids_B).astype(jnp.int32), "valid": valid_R}
 
 
@@ -158,11 +165,17 @@ class Refresher:
       log_dir: where ``generations.jsonl`` goes (None: no log).
       scorer: optional ``scorer(texts, rows) -> {metric: value}`` (a task's metric) to score
         each refresh's responses against their source rows.
+      buckets: prompt lengths the sampler calls pad to (``data.length_buckets``): 1 pads every
+        call's prompts to the training set's longest prompt; n > 1 sorts the selected
+        questions by prompt length and pads each call's prompts to the smallest of n lengths
+        (quantiles of the prompt lengths) that holds them, one sampler program per length.
+        Either way the rows fill a buffer of one row length (longest prompt +
+        ``max_new_tokens``).
     """
 
     def __init__(self, cfg: OnlineConfig, model, dataset, *, weighting: str, batch_sharding,
                  seed: int = 0, log_dir: str | Path | None = None, scorer=None,
-                 rules: sh.AxisRules | None = None):
+                 rules: sh.AxisRules | None = None, buckets: int = 1):
         if not cfg.enabled:
             raise ValueError("Refresher needs online.every > 0")
         self.cfg, self.model, self.dataset = cfg, model, dataset
@@ -180,6 +193,7 @@ class Refresher:
                 f"data-parallel size {split} (mesh.data x mesh.fsdp); change online.batch_size "
                 "or the mesh")
         self.prompt_len = int(dataset.prompt_len_N.max())
+        self.prompt_lengths = length_buckets(dataset.prompt_len_N, buckets, top=self.prompt_len)
         longest = int((dataset.length_N - dataset.prompt_len_N).max())
         self.max_new_tokens = cfg.max_new_tokens or longest
         if cfg.batch_size > self.capacity:
@@ -191,7 +205,7 @@ class Refresher:
         self._select = jax.jit(functools.partial(
             select_questions, n=self.n_select, mode=cfg.select, weighting=weighting),
             out_shardings=rep)
-        self._pack = jax.jit(functools.partial(pack, pad_id=dataset.pad_id))
+        self._pack = jax.jit(functools.partial(pack, pad_id=dataset.pad_id, width=self.length))
         self._weights = jax.jit(lambda omega, ids: weights.batch_weights(omega, ids, weighting),
                                 out_shardings=rep)
         self._ratios = jax.jit(functools.partial(
@@ -218,14 +232,20 @@ class Refresher:
         self.log_buffer(state, step)  # the rows being replaced, with their final ratios
         key_sel, key_gen = jax.random.split(jax.random.fold_in(jax.random.key(self.seed), step))
         chosen = _host(self._select(key_sel, state.omega))
-        padded = np.zeros(self.n_chunks * self.chunk, np.int64)
+        prompt_N = self.dataset.prompt_len_N
+        if len(self.prompt_lengths) > 1:  # longest first: each call's prompts alike in length
+            chosen = chosen[np.argsort(-prompt_N[chosen], kind="stable")]
+        # padding slots sample the last chosen question (the sampler needs a real prompt, and
+        # this one fits the last call's length), marked invalid
+        padded = np.full(self.n_chunks * self.chunk, chosen[-1], np.int64)
         padded[: len(chosen)] = chosen
         valid = np.arange(len(padded)) < len(chosen)
         rows = []
         for c in range(self.n_chunks):
             part = slice(c * self.chunk, (c + 1) * self.chunk)
-            # padding slots sample question 0 (the sampler needs a real prompt), marked invalid
-            prompts = self.dataset.prompt_batch(padded[part], self.prompt_len)
+            width = self.prompt_lengths[np.searchsorted(self.prompt_lengths,
+                                                        prompt_N[padded[part]].max())]
+            prompts = self.dataset.prompt_batch(padded[part], int(width))
             prompts["valid"] = valid[part].astype(np.float32)
             local = distributed.process_slice(self.chunk)
             prompts = distributed.global_batch({k: v[local] for k, v in prompts.items()},
