@@ -50,7 +50,7 @@ class DataConfig:
     train: str | None = None  # the SFT set D_t whose examples get weights
     validation: str | None = None  # the trusted validation set D_v (required with train)
     test: str | None = None  # optional held-out set: its loss is reported
-    schema: str = "auto"  # auto | qa | alpaca | openorca | chat, detected per file when auto
+    schema: str = "auto"  # auto | qa | alpaca | openorca | chat | sharegpt (detected per file)
     keys: dict = dataclasses.field(default_factory=dict)  # logical field -> column name
     prompt_template: str | None = None  # str.format template over the schema's fields
     chat_template: str | None = None  # jinja2 source, or "tokenizer" for the tokenizer's own
@@ -76,7 +76,7 @@ class DataConfig:
     # "auto" template where a chat template ends the turn with one of the tokenizer's end
     # tokens (eos, or generation_config.json's eos_token_id), else eos
     response_end: Literal["auto", "eos", "template"] = "auto"
-    # which assistant turns of a conversation (chat schema) are trained: "all" every one, each
+    # which assistant turns of a conversation (chat, sharegpt) are trained: "all" every one, each
     # as the chat template writes it (the text after its generation prompt; up to its end
     # token where response_end resolves to template), as TRL's assistant_only_loss and axolotl
     # do; "last" only the last, the earlier ones being context. Generation (online refreshes,

@@ -61,7 +61,7 @@ def test_csv_with_quoted_commas():
 def test_schema_autodetect_and_explicit_agree():
     for name, schema in (("openorca.jsonl", "openorca"), ("alpaca_cleaned.json", "alpaca"),
                          ("chat.jsonl", "chat"), ("redorca.jsonl", "openorca"),
-                         ("qa.csv", "qa")):
+                         ("qa.csv", "qa"), ("sharegpt.jsonl", "sharegpt")):
         path = os.path.join(FIXTURES, name)
         _same(load_sft(path, max_len=256), load_sft(path, schema=schema, max_len=256))
 

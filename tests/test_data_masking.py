@@ -84,6 +84,30 @@ def test_chat_schema_default_template():
     _check(ds, 1, "<|user|>\n2+2?\n<|assistant|>\n", "4")
 
 
+def test_sharegpt_rows_train_as_the_same_chat():
+    """ShareGPT's conversations (from human/gpt/system, value) are the chat schema's messages:
+    the same tokens and trained tokens; an unknown speaker is refused by name."""
+    import json
+
+    path = os.path.join(FIXTURES, "sharegpt.jsonl")
+    roles = {"human": "user", "gpt": "assistant", "system": "system"}
+    chat = [{"messages": [{"role": roles[m["from"]], "content": m["value"]}
+                          for m in json.loads(line)["conversations"]]}
+            for line in open(path)]
+    got, want = load_sft(path, max_len=128), load_sft(chat, max_len=128)
+    assert got.tokens_T.tolist() == want.tokens_T.tolist()
+    assert got.trained_T.tolist() == want.trained_T.tolist()
+    _check(got, 1, "<|user|>\nName a colour.\n<|assistant|>\n", "Red.")
+    assert got.report.assistant_turns.startswith("assistant turns before the last: 1 (in 1 of 2")
+    bad = [{"conversations": [{"from": "human", "value": "x"}, {"from": "bot", "value": "y"}]}]
+    with pytest.raises(DataError, match=r"row 0: conversations\[1\]: 'from' is 'bot', not one "
+                                        r"of human, user, gpt, assistant, system"):
+        load_sft(bad, max_len=64)
+    with pytest.raises(DataError, match=r"row 0: conversations\[0\] must be \{'from': str, "
+                                        r"'value': str\}"):
+        load_sft([{"conversations": [{"role": "user", "content": "x"}] * 2}], max_len=64)
+
+
 def test_custom_keys_and_jinja_chat_template_on_qa():
     rows = [{"q": "Hi?", "a": "Yo", "sys": "Be nice."}]
     ds = load_sft(rows, schema="openorca",

@@ -355,7 +355,8 @@ def load_sft(source, *, schema: str = "auto", tokenizer=None, max_len: int = 512
     Args:
       source: path (.jsonl/.json/.csv/.parquet/.arrow or save_to_disk dir), hub name (only
         where a hub is reachable), ``datasets.Dataset``, or list of dicts.
-      schema: "auto" | "qa" | "alpaca" | "openorca" | "chat" (see ``jbilevel.data.schemas``).
+      schema: "auto" | "qa" | "alpaca" | "openorca" | "chat" | "sharegpt" (see
+        ``jbilevel.data.schemas``).
       tokenizer: None (built-in CharTokenizer), an HF tokenizer, or a local tokenizer dir.
       max_len: longest sequence (bos + prompt + response + eos).
       overlength: "error" | "truncate" | "skip" for sequences over max_len.
@@ -369,8 +370,8 @@ def load_sft(source, *, schema: str = "auto", tokenizer=None, max_len: int = 512
       add_bos: prepend the tokenizer's bos (if it has one).
       response_end: "auto" | "eos" | "template": what ends each trained response (see
         ``jbilevel.data.schemas``): the tokenizer's eos, or the chat template's turn end.
-      assistant_turns: "all" | "last": a conversation's (chat schema) every assistant turn
-        is trained, or its last one only (the earlier ones are context).
+      assistant_turns: "all" | "last": a conversation's (chat, sharegpt) every assistant
+        turn is trained, or its last one only (the earlier ones are context).
     Returns: SFTDataset with ids 0..N-1 over kept rows in source order, and ``.report``.
     """
     if on_bad_row not in ("error", "skip"):

@@ -5,6 +5,8 @@ Built-in schemas (logical field -> default column):
   ``alpaca``    instruction, input (optional), output        (yahma/alpaca-cleaned)
   ``openorca``  system_prompt (optional), question, response (OpenOrca, BlueOrca/RedOrca)
   ``chat``      messages: [{"role", "content"}, ...], the last one the assistant's response
+  ``sharegpt``  conversations: [{"from", "value"}, ...] (ShareGPT, SlimOrca, OpenHermes):
+                the chat schema with ``from`` human/user, gpt/assistant or system
 ``schema="auto"`` picks one from the first row's keys. ``keys={"response": "answer"}`` renames
 columns. Prompts come from a ``str.format`` template over the logical fields, or from a jinja2
 chat template (``chat_template="tokenizer"`` uses the tokenizer's own).
@@ -17,7 +19,7 @@ by templating the whole conversation; ``"auto"`` takes ``"template"`` when a cha
 formats the prompts and ends an assistant turn with one of the tokenizer's end tokens
 (``stop_ids``), else ``"eos"``.
 
-Which assistant turns of a conversation are trained (``assistant_turns``, chat schema):
+Which assistant turns of a conversation are trained (``assistant_turns``, chat and sharegpt):
 ``"all"`` trains every assistant turn (as TRL's ``assistant_only_loss`` and axolotl do): the
 prompt is then :class:`Pieces`, the conversation before the last turn with each earlier
 assistant turn as the template writes it (the text after that turn's generation prompt) marked
@@ -80,7 +82,12 @@ SCHEMAS = {
         "openorca", ("question",), ("system_prompt",), "response", ORCA_TEMPLATE, QA_TEMPLATE
     ),
     "chat": Schema("chat", ("messages",), (), None, ""),
+    "sharegpt": Schema("sharegpt", ("conversations",), (), None, ""),
 }
+CONVERSATIONS = ("chat", "sharegpt")
+# ShareGPT's speaker names ("from") -> chat roles
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system"}
 
 
 def detect_schema(row: dict, where: str) -> str:
@@ -88,6 +95,8 @@ def detect_schema(row: dict, where: str) -> str:
     keys = set(row)
     if "messages" in keys:
         return "chat"
+    if "conversations" in keys:
+        return "sharegpt"
     if {"instruction", "output"} <= keys:
         return "alpaca"
     if {"system_prompt", "question", "response"} <= keys:
@@ -127,7 +136,7 @@ class Formatter:
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.tokenizer = tokenizer
         self._jinja = None
-        if schema == "chat" and chat_template is None:
+        if schema in CONVERSATIONS and chat_template is None:
             self.chat_template = DEFAULT_CHAT_TEMPLATE
         if self.chat_template not in (None, "tokenizer"):
             import jinja2
@@ -186,7 +195,7 @@ class Formatter:
 
     def __call__(self, row: dict, where: str) -> tuple[str, str]:
         """Args: a raw row and its location. Returns: (prompt text, response text)."""
-        if self.schema.name == "chat":
+        if self.schema.name in CONVERSATIONS:
             return self._chat(row, where)
         fields = {f: self._get(row, where, f, required=True) for f in self.schema.required}
         fields.update({f: self._get(row, where, f, required=False) for f in self.schema.optional})
@@ -265,23 +274,30 @@ class Formatter:
         return any(int(i) in self.tokenizer.stop_ids for i in ids)
 
     def _chat(self, row: dict, where: str) -> tuple[str, str]:
-        col = self.column("messages")
+        field = self.schema.required[0]
+        col = self.column(field)
         if col not in row:
             raise DataError(
                 f"{where}: missing key {col!r} (available: {', '.join(sorted(row))}); "
-                "set keys={'messages': '<column>'}",
+                f"set keys={{{field!r}: '<column>'}}",
                 "missing_key",
             )
         messages = row[col]
         if not isinstance(messages, list) or len(messages) < 2:
             raise DataError(f"{where}: {col!r} must be a list of at least 2 messages", "bad_type")
+        role, content = ("from", "value") if self.schema.name == "sharegpt" else ("role",
+                                                                                  "content")
         for k, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(
-                m.get("content"), str
+            if not isinstance(m, dict) or not isinstance(m.get(role), str) or not isinstance(
+                m.get(content), str
             ):
                 raise DataError(
-                    f"{where}: {col}[{k}] must be {{'role': str, 'content': str}}", "bad_type"
+                    f"{where}: {col}[{k}] must be {{{role!r}: str, {content!r}: str}}",
+                    "bad_type"
                 )
+        if self.schema.name == "sharegpt":
+            messages = [{"role": self._speaker(m["from"], f"{where}: {col}[{k}]"),
+                         "content": m["value"]} for k, m in enumerate(messages)]
         last = messages[-1]
         if last["role"] != "assistant":
             raise DataError(
@@ -301,12 +317,22 @@ class Formatter:
             return self._pieces(prompt, earlier, text, where), response
         return text, response
 
+    @staticmethod
+    def _speaker(name: str, where: str) -> str:
+        """A ShareGPT speaker's chat role; one it does not know is refused by name."""
+        if name.lower() not in SHAREGPT_ROLES:
+            raise DataError(
+                f"{where}: 'from' is {name!r}, not one of {', '.join(SHAREGPT_ROLES)}; convert "
+                "the rows to the chat schema (messages with roles user/assistant/system), or "
+                "set data.on_bad_row=skip", "bad_type")
+        return SHAREGPT_ROLES[name.lower()]
+
     def _pieces(self, messages: list[dict], earlier: list[int], prompt: str,
                 where: str) -> Pieces:
         """``prompt`` (the rendered ``messages``) cut into context and the earlier assistant
         turns ``earlier``: turn k is what the template writes after the generation prompt that
         follows ``messages[:k]``, found where ``messages[:k + 1]`` ends in the prompt."""
-        eos, col = self.response_end == "template", self.column("messages")
+        eos, col = self.response_end == "template", self.column(self.schema.required[0])
         pieces, at = [], 0
         for k in earlier:
             try:
