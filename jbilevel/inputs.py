@@ -42,7 +42,8 @@ class ThetaConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """SFT data from local files (jsonl/json/csv/parquet/arrow or a save_to_disk directory).
+    """SFT data from local files (jsonl/json/csv/parquet/arrow, a glob pattern of them, or a
+    save_to_disk directory).
 
     Leave ``train`` empty to use the built-in task (``task``) instead.
     """

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from jbilevel.data import load_sft
+from jbilevel.data import DataError, load_sft
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "data")
 ORCA = os.path.join(FIXTURES, "openorca.jsonl")
@@ -48,6 +48,33 @@ def test_all_file_formats_agree(tmp_path):
     _same(load_sft(rows, max_len=128), ref)
     assert ref.where == ["openorca.jsonl line 1", "openorca.jsonl line 2",
                          "openorca.jsonl line 3"]
+
+
+def test_a_glob_pattern_reads_every_shard_in_order(tmp_path):
+    """data.train=/data/train-*.parquet: a dataset's shards read in sorted order, each row
+    located in its own file; a pattern matching nothing or a non-data file, and a directory
+    save_to_disk did not write, are refused naming the fix."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = _orca_rows()
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows[1:]), tmp_path / "data" / "train-1.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[:1]), tmp_path / "data" / "train-0.parquet")
+    got = load_sft(str(tmp_path / "data" / "train-*.parquet"), max_len=128)
+    _same(got, load_sft(ORCA, max_len=128))
+    assert got.where == ["train-0.parquet row 0", "train-1.parquet row 0", "train-1.parquet row 1"]
+    assert [w.source for w in got.where] == [str(tmp_path / "data" / f"train-{i}.parquet")
+                                             for i in (0, 1, 1)]
+    with pytest.raises(DataError, match=r"valid-\*.parquet: no file matches the pattern"):
+        load_sft(str(tmp_path / "data" / "valid-*.parquet"))
+    (tmp_path / "data" / "README.md").write_text("shards")
+    with pytest.raises(DataError, match=r"matches .*README.md, not a data file"):
+        load_sft(str(tmp_path / "data" / "*"))
+    with pytest.raises(DataError, match=r"data: a directory that datasets' save_to_disk did not "
+                                        r"write .* give a pattern, e.g. .*data/\*\*/\*.parquet"):
+        load_sft(str(tmp_path / "data"))
+    assert len(load_sft(str(tmp_path / "**" / "*.parquet"), max_len=128)) == 3
 
 
 def test_csv_with_quoted_commas():

@@ -9,6 +9,7 @@ skip and count it).
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import os
 import re
@@ -54,8 +55,10 @@ def iter_rows(source, *, split: str = "train") -> Iterator[tuple[str, dict | Dat
     """Yield ``(where, row_or_error)`` from a path, an HF dataset, or a list of dicts.
 
     Args:
-      source: a local file (suffix in ``SUFFIXES``), a ``save_to_disk`` directory, a hub name
-        (only when a hub is reachable), a ``datasets.Dataset``, or a list of dicts.
+      source: a local file (suffix in ``SUFFIXES``), a glob pattern of such files (e.g. a
+        dataset's shards, ``/data/sft/train-*.parquet``: read in sorted order, each row
+        located in its own file), a ``save_to_disk`` directory, a hub name (only when a hub is
+        reachable), a ``datasets.Dataset``, or a list of dicts.
       split: the split to take from hub names and ``DatasetDict`` directories.
     """
     if isinstance(source, list | tuple):
@@ -68,13 +71,12 @@ def iter_rows(source, *, split: str = "train") -> Iterator[tuple[str, dict | Dat
         return
     path = os.fspath(source)
     name = os.path.basename(path.rstrip("/"))
+    if not os.path.exists(path) and glob.has_magic(path):
+        for file in _matches(path):
+            yield from iter_rows(file, split=split)
+        return
     if os.path.isdir(path):
-        import datasets
-
-        ds = datasets.load_from_disk(path)
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds[split]
-        yield from _iter_hf(ds, path, name)
+        yield from _iter_hf(_load_from_disk(path, split), path, name)
         return
     if not os.path.exists(path):
         if not looks_like_hub_name(path):
@@ -94,6 +96,37 @@ def iter_rows(source, *, split: str = "train") -> Iterator[tuple[str, dict | Dat
         yield from _iter_arrow(path, name)
     else:
         raise DataError(f"{name}: unknown file type; use one of {', '.join(SUFFIXES)}")
+
+
+def _matches(pattern: str) -> list[str]:
+    """The data files a glob pattern names, sorted; none, or one of an unknown type, is an
+    error naming the pattern."""
+    files = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
+    if not files:
+        raise DataError(f"{pattern}: no file matches the pattern (working directory "
+                        f"{os.getcwd()})", "not_found")
+    odd = [f for f in files if not f.endswith(SUFFIXES)]
+    if odd:
+        raise DataError(f"{pattern}: matches {odd[0]}, not a data file ({', '.join(SUFFIXES)}); "
+                        "narrow the pattern, e.g. to *.parquet", "not_found")
+    return files
+
+
+def _load_from_disk(path: str, split: str):
+    """A ``save_to_disk`` directory's dataset (its ``split`` of a DatasetDict); any other
+    directory is refused, naming its data files as a pattern to read instead."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(path)
+    except FileNotFoundError:
+        found = sorted({os.path.splitext(f)[1] for _, _, fs in os.walk(path) for f in fs
+                        if f.endswith(SUFFIXES)})
+        hint = (f"; to read its data files give a pattern, e.g. "
+                f"{os.path.join(path, '**', '*' + found[0])}" if found else "")
+        raise DataError(f"{path}: a directory that datasets' save_to_disk did not write (no "
+                        f"dataset_info.json / dataset_dict.json){hint}", "not_found") from None
+    return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
 
 
 def _expected(path: str) -> str:
