@@ -554,7 +554,8 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
         refresher = refresh.Refresher(
             cfg.online, model, data_set, weighting=cfg.method.weighting,
             batch_sharding=sh.batch_sharding(mesh, rules, 1), seed=cfg.seed, log_dir=out,
-            scorer=getattr(task, "scorer", None), rules=rules, buckets=cfg.data.length_buckets)
+            scorer=getattr(task, "scorer", None), rules=rules, buckets=cfg.data.length_buckets,
+            console=console)
     ways = sh.data_parallel_size(mesh, rules)
     if cfg.method.train_chunk % ways:
         raise config_lib.ConfigError(

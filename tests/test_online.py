@@ -795,7 +795,8 @@ def test_sampler_calls_pad_prompts_to_their_length_bucket(monkeypatch):
     """data.length_buckets for the refresh: the selected questions sampled longest prompt
     first, each sampler call's prompts left-padded to the smallest prompt-length bucket that
     holds them; the rows fill the buffer of one row length, each question's responses, sampling
-    log-probs and loss tokens those of one length (nucleus of one token: the argmax)."""
+    log-probs and loss tokens those of one length (nucleus of one token: the argmax). Each
+    refresh says what it sampled and how long it took."""
     import dataclasses
 
     import jbilevel.models
@@ -824,9 +825,17 @@ def test_sampler_calls_pad_prompts_to_their_length_bucket(monkeypatch):
 
     monkeypatch.setattr(jbilevel.models, "generate", spy)
 
+    import io
+    import re
+
+    from jbilevel.console import Console
+
+    said = io.StringIO()
+
     def refreshed(buckets):
         ref = refresh.Refresher(online, model, train_set, weighting="sigmoid",
-                                batch_sharding=batch_sharding, buckets=buckets)
+                                batch_sharding=batch_sharding, buckets=buckets,
+                                console=Console(stream=said))
         state = init_state(model.init(jax.random.key(0)), len(train_set), method)
         buf = jax.device_get(ref(state.replace(online=ref.init_buffer()), 0)[0].online)
         assert buf.input_ids.shape == (12 * 2, ref.length)  # 11 questions, a padding slot
@@ -839,6 +848,10 @@ def test_sampler_calls_pad_prompts_to_their_length_bucket(monkeypatch):
         return by_question, buf
 
     want, one = refreshed(1)
+    gen_len = one.loss_mask[one.valid > 0].sum(axis=1).mean()
+    assert re.fullmatch(r"online refresh at step 0 \.\.\.\nonline refresh at step 0: 11 "
+                        rf"questions, 2 responses each in 4 sampler calls, {gen_len:.1f} tokens "
+                        r"a response \(\d+\.\d s\)\n", said.getvalue())
     longest = int(train_set.prompt_len_N.max())
     assert widths == [longest] * 4
     widths.clear()

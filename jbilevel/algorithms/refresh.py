@@ -171,16 +171,18 @@ class Refresher:
         (quantiles of the prompt lengths) that holds them, one sampler program per length.
         Either way the rows fill a buffer of one row length (longest prompt +
         ``max_new_tokens``).
+      console: where each refresh says what it sampled and how long it took (None: silent).
     """
 
     def __init__(self, cfg: OnlineConfig, model, dataset, *, weighting: str, batch_sharding,
                  seed: int = 0, log_dir: str | Path | None = None, scorer=None,
-                 rules: sh.AxisRules | None = None, buckets: int = 1):
+                 rules: sh.AxisRules | None = None, buckets: int = 1, console=None):
         if not cfg.enabled:
             raise ValueError("Refresher needs online.every > 0")
         self.cfg, self.model, self.dataset = cfg, model, dataset
         self.weighting, self.batch_sharding, self.seed = weighting, batch_sharding, seed
         self.scorer, self.rules = scorer, rules or sh.AxisRules()
+        self.console = console
         self.log_path = None if log_dir is None else Path(log_dir) / "generations.jsonl"
         n = len(dataset)
         mesh = batch_sharding.mesh
@@ -230,6 +232,20 @@ class Refresher:
         if step < self.cfg.start or (step - self.cfg.start) % self.cfg.every:
             return state, {}
         self.log_buffer(state, step)  # the rows being replaced, with their final ratios
+        if self.console is None:
+            return self._refresh(state, step)
+        with self.console.phase(f"online refresh at step {step}") as phase:
+            state, metrics = self._refresh(state, step)
+            scores = "".join(f", {k[len('online_gen_'):]} {v:.3g}" for k, v in metrics.items()
+                             if k.startswith("online_gen_") and k != "online_gen_len")
+            phase.summary = (
+                f"{int(metrics['online_refreshed'])} questions, {self.cfg.num_samples} "
+                f"response{'s' * (self.cfg.num_samples > 1)} each in {self.n_chunks} sampler "
+                f"call{'s' * (self.n_chunks > 1)}, {metrics['online_gen_len']:.1f} tokens a "
+                f"response{scores}")
+        return state, metrics
+
+    def _refresh(self, state: TrainState, step: int) -> tuple[TrainState, dict]:
         key_sel, key_gen = jax.random.split(jax.random.fold_in(jax.random.key(self.seed), step))
         chosen = _host(self._select(key_sel, state.omega))
         prompt_N = self.dataset.prompt_len_N
