@@ -51,7 +51,9 @@ class DataConfig:
     train: str | None = None  # the SFT set D_t whose examples get weights
     validation: str | None = None  # the trusted validation set D_v (required with train)
     test: str | None = None  # optional held-out set: its loss is reported
-    schema: str = "auto"  # auto | qa | alpaca | openorca | chat | sharegpt (detected per file)
+    # auto (detected per file) | qa | alpaca | openorca | chat | sharegpt | completion |
+    # chat_completion (jbilevel.data.schemas)
+    schema: str = "auto"
     keys: dict = dataclasses.field(default_factory=dict)  # logical field -> column name
     prompt_template: str | None = None  # str.format template over the schema's fields
     chat_template: str | None = None  # jinja2 source, or "tokenizer" for the tokenizer's own

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jbilevel.data import CharTokenizer, DataError, concat, load_sft
-from jbilevel.data.schemas import ALPACA_NO_INPUT_TEMPLATE, ALPACA_TEMPLATE
+from jbilevel.data.schemas import ALPACA_NO_INPUT_TEMPLATE, ALPACA_TEMPLATE, DEFAULT_CHAT_TEMPLATE
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "data")
 TOK = CharTokenizer()
@@ -106,6 +106,26 @@ def test_sharegpt_rows_train_as_the_same_chat():
     with pytest.raises(DataError, match=r"row 0: conversations\[0\] must be \{'from': str, "
                                         r"'value': str\}"):
         load_sft([{"conversations": [{"role": "user", "content": "x"}] * 2}], max_len=64)
+
+
+def test_trl_prompt_completion_rows():
+    """TRL's prompt-completion datasets: texts (schema completion: the prompt as written, or as
+    the user's message under a chat template) and message lists (chat_completion: the chat
+    schema's messages split in two), detected from their first row."""
+    ds = load_sft([{"prompt": "The capital of France is", "completion": " Paris."}], max_len=64)
+    _check(ds, 0, "The capital of France is", " Paris.")
+    ds = load_sft([{"prompt": "Hi?", "completion": "Yo"}], chat_template=DEFAULT_CHAT_TEMPLATE,
+                  max_len=64)
+    _check(ds, 0, "<|user|>\nHi?\n<|assistant|>\n", "Yo")
+    split = [{"prompt": c["messages"][:-1], "completion": c["messages"][-1:]} for c in CHAT]
+    got, want = load_sft(split, max_len=96), load_sft(CHAT, max_len=96)
+    assert got.tokens_T.tolist() == want.tokens_T.tolist()
+    assert got.trained_T.tolist() == want.trained_T.tolist()  # prompt[1] trained, as messages[1]
+    with pytest.raises(DataError, match=r"row 0: 'completion' must be a list of messages, got "
+                                        r"str"):
+        load_sft([{"prompt": CHAT[1]["messages"][:1], "completion": "y"}], max_len=64)
+    with pytest.raises(DataError, match=r"row 0: completion\[0\] must be \{'role': str"):
+        load_sft([{"prompt": CHAT[1]["messages"][:1], "completion": ["y"]}], max_len=64)
 
 
 def test_custom_keys_and_jinja_chat_template_on_qa():

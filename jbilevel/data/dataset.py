@@ -355,8 +355,8 @@ def load_sft(source, *, schema: str = "auto", tokenizer=None, max_len: int = 512
     Args:
       source: path (.jsonl/.json/.csv/.parquet/.arrow or save_to_disk dir), hub name (only
         where a hub is reachable), ``datasets.Dataset``, or list of dicts.
-      schema: "auto" | "qa" | "alpaca" | "openorca" | "chat" | "sharegpt" (see
-        ``jbilevel.data.schemas``).
+      schema: "auto" | "qa" | "alpaca" | "openorca" | "chat" | "sharegpt" | "completion" |
+        "chat_completion" (see ``jbilevel.data.schemas``).
       tokenizer: None (built-in CharTokenizer), an HF tokenizer, or a local tokenizer dir.
       max_len: longest sequence (bos + prompt + response + eos).
       overlength: "error" | "truncate" | "skip" for sequences over max_len.

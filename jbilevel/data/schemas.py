@@ -7,6 +7,9 @@ Built-in schemas (logical field -> default column):
   ``chat``      messages: [{"role", "content"}, ...], the last one the assistant's response
   ``sharegpt``  conversations: [{"from", "value"}, ...] (ShareGPT, SlimOrca, OpenHermes):
                 the chat schema with ``from`` human/user, gpt/assistant or system
+  ``completion``       prompt, completion: texts (TRL's prompt-completion), the prompt as is
+  ``chat_completion``  prompt, completion: message lists (TRL's conversational
+                       prompt-completion), the chat schema's messages split in two
 ``schema="auto"`` picks one from the first row's keys. ``keys={"response": "answer"}`` renames
 columns. Prompts come from a ``str.format`` template over the logical fields, or from a jinja2
 chat template (``chat_template="tokenizer"`` uses the tokenizer's own).
@@ -83,8 +86,10 @@ SCHEMAS = {
     ),
     "chat": Schema("chat", ("messages",), (), None, ""),
     "sharegpt": Schema("sharegpt", ("conversations",), (), None, ""),
+    "completion": Schema("completion", ("prompt",), (), "completion", "{prompt}"),
+    "chat_completion": Schema("chat_completion", ("prompt",), (), "completion", ""),
 }
-CONVERSATIONS = ("chat", "sharegpt")
+CONVERSATIONS = ("chat", "sharegpt", "chat_completion")
 # ShareGPT's speaker names ("from") -> chat roles
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system"}
@@ -97,6 +102,8 @@ def detect_schema(row: dict, where: str) -> str:
         return "chat"
     if "conversations" in keys:
         return "sharegpt"
+    if {"prompt", "completion"} <= keys:
+        return "chat_completion" if isinstance(row["prompt"], list) else "completion"
     if {"instruction", "output"} <= keys:
         return "alpaca"
     if {"system_prompt", "question", "response"} <= keys:
@@ -216,7 +223,7 @@ class Formatter:
             ) from None
 
     def _as_messages(self, fields: dict) -> list[dict]:
-        user = fields.get("question") or fields.get("instruction", "")
+        user = fields.get("question") or fields.get("prompt") or fields.get("instruction", "")
         if fields.get("input", "").strip():
             user = f"{user}\n\n{fields['input']}"
         messages = [{"role": "user", "content": user}]
@@ -274,30 +281,35 @@ class Formatter:
         return any(int(i) in self.tokenizer.stop_ids for i in ids)
 
     def _chat(self, row: dict, where: str) -> tuple[str, str]:
-        field = self.schema.required[0]
-        col = self.column(field)
-        if col not in row:
-            raise DataError(
-                f"{where}: missing key {col!r} (available: {', '.join(sorted(row))}); "
-                f"set keys={{{field!r}: '<column>'}}",
-                "missing_key",
-            )
-        messages = row[col]
-        if not isinstance(messages, list) or len(messages) < 2:
-            raise DataError(f"{where}: {col!r} must be a list of at least 2 messages", "bad_type")
+        names, messages = [], []  # each message and where it stands in the row
+        for field in self.schema.required + ((self.schema.response,) if self.schema.response
+                                             else ()):
+            col = self.column(field)
+            if col not in row:
+                raise DataError(
+                    f"{where}: missing key {col!r} (available: {', '.join(sorted(row))}); "
+                    f"set keys={{{field!r}: '<column>'}}",
+                    "missing_key",
+                )
+            if not isinstance(row[col], list):
+                raise DataError(f"{where}: {col!r} must be a list of messages, got "
+                                f"{type(row[col]).__name__}", "bad_type")
+            names += [f"{col}[{k}]" for k in range(len(row[col]))]
+            messages += row[col]
+        if len(messages) < 2:
+            raise DataError(f"{where}: {' + '.join(self._columns())} must hold at least 2 "
+                            "messages", "bad_type")
         role, content = ("from", "value") if self.schema.name == "sharegpt" else ("role",
                                                                                   "content")
-        for k, m in enumerate(messages):
+        for name, m in zip(names, messages, strict=True):
             if not isinstance(m, dict) or not isinstance(m.get(role), str) or not isinstance(
                 m.get(content), str
             ):
-                raise DataError(
-                    f"{where}: {col}[{k}] must be {{{role!r}: str, {content!r}: str}}",
-                    "bad_type"
-                )
+                raise DataError(f"{where}: {name} must be {{{role!r}: str, {content!r}: str}}",
+                                "bad_type")
         if self.schema.name == "sharegpt":
-            messages = [{"role": self._speaker(m["from"], f"{where}: {col}[{k}]"),
-                         "content": m["value"]} for k, m in enumerate(messages)]
+            messages = [{"role": self._speaker(m["from"], f"{where}: {name}"),
+                         "content": m["value"]} for name, m in zip(names, messages, strict=True)]
         last = messages[-1]
         if last["role"] != "assistant":
             raise DataError(
@@ -306,7 +318,7 @@ class Formatter:
                 "bad_type",
             )
         if not last["content"].strip():
-            raise DataError(f"{where}: {col}[-1] (the response) is empty", "empty_response")
+            raise DataError(f"{where}: {names[-1]} (the response) is empty", "empty_response")
         prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
         text, response = self._turn(prompt, last["content"], where)
         earlier = [k for k, m in enumerate(prompt) if m["role"] == "assistant"]
@@ -314,8 +326,12 @@ class Formatter:
             self.conversations += 1
             self.earlier_turns += len(earlier)
         if earlier and self.assistant_turns == "all":
-            return self._pieces(prompt, earlier, text, where), response
+            return self._pieces(prompt, earlier, text, where, names), response
         return text, response
+
+    def _columns(self) -> list[str]:
+        fields = self.schema.required + ((self.schema.response,) if self.schema.response else ())
+        return [self.column(f) for f in fields]
 
     @staticmethod
     def _speaker(name: str, where: str) -> str:
@@ -327,12 +343,12 @@ class Formatter:
                 "set data.on_bad_row=skip", "bad_type")
         return SHAREGPT_ROLES[name.lower()]
 
-    def _pieces(self, messages: list[dict], earlier: list[int], prompt: str,
-                where: str) -> Pieces:
+    def _pieces(self, messages: list[dict], earlier: list[int], prompt: str, where: str,
+                names: list[str]) -> Pieces:
         """``prompt`` (the rendered ``messages``) cut into context and the earlier assistant
         turns ``earlier``: turn k is what the template writes after the generation prompt that
         follows ``messages[:k]``, found where ``messages[:k + 1]`` ends in the prompt."""
-        eos, col = self.response_end == "template", self.column(self.schema.required[0])
+        eos = self.response_end == "template"
         pieces, at = [], 0
         for k in earlier:
             try:
@@ -344,7 +360,7 @@ class Formatter:
                 detail = f"rendering the history up to it fails: {type(e).__name__}: {e}"
             if detail:
                 raise DataError(
-                    f"{where}: the chat template writes assistant turn {col}[{k}] "
+                    f"{where}: the chat template writes assistant turn {names[k]} "
                     f"differently as history than as the conversation's latest turn ({detail}), "
                     "so the turn cannot be cut out and trained; set data.assistant_turns=last "
                     "(earlier turns are then context, only the last one trained)",
