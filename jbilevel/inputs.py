@@ -373,11 +373,18 @@ def save_tokenizer(tokenizer, directory: str) -> None:
 
 
 def preview(row: dict, width: int = 80) -> str:
-    """A one-line text preview of a source row, whatever its schema."""
+    """A one-line text preview of a source row, whatever its schema: its texts, and the
+    texts of its messages (chat: content, ShareGPT: value)."""
     if "question" in row or "response" in row:
         text = f"{row.get('question', '')} -> {row.get('response', '')}"
     else:
-        text = " | ".join(str(v) for v in row.values() if isinstance(v, str) and v)
+        parts = []
+        for value in row.values():
+            if isinstance(value, list):
+                parts += [m.get("content", m.get("value")) for m in value if isinstance(m, dict)]
+            else:
+                parts.append(value)
+        text = " | ".join(p for p in parts if isinstance(p, str) and p)
     return " ".join(text.split())[:width]
 
 

@@ -59,3 +59,17 @@ def test_export_errors(tmp_path):
     with pytest.raises(ValueError, match="row 0: row already has key 'weight'; pass weight_key="):
         export_curated(ds, [1.0], str(tmp_path / "x.jsonl"))
     assert export_curated(ds, [1.0], str(tmp_path / "x.jsonl"), weight_key="w") == 1
+
+
+def test_the_weights_preview_shows_the_texts_of_every_schema():
+    """weights.csv's preview column: a row's texts, a conversation's messages included."""
+    from jbilevel.inputs import preview
+
+    chat = {"messages": [{"role": "user", "content": "Hi?"},
+                         {"role": "assistant", "content": "Hello\nthere."}]}
+    assert preview(chat) == "Hi? | Hello there."
+    sharegpt = {"id": "a1", "conversations": [{"from": "human", "value": "Hi?"},
+                                              {"from": "gpt", "value": "Yo"}]}
+    assert preview(sharegpt) == "a1 | Hi? | Yo"
+    assert preview({"question": "2+2?", "response": "4"}) == "2+2? -> 4"
+    assert preview({"instruction": "x" * 100, "output": "y"}) == "x" * 80
