@@ -119,6 +119,20 @@ def _build_parser() -> argparse.ArgumentParser:
                          "float32 by default, --run as it trained); with --run also "
                          "eval_batch_size and online.gather_params")
 
+    da = sub.add_parser(
+        "data", parents=[talk],
+        help="what a configuration would train on: token lengths, padding, trained tokens",
+        description="Example: jbilevel data --config mine.yaml data.max_len=2048. Reads and "
+                    "tokenises data.train / validation / test as `jbilevel train` would with "
+                    "the same configuration (no model weights, no compiling), then prints each "
+                    "split's token lengths, the padding of the run's batches at 1 and 4 length "
+                    "buckets, and --show examples with their trained tokens between [[ and ]]; "
+                    "stdout gets the figures as JSON.")
+    da.add_argument("--config", help="YAML file, as for train")
+    da.add_argument("--show", type=int, default=2, metavar="N",
+                    help="training examples to print, trained tokens marked (default 2)")
+    da.add_argument("overrides", nargs="*", help="dotted key=value, as for train")
+
     ex = sub.add_parser(
         "export", parents=[talk], help="a curated dataset from a run's learned weights",
         description="Example: jbilevel export --run runs/bds --out curated.jsonl --top-frac 0.5")
@@ -149,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     # missing; jbilevel never needs it, so the command line does not show that advice.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     console = Console(QUIET if args.quiet else VERBOSE if args.verbose else NORMAL)
-    command = {"demo": _demo, "train": _train, "eval": _eval, "export": _export}[args.command]
+    command = {"demo": _demo, "train": _train, "eval": _eval, "export": _export,
+               "data": _data}[args.command]
     from jbilevel import distributed
 
     try:
@@ -241,6 +256,46 @@ def _export(args, console) -> int:
     n = saved.export_run(args.run, args.out, top_frac=args.top_frac,
                          min_weight=args.min_weight, format=args.format, console=console)
     print(f"wrote {n} examples with their learned weights and sources to {args.out}")
+    return 0
+
+
+def _data(args, console) -> int:
+    import dataclasses
+
+    from jbilevel import config, experiment, report
+    from jbilevel.data import summary
+    from jbilevel.errors import UserError
+
+    cfg = config.load(experiment.ExperimentConfig, args.config, args.overrides)
+    if not cfg.data.train:
+        raise UserError("jbilevel data reads your files: set data.train and data.validation "
+                        "(in --config or as overrides)")
+    task = experiment.load_data(cfg, console)
+    result = {"splits": {}, "padding": [], "examples": []}
+    console.info("tokens per row (median / 90% / 99% / max):")
+    for name, ds in task.splits.items():
+        stats = summary.lengths(ds)
+        result["splits"][name] = {"examples": len(ds), **stats}
+        console.info(f"  {name} ({len(ds)} row{'s' * (len(ds) != 1)}): " + "; ".join(
+            f"{part} {s['median']} / {s['p90']} / {s['p99']} / {s['max']}"
+            for part, s in stats.items()))
+    train = task.splits["train"]
+    console.info(f"padding of the training batches ({cfg.batch_size} rows, data.max_len="
+                 f"{cfg.data.max_len}):")
+    for n in sorted({1, 4, cfg.data.length_buckets}):
+        data_cfg = dataclasses.replace(cfg.data, length_buckets=n)
+        pad = summary.padding(train, cfg.batch_size, experiment.grouped(train, data_cfg))
+        result["padding"].append({"length_buckets": n, **pad})
+        console.info(f"  data.length_buckets={n}: {pad['padding_share']:.0%} of the batch "
+                     f"tokens are padding (lengths {', '.join(map(str, pad['lengths']))})"
+                     + (" <- this configuration" if n == cfg.data.length_buckets else ""))
+    for i in range(min(args.show, len(train))):
+        text = summary.render(train, i)
+        result["examples"].append({"id": i, "where": str(train.where[i]), "text": text})
+        console.info(f"train example {i} ({train.where[i]}; {train.length_N[i]} tokens, "
+                     f"{int(train.targets(i).sum())} trained, between {summary.OPEN} and "
+                     f"{summary.CLOSE}):\n{text}")
+    print(report.to_json(result, indent=2))
     return 0
 
 

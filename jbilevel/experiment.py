@@ -179,7 +179,7 @@ def _process_batcher(dataset, batch_size: int, mesh, rules, **kw):
                    process_count=count, **kw)
 
 
-def _grouped(dataset, data_cfg: inputs.DataConfig) -> dict:
+def grouped(dataset, data_cfg: inputs.DataConfig) -> dict:
     """The Batcher options of ``data.length_buckets``: one bucket (the longest sequence), or
     that many length quantiles with rows grouped by length."""
     from jbilevel.data.batching import length_buckets
@@ -563,7 +563,7 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
             f"data-parallel size {ways} (mesh.data x mesh.fsdp): each pass's rows are split "
             "over those devices; change method.train_chunk or the mesh")
     data = _process_batcher(data_set, cfg.batch_size, mesh, rules, seed=cfg.seed,
-                            **_grouped(data_set, cfg.data))
+                            **grouped(data_set, cfg.data))
     # one length for the validation batches: bmo's step takes one of each, so several of
     # theirs would multiply its programs (and the validation set is small)
     val = _process_batcher(task.validation, cfg.val_batch_size, mesh, rules, seed=cfg.seed + 1)

@@ -177,3 +177,43 @@ def test_eval_and_export_errors(tmp_path, capsys):
     assert "config.yaml: not found" in capsys.readouterr().err
     assert cli.main(["export", "--run", str(tmp_path), "--out", str(tmp_path / "x.jsonl")]) == 2
     assert "config.yaml: not found" in capsys.readouterr().err
+
+
+def test_data_says_what_a_configuration_would_train_on(tmp_path, capsys):
+    """`jbilevel data`: each split's token lengths, the padding of the run's own batches at 1
+    and 4 length buckets (what the trainer's Batcher builds, token for token), and examples with
+    their trained tokens marked, earlier assistant turns included; the figures as JSON."""
+    from jbilevel.data import Batcher, load_sft
+
+    rows = [{"messages": [{"role": "user", "content": "q" * (3 + 7 * (i * 7 % 20))},
+                          {"role": "assistant", "content": "a" * (1 + i % 3)},
+                          {"role": "user", "content": "Again?"},
+                          {"role": "assistant", "content": "b"}]} for i in range(20)]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["data", f"data.train={train}", f"data.validation={train}", "data.max_len=256",
+            "batch_size=4", "--show", "1"]
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    out = capsys.readouterr()
+    got = json.loads(out.out)
+    ds = load_sft(str(train), max_len=256)
+    assert got["splits"]["train"]["examples"] == 20
+    assert got["splits"]["train"]["sequence"]["max"] == int(ds.length_N.max())
+    assert got["splits"]["train"]["trained"]["max"] == 6  # "aaa\n", "b" and the eos
+    for pad in got["padding"]:  # the tokens of the batches a run of this config trains on
+        cfg = config.load(experiment.ExperimentConfig, overrides=[
+            f"data.train={train}", f"data.validation={train}",
+            f"data.length_buckets={pad['length_buckets']}"])
+        batches = Batcher(ds, 4, seed=0, **experiment.grouped(ds, cfg.data)).epoch_batches()
+        tokens = sum(b["input_ids"].size for b in batches)
+        assert pad["padded_tokens"] == tokens
+        assert pad["padding_share"] == round(1 - ds.length_N.sum() / tokens, 4)
+    assert [p["length_buckets"] for p in got["padding"]] == [1, 4]
+    example = got["examples"][0]["text"]
+    assert example == ("<bos><|user|>\nqqq\n<|assistant|>\n[[a\n]]<|user|>\nAgain?\n"
+                       "<|assistant|>\n[[b<eos>]]")
+    assert "data.length_buckets=1: " in out.err and "<- this configuration" in out.err
+    assert f"train example 0 (train.jsonl line 1; {ds.length_N[0]} tokens, 4 trained" in out.err
+    assert cli.main(["data"]) == 2  # no data.train: says so
+    assert "jbilevel data: error: jbilevel data reads your files" in capsys.readouterr().err
