@@ -123,7 +123,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "data", parents=[talk],
         help="what a configuration would train on: token lengths, padding, trained tokens",
         description="Example: jbilevel data --config mine.yaml data.max_len=2048. Reads and "
-                    "tokenises data.train / validation / test as `jbilevel train` would with "
+                    "tokenises data.train / validation / test (or the built-in task's splits) "
+                    "as `jbilevel train` would with "
                     "the same configuration (no model weights, no compiling), then prints each "
                     "split's token lengths, the padding of the run's batches at 1 and 4 length "
                     "buckets, and --show examples with their trained tokens between [[ and ]]; "
@@ -261,16 +262,15 @@ def _export(args, console) -> int:
 
 def _data(args, console) -> int:
     import dataclasses
+    import tempfile
 
     from jbilevel import config, experiment, report
     from jbilevel.data import summary
-    from jbilevel.errors import UserError
 
     cfg = config.load(experiment.ExperimentConfig, args.config, args.overrides)
-    if not cfg.data.train:
-        raise UserError("jbilevel data reads your files: set data.train and data.validation "
-                        "(in --config or as overrides)")
-    task = experiment.load_data(cfg, console)
+    with tempfile.TemporaryDirectory() as scratch:  # a built-in task's files, if it has them
+        cfg = experiment.resolve(cfg, scratch, write=True)
+        task = experiment.load_data(cfg, console)
     result = {"splits": {}, "padding": [], "examples": []}
     console.info("tokens per row (median / 90% / 99% / max):")
     for name, ds in task.splits.items():

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import _llm
 import numpy as np
@@ -215,5 +216,8 @@ def test_data_says_what_a_configuration_would_train_on(tmp_path, capsys):
                        "<|assistant|>\n[[b<eos>]]")
     assert "data.length_buckets=1: " in out.err and "<- this configuration" in out.err
     assert f"train example 0 (train.jsonl line 1; {ds.length_N[0]} tokens, 4 trained" in out.err
-    assert cli.main(["data"]) == 2  # no data.train: says so
-    assert "jbilevel data: error: jbilevel data reads your files" in capsys.readouterr().err
+    # a built-in task: its splits as the run writes them, through the shipped base's tokenizer
+    shipped = Path(__file__).parents[1] / "configs" / "finetune" / "quality_bds.yaml"
+    assert cli.main(["data", "--config", str(shipped), "--show", "0"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["splits"]["train"]["examples"] == 2000 and got["examples"] == []
