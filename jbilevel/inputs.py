@@ -79,11 +79,12 @@ class DataConfig:
     # "auto" template where a chat template ends the turn with one of the tokenizer's end
     # tokens (eos, or generation_config.json's eos_token_id), else eos
     response_end: Literal["auto", "eos", "template"] = "auto"
-    # which assistant turns of a conversation (chat, sharegpt) are trained: "all" every one, each
-    # as the chat template writes it (the text after its generation prompt; up to its end
-    # token where response_end resolves to template), as TRL's assistant_only_loss and axolotl
-    # do; "last" only the last, the earlier ones being context. Generation (online refreshes,
-    # test answers) continues the conversation before the last turn either way
+    # which assistant turns of a conversation (chat, sharegpt, chat_completion) are trained:
+    # "all" every one, each as the chat template writes it (the text after its generation
+    # prompt; up to its end token where response_end resolves to template), as TRL's
+    # assistant_only_loss and axolotl do; "last" only the last, the earlier ones being
+    # context. Generation (online refreshes, test answers) continues the conversation before
+    # the last turn either way
     assistant_turns: Literal["all", "last"] = "all"
     # train column holding each row's ground truth, 1 good / 0 bad (None: unknown); with it the
     # run scores its learned weights (AUROC, weight mass on good rows) and can run oracle

@@ -22,7 +22,8 @@ by templating the whole conversation; ``"auto"`` takes ``"template"`` when a cha
 formats the prompts and ends an assistant turn with one of the tokenizer's end tokens
 (``stop_ids``), else ``"eos"``.
 
-Which assistant turns of a conversation are trained (``assistant_turns``, chat and sharegpt):
+Which assistant turns of a conversation are trained (``assistant_turns``; chat, sharegpt and
+chat_completion):
 ``"all"`` trains every assistant turn (as TRL's ``assistant_only_loss`` and axolotl do): the
 prompt is then :class:`Pieces`, the conversation before the last turn with each earlier
 assistant turn as the template writes it (the text after that turn's generation prompt) marked
@@ -282,8 +283,7 @@ class Formatter:
 
     def _chat(self, row: dict, where: str) -> tuple[str, str]:
         names, messages = [], []  # each message and where it stands in the row
-        for field in self.schema.required + ((self.schema.response,) if self.schema.response
-                                             else ()):
+        for field in self._message_fields():
             col = self.column(field)
             if col not in row:
                 raise DataError(
@@ -297,8 +297,8 @@ class Formatter:
             names += [f"{col}[{k}]" for k in range(len(row[col]))]
             messages += row[col]
         if len(messages) < 2:
-            raise DataError(f"{where}: {' + '.join(self._columns())} must hold at least 2 "
-                            "messages", "bad_type")
+            columns = " + ".join(self.column(f) for f in self._message_fields())
+            raise DataError(f"{where}: {columns} must hold at least 2 messages", "bad_type")
         role, content = ("from", "value") if self.schema.name == "sharegpt" else ("role",
                                                                                   "content")
         for name, m in zip(names, messages, strict=True):
@@ -329,9 +329,9 @@ class Formatter:
             return self._pieces(prompt, earlier, text, where, names), response
         return text, response
 
-    def _columns(self) -> list[str]:
-        fields = self.schema.required + ((self.schema.response,) if self.schema.response else ())
-        return [self.column(f) for f in fields]
+    def _message_fields(self) -> tuple[str, ...]:
+        """The fields holding a conversation's messages, in order (chat_completion: two)."""
+        return self.schema.required + ((self.schema.response,) if self.schema.response else ())
 
     @staticmethod
     def _speaker(name: str, where: str) -> str:
