@@ -124,11 +124,10 @@ def _build_parser() -> argparse.ArgumentParser:
         help="what a configuration would train on: token lengths, padding, trained tokens",
         description="Example: jbilevel data --config mine.yaml data.max_len=2048. Reads and "
                     "tokenises data.train / validation / test (or the built-in task's splits) "
-                    "as `jbilevel train` would with "
-                    "the same configuration (no model weights, no compiling), then prints each "
-                    "split's token lengths, the padding of the run's batches at 1 and 4 length "
-                    "buckets, and --show examples with their trained tokens between [[ and ]]; "
-                    "stdout gets the figures as JSON.")
+                    "as `jbilevel train` would with the same configuration (no model weights, "
+                    "no compiling), then prints each split's token lengths, the padding of the "
+                    "run's batches at 1 and 4 length buckets, and --show examples with their "
+                    "trained tokens between [[ and ]]; stdout gets the figures as JSON.")
     da.add_argument("--config", help="YAML file, as for train")
     da.add_argument("--show", type=int, default=2, metavar="N",
                     help="training examples to print, trained tokens marked (default 2)")
