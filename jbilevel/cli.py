@@ -283,7 +283,8 @@ def _data(args, console) -> int:
                  f"{cfg.data.max_len}):")
     for n in sorted({1, 4, cfg.data.length_buckets}):
         data_cfg = dataclasses.replace(cfg.data, length_buckets=n)
-        pad = summary.padding(train, cfg.batch_size, experiment.grouped(train, data_cfg))
+        pad = summary.padding(train, cfg.batch_size,
+                              {**experiment.grouped(train, data_cfg), "seed": cfg.seed})
         result["padding"].append({"length_buckets": n, **pad})
         console.info(f"  data.length_buckets={n}: {pad['padding_share']:.0%} of the batch "
                      f"tokens are padding (lengths {', '.join(map(str, pad['lengths']))})"

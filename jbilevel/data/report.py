@@ -31,8 +31,8 @@ class LoadReport:
       messages: the first ``max_messages`` skip/truncation messages, each naming its row.
       response_end: what ends each trained response (the tokenizer's eos, or the chat
         template's turn end), with the token and its id.
-      assistant_turns: how the conversations with assistant turns before their last one (chat
-        schema) were trained, and how many ("" when there are none).
+      assistant_turns: how the conversations with assistant turns before their last one were
+        trained, and how many ("" when there are none).
     """
 
     n_read: int = 0

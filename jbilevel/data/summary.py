@@ -28,9 +28,10 @@ def lengths(dataset: SFTDataset) -> dict:
 
 def padding(dataset: SFTDataset, batch_size: int, batcher_options: dict) -> dict:
     """The padding of an epoch of ``batch_size``-row batches built as a run builds them
-    (``batcher_options``: its Batcher's buckets and grouping). Returns: the lengths batches
-    are padded to, the padded tokens and the share of them that is padding."""
-    batcher = Batcher(dataset, batch_size, seed=0, **batcher_options)
+    (``batcher_options``: its Batcher's buckets, grouping and seed; the first epoch's
+    order). Returns: the lengths batches are padded to, the padded tokens and the share of
+    them that is padding."""
+    batcher = Batcher(dataset, batch_size, **batcher_options)
     order = batcher.epoch_order(0)
     padded = 0
     for start in range(0, len(order), batch_size):
