@@ -798,8 +798,11 @@ def test_sampler_calls_pad_prompts_to_their_length_bucket(monkeypatch):
     log-probs and loss tokens those of one length (nucleus of one token: the argmax). Each
     refresh says what it sampled and how long it took."""
     import dataclasses
+    import io
+    import re
 
     import jbilevel.models
+    from jbilevel.console import Console
     from jbilevel.data import load_sft, make_task
     from jbilevel.data.tasks import TASK_TEMPLATE
     from jbilevel.models import ModelConfig, build
@@ -824,12 +827,6 @@ def test_sampler_calls_pad_prompts_to_their_length_bucket(monkeypatch):
         return real(model, params, ids, mask, rng, **kw)
 
     monkeypatch.setattr(jbilevel.models, "generate", spy)
-
-    import io
-    import re
-
-    from jbilevel.console import Console
-
     said = io.StringIO()
 
     def refreshed(buckets):
