@@ -91,9 +91,10 @@ def test_sharegpt_rows_train_as_the_same_chat():
 
     path = os.path.join(FIXTURES, "sharegpt.jsonl")
     roles = {"human": "user", "gpt": "assistant", "system": "system"}
+    with open(path) as f:
+        lines = f.read().splitlines()
     chat = [{"messages": [{"role": roles[m["from"]], "content": m["value"]}
-                          for m in json.loads(line)["conversations"]]}
-            for line in open(path)]
+                          for m in json.loads(line)["conversations"]]} for line in lines]
     got, want = load_sft(path, max_len=128), load_sft(chat, max_len=128)
     assert got.tokens_T.tolist() == want.tokens_T.tolist()
     assert got.trained_T.tolist() == want.trained_T.tolist()
