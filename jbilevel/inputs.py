@@ -86,6 +86,9 @@ class DataConfig:
     # context. Generation (online refreshes, test answers) continues the conversation before
     # the last turn either way
     assistant_turns: Literal["all", "last"] = "all"
+    # read only the first N rows of data.train (0: all), for a quick trial on a subset (as HF's
+    # example scripts' max_train_samples); the load report says when rows were left unread
+    max_train_rows: int = 0
     # train column holding each row's ground truth, 1 good / 0 bad (None: unknown); with it the
     # run scores its learned weights (AUROC, weight mass on good rows) and can run oracle
     truth: str | None = None
@@ -117,6 +120,9 @@ class DataConfig:
             raise ValueError("data.validation/test given without data.train; set data.train")
         if self.max_len <= 1:
             raise ValueError(f"data.max_len={self.max_len} must be > 1")
+        if self.max_train_rows < 0:
+            raise ValueError(f"data.max_train_rows={self.max_train_rows} must be >= 0 (0: "
+                             "every row)")
         if self.length_buckets < 1:
             raise ValueError(f"data.length_buckets={self.length_buckets} must be >= 1 (1: every "
                              "batch padded to the longest sequence)")
@@ -201,7 +207,9 @@ def load_task(task_cfg, data_cfg: DataConfig, model_spec):
     for split in ("train", "validation", "test"):
         path = getattr(data_cfg, split)
         if path and not (split == "test" and data_cfg.test_withheld):
-            splits[split] = load_split(path, data_cfg, tokenizer, field=f"data.{split}")
+            splits[split] = load_split(path, data_cfg, tokenizer, field=f"data.{split}",
+                                       max_rows=data_cfg.max_train_rows if split == "train"
+                                       else 0)
     good_N = None
     if data_cfg.truth:
         good_N = ground_truth(splits["train"], data_cfg.truth)
@@ -301,8 +309,10 @@ _ROW_REASONS = ("bad_json", "bad_csv", "missing_key", "bad_type", "empty_respons
                 "empty_prompt")
 
 
-def load_split(path: str, data_cfg: DataConfig, tokenizer, field: str = "data"):
-    """One SFT file tokenised with ``data_cfg``'s formatting (what ``train`` and ``eval`` use).
+def load_split(path: str, data_cfg: DataConfig, tokenizer, field: str = "data",
+               max_rows: int = 0):
+    """One SFT file tokenised with ``data_cfg``'s formatting (what ``train`` and ``eval`` use);
+    ``max_rows`` > 0 reads only its first rows.
 
     Errors name ``field`` (e.g. ``data.train``) before the file and line, and row-level ones
     add the skip policy as a way out.
@@ -316,7 +326,8 @@ def load_split(path: str, data_cfg: DataConfig, tokenizer, field: str = "data"):
             keys=data_cfg.keys or None, prompt_template=data_cfg.prompt_template,
             chat_template=data_cfg.chat_template,
             chat_template_kwargs=data_cfg.chat_template_kwargs or None, add_bos=data_cfg.add_bos,
-            response_end=data_cfg.response_end, assistant_turns=data_cfg.assistant_turns)
+            response_end=data_cfg.response_end, assistant_turns=data_cfg.assistant_turns,
+            max_rows=max_rows)
     except DataError as e:
         hint = ""
         if e.reason in _ROW_REASONS:

@@ -266,3 +266,32 @@ def test_the_run_says_which_assistant_turns_it_trains(tmp_path):
         said = f"assistant turns before the last: 2 (in 1 of 2 conversations), {what}"
         assert f"  {said} (data.assistant_turns={turns})" in stream.getvalue()
         assert experiment.data_reports(cfg, task)["train"]["assistant_turns"] == said
+
+
+def test_max_train_rows_reads_only_the_first_rows(tmp_path):
+    """data.max_train_rows: the training file's first rows only (the validation file whole),
+    and the load report says rows were left unread; a limit the file does not reach says
+    nothing."""
+    import io
+
+    from jbilevel import config, experiment
+    from jbilevel.console import Console
+
+    rows = [json.dumps({"instruction": f"Say {k}.", "input": "", "output": f"{k}."})
+            for k in range(5)]
+    train = _write(tmp_path / "train.jsonl", rows)
+    val = _write(tmp_path / "val.jsonl", rows[:3])
+    for limit, kept in ((2, 2), (5, 5)):
+        cfg = config.load(experiment.ExperimentConfig, overrides=[
+            f"data.train={train}", f"data.validation={val}", f"data.max_train_rows={limit}"])
+        stream = io.StringIO()
+        task = experiment.load_data(cfg, Console(stream=stream))
+        assert (len(task.splits["train"]), len(task.splits["validation"])) == (kept, 3)
+        assert [r["output"] for r in task.splits["train"].rows] == [f"{k}." for k in range(kept)]
+        unread = limit < len(rows)
+        assert (f"train {train}: read 2 (the first 2; more left unread), kept 2, "
+                in stream.getvalue()) == unread
+        assert experiment.data_reports(cfg, task)["train"]["row_limit"] == (limit if unread
+                                                                             else 0)
+    with pytest.raises(Exception, match=r"data.max_train_rows=-1 must be >= 0"):
+        config.load(experiment.ExperimentConfig, overrides=["data.max_train_rows=-1"])

@@ -349,7 +349,7 @@ def load_sft(source, *, schema: str = "auto", tokenizer=None, max_len: int = 512
              prompt_template: str | None = None, chat_template: str | None = None,
              chat_template_kwargs: dict | None = None, split: str = "train",
              add_bos: bool = True, response_end: str = "auto",
-             assistant_turns: str = "all") -> SFTDataset:
+             assistant_turns: str = "all", max_rows: int = 0) -> SFTDataset:
     """Load an SFT dataset from a local file, a save_to_disk directory, an HF dataset or rows.
 
     Args:
@@ -372,6 +372,8 @@ def load_sft(source, *, schema: str = "auto", tokenizer=None, max_len: int = 512
         ``jbilevel.data.schemas``): the tokenizer's eos, or the chat template's turn end.
       assistant_turns: "all" | "last": a conversation's (chat, sharegpt) every assistant
         turn is trained, or its last one only (the earlier ones are context).
+      max_rows: read only the source's first ``max_rows`` rows (0: all), e.g. for a quick
+        trial; the report says when rows were left unread.
     Returns: SFTDataset with ids 0..N-1 over kept rows in source order, and ``.report``.
     """
     if on_bad_row not in ("error", "skip"):
@@ -381,6 +383,9 @@ def load_sft(source, *, schema: str = "auto", tokenizer=None, max_len: int = 512
     formatter = None
     pairs, rows, where = [], [], []
     for loc, row in iter_rows(source, split=split):
+        if max_rows and report.n_read == max_rows:
+            report.row_limit = max_rows  # rows are left unread
+            break
         report.n_read += 1
         if isinstance(row, DataError):
             _bad(report, row, on_bad_row)

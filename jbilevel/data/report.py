@@ -33,6 +33,8 @@ class LoadReport:
         template's turn end), with the token and its id.
       assistant_turns: how the conversations with assistant turns before their last one were
         trained, and how many ("" when there are none).
+      row_limit: the ``max_rows`` that stopped the reading with rows left unread (0: read
+        to the end).
     """
 
     n_read: int = 0
@@ -43,6 +45,7 @@ class LoadReport:
     max_messages: int = 20
     response_end: str = ""
     assistant_turns: str = ""
+    row_limit: int = 0
 
     @property
     def n_skipped(self) -> int:
@@ -71,11 +74,13 @@ class LoadReport:
             "messages": list(self.messages),
             "response_end": self.response_end,
             "assistant_turns": self.assistant_turns,
+            "row_limit": self.row_limit,
         }
 
     def __str__(self) -> str:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
+        limit = f" (the first {self.row_limit}; more left unread)" if self.row_limit else ""
         return (
-            f"read {self.n_read}, kept {self.n_kept}, truncated {self.n_truncated}, "
+            f"read {self.n_read}{limit}, kept {self.n_kept}, truncated {self.n_truncated}, "
             f"skipped {self.n_skipped} ({reasons})"
         )
