@@ -81,10 +81,10 @@ class DataConfig:
     response_end: Literal["auto", "eos", "template"] = "auto"
     # which assistant turns of a conversation (chat, sharegpt, chat_completion) are trained:
     # "all" every one, each as the chat template writes it (the text after its generation
-    # prompt; up to its end token where response_end resolves to template), as TRL's
-    # assistant_only_loss and axolotl do; "last" only the last, the earlier ones being
-    # context. Generation (online refreshes, test answers) continues the conversation before
-    # the last turn either way
+    # prompt: up to its end token where response_end resolves to template, else up to the end
+    # of its content), as TRL's assistant_only_loss and axolotl do; "last" only the last, the
+    # earlier ones being context. Generation (online refreshes, test answers) continues the
+    # conversation before the last turn either way
     assistant_turns: Literal["all", "last"] = "all"
     # read only the first N rows of data.train (0: all), for a quick trial on a subset (as HF's
     # example scripts' max_train_samples); the load report says when rows were left unread

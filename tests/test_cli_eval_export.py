@@ -201,7 +201,7 @@ def test_data_says_what_a_configuration_would_train_on(tmp_path, capsys):
     ds = load_sft(str(train), max_len=256)
     assert got["splits"]["train"]["examples"] == 20
     assert got["splits"]["train"]["sequence"]["max"] == int(ds.length_N.max())
-    assert got["splits"]["train"]["trained"]["max"] == 6  # "aaa\n", "b" and the eos
+    assert got["splits"]["train"]["trained"]["max"] == 5  # "aaa", "b" and the eos
     for pad in got["padding"]:  # the tokens of the batches a run of this config trains on
         cfg = config.load(experiment.ExperimentConfig, overrides=[
             f"data.train={train}", f"data.validation={train}",
@@ -212,10 +212,10 @@ def test_data_says_what_a_configuration_would_train_on(tmp_path, capsys):
         assert pad["padding_share"] == round(1 - ds.length_N.sum() / tokens, 4)
     assert [p["length_buckets"] for p in got["padding"]] == [1, 4]
     example = got["examples"][0]["text"]
-    assert example == ("<bos><|user|>\nqqq\n<|assistant|>\n[[a\n]]<|user|>\nAgain?\n"
+    assert example == ("<bos><|user|>\nqqq\n<|assistant|>\n[[a]]\n<|user|>\nAgain?\n"
                        "<|assistant|>\n[[b<eos>]]")
     assert "data.length_buckets=1: " in out.err and "<- this configuration" in out.err
-    assert f"train example 0 (train.jsonl line 1; {ds.length_N[0]} tokens, 4 trained" in out.err
+    assert f"train example 0 (train.jsonl line 1; {ds.length_N[0]} tokens, 3 trained" in out.err
     # a built-in task: its splits as the run writes them, through the shipped base's tokenizer
     shipped = Path(__file__).parents[1] / "configs" / "finetune" / "quality_bds.yaml"
     assert cli.main(["data", "--config", str(shipped), "--show", "0"]) == 0

@@ -279,9 +279,10 @@ def test_every_assistant_turn_is_trained_as_the_template_writes_it(tmp_path):
     assert last.report.as_dict()["assistant_turns"].endswith(
         "context (only the last turn is trained)")
     # the default template, whose turns end with a newline (responses end with the eos): the
-    # earlier turn is trained as written, newline and all
+    # earlier turn's content trains, not the newline after it (the last answer ends with the
+    # eos at that place)
     plain = load_sft(CHAT, max_len=96)
-    assert TOK.decode(_trained(plain, 0), stop_at_eos=False) == "bb\nd"
+    assert TOK.decode(_trained(plain, 0), stop_at_eos=False) == "bbd"
     assert _trained(plain, 0)[-1] == EOS
     # kept through subset and concat, also beside a dataset without earlier turns
     mixed = concat([plain.subset([1, 0]), load_sft(CHAT[1:], tokenizer=plain.tokenizer,
@@ -308,7 +309,7 @@ def test_an_earlier_turn_cut_by_truncation_keeps_its_trained_tokens():
     ds = load_sft(rows, max_len=len(kept) + 2, overlength="truncate")
     assert ds.report.n_truncated == 1
     assert TOK.decode(ds.sequence(0)[1:], stop_at_eos=False) == kept + "o"
-    assert TOK.decode(_trained(ds, 0, len(kept) + 2), stop_at_eos=False) == "Z\no"
+    assert TOK.decode(_trained(ds, 0, len(kept) + 2), stop_at_eos=False) == "Zo"
 
 
 def test_a_template_writing_history_differently_cannot_train_earlier_turns():

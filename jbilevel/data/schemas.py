@@ -26,8 +26,9 @@ Which assistant turns of a conversation are trained (``assistant_turns``; chat, 
 chat_completion):
 ``"all"`` trains every assistant turn (as TRL's ``assistant_only_loss`` and axolotl do): the
 prompt is then :class:`Pieces`, the conversation before the last turn with each earlier
-assistant turn as the template writes it (the text after that turn's generation prompt) marked
-trained; ``"last"`` trains the last one only, the earlier turns being context.
+assistant turn as the template writes it (the text after that turn's generation prompt, up to
+its end token; where responses end with the eos, up to the end of its content) marked trained;
+``"last"`` trains the last one only, the earlier turns being context.
 """
 
 from __future__ import annotations
@@ -347,7 +348,9 @@ class Formatter:
                 names: list[str]) -> Pieces:
         """``prompt`` (the rendered ``messages``) cut into context and the earlier assistant
         turns ``earlier``: turn k is what the template writes after the generation prompt that
-        follows ``messages[:k]``, found where ``messages[:k + 1]`` ends in the prompt."""
+        follows ``messages[:k]``, found where ``messages[:k + 1]`` ends in the prompt; where
+        responses end with the eos (``response_end="eos"``), only up to the end of its content
+        (the template's text after it, e.g. a newline, stays context)."""
         eos = self.response_end == "template"
         pieces, at = [], 0
         for k in earlier:
@@ -365,7 +368,12 @@ class Formatter:
                     "so the turn cannot be cut out and trained; set data.assistant_turns=last "
                     "(earlier turns are then context, only the last one trained)",
                     "template_turn")
-            pieces += [(prompt[at:len(before)], False), (through[len(before):], True)]
-            at = len(through)
+            turn = through[len(before):]
+            if not eos:  # the response ends with the eos, not the template's turn end: the
+                # content alone trains, or the two ends would be taught after an answer
+                content = messages[k]["content"].strip()
+                turn = turn[: turn.rfind(content) + len(content)] if content in turn else turn
+            pieces += [(prompt[at:len(before)], False), (turn, True)]
+            at = len(before) + len(turn)
         pieces.append((prompt[at:], False))
         return Pieces((text, trained) for text, trained in pieces if text)
