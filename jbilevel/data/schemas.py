@@ -372,7 +372,7 @@ class Formatter:
             if not eos:  # the response ends with the eos, not the template's turn end: the
                 # content alone trains, or the two ends would be taught after an answer
                 content = messages[k]["content"].strip()
-                turn = turn[: turn.rfind(content) + len(content)] if content in turn else turn
+                turn = turn[: turn.find(content) + len(content)] if content in turn else turn
             pieces += [(prompt[at:len(before)], False), (turn, True)]
             at = len(before) + len(turn)
         pieces.append((prompt[at:], False))
