@@ -210,7 +210,7 @@ def evaluate(model, params, task, split: str = "test", batch_size: int = 250, *,
     back in the split's order. Each call decodes until its rows have all ended (the split's
     longest reference answer is the budget).
     """
-    from jbilevel.data.batching import length_buckets
+    from jbilevel.data.batching import length_buckets, smallest_bucket
     from jbilevel.models import generate
 
     ds = task.splits[split]
@@ -230,7 +230,7 @@ def evaluate(model, params, task, split: str = "test", batch_size: int = 250, *,
         valid = np.arange(rows) < len(ids)
         ids = np.concatenate([ids, np.zeros(rows - len(ids), ids.dtype)])
         longest = int(prompt_N[ids[valid]].max())
-        batch = ds.prompt_batch(ids, lengths[int(np.searchsorted(lengths, longest))], valid)
+        batch = ds.prompt_batch(ids, smallest_bucket(lengths, longest), valid)
         out = generate(model, params, put(batch["prompt_ids"]), put(batch["prompt_mask"]),
                        jax.random.key(0), max_new_tokens=max_new, greedy=True,
                        eos_id=task.tokenizer.stop_ids, pad_id=task.tokenizer.pad_id, lora=lora,

@@ -25,7 +25,7 @@ from jbilevel.algorithms.online import (
     token_logprobs,
 )
 from jbilevel.config import ConfigError
-from jbilevel.data.batching import length_buckets
+from jbilevel.data.batching import length_buckets, smallest_bucket
 
 
 @functools.partial(jax.jit, static_argnames=("n", "mode", "weighting"))
@@ -259,9 +259,8 @@ class Refresher:
         rows = []
         for c in range(self.n_chunks):
             part = slice(c * self.chunk, (c + 1) * self.chunk)
-            width = self.prompt_lengths[np.searchsorted(self.prompt_lengths,
-                                                        prompt_N[padded[part]].max())]
-            prompts = self.dataset.prompt_batch(padded[part], int(width))
+            width = smallest_bucket(self.prompt_lengths, prompt_N[padded[part]].max())
+            prompts = self.dataset.prompt_batch(padded[part], width)
             prompts["valid"] = valid[part].astype(np.float32)
             local = distributed.process_slice(self.chunk)
             prompts = distributed.global_batch({k: v[local] for k, v in prompts.items()},

@@ -50,6 +50,12 @@ def length_buckets(length_N, n: int, multiple: int = 64, top: int | None = None
                          for q in qs} | {longest}))
 
 
+def smallest_bucket(buckets, length: int) -> int:
+    """The smallest of ``buckets`` (increasing lengths) that holds ``length``: the length a
+    batch whose longest sequence (or prompt) is ``length`` is padded to."""
+    return int(buckets[int(np.searchsorted(buckets, length))])
+
+
 def _bucket_sizes(length_N, buckets) -> tuple[np.ndarray, np.ndarray]:
     """(sizes, lengths) of the non-empty buckets, longest first: how many of ``length_N`` each
     bucket holds (its length the smallest of ``buckets`` at least that long)."""
@@ -224,7 +230,7 @@ class Batcher:
 
     def bucket(self, length: int) -> int:
         """Args: a sequence length. Returns: the smallest bucket length that holds it."""
-        return self.buckets[int(np.searchsorted(self.buckets, length))]
+        return smallest_bucket(self.buckets, length)
 
     def __iter__(self):
         return self
