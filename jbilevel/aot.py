@@ -48,6 +48,56 @@ class Shapes:
                 raise ValueError(f"{f.name}={getattr(self, f.name)} must be > 0")
 
 
+def run_shapes(cfg, train=None, validation=None, *, n_examples: int = 51760,
+               prompt_len: int | None = None) -> tuple[Shapes, str]:
+    """The batch geometry a run configuration's steps compile with, and where it comes from.
+
+    Args:
+      cfg: an ``ExperimentConfig`` (its batch sizes, ``data.max_len``, ``data.length_buckets``,
+        ``online.max_new_tokens``).
+      train, validation: the run's tokenised data (``train``: the rows its method trains
+        on). With them the lengths are the trainer's own: training batches padded to the
+        longest of their ``data.length_buckets`` buckets (the other buckets' programs are
+        smaller), validation batches to the bucket of their longest row, sampled answers
+        continuing the longest prompt for ``online.max_new_tokens`` tokens (0: the longest
+        response). Without them, bounds from the configuration: every batch
+        ``data.max_len`` long, prompts ``data.max_len - 1`` (or ``prompt_len``) and answers as
+        long, ``n_examples`` training rows.
+      n_examples, prompt_len: the training rows and the longest prompt where ``train`` is
+        not given.
+    Returns:
+      (Shapes, a line saying where the lengths come from). ``hyper_batch_size`` is bds's
+      ``hyper_batch_size`` (0: every row) at most the training rows, before the trainer pads
+      it to a multiple of the mesh's data-parallel size.
+    """
+    from jbilevel.data.batching import default_buckets, smallest_bucket
+    from jbilevel.experiment import grouped
+
+    max_len = cfg.data.max_len
+    if train is not None:
+        n = len(train)
+        seq_len = grouped(train, cfg.data)["buckets"][-1]  # the trainer's longest bucket
+        if validation is not None:
+            seq_len = max(seq_len, smallest_bucket(default_buckets(validation.max_len),
+                                                   int(validation.length_N.max())))
+        prompt = int(train.prompt_len_N.max())
+        answer = int((train.length_N - train.prompt_len_N).max())
+        source = (f"the data: {n} training rows, batches of at most {seq_len} tokens, "
+                  f"prompts of at most {prompt}")
+    else:
+        n, seq_len = n_examples, max_len
+        prompt = prompt_len or max_len - 1
+        answer = max_len - 1
+        source = (f"bounds from the configuration (no data read): {n} training rows, "
+                  f"batches of data.max_len={max_len} tokens, prompts of {prompt}")
+    shapes = Shapes(seq_len=seq_len, batch_size=cfg.batch_size,
+                    val_batch_size=cfg.val_batch_size,
+                    hyper_batch_size=min(cfg.hyper_batch_size or n, n), n_examples=n,
+                    prompt_len=prompt, new_tokens=cfg.online.max_new_tokens or answer,
+                    eval_batch_size=cfg.eval_batch_size)
+    return shapes, source
+
+
 @dataclasses.dataclass(frozen=True)
 class StepMemory:
     """XLA's memory analysis of one compiled step, per device, in bytes."""

@@ -336,13 +336,19 @@ def load_split(path: str, data_cfg: DataConfig, tokenizer, field: str = "data",
         raise DataError(f"{field}: {e}{hint}", e.reason) from None
 
 
+def compute_settings(model_spec) -> dict:
+    """The ``model:`` settings of how a run computes (not what the model is): ModelConfig
+    fields that apply to any architecture, a preset's included."""
+    return {"compute_dtype": model_spec.compute_dtype, "remat": model_spec.remat,
+            "remat_policy": model_spec.remat_policy, "attention": model_spec.attention,
+            "scan_unroll": model_spec.scan_unroll}
+
+
 def model_config(model_spec, tokenizer, max_len: int):
     """ModelConfig of ``model.path`` (a local HF directory) or of the random spec."""
     from jbilevel.models import ModelConfig, read_config
 
-    compute = {"compute_dtype": model_spec.compute_dtype, "remat": model_spec.remat,
-               "remat_policy": model_spec.remat_policy, "attention": model_spec.attention,
-               "scan_unroll": model_spec.scan_unroll}
+    compute = compute_settings(model_spec)
     if model_spec.path is None:
         return ModelConfig(
             family=model_spec.family, vocab_size=tokenizer.vocab_size,

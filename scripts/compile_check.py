@@ -17,9 +17,15 @@ the parameters + optimizer state split.
         --remat --online --prompt-len 256 --new-tokens 256
     # fake CPU devices (no libtpu):
     python scripts/compile_check.py --model pythia-1b --platform cpu --devices 8 16 64
+    # a run configuration's own steps (its method, LoRA, online settings, batch sizes, mesh
+    # and lengths), with overrides as `jbilevel train` takes them; --model names the
+    # architecture where model.path is not on this machine:
+    python scripts/compile_check.py --config configs/llama3_8b_lora_bds_online.yaml \
+        --model llama-3-8b --platform tpu --topology v5e:8x8
 
-Exits 1 if parameters + optimizer state per device exceed ``--max-ratio`` x total / n, or if
-a step does not fit the devices' memory (the TPU compiler's RESOURCE_EXHAUSTED).
+Exits 1 if parameters + optimizer state per device exceed ``--max-ratio`` x total / n (n: the
+devices they are split over, fsdp x tensor; a data axis holds copies), or if a step does not
+fit the devices' memory (the TPU compiler's RESOURCE_EXHAUSTED).
 """
 
 from __future__ import annotations
@@ -30,7 +36,20 @@ import sys
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="pythia-1b", help="preset (jbilevel.models.presets)")
+    p.add_argument("--config", metavar="YAML", default=None,
+                   help="compile this run configuration's own steps: its method, theta, "
+                   "online settings, dtypes, batch sizes and mesh (resolved on each target's "
+                   "devices), the lengths of its data where its files and tokenizer are on "
+                   "this machine (else data.max_len); the flags that set these are refused "
+                   "with it")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="with --config: overrides, as jbilevel train takes them")
+    p.add_argument("--no-data", action="store_true",
+                   help="with --config: do not read the data files; size every batch at "
+                   "data.max_len (and --n-examples rows, --prompt-len)")
+    p.add_argument("--model", default=None,
+                   help="preset (jbilevel.models.presets; default pythia-1b); with --config "
+                   "the architecture, where model.path's config.json is not on this machine")
     p.add_argument("--layers", type=int, default=None,
                    help="compile with this many decoder layers instead of the preset's")
     p.add_argument("--methods", nargs="+", default=["bmo", "bds"], choices=["bmo", "bds"])
@@ -78,7 +97,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="online: fraction of --n-examples refreshed (buffer: fraction x N x "
                    "samples rows)")
     p.add_argument("--num-samples", type=int, default=4, help="online: responses per question")
-    p.add_argument("--prompt-len", type=int, default=256, help="online: prompt tokens")
+    p.add_argument("--prompt-len", type=int, default=None,
+                   help="online / evaluate: prompt tokens (default 256; with --config the "
+                   "data's longest prompt, or data.max_len - 1 without the data)")
     p.add_argument("--new-tokens", type=int, default=256, help="online: sampled tokens")
     p.add_argument("--generate-per-device", type=int, default=4,
                    help="online: prompts per device in each sampler call "
@@ -132,10 +153,28 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f}"
 
 
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    targets = _targets(args)  # sets the CPU device count before any other JAX call
+# With --config, these flags are the configuration's fields: override those instead.
+CONFIG_FIELDS = {
+    "methods": "method.method", "tensor": "mesh.tensor", "seq_len": "data.max_len",
+    "per_device_batch": "batch_size, val_batch_size", "hyper_chunk_per_device":
+    "method.hyper_chunk", "train_chunk_per_device": "method.train_chunk",
+    "hyper_rows_per_device": "hyper_batch_size", "hessian_rows_per_device":
+    "method.hessian_rows", "param_dtype": "model.param_dtype", "compute_dtype":
+    "model.compute_dtype", "remat": "model.remat", "theta": "theta.kind", "lora_rank":
+    "theta.rank", "lora_alpha": "theta.alpha", "lora_targets": "theta.targets", "online":
+    "online.every", "online_fraction": "online.fraction", "num_samples": "online.num_samples",
+    "new_tokens": "online.max_new_tokens", "generate_per_device": "online.generate_batch_size, "
+    "eval_batch_size", "online_batch_per_device": "online.batch_size", "split_params":
+    "online.gather_params"}
 
+
+def _theta_name(theta) -> str:
+    return "full" if theta.kind == "full" else (
+        f"LoRA r{theta.rank} on {'/'.join(theta.targets)}")
+
+
+def _from_flags(args):
+    """The model and, for n devices, what to compile, as the flags describe it."""
     from jbilevel import aot
     from jbilevel.algorithms import MethodConfig
     from jbilevel.algorithms.online import OnlineConfig
@@ -143,31 +182,148 @@ def main(argv=None) -> int:
     from jbilevel.models.presets import param_count, preset
     from jbilevel.sharding import MeshConfig
 
+    name = args.model or "pythia-1b"
     overrides = {"remat": args.remat}
     if args.compute_dtype != args.param_dtype:
         overrides["compute_dtype"] = args.compute_dtype
     if args.layers is not None:
         overrides["num_layers"] = args.layers
-    model = preset(args.model, **overrides)
+    model = preset(name, **overrides)
     theta = ThetaConfig(kind=args.theta, rank=args.lora_rank, alpha=args.lora_alpha,
                         targets=tuple(args.lora_targets))
-    theta_name = "full" if args.theta == "full" else (
-        f"LoRA r{args.lora_rank} on {'/'.join(args.lora_targets)}")
-    full = preset(args.model)
-    print(f"{args.model}: {param_count(model) / 1e9:.3f}B parameters compiled "
+    full = preset(name)
+    prompt_len = args.prompt_len or 256
+    print(f"{name}: {param_count(model) / 1e9:.3f}B parameters compiled "
           f"({model.num_layers} of {full.num_layers} layers; full model "
           f"{param_count(full) / 1e9:.3f}B), seq {args.seq_len}, {args.per_device_batch} "
           f"row(s)/device"
           + (f" in passes of {args.train_chunk_per_device}" if args.train_chunk_per_device
              else "")
           + f", params {args.param_dtype}, compute {args.compute_dtype}, "
-          f"remat {args.remat}, theta {theta_name}", flush=True)
+          f"remat {args.remat}, theta {_theta_name(theta)}", flush=True)
     if args.online:
         print(f"online: {args.online_fraction} x {args.n_examples} questions x "
-              f"{args.num_samples} samples of {args.prompt_len} + {args.new_tokens} tokens, "
+              f"{args.num_samples} samples of {prompt_len} + {args.new_tokens} tokens, "
               f"{args.generate_per_device} prompt(s)/device a sampler call, "
               f"{args.online_batch_per_device} generated row(s)/device a step, weights "
               f"{'split' if args.split_params else 'gathered'} while decoding", flush=True)
+
+    def plan(target: str, devices: list):
+        if len(devices) % args.tensor:
+            raise SystemExit(f"--tensor {args.tensor} does not divide {target}'s "
+                             f"{len(devices)} devices")
+        n = len(devices) // args.tensor  # data-parallel ways: batch rows split n ways
+        where = f"{target} fsdp={n}" + (f" tensor={args.tensor}" if args.tensor > 1 else "")
+        b = args.per_device_batch * n
+        hyper_b = (args.hyper_rows_per_device or args.per_device_batch) * n
+        hessian_b = (args.hessian_rows_per_device or hyper_b // n) * n
+        shapes = aot.Shapes(seq_len=args.seq_len, batch_size=b, val_batch_size=b,
+                            hyper_batch_size=hyper_b, n_examples=args.n_examples,
+                            prompt_len=prompt_len, new_tokens=args.new_tokens,
+                            eval_batch_size=args.generate_per_device * n)
+        online = OnlineConfig(
+            every=1 if args.online else 0, fraction=args.online_fraction,
+            num_samples=args.num_samples, generate_batch_size=args.generate_per_device * n,
+            batch_size=args.online_batch_per_device * n, gather_params=not args.split_params)
+        methods = [MethodConfig(method=m, hessian_rows=hessian_b,
+                                hyper_chunk=args.hyper_chunk_per_device * n,
+                                train_chunk=args.train_chunk_per_device * n)
+                   for m in args.methods]
+        return MeshConfig(data=1, fsdp=n, tensor=args.tensor), where, shapes, online, methods
+
+    return name, model, theta, args.param_dtype, not args.split_params, plan
+
+
+def _from_config(args, parser):
+    """The model and, for n devices, what to compile, as the run configuration describes it."""
+    import dataclasses
+    import os
+    import tempfile
+
+    from jbilevel import aot, config, experiment, inputs
+    from jbilevel.console import Console
+    from jbilevel.models.presets import param_count, preset
+    from jbilevel.sharding import MeshConfig
+
+    set_by_flags = [name for name in CONFIG_FIELDS
+                    if getattr(args, name) != parser.get_default(name)]
+    if set_by_flags:
+        raise SystemExit("with --config the configuration sets these; override its fields "
+                         "instead (KEY=VALUE after the flags): " + "; ".join(
+                             f"--{n.replace('_', '-')}: {CONFIG_FIELDS[n]}"
+                             for n in set_by_flags))
+    cfg = config.load(experiment.ExperimentConfig, args.config, args.overrides)
+    here = cfg.model.path is None or os.path.isdir(cfg.model.path)
+    train = validation = None
+    if here and not args.no_data:  # the trainer's own data, tokeniser and model config
+        console = Console()
+        with tempfile.TemporaryDirectory() as scratch:  # a built-in task's files
+            cfg = experiment.resolve(cfg, scratch, write=True)
+            task = experiment.load_data(cfg, console)
+        train, _ = experiment.training_set(task, cfg.method.method)
+        validation = task.validation
+    shapes, source = aot.run_shapes(cfg, train, validation, n_examples=args.n_examples,
+                                    prompt_len=args.prompt_len)
+    compute = inputs.compute_settings(cfg.model)
+    if args.platform != "gpu" and compute["attention"] == "cudnn":
+        print(f"model.attention=cudnn is a GPU kernel: compiled for {args.platform} with "
+              "XLA's attention", flush=True)
+        compute["attention"] = "xla"
+    layers = {} if args.layers is None else {"num_layers": args.layers}
+    if args.model:
+        model = preset(args.model, **compute, **layers)
+        name = args.model
+    elif train is not None:
+        positions = max(shapes.seq_len, shapes.prompt_len + shapes.new_tokens
+                        if cfg.online.enabled else 0)
+        model = inputs.model_config(cfg.model, task.tokenizer, positions).replace(
+            **compute, **layers)
+        name = os.path.basename(os.path.normpath(cfg.model.path)) if cfg.model.path else (
+            "model spec")
+    else:
+        raise SystemExit(f"model.path={cfg.model.path} is not on this machine: name its "
+                         "architecture with --model <preset> (jbilevel.models.presets)")
+    theta = cfg.theta
+    online = cfg.online if cfg.online.enabled else None
+    print(f"{args.config}: {name}, {param_count(model) / 1e9:.3f}B parameters compiled "
+          f"({model.num_layers} layers), {cfg.method.method}"
+          + (" + online" if online else "") + f", theta {_theta_name(theta)}, params "
+          f"{cfg.model.param_dtype}, compute {cfg.model.compute_dtype or cfg.model.param_dtype}, "
+          f"remat "
+          f"{cfg.model.remat}; {source}", flush=True)
+    if online:
+        print(f"online: {online.fraction} x {shapes.n_examples} questions x "
+              f"{online.num_samples} samples of {shapes.prompt_len} + {shapes.new_tokens} "
+              f"tokens, {online.generate_batch_size or 'all'} prompts a sampler call, "
+              f"{online.batch_size} generated rows a step, weights "
+              f"{'gathered' if online.gather_params else 'split'} while decoding", flush=True)
+
+    def plan(target: str, devices: list):
+        try:
+            data, fsdp, tensor = cfg.mesh.resolve(len(devices))
+        except config.ConfigError as e:
+            raise SystemExit(f"{target}: {e}") from None
+        ways = data * fsdp
+        where = f"{target} data={data} fsdp={fsdp}" + (f" tensor={tensor}" if tensor > 1 else "")
+        # the trainer's hypergradient batch: padded to a multiple of the data-parallel ways
+        hyper = shapes.hyper_batch_size + -shapes.hyper_batch_size % ways
+        return (MeshConfig(data=data, fsdp=fsdp, tensor=tensor), where,
+                dataclasses.replace(shapes, hyper_batch_size=hyper), online, [cfg.method])
+
+    return name, model, theta, cfg.model.param_dtype, cfg.online.gather_params, plan
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.overrides and not args.config:
+        parser.error(f"{args.overrides[0]}: overrides need --config")
+    targets = _targets(args)  # sets the CPU device count before any other JAX call
+
+    from jbilevel import aot
+
+    name, model, theta, param_dtype, gather, plan = (
+        _from_config(args, parser) if args.config else _from_flags(args))
     header = ("| model | theta | method | mesh | step | state total GiB | per device GiB | ratio "
               "to total/n | args GiB | out GiB | alias GiB | temp GiB | peak GiB | compile s |")
 
@@ -183,61 +339,32 @@ def main(argv=None) -> int:
     unfit = 0
     hints: set[str] = set()
     for target, devices in targets:
-        if len(devices) % args.tensor:
-            raise SystemExit(f"--tensor {args.tensor} does not divide {target}'s "
-                             f"{len(devices)} devices")
-        n = len(devices) // args.tensor  # data-parallel ways: batch rows split n ways
-        mesh_cfg = MeshConfig(data=1, fsdp=n, tensor=args.tensor)
-        where = f"{target} fsdp={n}" + (f" tensor={args.tensor}" if args.tensor > 1 else "")
-        b = args.per_device_batch * n
-        hyper_b = (args.hyper_rows_per_device or args.per_device_batch) * n
-        hessian_b = (args.hessian_rows_per_device or hyper_b // n) * n
-        shapes = aot.Shapes(seq_len=args.seq_len, batch_size=b, val_batch_size=b,
-                            hyper_batch_size=hyper_b, n_examples=args.n_examples,
-                            prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                            eval_batch_size=args.generate_per_device * n)
-        online = OnlineConfig(
-            every=1 if args.online else 0, fraction=args.online_fraction,
-            num_samples=args.num_samples, generate_batch_size=args.generate_per_device * n,
-            batch_size=args.online_batch_per_device * n, gather_params=not args.split_params)
-        for name in args.methods:
-            method_cfg = MethodConfig(method=name, hessian_rows=hessian_b,
-                                      hyper_chunk=args.hyper_chunk_per_device * n,
-                                      train_chunk=args.train_chunk_per_device * n)
+        mesh_cfg, where, shapes, online, methods = plan(target, devices)
+        for method_cfg in methods:
             try:
                 report = aot.compile_memory(model, method_cfg, mesh_cfg, shapes,
-                                            devices=devices, param_dtype=args.param_dtype,
+                                            devices=devices, param_dtype=param_dtype,
                                             theta=theta, online=online, only=args.steps,
-                                            gather_params=not args.split_params)
+                                            gather_params=gather)
             except ValueError as e:  # settings that do not fit together: say which
-                raise SystemExit(f"{name} on {where}: {e}") from None
-            method = name + ("+online" if args.online else "")
-            worst = max(worst, report.state_ratio)
+                raise SystemExit(f"{method_cfg.method} on {where}: {e}") from None
+            method = method_cfg.method + ("+online" if online and online.enabled else "")
+            # n: the devices the state is split over (a data axis holds copies of it)
+            ratio = report.state_ratio / report.mesh_shape["data"]
+            worst = max(worst, ratio)
+            first = (f"| {name} ({model.num_layers}L) | {theta.kind} | {method} | {where} | ")
             for step, m in report.steps.items():
-                row = (f"| {args.model} ({model.num_layers}L) | {args.theta} | {method} | "
-                       f"{where} | "
-                       f"{step} | {_gib(report.state_total)} | {_gib(report.state_per_device)} "
-                       f"| {report.state_ratio:.3f} | {_gib(m.argument)} | {_gib(m.output)} | "
-                       f"{_gib(m.alias)} | {_gib(m.temp)} | {_gib(m.peak)} | {m.compile_s} |")
-                emit(row)
+                emit(first + f"{step} | {_gib(report.state_total)} | "
+                     f"{_gib(report.state_per_device)} | {ratio:.3f} | "
+                     f"{_gib(m.argument)} | {_gib(m.output)} | {_gib(m.alias)} | "
+                     f"{_gib(m.temp)} | {_gib(m.peak)} | {m.compile_s} |")
             for step, message in report.errors.items():
-                row = (f"| {args.model} ({model.num_layers}L) | {args.theta} | {method} | "
-                       f"{where} | "
-                       f"{step} | {_gib(report.state_total)} | {_gib(report.state_per_device)} "
-                       f"| {report.state_ratio:.3f} | does not fit: {message} | | | | | |")
-                emit(row)
+                emit(first + f"{step} | {_gib(report.state_total)} | "
+                     f"{_gib(report.state_per_device)} | {ratio:.3f} | "
+                     f"does not fit: {message} | | | | | |")
                 unfit += 1
-                if step in ("generate", "evaluate") and not args.split_params:
-                    hints.add("the sampler's weights: try --split-params "
-                              "(online.gather_params=false) or --tensor")
-                if step in ("generate", "log ratios", "evaluate"):
-                    hints.add("fewer rows per sampler call: --generate-per-device")
-                if step == "train" and not args.train_chunk_per_device:
-                    hints.add("the train step's gradient over passes of fewer rows: "
-                              "--train-chunk-per-device (method.train_chunk)")
-                if step == "hyper":
-                    hints.add("fewer rows per hypergradient pass: --hyper-chunk-per-device "
-                              "(method.hyper_chunk), --hessian-rows-per-device")
+                hints.update(_hints(step, args.config is not None, gather,
+                                    method_cfg.train_chunk))
     if worst > args.max_ratio:
         print(f"FAIL: parameters + optimizer state per device are {worst:.3f}x total/n "
               f"(> {args.max_ratio})", file=sys.stderr)
@@ -248,6 +375,29 @@ def main(argv=None) -> int:
         return 1
     print(f"ok: parameters + optimizer state per device <= {worst:.3f}x total/n")
     return 0
+
+
+def _hints(step: str, from_config: bool, gathered: bool, train_chunk: int) -> list[str]:
+    """What lowers a step's memory that does not fit, as a flag or a config field."""
+    def say(flag: str, field: str) -> str:
+        return field if from_config else f"{flag} ({field})"
+
+    hints = []
+    if step in ("generate", "evaluate") and gathered:
+        hints.append("the sampler's weights: try " + say("--split-params",
+                                                         "online.gather_params=false")
+                     + " or " + say("--tensor", "mesh.tensor"))
+    if step in ("generate", "log ratios", "evaluate"):
+        hints.append("fewer rows per sampler call: " + say(
+            "--generate-per-device", "online.generate_batch_size, eval_batch_size"))
+    if step == "train" and not train_chunk:
+        hints.append("the train step's gradient over passes of fewer rows: "
+                     + say("--train-chunk-per-device", "method.train_chunk"))
+    if step == "hyper":
+        hints.append("fewer rows per hypergradient pass: " + (
+            "method.hyper_chunk, method.hessian_rows" if from_config else
+            "--hyper-chunk-per-device (method.hyper_chunk), --hessian-rows-per-device"))
+    return hints
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Launch `jbilevel train` on a multi-host Cloud TPU VM slice, or on one 8-GPU host.
 #
-#   scripts/pod_launch.sh check                  # compile-only memory check here (no TPU)
+#   scripts/pod_launch.sh check [CONFIG [key=value ...]]  # compile-only memory check here
+#                                                # (no TPU): CONFIG's own steps, or CHECK_ARGS'
 #   scripts/pod_launch.sh create                 # create the TPU VM slice
 #   scripts/pod_launch.sh setup                  # copy this checkout to every worker, install
 #   scripts/pod_launch.sh train CONFIG OUT [key=value ...]   # start on all workers
@@ -31,7 +32,7 @@ COORDINATOR_PORT="${COORDINATOR_PORT:-8476}"
 REMOTE_DIR="jbilevel"  # under each worker's home directory
 PYTHON="${PYTHON:-python3}"
 
-usage() { sed -n '2,20p' "$0"; exit 2; }
+usage() { sed -n '2,21p' "$0"; exit 2; }
 
 tpu() {  # gcloud compute tpus tpu-vm SUBCOMMAND ... with the project and zone
   local sub="$1"
@@ -55,6 +56,11 @@ check() {  # ahead-of-time compile for the slice's topology; needs libtpu here, 
   local topology="${TOPOLOGY:-$(default_topology)}"
   "$PYTHON" -c "import libtpu" 2>/dev/null \
     || { echo "install libtpu first: pip install 'jax[tpu]==$JAX_VERSION'" >&2; exit 2; }
+  if [ $# -ge 1 ]; then  # a run configuration's own steps; MODEL names its architecture
+    "$PYTHON" scripts/compile_check.py --config "$@" --model "$MODEL" --platform tpu \
+      --topology "$topology"
+    return
+  fi
   # shellcheck disable=SC2086  # CHECK_ARGS is a list of flags
   "$PYTHON" scripts/compile_check.py --model "$MODEL" --platform tpu \
     --topology "$topology" $CHECK_ARGS
@@ -122,8 +128,9 @@ gpu() {  # one host with 8 GPUs: one process sees all of them; fsdp over the 8
   "$PYTHON" -c "import jax; assert jax.default_backend() == 'gpu', jax.devices()" \
     || { echo "install the CUDA build first: pip install 'jax[cuda12]==$JAX_VERSION' -e ." >&2;
          exit 2; }
-  # shellcheck disable=SC2086
-  "$PYTHON" scripts/compile_check.py --model "$MODEL" --platform gpu --devices 8 $CHECK_ARGS
+  # the run's own steps on these GPUs (its model.path and data are here)
+  "$PYTHON" scripts/compile_check.py --config "$config" mesh.data=1 mesh.fsdp=8 "$@" \
+    --platform gpu --devices 8
   mkdir -p logs
   jbilevel train --config "$config" --out "$out" mesh.data=1 mesh.fsdp=8 "$@" \
     2>&1 | tee "logs/gpu-$(date +%Y%m%d-%H%M%S).log"
@@ -133,7 +140,7 @@ gpu() {  # one host with 8 GPUs: one process sees all of them; fsdp over the 8
 cmd="$1"
 shift
 case "$cmd" in
-  check) check ;;
+  check) check "$@" ;;
   create) create ;;
   setup) setup ;;
   train) train "$@" ;;

@@ -1,6 +1,7 @@
 """Compile-only memory check (jbilevel.aot) on the 8 fake CPU test devices."""
 
 import dataclasses
+import re
 
 import jax
 import pytest
@@ -173,3 +174,55 @@ def test_evaluate_compiles_the_final_evaluations_decoding_batch():
     with pytest.raises(ValueError, match="eval_batch_size=4 must be a multiple .* size 8"):
         aot.compile_memory(TINY, method, mesh, dataclasses.replace(shapes, eval_batch_size=4),
                            devices=jax.devices()[:n], theta=lora, only=["evaluate"])
+
+
+def test_a_run_configuration_compiles_with_its_own_shapes(tmp_path, capsys):
+    """``compile_check.py --config``: the run's own method, online settings and batch sizes
+    over its mesh, at its data's lengths as the trainer pads them (or, without the data,
+    data.max_len's bounds); flags the configuration sets are refused, naming its field."""
+    import importlib.util
+    from pathlib import Path
+
+    from jbilevel import config, experiment
+    from jbilevel.console import QUIET, Console
+    from jbilevel.data.batching import Batcher
+
+    root = Path(__file__).parents[1]
+    spec = importlib.util.spec_from_file_location("compile_check",
+                                                  root / "scripts" / "compile_check.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    path = root / "configs" / "finetune" / "coverage_online.yaml"
+    cfg = config.load(experiment.ExperimentConfig, path, ["data.length_buckets=4"])
+    cfg = experiment.resolve(cfg, tmp_path, write=True)
+    task = experiment.load_data(cfg, Console(QUIET))
+    train, val = task.train, task.validation
+    shapes, source = aot.run_shapes(cfg, train, val)
+    widths = [b["input_ids"].shape[1] for data, size, kw in (
+        (train, cfg.batch_size, experiment.grouped(train, cfg.data)),
+        (val, cfg.val_batch_size, {})) for b in Batcher(data, size, **kw).epoch_batches()]
+    # the longest batch's: here a validation batch's (its default buckets: 8, 16, 32, 64)
+    assert set(widths) == {24, 64} and shapes.seq_len == 64
+    assert (shapes.n_examples, shapes.hyper_batch_size) == (2000, 2000)  # bds: every row
+    assert shapes.prompt_len == train.prompt_len_N.max() == 17
+    assert shapes.new_tokens == (train.length_N - train.prompt_len_N).max() == 4  # max_new 0
+    assert "2000 training rows" in source
+    bounds, source = aot.run_shapes(cfg, n_examples=5000)
+    assert (bounds.seq_len, bounds.prompt_len, bounds.new_tokens, bounds.n_examples) == (
+        cfg.data.max_len, cfg.data.max_len - 1, cfg.data.max_len - 1, 5000)
+    assert "no data read" in source
+
+    assert script.main(["--config", str(path), "online.batch_size=8", "--platform", "cpu",
+                        "--devices", "8", "--steps", "train", "--layers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "bds + online, theta full" in out and "1.0 x 2000 questions x 1 samples of 17 + 4" in out
+    # the state is whole on every device of the data axis: 1x what it is split over
+    assert re.search(r"\| instruct \(1L\) \| full \| bds\+online \| cpu x8 data=8 fsdp=1 \| "
+                     r"train \| [\d.]+ \| [\d.]+ \| 1\.000 \|", out), out
+    with pytest.raises(SystemExit, match="--seq-len: data.max_len; --theta: theta.kind"):
+        script.main(["--config", str(path), "--platform", "cpu", "--devices", "8",
+                     "--seq-len", "128", "--theta", "lora"])
+    with pytest.raises(SystemExit, match="model.path=/data/models/llama-3-8b-instruct is not "
+                                         "on this machine: name its architecture with --model"):
+        script.main(["--config", str(root / "configs" / "llama3_8b_lora_bds_online.yaml"),
+                     "--platform", "cpu", "--devices", "8"])
