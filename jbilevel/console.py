@@ -26,6 +26,24 @@ def _first_process() -> bool:
     return jax.process_index() == 0
 
 
+def device_memory() -> tuple[int, int] | None:
+    """(peak bytes in use since the process started, bytes it may use) of this process's
+    fullest device, where the backend keeps count (GPU, TPU); None where it does not (CPU)."""
+    import jax
+
+    counts = []
+    for device in jax.local_devices():
+        stats = device.memory_stats()
+        if not stats or "peak_bytes_in_use" not in stats:
+            return None
+        counts.append((stats["peak_bytes_in_use"], stats.get("bytes_limit", 0)))
+    return max(counts) if counts else None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f}"
+
+
 class Phase:
     """A running phase; set ``summary`` to say what it found (printed with its duration)."""
 
@@ -88,7 +106,9 @@ class Console:
 
         A jitted call returns once its program is traced, compiled and dispatched (it runs
         asynchronously), so the first call's wall time is the compile time; the bar leaves it
-        out of its rate.
+        out of its rate. Where the devices count their memory (GPU, TPU), the first call is
+        waited for and the line adds the fullest device's peak so far against what it may
+        use: how close that step came to running out.
         """
         if fn is None:
             return None
@@ -111,9 +131,15 @@ class Console:
             out = fn(*args)
             seconds = time.perf_counter() - t0
             seen.add(shapes)
-            self.info(f"compiled the {name} in {_seconds(seconds)}")
+            memory = ""
+            if device_memory() is not None:  # the step has run: its peak is counted
+                jax.block_until_ready(out)
+                peak, limit = device_memory()
+                memory = f"; device memory peak so far {_gib(peak)} GiB" + (
+                    f" of {_gib(limit)} ({peak / limit:.0%})" if limit else "")
+            self.info(f"compiled the {name} in {_seconds(seconds)}{memory}")
             if self._bar is not None:
-                self._bar.exclude(seconds)
+                self._bar.exclude(time.perf_counter() - t0)
             return out
 
         return call

@@ -44,9 +44,34 @@ def test_llm_configs_paper_defaults_and_meshes(name):
     assert cfg.model.path and cfg.data.train and cfg.data.validation
     assert cfg.model.path in path.read_text().split("\nmodel:")[0]  # documented in the header
     # Pod slices (16 and 64 chips) as shipped; one 8-GPU host with the documented override.
+    _pod_meshes(path, cfg)
+    if cfg.model.param_dtype == "bfloat16":  # an 8B base gathered whole does not fit a v5e
+        assert not cfg.online.gather_params  # chip (compile_check.py --config, docs/scale.md)
+
+
+def _pod_meshes(path, cfg):
+    """Pod slices (16 and 64 chips) as shipped; one 8-GPU host with the documented override:
+    every batch splits over the data-parallel devices."""
     gpu = config.load(experiment.ExperimentConfig, path, ["mesh.fsdp=8", "model.attention=cudnn"])
     assert gpu.model.attention == "cudnn"
+    batches = [cfg.batch_size, cfg.val_batch_size, cfg.eval_batch_size]
+    if cfg.method.method == "bds":
+        batches.append(cfg.hyper_batch_size)
+    if cfg.online.enabled:
+        batches += [cfg.online.batch_size, cfg.online.generate_batch_size]
     for mesh, devices in ((cfg.mesh, 16), (cfg.mesh, 64), (gpu.mesh, 8)):
         data, fsdp, tensor = mesh.resolve(devices)
-        assert cfg.batch_size % (data * fsdp) == 0 and cfg.val_batch_size % (data * fsdp) == 0
+        assert all(b % (data * fsdp) == 0 for b in batches), (devices, batches)
     assert "`mesh.fsdp=8 model.attention=cudnn`" in path.read_text()
+
+
+def test_llm_bds_online_config():
+    """The pod recipe of the main method: bds with online generation over LoRA, the weights
+    split while decoding (gathered, the bf16 8B base does not fit a v5e chip)."""
+    path = Path(__file__).parent.parent / "configs" / "llama3_8b_lora_bds_online.yaml"
+    cfg = config.load(experiment.ExperimentConfig, path)
+    assert (cfg.method.method, cfg.theta.kind, cfg.model.param_dtype) == ("bds", "lora",
+                                                                          "bfloat16")
+    assert cfg.online.enabled and not cfg.online.gather_params
+    assert cfg.method.hessian_rows <= cfg.hyper_batch_size
+    _pod_meshes(path, cfg)

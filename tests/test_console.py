@@ -57,6 +57,31 @@ def test_first_call_is_timed_as_the_compile():
         "compiled the train step for sequence length 16"]
 
 
+def test_first_call_reports_the_device_memory_peak_where_counted(monkeypatch):
+    """On a GPU or TPU the compile line adds the fullest device's peak so far (the step has
+    run); on the CPU, which keeps no count, it does not."""
+    import jax
+
+    class Device:
+        def __init__(self, peak):
+            self.peak = peak
+
+        def memory_stats(self):
+            return {"peak_bytes_in_use": self.peak, "bytes_limit": 80 * 2**30}
+
+    out = io.StringIO()
+    step = Console(NORMAL, stream=out).first_call(lambda x: x + 1, "hypergradient step")
+    monkeypatch.setattr(jax, "local_devices", lambda: [Device(50 * 2**30), Device(53 * 2**30)])
+    assert step(jax.numpy.ones(2)).tolist() == [2.0, 2.0]
+    line = out.getvalue().splitlines()[1]
+    assert re.fullmatch(r"compiled the hypergradient step in \d+\.\d s; device memory peak so "
+                        r"far 53\.0 GiB of 80\.0 \(66%\)", line), line
+    monkeypatch.undo()
+    out = io.StringIO()
+    Console(NORMAL, stream=out).first_call(lambda x: x, "train step")(1)
+    assert "device memory" not in out.getvalue()
+
+
 def test_bar_labels_a_stale_validation_loss_and_reports_each_hypergradient():
     out = io.StringIO()
     console = Console(VERBOSE, stream=out)
