@@ -60,6 +60,39 @@ def test_sampled_logprobs_equal_forward_logprobs(llama):
     assert tokens is gen.tokens and logprobs is gen.logprobs and mask is gen.mask
 
 
+def _dot_shapes(jaxpr):
+    """The output shapes of every matrix product in a jaxpr, nested jaxprs included."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield eqn.outvars[0].aval.shape
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _dot_shapes(inner)
+
+
+def test_each_prompt_is_prefilled_once_over_its_own_tokens(llama):
+    """The prefill attends over the prompt's p slots (p x p scores, not p x the cache's
+    length) once per prompt, not once per sample; what it computes is checked against the
+    forward pass above."""
+    _, params, config, ref = llama
+    prompt_ids, prompt_mask = jnp.asarray(ref["prompt_ids"]), jnp.asarray(ref["prompt_mask"])
+    (b, p), g, t = prompt_ids.shape, 3, 8
+    jaxpr = jax.make_jaxpr(lambda params: generate(
+        build(config), params, prompt_ids, prompt_mask, jax.random.key(3), max_new_tokens=t,
+        num_samples=g, temperature=0.7))(params).jaxpr
+    kv, group, k = config.kv_heads, config.num_heads // config.kv_heads, config.dim_per_head
+    assert k not in (p, p + t - 1, group)  # so that a head dimension tells the products apart
+    # the attention scores: (rows, kv heads) then queries, keys and the group, in the order
+    # the einsum's product takes them (the product with the values has the head dimension)
+    scores = [(s[0], sorted(s[2:])) for s in _dot_shapes(jaxpr)
+              if len(s) == 5 and s[1] == kv and k not in s[2:]]
+    assert sorted(scores) == sorted(
+        [(b, sorted((p, p, group)))] * config.num_layers  # the prefill, once per prompt
+        + [(b * g, sorted((1, p + t - 1, group)))] * config.num_layers)  # a decoding step
+
+
 def test_top_k_top_p_filtering():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]))
     kept = np.isfinite(np.asarray(_process(logits, 1.0, 2, 1.0)))

@@ -102,8 +102,8 @@ def _sample(c, params, ids_BxP, mask_BxP, rng, temperature, eos_id, pad_id, lora
             max_new_tokens, num_samples, top_k, top_p, greedy, stream_layers=False):
     g, t_new = num_samples, max_new_tokens
     b, p = ids_BxP.shape
-    ids = jnp.repeat(ids_BxP, g, axis=0)
-    mask = jnp.repeat(mask_BxP.astype(jnp.int32), g, axis=0)
+    prompt_mask = mask_BxP.astype(jnp.int32)
+    mask = jnp.repeat(prompt_mask, g, axis=0)
     bg = b * g
     dtype = jnp.dtype(c.compute_dtype) if c.compute_dtype else params["embed"]["embedding"].dtype
     # The last sampled token is never fed back, so the cache holds p + t_new - 1 slots.
@@ -111,11 +111,14 @@ def _sample(c, params, ids_BxP, mask_BxP, rng, temperature, eos_id, pad_id, lora
     cache = tuple((sh.constrain(jnp.zeros(shape, dtype), _CACHE_AXES),
                    sh.constrain(jnp.zeros(shape, dtype), _CACHE_AXES))
                   for _ in range(c.num_layers))
-    kv_mask_BxS = jnp.concatenate([mask, jnp.ones((bg, t_new - 1), jnp.int32)], axis=1)
-    pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
     params, lora = unstack_layers(c, params, lora)  # once, for the prefill and the loop
-    logits, cache = apply(c, params, ids, pos, kv_mask_BxS, lora=lora, cache=cache,
-                          cache_index=0, last_only=True, stream_layers=stream_layers)
+    # Each prompt is prefilled once (its keys and values written for its G samples), its
+    # tokens attending to each other only: p x p scores, not p x the cache's length.
+    pos = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
+    logits, cache = apply(c, params, ids_BxP, pos, prompt_mask, lora=lora, cache=cache,
+                          cache_index=0, last_only=True, stream_layers=stream_layers,
+                          prefill=True)
+    kv_mask_BxS = jnp.concatenate([mask, jnp.ones((bg, t_new - 1), jnp.int32)], axis=1)
     next_pos_B = jnp.sum(mask, axis=1)
 
     def pick(logits_BxV, done_B, key):
@@ -129,7 +132,7 @@ def _sample(c, params, ids_BxP, mask_BxP, rng, temperature, eos_id, pad_id, lora
             lp_sample_B = _token_logprob(z, tok_B)
         lp_B = _token_logprob(logits_BxV, tok_B)
         valid_B = ~done_B
-        tok_B = jnp.where(valid_B, tok_B, pad_id).astype(ids.dtype)
+        tok_B = jnp.where(valid_B, tok_B, pad_id).astype(ids_BxP.dtype)
         done_B = done_B | jnp.any(tok_B[:, None] == eos_id[None, :], axis=1)  # -1: never
         out = (tok_B, jnp.where(valid_B, lp_B, 0.0), valid_B.astype(jnp.int32),
                jnp.where(valid_B, lp_sample_B, 0.0))
@@ -151,9 +154,10 @@ def _sample(c, params, ids_BxP, mask_BxP, rng, temperature, eos_id, pad_id, lora
         return t + 1, cache, new_logits[:, 0], done_B, key, outs
 
     # what a stopped row writes: pad, log-probs 0, mask 0
-    outs = (jnp.full((t_new, bg), pad_id, ids.dtype), jnp.zeros((t_new, bg), jnp.float32),
+    outs = (jnp.full((t_new, bg), pad_id, ids_BxP.dtype), jnp.zeros((t_new, bg), jnp.float32),
             jnp.zeros((t_new, bg), jnp.int32), jnp.zeros((t_new, bg), jnp.float32))
-    init = (jnp.int32(0), cache, logits[:, -1], jnp.zeros((bg,), bool), rng, outs)
+    init = (jnp.int32(0), cache, jnp.repeat(logits[:, -1], g, axis=0), jnp.zeros((bg,), bool),
+            rng, outs)
     t, _, last_logits, done, key, outs = jax.lax.while_loop(more, step, init)
     decoded = t + jnp.where(jnp.all(done), 0, 1)  # the last position, unless all had stopped
     last, _, _ = pick(last_logits, done, key)

@@ -305,12 +305,13 @@ def _fused_attention(c: ModelConfig, q_BxLxHxK, k_BxLxKVxK, v_BxLxKVxK, mask_BxL
 
 
 def _layer(c: ModelConfig, sites: dict, scale, x_BxLxD, p, lw, cos_sin, mask_info, cache_kv,
-           local=None):
+           local=None, prefill=False):
     """One decoder block. Returns (x_BxLxD, new cache (k, v) or None).
 
     ``local``: whether this layer attends through the sliding window, where the layers differ
     (a traced bool inside the layer scan); None where they do not. ``cos_sin`` is then a pair:
     the global layers' RoPE tables and the windowed layers' (None: the same tables).
+    ``prefill``: see :func:`apply`.
     """
     norm = _norm(c)
     if cos_sin is not None and isinstance(cos_sin[0], tuple):
@@ -360,12 +361,22 @@ def _layer(c: ModelConfig, sites: dict, scale, x_BxLxD, p, lw, cos_sin, mask_inf
         else:  # cache (B, KV, S, K): batch axes lead, so attention reads it without a copy
             ck, cv = cache_kv
             start = (0, 0, cache_index, 0)
-            k_all = jax.lax.dynamic_update_slice(ck, kk.transpose(0, 2, 1, 3).astype(ck.dtype),
-                                                 start)
-            v_all = jax.lax.dynamic_update_slice(cv, vv.transpose(0, 2, 1, 3).astype(cv.dtype),
-                                                 start)
-            kv_axes = "bnsk"
-            new_cache = (k_all, v_all)
+            copies = ck.shape[0] // b  # a prefill's rows, each written for its samples
+            if copies * b != ck.shape[0] or (copies > 1 and not prefill):
+                raise ValueError(f"a cache of {ck.shape[0]} rows for {b} rows of tokens "
+                                 "(several copies of each only in a prefill)")
+
+            def write(cache, new_BxLxNxK):
+                new = new_BxLxNxK.transpose(0, 2, 1, 3).astype(cache.dtype)
+                if copies > 1:
+                    new = jnp.repeat(new, copies, axis=0)
+                return jax.lax.dynamic_update_slice(cache, new, start)
+
+            new_cache = (write(ck, kk), write(cv, vv))
+            if prefill:  # the cache held nothing before: the tokens attend to themselves
+                k_all, v_all, kv_axes = kk, vv, "bsnk"
+            else:
+                (k_all, v_all), kv_axes = new_cache, "bnsk"
         s = k_all.shape[kv_axes.index("s")]
         k_slot_S = jnp.arange(s)
         allowed_1xLxS = k_slot_S[None, None, :] <= q_slot_L[None, :, None]
@@ -427,7 +438,8 @@ def unstack_layers(c: ModelConfig, params, lora=None):
 
 
 def apply(c: ModelConfig, params, ids_BxL, pos_BxL, kv_mask_BxS, *, lora=None, cache=None,
-          cache_index=0, last_only=False, hidden_only=False, stream_layers=False):
+          cache_index=0, last_only=False, hidden_only=False, stream_layers=False,
+          prefill=False):
     """Core forward, optionally through a KV cache.
 
     Args:
@@ -444,9 +456,16 @@ def apply(c: ModelConfig, params, ids_BxL, pos_BxL, kv_mask_BxS, *, lora=None, c
       stream_layers: with a cache, each layer's weights wait for the previous layer's output
         (an optimization barrier), so weights split over fsdp are gathered one layer at a
         time; otherwise XLA may gather every layer's up front (the whole model on a device).
+      prefill: the cache holds nothing yet (``cache_index`` 0): the L tokens attend to each
+        other only (L x L scores, not L x S; ``kv_mask_BxS`` is then B x L), and their keys
+        and values go to slots 0..L-1. The cache may hold G rows for each of the B (a prompt's
+        G samples): each row's keys and values are written to its G copies, so a prompt is
+        prefilled once, not once per sample.
     Returns:
       (logits_BxLxV float32, updated cache (same structure) or None).
     """
+    if prefill and (cache is None or not isinstance(cache_index, int) or cache_index != 0):
+        raise ValueError("prefill=True fills an empty cache: pass the cache and cache_index=0")
     if c.compute_dtype is not None:
         cd = jnp.dtype(c.compute_dtype)
         params = jax.tree.map(lambda a: a.astype(cd), params)
@@ -472,7 +491,8 @@ def apply(c: ModelConfig, params, ids_BxL, pos_BxL, kv_mask_BxS, *, lora=None, c
     def body(x_BxLxD, xs):
         p, lwl, ckv, local = xs
         x_BxLxD = constrain(x_BxLxD, _ACT)
-        x_BxLxD, new = _layer(c, sites, scale, x_BxLxD, p, lwl, cs, mask_info, ckv, local)
+        x_BxLxD, new = _layer(c, sites, scale, x_BxLxD, p, lwl, cs, mask_info, ckv, local,
+                              prefill=prefill)
         return x_BxLxD, new
 
     if c.remat:
