@@ -321,9 +321,13 @@ def main(argv=None) -> int:
     targets = _targets(args)  # sets the CPU device count before any other JAX call
 
     from jbilevel import aot
+    from jbilevel.errors import UserError
 
-    name, model, theta, param_dtype, gather, plan = (
-        _from_config(args, parser) if args.config else _from_flags(args))
+    try:
+        name, model, theta, param_dtype, gather, plan = (
+            _from_config(args, parser) if args.config else _from_flags(args))
+    except UserError as e:  # a configuration or data file to fix: its message says how
+        raise SystemExit(f"error: {e}") from None
     header = ("| model | theta | method | mesh | step | state total GiB | per device GiB | ratio "
               "to total/n | args GiB | out GiB | alias GiB | temp GiB | peak GiB | compile s |")
 
