@@ -97,13 +97,21 @@ def _online_setting():
     return n, shapes, online, MethodConfig(method="bds"), MeshConfig(data=1, fsdp=n), buffer
 
 
-def test_online_adds_the_buffer_the_sampler_call_and_the_log_pass():
+@pytest.fixture(scope="module")
+def full_online():
+    """The online setting's four programs with full fine-tuning (compiled once: the LoRA
+    test compares its sampler call and log pass with these)."""
+    n, shapes, online, method, mesh, _ = _online_setting()
+    return aot.compile_memory(TINY, method, mesh, shapes, devices=jax.devices()[:n],
+                              online=online)
+
+
+def test_online_adds_the_buffer_the_sampler_call_and_the_log_pass(full_online):
     from jbilevel.algorithms.online import OnlineConfig
 
     n, shapes, online, method, mesh, buffer = _online_setting()
     offline = aot.compile_memory(TINY, method, mesh, shapes, devices=jax.devices()[:n])
-    report = aot.compile_memory(TINY, method, mesh, shapes, devices=jax.devices()[:n],
-                                online=online)
+    report = full_online
     assert set(report.steps) == {"train", "hyper", "generate", "log ratios"}
     assert report.state_total == offline.state_total  # the buffer is data, not optimizer state
     for step in ("train", "hyper"):
@@ -125,7 +133,7 @@ def test_online_adds_the_buffer_the_sampler_call_and_the_log_pass():
                            online=OnlineConfig(every=5, batch_size=4))
 
 
-def test_lora_online_compiles_over_the_frozen_base():
+def test_lora_online_compiles_over_the_frozen_base(full_online):
     """Online generation with LoRA adapters: the same four programs; the buffer adds to the
     train and hypergradient steps what it adds with full fine-tuning, and the sampler call
     and the log's ratio pass take the frozen base's shard plus the adapters (split like
@@ -135,13 +143,11 @@ def test_lora_online_compiles_over_the_frozen_base():
     n, shapes, online, method, mesh, buffer = _online_setting()
     lora = ThetaConfig(kind="lora", rank=4)
 
-    def report(theta, with_online, only=None):
+    def report(theta, with_online):
         return aot.compile_memory(TINY, method, mesh, shapes, devices=jax.devices()[:n],
-                                  theta=theta, online=online if with_online else None,
-                                  only=only)
+                                  theta=theta, online=online if with_online else None)
 
-    adapted, offline = report(lora, True), report(lora, False)
-    full = report(None, True, only=["generate", "log ratios"])
+    adapted, offline, full = report(lora, True), report(lora, False), full_online
     assert set(adapted.steps) == {"train", "hyper", "generate", "log ratios"}
     assert adapted.state_total == offline.state_total
     for step in ("train", "hyper"):
