@@ -29,6 +29,7 @@ def test_presets_match_the_published_parameter_counts():
     assert param_count(gemma3) == 999_885_952
     assert gemma3.local_layers == tuple((i + 1) % 6 != 0 for i in range(26))  # 5 local : 1
     assert preset("llama-3-8b", num_layers=2).num_layers == 2
+    assert preset("gemma-3-1b", num_layers=7).local_layers == (True,) * 5 + (False, True)
     with pytest.raises(ValueError, match="available: pythia-1b, llama-3-8b"):
         preset("gpt-5")
 

@@ -88,12 +88,19 @@ def preset(name: str, **overrides) -> ModelConfig:
     Args:
       name: one of :data:`PRESETS`.
       overrides: ModelConfig fields to change (``compute_dtype``, ``remat``, ``num_layers``...).
+        Another ``num_layers`` keeps the windowed and full layers' pattern (Gemma), cut to
+        those layers.
     Returns:
       The ModelConfig.
     """
     if name not in _HF:
         raise ValueError(f"unknown model preset {name!r} (available: {', '.join(PRESETS)})")
-    return ModelConfig.from_hf(_HF[name]).replace(**overrides)
+    config = ModelConfig.from_hf(_HF[name])
+    pattern = config.local_layers
+    if "num_layers" in overrides and pattern is not None and "local_layers" not in overrides:
+        overrides["local_layers"] = tuple(pattern[i % len(pattern)]
+                                          for i in range(overrides["num_layers"]))
+    return config.replace(**overrides)
 
 
 def param_count(config: ModelConfig) -> int:
