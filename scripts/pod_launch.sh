@@ -32,7 +32,7 @@ COORDINATOR_PORT="${COORDINATOR_PORT:-8476}"
 REMOTE_DIR="jbilevel"  # under each worker's home directory
 PYTHON="${PYTHON:-python3}"
 
-usage() { sed -n '2,21p' "$0"; exit 2; }
+usage() { sed -n '2,20p' "$0"; exit 2; }
 
 tpu() {  # gcloud compute tpus tpu-vm SUBCOMMAND ... with the project and zone
   local sub="$1"
