@@ -242,6 +242,7 @@ def _from_config(args, parser):
 
     from jbilevel import aot, config, experiment, inputs
     from jbilevel.console import Console
+    from jbilevel.errors import UserError
     from jbilevel.models.presets import param_count, preset
     from jbilevel.sharding import MeshConfig
 
@@ -259,7 +260,11 @@ def _from_config(args, parser):
         console = Console()
         with tempfile.TemporaryDirectory() as scratch:  # a built-in task's files
             cfg = experiment.resolve(cfg, scratch, write=True)
-            task = experiment.load_data(cfg, console)
+            try:
+                task = experiment.load_data(cfg, console)
+            except UserError as e:  # e.g. the data is not on this machine
+                raise SystemExit(f"error: {e}\n(--no-data sizes the batches from the "
+                                 "configuration instead)") from None
         train, _ = experiment.training_set(task, cfg.method.method)
         validation = task.validation
     shapes, source = aot.run_shapes(cfg, train, validation, n_examples=args.n_examples,
@@ -280,6 +285,10 @@ def _from_config(args, parser):
             **compute, **layers)
         name = os.path.basename(os.path.normpath(cfg.model.path)) if cfg.model.path else (
             "model spec")
+    elif cfg.model.path is None:  # a random model's vocabulary is its tokenizer's
+        raise SystemExit("model.path is unset (a random model sized by its tokenizer): read "
+                         "the data (leave out --no-data) or name an architecture with --model "
+                         "<preset> (jbilevel.models.presets)")
     else:
         raise SystemExit(f"model.path={cfg.model.path} is not on this machine: name its "
                          "architecture with --model <preset> (jbilevel.models.presets)")

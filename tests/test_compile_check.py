@@ -229,6 +229,11 @@ def test_a_run_configuration_compiles_with_its_own_shapes(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--seq-len: data.max_len; --theta: theta.kind"):
         script.main(["--config", str(path), "--platform", "cpu", "--devices", "8",
                      "--seq-len", "128", "--theta", "lora"])
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(f"data: {{train: {tmp_path}/none.jsonl, validation: {tmp_path}/v.jsonl}}\n")
+    with pytest.raises(SystemExit, match=r"data.train: .*none.jsonl: file not found.*\n"
+                                         r"\(--no-data sizes the batches"):
+        script.main(["--config", str(missing), "--platform", "cpu", "--devices", "8"])
     with pytest.raises(SystemExit, match="model.path=/data/models/llama-3-8b-instruct is not "
                                          "on this machine: name its architecture with --model"):
         script.main(["--config", str(root / "configs" / "llama3_8b_lora_bds_online.yaml"),
