@@ -70,16 +70,16 @@ def run_shapes(cfg, train=None, validation=None, *, n_examples: int = 51760,
       ``hyper_batch_size`` (0: every row) at most the training rows, before the trainer pads
       it to a multiple of the mesh's data-parallel size.
     """
-    from jbilevel.data.batching import default_buckets, smallest_bucket
+    from jbilevel.data.batching import Batcher
     from jbilevel.experiment import grouped
 
     max_len = cfg.data.max_len
     if train is not None:
         n = len(train)
         seq_len = grouped(train, cfg.data)["buckets"][-1]  # the trainer's longest bucket
-        if validation is not None:
-            seq_len = max(seq_len, smallest_bucket(default_buckets(validation.max_len),
-                                                   int(validation.length_N.max())))
+        if validation is not None:  # the trainer's validation Batcher: its default buckets
+            val = Batcher(validation, cfg.val_batch_size)
+            seq_len = max(seq_len, val.bucket(int(validation.length_N.max())))
         prompt = int(train.prompt_len_N.max())
         answer = int((train.length_N - train.prompt_len_N).max())
         source = (f"the data: {n} training rows, batches of at most {seq_len} tokens, "

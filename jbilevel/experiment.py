@@ -179,6 +179,16 @@ def _process_batcher(dataset, batch_size: int, mesh, rules, **kw):
                    process_count=count, **kw)
 
 
+def positions(cfg: ExperimentConfig, data_set) -> int:
+    """The longest sequence the run's model sees: ``data.max_len``, or with online generation
+    a generated row (the longest prompt + the sampled tokens) if that is longer."""
+    longest = data_set.max_len
+    if cfg.online.enabled:
+        longest = max(longest, int(data_set.prompt_len_N.max()) + (
+            cfg.online.max_new_tokens or int((data_set.length_N - data_set.prompt_len_N).max())))
+    return longest
+
+
 def grouped(dataset, data_cfg: inputs.DataConfig) -> dict:
     """The Batcher options of ``data.length_buckets``: one bucket (the longest sequence), or
     that many length quantiles with rows grouped by length."""
@@ -526,11 +536,7 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
     n = len(data_set)
     learned = cfg.method.method not in UNIFORM_METHODS  # bds, bmo: they learn the weights
     lora = cfg.theta.kind == "lora"
-    positions = data_set.max_len
-    if cfg.online.enabled:  # generated rows: longest prompt + sampled tokens
-        positions = max(positions, int(data_set.prompt_len_N.max()) + (
-            cfg.online.max_new_tokens or int((data_set.length_N - data_set.prompt_len_N).max())))
-    model = build(inputs.model_config(cfg.model, task.tokenizer, positions))
+    model = build(inputs.model_config(cfg.model, task.tokenizer, positions(cfg, data_set)))
     fingerprint = rundir.fingerprint(task, cfg.model.path)
     latest = None
     if resuming:

@@ -279,10 +279,8 @@ def _from_config(args, parser):
         model = preset(args.model, **compute, **layers)
         name = args.model
     elif train is not None:
-        positions = max(shapes.seq_len, shapes.prompt_len + shapes.new_tokens
-                        if cfg.online.enabled else 0)
-        model = inputs.model_config(cfg.model, task.tokenizer, positions).replace(
-            **compute, **layers)
+        model = inputs.model_config(cfg.model, task.tokenizer,
+                                    experiment.positions(cfg, train)).replace(**compute, **layers)
         name = os.path.basename(os.path.normpath(cfg.model.path)) if cfg.model.path else (
             "model spec")
     elif cfg.model.path is None:  # a random model's vocabulary is its tokenizer's
