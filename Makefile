@@ -3,6 +3,9 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# Test processes (pytest-xdist): the suite's time is mostly XLA compiling on one thread, so
+# two processes use a 2-core machine's second core. JOBS=0 runs the tests in this process.
+JOBS   ?= 2
 
 .PHONY: demo test lint clean
 
@@ -16,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/jbilevel demo $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n $(JOBS) $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
