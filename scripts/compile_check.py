@@ -4,7 +4,10 @@ Run this before spending pod time: it lowers and compiles the same jitted, shard
 bmo / bds steps that ``jbilevel train`` runs, for fsdp meshes of fake CPU devices or of a
 TPU topology (ahead-of-time, no TPU needed; ``pip install libtpu==0.0.42.*``, the version
 ``jax[tpu]==0.10.2`` pins), and prints XLA's per-device memory of every step and how evenly
-the parameters + optimizer state split.
+the parameters + optimizer state split. Two peaks per step: "peak" adds the step's inputs,
+outputs and temporaries up; on a TPU target "XLA peak" is the compiler's own, buffers whose
+lifetimes do not meet sharing memory: the TPU compiler refuses a step whose XLA peak exceeds
+the chip's memory, so that is the figure to hold against it ("-" on CPU and GPU).
 
     # TPU v5e slices of 8, 16 and 64 chips (the table in docs/scale.md):
     python scripts/compile_check.py --model llama-3-8b --platform tpu \
@@ -336,7 +339,8 @@ def main(argv=None) -> int:
     except UserError as e:  # a configuration or data file to fix: its message says how
         raise SystemExit(f"error: {e}") from None
     header = ("| model | theta | method | mesh | step | state total GiB | per device GiB | ratio "
-              "to total/n | args GiB | out GiB | alias GiB | temp GiB | peak GiB | compile s |")
+              "to total/n | args GiB | out GiB | alias GiB | temp GiB | peak GiB | XLA peak GiB | "
+              "compile s |")
 
     def emit(row: str) -> None:  # printed and appended as soon as it is measured
         print(row, flush=True)
@@ -368,11 +372,12 @@ def main(argv=None) -> int:
                 emit(first + f"{step} | {_gib(report.state_total)} | "
                      f"{_gib(report.state_per_device)} | {ratio:.3f} | "
                      f"{_gib(m.argument)} | {_gib(m.output)} | {_gib(m.alias)} | "
-                     f"{_gib(m.temp)} | {_gib(m.peak)} | {m.compile_s} |")
+                     f"{_gib(m.temp)} | {_gib(m.peak)} | "
+                     f"{'-' if m.xla_peak is None else _gib(m.xla_peak)} | {m.compile_s} |")
             for step, message in report.errors.items():
                 emit(first + f"{step} | {_gib(report.state_total)} | "
                      f"{_gib(report.state_per_device)} | {ratio:.3f} | "
-                     f"does not fit: {message} | | | | | |")
+                     f"does not fit: {message} | | | | | | |")
                 unfit += 1
                 hints.update(_hints(step, args.config is not None, gather,
                                     method_cfg.train_chunk))

@@ -2,6 +2,7 @@
 
 import dataclasses
 import re
+import types
 
 import jax
 import pytest
@@ -50,6 +51,21 @@ def test_fsdp8_splits_params_and_optimizer_state_evenly():
     # Adam moments, replicated) and one row of each of the two batches.
     assert report.state_per_device + 12_000 < train.argument < report.state_per_device + 14_000
     assert train.alias >= report.state_per_device  # the donated state is updated in place
+    assert train.xla_peak is None  # reported for a TPU target only
+
+
+def test_xla_peak_is_the_tpu_compilers_own():
+    """On a TPU target a step's ``xla_peak`` is XLA's ``peak_memory_in_bytes`` (what the
+    compiler holds against the chip), which overlaps buffers the sum ``peak`` adds up."""
+    class Compiled:
+        def memory_analysis(self):
+            return types.SimpleNamespace(
+                argument_size_in_bytes=10, output_size_in_bytes=10, alias_size_in_bytes=10,
+                temp_size_in_bytes=50, generated_code_size_in_bytes=1, peak_memory_in_bytes=40)
+
+    tpu = aot._memory(Compiled(), 1.0, "tpu")
+    assert (tpu.peak, tpu.xla_peak) == (60, 40)
+    assert aot._memory(Compiled(), 1.0, "cpu").xla_peak is None
 
 
 def test_batch_must_split_over_the_mesh():
@@ -224,8 +240,10 @@ def test_a_run_configuration_compiles_with_its_own_shapes(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "bds + online, theta full" in out and "1.0 x 2000 questions x 1 samples of 17 + 4" in out
     # the state is whole on every device of the data axis: 1x what it is split over
-    assert re.search(r"\| instruct \(1L\) \| full \| bds\+online \| cpu x8 data=8 fsdp=1 \| "
-                     r"train \| [\d.]+ \| [\d.]+ \| 1\.000 \|", out), out
+    row = re.search(r"\| instruct \(1L\) \| full \| bds\+online \| cpu x8 data=8 fsdp=1 \| "
+                    r"train \| [\d.]+ \| [\d.]+ \| 1\.000 \|(.*)", out)
+    assert row, out
+    assert row[1].split("|")[-3].strip() == "-"  # XLA peak: a TPU target's only
     with pytest.raises(SystemExit, match="--seq-len: data.max_len; --theta: theta.kind"):
         script.main(["--config", str(path), "--platform", "cpu", "--devices", "8",
                      "--seq-len", "128", "--theta", "lora"])
