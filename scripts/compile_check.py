@@ -246,7 +246,7 @@ def _from_config(args, parser):
     from jbilevel import aot, config, experiment, inputs
     from jbilevel.console import Console
     from jbilevel.errors import UserError
-    from jbilevel.models.presets import param_count, preset
+    from jbilevel.models.presets import param_count, preset, with_layers
     from jbilevel.sharding import MeshConfig
 
     set_by_flags = [name for name in CONFIG_FIELDS
@@ -277,13 +277,12 @@ def _from_config(args, parser):
         print(f"model.attention=cudnn is a GPU kernel: compiled for {args.platform} with "
               "XLA's attention", flush=True)
         compute["attention"] = "xla"
-    layers = {} if args.layers is None else {"num_layers": args.layers}
     if args.model:
-        model = preset(args.model, **compute, **layers)
+        model = preset(args.model, **compute)
         name = args.model
     elif train is not None:
         model = inputs.model_config(cfg.model, task.tokenizer,
-                                    experiment.positions(cfg, train)).replace(**compute, **layers)
+                                    experiment.positions(cfg, train)).replace(**compute)
         name = os.path.basename(os.path.normpath(cfg.model.path)) if cfg.model.path else (
             "model spec")
     elif cfg.model.path is None:  # a random model's vocabulary is its tokenizer's
@@ -293,6 +292,8 @@ def _from_config(args, parser):
     else:
         raise SystemExit(f"model.path={cfg.model.path} is not on this machine: name its "
                          "architecture with --model <preset> (jbilevel.models.presets)")
+    if args.layers is not None:  # Gemma's pattern of windowed and full layers kept
+        model = with_layers(model, args.layers)
     theta = cfg.theta
     online = cfg.online if cfg.online.enabled else None
     print(f"{args.config}: {name}, {param_count(model) / 1e9:.3f}B parameters compiled "

@@ -10,7 +10,7 @@ import pytest
 from jbilevel import aot
 from jbilevel.algorithms import MethodConfig
 from jbilevel.models import ModelConfig
-from jbilevel.models.presets import param_count, preset
+from jbilevel.models.presets import param_count, preset, with_layers
 from jbilevel.sharding import MeshConfig
 
 TINY = ModelConfig(family="llama", vocab_size=256, hidden_size=64, num_layers=2, num_heads=4,
@@ -31,6 +31,10 @@ def test_presets_match_the_published_parameter_counts():
     assert gemma3.local_layers == tuple((i + 1) % 6 != 0 for i in range(26))  # 5 local : 1
     assert preset("llama-3-8b", num_layers=2).num_layers == 2
     assert preset("gemma-3-1b", num_layers=7).local_layers == (True,) * 5 + (False, True)
+    # a checkpoint's config (compile_check --config --layers) keeps its pattern the same way
+    gemma2 = with_layers(preset("gemma-2-2b"), 3)
+    assert (gemma2.num_layers, gemma2.local_layers) == (3, (True, False, True))
+    assert with_layers(TINY, 1).local_layers is None
     with pytest.raises(ValueError, match="available: pythia-1b, llama-3-8b"):
         preset("gpt-5")
 

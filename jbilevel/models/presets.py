@@ -96,11 +96,18 @@ def preset(name: str, **overrides) -> ModelConfig:
     if name not in _HF:
         raise ValueError(f"unknown model preset {name!r} (available: {', '.join(PRESETS)})")
     config = ModelConfig.from_hf(_HF[name])
-    pattern = config.local_layers
-    if "num_layers" in overrides and pattern is not None and "local_layers" not in overrides:
-        overrides["local_layers"] = tuple(pattern[i % len(pattern)]
-                                          for i in range(overrides["num_layers"]))
+    if "num_layers" in overrides and "local_layers" not in overrides:
+        config = with_layers(config, overrides.pop("num_layers"))
     return config.replace(**overrides)
+
+
+def with_layers(config: ModelConfig, num_layers: int) -> ModelConfig:
+    """``config`` with ``num_layers`` decoder layers (e.g. to compile a few layers of a large
+    model); a model of windowed and full layers (Gemma) keeps its pattern, repeated or cut."""
+    pattern = config.local_layers
+    local = None if pattern is None else tuple(pattern[i % len(pattern)]
+                                               for i in range(num_layers))
+    return config.replace(num_layers=num_layers, local_layers=local)
 
 
 def param_count(config: ModelConfig) -> int:
