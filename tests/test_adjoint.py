@@ -286,9 +286,9 @@ def test_hyper_step_keeps_theta_shaped_vectors_sharded():
     texts = []
     original = aot._memory
 
-    def keep_text(compiled, seconds):
+    def keep_text(compiled, *args):
         texts.append(compiled.as_text())
-        return original(compiled, seconds)
+        return original(compiled, *args)
 
     aot._memory = keep_text
     try:
