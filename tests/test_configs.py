@@ -42,6 +42,7 @@ def test_llm_configs_paper_defaults_and_meshes(name):
     if kind == "lora":
         assert (cfg.theta.rank, cfg.theta.targets) == (16, ("q_proj", "v_proj"))
     assert cfg.model.path and cfg.data.train and cfg.data.validation
+    assert cfg.data.length_buckets == 4  # SFT data of mixed lengths: batches cut to them
     assert cfg.model.path in path.read_text().split("\nmodel:")[0]  # documented in the header
     # Pod slices (16 and 64 chips) as shipped; one 8-GPU host with the documented override.
     _pod_meshes(path, cfg)
@@ -74,4 +75,5 @@ def test_llm_bds_online_config():
                                                                           "bfloat16")
     assert cfg.online.enabled and not cfg.online.gather_params
     assert cfg.method.hessian_rows <= cfg.hyper_batch_size
+    assert cfg.data.length_buckets == 4
     _pod_meshes(path, cfg)
