@@ -4,6 +4,7 @@
     PYTHONPATH=. python benchmarks/length_buckets.py --bds   # bds's hypergradient step instead
     PYTHONPATH=. python benchmarks/length_buckets.py --bds --hyper-batch 512   # a sample
     PYTHONPATH=. python benchmarks/length_buckets.py --online   # an online refresh instead
+    PYTHONPATH=. python benchmarks/length_buckets.py --online-steps   # online train steps
 
 SFT data mixes short and long examples (Alpaca: most rows a few hundred tokens, a tail up to
 max_len). With one bucket every batch is padded to the longest sequence; with n buckets each
@@ -32,6 +33,18 @@ with several buckets the questions sampled longest prompt first and each call's 
 to their bucket, against every call padded to the longest prompt. The median seconds of
 ``--rounds`` refreshes (each first run once, so every call's program is compiled before
 timing), and the prompt tokens (rows x padded length) its sampler calls took on average.
+
+``--online-steps``: the trainer's online bmo train step, which trains on an offline batch and
+on ``--gen-batch`` rows drawn from the buffer of generated pairs: at the buffer's one width
+(longest prompt + ``--new-tokens``), against drawn from one of n length buckets of the
+buffer's rows and cut to its width (``Refresher.train_args``). The buffer holds one refresh
+of ``--fraction`` of the questions, 2 samples each, each sample cut to its question's
+response length in the data (a model at its initialisation does not end its answers, a
+fine-tuned one does; the responses are then as long as the data's). The offline batches are
+the same for every setting (rows of about the median length), so the difference is the
+generated rows'. The
+median seconds of ``--steps`` steps over ``--rounds`` rounds (every program compiled first)
+and the generated tokens a step (rows x width) on average.
 """
 
 from __future__ import annotations
@@ -82,6 +95,12 @@ def main():
                     help="--online: share of the questions refreshed")
     ap.add_argument("--new-tokens", type=int, default=64,
                     help="--online: sampled tokens per response")
+    ap.add_argument("--online-steps", action="store_true",
+                    help="time online train steps on a refreshed buffer instead")
+    ap.add_argument("--gen-batch", type=int, default=16,
+                    help="--online-steps: generated rows per train step")
+    ap.add_argument("--steps", type=int, default=32,
+                    help="--online-steps: train steps per round and setting")
     args = ap.parse_args()
     ds = load_sft(_rows(args.rows), prompt_template="{question}", max_len=MAX_LEN)
     model = build(ModelConfig(vocab_size=ds.tokenizer.vocab_size, hidden_size=128,
@@ -94,6 +113,8 @@ def main():
         return _bds(args, ds, model, mesh, rules)
     if args.online:
         return _online(args, ds, model, mesh, rules)
+    if args.online_steps:
+        return _online_steps(args, ds, model, mesh, rules)
 
     def init():
         return init_state(model.init(jax.random.key(0)), len(ds), cfg)
@@ -232,6 +253,82 @@ def _online(args, ds, model, mesh, rules):
         s = statistics.median(seconds[b])
         print(f"| {b} | {', '.join(map(str, ref.prompt_lengths))} | "
               f"{tokens[b] // args.rounds} | {s:.2f} | {s / base:.2f} |")
+
+
+def _cut_to_data_lengths(buffer, ds):
+    """The buffer's samples cut to their question's response length in the data (+ eos)."""
+    host = jax.device_get(buffer)
+    keep_R = ds.prompt_len_N[host.ids] + np.minimum(
+        ds.length_N[host.ids] - ds.prompt_len_N[host.ids],
+        host.attention_mask.sum(axis=1) - ds.prompt_len_N[host.ids])
+    inside = np.arange(host.input_ids.shape[1])[None, :] < keep_R[:, None]
+    labelled = np.arange(host.input_ids.shape[1])[None, :] < keep_R[:, None] - 1
+    cut = host.replace(
+        input_ids=np.where(inside, host.input_ids, ds.pad_id),
+        attention_mask=host.attention_mask * inside,
+        labels=np.where(labelled, host.labels, ds.pad_id),
+        loss_mask=host.loss_mask * labelled, logp=host.logp * labelled)
+    return jax.device_put(cut, jax.tree.map(lambda x: x.sharding, buffer))
+
+
+def _online_steps(args, ds, model, mesh, rules):
+    from jbilevel.algorithms import online as ol
+
+    cfg = OnlineConfig(every=1, fraction=args.fraction, num_samples=2,
+                       batch_size=args.gen_batch, max_new_tokens=args.new_tokens,
+                       generate_batch_size=32)
+    method = MethodConfig(method="bmo", lr_theta=1e-3)
+    loss = lm_example_loss(model)
+    steps = ol.make_online_steps(loss, model, method, cfg)
+    # the offline batch: rows about the median length, padded to a multiple of 64
+    middle = np.argsort(ds.length_N)[len(ds) // 2:][:args.batch_size]
+    offline = ds.batch(middle, -(-int(ds.length_N[middle].max()) // 64) * 64)
+    print(f"{len(ds)} rows; online bmo train steps: an offline batch of {args.batch_size} rows "
+          f"at {offline['input_ids'].shape[1]} tokens and {args.gen_batch} generated rows "
+          f"drawn from a refresh of {args.fraction} of the questions (2 samples, at most "
+          f"{args.new_tokens} new tokens, cut to the data's response lengths); "
+          f"{jax.devices()[0].platform}", flush=True)
+    runs = {}
+    for b in args.buckets:
+        ref = Refresher(cfg, model, ds, weighting="sigmoid", rules=rules, buckets=b,
+                        batch_sharding=sh.batch_sharding(mesh, rules, 1))
+
+        def init(ref=ref):
+            return init_state(model.init(jax.random.key(0)), len(ds), method).replace(
+                online=ref.init_buffer())
+
+        shapes = jax.eval_shape(init)
+        state_sh = train.state_shardings(mesh, rules, shapes, model.param_axes(),
+                                         method).replace(
+            online=ol.buffer_shardings(mesh, rules, shapes.online))
+        compiled = train.compile_steps(steps, method, mesh, rules, state_sh)
+        state, _ = ref(jax.jit(init, out_shardings=state_sh)(), 0)
+        state = state.replace(online=_cut_to_data_lengths(state.online, ds))
+        ref.spans = None  # the buckets of the cut rows
+        batch = jax.device_put(offline, compiled.batch_sharding)
+        plan = [ref.train_args(state, step) for step in range(args.steps)]
+        for static in sorted(set(plan), key=str):  # every program compiled before timing
+            state, _ = compiled.train(state, batch, batch, *static)
+        runs[b] = (compiled, jax.block_until_ready(state), batch, plan, ref)
+    seconds: dict[int, list[float]] = {b: [] for b in args.buckets}
+    for _ in range(args.rounds):
+        for b, (compiled, state, batch, plan, ref) in runs.items():
+            t0 = time.perf_counter()
+            for static in plan:
+                state, _ = compiled.train(state, batch, batch, *static)
+            runs[b] = (compiled, jax.block_until_ready(state), batch, plan, ref)
+            seconds[b].append((time.perf_counter() - t0) / len(plan))
+    base = statistics.median(seconds[args.buckets[0]])
+    print(f"| length_buckets | generated rows: buckets (rows) | generated tokens a step | "
+          f"step s | time vs {args.buckets[0]} |")
+    print("|---|---|---|---|---|")
+    for b, (_, state, _, plan, ref) in runs.items():
+        width = ref.length
+        spans = ref.spans or ((0, width, int(jax.device_get(state.online.valid).sum())),)
+        tokens = np.mean([args.gen_batch * (s[0][1] if s else width) for s in plan])
+        s = statistics.median(seconds[b])
+        print(f"| {b} | {', '.join(f'{lo + 1}-{hi} ({n})' for lo, hi, n in spans)} | "
+              f"{tokens:.0f} | {s:.3f} | {s / base:.2f} |")
 
 
 if __name__ == "__main__":

@@ -118,7 +118,8 @@ class Console:
         def call(*args):
             import jax
 
-            shapes = tuple(getattr(x, "shape", None) for x in jax.tree.leaves(args[1:]))
+            # batch shapes, and the values of static arguments (one program each)
+            shapes = tuple(getattr(x, "shape", x) for x in jax.tree.leaves(args[1:]))
             if shapes in seen:
                 return fn(*args)
             name = what
@@ -126,6 +127,9 @@ class Console:
                 ids = next((a["input_ids"] for a in args[1:]
                             if isinstance(a, dict) and "input_ids" in a), None)
                 name += " again" if ids is None else f" for sequence length {ids.shape[-1]}"
+                span = next((a for a in args[1:] if isinstance(a, tuple)), None)
+                if span is not None:  # online: the width of the generated rows' bucket
+                    name += f", generated rows of {span[1]} tokens"
             self.info(f"compiling the {name} ...")
             t0 = time.perf_counter()
             out = fn(*args)

@@ -684,6 +684,7 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
                                     start_step=start, ckpt=ckpt, hyper_batches=hyper, log=log,
                                     eval_fn=eval_fn, before_step=refresher,
                                     offline_until=cfg.online.start,  # online runs only
+                                    train_args=refresher and refresher.train_args,
                                     console=console,
                                     clock=lambda: earlier + time.perf_counter() - t0)
             if refresher is not None and step > start:

@@ -252,15 +252,17 @@ def compile_steps(steps: Steps, cfg: MethodConfig, mesh, rules: sh.AxisRules,
 
     options = train_compiler_options(mesh.devices.flat[0].platform)
 
-    def jitted(step, batches: int):  # compiled on its first call: an unused step costs nothing
-        if step is None:
+    def jitted(step, batches: int, static: int = 0):  # compiled on its first call: an unused
+        if step is None:  # step costs nothing; one program per value of a static argument
             return None
         return jax.jit(pinned(step), in_shardings=(state_sh,) + (batch_sh,) * batches,
                        out_shardings=(state_sh, rep), donate_argnums=0,
+                       static_argnums=tuple(range(1 + batches, 1 + batches + static)),
                        compiler_options=options)
 
-    return CompiledSteps(jitted(steps.train, n_batches), jitted(steps.hyper, 2), with_val,
-                         batch_sh, train_offline=jitted(steps.train_offline, n_batches))
+    return CompiledSteps(jitted(steps.train, n_batches, steps.train_static),
+                         jitted(steps.hyper, 2), with_val, batch_sh,
+                         train_offline=jitted(steps.train_offline, n_batches))
 
 
 class _Preemption:
@@ -427,6 +429,7 @@ def run(
     eval_fn: Callable[[Any], dict[str, float]] | None = None,
     before_step: Callable[[TrainState, int], tuple[TrainState, dict]] | None = None,
     offline_until: int = 0,
+    train_args: Callable[[TrainState, int], tuple] | None = None,
     console: Console | None = None,
     clock: Callable[[], float] | None = None,
 ) -> tuple[TrainState, int]:
@@ -453,6 +456,9 @@ def run(
       offline_until: steps below it run ``compiled.train_offline`` (when there is one)
         instead of ``compiled.train``: online generation's steps before its first refresh,
         whose buffer is still empty (``online.start``).
+      train_args: ``(state, step) -> the static arguments`` that ``compiled.train`` takes
+        after its batches at that step, after ``before_step`` (online generation with
+        ``data.length_buckets``: the length bucket its generated rows are drawn from).
       console: where the progress bar (``loop.progress``) and warnings go (default: stderr).
         A hypergradient's numbers (``val_loss``, ``cg_residual``, ...) join every record
         until the next one, with ``hyper_step``: the step they were measured at.
@@ -547,10 +553,12 @@ def run(
                 batch = put(next(data))
                 train_step = (compiled.train_offline if compiled.train_offline is not None
                               and step < offline_until else compiled.train)
+                static = (() if train_step is not compiled.train or train_args is None
+                          else train_args(state, step))
                 if compiled.with_val:
-                    state, metrics = train_step(state, batch, put(next(val_batches)))
+                    state, metrics = train_step(state, batch, put(next(val_batches)), *static)
                 else:
-                    state, metrics = train_step(state, batch)
+                    state, metrics = train_step(state, batch, *static)
                 step += 1
                 parts = [("train step", {**metrics, **hook_metrics})]  # (phase, its numbers)
                 if (compiled.hyper is not None and step % cfg.hyper_every == 0

@@ -92,13 +92,14 @@ class Setup:
     """Task, model, mesh, refresher, shardings and compiled online steps for one method."""
 
     def __init__(self, task, model, method: MethodConfig, online: ol.OnlineConfig = ONLINE,
-                 sharded: bool = True):
+                 sharded: bool = True, buckets: int = 1):
         self.task, self.model, self.method = task, model, method
         self.mesh = (sh.make_mesh(sh.MeshConfig(data=2, fsdp=4, tensor=1)) if sharded else
                      sh.make_mesh(sh.MeshConfig(data=1), jax.devices()[:1]))
         rules = sh.AxisRules()
         self.refresher = refresh.Refresher(online, model, task.train, weighting=method.weighting,
-                                      batch_sharding=sh.batch_sharding(self.mesh, rules, 1))
+                                           batch_sharding=sh.batch_sharding(self.mesh, rules, 1),
+                                           buckets=buckets)
         shapes = jax.eval_shape(self.init)
         self.state_sh = train.state_shardings(self.mesh, rules, shapes, model.param_axes(),
                                               method).replace(
@@ -349,6 +350,7 @@ def _train(setup, total, ckpt_dir=None, offline_until=0):
     state, step = train.run(setup.compiled, setup.method, loop, state, data, val,
                             start_step=start, ckpt=ckpt, before_step=setup.refresher,
                             offline_until=offline_until,
+                            train_args=setup.refresher and setup.refresher.train_args,
                             on_log=lambda at, r: records.append((at, r)))
     if ckpt is not None:
         ckpt.close()
@@ -629,6 +631,7 @@ def test_resume_before_the_first_refresh_switches_to_the_online_step(bmo, tmp_pa
 @pytest.mark.parametrize("theta", ["full", "lora"])
 def test_cli_trains_online_and_logs_generations(tmp_path, capsys, theta):
     import json
+    import re
 
     from jbilevel import cli
 
@@ -643,8 +646,12 @@ def test_cli_trains_online_and_logs_generations(tmp_path, capsys, theta):
     out = tmp_path / "o"
     args = ["train", "--config", str(path), "--out", str(out), "loop.steps=4",
             "loop.log_every=1", "loop.progress=false", "loop.checkpoint_every=2",
-            f"theta.kind={theta}"]
+            f"theta.kind={theta}", "data.length_buckets=2"]
     assert cli.main(args) == 0
+    # the generated rows' length buckets (one here: every row is shorter than 64 tokens)
+    said = capsys.readouterr().err
+    assert re.search(r"online refresh at step 1: 8 questions, .*; train steps draw them from "
+                     r"16 rows of 1-\d+ tokens \(", said), said
     result = json.loads((out / "results.json").read_text())
     assert result["online"] is True and result["steps"] == 4 and result["theta"] == theta
     assert (out / "adapter").is_dir() == (theta == "lora")
@@ -791,6 +798,27 @@ def test_online_hypergradient_with_offline_rows_cut_to_their_length(bmo):
     np.testing.assert_allclose(new[False].omega, new[True].omega, rtol=1e-4, atol=1e-6)
 
 
+def _four_prompt_lengths(n_train: int, n_val: int, repeats, hidden: int, layers: int):
+    """The quality task with question ``k`` lengthened by ``repeats(k)`` words (prompts of up to
+    256 tokens), and a model of ``hidden`` x ``layers`` that takes them: (task, train set,
+    model)."""
+    from jbilevel.data import load_sft, make_task
+    from jbilevel.data.tasks import TASK_TEMPLATE
+    from jbilevel.models import ModelConfig, build
+
+    task = make_task("quality", seed=0, n_train=n_train, n_val=n_val, n_test=n_val)
+    rows = [{**r, "question": "Please, " * repeats(k) + r["question"]}
+            for k, r in enumerate(task.train.rows)]
+    train_set = load_sft(rows, schema="qa", prompt_template=TASK_TEMPLATE, max_len=256,
+                         tokenizer=task.tokenizer)
+    tok = task.tokenizer
+    model = build(ModelConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_layers=layers,
+                              num_heads=2 * layers, intermediate_size=2 * hidden,
+                              max_position_embeddings=256, eos_token_id=tok.eos_id,
+                              pad_token_id=tok.pad_id))
+    return task, train_set, model
+
+
 def test_sampler_calls_pad_prompts_to_their_length_bucket(monkeypatch):
     """data.length_buckets for the refresh: the selected questions sampled longest prompt
     first, each sampler call's prompts left-padded to the smallest prompt-length bucket that
@@ -803,19 +831,10 @@ def test_sampler_calls_pad_prompts_to_their_length_bucket(monkeypatch):
 
     import jbilevel.models
     from jbilevel.console import Console
-    from jbilevel.data import load_sft, make_task
-    from jbilevel.data.tasks import TASK_TEMPLATE
-    from jbilevel.models import ModelConfig, build
 
-    task = make_task("quality", seed=0, n_train=11, n_val=4, n_test=4)
-    rows = [{**r, "question": "Please, " * (7 * ((3 - k) % 4)) + r["question"]}
-            for k, r in enumerate(task.train.rows)]  # 4 lengths interleaved, longest first
-    train_set = load_sft(rows, schema="qa", prompt_template=TASK_TEMPLATE, max_len=256,
-                         tokenizer=task.tokenizer)
+    # 4 lengths interleaved, longest first
+    task, train_set, model = _four_prompt_lengths(11, 4, lambda k: 7 * ((3 - k) % 4), 32, 2)
     tok = task.tokenizer
-    model = build(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=2,
-                              num_heads=4, intermediate_size=64, max_position_embeddings=256,
-                              eos_token_id=tok.eos_id, pad_token_id=tok.pad_id))
     online = dataclasses.replace(ONLINE, fraction=1.0, generate_batch_size=3, top_p=1e-6)
     batch_sharding = sh.batch_sharding(sh.make_mesh(sh.MeshConfig(data=1), jax.devices()[:1]),
                                        sh.AxisRules(), 1)
@@ -869,3 +888,128 @@ def test_sampler_calls_pad_prompts_to_their_length_bucket(monkeypatch):
         after = np.arange(buf.input_ids.shape[1])[None, :] >= n_R[:, None]
         assert (buf.attention_mask[~after] == 1).all() and not buf.loss_mask[after].any()
         assert (buf.input_ids[after] == tok.pad_id).all()
+
+
+# ------------------------------------------------- generated rows drawn by length bucket
+
+
+def test_generated_spans_by_hand():
+    """The buffer's rows in length buckets: quantiles rounded up to 64 tokens, the last one
+    the longest row's, a bucket with fewer rows than a draw joined to the next wider one."""
+    length_R = np.array([10] * 5 + [70] * 20 + [130] * 3 + [200] * 10)
+    # quartiles 70, 70, 182.5 -> 128, 192; the longest 200 -> 256; 3 rows of 129-192 tokens
+    # are fewer than a draw of 8 and join the 10 rows up to 256
+    assert ol.generated_spans(length_R, 4, 512, 8) == ((0, 128, 25), (128, 256, 13))
+    assert ol.generated_spans(length_R, 4, 512, 3) == ((0, 128, 25), (128, 192, 3),
+                                                       (192, 256, 10))
+    assert ol.generated_spans(length_R, 4, 200, 3) == ((0, 128, 25), (128, 192, 3),
+                                                       (192, 200, 10))  # the buffer's width
+    assert ol.generated_spans(length_R, 1, 512, 8) == ((0, 512, 38),)  # one length
+    assert ol.generated_spans(length_R, 4, 512, 39) == ((0, 256, 38),)  # too few for two
+    assert ol.generated_spans(length_R[25:], 4, 512, 8) == ((0, 256, 13),)  # the last joins
+
+
+def _short_rows(state, cut):
+    """The state with only the buffer's rows of at most ``cut`` tokens valid."""
+    length_R = jnp.sum(state.online.attention_mask, axis=1)
+    return state.replace(online=state.online.replace(
+        valid=state.online.valid * (length_R <= cut)))
+
+
+def test_draw_from_a_span_cuts_its_rows_to_the_width(bmo):
+    """A draw from a length bucket: only the bucket's rows, cut to its width (the same rows as
+    a draw from a buffer of those rows alone); where it holds fewer rows than asked, the
+    others drawn are marked invalid."""
+    state, _ = bmo.refresher(bmo.fresh(), 0)
+    buf = jax.device_get(state.online)
+    length_R = buf.attention_mask.sum(axis=1)
+    cut = int(np.median(length_R[buf.valid > 0]))
+    assert cut < buf.input_ids.shape[1]
+    key = jax.random.key(3)
+    longer = jax.device_get(ol.draw(state.online, key, 12, (cut, buf.input_ids.shape[1])))
+    inside = (buf.valid > 0) & (length_R > cut)
+    assert 0 < inside.sum() < 12
+    assert longer["valid"].sum() == inside.sum()  # every row of the span, the rest invalid
+    assert (longer["attention_mask"].sum(axis=1)[longer["valid"] > 0] > cut).all()
+    short = jax.device_get(ol.draw(state.online, key, 12, (0, cut)))
+    want = jax.device_get(ol.draw(_short_rows(state, cut).online, key, 12))
+    assert short["input_ids"].shape == (12, cut) and 0 < short["valid"].sum() <= 12
+    for k in want:  # the same rows, cut
+        np.testing.assert_array_equal(short[k], want[k][:, :cut] if want[k].ndim == 2
+                                      else want[k])
+    real = want["valid"] > 0  # nothing but padding past the width
+    assert not want["attention_mask"][real, cut:].any() and not want["loss_mask"][real, cut:].any()
+
+
+def test_online_step_on_rows_cut_to_their_width_equals_the_uncut_one(bmo):
+    """The train step with its generated rows drawn from a length bucket and cut to its width
+    takes the same step as at the buffer's width on a buffer of those rows alone (the cut
+    tokens are padding)."""
+    state, _ = bmo.refresher(bmo.fresh(), 0)
+    buf = jax.device_get(state.online)
+    cut = int(np.median(buf.attention_mask.sum(axis=1)[buf.valid > 0]))
+    state, short = jax.device_get((state, _short_rows(state, cut)))  # the steps donate theirs
+    off = bmo.put(bmo.task.train.batch(np.arange(8), bmo.task.train.max_len))
+    val = bmo.put(bmo.task.validation.batch(np.arange(8), bmo.task.validation.max_len))
+    new = {}
+    for span, start in (((0, cut), state), (None, short)):
+        start = jax.device_put(start, bmo.state_sh)
+        new[span], metrics = bmo.compiled.train(start, off, val, span)
+        assert float(metrics["online_gen_loss"]) > 0
+    got, want = jax.device_get(new[(0, cut)]), jax.device_get(new[None])
+    got = got.replace(online=want.online)  # the buffers differ in their valid rows only
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert not all(np.array_equal(a, b) for a, b in zip(  # a step was taken
+        jax.tree.leaves(got.theta), jax.tree.leaves(state.theta), strict=True))
+
+
+@pytest.fixture(scope="module")
+def varied():
+    """bmo + online over questions of four prompt lengths (up to 150 tokens), every question
+    refreshed: the buffer's rows fall in several length buckets."""
+    from types import SimpleNamespace
+
+
+    task, train_set, model = _four_prompt_lengths(32, 8, lambda k: 9 * (k % 4), 16, 1)
+    online = ol.OnlineConfig(every=3, fraction=1.0, num_samples=2, batch_size=8,
+                             max_new_tokens=5)
+    return Setup(SimpleNamespace(train=train_set, validation=task.validation), model,
+                 MethodConfig(method="bmo", weighting="sigmoid", lr_omega=0.1), online,
+                 buckets=4)
+
+
+def test_bucketed_online_run_draws_each_step_from_one_bucket_and_resumes_exactly(varied,
+                                                                                 tmp_path):
+    """data.length_buckets under online generation: each train step draws its generated
+    rows from one length bucket of the buffer, cut to its width, the bucket chosen in
+    proportion to its rows; a run stopped after step 7 and resumed (its buckets read again
+    from the checkpoint's buffer) ends bit-identical to a straight run."""
+    import collections
+
+    chosen = collections.Counter()
+    train_args = varied.refresher.train_args
+
+    def spy(state, step):
+        got = train_args(state, step)
+        chosen[got] += 1
+        return got
+
+    varied.refresher.train_args = spy
+    try:
+        straight, _, records = _train(varied, 10)
+        spans = varied.refresher.spans
+        first, step, _ = _train(varied, 7, tmp_path / "c")
+        varied.refresher.spans = None  # a new process: the buckets come from the checkpoint
+        resumed, step, _ = _train(varied, 10, tmp_path / "c")
+    finally:
+        varied.refresher.train_args = train_args
+    assert step == 10 and int(resumed.online.born) == 9
+    _same_run(resumed, straight)
+    buf = jax.device_get(straight.online)
+    length_R = buf.attention_mask.sum(axis=1)[buf.valid > 0]
+    assert len(spans) >= 2 and sum(n for *_, n in spans) == len(length_R) == 64
+    assert all(n >= 8 for *_, n in spans) and spans[0][1] < buf.input_ids.shape[1]
+    assert set(chosen) <= {((a, b),) for a, b, _ in spans} and len(chosen) >= 2
+    assert sum(chosen.values()) == 10 + 7 + 3
+    assert all(np.isfinite(r["online_gen_loss"]) for _, r in records)

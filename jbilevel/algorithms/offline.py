@@ -229,6 +229,9 @@ class Steps:
     # online generation: the train step while the buffer is still empty (before the first
     # refresh), with train's signature: the offline step, which skips the generated rows
     train_offline: Callable | None = None
+    # how many static arguments train takes after its batches, one compiled program for each
+    # value (online: ``gen_span``, the length bucket a step draws its generated rows from)
+    train_static: int = 0
 
 
 def _mean(loss_B, batch, w_B=None):

@@ -27,6 +27,7 @@ from typing import Literal
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jbilevel import losses
 from jbilevel import sharding as sh
@@ -305,13 +306,60 @@ def combine(offline: dict, generated: dict, gen_weight: float) -> dict:
             "valid": jnp.concatenate([v_off, v_gen]), "scale": scale}
 
 
-def draw(buffer: Buffer, key, n: int) -> dict:
-    """``n`` distinct buffer rows, uniformly among the valid ones (invalid only if too few)."""
+def draw(buffer: Buffer, key, n: int, span: tuple[int, int] | None = None) -> dict:
+    """``n`` distinct buffer rows, uniformly among the valid ones (invalid only if too few).
+
+    ``span`` = (shorter, width): among the valid rows longer than ``shorter`` tokens and at
+    most ``width`` long, cut to ``width`` tokens (the rows are right-padded, so a cut row is
+    the same row: :func:`generated_spans`). A drawn row outside the span, possible only
+    where it holds fewer than ``n`` rows, is marked invalid.
+    """
+    rows = buffer.batch()
     valid_R = buffer.valid
+    if span is not None:
+        shorter, width = span
+        length_R = jnp.sum(buffer.attention_mask, axis=-1)
+        valid_R = valid_R * ((length_R > shorter) & (length_R <= width))
+        rows = {k: v[:, :width] if v.ndim == 2 else v for k, v in rows.items()}
+        rows["valid"] = valid_R
     total = jnp.sum(valid_R)
     p_R = jnp.where(total > 0, valid_R / jnp.maximum(total, 1.0), 1.0 / valid_R.shape[0])
     idx = jax.random.choice(key, valid_R.shape[0], (n,), replace=False, p=p_R)
-    return jax.tree.map(lambda x: jnp.take(x, idx, axis=0), buffer.batch())
+    return jax.tree.map(lambda x: jnp.take(x, idx, axis=0), rows)
+
+
+def generated_spans(length_R: np.ndarray, buckets: int, top: int, min_rows: int,
+                    multiple: int = 64) -> tuple[tuple[int, int, int], ...]:
+    """The length buckets a train step draws the buffer's generated rows from (``data.
+    length_buckets`` > 1): ``(shorter, width, rows)``, the rows longer than ``shorter`` and at
+    most ``width`` tokens, increasing.
+
+    The widths are the quantiles of the valid rows' lengths ``length_R`` rounded up to
+    ``multiple`` (:func:`jbilevel.data.batching.length_buckets`), the last one the longest
+    row's length rounded up, at most ``top`` (the buffer's width); a bucket with fewer than
+    ``min_rows`` rows (a train step's draw) joins the next wider one, the last one the one
+    before it. Every row lies in one bucket; no rows: one bucket of width ``top``.
+    """
+    from jbilevel.data.batching import length_buckets
+
+    if buckets <= 1 or not length_R.size:
+        return ((0, top, int(length_R.size)),)
+    longest = min(top, -(-int(length_R.max()) // multiple) * multiple)
+    widths = length_buckets(length_R, buckets, multiple, top=longest)
+    counts = np.bincount(np.searchsorted(widths, length_R), minlength=len(widths))
+    spans, shorter, rows = [], 0, 0
+    for width, count in zip(widths, counts, strict=True):
+        rows += int(count)
+        if rows >= min_rows:
+            spans.append((shorter, int(width), rows))
+            shorter, rows = int(width), 0
+    if rows:  # the widest rows, too few for a draw of their own
+        if spans:
+            before, _, more = spans.pop()
+            spans.append((before, longest, more + rows))
+        else:
+            spans.append((0, longest, rows))
+    return tuple(spans)
 
 
 def hyper_buffer_rows(capacity: int, hyper_rows: int, n_train: int, ways: int = 1) -> int:
@@ -358,6 +406,9 @@ def make_online_steps(example_loss, model, method: MethodConfig,
       ``Steps`` with the signatures of ``make_steps(method)``; train metrics add
       ``online_ratio_mean`` / ``online_clipped`` (fractions over tokens, or rows for
       per_sequence) and ``online_gen_loss`` (mean NLL of the drawn generated rows).
+      ``train`` takes a last, static argument ``gen_span=(shorter, width)``: the step's
+      generated rows drawn from that length bucket and cut to its width
+      (:func:`generated_spans`; default: every valid row at the buffer's width).
       ``train_offline`` is the offline step, for the steps before the first refresh. bds's
       hypergradient takes the whole buffer when its hyper batch is every training row, else
       a draw of the same share of the buffer (:func:`hyper_buffer_rows`).
@@ -397,21 +448,23 @@ def make_online_steps(example_loss, model, method: MethodConfig,
 
     gen_loss = generated_loss(model, frozen=frozen)
 
-    def with_generated(state: TrainState, batch: dict):
+    def with_generated(state: TrainState, batch: dict, gen_span):
         """The step's offline rows and a draw of generated ones, as two groups: the train
         step takes one reverse pass per group (so it holds one group's activations at a
         time) and skips the generated rows' while none of them is valid."""
         key = jax.random.fold_in(draw_key, state.step)
-        gen, stats = with_ratios(state, draw(state.online, key, cfg.batch_size))
+        gen, stats = with_ratios(state, draw(state.online, key, cfg.batch_size, gen_span))
         return row_groups(example_loss, gen_loss, batch, gen, cfg.gen_weight), stats
 
-    def bmo_train(state: TrainState, batch: dict, val_batch: dict):
-        rows, stats = with_generated(state, batch)
+    # gen_span (static): the length bucket the step draws its generated rows from, cut to its
+    # width (None: every valid row, at the buffer's width)
+    def bmo_train(state: TrainState, batch: dict, val_batch: dict, gen_span=None):
+        rows, stats = with_generated(state, batch, gen_span)
         state, metrics = steps.train(state, rows, val_batch)
         return state, {**metrics, **stats}
 
-    def bds_train(state: TrainState, batch: dict):
-        rows, stats = with_generated(state, batch)
+    def bds_train(state: TrainState, batch: dict, gen_span=None):
+        rows, stats = with_generated(state, batch, gen_span)
         state, metrics = steps.train(state, rows)
         return state, {**metrics, **stats}
 
@@ -425,6 +478,7 @@ def make_online_steps(example_loss, model, method: MethodConfig,
     # refresh has filled the buffer (a step on the empty buffer would pay for batch_size
     # generated rows that all weigh 0)
     if method.method == "bmo":
-        return Steps(train=bmo_train, evaluate=example_loss, train_offline=steps.train)
+        return Steps(train=bmo_train, evaluate=example_loss, train_offline=steps.train,
+                     train_static=1)
     return Steps(train=bds_train, hyper=bds_hyper, evaluate=example_loss,
-                 train_offline=steps.train)
+                 train_offline=steps.train, train_static=1)

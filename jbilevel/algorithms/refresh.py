@@ -20,6 +20,7 @@ from jbilevel.algorithms.offline import TrainState
 from jbilevel.algorithms.online import (
     Buffer,
     OnlineConfig,
+    generated_spans,
     importance_ratio,
     init_buffer,
     token_logprobs,
@@ -170,7 +171,8 @@ class Refresher:
         questions by prompt length and pads each call's prompts to the smallest of n lengths
         (quantiles of the prompt lengths) that holds them, one sampler program per length.
         Either way the rows fill a buffer of one row length (longest prompt +
-        ``max_new_tokens``).
+        ``max_new_tokens``); with n > 1 each train step draws its generated rows from one of
+        up to n length buckets of the buffer's rows, cut to its width (:meth:`train_args`).
       console: where each refresh says what it sampled and how long it took (None: silent).
     """
 
@@ -196,6 +198,8 @@ class Refresher:
                 "or the mesh")
         self.prompt_len = int(dataset.prompt_len_N.max())
         self.prompt_lengths = length_buckets(dataset.prompt_len_N, buckets, top=self.prompt_len)
+        self.buckets = buckets
+        self.spans = None  # the buffer's generated_spans (buckets > 1), once it has rows
         longest = int((dataset.length_N - dataset.prompt_len_N).max())
         self.max_new_tokens = cfg.max_new_tokens or longest
         if cfg.batch_size > self.capacity:
@@ -228,6 +232,33 @@ class Refresher:
     def init_buffer(self) -> Buffer:
         return init_buffer(self.capacity, self.length)
 
+    def train_args(self, state: TrainState, step: int) -> tuple:
+        """The online train step's static arguments at ``step`` (``train.run``'s
+        ``train_args``): with length buckets, ``gen_span``, the bucket of the buffer's rows
+        its generated rows are drawn from (:func:`~jbilevel.algorithms.online.
+        generated_spans`), chosen with probability proportional to its rows, so every row is
+        drawn as often as in a draw from the whole buffer, and a step's rows are alike in
+        length. The choice depends on the seed, the step and the buffer alone (a resumed run
+        makes the same ones). One length: no arguments."""
+        if self.buckets <= 1:
+            return ()
+        if self.spans is None:  # a resumed run: the spans of the checkpoint's buffer
+            self.spans = self._spans(state.online)
+            if self.spans is None:  # never refreshed: every row is empty
+                return ()
+        rows = np.array([n for _, _, n in self.spans], np.float64)
+        pick = np.random.default_rng([self.seed % 2**64, step]).choice(len(rows),
+                                                                   p=rows / rows.sum())
+        shorter, width, _ = self.spans[pick]
+        return ((shorter, width),)
+
+    def _spans(self, buffer: Buffer):
+        valid = _host(buffer.valid) > 0
+        if not valid.any():
+            return None
+        length_R = _host(jnp.sum(buffer.attention_mask, axis=1))[valid]
+        return generated_spans(length_R, self.buckets, self.length, self.cfg.batch_size)
+
     def __call__(self, state: TrainState, step: int) -> tuple[TrainState, dict]:
         if step < self.cfg.start or (step - self.cfg.start) % self.cfg.every:
             return state, {}
@@ -242,7 +273,10 @@ class Refresher:
                 f"{int(metrics['online_refreshed'])} questions, {self.cfg.num_samples} "
                 f"response{'s' * (self.cfg.num_samples > 1)} each in {self.n_chunks} sampler "
                 f"call{'s' * (self.n_chunks > 1)}, {metrics['online_gen_len']:.1f} tokens a "
-                f"response{scores}")
+                f"response{scores}" + ("" if self.spans is None else (
+                    "; train steps draw them from " + ", ".join(
+                        f"{n} rows of {shorter + 1}-{width} tokens"
+                        for shorter, width, n in self.spans))))
         return state, metrics
 
     def _refresh(self, state: TrainState, step: int) -> tuple[TrainState, dict]:
@@ -275,6 +309,8 @@ class Refresher:
                                    gen.mask, logp, prompts["ids"], prompts["valid"]))
         buffer = self._assemble(rows, step, state.online)
         state = state.replace(online=buffer)
+        if self.buckets > 1:
+            self.spans = self._spans(buffer)
         # the trainer logs these with every later step until the next refresh: the step marks
         # which refresh they describe (the buffer's and generations.jsonl's generated_at)
         metrics = {"online_refresh_step": float(step), "online_refreshed": float(len(chosen)),
