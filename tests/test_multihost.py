@@ -245,6 +245,7 @@ task: {name: quality, base: instruct, options: {n_train: 48, n_val: 16, n_test: 
 theta: {kind: lora, rank: 4, alpha: 8.0, targets: [q_proj, v_proj, up_proj]}
 method: {method: bmo, lr_theta: 0.01}
 online: {every: 2, start: 0, fraction: 0.25, num_samples: 1, batch_size: 8, max_new_tokens: 4}
+data: {length_buckets: 2}  # each process reads the buffer's buckets (allgathered) alike
 mesh: {data: 1, fsdp: -1}
 loop: {steps: 3, checkpoint_every: 0, progress: false}
 batch_size: 16
