@@ -41,8 +41,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "--compile-cache", metavar="DIR", default=None,
         help="persistent XLA compilation cache: programs compiled once (by this run, an "
              "earlier one, a resume, another seed with the same shapes) load from DIR instead "
-             "of compiling again; 'none' turns it off (default: $JAX_COMPILATION_CACHE_DIR; "
-             "demo: OUT/xla_cache)")
+             "of compiling again; 'none' turns it off (default: $JAX_COMPILATION_CACHE_DIR, "
+             "else OUT/xla_cache for demo and train, none for eval)")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
         "demo", parents=[talk, cache],
@@ -189,17 +189,40 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
-def _compile_cache(args, console) -> None:
-    """--compile-cache: on for this process and the ones it starts (the demo's runs). Called
-    after ``distributed.initialize``: the message asks JAX which process this is, which starts
-    its backend."""
+def _several_cpu_devices() -> bool:
+    """Whether this process runs on several CPU devices (a test mesh, ``jax_num_cpu_devices``).
+    There ``jbilevel train`` keeps no compilation cache unless asked: XLA:CPU runs each
+    device's part of a program on one shared thread pool, and its in-process collectives can
+    deadlock there (the rendezvous aborts the process after 40 s); a resumed LoRA + online run
+    on 8 CPU devices whose programs came back from the cache aborted so in both tries, where
+    three runs that compiled them did not (docs/pod.md)."""
+    import jax
+
+    return jax.default_backend() == "cpu" and jax.device_count() > 1
+
+
+def _compile_cache(args, console, out: str | None = None) -> None:
+    """--compile-cache: on for this process and the ones it starts (the demo's runs), by
+    default in ``out/xla_cache`` (demo, train): the demo's runs share programs, and a resumed
+    or rerun training run loads its programs instead of compiling them again, minutes a
+    program at LLM scale (not on several CPU devices: :func:`_several_cpu_devices`). ``out``
+    is on the mount every process of a multi-host run shares, which a cache there needs: JAX
+    writes entries from process 0 only and every process reads them. Called after
+    ``distributed.initialize``: the message asks JAX which process this is, which starts its
+    backend."""
     from jbilevel.errors import UserError
+    from jbilevel.rundir import COMPILE_CACHE
     from jbilevel.xla_options import use_compilation_cache
 
-    # the demo's runs share programs; so do its reruns
-    default = Path(args.out) / "xla_cache" if args.command == "demo" else None
-    try:
-        used = use_compilation_cache(args.compile_cache, default=default)
+    default = None if out is None else Path(out) / COMPILE_CACHE
+    if args.command == "train" and _several_cpu_devices():
+        default = None
+        console.detail("no compilation cache by default on several CPU devices (--compile-cache "
+                       "DIR turns one on)")
+    try:  # the default directory is made at the first compile, after the run directory's
+        # check (which ignores it): a refused run leaves its --out as it was
+        used = use_compilation_cache(args.compile_cache, default=default,
+                                     make=args.compile_cache is not None)
     except OSError as e:
         raise UserError(f"--compile-cache {args.compile_cache or default}: cannot make that "
                         f"directory ({e}); give a writable one, or 'none' to compile without a "
@@ -211,7 +234,7 @@ def _compile_cache(args, console) -> None:
 def _demo(args, console) -> int:
     from jbilevel import demo
 
-    _compile_cache(args, console)
+    _compile_cache(args, console, args.out)
     return demo.main(args, console)
 
 
@@ -304,8 +327,8 @@ def _train(args, console) -> int:
 
     cfg = config.load(experiment.ExperimentConfig, args.config, args.overrides)
     distributed.initialize()
-    _compile_cache(args, console)
     out = args.out or f"runs/{cfg.method.method}"
+    _compile_cache(args, console, out)
     result = experiment.run(cfg, out, console=console)
     print(report.to_json(result, indent=2))
     if result["interrupted"] is not None:

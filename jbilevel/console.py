@@ -26,6 +26,29 @@ def _first_process() -> bool:
     return jax.process_index() == 0
 
 
+# JAX's events for programs it looks up in its persistent compilation cache (--compile-cache)
+_CACHE_EVENTS = {"/jax/compilation_cache/compile_requests_use_cache": 0,
+                 "/jax/compilation_cache/cache_hits": 0}
+_listening = False
+
+
+def _count_cache_event(event: str, **_) -> None:
+    if event in _CACHE_EVENTS:
+        _CACHE_EVENTS[event] += 1
+
+
+def _cache_lookups() -> tuple[int, int]:
+    """(programs looked up in the persistent compilation cache, programs found there) in this
+    process so far (counted from the first call on)."""
+    global _listening
+    if not _listening:
+        import jax.monitoring
+
+        jax.monitoring.register_event_listener(_count_cache_event)
+        _listening = True
+    return tuple(_CACHE_EVENTS.values())
+
+
 def device_memory() -> tuple[int, int] | None:
     """(peak bytes in use since the process started, bytes it may use) of this process's
     fullest device, where the backend keeps count (GPU, TPU); None where it does not (CPU)."""
@@ -106,7 +129,9 @@ class Console:
 
         A jitted call returns once its program is traced, compiled and dispatched (it runs
         asynchronously), so the first call's wall time is the compile time; the bar leaves it
-        out of its rate. Where the devices count their memory (GPU, TPU), the first call is
+        out of its rate. A program JAX read from its persistent compilation cache instead
+        (``--compile-cache``: a resumed or repeated run) is said to be loaded from it. Where
+        the devices count their memory (GPU, TPU), the first call is
         waited for and the line adds the fullest device's peak so far against what it may
         use: how close that step came to running out.
         """
@@ -131,9 +156,12 @@ class Console:
                 if span is not None:  # online: the width of the generated rows' bucket
                     name += f", generated rows of {span[1]} tokens"
             self.info(f"compiling the {name} ...")
+            looked, found = _cache_lookups()
             t0 = time.perf_counter()
             out = fn(*args)
             seconds = time.perf_counter() - t0
+            looked, found = (a - b for a, b in zip(_cache_lookups(), (looked, found),
+                                                   strict=True))
             seen.add(shapes)
             memory = ""
             if device_memory() is not None:  # the step has run: its peak is counted
@@ -141,7 +169,9 @@ class Console:
                 peak, limit = device_memory()
                 memory = f"; device memory peak so far {_gib(peak)} GiB" + (
                     f" of {_gib(limit)} ({peak / limit:.0%})" if limit else "")
-            self.info(f"compiled the {name} in {_seconds(seconds)}{memory}")
+            done = ("loaded the {} from the compilation cache" if looked and found == looked
+                    else "compiled the {}").format(name)
+            self.info(f"{done} in {_seconds(seconds)}{memory}")
             if self._bar is not None:
                 self._bar.exclude(time.perf_counter() - t0)
             return out

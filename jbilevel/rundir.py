@@ -54,6 +54,9 @@ _BDS = ("hyper_every", "hyper_start", "hyper_max_val_loss", "hypergrad", "mu",
 
 
 _NA = "(does not apply)"
+# the persistent compilation cache jbilevel train keeps in its --out by default
+# (--compile-cache): not part of the run, so a directory holding only it is still a new one
+COMPILE_CACHE = "xla_cache"
 
 
 class RunDirError(UserError):
@@ -124,14 +127,16 @@ def check_config(out: str | Path, cfg: Any, *, named: str | Path | None = None) 
     ``named``: the directory the user gave, when ``out`` is inside it (``jbilevel demo``
     keeps one run per method under its ``--out``); the ways out name that one.
     Returns:
-      False for a new run (no directory, or an empty one), True for one to resume.
+      False for a new run (no directory, or one empty but for the compilation cache), True
+      for one to resume.
     """
     from jbilevel import experiment
 
     out = Path(out)
     named = Path(named) if named is not None else out
     config_path = out / "config.yaml"
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+    if not out.exists() or (out.is_dir() and all(p.name == COMPILE_CACHE
+                                                 for p in out.iterdir())):
         return False
     if not out.is_dir():
         raise RunDirError(f"--out {out}: is a file, not a directory; choose another --out")

@@ -129,7 +129,8 @@ CACHE_OFF = "none"
 
 
 def use_compilation_cache(directory: str | os.PathLike | None, *,
-                          default: str | os.PathLike | None = None) -> str | None:
+                          default: str | os.PathLike | None = None,
+                          make: bool = True) -> str | None:
     """Turns JAX's persistent compilation cache on (or off) for this process and the
     processes it starts: a program compiled once (in this run, an earlier one, another seed
     or method with the same shapes, a resume) is loaded from ``directory`` instead of
@@ -144,6 +145,8 @@ def use_compilation_cache(directory: str | os.PathLike | None, *,
       directory: the cache's directory; ``"none"`` turns the cache off; None keeps what
         ``$JAX_COMPILATION_CACHE_DIR`` says, or where it is unset uses ``default``.
       default: the directory for ``directory=None`` without the variable (None: off).
+      make: create the directory now (an unwritable one fails here, not at the first
+        compile); False leaves that to JAX, which makes it when it first writes a program.
     Returns: the directory in use, or None.
     """
     if directory is None:
@@ -157,7 +160,8 @@ def use_compilation_cache(directory: str | os.PathLike | None, *,
     if path is None:
         os.environ.pop(CACHE_ENV, None)
     else:
-        os.makedirs(path, exist_ok=True)
+        if make:
+            os.makedirs(path, exist_ok=True)
         os.environ[CACHE_ENV] = path
     jax.config.update("jax_compilation_cache_dir", path)
     compilation_cache.reset_cache()  # JAX decides once whether to cache: decide again

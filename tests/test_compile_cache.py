@@ -48,18 +48,42 @@ def test_programs_land_in_the_cache_and_none_turns_it_off(tmp_path, cache_state)
 def test_cli_demo_caches_in_its_out_dir_unless_told_otherwise(tmp_path, cache_state, capsys):
     console = Console(NORMAL)
     args = cli._build_parser().parse_args(["demo", "--out", str(tmp_path / "demo")])
-    cli._compile_cache(args, console)
+    cli._compile_cache(args, console, args.out)
     assert os.environ[CACHE_ENV] == str(tmp_path / "demo" / "xla_cache")
     assert f"cached in {tmp_path / 'demo' / 'xla_cache'}" in capsys.readouterr().err
 
     args = cli._build_parser().parse_args(
         ["train", "--config", "x.yaml", "--compile-cache", str(tmp_path / "mine")])
-    cli._compile_cache(args, console)
+    cli._compile_cache(args, console, "runs/x")
     assert os.environ[CACHE_ENV] == str(tmp_path / "mine")
     assert f"cached in {tmp_path / 'mine'}" in capsys.readouterr().err
 
     args = cli._build_parser().parse_args(
         ["demo", "--out", str(tmp_path / "demo"), "--compile-cache", "none"])
+    cli._compile_cache(args, console, args.out)
+    assert CACHE_ENV not in os.environ and "cached in" not in capsys.readouterr().err
+
+
+def test_cli_train_caches_in_its_run_directory_and_eval_does_not(tmp_path, cache_state,
+                                                                 capsys, monkeypatch):
+    """train: OUT/xla_cache unless told otherwise (a resume loads its programs), made only
+    when JAX writes the first program, so a refused run leaves its --out as it was; not by
+    default on several CPU devices, as here; eval: no cache of its own (its --run may not be
+    writable)."""
+    console = Console(NORMAL)
+    out = tmp_path / "run"
+    args = cli._build_parser().parse_args(["train", "--config", "x.yaml", "--out", str(out)])
+    assert cli._several_cpu_devices()  # the tests' 8 CPU devices
+    cli._compile_cache(args, console, args.out)
+    assert CACHE_ENV not in os.environ and "cached in" not in capsys.readouterr().err
+    monkeypatch.setattr(cli, "_several_cpu_devices", lambda: False)  # a GPU, a TPU, one CPU
+    cli._compile_cache(args, console, args.out)
+    assert os.environ[CACHE_ENV] == str(out / "xla_cache") and not out.exists()
+    assert f"cached in {out / 'xla_cache'}" in capsys.readouterr().err
+    jax.jit(lambda a: jnp.tanh(a).sum() * 7.0)(jnp.arange(3.0))
+    assert _entries(out / "xla_cache")  # JAX made it with the first program
+    use_compilation_cache("none")
+    args = cli._build_parser().parse_args(["eval", "--run", str(out)])
     cli._compile_cache(args, console)
     assert CACHE_ENV not in os.environ and "cached in" not in capsys.readouterr().err
 

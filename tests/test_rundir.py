@@ -67,6 +67,10 @@ def test_resume_allows_only_the_documented_keys(tmp_path):
 
 
 def test_a_directory_that_is_not_a_run_is_refused(tmp_path):
+    # a run that stopped before it wrote config.yaml (bad data) may leave its compilation
+    # cache behind (jbilevel train keeps it in --out): that directory is still a new run
+    (tmp_path / rundir.COMPILE_CACHE).mkdir()
+    assert rundir.check_config(tmp_path, _cfg()) is False
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(rundir.RunDirError, match=r"holds no jbilevel run \(no config.yaml\)"):
         rundir.check_config(tmp_path, _cfg())
