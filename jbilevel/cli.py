@@ -212,10 +212,11 @@ def _compile_cache(args, console, out: str | None = None) -> None:
     backend."""
     from jbilevel.errors import UserError
     from jbilevel.rundir import COMPILE_CACHE
-    from jbilevel.xla_options import use_compilation_cache
+    from jbilevel.xla_options import CACHE_ENV, use_compilation_cache
 
     default = None if out is None else Path(out) / COMPILE_CACHE
-    if args.command == "train" and _several_cpu_devices():
+    if (args.command == "train" and args.compile_cache is None and not os.environ.get(CACHE_ENV)
+            and _several_cpu_devices()):
         default = None
         console.detail("no compilation cache by default on several CPU devices (--compile-cache "
                        "DIR turns one on)")
