@@ -191,11 +191,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _several_cpu_devices() -> bool:
     """Whether this process runs on several CPU devices (a test mesh, ``jax_num_cpu_devices``).
-    There ``jbilevel train`` keeps no compilation cache unless asked: XLA:CPU runs each
-    device's part of a program on one shared thread pool, and its in-process collectives can
-    deadlock there (the rendezvous aborts the process after 40 s); a resumed LoRA + online run
-    on 8 CPU devices whose programs came back from the cache aborted so in both tries, where
-    three runs that compiled them did not (docs/pod.md)."""
+    There ``jbilevel train`` keeps no compilation cache unless asked: XLA:CPU's in-process
+    collectives can hang there until their rendezvous aborts the process (40 s), and a
+    resumed LoRA + online run on 8 CPU devices whose programs came back from the cache
+    aborted so in both tries, where three runs that compiled them did not (docs/pod.md)."""
     import jax
 
     return jax.default_backend() == "cpu" and jax.device_count() > 1
