@@ -5,6 +5,7 @@
     PYTHONPATH=. python benchmarks/length_buckets.py --bds --hyper-batch 512   # a sample
     PYTHONPATH=. python benchmarks/length_buckets.py --online   # an online refresh instead
     PYTHONPATH=. python benchmarks/length_buckets.py --online-steps   # online train steps
+    PYTHONPATH=. python benchmarks/length_buckets.py --online-hyper --hyper-batch 512   # bds's
 
 SFT data mixes short and long examples (Alpaca: most rows a few hundred tokens, a tail up to
 max_len). With one bucket every batch is padded to the longest sequence; with n buckets each
@@ -45,6 +46,14 @@ the same for every setting (rows of about the median length), so the difference 
 generated rows'. The
 median seconds of ``--steps`` steps over ``--rounds`` rounds (every program compiled first)
 and the generated tokens a step (rows x width) on average.
+
+``--online-hyper``: the trainer's online bds hypergradient step (Hessian on 64 offline and 64
+generated rows, 2 CG iterations, 32 rows a pass) over ``--hyper-batch`` offline rows of about
+the median length (the same for every setting; 0: every row) and the same share of that
+buffer's rows (``hyper_buffer_rows``): at the buffer's width, against a share from each length
+bucket cut to its width (``Refresher.hyper_args``). The median seconds of 3 steps in each of
+``--rounds`` rounds, and the generated tokens a step takes (rows x width); ``--memory``: the
+compiled step's temporaries instead.
 """
 
 from __future__ import annotations
@@ -99,6 +108,8 @@ def main():
                     help="time online train steps on a refreshed buffer instead")
     ap.add_argument("--gen-batch", type=int, default=16,
                     help="--online-steps: generated rows per train step")
+    ap.add_argument("--online-hyper", action="store_true",
+                    help="time online bds hypergradient steps on a refreshed buffer instead")
     ap.add_argument("--steps", type=int, default=32,
                     help="--online-steps: train steps per round and setting")
     args = ap.parse_args()
@@ -115,6 +126,8 @@ def main():
         return _online(args, ds, model, mesh, rules)
     if args.online_steps:
         return _online_steps(args, ds, model, mesh, rules)
+    if args.online_hyper:
+        return _online_hyper(args, ds, model, mesh, rules)
 
     def init():
         return init_state(model.init(jax.random.key(0)), len(ds), cfg)
@@ -271,12 +284,38 @@ def _cut_to_data_lengths(buffer, ds):
     return jax.device_put(cut, jax.tree.map(lambda x: x.sharding, buffer))
 
 
+def _online_config(args) -> OnlineConfig:
+    return OnlineConfig(every=1, fraction=args.fraction, num_samples=2,
+                        batch_size=args.gen_batch, max_new_tokens=args.new_tokens,
+                        generate_batch_size=32)
+
+
+def _refreshed(cfg, method, steps, ds, model, mesh, rules, buckets: int):
+    """A refresher of ``buckets`` lengths, the compiled ``steps`` and a state whose buffer
+    holds one refresh, each sample cut to its question's response length in the data."""
+    from jbilevel.algorithms import online as ol
+
+    ref = Refresher(cfg, model, ds, weighting="sigmoid", rules=rules, buckets=buckets,
+                    batch_sharding=sh.batch_sharding(mesh, rules, 1))
+
+    def init():
+        return init_state(model.init(jax.random.key(0)), len(ds), method).replace(
+            online=ref.init_buffer())
+
+    shapes = jax.eval_shape(init)
+    state_sh = train.state_shardings(mesh, rules, shapes, model.param_axes(), method).replace(
+        online=ol.buffer_shardings(mesh, rules, shapes.online))
+    compiled = train.compile_steps(steps, method, mesh, rules, state_sh)
+    state, _ = ref(jax.jit(init, out_shardings=state_sh)(), 0)
+    state = state.replace(online=_cut_to_data_lengths(state.online, ds))
+    ref.spans = None  # the buckets of the cut rows
+    return ref, compiled, state
+
+
 def _online_steps(args, ds, model, mesh, rules):
     from jbilevel.algorithms import online as ol
 
-    cfg = OnlineConfig(every=1, fraction=args.fraction, num_samples=2,
-                       batch_size=args.gen_batch, max_new_tokens=args.new_tokens,
-                       generate_batch_size=32)
+    cfg = _online_config(args)
     method = MethodConfig(method="bmo", lr_theta=1e-3)
     loss = lm_example_loss(model)
     steps = ol.make_online_steps(loss, model, method, cfg)
@@ -290,21 +329,7 @@ def _online_steps(args, ds, model, mesh, rules):
           f"{jax.devices()[0].platform}", flush=True)
     runs = {}
     for b in args.buckets:
-        ref = Refresher(cfg, model, ds, weighting="sigmoid", rules=rules, buckets=b,
-                        batch_sharding=sh.batch_sharding(mesh, rules, 1))
-
-        def init(ref=ref):
-            return init_state(model.init(jax.random.key(0)), len(ds), method).replace(
-                online=ref.init_buffer())
-
-        shapes = jax.eval_shape(init)
-        state_sh = train.state_shardings(mesh, rules, shapes, model.param_axes(),
-                                         method).replace(
-            online=ol.buffer_shardings(mesh, rules, shapes.online))
-        compiled = train.compile_steps(steps, method, mesh, rules, state_sh)
-        state, _ = ref(jax.jit(init, out_shardings=state_sh)(), 0)
-        state = state.replace(online=_cut_to_data_lengths(state.online, ds))
-        ref.spans = None  # the buckets of the cut rows
+        ref, compiled, state = _refreshed(cfg, method, steps, ds, model, mesh, rules, b)
         batch = jax.device_put(offline, compiled.batch_sharding)
         plan = [ref.train_args(state, step) for step in range(args.steps)]
         for static in sorted(set(plan), key=str):  # every program compiled before timing
@@ -329,6 +354,59 @@ def _online_steps(args, ds, model, mesh, rules):
         s = statistics.median(seconds[b])
         print(f"| {b} | {', '.join(f'{lo + 1}-{hi} ({n})' for lo, hi, n in spans)} | "
               f"{tokens:.0f} | {s:.3f} | {s / base:.2f} |")
+
+
+def _online_hyper(args, ds, model, mesh, rules):
+    from jbilevel.algorithms import online as ol
+
+    cfg = _online_config(args)
+    method = MethodConfig(method="bds", hessian_rows=64, hyper_chunk=32, lr_omega=0.1,
+                          hypergrad=Implicit("cg", maxiter=2, tol=0.0, ridge=100.0))
+    steps = ol.make_online_steps(lm_example_loss(model), model, method, cfg)
+    n, m = len(ds), args.hyper_batch or len(ds)
+    # the offline rows: the same for every setting, about the median length
+    middle = np.argsort(ds.length_N)[max(0, (n - m) // 2):][:m]
+    offline = ds.batch(middle, -(-int(ds.length_N[middle].max()) // 64) * 64)
+    val = ds.batch(np.arange(32), MAX_LEN)
+    runs = {}
+    for b in args.buckets:
+        ref, compiled, state = _refreshed(cfg, method, steps, ds, model, mesh, rules, b)
+        rows = ol.hyper_buffer_rows(ref.capacity, m, n)
+        static = ref.hyper_args(rows)(state, 0)
+        batches = [jax.device_put(x, compiled.batch_sharding) for x in (offline, val)]
+        if args.memory:
+            temp = compiled.hyper.lower(state, *batches, *static).compile().memory_analysis()
+            print(f"length_buckets {b}: temporaries {temp.temp_size_in_bytes / 2**20:.1f} MiB",
+                  flush=True)
+            continue
+        if not runs:
+            print(f"{n} rows; online bds hypergradient steps: {m} offline rows at "
+                  f"{offline['input_ids'].shape[1]} tokens and {rows} of the buffer's "
+                  f"{ref.capacity} generated rows (a refresh of {args.fraction} of the "
+                  f"questions, 2 samples, at most {args.new_tokens} new tokens, cut to the "
+                  f"data's response lengths); {jax.devices()[0].platform}", flush=True)
+        step = jax.jit(lambda s, a, v, static=static: steps.hyper(s, a, v, *static))
+        jax.block_until_ready(step(state, *batches))  # compile
+        runs[b] = (step, state, batches, static, ref.length, rows)
+    if args.memory:
+        return
+    seconds: dict[int, list[float]] = {b: [] for b in args.buckets}
+    for _ in range(args.rounds):
+        for b, (step, state, batches, *_) in runs.items():
+            for _ in range(3):
+                t0 = time.perf_counter()
+                jax.block_until_ready(step(state, *batches))
+                seconds[b].append(time.perf_counter() - t0)
+    base = statistics.median(seconds[args.buckets[0]])
+    print(f"| length_buckets | generated rows taken: rows at width | generated tokens | "
+          f"hyper step s | time vs {args.buckets[0]} |")
+    print("|---|---|---|---|---|")
+    for b, (*_, static, width, rows) in runs.items():
+        blocks = static[0] if static else ((0, width, rows, 1.0),)
+        tokens = sum(w * k for _, w, k, _ in blocks)
+        s = statistics.median(seconds[b])
+        print(f"| {b} | {', '.join(f'{k} at {w}' for _, w, k, _ in blocks)} | {tokens} | "
+              f"{s:.2f} | {s / base:.2f} |")
 
 
 if __name__ == "__main__":

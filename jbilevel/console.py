@@ -153,8 +153,10 @@ class Console:
                             if isinstance(a, dict) and "input_ids" in a), None)
                 name += " again" if ids is None else f" for sequence length {ids.shape[-1]}"
                 span = next((a for a in args[1:] if isinstance(a, tuple)), None)
-                if span is not None:  # online: the width of the generated rows' bucket
-                    name += f", generated rows of {span[1]} tokens"
+                if span is not None:  # online: the widths of the generated rows' buckets,
+                    # one (a train step) or one per block (bds's hypergradient)
+                    widths = [b[1] for b in span] if isinstance(span[0], tuple) else [span[1]]
+                    name += f", generated rows of {' / '.join(map(str, widths))} tokens"
             self.info(f"compiling the {name} ...")
             looked, found = _cache_lookups()
             t0 = time.perf_counter()

@@ -580,7 +580,7 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
             f"{data.steps_per_epoch} steps per epoch ({n} rows, batch_size {cfg.batch_size}): "
             f"bmo's lam would fall by method.lam_decay every {loop.steps_per_epoch} steps, not "
             f"every epoch; set loop.steps_per_epoch={data.steps_per_epoch}")
-    hyper, hyper_rows, cuts = None, None, None
+    hyper, hyper_rows, cuts, scales, hyper_args = None, None, None, None, None
     if cfg.method.method == "bds":
         hyper_bs = min(cfg.hyper_batch_size or n, n)
         hyper_bs += -hyper_bs % (sh.data_parallel_size(mesh, rules) * jax.process_count())
@@ -590,21 +590,27 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
             # bds: its offline rows): every row each time, sorted by length, or a sample
             # with a fixed number of rows from each bucket
             from jbilevel.algorithms.offline import offline_hyper_rows
-            from jbilevel.data.batching import length_blocks, length_strata
+            from jbilevel.data.batching import length_blocks, length_strata, stratum_scales
 
+            # (each block's rows a multiple of the data-parallel devices: one that does not
+            # split evenly over them has its activations copied)
             if hyper_bs >= n:
-                cuts = length_blocks(data_set.length_N, hyper_bs, data.buckets)  # training's
+                cuts = length_blocks(data_set.length_N, hyper_bs, data.buckets, ways)
                 blocks = dict(buckets=data.buckets[-1:], sort_by_length=True)
             else:
-                cuts = length_strata(data_set.length_N, hyper_bs, data.buckets)
+                cuts = length_strata(data_set.length_N, hyper_bs, data.buckets, ways)
+                scales = stratum_scales(data_set.length_N, cuts)
                 blocks = dict(buckets=data.buckets[-1:], strata=cuts)
-            hyper_rows = offline_hyper_rows(cfg.method, blocks=cuts)
+            hyper_rows = offline_hyper_rows(cfg.method, blocks=cuts, scales=scales)
             console.info(("bds: the hypergradient's per-example term takes " if hyper_bs >= n
                           else "bds: each hypergradient draws ")
                          + ", ".join(f"{end - start} rows at {length} tokens"
                                      for start, end, length in cuts))
         hyper = _process_batcher(data_set, hyper_bs, mesh, rules, seed=cfg.seed + 2,
                                  shuffle=True, **blocks)  # a fresh Hessian sample each time
+        if refresher is not None:  # its buffer rows, from each length bucket at its width
+            hyper_args = refresher.hyper_args(online_lib.hyper_buffer_rows(
+                refresher.capacity, hyper_bs, n, ways), ways)
     t0 = time.perf_counter()
     interrupted, preempted = None, None
     step = start = 0
@@ -627,7 +633,7 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
                                                                            shapes.online))
             steps = online_lib.make_online_steps(example_loss, model, cfg.method,
                                                  cfg.online, seed=cfg.seed, frozen=lora,
-                                                 hyper_blocks=cuts)
+                                                 hyper_blocks=cuts, hyper_scales=scales)
         compiled = train.compile_steps(steps, cfg.method, mesh, rules, state_sh)
         train_step = f"{cfg.method.method} train step"
         compiled = dataclasses.replace(
@@ -685,6 +691,7 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
                                     eval_fn=eval_fn, before_step=refresher,
                                     offline_until=cfg.online.start,  # online runs only
                                     train_args=refresher and refresher.train_args,
+                                    hyper_args=hyper_args,
                                     console=console,
                                     clock=lambda: earlier + time.perf_counter() - t0)
             if refresher is not None and step > start:

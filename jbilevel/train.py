@@ -261,7 +261,7 @@ def compile_steps(steps: Steps, cfg: MethodConfig, mesh, rules: sh.AxisRules,
                        compiler_options=options)
 
     return CompiledSteps(jitted(steps.train, n_batches, steps.train_static),
-                         jitted(steps.hyper, 2), with_val, batch_sh,
+                         jitted(steps.hyper, 2, steps.hyper_static), with_val, batch_sh,
                          train_offline=jitted(steps.train_offline, n_batches))
 
 
@@ -430,6 +430,7 @@ def run(
     before_step: Callable[[TrainState, int], tuple[TrainState, dict]] | None = None,
     offline_until: int = 0,
     train_args: Callable[[TrainState, int], tuple] | None = None,
+    hyper_args: Callable[[TrainState, int], tuple] | None = None,
     console: Console | None = None,
     clock: Callable[[], float] | None = None,
 ) -> tuple[TrainState, int]:
@@ -459,6 +460,8 @@ def run(
       train_args: ``(state, step) -> the static arguments`` that ``compiled.train`` takes
         after its batches at that step, after ``before_step`` (online generation with
         ``data.length_buckets``: the length bucket its generated rows are drawn from).
+      hyper_args: the same for ``compiled.hyper`` (online bds with ``data.length_buckets``:
+        how many buffer rows it takes from each length bucket).
       console: where the progress bar (``loop.progress``) and warnings go (default: stderr).
         A hypergradient's numbers (``val_loss``, ``cg_residual``, ...) join every record
         until the next one, with ``hyper_step``: the step they were measured at.
@@ -564,8 +567,9 @@ def run(
                 if (compiled.hyper is not None and step % cfg.hyper_every == 0
                         and step >= cfg.hyper_start):
                     doing, doing_at = "hypergradient step", step
-                    state, hyper_metrics = compiled.hyper(state, put(next(hyper_batches)),
-                                                          put(next(val_batches)))
+                    state, hyper_metrics = compiled.hyper(
+                        state, put(next(hyper_batches)), put(next(val_batches)),
+                        *(() if hyper_args is None else hyper_args(state, step)))
                     hyper_metrics = {**hyper_metrics, "hyper_step": step}
                     console.hyper_started(step)
                 parts.append(("hypergradient step", hyper_metrics))  # or an earlier one's

@@ -55,6 +55,15 @@ def test_first_call_is_timed_as_the_compile():
         "compiling the train step ...", "compiled the train step",
         "compiling the train step for sequence length 16 ...",
         "compiled the train step for sequence length 16"]
+    # online: a train step's generated rows from one length bucket, a hypergradient's from
+    # several (their widths named)
+    step = console.first_call(lambda state, batch, static=None: 0, "step")
+    batch = {"input_ids": np.zeros((2, 8))}
+    for static in (None, (0, 64), ((0, 64, 8, 1.0), (64, 128, 8, 0.5))):
+        step(None, batch, *(() if static is None else (static,)))
+    assert [line.split(" in ")[0] for line in out.getvalue().splitlines()[9::2]] == [
+        "compiled the step for sequence length 8, generated rows of 64 tokens",
+        "compiled the step for sequence length 8, generated rows of 64 / 128 tokens"]
 
 
 def test_first_call_reports_the_device_memory_peak_where_counted(monkeypatch):

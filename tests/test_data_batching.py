@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from jbilevel.data import Batcher, default_buckets, load_sft
-from jbilevel.data.batching import length_buckets, length_strata
+from jbilevel.data.batching import (
+    even_blocks,
+    length_blocks,
+    length_buckets,
+    length_strata,
+    stratum_scales,
+)
 
 
 @pytest.fixture(scope="module")
@@ -177,8 +183,11 @@ def test_length_strata_sample_each_bucket_at_its_rows(ds):
     assert strata[0][0] == 0 and strata[-1][1] == 16 and [s[2] for s in strata] == sorted(
         buckets, reverse=True)
     assert length_strata([5, 5, 5, 100], 2, (8, 104)) == ((0, 1, 104), (1, 2, 8))  # 1 each
-    with pytest.raises(ValueError, match="cannot take a row from each of 2 length buckets"):
-        length_strata([5, 5, 5, 100], 1, (8, 104))
+    # one row for two buckets: the one with fewer examples joins its longer neighbour
+    assert length_strata([5, 5, 5, 100], 1, (8, 104)) == ((0, 1, 104),)
+    assert length_strata([5, 100, 100, 100], 1, (8, 104)) == ((0, 1, 104),)
+    with pytest.raises(ValueError, match="4 rows out of 4 examples"):
+        length_strata([5, 5, 5, 100], 4, (8, 104))
     batcher = Batcher(ds, 16, seed=4, buckets=buckets[-1:], strata=strata)
     stream = [next(batcher) for _ in range(12)]
     for batch in stream:
@@ -206,6 +215,36 @@ def test_length_strata_sample_each_bucket_at_its_rows(ds):
         np.testing.assert_array_equal(next(resumed)["input_ids"], want["input_ids"])
     with pytest.raises(ValueError, match="need shuffle and a global batch of 16 rows, not 8"):
         Batcher(ds, 8, strata=strata)
+
+
+def test_blocks_split_evenly_over_the_devices():
+    """Every block of a hyper batch a multiple of the data-parallel devices: a sorted batch's
+    block ends rounded up (the rows moved in are shorter than the block's length), and a
+    sampled batch's strata in whole multiples, buckets with too few examples (or too many
+    buckets for the rows) joined to their longer neighbours, with the scales that make up for
+    the shares out of proportion."""
+    assert even_blocks(((0, 5, 64), (5, 13, 32), (13, 16, 8)), 4) == (
+        (0, 8, 64), (8, 16, 32))  # the 8-token block left empty
+    assert even_blocks(((0, 5, 64), (5, 13, 32)), 1) == ((0, 5, 64), (5, 13, 32))
+    lengths = np.array([100] * 3 + [60] * 30 + [20] * 67)
+    assert length_blocks(lengths, 104, (32, 64, 128)) == ((0, 3, 128), (3, 33, 64),
+                                                           (33, 104, 32))
+    assert length_blocks(lengths, 104, (32, 64, 128), ways=8) == ((0, 8, 128), (8, 40, 64),
+                                                                   (40, 104, 32))
+    # 32 rows on 8 devices, 4 units: the 3 longest examples are fewer than 8, so the next
+    # bucket joins them (33 at 128 tokens); 1 unit each, the other 2 by size (0.66 and 1.34
+    # -> 0 and 1, the larger remainder 1 more): 16 and 16 rows for 33 and 67 examples
+    strata = length_strata(lengths, 32, (32, 64, 128), ways=8)
+    assert strata == ((0, 16, 128), (16, 32, 32))
+    np.testing.assert_allclose(stratum_scales(lengths, strata), [0.33 * 32 / 16,
+                                                                 0.67 * 32 / 16])
+    # in proportion, the scales are 1
+    even = length_strata(np.array([60] * 50 + [20] * 50), 16, (32, 64), ways=8)
+    assert even == ((0, 8, 64), (8, 16, 32)) and stratum_scales(
+        np.array([60] * 50 + [20] * 50), even) == (1.0, 1.0)
+    # 16 rows on 8 devices cannot take a unit from 3 buckets: two buckets are left
+    assert len(length_strata(np.array([100] * 40 + [60] * 30 + [20] * 30), 16,
+                             (32, 64, 128), ways=8)) == 2
 
 
 def test_no_recompilation_across_epochs(ds):

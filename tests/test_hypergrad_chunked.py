@@ -180,6 +180,15 @@ def test_hyper_rows_cut_to_their_length_give_the_same_step():
                      val)
     np.testing.assert_allclose(np.asarray(split.omega), np.asarray(got.omega), rtol=2e-4,
                                atol=1e-7)
+    # a sample's blocks scaled by their strata's weights (stratum_scales): each block's
+    # per-example term carries its scale; the Hessian's products weigh every row alike
+    hessian, groups = offline_hyper_rows(cfg, blocks, (2.0, 1.0, 0.5))(loss, cut)
+    assert [scale for *_, scale in groups] == [2.0, 1.0, 0.5]
+    assert all(scale is None for *_, scale, _ in hessian.groups)
+    # on 8 devices the Hessian sample's 12 rows (2 / 5 / 5 by block) lie in blocks ending at
+    # multiples of 8: the first 8 at the longest length, the last 4 at the shortest
+    assert sample_blocks(48, cfg, blocks) == ((0, 2, 64), (2, 7, 48), (7, 12, 24))
+    assert sample_blocks(48, cfg, blocks, ways=8) == ((0, 8, 64), (8, 12, 24))
 
 
 def test_split_loss_over_length_buckets_equals_one_length():

@@ -1013,3 +1013,135 @@ def test_bucketed_online_run_draws_each_step_from_one_bucket_and_resumes_exactly
     assert set(chosen) <= {((a, b),) for a, b, _ in spans} and len(chosen) >= 2
     assert sum(chosen.values()) == 10 + 7 + 3
     assert all(np.isfinite(r["online_gen_loss"]) for _, r in records)
+
+
+def test_generated_strata_by_hand():
+    """A bds hypergradient's buffer rows from each length bucket: every row of each when it
+    takes the whole buffer; else shares in proportion (largest remainders, one at least) in
+    multiples of the devices, the narrowest buckets joined while there are more buckets than
+    multiples; each with the scale that makes up for its share out of proportion."""
+    spans = ((0, 128, 25), (128, 192, 3), (192, 256, 10))
+    every = tuple((*s, 1.0) for s in spans)
+    assert ol.generated_strata(spans, 38) == every == ol.generated_strata(spans, 64)
+    # on 8 devices each bucket's rows are rounded up (the extra rows drawn are invalid)
+    assert ol.generated_strata(spans, 40, ways=8) == ((0, 128, 32, 1.0), (128, 192, 8, 1.0),
+                                                      (192, 256, 16, 1.0))
+    # 12 rows: one each, the other 9 by size (5.92, 0.71, 2.37 -> 5, 0, 2, and the two
+    # largest remainders, 0.92 and 0.71, take one more each)
+    got = ol.generated_strata(spans, 12)
+    assert [g[:3] for g in got] == [(0, 128, 7), (128, 192, 2), (192, 256, 3)]
+    np.testing.assert_allclose([g[3] for g in got], [25 / 38 * 12 / 7, 3 / 38 * 12 / 2,
+                                                     10 / 38 * 12 / 3])
+    # 2 rows (or 16 on 8 devices) for 3 buckets: the two narrowest join
+    for rows, ways in ((2, 1), (16, 8)):
+        got = ol.generated_strata(spans, rows, ways)
+        assert [g[:3] for g in got] == [(0, 192, ways), (192, 256, ways)]
+        np.testing.assert_allclose([g[3] for g in got], [28 / 38 * 2, 10 / 38 * 2])
+    # a bucket with fewer rows than its share: all of them, the rest of its block invalid
+    got = ol.generated_strata(((0, 128, 30), (128, 256, 5)), 16, ways=8)
+    assert [g[:3] for g in got] == [(0, 128, 8), (128, 256, 8)]
+    np.testing.assert_allclose([g[3] for g in got], [30 / 35 * 13 / 8, 5 / 35 * 13 / 5])
+    assert ol.generated_strata(((0, 512, 38),), 8) == ((0, 512, 8, 1.0),)
+
+
+def test_hessian_blocks_sample_the_rows_one_batch_would():
+    """The Hessian's sample of generated rows held in blocks of their own widths is
+    ``hessian_sample`` of the blocks laid end to end, each row at its block's width."""
+    from jbilevel.algorithms.offline import hessian_sample
+
+    width = 6
+    batch = {"ids": np.arange(23, dtype=np.int32),
+             "input_ids": np.arange(23 * width, dtype=np.int32).reshape(23, width)}
+    cuts = ((0, 5, 2), (5, 6, 3), (6, 17, 4), (17, 23, 6))  # (start, end, width)
+    blocks = tuple({"ids": batch["ids"][a:b], "input_ids": batch["input_ids"][a:b, :w]}
+                   for a, b, w in cuts)
+    for rows in (0, 1, 4, 5, 7, 23, 30):
+        method = MethodConfig(method="bds", hessian_rows=rows)
+        want = hessian_sample(batch, method)
+        got = ol.hessian_blocks(blocks, method)
+        np.testing.assert_array_equal(np.concatenate([g["ids"] for g in got]), want["ids"])
+        for g in got:  # each sampled row at its own block's width, the same tokens
+            w = g["input_ids"].shape[1]
+            np.testing.assert_array_equal(g["input_ids"], batch["input_ids"][g["ids"], :w])
+        # on 2 devices a block whose rows do not split evenly joins the next wider ones,
+        # its rows padded with zeros to their width (every row: blocks of 5 + 1 and 11 + 6)
+        even = ol.hessian_blocks(blocks, method, ways=2)
+        np.testing.assert_array_equal(np.concatenate([g["ids"] for g in even]), want["ids"])
+        assert all(len(g["ids"]) % 2 == 0 for g in even[:-1])
+        assert rows not in (0, 23, 30) or [len(g["ids"]) for g in even] == [6, 17]
+        width_of = np.repeat([w for *_, w in cuts], [b - a for a, b, _ in cuts])
+        for g in even:
+            inside = np.arange(g["input_ids"].shape[1]) < width_of[g["ids"]][:, None]
+            np.testing.assert_array_equal(g["input_ids"], np.where(
+                inside, batch["input_ids"][g["ids"], :g["input_ids"].shape[1]], 0))
+
+
+@pytest.fixture(scope="module")
+def varied_bds(varied):
+    """bds + online over ``varied``'s questions of four prompt lengths, 4 length buckets; SGD
+    on omega with a large step (the step reads the hypergradient) and a Hessian over every
+    row, so that the rows' order cannot change it."""
+    method = MethodConfig(method="bds", weighting="sigmoid", hessian_rows=0, hyper_chunk=5,
+                          omega_optim="sgd", lr_omega=1e4,
+                          hypergrad=Implicit("cg", maxiter=3, tol=0.0, ridge=100.0))
+    return Setup(varied.task, varied.model, method, varied.refresher.cfg, buckets=4)
+
+
+def test_online_hypergradient_takes_generated_rows_at_their_bucket_widths(varied_bds):
+    """data.length_buckets under online bds: a hypergradient over every training row takes
+    every generated row from its length bucket, cut to the bucket's width (each bucket's
+    rows padded with invalid ones to a multiple of the (2, 4) mesh's 8 ways), and moves omega
+    as the same step at the buffer's width does."""
+    s = varied_bds
+    task = s.task
+    state, _ = s.refresher(s.fresh(), 0)
+    capacity = s.refresher.capacity
+    (blocks,) = s.refresher.hyper_args(capacity, 8)(state, 0)
+    width = s.refresher.length
+    assert len(blocks) >= 2 and blocks[-1][1] <= width and blocks[0][1] < width
+    spans = s.refresher.spans
+    assert [b[:2] for b in blocks] == [sp[:2] for sp in spans] and all(
+        b[2] == -(-sp[2] // 8) * 8 and b[3] == 1.0 for b, sp in zip(blocks, spans, strict=True))
+    assert sum(sp[2] for sp in spans) == int(jax.device_get(state.online.valid).sum()) == 64
+    hyper_b = s.put(task.train.batch(np.arange(len(task.train)), task.train.max_len))
+    val_b = s.put(task.validation.batch(np.arange(8), task.validation.max_len))
+    new = {}
+    for args in ((blocks,), ()):
+        start = jax.tree.map(lambda x: x.copy(), state)  # the step donates its state
+        new[args], metrics = s.compiled.hyper(start, hyper_b, val_b, *args)
+        assert float(metrics["hyper_taken"]) == 1.0
+    got, want = ((state.omega - new[a].omega) / 1e4 for a in ((blocks,), ()))
+    scale = float(jnp.abs(want).max())
+    assert scale > 0
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_online_hypergradient_draws_its_share_from_each_bucket(varied_bds):
+    """A hyper batch of 8 of the 32 training rows takes a quarter of the 64 buffer rows,
+    shared over the length buckets in multiples of the (2, 4) mesh's 8 ways: distinct valid
+    rows of each bucket, cut to its width; the weights that move are the offline rows' and
+    the drawn rows' questions'."""
+    s = varied_bds
+    task = s.task
+    state, _ = s.refresher(s.fresh(), 0)
+    ways = sh.data_parallel_size(s.mesh, sh.AxisRules())
+    rows = ol.hyper_buffer_rows(s.refresher.capacity, 8, len(task.train), ways)
+    (blocks,) = s.refresher.hyper_args(rows, ways)(state, 0)
+    assert rows == 16 and [b[2] for b in blocks] == [8, 8]
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 2), state.step)
+    drawn = jax.device_get(ol.hyper_buffer(state.online, key, 8, len(task.train), blocks))
+    buf = jax.device_get(state.online)
+    for (shorter, width, n, _), gen in zip(blocks, drawn, strict=True):
+        length = gen["attention_mask"].sum(axis=1)
+        assert gen["input_ids"].shape == (n, width) and np.all(gen["valid"] == 1)
+        assert np.all((length > shorter) & (length <= width))
+        rows_of = {tuple(r) for r in buf.input_ids[:, :width].tolist()}
+        assert {tuple(r) for r in gen["input_ids"].tolist()} <= rows_of
+    offline = np.arange(8)
+    reached = {int(i) for gen in drawn for i in gen["ids"]}
+    state, _ = s.compiled.hyper(state, s.put(task.train.batch(offline, task.train.max_len)),
+                                s.put(task.validation.batch(np.arange(8),
+                                                            task.validation.max_len)),
+                                blocks)
+    moved = set(np.flatnonzero(np.asarray(state.omega)).tolist())
+    assert moved == set(offline.tolist()) | reached

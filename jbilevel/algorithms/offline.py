@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import optax
 
 from jbilevel import losses, weights
+from jbilevel import sharding as sh
 from jbilevel.adjoint import (
     Implicit,
     Neumann,
@@ -47,6 +48,7 @@ from jbilevel.adjoint import (
     outer_value_and_grad,
     weight_vjp,
 )
+from jbilevel.data.batching import even_blocks
 from jbilevel.objectives import ExampleLoss, inner_objective, outer_objective
 
 METHODS = ("sft", "mix", "val", "oracle", "bmo", "bds")
@@ -232,6 +234,8 @@ class Steps:
     # how many static arguments train takes after its batches, one compiled program for each
     # value (online: ``gen_span``, the length bucket a step draws its generated rows from)
     train_static: int = 0
+    # the same for hyper (online bds: ``gen_blocks``, the rows it takes from each bucket)
+    hyper_static: int = 0
 
 
 def _mean(loss_B, batch, w_B=None):
@@ -265,7 +269,7 @@ def _apply(tx, grads, opt_state, params):
 HyperRows = Callable[[ExampleLoss, dict], tuple[dict, list[tuple[ExampleLoss, dict, Any]]]]
 
 
-def offline_hyper_rows(cfg: MethodConfig, blocks=None) -> HyperRows:
+def offline_hyper_rows(cfg: MethodConfig, blocks=None, scales=None) -> HyperRows:
     """bds's default: the Hessian on ``hessian_sample`` rows, the per-example term on every
     row of the hyper batch.
 
@@ -274,29 +278,38 @@ def offline_hyper_rows(cfg: MethodConfig, blocks=None) -> HyperRows:
     length, or a sample of a fixed number from each length bucket): each block's rows get
     their per-example term cut to ``length`` tokens, a group of its own, instead of every
     row at the longest one's length (the same u: the cut tokens are padding), and so do the
-    Hessian sample's rows in its products (:func:`sample_blocks`).
+    Hessian sample's rows in its products (:func:`sample_blocks`). ``scales``: one per block
+    on its per-example term (``jbilevel.data.batching.stratum_scales``: a sample's blocks
+    out of proportion to their buckets' sizes); the Hessian's sample weighs its rows alike.
     """
     def rows(example_loss, batch):
         sample = hessian_sample(batch, cfg)
-        cut = sample_blocks(batch["ids"].shape[0], cfg, blocks)
+        cut = sample_blocks(batch["ids"].shape[0], cfg, blocks, sh.batch_ways())
         hessian = sample if not cut else RowGroups(tuple(
             (example_loss, rows, None, False) for rows in length_blocked(sample, cut)))
-        return hessian, [(example_loss, block, 1.0) for block in length_blocked(batch, blocks)]
+        return hessian, [(example_loss, block, scale) for block, scale in zip(
+            length_blocked(batch, blocks), block_scales(blocks, scales), strict=True)]
 
     return rows
 
 
-def sample_blocks(n: int, cfg: MethodConfig, blocks):
+def block_scales(blocks, scales) -> tuple[float, ...]:
+    """``scales``, or 1 for each block (one for the whole batch without blocks)."""
+    return tuple(scales) if scales else (1.0,) * len(blocks or (None,))
+
+
+def sample_blocks(n: int, cfg: MethodConfig, blocks, ways: int = 1):
     """The ``blocks`` of a hyper batch of ``n`` rows as they fall on its :func:`hessian_sample`
     (a strided sample keeps the rows' order, so each block's rows stay together): the
     Hessian's products then take each block's rows at its length too (a ``RowGroups`` of one
-    group per block: the same sum over rows)."""
+    group per block: the same sum over rows), each block's rows a multiple of ``ways`` (the
+    data-parallel devices; ``jbilevel.data.batching.even_blocks``)."""
     if not blocks or not cfg.hessian_rows or cfg.hessian_rows >= n:
         return blocks
     stride = n // cfg.hessian_rows
     cut = ((-(-start // stride), min(-(-end // stride), cfg.hessian_rows), length)
            for start, end, length in blocks)
-    return tuple((a, b, length) for a, b, length in cut if b > a)
+    return even_blocks(tuple((a, b, length) for a, b, length in cut if b > a), ways)
 
 
 def length_blocked(batch: dict, blocks) -> list[dict]:

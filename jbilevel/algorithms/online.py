@@ -36,6 +36,7 @@ from jbilevel.algorithms.offline import (
     MethodConfig,
     Steps,
     TrainState,
+    block_scales,
     hessian_sample,
     length_blocked,
     make_steps,
@@ -231,11 +232,13 @@ def online_example_loss(example_loss, model, *, frozen: bool = False):
 
 
 def hyper_rows(example_loss, model, method: MethodConfig, gen_weight: float, *,
-               frozen: bool = False, blocks=None):
+               frozen: bool = False, blocks=None, scales=None):
     """Online bds's rows for the hypergradient of a :func:`combine` batch (for
     ``make_steps(hyper_rows=)``; with ``frozen`` the losses take ``(adapters, base, rows)``,
     which ``make_steps(frozen=True)`` binds). ``blocks``: the offline rows sorted by length,
-    each block's u taken at its length (as ``offline_hyper_rows(blocks=)``).
+    each block's u taken at its length, with its scale of ``scales`` (as
+    ``offline_hyper_rows(blocks=, scales=)``); generated rows in blocks of their own widths
+    (:func:`hyper_buffer`) take theirs each at its width.
 
     The Hessian is estimated on ``method.hessian_rows`` offline rows and as many generated
     rows, combined with the same ``gen_weight`` (a ``jbilevel.adjoint.RowGroups``: one
@@ -254,31 +257,89 @@ def hyper_rows(example_loss, model, method: MethodConfig, gen_weight: float, *,
                                                                    _unbound(skipping))
 
     def split(_, batch: dict):
-        off, gen = batch["offline"], batch["generated"]
-        n_off = off["ids"].shape[0]
+        off, gens = batch["offline"], _blocks_of(batch["generated"])
+        n_off, ways = off["ids"].shape[0], sh.batch_ways()
         # the Hessian: a product per group, the generated rows' skipped while none is valid
         hessian = row_groups(example_loss, gen_loss, hessian_sample(off, method),
-                             hessian_sample(gen, method), gen_weight,
-                             blocks=sample_blocks(n_off, method, blocks))
+                             hessian_blocks(gens, method, ways), gen_weight,
+                             blocks=sample_blocks(n_off, method, blocks, ways))
         # the scale is one value per group (combine), so it multiplies u after the chunking;
-        # offline rows sorted by length take their u in blocks cut to their lengths
-        return hessian, [*((example_loss, rows, batch["scale"][0])
-                           for rows in length_blocked(off, blocks)),
-                         (gen_loss_skipping, gen, batch["scale"][n_off])]
+        # offline rows sorted by length take their u in blocks cut to their lengths, and so
+        # do generated rows drawn from the buffer's length buckets
+        return hessian, [*((example_loss, rows, batch["scale"][0] * scale) for rows, scale in
+                           zip(length_blocked(off, blocks), block_scales(blocks, scales),
+                               strict=True)),
+                         *((gen_loss_skipping, gen, batch["scale"][n_off]) for gen in gens)]
 
     return split
 
 
 def row_groups(example_loss: ExampleLoss, gen_loss: ExampleLoss, offline: dict,
-               generated: dict, gen_weight: float, blocks=None) -> RowGroups:
+               generated, gen_weight: float, blocks=None) -> RowGroups:
     """Offline and generated rows as two groups, each with its own loss and scaled as
     :func:`combine` scales them; the generated rows' passes skippable (none of them is valid
     before the first refresh). ``blocks``: the offline rows sorted by length, a group per
-    block cut to its length (the same sum)."""
-    s_off, s_gen = group_scales(offline["valid"], generated["valid"], gen_weight)
+    block cut to its length (the same sum); ``generated``: a batch, or a tuple of batches
+    at their own widths (length buckets), a group each."""
+    gens = _blocks_of(generated)
+    s_off, s_gen = group_scales(offline["valid"], _valid(gens), gen_weight)
     return RowGroups((*((example_loss, rows, s_off, False)
                         for rows in length_blocked(offline, blocks)),
-                      (gen_loss, generated, s_gen, True)))
+                      *((gen_loss, gen, s_gen, True) for gen in gens)))
+
+
+def _blocks_of(generated) -> tuple[dict, ...]:
+    """Generated rows as a tuple of batches (one batch: a tuple of one)."""
+    return tuple(generated) if isinstance(generated, (tuple, list)) else (generated,)
+
+
+def _valid(gens: tuple[dict, ...]) -> jax.Array:
+    return jnp.concatenate([g["valid"].astype(jnp.float32) for g in gens])
+
+
+def hessian_blocks(gens: tuple[dict, ...], method: MethodConfig, ways: int = 1
+                   ) -> tuple[dict, ...]:
+    """:func:`~jbilevel.algorithms.offline.hessian_sample` of generated rows held in blocks
+    at their own widths (increasing): the rows that sample takes from the blocks laid end to
+    end, each block's share at its own width (the strided rows of one batch of them all).
+    A block whose rows do not split evenly over ``ways`` devices joins the next wider ones,
+    padded to their width, until they do (``jbilevel.data.batching.even_blocks``)."""
+    n = sum(g["ids"].shape[0] for g in gens)
+    if not method.hessian_rows or method.hessian_rows >= n:
+        return _even_groups(gens, ways)
+    stride, start, out = n // method.hessian_rows, 0, []
+    for gen in gens:
+        end = start + gen["ids"].shape[0]
+        first, stop = -(-start // stride), min(-(-end // stride), method.hessian_rows)
+        if stop > first:  # the sample's rows first..stop-1 lie in this block
+            rows = slice(first * stride - start, (stop - 1) * stride - start + 1, stride)
+            out.append(jax.tree.map(lambda x, rows=rows: x[rows], gen))
+        start = end
+    return _even_groups(tuple(out), ways)
+
+
+def _even_groups(gens: tuple[dict, ...], ways: int) -> tuple[dict, ...]:
+    """Blocks of increasing widths, each one whose rows do not split over ``ways`` joined
+    with the next until they do, the rows right-padded to the widest (padding tokens: no
+    loss, no attention)."""
+    out, pending = [], []
+    for gen in gens:
+        pending.append(gen)
+        if sum(g["ids"].shape[0] for g in pending) % ways == 0:
+            out.append(_padded_concat(pending))
+            pending = []
+    if pending:
+        out.append(_padded_concat(pending))
+    return tuple(out)
+
+
+def _padded_concat(gens: list[dict]) -> dict:
+    if len(gens) == 1:
+        return gens[0]
+    width = max(g["input_ids"].shape[1] for g in gens)
+    return jax.tree.map(lambda *xs: jnp.concatenate([
+        jnp.pad(x, ((0, 0), (0, width - x.shape[1]))) if x.ndim == 2 else x for x in xs]),
+        *gens)
 
 
 def group_scales(valid_off, valid_gen, gen_weight: float):
@@ -293,16 +354,19 @@ def group_scales(valid_off, valid_gen, gen_weight: float):
     return scale_off, gen_weight * n / jnp.maximum(n_gen, 1.0)
 
 
-def combine(offline: dict, generated: dict, gen_weight: float) -> dict:
+def combine(offline: dict, generated, gen_weight: float) -> dict:
     """One batch of offline and generated rows whose valid-row mean is
     ``(1 - gen_weight) mean_offline + gen_weight mean_generated`` (all offline if none is
-    generated)."""
-    v_off, v_gen = offline["valid"].astype(jnp.float32), generated["valid"].astype(jnp.float32)
+    generated). ``generated``: a batch, or a tuple of batches at their own widths (the
+    rows of each length bucket), kept as given; ``ids``, ``valid`` and ``scale`` run over
+    the offline rows, then the generated ones in order."""
+    gens = _blocks_of(generated)
+    v_off, v_gen = offline["valid"].astype(jnp.float32), _valid(gens)
     scale_off, scale_gen = group_scales(v_off, v_gen, gen_weight)
     scale = jnp.concatenate([jnp.broadcast_to(scale_off, v_off.shape),
                              jnp.broadcast_to(scale_gen, v_gen.shape)])
-    return {"offline": offline, "generated": generated,
-            "ids": jnp.concatenate([offline["ids"], generated["ids"]]).astype(jnp.int32),
+    ids = jnp.concatenate([offline["ids"], *(g["ids"] for g in gens)]).astype(jnp.int32)
+    return {"offline": offline, "generated": generated, "ids": ids,
             "valid": jnp.concatenate([v_off, v_gen]), "scale": scale}
 
 
@@ -374,18 +438,61 @@ def hyper_buffer_rows(capacity: int, hyper_rows: int, n_train: int, ways: int = 
     return min(capacity, max(ways, -(-share // ways) * ways))
 
 
-def hyper_buffer(buffer: Buffer, key, hyper_rows: int, n_train: int) -> dict:
+def hyper_buffer(buffer: Buffer, key, hyper_rows: int, n_train: int,
+                 blocks: tuple[tuple[int, int, int, float], ...] | None = None
+                 ) -> dict | tuple:
     """The buffer rows of a hypergradient over ``hyper_rows`` of the ``n_train`` training rows:
     the whole buffer, or a uniform draw of :func:`hyper_buffer_rows` valid rows (``key``),
-    as many per device inside a sharded step."""
+    as many per device inside a sharded step.
+
+    ``blocks`` (:func:`generated_strata`, ``(shorter, width, rows, scale)`` each): instead, a
+    tuple of batches, block ``j`` that many distinct rows of its length bucket (every one of
+    them where it asks for all, the rest marked invalid), cut to its width.
+    """
+    if blocks is not None:
+        return tuple(draw(buffer, jax.random.fold_in(key, j), rows, (shorter, width))
+                     for j, (shorter, width, rows, _) in enumerate(blocks))
     capacity = buffer.valid.shape[0]
     n = hyper_buffer_rows(capacity, hyper_rows, n_train, sh.batch_ways())
     return buffer.batch() if n == capacity else draw(buffer, key, n)
 
 
+def generated_strata(spans: tuple[tuple[int, int, int], ...], rows: int, ways: int = 1
+                     ) -> tuple[tuple[int, int, int, float], ...]:
+    """The buffer rows a bds hypergradient takes from each length bucket: ``(shorter, width,
+    n, scale)`` per bucket of ``spans`` (:func:`generated_spans`), each bucket's rows then
+    taking their terms at its width, as the offline rows' ``length_strata`` do.
+
+    Every row of each bucket where ``rows`` (:func:`hyper_buffer_rows`, a multiple of
+    ``ways``) is at least the buffer's valid rows; else a share of ``rows`` in proportion to
+    its rows (largest remainders, ``jbilevel.data.batching.strata_counts``) in whole
+    multiples of ``ways`` (the data-parallel devices, so that each block splits evenly over
+    them: ``jbilevel.data.batching.even_blocks``), at least one each: with more buckets than
+    ``rows / ways`` the narrowest joins the next (its rows cut to the wider width). ``n`` is
+    rounded up to a multiple of ``ways`` (rows past a bucket's are drawn invalid), and
+    ``scale``, on the rows' losses, is the bucket's share of the buffer over its share of the
+    rows taken (1 in proportion: ``jbilevel.data.batching.stratum_scales``).
+    """
+    from jbilevel.data.batching import strata_counts
+
+    spans = list(spans)
+    sizes = np.array([n for *_, n in spans], np.int64)
+    if rows >= sizes.sum():
+        counts = sizes
+    else:
+        while len(spans) > max(1, rows // ways):  # too few rows for one block each
+            (shorter, _, a), (_, width, b) = spans[0], spans[1]
+            spans[:2] = [(shorter, width, a + b)]
+        sizes = np.array([n for *_, n in spans], np.int64)
+        counts = np.minimum(strata_counts(sizes, rows // ways) * ways, sizes)
+    share = counts.sum() / sizes.sum()  # of the rows taken over of the buffer's
+    return tuple((shorter, width, -(-int(n) // ways) * ways, float(size * share / n))
+                 for (shorter, width, size), n in zip(spans, counts, strict=True) if n > 0)
+
+
 def make_online_steps(example_loss, model, method: MethodConfig,
                       cfg: OnlineConfig, *, seed: int = 0, frozen: bool = False,
-                      hyper_blocks=None) -> Steps:
+                      hyper_blocks=None, hyper_scales=None) -> Steps:
     """bmo/bds steps that also train on the generated pairs in ``state.online``.
 
     Args:
@@ -402,6 +509,7 @@ def make_online_steps(example_loss, model, method: MethodConfig,
       hyper_blocks: bds with length buckets: the offline rows' blocks (over every training
         row sorted by length, ``jbilevel.data.batching.length_blocks``, or a sample of a fixed
         number of rows from each bucket, ``length_strata``), each one's u taken at its length.
+      hyper_scales: a scale per block on its u (``jbilevel.data.batching.stratum_scales``).
     Returns:
       ``Steps`` with the signatures of ``make_steps(method)``; train metrics add
       ``online_ratio_mean`` / ``online_clipped`` (fractions over tokens, or rows for
@@ -411,7 +519,9 @@ def make_online_steps(example_loss, model, method: MethodConfig,
       (:func:`generated_spans`; default: every valid row at the buffer's width).
       ``train_offline`` is the offline step, for the steps before the first refresh. bds's
       hypergradient takes the whole buffer when its hyper batch is every training row, else
-      a draw of the same share of the buffer (:func:`hyper_buffer_rows`).
+      a draw of the same share of the buffer (:func:`hyper_buffer_rows`); it takes a last,
+      static argument ``gen_blocks``: those rows taken from the buffer's length buckets, each
+      bucket's cut to its width (:func:`generated_strata`; default: at the buffer's width).
     """
     if method.method not in BASES:
         raise ValueError(f"online generation runs on top of {BASES}, not method "
@@ -420,7 +530,8 @@ def make_online_steps(example_loss, model, method: MethodConfig,
     steps = make_steps(online_example_loss(example_loss, model, frozen=frozen), method,
                        frozen=frozen, hyper_rows=hyper_rows(example_loss, model, method,
                                                             cfg.gen_weight, frozen=frozen,
-                                                            blocks=hyper_blocks))
+                                                            blocks=hyper_blocks,
+                                                            scales=hyper_scales))
     draw_key = jax.random.fold_in(jax.random.key(seed), 1)
     hyper_key = jax.random.fold_in(jax.random.key(seed), 2)
 
@@ -468,10 +579,18 @@ def make_online_steps(example_loss, model, method: MethodConfig,
         state, metrics = steps.train(state, rows)
         return state, {**metrics, **stats}
 
-    def bds_hyper(state: TrainState, hyper_batch: dict, val_batch: dict):
+    # gen_blocks (static): the buffer rows taken from each length bucket, each cut to its
+    # width, with its stratum scale (None: at the buffer's width)
+    def bds_hyper(state: TrainState, hyper_batch: dict, val_batch: dict, gen_blocks=None):
         rows = hyper_buffer(state.online, jax.random.fold_in(hyper_key, state.step),
-                            hyper_batch["ids"].shape[0], state.omega.shape[0])
-        gen, _ = with_ratios(state, rows)
+                            hyper_batch["ids"].shape[0], state.omega.shape[0], gen_blocks)
+        gen = tuple(with_ratios(state, r)[0] for r in _blocks_of(rows))
+        if gen_blocks is None:
+            return steps.hyper(state, combine(hyper_batch, gen[0], cfg.gen_weight), val_batch)
+        # a bucket's stratum scale weighs its rows' losses as the importance ratio does:
+        # through the per-row term and the Hessian's products alike
+        gen = tuple({**g, "ratio": g["ratio"] * scale}
+                    for g, (*_, scale) in zip(gen, gen_blocks, strict=True))
         return steps.hyper(state, combine(hyper_batch, gen, cfg.gen_weight), val_batch)
 
     # steps.train on a plain batch is the offline step: the trainer runs it until the first
@@ -481,4 +600,4 @@ def make_online_steps(example_loss, model, method: MethodConfig,
         return Steps(train=bmo_train, evaluate=example_loss, train_offline=steps.train,
                      train_static=1)
     return Steps(train=bds_train, hyper=bds_hyper, evaluate=example_loss,
-                 train_offline=steps.train, train_static=1)
+                 train_offline=steps.train, train_static=1, hyper_static=1)

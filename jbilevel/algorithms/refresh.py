@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -21,6 +22,7 @@ from jbilevel.algorithms.online import (
     Buffer,
     OnlineConfig,
     generated_spans,
+    generated_strata,
     importance_ratio,
     init_buffer,
     token_logprobs,
@@ -240,17 +242,35 @@ class Refresher:
         drawn as often as in a draw from the whole buffer, and a step's rows are alike in
         length. The choice depends on the seed, the step and the buffer alone (a resumed run
         makes the same ones). One length: no arguments."""
-        if self.buckets <= 1:
+        spans = self._current_spans(state)
+        if spans is None:
             return ()
-        if self.spans is None:  # a resumed run: the spans of the checkpoint's buffer
-            self.spans = self._spans(state.online)
-            if self.spans is None:  # never refreshed: every row is empty
-                return ()
-        rows = np.array([n for _, _, n in self.spans], np.float64)
+        rows = np.array([n for _, _, n in spans], np.float64)
         pick = np.random.default_rng([self.seed % 2**64, step]).choice(len(rows),
                                                                    p=rows / rows.sum())
-        shorter, width, _ = self.spans[pick]
+        shorter, width, _ = spans[pick]
         return ((shorter, width),)
+
+    def hyper_args(self, rows: int, ways: int = 1) -> Callable[[TrainState, int], tuple]:
+        """``train.run``'s ``hyper_args`` for a bds hypergradient that takes ``rows`` of the
+        buffer's rows (:func:`~jbilevel.algorithms.online.hyper_buffer_rows`) on ``ways``
+        data-parallel devices: with length buckets, ``gen_blocks``, how many it takes from
+        each bucket, each cut to its width (:func:`~jbilevel.algorithms.online.
+        generated_strata`: every row of each, or a share in multiples of ``ways``); one
+        length, or an empty buffer: no arguments."""
+        def args(state: TrainState, step: int) -> tuple:
+            spans = self._current_spans(state)
+            return () if spans is None else (generated_strata(spans, rows, ways),)
+
+        return args
+
+    def _current_spans(self, state: TrainState):
+        """The buffer's spans (None: one length, or no row yet)."""
+        if self.buckets <= 1:
+            return None
+        if self.spans is None:  # a resumed run: the spans of the checkpoint's buffer
+            self.spans = self._spans(state.online)
+        return self.spans
 
     def _spans(self, buffer: Buffer):
         valid = _host(buffer.valid) > 0

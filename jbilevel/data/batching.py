@@ -18,12 +18,12 @@ Every id is still visited once per epoch, and the order is still a function of (
 
 ``strata`` (bds's sampled hyper batches) draws each global batch as a fixed number of rows from
 each length bucket, the longest bucket's rows first (``length_strata``: counts proportional to
-the buckets' sizes, at least one each), so that every batch holds the same lengths at the same
-rows and each bucket's rows can be cut to their length. Bucket ``k`` visits its ids in the
-order ``default_rng([seed, e, k]).permutation`` of them, ``floor(n_k / m_k)`` batches of
-``m_k`` rows per round ``e`` (the rest wait for the next round, so no batch holds a row
-twice); batch ``s`` of the run (``epoch * steps_per_epoch + position``) takes its rows from
-every bucket's ``s``-th, so the same state resumes it.
+the buckets' sizes, at least one each, in multiples of the data-parallel devices), so that every
+batch holds the same lengths at the same rows and each bucket's rows can be cut to their length.
+Bucket ``k`` visits its ids in the order ``default_rng([seed, e, k]).permutation`` of them,
+``floor(n_k / m_k)`` batches of ``m_k`` rows per round ``e`` (the rest wait for the next round,
+so no batch holds a row twice); batch ``s`` of the run (``epoch * steps_per_epoch +
+position``) takes its rows from every bucket's ``s``-th, so the same state resumes it.
 """
 
 from __future__ import annotations
@@ -72,39 +72,109 @@ def _blocks(counts, lengths) -> tuple[tuple[int, int, int], ...]:
                                                                     strict=True))
 
 
-def length_blocks(length_N, n_rows: int, buckets) -> tuple[tuple[int, int, int], ...]:
+def length_blocks(length_N, n_rows: int, buckets, ways: int = 1
+                  ) -> tuple[tuple[int, int, int], ...]:
     """Where each bucket's rows lie in a batch of every example sorted by length, longest
     first (``Batcher(sort_by_length=True)`` over all of them: ``n_rows`` rows, the ones past
     ``len(length_N)`` padding of length 0).
 
-    Args: the examples' lengths, the batch's rows, the bucket lengths (increasing).
+    Args: the examples' lengths, the batch's rows, the bucket lengths (increasing), and the
+      devices the rows split over (:func:`even_blocks`: each block's rows a multiple of them).
     Returns: ``(start, end, length)`` per non-empty bucket, longest first: rows ``start:end``
       of the sorted batch are at most ``length`` long. The same for every such batch.
     """
     padding = np.zeros(n_rows - len(length_N), np.int64)
-    return _blocks(*_bucket_sizes(np.concatenate([np.asarray(length_N), padding]), buckets))
+    blocks = _blocks(*_bucket_sizes(np.concatenate([np.asarray(length_N), padding]), buckets))
+    return even_blocks(blocks, ways)
 
 
-def length_strata(length_N, n_rows: int, buckets) -> tuple[tuple[int, int, int], ...]:
+def even_blocks(blocks, ways: int) -> tuple[tuple[int, int, int], ...]:
+    """Longest-first ``(start, end, length)`` blocks of one batch with every end rounded up to
+    a multiple of ``ways`` (the data-parallel devices), so that each block's rows split evenly
+    over them (a block of fewer rows than a pass takes is one pass over all of them, and
+    uneven it is not split as an even one is: docs/llm.md measures it). The rows this moves
+    into a block are shorter than its length (they come from the next one), so the cut still
+    holds every token; a block left empty goes."""
+    out, start = [], 0
+    last = blocks[-1][1] if blocks else 0
+    for _, end, length in blocks:
+        end = min(-(-end // ways) * ways, last)
+        if end > start:
+            out.append((start, end, length))
+            start = end
+    return tuple(out)
+
+
+def length_strata(length_N, n_rows: int, buckets, ways: int = 1
+                  ) -> tuple[tuple[int, int, int], ...]:
     """How many of a sampled batch's ``n_rows`` rows each length bucket gives (``Batcher(
     strata=)``): in proportion to the bucket's share of the examples (largest remainders), at
     least one row from each non-empty bucket, the longest bucket first.
 
+    With ``ways`` > 1 (the data-parallel devices, a divisor of ``n_rows``) each bucket gives
+    a multiple of ``ways`` rows, so that its block splits evenly over them (:func:`even_blocks`),
+    at least ``ways`` each: buckets with fewer examples, or more buckets than ``n_rows / ways``,
+    join their longer neighbours (the fewest examples first). The shares then follow the
+    buckets' sizes only roughly: :func:`stratum_scales` makes up for it.
+
     Args: the examples' lengths, the batch's rows (fewer than the examples), the bucket
-      lengths (increasing, the last holding every example).
+      lengths (increasing, the last holding every example), the devices.
     Returns: ``(start, end, length)`` per non-empty bucket, longest first, as
       :func:`length_blocks`: rows ``start:end`` of every such batch are at most ``length`` long.
     """
+    if n_rows % ways:
+        raise ValueError(f"a sampled batch of {n_rows} rows does not split over {ways} devices")
+    if n_rows >= len(length_N):
+        raise ValueError(f"a sampled batch of {n_rows} rows out of {len(length_N)} examples: "
+                         "a batch of every example is sorted, not sampled (length_blocks)")
+    units = n_rows // ways
+    buckets = list(buckets)
     sizes, lengths = _bucket_sizes(length_N, buckets)
-    if not len(sizes) <= n_rows < sizes.sum():
+    while len(sizes) > 1:
+        fewest = int(np.argmin(sizes))
+        if sizes[fewest] >= ways and len(sizes) <= units:
+            break
+        # its examples join the next longer bucket's (the longest's: the next one joins it)
+        buckets.remove(int(lengths[fewest if fewest else 1]))
+        sizes, lengths = _bucket_sizes(length_N, buckets)
+    if not len(sizes) <= units:
         raise ValueError(f"a sampled batch of {n_rows} rows cannot take a row from each of "
                          f"{len(sizes)} length buckets out of {sizes.sum()} examples; use "
                          "fewer buckets (data.length_buckets) or more rows")
-    share = (n_rows - len(sizes)) * sizes / sizes.sum()  # one row each, the rest by size
-    counts = 1 + np.floor(share).astype(np.int64)
+    counts = strata_counts(sizes, units) * ways
+    if (counts > sizes).any():
+        raise ValueError(f"a sampled batch of {n_rows} rows in blocks of {ways} takes more rows "
+                         f"than some length bucket holds ({counts.tolist()} of "
+                         f"{sizes.tolist()}); use fewer buckets (data.length_buckets) or "
+                         "fewer rows")
+    return _blocks(counts, lengths)
+
+
+def stratum_scales(length_N, strata) -> tuple[float, ...]:
+    """The scale on each of :func:`length_strata`'s blocks under which a sampled batch
+    estimates every example's term alike: the bucket's share of the examples over its share
+    of the batch (1 where the counts are in proportion). A row of bucket ``k`` is drawn with
+    probability ``m_k / n_k`` each time, so its scaled term counts ``m / N`` times on average,
+    as in a uniform draw of ``m`` of the ``N`` rows."""
+    ascending = [length for *_, length in strata][::-1]
+    sizes = np.bincount(np.searchsorted(ascending, np.asarray(length_N)),
+                        minlength=len(ascending))[::-1]
+    m, n = strata[-1][1], len(length_N)
+    return tuple(float(size / n * m / (end - start))
+                 for size, (start, end, _) in zip(sizes, strata, strict=True))
+
+
+def strata_counts(sizes, n_rows: int) -> np.ndarray:
+    """``n_rows`` shared out over strata of ``sizes`` rows in proportion to their sizes
+    (largest remainders), at least one from each stratum where there are as many rows as
+    strata."""
+    sizes = np.asarray(sizes, np.int64)
+    least = 1 if n_rows >= len(sizes) else 0
+    share = (n_rows - least * len(sizes)) * sizes / sizes.sum()  # the rest by size
+    counts = least + np.floor(share).astype(np.int64)
     extra = n_rows - counts.sum()
     counts[np.argsort(-(share - np.floor(share)), kind="stable")[:extra]] += 1
-    return _blocks(counts, lengths)
+    return counts
 
 
 def default_buckets(max_len: int, n: int = 4, multiple: int = 8) -> tuple[int, ...]:
