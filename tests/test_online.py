@@ -1081,9 +1081,9 @@ def varied_bds(varied):
     """bds + online over ``varied``'s questions of four prompt lengths, 4 length buckets; SGD
     on omega with a large step (the step reads the hypergradient) and a Hessian over every
     row, so that the rows' order cannot change it."""
-    method = MethodConfig(method="bds", weighting="sigmoid", hessian_rows=0, hyper_chunk=5,
-                          omega_optim="sgd", lr_omega=1e4,
-                          hypergrad=Implicit("cg", maxiter=3, tol=0.0, ridge=100.0))
+    method = MethodConfig(method="bds", weighting="sigmoid", hessian_rows=0, hyper_chunk=16,
+                          omega_optim="sgd", lr_omega=1e4,  # one CG step: a third the compile
+                          hypergrad=Implicit("cg", maxiter=1, tol=0.0, ridge=100.0))
     return Setup(varied.task, varied.model, method, varied.refresher.cfg, buckets=4)
 
 
