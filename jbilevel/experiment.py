@@ -592,8 +592,8 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
             from jbilevel.algorithms.offline import offline_hyper_rows
             from jbilevel.data.batching import length_blocks, length_strata, stratum_scales
 
-            # (each block's rows a multiple of the data-parallel devices: one that does not
-            # split evenly over them has its activations copied)
+            # (each block's rows a multiple of the data-parallel devices, so that it splits
+            # evenly over them: batching.even_blocks)
             if hyper_bs >= n:
                 cuts = length_blocks(data_set.length_N, hyper_bs, data.buckets, ways)
                 blocks = dict(buckets=data.buckets[-1:], sort_by_length=True)
