@@ -468,7 +468,7 @@ def generated_strata(spans: tuple[tuple[int, int, int], ...], rows: int, ways: i
     its rows (largest remainders, ``jbilevel.data.batching.strata_counts``) in whole
     multiples of ``ways`` (the data-parallel devices, so that each block splits evenly over
     them: ``jbilevel.data.batching.even_blocks``), at least one each: with more buckets than
-    ``rows / ways`` the narrowest joins the next (its rows cut to the wider width). ``n`` is
+    ``rows / ways`` the narrowest joins the next (its rows then at the wider width). ``n`` is
     rounded up to a multiple of ``ways`` (rows past a bucket's are drawn invalid), and
     ``scale``, on the rows' losses, is the bucket's share of the buffer over its share of the
     rows taken (1 in proportion: ``jbilevel.data.batching.stratum_scales``).
@@ -485,7 +485,7 @@ def generated_strata(spans: tuple[tuple[int, int, int], ...], rows: int, ways: i
             spans[:2] = [(shorter, width, a + b)]
         sizes = np.array([n for *_, n in spans], np.int64)
         counts = np.minimum(strata_counts(sizes, rows // ways) * ways, sizes)
-    share = counts.sum() / sizes.sum()  # of the rows taken over of the buffer's
+    share = counts.sum() / sizes.sum()  # the rows taken, as a share of the buffer's
     return tuple((shorter, width, -(-int(n) // ways) * ways, float(size * share / n))
                  for (shorter, width, size), n in zip(spans, counts, strict=True) if n > 0)
 
