@@ -306,10 +306,17 @@ def sample_blocks(n: int, cfg: MethodConfig, blocks, ways: int = 1):
     data-parallel devices; ``jbilevel.data.batching.even_blocks``)."""
     if not blocks or not cfg.hessian_rows or cfg.hessian_rows >= n:
         return blocks
-    stride = n // cfg.hessian_rows
-    cut = ((-(-start // stride), min(-(-end // stride), cfg.hessian_rows), length)
+    cut = ((*sampled_range(start, end, n, cfg.hessian_rows), length)
            for start, end, length in blocks)
     return even_blocks(tuple((a, b, length) for a, b, length in cut if b > a), ways)
+
+
+def sampled_range(start: int, end: int, n: int, hessian_rows: int) -> tuple[int, int]:
+    """Which rows of :func:`hessian_sample` (``hessian_rows`` of ``n``, strided) come from rows
+    ``start:end`` of the batch: sample rows ``first:stop``, batch rows ``first * stride``,
+    ``(first + 1) * stride``, ... (``stop <= first``: none)."""
+    stride = n // hessian_rows
+    return -(-start // stride), min(-(-end // stride), hessian_rows)
 
 
 def length_blocked(batch: dict, blocks) -> list[dict]:

@@ -41,6 +41,7 @@ from jbilevel.algorithms.offline import (
     length_blocked,
     make_steps,
     sample_blocks,
+    sampled_range,
 )
 from jbilevel.objectives import ExampleLoss, token_nll_fn
 
@@ -310,7 +311,7 @@ def hessian_blocks(gens: tuple[dict, ...], method: MethodConfig, ways: int = 1
     stride, start, out = n // method.hessian_rows, 0, []
     for gen in gens:
         end = start + gen["ids"].shape[0]
-        first, stop = -(-start // stride), min(-(-end // stride), method.hessian_rows)
+        first, stop = sampled_range(start, end, n, method.hessian_rows)
         if stop > first:  # the sample's rows first..stop-1 lie in this block
             rows = slice(first * stride - start, (stop - 1) * stride - start + 1, stride)
             out.append(jax.tree.map(lambda x, rows=rows: x[rows], gen))

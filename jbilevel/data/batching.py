@@ -156,9 +156,7 @@ def stratum_scales(length_N, strata) -> tuple[float, ...]:
     of the batch (1 where the counts are in proportion). A row of bucket ``k`` is drawn with
     probability ``m_k / n_k`` each time, so its scaled term counts ``m / N`` times on average,
     as in a uniform draw of ``m`` of the ``N`` rows."""
-    ascending = [length for *_, length in strata][::-1]
-    sizes = np.bincount(np.searchsorted(ascending, np.asarray(length_N)),
-                        minlength=len(ascending))[::-1]
+    sizes, _ = _bucket_sizes(length_N, [length for *_, length in strata][::-1])
     m, n = strata[-1][1], len(length_N)
     return tuple(float(size / n * m / (end - start))
                  for size, (start, end, _) in zip(sizes, strata, strict=True))
