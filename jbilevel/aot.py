@@ -24,6 +24,7 @@ from jbilevel import sharding as sh
 from jbilevel import train
 from jbilevel.algorithms import MethodConfig, init_state, make_steps, refresh
 from jbilevel.algorithms import online as online_lib
+from jbilevel.algorithms.offline import offline_hyper_rows
 from jbilevel.inputs import ThetaConfig
 from jbilevel.models import ModelConfig, build, init_lora, lora_axes
 from jbilevel.objectives import lm_example_loss, lm_lora_example_loss
@@ -213,7 +214,8 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
                    rules: sh.AxisRules | None = None,
                    online: online_lib.OnlineConfig | None = None,
                    only: Sequence[str] | None = None,
-                   gather_params: bool = True) -> MemoryReport:
+                   gather_params: bool = True, hyper_blocks=None,
+                   hyper_scales=None) -> MemoryReport:
     """Compiles ``method``'s steps for a mesh without materialising any array.
 
     Args:
@@ -242,6 +244,12 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
         ``shapes.eval_batch_size`` prompts, a LoRA run's adapters unmerged over its base.
       gather_params: ``evaluate``'s weights while decoding: gathered over fsdp once per call,
         or kept split (``online.gather_params``, which a run's final evaluation follows).
+      hyper_blocks, hyper_scales: bds with ``data.length_buckets`` > 1: how its hypergradient
+        batch lies by length (``jbilevel.data.batching.hyper_cut``, for the mesh's
+        data-parallel size), each block's per-example term (and Hessian products) taken at
+        its length, as the trainer compiles it; the batch is then as wide as the longest
+        block. Online bds's generated rows stay at the buffer's width (the trainer cuts them
+        to the buckets a refresh fills, which are known only then).
     Returns:
       The per-device memory of every step and the parameter + optimizer-state split. The
       invariant checked by the tests: ``state_ratio`` is close to 1 for an fsdp mesh.
@@ -284,11 +292,14 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
     state_sh = train.state_shardings(mesh, rules, state_shapes, theta_axes, method,
                                      frozen_axes=param_axes)
     loss = lm_lora_example_loss(model) if lora else lm_example_loss(model)
-    steps = make_steps(loss, method, frozen=lora)
+    hyper_rows = offline_hyper_rows(method, hyper_blocks, hyper_scales) if hyper_blocks else None
+    steps = make_steps(loss, method, frozen=lora, hyper_rows=hyper_rows)
     if online is not None:
         state_sh = state_sh.replace(online=online_lib.buffer_shardings(mesh, rules,
                                                                       state_shapes.online))
-        steps = online_lib.make_online_steps(loss, model, method, online, frozen=lora)
+        steps = online_lib.make_online_steps(loss, model, method, online, frozen=lora,
+                                             hyper_blocks=hyper_blocks,
+                                             hyper_scales=hyper_scales)
     compiled = train.compile_steps(steps, method, mesh, rules, state_sh)
     state = _abstract(state_shapes, state_sh)
     batch_sh = compiled.batch_sharding
@@ -298,7 +309,8 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
             (state, train_batch)}
     programs = {"train": compiled.train}
     if compiled.hyper is not None:
-        hyper_batch = _batch(shapes.hyper_batch_size, shapes.seq_len, batch_sh)
+        width = max(length for *_, length in hyper_blocks) if hyper_blocks else shapes.seq_len
+        hyper_batch = _batch(shapes.hyper_batch_size, width, batch_sh)
         args["hyper"] = (state, hyper_batch, val_batch)
         programs["hyper"] = compiled.hyper
     if online is not None:

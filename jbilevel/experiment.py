@@ -199,6 +199,13 @@ def grouped(dataset, data_cfg: inputs.DataConfig) -> dict:
                 group_by_length=n > 1)
 
 
+def hyper_cut_line(cuts, every: bool) -> str:
+    """What bds's hypergradient takes from each length bucket, said once per run."""
+    return (("bds: the hypergradient's per-example term takes " if every
+             else "bds: each hypergradient draws ")
+            + ", ".join(f"{end - start} rows at {length} tokens" for start, end, length in cuts))
+
+
 def _longest(dataset) -> int:
     """One bucket: the longest sequence rounded up to 8 (one compile, little padding)."""
     return min(dataset.max_len, -(-int(dataset.length_N.max()) // 8) * 8)
@@ -590,22 +597,15 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
             # bds: its offline rows): every row each time, sorted by length, or a sample
             # with a fixed number of rows from each bucket
             from jbilevel.algorithms.offline import offline_hyper_rows
-            from jbilevel.data.batching import length_blocks, length_strata, stratum_scales
+            from jbilevel.data.batching import hyper_cut
 
             # (each block's rows a multiple of the data-parallel devices, so that it splits
             # evenly over them: batching.even_blocks)
-            if hyper_bs >= n:
-                cuts = length_blocks(data_set.length_N, hyper_bs, data.buckets, ways)
-                blocks = dict(buckets=data.buckets[-1:], sort_by_length=True)
-            else:
-                cuts = length_strata(data_set.length_N, hyper_bs, data.buckets, ways)
-                scales = stratum_scales(data_set.length_N, cuts)
-                blocks = dict(buckets=data.buckets[-1:], strata=cuts)
+            cuts, scales, every = hyper_cut(data_set.length_N, hyper_bs, data.buckets, ways)
+            blocks = dict(buckets=data.buckets[-1:],
+                          **(dict(sort_by_length=True) if every else dict(strata=cuts)))
             hyper_rows = offline_hyper_rows(cfg.method, blocks=cuts, scales=scales)
-            console.info(("bds: the hypergradient's per-example term takes " if hyper_bs >= n
-                          else "bds: each hypergradient draws ")
-                         + ", ".join(f"{end - start} rows at {length} tokens"
-                                     for start, end, length in cuts))
+            console.info(hyper_cut_line(cuts, every))
         hyper = _process_batcher(data_set, hyper_bs, mesh, rules, seed=cfg.seed + 2,
                                  shuffle=True, **blocks)  # a fresh Hessian sample each time
         if refresher is not None:  # its buffer rows, from each length bucket at its width

@@ -43,8 +43,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="compile this run configuration's own steps: its method, theta, "
                    "online settings, dtypes, batch sizes and mesh (resolved on each target's "
                    "devices), the lengths of its data where its files and tokenizer are on "
-                   "this machine (else data.max_len); the flags that set these are refused "
-                   "with it")
+                   "this machine (else data.max_len), and bds's hypergradient cut by length "
+                   "as the trainer cuts it (data.length_buckets > 1, the data read); the "
+                   "flags that set these are refused with it")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="with --config: overrides, as jbilevel train takes them")
     p.add_argument("--no-data", action="store_true",
@@ -232,7 +233,8 @@ def _from_flags(args):
                                 hyper_chunk=args.hyper_chunk_per_device * n,
                                 train_chunk=args.train_chunk_per_device * n)
                    for m in args.methods]
-        return MeshConfig(data=1, fsdp=n, tensor=args.tensor), where, shapes, online, methods
+        return (MeshConfig(data=1, fsdp=n, tensor=args.tensor), where, shapes, online, methods,
+                {})
 
     return name, model, theta, args.param_dtype, not args.split_params, plan
 
@@ -245,6 +247,7 @@ def _from_config(args, parser):
 
     from jbilevel import aot, config, experiment, inputs
     from jbilevel.console import Console
+    from jbilevel.data.batching import hyper_cut
     from jbilevel.errors import UserError
     from jbilevel.models.presets import param_count, preset, with_layers
     from jbilevel.sharding import MeshConfig
@@ -270,6 +273,7 @@ def _from_config(args, parser):
                                  "configuration instead)") from None
         train, _ = experiment.training_set(task, cfg.method.method)
         validation = task.validation
+        buckets = experiment.grouped(train, cfg.data)["buckets"]
     shapes, source = aot.run_shapes(cfg, train, validation, n_examples=args.n_examples,
                                     prompt_len=args.prompt_len)
     compute = inputs.compute_settings(cfg.model)
@@ -318,8 +322,22 @@ def _from_config(args, parser):
         where = f"{target} data={data} fsdp={fsdp}" + (f" tensor={tensor}" if tensor > 1 else "")
         # the trainer's hypergradient batch: padded to a multiple of the data-parallel ways
         hyper = shapes.hyper_batch_size + -shapes.hyper_batch_size % ways
+        cut = {}
+        if cfg.method.method == "bds" and cfg.data.length_buckets > 1 and train is not None:
+            # its rows cut by length as the trainer cuts them for these devices
+            try:
+                blocks, scales, every = hyper_cut(train.length_N, hyper, buckets, ways)
+            except ValueError as e:  # the trainer would stop there too
+                raise SystemExit(f"{where}: {e}") from None
+            print(f"{where}: {experiment.hyper_cut_line(blocks, every)}"
+                  + (" (generated rows at the buffer's width)" if online else ""), flush=True)
+            cut = dict(hyper_blocks=blocks, hyper_scales=scales)
+        elif cfg.method.method == "bds" and cfg.data.length_buckets > 1:
+            print(f"{where}: the hypergradient's rows at one length (data.length_buckets="
+                  f"{cfg.data.length_buckets} cuts them by the data's lengths, not read)",
+                  flush=True)
         return (MeshConfig(data=data, fsdp=fsdp, tensor=tensor), where,
-                dataclasses.replace(shapes, hyper_batch_size=hyper), online, [cfg.method])
+                dataclasses.replace(shapes, hyper_batch_size=hyper), online, [cfg.method], cut)
 
     return name, model, theta, cfg.model.param_dtype, cfg.online.gather_params, plan
 
@@ -349,19 +367,19 @@ def main(argv=None) -> int:
             with open(args.markdown, "a") as f:
                 f.write(row + "\n")
 
+    plans = [(devices, *plan(target, devices)) for target, devices in targets]
     emit(header)
     emit("|" + "---|" * (header.count("|") - 1))
     worst = 0.0
     unfit = 0
     hints: set[str] = set()
-    for target, devices in targets:
-        mesh_cfg, where, shapes, online, methods = plan(target, devices)
+    for devices, mesh_cfg, where, shapes, online, methods, cut in plans:
         for method_cfg in methods:
             try:
                 report = aot.compile_memory(model, method_cfg, mesh_cfg, shapes,
                                             devices=devices, param_dtype=param_dtype,
                                             theta=theta, online=online, only=args.steps,
-                                            gather_params=gather)
+                                            gather_params=gather, **cut)
             except ValueError as e:  # settings that do not fit together: say which
                 raise SystemExit(f"{method_cfg.method} on {where}: {e}") from None
             method = method_cfg.method + ("+online" if online and online.enabled else "")

@@ -1,5 +1,7 @@
-"""Shared by the real-model tests: the tiny llama fixture with a tokenizer, and the SFT files."""
+"""Shared by the real-model tests: the tiny llama fixture with a tokenizer, the SFT files, and
+the scripts as modules."""
 
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -19,3 +21,12 @@ def model_dir(root: Path, case: str = "llama") -> Path:
                         "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
     hf.save_pretrained(str(path))
     return path
+
+
+def script(name: str):
+    """``scripts/<name>.py`` loaded as a module (its ``main(argv)`` callable in-process)."""
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -102,6 +102,35 @@ def test_lora_state_counts_the_frozen_base_and_splits_evenly():
     assert report.state_per_device <= 1.25 * report.state_total / n
 
 
+def test_bds_hypergradient_compiles_with_the_trainers_length_cut():
+    """With ``hyper_blocks`` (``data.length_buckets`` > 1) the hypergradient is compiled as the
+    trainer runs it: a batch as wide as its longest block, each block's per-example term and
+    Hessian products at its own length. 56 of 64 rows at 16 of 64 tokens need less scratch
+    than all of them at 64 (the same program without the cut would need the same)."""
+    from jbilevel.data.batching import hyper_cut
+
+    n = 8
+    shapes = aot.Shapes(seq_len=64, batch_size=n, val_batch_size=n, hyper_batch_size=64,
+                        n_examples=64)
+    method = MethodConfig(method="bds", hessian_rows=16, hyper_chunk=16)
+    blocks, scales, every = hyper_cut([60] * 3 + [10] * 61, 64, (16, 64), n)
+    assert (blocks, scales, every) == (((0, 8, 64), (8, 64, 16)), None, True)
+
+    def hyper(**cut):
+        return aot.compile_memory(TINY, method, MeshConfig(data=1, fsdp=n), shapes,
+                                  devices=jax.devices()[:n], only=["hyper"], **cut).steps["hyper"]
+
+    whole, cut = hyper(), hyper(hyper_blocks=blocks)
+    assert cut.temp < 0.75 * whole.temp, (cut.temp, whole.temp)
+    # the same batch, as wide as its longest block (64): 4 int32 / f32 arrays of 8 rows
+    assert cut.argument == whole.argument
+    narrow = aot.compile_memory(TINY, method, MeshConfig(data=1, fsdp=n), shapes,
+                                devices=jax.devices()[:n], only=["hyper"],
+                                hyper_blocks=((0, 64, 32),)).steps["hyper"]
+    # a block of 32 tokens at most: a batch half as wide, 8 rows x 32 tokens x 16 bytes less
+    assert whole.argument - narrow.argument == 8 * 32 * 16
+
+
 def _online_setting():
     """(8, shapes, online settings, bds, an fsdp mesh of 8, the buffer's bytes a device): 100
     questions a refresh in calls of 32 prompts, 4 calls, 128 x 4 samples = 512 rows; split
@@ -207,18 +236,16 @@ def test_a_run_configuration_compiles_with_its_own_shapes(tmp_path, capsys):
     """``compile_check.py --config``: the run's own method, online settings and batch sizes
     over its mesh, at its data's lengths as the trainer pads them (or, without the data,
     data.max_len's bounds); flags the configuration sets are refused, naming its field."""
-    import importlib.util
     from pathlib import Path
+
+    import _llm
 
     from jbilevel import config, experiment
     from jbilevel.console import QUIET, Console
     from jbilevel.data.batching import Batcher
 
     root = Path(__file__).parents[1]
-    spec = importlib.util.spec_from_file_location("compile_check",
-                                                  root / "scripts" / "compile_check.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _llm.script("compile_check")
     path = root / "configs" / "finetune" / "coverage_online.yaml"
     cfg = config.load(experiment.ExperimentConfig, path, ["data.length_buckets=4"])
     cfg = experiment.resolve(cfg, tmp_path, write=True)

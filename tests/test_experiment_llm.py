@@ -1,6 +1,7 @@
 """Real-model runs end to end: a local HF model directory, SFT files, full FT and LoRA."""
 
 import ast
+import contextlib
 import csv
 import dataclasses
 import json
@@ -271,7 +272,8 @@ def test_length_buckets_cut_the_bds_hypergradient_rows_to_their_length(tmp_path,
     each length bucket's rows at that length, and whose weight step is taken. On the 8
     devices every block's rows are a multiple of 8: the 3 longest rows' block takes 5 of the
     next bucket's, and a sample of 16 rows takes 8 from each of two buckets (the 3 longest
-    rows joined to the next 15)."""
+    rows joined to the next 15). compile_check.py on the run's configuration compiles the
+    hypergradient cut the same way."""
     import io
 
     from jbilevel.console import Console
@@ -292,3 +294,9 @@ def test_length_buckets_cut_the_bds_hypergradient_rows_to_their_length(tmp_path,
                (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m.get("hyper_taken") for m in metrics if "hyper_step" in m] == [1.0]
     assert np.ptp(np.load(tmp_path / "run" / "weights.npy")) > 1e-5
+    # compile_check on the run's configuration compiles the hypergradient so cut
+    script = _llm.script("compile_check")
+    with contextlib.redirect_stdout(io.StringIO()) as checked:
+        assert script.main(["--config", str(tmp_path / "run" / "config.yaml"), "--platform",
+                            "cpu", "--devices", "8", "--steps", "hyper"]) == 0
+    assert f"cpu x8 data=8 fsdp=1: {said} {', '.join(groups)}\n" in checked.getvalue()

@@ -162,6 +162,22 @@ def stratum_scales(length_N, strata) -> tuple[float, ...]:
                  for size, (start, end, _) in zip(sizes, strata, strict=True))
 
 
+def hyper_cut(length_N, n_rows: int, buckets, ways: int = 1):
+    """How a bds hypergradient batch of ``n_rows`` rows lies by length (``data.length_buckets``
+    > 1), as the trainer draws it and ``scripts/compile_check.py`` compiles it.
+
+    Every example sorted by length when ``n_rows`` holds them all (:func:`length_blocks`, no
+    scales), else a sample with a fixed number of rows from each bucket (:func:`length_strata`
+    and its :func:`stratum_scales`). Returns ``(blocks, scales, sorted)``: the blocks as
+    ``(start, end, length)``, longest first, each a multiple of ``ways`` rows, the scale on each
+    block's per-example term (None: 1 each), and whether the batch is every example sorted.
+    """
+    if n_rows >= len(length_N):
+        return length_blocks(length_N, n_rows, buckets, ways), None, True
+    strata = length_strata(length_N, n_rows, buckets, ways)
+    return strata, stratum_scales(length_N, strata), False
+
+
 def strata_counts(sizes, n_rows: int) -> np.ndarray:
     """``n_rows`` shared out over strata of ``sizes`` rows in proportion to their sizes
     (largest remainders), at least one from each stratum where there are as many rows as
