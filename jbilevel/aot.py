@@ -131,7 +131,9 @@ class MemoryReport:
     state_per_device: int  # the same bytes on the most loaded device
     steps: dict  # step name ("train", "hyper"; online: "generate", "log ratios";
     #              "evaluate" when asked for) -> StepMemory
-    errors: dict  # step name -> XLA's message, for steps that do not fit the devices' memory
+    # step name -> why it does not fit the devices' memory: the TPU compiler's message (the
+    # step is then not in ``steps``), or its peak against ``memory_limit`` (it is)
+    errors: dict
 
     @property
     def state_ratio(self) -> float:
@@ -215,7 +217,7 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
                    online: online_lib.OnlineConfig | None = None,
                    only: Sequence[str] | None = None,
                    gather_params: bool = True, hyper_blocks=None,
-                   hyper_scales=None) -> MemoryReport:
+                   hyper_scales=None, memory_limit: int | None = None) -> MemoryReport:
     """Compiles ``method``'s steps for a mesh without materialising any array.
 
     Args:
@@ -250,6 +252,12 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
         its length, as the trainer compiles it; the batch is then as wide as the longest
         block. Online bds's generated rows stay at the buffer's width (the trainer cuts them
         to the buckets a refresh fills, which are known only then).
+      memory_limit: bytes a device may use (a GPU's allocator limit, ``bytes_limit`` of its
+        ``memory_stats()``): a step whose ``peak`` exceeds it is also listed in ``errors``.
+        XLA's GPU runtime allocates a program's parameters, live-out buffers and one
+        preallocated temporary buffer when it runs (its out-of-memory message lists these
+        three), which is what ``peak`` adds up; it compiles whatever the memory. A TPU target
+        needs none: its compiler refuses a step that does not fit.
     Returns:
       The per-device memory of every step and the parameter + optimizer-state split. The
       invariant checked by the tests: ``state_ratio`` is close to 1 for an fsdp mesh.
@@ -344,7 +352,10 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
                 raise
             errors[name] = str(e).splitlines()[0]
             continue
-        steps[name] = _memory(exe, time.perf_counter() - t0, mesh.devices.flat[0].platform)
+        steps[name] = m = _memory(exe, time.perf_counter() - t0, mesh.devices.flat[0].platform)
+        if memory_limit is not None and m.peak > memory_limit:
+            errors[name] = (f"needs {m.peak / 2**30:.2f} GiB a device (arguments + outputs + "
+                            f"temporaries) of the {memory_limit / 2**30:.2f} GiB it may use")
     held = (state_shapes.theta, state_shapes.opt_theta, state_shapes.frozen)
     total, per_device = sh.per_device_bytes(
         held, (state_sh.theta, state_sh.opt_theta, state_sh.frozen))

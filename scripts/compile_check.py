@@ -7,7 +7,10 @@ TPU topology (ahead-of-time, no TPU needed; ``pip install libtpu==0.0.42.*``, th
 the parameters + optimizer state split. Two peaks per step: "peak" adds the step's inputs,
 outputs and temporaries up; on a TPU target "XLA peak" is the compiler's own, buffers whose
 lifetimes do not meet sharing memory: the TPU compiler refuses a step whose XLA peak exceeds
-the chip's memory, so that is the figure to hold against it ("-" on CPU and GPU).
+the chip's memory, so that is the figure to hold against it ("-" on CPU and GPU). On a GPU
+(``--platform gpu``, this host's GPUs) "peak" is what XLA's runtime allocates when the step
+runs (its parameters, outputs and one temporary buffer), held against what each GPU's
+allocator may hand out.
 
     # TPU v5e slices of 8, 16 and 64 chips (the table in docs/scale.md):
     python scripts/compile_check.py --model llama-3-8b --platform tpu \
@@ -28,7 +31,9 @@ the chip's memory, so that is the figure to hold against it ("-" on CPU and GPU)
 
 Exits 1 if parameters + optimizer state per device exceed ``--max-ratio`` x total / n (n: the
 devices they are split over, fsdp x tensor; a data axis holds copies), or if a step does not
-fit the devices' memory (the TPU compiler's RESOURCE_EXHAUSTED).
+fit the devices' memory (the TPU compiler's RESOURCE_EXHAUSTED; on GPUs, a peak above the
+allocator's limit, ``bytes_limit`` of ``memory_stats()``, which ``XLA_PYTHON_CLIENT_MEM_FRACTION``
+sets).
 """
 
 from __future__ import annotations
@@ -151,6 +156,13 @@ def _targets(args) -> list[tuple[str, list]]:
         raise SystemExit(f"--devices {max(args.devices)}: only {len(devices)} "
                          f"{args.platform} devices here")
     return [(f"{args.platform} x{n}", devices[:n]) for n in args.devices]
+
+
+def _memory_limit(devices) -> int | None:
+    """The bytes each of these GPUs' allocators may hand out (the least of them); None where
+    a device does not say."""
+    limits = [(d.memory_stats() or {}).get("bytes_limit") for d in devices]
+    return min(limits) if limits and all(limits) else None
 
 
 def _gib(n: int) -> str:
@@ -374,12 +386,16 @@ def main(argv=None) -> int:
     unfit = 0
     hints: set[str] = set()
     for devices, mesh_cfg, where, shapes, online, methods, cut in plans:
+        limit = _memory_limit(devices) if args.platform == "gpu" else None
+        if limit is not None:
+            print(f"{where}: each device may use {_gib(limit)} GiB (its allocator's limit)",
+                  flush=True)
         for method_cfg in methods:
             try:
                 report = aot.compile_memory(model, method_cfg, mesh_cfg, shapes,
                                             devices=devices, param_dtype=param_dtype,
                                             theta=theta, online=online, only=args.steps,
-                                            gather_params=gather, **cut)
+                                            gather_params=gather, memory_limit=limit, **cut)
             except ValueError as e:  # settings that do not fit together: say which
                 raise SystemExit(f"{method_cfg.method} on {where}: {e}") from None
             method = method_cfg.method + ("+online" if online and online.enabled else "")

@@ -131,6 +131,60 @@ def test_bds_hypergradient_compiles_with_the_trainers_length_cut():
     assert whole.argument - narrow.argument == 8 * 32 * 16
 
 
+def test_a_step_over_the_memory_limit_does_not_fit():
+    """On GPUs (which compile whatever the memory and fail when the step runs) a step whose
+    peak exceeds ``memory_limit`` is listed as not fitting, its figures still reported."""
+    n = 8
+    shapes = aot.Shapes(seq_len=16, batch_size=n, val_batch_size=n, hyper_batch_size=n,
+                        n_examples=1000)
+
+    def train(limit):
+        return aot.compile_memory(TINY, MethodConfig(method="bmo"), MeshConfig(data=1, fsdp=n),
+                                  shapes, devices=jax.devices()[:n], only=["train"],
+                                  memory_limit=limit)
+
+    fits = train(None)
+    peak = fits.steps["train"].peak
+    assert not fits.errors and not train(peak).errors
+    over = train(peak - 1)
+    assert over.steps["train"] == dataclasses.replace(fits.steps["train"],
+                                                      compile_s=over.steps["train"].compile_s)
+    assert re.fullmatch(r"needs [\d.]+ GiB a device \(arguments \+ outputs \+ temporaries\) "
+                        r"of the [\d.]+ GiB it may use", over.errors["train"])
+
+
+def test_compile_check_holds_gpu_steps_against_the_allocators_limit(monkeypatch, capsys):
+    """``--platform gpu``: the least of the GPUs' allocator limits is what a step may use, and
+    a step above it fails the check (faked here with CPU devices and a limit)."""
+    from pathlib import Path
+
+    import _llm
+
+    script = _llm.script("compile_check")
+
+    class Device:
+        def __init__(self, stats):
+            self.stats = stats
+
+        def memory_stats(self):
+            return self.stats
+
+    assert script._memory_limit([Device({"bytes_limit": 9}), Device({"bytes_limit": 7})]) == 7
+    assert script._memory_limit([Device({"bytes_limit": 9}), Device(None)]) is None
+    monkeypatch.setattr(script, "_targets", lambda args: [("gpu x8", jax.devices()[:8])])
+    monkeypatch.setattr(script, "_memory_limit", lambda devices: 2**20)
+    config = Path(__file__).parents[1] / "configs" / "finetune" / "quality_mix.yaml"
+    argv = ["--config", str(config), "--platform", "gpu", "--devices", "8", "--steps", "train",
+            "--layers", "1"]
+    assert script.main(argv) == 1
+    out, err = capsys.readouterr()
+    assert "gpu x8 data=8 fsdp=1: each device may use 0.00 GiB (its allocator's limit)" in out
+    assert re.search(r"\| train \| .* \| does not fit: needs [\d.]+ GiB a device", out), out
+    assert "FAIL: 1 step(s) do not fit the devices' memory" in err
+    monkeypatch.setattr(script, "_memory_limit", lambda devices: 2**40)
+    assert script.main(argv) == 0
+
+
 def _online_setting():
     """(8, shapes, online settings, bds, an fsdp mesh of 8, the buffer's bytes a device): 100
     questions a refresh in calls of 32 prompts, 4 calls, 128 x 4 samples = 512 rows; split
