@@ -36,7 +36,7 @@ from jbilevel import sharding as sh
 from jbilevel import train
 from jbilevel.algorithms import init_state, make_steps
 from jbilevel.data import Batcher, make_task
-from jbilevel.experiment import ExperimentConfig, _longest
+from jbilevel.experiment import ExperimentConfig, longest_bucket
 from jbilevel.models import ModelConfig, build
 from jbilevel.objectives import lm_example_loss
 from jbilevel.xla_options import tune_host_malloc
@@ -93,7 +93,7 @@ def main():
     bs, vbs = exp.batch_size, exp.val_batch_size
 
     def batches(dataset, size, seed, count):  # padded as the trainer pads them
-        it = Batcher(dataset, size, seed=seed, buckets=(_longest(dataset),))
+        it = Batcher(dataset, size, seed=seed, buckets=(longest_bucket(dataset),))
         return [next(it) for _ in range(count)]
 
     k = a.steps
@@ -166,7 +166,7 @@ def main():
 
     n_params = sum(x.size for x in jax.tree.leaves(runners["sft"]["state"].theta))
     print(f"quality task tiny LM ({a.config}): {n_params / 1e6:.2f}M params, "
-          f"d={spec.hidden_size}, layers={spec.num_layers}, seq={_longest(data_set)}, "
+          f"d={spec.hidden_size}, layers={spec.num_layers}, seq={longest_bucket(data_set)}, "
           f"B={bs}, Bv={vbs}, N={n}, devices={mesh.size} ({jax.default_backend()})")
     print(f"bds hypergradient: every {every} steps, Hessian on {hyper_cfg.hessian_rows or n} "
           f"rows, per-example term over {hyper_rows} rows in chunks of {hyper_cfg.hyper_chunk}, "

@@ -34,7 +34,7 @@ from jbilevel.objectives import lm_example_loss, lm_lora_example_loss
 class Shapes:
     """Batch geometry of the compiled steps (global rows over all devices)."""
 
-    seq_len: int = 512  # tokens per row
+    seq_len: int = 512  # tokens per row (training and hypergradient batches)
     batch_size: int = 8  # training rows per step
     val_batch_size: int = 8  # validation rows per bmo / bds step
     hyper_batch_size: int = 8  # bds: training rows per hypergradient
@@ -42,11 +42,13 @@ class Shapes:
     prompt_len: int = 256  # online / evaluate: tokens of the longest prompt continued
     new_tokens: int = 256  # online / evaluate: tokens decoded per prompt
     eval_batch_size: int = 8  # evaluate: prompts per decoding batch of the final evaluation
+    val_seq_len: int | None = None  # tokens per validation row (None: seq_len)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
-            if getattr(self, f.name) <= 0:
-                raise ValueError(f"{f.name}={getattr(self, f.name)} must be > 0")
+            value = getattr(self, f.name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{f.name}={value} must be > 0")
 
 
 def run_shapes(cfg, train=None, validation=None, *, n_examples: int = 51760,
@@ -57,9 +59,10 @@ def run_shapes(cfg, train=None, validation=None, *, n_examples: int = 51760,
       cfg: an ``ExperimentConfig`` (its batch sizes, ``data.max_len``, ``data.length_buckets``,
         ``online.max_new_tokens``).
       train, validation: the run's tokenised data (``train``: the rows its method trains
-        on). With them the lengths are the trainer's own: training batches padded to the
-        longest of their ``data.length_buckets`` buckets (the other buckets' programs are
-        smaller), validation batches to the bucket of their longest row, sampled answers
+        on). With them the lengths are the trainer's own: training and hypergradient batches
+        padded to the longest of the training rows' ``data.length_buckets`` buckets (the
+        other buckets' programs are smaller), validation batches to their longest row
+        (rounded up to 8, as the trainer pads them: ``val_seq_len``), sampled answers
         continuing the longest prompt for ``online.max_new_tokens`` tokens (0: the longest
         response). Without them, bounds from the configuration: every batch
         ``data.max_len`` long, prompts ``data.max_len - 1`` (or ``prompt_len``) and answers as
@@ -71,20 +74,20 @@ def run_shapes(cfg, train=None, validation=None, *, n_examples: int = 51760,
       ``hyper_batch_size`` (0: every row) at most the training rows, before the trainer pads
       it to a multiple of the mesh's data-parallel size.
     """
-    from jbilevel.data.batching import Batcher
-    from jbilevel.experiment import grouped
+    from jbilevel.experiment import grouped, longest_bucket
 
     max_len = cfg.data.max_len
+    val_len = None
     if train is not None:
         n = len(train)
         seq_len = grouped(train, cfg.data)["buckets"][-1]  # the trainer's longest bucket
-        if validation is not None:  # the trainer's validation Batcher: its default buckets
-            val = Batcher(validation, cfg.val_batch_size)
-            seq_len = max(seq_len, val.bucket(int(validation.length_N.max())))
+        if validation is not None:  # the trainer's validation batches: one length
+            val_len = longest_bucket(validation)
         prompt = int(train.prompt_len_N.max())
         answer = int((train.length_N - train.prompt_len_N).max())
-        source = (f"the data: {n} training rows, batches of at most {seq_len} tokens, "
-                  f"prompts of at most {prompt}")
+        source = (f"the data: {n} training rows, batches of at most {seq_len} tokens"
+                  + (f" (validation {val_len})" if val_len else "")
+                  + f", prompts of at most {prompt}")
     else:
         n, seq_len = n_examples, max_len
         prompt = prompt_len or max_len - 1
@@ -95,7 +98,7 @@ def run_shapes(cfg, train=None, validation=None, *, n_examples: int = 51760,
                     val_batch_size=cfg.val_batch_size,
                     hyper_batch_size=min(cfg.hyper_batch_size or n, n), n_examples=n,
                     prompt_len=prompt, new_tokens=cfg.online.max_new_tokens or answer,
-                    eval_batch_size=cfg.eval_batch_size)
+                    eval_batch_size=cfg.eval_batch_size, val_seq_len=val_len)
     return shapes, source
 
 
@@ -312,7 +315,7 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
     state = _abstract(state_shapes, state_sh)
     batch_sh = compiled.batch_sharding
     train_batch = _batch(shapes.batch_size, shapes.seq_len, batch_sh)
-    val_batch = _batch(shapes.val_batch_size, shapes.seq_len, batch_sh)
+    val_batch = _batch(shapes.val_batch_size, shapes.val_seq_len or shapes.seq_len, batch_sh)
     args = {"train": (state, train_batch, val_batch) if compiled.with_val else
             (state, train_batch)}
     programs = {"train": compiled.train}

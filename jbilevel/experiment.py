@@ -174,7 +174,7 @@ def _process_batcher(dataset, batch_size: int, mesh, rules, **kw):
             "(mesh.data x mesh.fsdp); change the batch size or the mesh"
         )
     count = jax.process_count()
-    kw.setdefault("buckets", (_longest(dataset),))
+    kw.setdefault("buckets", (longest_bucket(dataset),))
     return Batcher(dataset, batch_size // count, process_index=jax.process_index(),
                    process_count=count, **kw)
 
@@ -195,7 +195,7 @@ def grouped(dataset, data_cfg: inputs.DataConfig) -> dict:
     from jbilevel.data.batching import length_buckets
 
     n = data_cfg.length_buckets
-    return dict(buckets=length_buckets(dataset.length_N, n, top=_longest(dataset)),
+    return dict(buckets=length_buckets(dataset.length_N, n, top=longest_bucket(dataset)),
                 group_by_length=n > 1)
 
 
@@ -206,7 +206,7 @@ def hyper_cut_line(cuts, every: bool) -> str:
             + ", ".join(f"{end - start} rows at {length} tokens" for start, end, length in cuts))
 
 
-def _longest(dataset) -> int:
+def longest_bucket(dataset) -> int:
     """One bucket: the longest sequence rounded up to 8 (one compile, little padding)."""
     return min(dataset.max_len, -(-int(dataset.length_N.max()) // 8) * 8)
 
@@ -358,8 +358,8 @@ def _split_batcher(dataset, rows: int, buckets: int):
     from jbilevel.data.batching import length_buckets
 
     if buckets == 1:
-        return Batcher(dataset, rows, shuffle=False, buckets=(_longest(dataset),))
-    lengths = length_buckets(dataset.length_N, buckets, top=_longest(dataset))
+        return Batcher(dataset, rows, shuffle=False, buckets=(longest_bucket(dataset),))
+    lengths = length_buckets(dataset.length_N, buckets, top=longest_bucket(dataset))
     return Batcher(dataset.subset(np.argsort(-dataset.length_N, kind="stable")), rows,
                    shuffle=False, buckets=lengths)
 

@@ -127,6 +127,11 @@ def _parser() -> argparse.ArgumentParser:
                    "--new-tokens, --generate-per-device, --split-params)")
     p.add_argument("--max-ratio", type=float, default=1.25)
     p.add_argument("--markdown", default=None, help="append each table row to this file")
+    p.add_argument("--compile-cache", metavar="DIR", default=None,
+                   help="with --config on this host's devices (cpu, gpu): keep the compiled "
+                   "steps in JAX's persistent compilation cache in DIR, from which `jbilevel "
+                   "train --compile-cache DIR` (its default: OUT/xla_cache) on the same devices "
+                   "loads them instead of compiling them again")
     return p
 
 
@@ -359,7 +364,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.overrides and not args.config:
         parser.error(f"{args.overrides[0]}: overrides need --config")
+    if args.compile_cache and (not args.config or args.platform == "tpu"):
+        parser.error("--compile-cache needs --config and --platform cpu or gpu: a run loads "
+                     "only its own programs compiled for its own devices")
     targets = _targets(args)  # sets the CPU device count before any other JAX call
+    if args.compile_cache:
+        from jbilevel.xla_options import use_compilation_cache
+
+        print(f"compiled steps are cached in {use_compilation_cache(args.compile_cache)}",
+              flush=True)
 
     from jbilevel import aot
     from jbilevel.errors import UserError

@@ -128,9 +128,10 @@ gpu() {  # one host with 8 GPUs: one process sees all of them; fsdp over the 8
   "$PYTHON" -c "import jax; assert jax.default_backend() == 'gpu', jax.devices()" \
     || { echo "install the CUDA build first: pip install 'jax[cuda12]==$JAX_VERSION' -e ." >&2;
          exit 2; }
-  # the run's own steps on these GPUs (its model.path and data are here)
+  # the run's own steps on these GPUs (its model.path and data are here), kept in the cache
+  # the run reads (its default, OUT/xla_cache): it loads them instead of compiling them again
   "$PYTHON" scripts/compile_check.py --config "$config" mesh.data=1 mesh.fsdp=8 "$@" \
-    --platform gpu --devices 8
+    --platform gpu --devices 8 --compile-cache "${JAX_COMPILATION_CACHE_DIR:-$out/xla_cache}"
   mkdir -p logs
   jbilevel train --config "$config" --out "$out" mesh.data=1 mesh.fsdp=8 "$@" \
     2>&1 | tee "logs/gpu-$(date +%Y%m%d-%H%M%S).log"

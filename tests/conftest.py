@@ -35,6 +35,19 @@ def _compilation_cache_as_the_session_started():
 
 
 @pytest.fixture
+def cache_state(monkeypatch):
+    """Every program cached (not only those that took 1 s to compile) once a test turns the
+    persistent compilation cache on; the process's cache settings as they were afterwards."""
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    before = (jax.config.jax_compilation_cache_dir,
+              jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    yield
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+    use_compilation_cache(before[0] or "none")
+
+
+@pytest.fixture
 def x64():
     """Run the test body with 64-bit floats enabled."""
     with jax.enable_x64(True):

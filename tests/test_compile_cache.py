@@ -12,19 +12,6 @@ from jbilevel.console import NORMAL, Console
 from jbilevel.xla_options import CACHE_ENV, use_compilation_cache
 
 
-@pytest.fixture
-def cache_state(monkeypatch):
-    """Every program cached (not only those that took 1 s to compile); the process's cache
-    settings as they were afterwards."""
-    monkeypatch.delenv(CACHE_ENV, raising=False)
-    before = (jax.config.jax_compilation_cache_dir,
-              jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    yield
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
-    use_compilation_cache(before[0] or "none")
-
-
 def _entries(path):
     return sorted(p for p in os.listdir(path)) if os.path.isdir(path) else []
 

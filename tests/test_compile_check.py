@@ -306,11 +306,12 @@ def test_a_run_configuration_compiles_with_its_own_shapes(tmp_path, capsys):
     task = experiment.load_data(cfg, Console(QUIET))
     train, val = task.train, task.validation
     shapes, source = aot.run_shapes(cfg, train, val)
-    widths = [b["input_ids"].shape[1] for data, size, kw in (
-        (train, cfg.batch_size, experiment.grouped(train, cfg.data)),
-        (val, cfg.val_batch_size, {})) for b in Batcher(data, size, **kw).epoch_batches()]
-    # the longest batch's: here a validation batch's (its default buckets: 8, 16, 32, 64)
-    assert set(widths) == {24, 64} and shapes.seq_len == 64
+    widths = [{b["input_ids"].shape[1] for b in Batcher(data, size, **kw).epoch_batches()}
+              for data, size, kw in (
+                  (train, cfg.batch_size, experiment.grouped(train, cfg.data)),
+                  (val, cfg.val_batch_size, {"buckets": (experiment.longest_bucket(val),)}))]
+    # the trainer's: training batches at their buckets' lengths, validation ones at one
+    assert widths == [{24}, {24}] and (shapes.seq_len, shapes.val_seq_len) == (24, 24)
     assert (shapes.n_examples, shapes.hyper_batch_size) == (2000, 2000)  # bds: every row
     assert shapes.prompt_len == train.prompt_len_N.max() == 17
     assert shapes.new_tokens == (train.length_N - train.prompt_len_N).max() == 4  # max_new 0
@@ -332,6 +333,11 @@ def test_a_run_configuration_compiles_with_its_own_shapes(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--seq-len: data.max_len; --theta: theta.kind"):
         script.main(["--config", str(path), "--platform", "cpu", "--devices", "8",
                      "--seq-len", "128", "--theta", "lora"])
+    for argv in (["--platform", "tpu", "--topology", "v5e:2x4"], ["--platform", "cpu"]):
+        with pytest.raises(SystemExit):  # a topology's programs, or a flags run, are no run's
+            script.main((["--config", str(path)] if "tpu" in argv else []) + argv
+                        + ["--compile-cache", str(tmp_path / "c")])
+        assert "--compile-cache needs --config and --platform cpu or gpu" in capsys.readouterr().err
     missing = tmp_path / "missing.yaml"
     missing.write_text(f"data: {{train: {tmp_path}/none.jsonl, validation: {tmp_path}/v.jsonl}}\n")
     with pytest.raises(SystemExit, match=r"data.train: .*none.jsonl: file not found.*\n"

@@ -91,29 +91,21 @@ def test_first_call_reports_the_device_memory_peak_where_counted(monkeypatch):
     assert "device memory" not in out.getvalue()
 
 
-def test_first_call_says_a_program_came_from_the_compilation_cache(tmp_path, monkeypatch):
+def test_first_call_says_a_program_came_from_the_compilation_cache(tmp_path, cache_state):
     """A resumed or repeated run (--compile-cache) reads its programs back: the line says so
     instead of calling it a compile; a program the cache does not hold is compiled."""
     import jax
 
-    from jbilevel.xla_options import CACHE_ENV, use_compilation_cache
+    from jbilevel.xla_options import use_compilation_cache
 
-    monkeypatch.delenv(CACHE_ENV, raising=False)
-    before = (jax.config.jax_compilation_cache_dir,
-              jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    try:
-        use_compilation_cache(tmp_path / "cache")
-        lines = []
-        for scale in (3.0, 3.0, 5.0):  # a fresh jit each time, as a new process has
-            out = io.StringIO()
-            step = Console(NORMAL, stream=out).first_call(
-                jax.jit(lambda x, s=scale: jax.numpy.sin(x).sum() * s), "train step")
-            step(jax.numpy.arange(4.0))
-            lines.append(out.getvalue().splitlines()[1].split(" in ")[0])
-    finally:
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
-        use_compilation_cache(before[0] or "none")
+    use_compilation_cache(tmp_path / "cache")
+    lines = []
+    for scale in (3.0, 3.0, 5.0):  # a fresh jit each time, as a new process has
+        out = io.StringIO()
+        step = Console(NORMAL, stream=out).first_call(
+            jax.jit(lambda x, s=scale: jax.numpy.sin(x).sum() * s), "train step")
+        step(jax.numpy.arange(4.0))
+        lines.append(out.getvalue().splitlines()[1].split(" in ")[0])
     assert lines == ["compiled the train step",
                      "loaded the train step from the compilation cache",
                      "compiled the train step"]  # another program: not in the cache

@@ -266,14 +266,16 @@ def test_length_buckets_train_on_batches_of_similar_length(tmp_path, model_dir, 
 
 @pytest.mark.parametrize("hyper_batch_size", [0, 16])
 def test_length_buckets_cut_the_bds_hypergradient_rows_to_their_length(tmp_path, model_dir,
-                                                                        hyper_batch_size):
+                                                                        hyper_batch_size,
+                                                                        cache_state):
     """bds with data.length_buckets, over every row (0) or a sample of 16 rows drawn a fixed
     number from each length bucket: one hypergradient program whose per-example term takes
     each length bucket's rows at that length, and whose weight step is taken. On the 8
     devices every block's rows are a multiple of 8: the 3 longest rows' block takes 5 of the
     next bucket's, and a sample of 16 rows takes 8 from each of two buckets (the 3 longest
     rows joined to the next 15). compile_check.py on the run's configuration compiles the
-    hypergradient cut the same way."""
+    very programs the run compiles: kept in a compilation cache, the sampled run loads them
+    from it (the train step at the longest length, and the hypergradient cut the same way)."""
     import io
 
     from jbilevel.console import Console
@@ -281,6 +283,13 @@ def test_length_buckets_cut_the_bds_hypergradient_rows_to_their_length(tmp_path,
     cfg = _mixed_lengths(tmp_path, model_dir, "bds", hessian_rows=0, hypergrad=Implicit(
         "cg", maxiter=2, tol=0.0, ridge=100.0))
     cfg = dataclasses.replace(cfg, hyper_batch_size=hyper_batch_size)
+    config.dump(cfg, tmp_path / "run.yaml")
+    checked = io.StringIO()
+    if hyper_batch_size:  # (once: strata and their scales, the more involved cut)
+        with contextlib.redirect_stdout(checked):
+            assert _llm.script("compile_check").main([
+                "--config", str(tmp_path / "run.yaml"), "--platform", "cpu", "--devices", "8",
+                "--compile-cache", str(tmp_path / "cache")]) == 0
     out = io.StringIO()
     experiment.run(cfg, tmp_path / "run", console=Console(stream=out))
     log = out.getvalue()
@@ -289,14 +298,14 @@ def test_length_buckets_cut_the_bds_hypergradient_rows_to_their_length(tmp_path,
     groups = re.search(rf"{said} (.*)\n", log)[1].split(", ")
     assert [int(g.split()[0]) for g in groups] == ([8, 8] if hyper_batch_size else [8, 16, 8])
     assert log.count("compiling the hypergradient step") == 1
+    if hyper_batch_size:
+        assert f"cpu x8 data=8 fsdp=1: {said} {', '.join(groups)}\n" in checked.getvalue()
+        assert "loaded the hypergradient step from the compilation cache" in log
+        # the first batch is at the longest length (the others' programs are compiled)
+        assert ("compiling the bds train step ...\nloaded the bds train step from the "
+                "compilation cache") in log
     assert sum(int(g.split()[0]) for g in groups) == (hyper_batch_size or 32)
     metrics = [json.loads(r) for r in
                (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m.get("hyper_taken") for m in metrics if "hyper_step" in m] == [1.0]
     assert np.ptp(np.load(tmp_path / "run" / "weights.npy")) > 1e-5
-    # compile_check on the run's configuration compiles the hypergradient so cut
-    script = _llm.script("compile_check")
-    with contextlib.redirect_stdout(io.StringIO()) as checked:
-        assert script.main(["--config", str(tmp_path / "run" / "config.yaml"), "--platform",
-                            "cpu", "--devices", "8", "--steps", "hyper"]) == 0
-    assert f"cpu x8 data=8 fsdp=1: {said} {', '.join(groups)}\n" in checked.getvalue()
