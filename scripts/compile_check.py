@@ -371,7 +371,8 @@ def main(argv=None) -> int:
     if args.compile_cache:
         from jbilevel.xla_options import use_compilation_cache
 
-        print(f"compiled steps are cached in {use_compilation_cache(args.compile_cache)}",
+        used = use_compilation_cache(args.compile_cache)  # "none": off
+        print(f"compiled steps are cached in {used}" if used else "no compilation cache",
               flush=True)
 
     from jbilevel import aot
