@@ -122,13 +122,9 @@ def test_bds_hypergradient_compiles_with_the_trainers_length_cut():
 
     whole, cut = hyper(), hyper(hyper_blocks=blocks)
     assert cut.temp < 0.75 * whole.temp, (cut.temp, whole.temp)
-    # the same batch, as wide as its longest block (64): 4 int32 / f32 arrays of 8 rows
+    # the same batch, as wide as its longest block (64); that the program is the trainer's
+    # own: tests/test_experiment_llm.py, where the run loads it from the cache
     assert cut.argument == whole.argument
-    narrow = aot.compile_memory(TINY, method, MeshConfig(data=1, fsdp=n), shapes,
-                                devices=jax.devices()[:n], only=["hyper"],
-                                hyper_blocks=((0, 64, 32),)).steps["hyper"]
-    # a block of 32 tokens at most: a batch half as wide, 8 rows x 32 tokens x 16 bytes less
-    assert whole.argument - narrow.argument == 8 * 32 * 16
 
 
 def test_a_step_over_the_memory_limit_does_not_fit():
