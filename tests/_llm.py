@@ -3,6 +3,7 @@ the scripts as modules."""
 
 import importlib.util
 import shutil
+import sys
 from pathlib import Path
 
 from jbilevel.data import CharTokenizer
@@ -24,9 +25,11 @@ def model_dir(root: Path, case: str = "llama") -> Path:
 
 
 def script(name: str):
-    """``scripts/<name>.py`` loaded as a module (its ``main(argv)`` callable in-process)."""
+    """``scripts/<name>.py`` loaded as a module (its ``main(argv)`` callable in-process), known
+    to ``sys.modules`` as ``<name>_script`` (a dataclass in it resolves its annotations there)."""
     spec = importlib.util.spec_from_file_location(
-        name, Path(__file__).parents[1] / "scripts" / f"{name}.py")
+        f"{name}_script", Path(__file__).parents[1] / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module

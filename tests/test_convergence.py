@@ -6,21 +6,14 @@ CG hypergradient error falls with the iteration count and is exact once k reache
 dimension; ridge damping leaves a bias that more iterations do not remove.
 """
 
-import importlib.util
-from pathlib import Path
-
+import _llm
 import numpy as np
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "convergence.py"
 
 
 @pytest.fixture(scope="module")
 def convergence():
-    spec = importlib.util.spec_from_file_location("convergence_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _llm.script("convergence")
 
 
 def test_least_squares_bds_drops_useless_examples(convergence, tmp_path):

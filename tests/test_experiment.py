@@ -83,13 +83,9 @@ def test_cli_train_config_and_errors(tmp_path, capsys):
 
 
 def test_hypergrad_signal_script_on_a_finished_run(tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
+    import _llm
 
-    spec = importlib.util.spec_from_file_location(
-        "hypergrad_signal", Path(__file__).parents[1] / "scripts" / "hypergrad_signal.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _llm.script("hypergrad_signal")
     cfg = experiment.ExperimentConfig(
         **TINY, method=MethodConfig(method="mix"),
         loop=train.LoopConfig(steps=2, log_every=1, checkpoint_every=0, progress=False))

@@ -4,9 +4,9 @@ files with a ground-truth column and read through the same path as a user's mode
 import csv
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
+import _llm
 import numpy as np
 import pytest
 
@@ -150,14 +150,7 @@ def test_ground_truth_and_metric_errors_name_the_fix(tmp_path):
 
 
 def _instruct_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("instruct_base",
-                                                  ROOT / "scripts" / "instruct_base.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass resolves annotations through it
-    spec.loader.exec_module(module)
-    return module
+    return _llm.script("instruct_base")
 
 
 def test_distinct_problems_never_draws_an_excluded_one():

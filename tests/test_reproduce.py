@@ -1,7 +1,6 @@
 """scripts/reproduce.py: the mean ± std table over seeds (the sweep is smoke-tested by hand)
 and the fine-tune on a run's selected rows (--retrain)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,10 +11,7 @@ import pytest
 from jbilevel import config, experiment, rundir
 from jbilevel.console import QUIET, Console
 
-_SPEC = importlib.util.spec_from_file_location(
-    "reproduce", Path(__file__).parents[1] / "scripts" / "reproduce.py")
-reproduce = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(reproduce)
+reproduce = _llm.script("reproduce")
 
 
 def test_summary_and_table():
