@@ -16,8 +16,15 @@ import jax
 import jax.numpy as jnp
 
 
+def at_least_f32(*dtypes) -> jnp.dtype:
+    """The dtype the losses, logits and norms compute in: float32 for bfloat16, float16 and
+    float32 inputs (the mixed-precision rule), float64 for float64 ones (x64 mode), so that a
+    float64 model computes in float64 throughout."""
+    return jnp.result_type(jnp.float32, *dtypes)
+
+
 def token_nll(logits_BxLxV: jax.Array, labels_BxL: jax.Array) -> jax.Array:
-    """Token negative log-likelihood, computed in float32.
+    """Token negative log-likelihood, computed in float32 (float64 for float64 logits).
 
     Args:
       logits_BxLxV: next-token logits, any float dtype (bf16 is upcast before the softmax
@@ -27,9 +34,9 @@ def token_nll(logits_BxLxV: jax.Array, labels_BxL: jax.Array) -> jax.Array:
         masked out by the caller.
 
     Returns:
-      nll_BxL float32, ``logsumexp(logits) - logits[label]``.
+      nll_BxL float32 (float64 for float64 logits), ``logsumexp(logits) - logits[label]``.
     """
-    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+    logits_BxLxV = logits_BxLxV.astype(at_least_f32(logits_BxLxV.dtype))
     vocab = logits_BxLxV.shape[-1]
     labels_BxL = jnp.clip(labels_BxL, 0, vocab - 1)
     lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
@@ -81,7 +88,7 @@ def chunked_token_nll(
       softcap: Gemma 2's final soft cap, ``logits = softcap * tanh(logits / softcap)``.
 
     Returns:
-      nll_BxL float32.
+      nll_BxL float32 (float64 for a float64 hidden and head).
     """
     b, length, d = hidden_BxLxD.shape
     if head_VxD.ndim != 2 or head_VxD.shape[1] != d:
@@ -103,7 +110,8 @@ def chunked_token_nll(
         h_BxCxD, y_BxC = args
         w_VxD = head_VxD if constrain_head is None else constrain_head(head_VxD)
         logits_BxCxV = jnp.einsum("bcd,vd->bcv", h_BxCxD, w_VxD,
-                                  preferred_element_type=jnp.float32)
+                                  preferred_element_type=at_least_f32(h_BxCxD.dtype,
+                                                                      w_VxD.dtype))
         if constrain_logits is not None:
             logits_BxCxV = constrain_logits(logits_BxCxV)
         return token_nll(soft_cap(logits_BxCxV, softcap), y_BxC)

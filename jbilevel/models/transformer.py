@@ -160,7 +160,8 @@ class Model:
             positions and right padding the plain arange).
           lora: optional `jbilevel.models.lora.LoRA` adapters.
         Returns:
-          logits_BxLxV in float32. Rows of padded query positions are finite but meaningless.
+          logits_BxLxV in float32 (float64 for float64 params). Rows of padded query
+          positions are finite but meaningless.
         """
         mask_BxL, pos_BxL = _mask_positions(input_ids_BxL, attention_mask, positions)
         logits, _ = apply(self.config, params, input_ids_BxL, pos_BxL, mask_BxL, lora=lora)
@@ -179,7 +180,7 @@ class Model:
           params, input_ids_BxL, attention_mask, positions, lora: as in :meth:`forward`.
           labels_BxL: targets aligned with the positions (already shifted).
         Returns:
-          nll_BxL float32.
+          nll_BxL float32 (float64 for float64 params).
         """
         c = self.config
         mask_BxL, pos_BxL = _mask_positions(input_ids_BxL, attention_mask, positions)
@@ -214,13 +215,14 @@ def _mask_positions(ids_BxL, attention_mask, positions):
 def _rms_norm(x, p, eps, plus_one=False):
     """RMSNorm of x (..., D) over its last axis: the model width, or one head's (q/k norms).
 
-    ``plus_one``: Gemma's, which scales by ``1 + weight`` in float32 before the cast back."""
-    x32 = x.astype(jnp.float32)
+    ``plus_one``: Gemma's, which scales by ``1 + weight`` in float32 before the cast back.
+    Computed in float32 (float64 for float64 x)."""
+    x32 = x.astype(losses.at_least_f32(x.dtype))
     var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
     y32 = x32 * jax.lax.rsqrt(var + eps)
     scale = p["scale"].reshape((1,) * (x.ndim - 1) + (-1,))
     if plus_one:
-        return (y32 * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+        return (y32 * (1.0 + scale.astype(x32.dtype))).astype(x.dtype)
     return scale * y32.astype(x.dtype)
 
 
@@ -232,11 +234,11 @@ def _norm(c: ModelConfig):
 
 
 def _layer_norm(x_BxLxD, p, eps):
-    x32 = x_BxLxD.astype(jnp.float32)
+    x32 = x_BxLxD.astype(losses.at_least_f32(x_BxLxD.dtype))
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
     y = (x32 - mean) * jax.lax.rsqrt(var + eps)
-    y = y * p["scale"].astype(jnp.float32)[None, None, :] + p["bias"].astype(jnp.float32)[
+    y = y * p["scale"].astype(x32.dtype)[None, None, :] + p["bias"].astype(x32.dtype)[
         None, None, :]
     return y.astype(x_BxLxD.dtype)
 
@@ -386,7 +388,8 @@ def _layer(c: ModelConfig, sites: dict, scale, x_BxLxD, p, lw, cos_sin, mask_inf
         allowed_BxLxS = allowed_1xLxS & (kv_mask_BxS[:, None, :] > 0)
         q5 = q.reshape(b, seq, kv, h // kv, k)
         scores = jnp.einsum(f"blngk,{kv_axes}->bngls", q5, k_all.astype(q5.dtype),
-                            preferred_element_type=jnp.float32) * ((c.query_scale or k) ** -0.5)
+                            preferred_element_type=losses.at_least_f32(q5.dtype))
+        scores = scores * ((c.query_scale or k) ** -0.5)
         scores = losses.soft_cap(scores, c.attn_softcap)
         scores = jnp.where(allowed_BxLxS[:, None, None, :, :], scores, _NEG)
         probs = jax.nn.softmax(scores, axis=-1).astype(v_all.dtype)
@@ -462,7 +465,8 @@ def apply(c: ModelConfig, params, ids_BxL, pos_BxL, kv_mask_BxS, *, lora=None, c
         G samples): each row's keys and values are written to its G copies, so a prompt is
         prefilled once, not once per sample.
     Returns:
-      (logits_BxLxV float32, updated cache (same structure) or None).
+      (logits_BxLxV float32 (float64 for float64 params), updated cache (same structure) or
+      None).
     """
     if prefill and (cache is None or not isinstance(cache_index, int) or cache_index != 0):
         raise ValueError("prefill=True fills an empty cache: pass the cache and cache_index=0")
@@ -521,7 +525,8 @@ def apply(c: ModelConfig, params, ids_BxL, pos_BxL, kv_mask_BxS, *, lora=None, c
     head = params["embed"]["embedding"] if c.tie_word_embeddings else params["lm_head"]["kernel"]
     if hidden_only:
         return x, head
-    logits = jnp.einsum("bld,vd->blv", x, head, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("bld,vd->blv", x, head,
+                        preferred_element_type=losses.at_least_f32(x.dtype, head.dtype))
     logits = losses.soft_cap(logits, c.final_softcap)
     logits = constrain(logits, ("batch", None, "vocab"))
     return logits, new_cache
