@@ -10,10 +10,10 @@ import os
 # time. Two flags cut it: LLVM's optimisation of the generated code at level 0 (2 by default)
 # about halves compile-bound tests, and XLA:CPU's older (elemental IR) emitters for fusions
 # instead of its MLIR fusion emitters compile the online bds hypergradient of test_online.py in
-# 2.1 s against 6.0 s and halve the suite (8 minutes against 17 on this 2-core host). The HLO
-# passes (fusion, layout) still run; the programs compute the same operations, rounded as
-# float32 arithmetic allows. Set before JAX starts its backend; the processes tests spawn
-# inherit them.
+# 2.1 s against 6.0 s and halve the suite (8 minutes against 17 on a 2-core Intel Xeon;
+# docs/performance.md). The HLO passes (fusion, layout) still run, and both emitters compute
+# the same HLO operations: results differ in float32's last digits. Set before JAX starts its
+# backend; the processes tests spawn inherit them.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), FAST_COMPILE]).strip()
 

@@ -45,6 +45,27 @@ def test_bf16_logits_give_f32_loss():
     np.testing.assert_array_equal(out, ref)
 
 
+def test_float64_logits_and_models_compute_in_float64(x64):
+    """In x64 mode a float64 model keeps float64 through its norms, attention scores, logits
+    and loss (float32 islands would cap an x64 comparison at float32's rounding)."""
+    import jax
+
+    from jbilevel.models import ModelConfig, build
+
+    logits = _logits().astype(jnp.float64)
+    labels = jnp.zeros((3, 4), jnp.int32)
+    nll = losses.token_nll(logits, labels)
+    assert nll.dtype == jnp.float64
+    want = -jax.nn.log_softmax(logits, axis=-1)[..., 0]
+    np.testing.assert_allclose(nll, want, rtol=1e-14)
+    model = build(ModelConfig(vocab_size=16, hidden_size=8, num_layers=1, num_heads=2,
+                              intermediate_size=16))
+    params = jax.tree.map(lambda p: p.astype(jnp.float64), model.init(jax.random.key(0)))
+    ids = jnp.asarray([[1, 2, 3, 4]], jnp.int32)
+    assert model.forward(params, ids).dtype == jnp.float64
+    assert model.token_nll(params, ids, jnp.roll(ids, -1, axis=1)).dtype == jnp.float64
+
+
 def test_per_example_nll_bad_inputs():
     logits = _logits()
     with pytest.raises(ValueError, match="reduction"):
