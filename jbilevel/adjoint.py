@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jbilevel import linsolve
 from jbilevel import sharding as sh
 from jbilevel import weights as weights_lib
+from jbilevel.losses import at_least_f32
 from jbilevel.models.transformer import differentiable_attention
 from jbilevel.objectives import InnerObjective, OuterObjective
 
@@ -147,7 +148,7 @@ class HypergradInfo(NamedTuple):
 
 def as_f32(tree):
     """Every leaf in at least float32 (the solve's working precision; float64 stays)."""
-    return jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), tree)
+    return jax.tree.map(lambda x: x.astype(at_least_f32(x.dtype)), tree)
 
 
 def cast_like(tree, ref):
@@ -312,7 +313,7 @@ def _value_and_grad_in_chunks(weighting: str, omega, groups, theta, *, coeff, ex
         raise ValueError("grouped_value_and_grad: give extra or start, not both")
     n = _valid_total(rows for _, rows, _, _ in groups)
     if start is None:
-        dtype = jnp.result_type(jnp.float32, *jax.tree.leaves(theta))
+        dtype = at_least_f32(*(x.dtype for x in jax.tree.leaves(theta)))
         start = ((jnp.zeros((), dtype), None), jax.tree.map(jnp.zeros_like, theta))
         if extra is not None:  # a pass of its own: a scan's passes are all alike
             start = jax.value_and_grad(extra, has_aux=True)(theta)
@@ -510,8 +511,7 @@ def outer_value_and_grad(outer_loss: Callable, theta, batch, *, chunk: int | Non
         return jnp.sum(jnp.where(valid_B > 0, loss_B, 0.0) * valid_B) / n, None
 
     first = jax.tree.map(lambda x: x[0], chunks)
-    f_zero = jnp.zeros((), jnp.promote_types(jax.eval_shape(total, theta, first)[0].dtype,
-                                             jnp.float32))
+    f_zero = jnp.zeros((), at_least_f32(jax.eval_shape(total, theta, first)[0].dtype))
     zero = sh.constrain_like_params(as_f32(jax.tree.map(jnp.zeros_like, theta)))
     (f_val, grad_f), _ = _sum_of_passes(total, theta, chunks, (f_zero, zero))
     return f_val, grad_f
