@@ -125,6 +125,9 @@ def test_bds_hypergradient_compiles_with_the_trainers_length_cut():
     # the same batch, as wide as its longest block (64); that the program is the trainer's
     # own: tests/test_experiment_llm.py, where the run loads it from the cache
     assert cut.argument == whole.argument
+    narrow = hyper(hyper_blocks=((0, 64, 32),))
+    # a block of 32 tokens at most: a batch half as wide, 8 rows x 32 tokens x 16 bytes less
+    assert whole.argument - narrow.argument == 8 * 32 * 16
 
 
 def test_a_step_over_the_memory_limit_does_not_fit():
@@ -141,7 +144,7 @@ def test_a_step_over_the_memory_limit_does_not_fit():
 
     fits = train(None)
     peak = fits.steps["train"].peak
-    assert not fits.errors
+    assert not fits.errors and not train(peak).errors  # exactly the limit fits
     over = train(peak - 1)
     assert over.steps["train"] == dataclasses.replace(fits.steps["train"],
                                                       compile_s=over.steps["train"].compile_s)
