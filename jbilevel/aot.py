@@ -43,6 +43,7 @@ class Shapes:
     new_tokens: int = 256  # online / evaluate: tokens decoded per prompt
     eval_batch_size: int = 8  # evaluate: prompts per decoding batch of the final evaluation
     val_seq_len: int | None = None  # tokens per validation row (None: seq_len)
+    stop_ids: int = 1  # online / evaluate: the tokenizer's end tokens (the sampler's stop array)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -64,9 +65,9 @@ def run_shapes(cfg, train=None, validation=None, *, n_examples: int = 51760,
         other buckets' programs are smaller), validation batches to their longest row
         (rounded up to 8, as the trainer pads them: ``val_seq_len``), sampled answers
         continuing the longest prompt for ``online.max_new_tokens`` tokens (0: the longest
-        response). Without them, bounds from the configuration: every batch
-        ``data.max_len`` long, prompts ``data.max_len - 1`` (or ``prompt_len``) and answers as
-        long, ``n_examples`` training rows.
+        response), stopped by the tokenizer's end tokens. Without them, bounds from the
+        configuration: every batch ``data.max_len`` long, prompts ``data.max_len - 1`` (or
+        ``prompt_len``) and answers as long, ``n_examples`` training rows, one end token.
       n_examples, prompt_len: the training rows and the longest prompt where ``train`` is
         not given.
     Returns:
@@ -98,7 +99,8 @@ def run_shapes(cfg, train=None, validation=None, *, n_examples: int = 51760,
                     val_batch_size=cfg.val_batch_size,
                     hyper_batch_size=min(cfg.hyper_batch_size or n, n), n_examples=n,
                     prompt_len=prompt, new_tokens=cfg.online.max_new_tokens or answer,
-                    eval_batch_size=cfg.eval_batch_size, val_seq_len=val_len)
+                    eval_batch_size=cfg.eval_batch_size, val_seq_len=val_len,
+                    stop_ids=max(1, len(train.tokenizer.stop_ids)) if train is not None else 1)
     return shapes, source
 
 
@@ -132,8 +134,8 @@ class MemoryReport:
     mesh_shape: dict  # {"data": ., "fsdp": ., "tensor": .}
     state_total: int  # bytes of theta + opt_theta (+ frozen base params for LoRA), all devices
     state_per_device: int  # the same bytes on the most loaded device
-    steps: dict  # step name ("train", "hyper"; online: "generate", "log ratios";
-    #              "evaluate" when asked for) -> StepMemory
+    steps: dict  # step name ("train", "hyper"; online: "generate", "log ratios", "offline
+    #              train" with a later first refresh; "evaluate" when asked for) -> StepMemory
     # step name -> why it does not fit the devices' memory: the TPU compiler's message (the
     # step is then not in ``steps``), or its peak against ``memory_limit`` (it is)
     errors: dict
@@ -171,46 +173,40 @@ def _memory(compiled, seconds: float, platform: str) -> StepMemory:
                       xla_peak=m.peak_memory_in_bytes if platform == "tpu" else None)
 
 
+def _decoding_args(rows: int, shapes: Shapes, batch_sh) -> tuple:
+    """(prompt ids, prompt mask, key) as a run's sampler call gets them: ``rows`` prompts of
+    ``shapes.prompt_len`` tokens split over the data axes, and a key on no mesh (the run's
+    is uncommitted: a replicated one would make another program)."""
+    prompt = jax.ShapeDtypeStruct((rows, shapes.prompt_len), jnp.int32, sharding=batch_sh)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    return prompt, prompt, jax.ShapeDtypeStruct(key.shape, key.dtype)
+
+
 def _sampler_call(model, online: online_lib.OnlineConfig, state, prompts: int, shapes: Shapes,
                   mesh, rules: sh.AxisRules, batch_sh):
-    """A refresh's sampler call as a jitted function and its abstract arguments: ``prompts``
-    prompts of ``shapes.prompt_len`` tokens split over the data axes, the state's theta."""
-    rep = sh.replicated(mesh)
-
-    def call(theta, frozen, prompt_ids, prompt_mask, key):
-        return refresh.sample(model, online, theta, prompt_ids, prompt_mask, key,
-                              max_new_tokens=shapes.new_tokens, eos_id=0, pad_id=0, mesh=mesh,
-                              rules=rules, base=frozen)
-
-    def rows(dtype):
-        return jax.ShapeDtypeStruct((prompts, shapes.prompt_len), dtype, sharding=batch_sh)
-
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    return jax.jit(call), (state.theta, state.frozen, rows(jnp.int32), rows(jnp.int32),
-                           jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep))
+    """A refresh's first sampler call, lowered: ``prompts`` prompts of ``shapes.prompt_len``
+    tokens, the state's theta. The program is the run's own (``refresh.sample``'s jitted
+    sampler with the same static settings, argument shapes and shardings), so a compilation
+    cache filled here serves the run's first refresh."""
+    return functools.partial(
+        refresh.sample, model, online, state.theta, *_decoding_args(prompts, shapes, batch_sh),
+        max_new_tokens=shapes.new_tokens, eos_id=list(range(shapes.stop_ids)), pad_id=0,
+        mesh=mesh, rules=rules, base=state.frozen, lower=True)
 
 
 def _evaluate_call(model, state, lora: bool, shapes: Shapes, mesh, rules: sh.AxisRules,
                    batch_sh, gather_params: bool):
-    """The final evaluation's decoding batch as a jitted function and its abstract arguments:
+    """The final evaluation's decoding batch, lowered through the sampler the run calls:
     greedy answers to ``shapes.eval_batch_size`` prompts split over the data axes, through a
     LoRA run's adapters over its base unmerged (as the run scores them)."""
     from jbilevel.models import generate
 
-    def call(params, adapters, prompt_ids, prompt_mask, key):
-        return generate(model, params, prompt_ids, prompt_mask, key,
-                        max_new_tokens=shapes.new_tokens, greedy=True, eos_id=0, pad_id=0,
-                        lora=adapters, mesh=mesh, rules=rules, gather_params=gather_params)
-
-    def rows(dtype):
-        return jax.ShapeDtypeStruct((shapes.eval_batch_size, shapes.prompt_len), dtype,
-                                    sharding=batch_sh)
-
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    weights = (state.frozen, state.theta) if lora else (state.theta, None)
-    return jax.jit(call), (*weights, rows(jnp.int32), rows(jnp.int32),
-                           jax.ShapeDtypeStruct(key.shape, key.dtype,
-                                                sharding=sh.replicated(mesh)))
+    params, adapters = (state.frozen, state.theta) if lora else (state.theta, None)
+    return functools.partial(
+        generate, model, params, *_decoding_args(shapes.eval_batch_size, shapes, batch_sh),
+        max_new_tokens=shapes.new_tokens, greedy=True, eos_id=list(range(shapes.stop_ids)),
+        pad_id=0, lora=adapters, mesh=mesh, rules=rules, gather_params=gather_params,
+        lower=True)
 
 
 def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config: sh.MeshConfig,
@@ -239,10 +235,12 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
         train state then carries the buffer of generated pairs (``fraction x n_examples x
         num_samples`` rows of ``prompt_len + new_tokens`` tokens, laid out as a run lays
         it), the train and hypergradient steps are the online ones, and two more
-        programs of a refresh are compiled: ``generate``, one sampler call
-        (``generate_batch_size`` prompts, ``num_samples`` responses each, the KV cache split
-        with the rows), and ``log ratios``, the importance ratios of the whole buffer for
-        ``generations.jsonl``, one sampler call's rows at a time.
+        programs of a refresh are compiled: ``generate``, the first sampler call of a
+        refresh (``generate_batch_size`` prompts of the longest prompt's length,
+        ``num_samples`` responses each, the KV cache split with the rows: the run's own
+        program), and ``log ratios``, the importance ratios of the whole buffer for
+        ``generations.jsonl``, one sampler call's rows at a time. With ``online.start`` > 0
+        also ``offline train``, the train step of the steps before the first refresh.
       only: compile just these of the steps above (default: all of them), e.g. to try
         sampler settings without recompiling the hypergradient; ``"evaluate"`` (compiled only
         when named here) is one decoding batch of the final evaluation: greedy answers to
@@ -316,40 +314,43 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
     batch_sh = compiled.batch_sharding
     train_batch = _batch(shapes.batch_size, shapes.seq_len, batch_sh)
     val_batch = _batch(shapes.val_batch_size, shapes.val_seq_len or shapes.seq_len, batch_sh)
-    args = {"train": (state, train_batch, val_batch) if compiled.with_val else
-            (state, train_batch)}
-    programs = {"train": compiled.train}
+    batches = (train_batch, val_batch) if compiled.with_val else (train_batch,)
+    # each step's program lowered for its abstract arguments, on demand
+    lower = {"train": functools.partial(compiled.train.lower, state, *batches)}
+    if online is not None and online.start > 0 and compiled.train_offline is not None:
+        lower["offline train"] = functools.partial(compiled.train_offline.lower, state,
+                                                   *batches)
     if compiled.hyper is not None:
         width = max(length for *_, length in hyper_blocks) if hyper_blocks else shapes.seq_len
         hyper_batch = _batch(shapes.hyper_batch_size, width, batch_sh)
-        args["hyper"] = (state, hyper_batch, val_batch)
-        programs["hyper"] = compiled.hyper
+        lower["hyper"] = functools.partial(compiled.hyper.lower, state, hyper_batch, val_batch)
     if online is not None:
-        programs["generate"], args["generate"] = _sampler_call(model, online, state, chunk,
-                                                               shapes, mesh, rules, batch_sh)
-        programs["log ratios"] = jax.jit(functools.partial(
-            refresh.row_ratios, model, online, rows=chunk * online.num_samples, mesh=mesh,
-            rules=rules))
-        args["log ratios"] = (state.theta, state.online, state.frozen)
+        lower["generate"] = _sampler_call(model, online, state, chunk, shapes, mesh, rules,
+                                          batch_sh)
+        ratios = jax.jit(functools.partial(refresh.row_ratios, model, online,
+                                           rows=chunk * online.num_samples, mesh=mesh,
+                                           rules=rules))
+        lower["log ratios"] = functools.partial(ratios.lower, state.theta, state.online,
+                                                state.frozen)
     if only is not None and "evaluate" in only:
         if shapes.eval_batch_size % ways:
             raise ValueError(f"eval_batch_size={shapes.eval_batch_size} must be a multiple of "
                              f"the mesh's data-parallel size {ways} (data x fsdp)")
-        programs["evaluate"], args["evaluate"] = _evaluate_call(
+        lower["evaluate"] = _evaluate_call(
             model, state, lora, shapes, mesh, rules, batch_sh,
             online.gather_params if online is not None else gather_params)
     if only is not None:
-        unknown = set(only) - set(args)
+        unknown = set(only) - set(lower)
         if unknown:
             raise ValueError(f"only={sorted(unknown)}: not a step of this method "
-                             f"(its steps: {', '.join(args)})")
-        args = {name: a for name, a in args.items() if name in only}
+                             f"(its steps: {', '.join(lower)})")
+        lower = {name: how for name, how in lower.items() if name in only}
     steps: dict[str, StepMemory] = {}
     errors: dict[str, str] = {}
-    for name, step_args in args.items():
+    for name, lowered in lower.items():
         t0 = time.perf_counter()
         try:
-            exe = programs[name].lower(*step_args).compile()
+            exe = lowered().compile()
         except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses what cannot fit
             if not train.is_out_of_memory(e):
                 raise

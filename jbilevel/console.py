@@ -149,9 +149,14 @@ class Console:
                 return fn(*args)
             name = what
             if seen:  # another shape of the same step: name the batch's padded length
-                ids = next((a["input_ids"] for a in args[1:]
-                            if isinstance(a, dict) and "input_ids" in a), None)
-                name += " again" if ids is None else f" for sequence length {ids.shape[-1]}"
+                batch = next((a for a in args[1:] if isinstance(a, dict)
+                              and ("input_ids" in a or "prompt_ids" in a)), None)
+                if batch is None:
+                    name += " again"
+                elif "input_ids" in batch:
+                    name += f" for sequence length {batch['input_ids'].shape[-1]}"
+                else:  # a sampler's prompts
+                    name += f" for prompts of {batch['prompt_ids'].shape[-1]} tokens"
                 span = next((a for a in args[1:] if isinstance(a, tuple)), None)
                 if span is not None:  # online: the widths of the generated rows' buckets,
                     # one (a train step) or one per block (bds's hypergradient)

@@ -121,7 +121,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="online / evaluate: keep the weights split while decoding "
                    "(online.gather_params=false)")
     p.add_argument("--steps", nargs="+", default=None,
-                   choices=["train", "hyper", "generate", "log ratios", "evaluate"],
+                   choices=["train", "offline train", "hyper", "generate", "log ratios",
+                            "evaluate"],
                    help="compile only these steps (default: all of each method's but "
                    "evaluate, the final evaluation's decoding batch: --prompt-len, "
                    "--new-tokens, --generate-per-device, --split-params)")
@@ -455,7 +456,7 @@ def _hints(step: str, from_config: bool, gathered: bool, train_chunk: int) -> li
     if step in ("generate", "log ratios", "evaluate"):
         hints.append("fewer rows per sampler call: " + say(
             "--generate-per-device", "online.generate_batch_size, eval_batch_size"))
-    if step == "train" and not train_chunk:
+    if step in ("train", "offline train") and not train_chunk:
         hints.append("the train step's gradient over passes of fewer rows: "
                      + say("--train-chunk-per-device", "method.train_chunk"))
     if step == "hyper":

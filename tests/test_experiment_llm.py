@@ -196,6 +196,52 @@ def test_shipped_llama3_lora_config_runs_on_the_tiny_fixture(tmp_path, model_dir
     assert json.loads((tmp_path / "model" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
+def test_compile_check_caches_every_program_an_online_run_compiles_first(tmp_path, model_dir,
+                                                                         cache_state):
+    """The shipped 8B LoRA bds + online config pointed at the fixtures, its first refresh at
+    step 1: compile_check.py --config --compile-cache compiles the run's own programs (the
+    offline train step before the refresh, the online train step, the hypergradient, the
+    sampler with the tokenizer's stop ids at the longest prompt, the log's ratio pass), and
+    the run, in a process that has compiled nothing, loads each of them from the cache. (With
+    data.length_buckets > 1 the online steps take the generated rows at the widths the
+    refresh fills, known only then: the run compiles those two itself.)"""
+    import io
+
+    from jbilevel.console import Console
+
+    path = Path(__file__).parent.parent / "configs" / "llama3_8b_lora_bds_online.yaml"
+    overrides = [
+        f"model.path={model_dir}", f"data.train={DATA / 'alpaca_cleaned.json'}",
+        f"data.validation={DATA / 'openorca.jsonl'}", f"data.test={DATA / 'redorca.jsonl'}",
+        "data.max_len=192", "data.length_buckets=1", "mesh.fsdp=8", "batch_size=8",
+        "val_batch_size=8", "eval_batch_size=8", "hyper_batch_size=8", "method.hessian_rows=8",
+        "method.hyper_chunk=8", "method.hyper_start=2", "method.hyper_every=1",
+        "online.start=1", "online.every=10", "online.fraction=1.0",
+        "online.generate_batch_size=8", "online.batch_size=8", "online.max_new_tokens=6",
+        "loop.steps=3", "loop.log_every=1", "loop.eval_every=0", "loop.progress=false"]
+    checked = io.StringIO()
+    with contextlib.redirect_stdout(checked):
+        assert _llm.script("compile_check").main([
+            "--config", str(path), *overrides, "--platform", "cpu", "--devices", "8",
+            "--max-ratio", "10", "--compile-cache", str(tmp_path / "cache")]) == 0
+    compiled = re.findall(r"\| cpu x8 data=1 fsdp=8 \| ([a-z ]+) \|", checked.getvalue())
+    assert compiled == ["train", "offline train", "hyper", "generate", "log ratios"], compiled
+    cfg = config.load(experiment.ExperimentConfig, path, overrides)
+    jax.clear_caches()  # as a new process: what it does not compile comes from the cache
+    out = io.StringIO()
+    experiment.run(cfg, tmp_path / "run", console=Console(stream=out))
+    log = out.getvalue()
+    for program in ("bds train step", "bds train step with generated rows",
+                    "hypergradient step", "sampler"):
+        assert f"compiling the {program} ...\nloaded the {program} from the compilation " \
+               "cache" in log, (program, log)
+    assert "compiled the" not in log, log
+    # the log's ratio pass runs at the end, over the refresh's rows: found in the cache too
+    entries = sorted(p.name.split("-", 1)[0] for p in (tmp_path / "cache").iterdir()
+                     if p.name.endswith("-cache"))
+    assert entries.count("jit_row_ratios") == 1 and entries.count("jit__generate") == 1, entries
+
+
 def test_file_task_uses_the_model_tokenizer_and_options(model_dir):
     data = inputs.DataConfig(train=str(DATA / "alpaca_cleaned.json"),
                              validation=str(DATA / "openorca.jsonl"), max_len=400)

@@ -865,13 +865,19 @@ def test_sampler_calls_pad_prompts_to_their_length_bucket(monkeypatch):
 
     want, one = refreshed(1)
     gen_len = one.loss_mask[one.valid > 0].sum(axis=1).mean()
-    assert re.fullmatch(r"online refresh at step 0 \.\.\.\nonline refresh at step 0: 11 "
+    # the sampler's program compiled once, within the refresh, and said so
+    assert re.fullmatch(r"online refresh at step 0 \.\.\.\ncompiling the sampler \.\.\.\n"
+                        r"compiled the sampler in \d+\.\d s\nonline refresh at step 0: 11 "
                         rf"questions, 2 responses each in 4 sampler calls, {gen_len:.1f} tokens "
                         r"a response \(\d+\.\d s\)\n", said.getvalue())
     longest = int(train_set.prompt_len_N.max())
     assert widths == [longest] * 4
     widths.clear()
+    said.seek(0), said.truncate()
     got, cut = refreshed(4)
+    # one program per prompt width, each named by it after the first
+    assert re.findall(r"compiled the sampler(.*) in", said.getvalue()) == [
+        "", " for prompts of 192 tokens", " for prompts of 128 tokens"]
     # 3 prompts a call, longest first (3 + 3 + 3 + 2 of the 4 lengths; the padding slot takes
     # the shortest, not question 0, the longest): the prompt lengths' quartiles rounded up to
     # 64 tokens (128, 128, 192) and the longest

@@ -97,17 +97,20 @@ def calls(cfg: OnlineConfig, n: int, ways: int) -> tuple[int, int, int]:
 
 
 def sample(model, cfg: OnlineConfig, theta, prompt_ids_BxP, prompt_mask_BxP, key, *,
-           max_new_tokens: int, eos_id, pad_id: int, mesh, rules: sh.AxisRules, base=None):
+           max_new_tokens: int, eos_id, pad_id: int, mesh, rules: sh.AxisRules, base=None,
+           lower: bool = False):
     """One sampler call of a refresh: ``cfg.num_samples`` responses to each left-padded prompt
     (``jbilevel.models.generate`` with the refresh's sampling settings, on ``mesh``). With
-    ``base``, ``theta`` is LoRA adapters over it, decoded unmerged."""
+    ``base``, ``theta`` is LoRA adapters over it, decoded unmerged. ``lower``: the call's
+    program lowered for these (possibly abstract) arguments, not run (``generate``'s)."""
     from jbilevel.models import generate
 
     params, lora = (theta, None) if base is None else (base, theta)
     return generate(model, params, prompt_ids_BxP, prompt_mask_BxP, key,
                     max_new_tokens=max_new_tokens, num_samples=cfg.num_samples,
                     temperature=cfg.temperature, top_p=cfg.top_p, eos_id=eos_id, pad_id=pad_id,
-                    lora=lora, mesh=mesh, rules=rules, gather_params=cfg.gather_params)
+                    lora=lora, mesh=mesh, rules=rules, gather_params=cfg.gather_params,
+                    lower=lower)
 
 
 def row_ratios(model, cfg: OnlineConfig, theta, buffer: Buffer, base=None, *, rows: int,
@@ -221,6 +224,15 @@ class Refresher:
             rules=self.rules))
         self._concat = None  # jitted on the first refresh (needs the buffer's shardings)
 
+        def sampler(theta, prompts, key, base):  # one call: its program compiled per width
+            return sample(model, cfg, theta, prompts["prompt_ids"], prompts["prompt_mask"], key,
+                          max_new_tokens=self.max_new_tokens, eos_id=dataset.tokenizer.stop_ids,
+                          pad_id=dataset.pad_id, mesh=mesh, rules=self.rules, base=base)
+
+        # each prompt width's first call says how long its compilation took (or that the
+        # program came from the compilation cache, e.g. one compile_check.py filled)
+        self._sample = sampler if console is None else console.first_call(sampler, "sampler")
+
     @property
     def capacity(self) -> int:
         """Buffer rows: selected questions (padded to whole sampler calls) x G."""
@@ -319,11 +331,8 @@ class Refresher:
             local = distributed.process_slice(self.chunk)
             prompts = distributed.global_batch({k: v[local] for k, v in prompts.items()},
                                                self.batch_sharding)
-            gen = sample(self.model, self.cfg, state.theta, prompts["prompt_ids"],
-                         prompts["prompt_mask"], jax.random.fold_in(key_gen, c),
-                         max_new_tokens=self.max_new_tokens,
-                         eos_id=self.dataset.tokenizer.stop_ids, pad_id=self.dataset.pad_id,
-                         mesh=self.batch_sharding.mesh, rules=self.rules, base=state.frozen)
+            gen = self._sample(state.theta, prompts, jax.random.fold_in(key_gen, c),
+                               state.frozen)
             logp = gen.logprobs if self.cfg.denominator == "model" else gen.sampling_logprobs
             rows.append(self._pack(prompts["prompt_ids"], prompts["prompt_mask"], gen.tokens,
                                    gen.mask, logp, prompts["ids"], prompts["valid"]))

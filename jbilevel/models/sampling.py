@@ -15,6 +15,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jbilevel import sharding as sh
 from jbilevel.losses import token_nll
@@ -174,7 +175,8 @@ def generate(model, params, prompt_ids_BxP, prompt_mask_BxP, rng, *, max_new_tok
              num_samples: int = 1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              greedy: bool = False, eos_id: int | list[int] | None = None, pad_id: int = 0,
              lora=None, mesh=None, rules: sh.AxisRules | None = None,
-             gather_params: bool = True) -> Generation:
+             gather_params: bool = True,
+             lower: bool = False) -> Generation | jax.stages.Lowered:
     """Samples num_samples continuations per prompt through a KV cache (one jitted program).
 
     Args:
@@ -193,6 +195,10 @@ def generate(model, params, prompt_ids_BxP, prompt_mask_BxP, rng, *, max_new_tok
       mesh: run on this device mesh: prompt rows and the KV cache split over the batch
         axes of ``rules`` (default ``AxisRules()``), parameters gathered over fsdp once per
         call (see the module docstring; ``gather_params=False`` keeps them split).
+      lower: return the call's program lowered (``jax.stages.Lowered``) instead of running
+        it; ``params``, the prompts and ``rng`` may then be ``jax.ShapeDtypeStruct`` s (with
+        the shardings a run's arrays have). It is the very program such a call runs, so a
+        compilation cache filled ahead of time (``scripts/compile_check.py``) serves the run.
     Returns:
       Generation(tokens_BxGxT, logprobs_BxGxT, mask_BxGxT, sampling_logprobs_BxGxT, decoded);
       see its docstring for which log-prob is which. Decoding stops early once every row has
@@ -203,12 +209,19 @@ def generate(model, params, prompt_ids_BxP, prompt_mask_BxP, rng, *, max_new_tok
     if not greedy and temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0 (or use greedy=True)")
     eos_list = [] if eos_id is None else ([eos_id] if isinstance(eos_id, int) else list(eos_id))
-    eos = jnp.asarray(eos_list or [-1], jnp.int32)
-    return _generate(model.config, params, jnp.asarray(prompt_ids_BxP),
-                     jnp.asarray(prompt_mask_BxP), rng, jnp.float32(temperature),
-                     eos, jnp.int32(pad_id), lora,
-                     max_new_tokens=max_new_tokens, num_samples=num_samples, top_k=int(top_k),
-                     top_p=float(top_p), greedy=bool(greedy), mesh=mesh,
-                     rules=None if mesh is None else decoding_rules(rules or sh.AxisRules(),
-                                                                    gather_params),
-                     stream_layers=mesh is not None and not gather_params)
+    # the scalars and stop ids as host values: jax.numpy would compile a conversion for each
+    # (small programs, but compiled within the sampler's first call)
+    eos = np.asarray(eos_list or [-1], np.int32)
+    program = _generate.lower if lower else _generate
+    return program(model.config, params, _array(prompt_ids_BxP), _array(prompt_mask_BxP),
+                   rng, np.float32(temperature), eos, np.int32(pad_id), lora,
+                   max_new_tokens=max_new_tokens, num_samples=num_samples, top_k=int(top_k),
+                   top_p=float(top_p), greedy=bool(greedy), mesh=mesh,
+                   rules=None if mesh is None else decoding_rules(rules or sh.AxisRules(),
+                                                                  gather_params),
+                   stream_layers=mesh is not None and not gather_params)
+
+
+def _array(x):
+    """An array for the jitted sampler; a ``jax.ShapeDtypeStruct`` stays one (lowering)."""
+    return x if isinstance(x, jax.ShapeDtypeStruct) else jnp.asarray(x)
