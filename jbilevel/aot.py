@@ -44,6 +44,8 @@ class Shapes:
     eval_batch_size: int = 8  # evaluate: prompts per decoding batch of the final evaluation
     val_seq_len: int | None = None  # tokens per validation row (None: seq_len)
     stop_ids: int = 1  # online / evaluate: the tokenizer's end tokens (the sampler's stop array)
+    eval_prompt_len: int | None = None  # evaluate: the longest prompt decoded (None: prompt_len)
+    eval_new_tokens: int | None = None  # evaluate: tokens decoded per prompt (None: new_tokens)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -52,7 +54,7 @@ class Shapes:
                 raise ValueError(f"{f.name}={value} must be > 0")
 
 
-def run_shapes(cfg, train=None, validation=None, *, n_examples: int = 51760,
+def run_shapes(cfg, train=None, validation=None, *, decoded=(), n_examples: int = 51760,
                prompt_len: int | None = None) -> tuple[Shapes, str]:
     """The batch geometry a run configuration's steps compile with, and where it comes from.
 
@@ -68,6 +70,10 @@ def run_shapes(cfg, train=None, validation=None, *, n_examples: int = 51760,
         response), stopped by the tokenizer's end tokens. Without them, bounds from the
         configuration: every batch ``data.max_len`` long, prompts ``data.max_len - 1`` (or
         ``prompt_len``) and answers as long, ``n_examples`` training rows, one end token.
+      decoded: the splits whose prompts the final evaluation answers greedily (the task's
+        scored splits: ``data.metric``): the evaluation's batches continue the longest of
+        their prompts for as many tokens as their longest reference answer (each split's
+        budget, as the run decodes it), the largest of the splits' figures.
       n_examples, prompt_len: the training rows and the longest prompt where ``train`` is
         not given.
     Returns:
@@ -101,6 +107,12 @@ def run_shapes(cfg, train=None, validation=None, *, n_examples: int = 51760,
                     prompt_len=prompt, new_tokens=cfg.online.max_new_tokens or answer,
                     eval_batch_size=cfg.eval_batch_size, val_seq_len=val_len,
                     stop_ids=max(1, len(train.tokenizer.stop_ids)) if train is not None else 1)
+    if decoded:
+        shapes = dataclasses.replace(
+            shapes, eval_prompt_len=max(int(d.prompt_len_N.max()) for d in decoded),
+            eval_new_tokens=max(int((d.length_N - d.prompt_len_N).max()) for d in decoded))
+        source += (f"; the final evaluation decodes prompts of at most "
+                   f"{shapes.eval_prompt_len} tokens for {shapes.eval_new_tokens}")
     return shapes, source
 
 
@@ -173,11 +185,11 @@ def _memory(compiled, seconds: float, platform: str) -> StepMemory:
                       xla_peak=m.peak_memory_in_bytes if platform == "tpu" else None)
 
 
-def _decoding_args(rows: int, shapes: Shapes, batch_sh) -> tuple:
+def _decoding_args(rows: int, width: int, batch_sh) -> tuple:
     """(prompt ids, prompt mask, key) as a run's sampler call gets them: ``rows`` prompts of
-    ``shapes.prompt_len`` tokens split over the data axes, and a key on no mesh (the run's
-    is uncommitted: a replicated one would make another program)."""
-    prompt = jax.ShapeDtypeStruct((rows, shapes.prompt_len), jnp.int32, sharding=batch_sh)
+    ``width`` tokens split over the data axes, and a key on no mesh (the run's is
+    uncommitted: a replicated one would make another program)."""
+    prompt = jax.ShapeDtypeStruct((rows, width), jnp.int32, sharding=batch_sh)
     key = jax.eval_shape(lambda: jax.random.key(0))
     return prompt, prompt, jax.ShapeDtypeStruct(key.shape, key.dtype)
 
@@ -189,24 +201,30 @@ def _sampler_call(model, online: online_lib.OnlineConfig, state, prompts: int, s
     sampler with the same static settings, argument shapes and shardings), so a compilation
     cache filled here serves the run's first refresh."""
     return functools.partial(
-        refresh.sample, model, online, state.theta, *_decoding_args(prompts, shapes, batch_sh),
+        refresh.sample, model, online, state.theta,
+        *_decoding_args(prompts, shapes.prompt_len, batch_sh),
         max_new_tokens=shapes.new_tokens, eos_id=list(range(shapes.stop_ids)), pad_id=0,
         mesh=mesh, rules=rules, base=state.frozen, lower=True)
 
 
 def _evaluate_call(model, state, lora: bool, shapes: Shapes, mesh, rules: sh.AxisRules,
                    batch_sh, gather_params: bool):
-    """The final evaluation's decoding batch, lowered through the sampler the run calls:
-    greedy answers to ``shapes.eval_batch_size`` prompts split over the data axes, through a
-    LoRA run's adapters over its base unmerged (as the run scores them)."""
+    """The final evaluation's first decoding batch, lowered through the sampler the run calls:
+    greedy answers to ``shapes.eval_batch_size`` prompts (rounded up to a multiple of the
+    data axes, as the run pads the batch) of the longest prompt's length, split over the data
+    axes, through a LoRA run's adapters over its base unmerged (as the run scores them)."""
     from jbilevel.models import generate
 
+    rows = shapes.eval_batch_size + -shapes.eval_batch_size % sh.data_parallel_size(mesh, rules)
     params, adapters = (state.frozen, state.theta) if lora else (state.theta, None)
+    # on one device the run decodes off the mesh (jbilevel.experiment.evaluate)
+    on_mesh = dict(mesh=mesh, rules=rules, gather_params=gather_params) if mesh.size > 1 else {}
     return functools.partial(
-        generate, model, params, *_decoding_args(shapes.eval_batch_size, shapes, batch_sh),
-        max_new_tokens=shapes.new_tokens, greedy=True, eos_id=list(range(shapes.stop_ids)),
-        pad_id=0, lora=adapters, mesh=mesh, rules=rules, gather_params=gather_params,
-        lower=True)
+        generate, model, params,
+        *_decoding_args(rows, shapes.eval_prompt_len or shapes.prompt_len,
+                        batch_sh if on_mesh else None),
+        max_new_tokens=shapes.eval_new_tokens or shapes.new_tokens, greedy=True,
+        eos_id=list(range(shapes.stop_ids)), pad_id=0, lora=adapters, lower=True, **on_mesh)
 
 
 def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config: sh.MeshConfig,
@@ -244,7 +262,9 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
       only: compile just these of the steps above (default: all of them), e.g. to try
         sampler settings without recompiling the hypergradient; ``"evaluate"`` (compiled only
         when named here) is one decoding batch of the final evaluation: greedy answers to
-        ``shapes.eval_batch_size`` prompts, a LoRA run's adapters unmerged over its base.
+        ``shapes.eval_batch_size`` prompts (rounded up to a multiple of the data-parallel
+        size, as the run pads them) of ``eval_prompt_len`` tokens for ``eval_new_tokens``, a
+        LoRA run's adapters unmerged over its base.
       gather_params: ``evaluate``'s weights while decoding: gathered over fsdp once per call,
         or kept split (``online.gather_params``, which a run's final evaluation follows).
       hyper_blocks, hyper_scales: bds with ``data.length_buckets`` > 1: how its hypergradient
@@ -333,9 +353,6 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
         lower["log ratios"] = functools.partial(ratios.lower, state.theta, state.online,
                                                 state.frozen)
     if only is not None and "evaluate" in only:
-        if shapes.eval_batch_size % ways:
-            raise ValueError(f"eval_batch_size={shapes.eval_batch_size} must be a multiple of "
-                             f"the mesh's data-parallel size {ways} (data x fsdp)")
         lower["evaluate"] = _evaluate_call(
             model, state, lora, shapes, mesh, rules, batch_sh,
             online.gather_params if online is not None else gather_params)

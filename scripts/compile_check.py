@@ -108,7 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=4, help="online: responses per question")
     p.add_argument("--prompt-len", type=int, default=None,
                    help="online / evaluate: prompt tokens (default 256; with --config the "
-                   "data's longest prompt, or data.max_len - 1 without the data)")
+                   "data's longest prompt (evaluate: of the splits the run scores), or "
+                   "data.max_len - 1 without the data)")
     p.add_argument("--new-tokens", type=int, default=256, help="online: sampled tokens")
     p.add_argument("--generate-per-device", type=int, default=4,
                    help="online: prompts per device in each sampler call "
@@ -280,6 +281,7 @@ def _from_config(args, parser):
     cfg = config.load(experiment.ExperimentConfig, args.config, args.overrides)
     here = cfg.model.path is None or os.path.isdir(cfg.model.path)
     train = validation = None
+    decoded = ()  # the splits the final evaluation answers greedily
     if here and not args.no_data:  # the trainer's own data, tokeniser and model config
         console = Console()
         with tempfile.TemporaryDirectory() as scratch:  # a built-in task's files
@@ -292,8 +294,12 @@ def _from_config(args, parser):
         train, _ = experiment.training_set(task, cfg.method.method)
         validation = task.validation
         buckets = experiment.grouped(train, cfg.data)["buckets"]
-    shapes, source = aot.run_shapes(cfg, train, validation, n_examples=args.n_examples,
-                                    prompt_len=args.prompt_len)
+        decoded = [task.splits[s] for s in task.scored if s in task.splits]
+        if not decoded and args.steps and "evaluate" in args.steps:
+            print("evaluate: this run's final evaluation decodes nothing (no split is scored: "
+                  "data.metric); compiled at the training prompts' bounds", flush=True)
+    shapes, source = aot.run_shapes(cfg, train, validation, decoded=decoded,
+                                    n_examples=args.n_examples, prompt_len=args.prompt_len)
     compute = inputs.compute_settings(cfg.model)
     if args.platform != "gpu" and compute["attention"] == "cudnn":
         print(f"model.attention=cudnn is a GPU kernel: compiled for {args.platform} with "

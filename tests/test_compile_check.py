@@ -269,7 +269,6 @@ def test_evaluate_compiles_the_final_evaluations_decoding_batch():
     shapes = aot.Shapes(seq_len=16, batch_size=n, val_batch_size=n, hyper_batch_size=n,
                         n_examples=1000, prompt_len=24, new_tokens=8, eval_batch_size=16)
     method, mesh = MethodConfig(method="sft"), MeshConfig(data=1, fsdp=n)
-    lora = ThetaConfig(kind="lora", rank=4)
     reports = {kind: aot.compile_memory(TINY, method, mesh, shapes, devices=jax.devices()[:n],
                                         theta=ThetaConfig(kind=kind, rank=4),
                                         only=["evaluate"])
@@ -280,9 +279,54 @@ def test_evaluate_compiles_the_final_evaluations_decoding_batch():
     # their kernels: A (in, r) on the embedding over fsdp, B (r, out) on heads (no fsdp: whole)
     a_bytes, b_bytes = 4 * 2 * 4 * (64 + 64), 4 * 2 * 4 * (64 + 32)
     assert adapted.argument - full.argument == a_bytes // n + b_bytes
-    with pytest.raises(ValueError, match="eval_batch_size=4 must be a multiple .* size 8"):
-        aot.compile_memory(TINY, method, mesh, dataclasses.replace(shapes, eval_batch_size=4),
-                           devices=jax.devices()[:n], theta=lora, only=["evaluate"])
+    # 4 prompts pad to a batch of 8, as the run pads them (one row a device): a row of 24
+    # prompt ids and mask entries less a device than the batch of 16
+    padded = aot.compile_memory(TINY, method, mesh, dataclasses.replace(shapes, eval_batch_size=4),
+                                devices=jax.devices()[:n], only=["evaluate"]).steps["evaluate"]
+    assert full.argument - padded.argument == 2 * 24 * 4
+
+
+def test_the_final_evaluation_is_compiled_at_the_scored_splits_lengths(tmp_path, capsys,
+                                                                         cache_state):
+    """With the data read, ``evaluate`` is the run's first decoding batch of the splits it
+    scores: their longest prompt, their longest reference answer as the budget, the batch
+    padded to the devices; kept in the compilation cache, the run's final evaluation loads it.
+    (On one device the run decodes off the mesh, and so does the check: not testable in this
+    process of 8 devices.)"""
+    from pathlib import Path
+
+    import _llm
+
+    from jbilevel import config, experiment
+    from jbilevel.console import QUIET, Console
+
+    path = Path(__file__).parents[1] / "configs" / "finetune" / "quality_mix.yaml"
+    overrides = ["task.options.n_train=64", "task.options.n_val=16", "task.options.n_test=24",
+                 "batch_size=8", "val_batch_size=8", "eval_batch_size=12", "loop.steps=1",
+                 "loop.eval_every=0",
+                 "online.max_new_tokens=9"]  # a sampler's budget, not the evaluation's
+    cfg = experiment.resolve(config.load(experiment.ExperimentConfig, path, overrides),
+                             tmp_path / "task", write=True)
+    task = experiment.load_data(cfg, Console(QUIET))
+    decoded = [task.splits[s] for s in task.scored]
+    assert len(decoded) == 2  # validation and test
+    shapes, source = aot.run_shapes(cfg, task.train, task.validation, decoded=decoded)
+    prompt = max(int(d.prompt_len_N.max()) for d in decoded)
+    answer = max(int((d.length_N - d.prompt_len_N).max()) for d in decoded)
+    assert (shapes.eval_prompt_len, shapes.eval_new_tokens) == (prompt, answer)
+    assert shapes.new_tokens == 9 != answer
+    assert f"the final evaluation decodes prompts of at most {prompt} tokens for {answer}" in source
+    cache = tmp_path / "cache"
+    assert _llm.script("compile_check").main([
+        "--config", str(path), *overrides, "--platform", "cpu", "--devices", "8", "--steps",
+        "evaluate", "--compile-cache", str(cache)]) == 0
+    assert re.search(r"\| cpu x8 data=8 fsdp=1 \| evaluate \|", capsys.readouterr().out)
+    jax.clear_caches()  # as a new process: what it does not compile comes from the cache
+    experiment.run(config.load(experiment.ExperimentConfig, path, overrides), tmp_path / "run",
+                   console=Console(QUIET))
+    entries = [p.name.split("-", 1)[0] for p in cache.iterdir() if p.name.endswith("-cache")]
+    # the run's greedy decoding (both splits: one program) found there, not compiled again
+    assert entries.count("jit__generate") == 1, sorted(entries)
 
 
 def test_a_run_configuration_compiles_with_its_own_shapes(tmp_path, capsys):
