@@ -234,7 +234,8 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
                    online: online_lib.OnlineConfig | None = None,
                    only: Sequence[str] | None = None,
                    gather_params: bool = True, hyper_blocks=None,
-                   hyper_scales=None, memory_limit: int | None = None) -> MemoryReport:
+                   hyper_scales=None, memory_limit: int | None = None,
+                   evaluate: bool = False) -> MemoryReport:
     """Compiles ``method``'s steps for a mesh without materialising any array.
 
     Args:
@@ -279,6 +280,8 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
         preallocated temporary buffer when it runs (its out-of-memory message lists these
         three), which is what ``peak`` adds up; it compiles whatever the memory. A TPU target
         needs none: its compiler refuses a step that does not fit.
+      evaluate: compile ``"evaluate"`` with the others when ``only`` is None (a run that
+        scores its answers decodes them after its last step).
     Returns:
       The per-device memory of every step and the parameter + optimizer-state split. The
       invariant checked by the tests: ``state_ratio`` is close to 1 for an fsdp mesh.
@@ -352,7 +355,7 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
                                            rules=rules))
         lower["log ratios"] = functools.partial(ratios.lower, state.theta, state.online,
                                                 state.frozen)
-    if only is not None and "evaluate" in only:
+    if (evaluate and only is None) or (only is not None and "evaluate" in only):
         lower["evaluate"] = _evaluate_call(
             model, state, lora, shapes, mesh, rules, batch_sh,
             online.gather_params if online is not None else gather_params)

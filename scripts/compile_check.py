@@ -24,8 +24,9 @@ allocator may hand out.
     # fake CPU devices (no libtpu):
     python scripts/compile_check.py --model pythia-1b --platform cpu --devices 8 16 64
     # a run configuration's own steps (its method, LoRA, online settings, batch sizes, mesh
-    # and lengths), with overrides as `jbilevel train` takes them; --model names the
-    # architecture where model.path is not on this machine:
+    # and lengths; the final evaluation's decoding where it scores its answers), with
+    # overrides as `jbilevel train` takes them; --model names the architecture where
+    # model.path is not on this machine:
     python scripts/compile_check.py --config configs/llama3_8b_lora_bds_online.yaml \
         --model llama-3-8b --platform tpu --topology v5e:8x8
 
@@ -124,9 +125,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", nargs="+", default=None,
                    choices=["train", "offline train", "hyper", "generate", "log ratios",
                             "evaluate"],
-                   help="compile only these steps (default: all of each method's but "
-                   "evaluate, the final evaluation's decoding batch: --prompt-len, "
-                   "--new-tokens, --generate-per-device, --split-params)")
+                   help="compile only these steps (default: all of each method's; evaluate, "
+                   "the final evaluation's decoding batch, only with --config of a run that "
+                   "scores its answers (data.metric); from flags: --prompt-len, --new-tokens, "
+                   "--generate-per-device, --split-params)")
     p.add_argument("--max-ratio", type=float, default=1.25)
     p.add_argument("--markdown", default=None, help="append each table row to this file")
     p.add_argument("--compile-cache", metavar="DIR", default=None,
@@ -281,7 +283,7 @@ def _from_config(args, parser):
     cfg = config.load(experiment.ExperimentConfig, args.config, args.overrides)
     here = cfg.model.path is None or os.path.isdir(cfg.model.path)
     train = validation = None
-    decoded = ()  # the splits the final evaluation answers greedily
+    decoded = ()  # the splits the final evaluation answers greedily (with the data read)
     if here and not args.no_data:  # the trainer's own data, tokeniser and model config
         console = Console()
         with tempfile.TemporaryDirectory() as scratch:  # a built-in task's files
@@ -298,6 +300,7 @@ def _from_config(args, parser):
         if not decoded and args.steps and "evaluate" in args.steps:
             print("evaluate: this run's final evaluation decodes nothing (no split is scored: "
                   "data.metric); compiled at the training prompts' bounds", flush=True)
+    scored = inputs.scored_splits(cfg.data)
     shapes, source = aot.run_shapes(cfg, train, validation, decoded=decoded,
                                     n_examples=args.n_examples, prompt_len=args.prompt_len)
     compute = inputs.compute_settings(cfg.model)
@@ -346,7 +349,8 @@ def _from_config(args, parser):
         where = f"{target} data={data} fsdp={fsdp}" + (f" tensor={tensor}" if tensor > 1 else "")
         # the trainer's hypergradient batch: padded to a multiple of the data-parallel ways
         hyper = shapes.hyper_batch_size + -shapes.hyper_batch_size % ways
-        cut = {}
+        # the run's final evaluation decodes the scored splits: compiled too, unless --steps
+        extra = dict(evaluate=bool(decoded) if train is not None else bool(scored))
         if cfg.method.method == "bds" and cfg.data.length_buckets > 1 and train is not None:
             # its rows cut by length as the trainer cuts them for these devices
             try:
@@ -355,13 +359,13 @@ def _from_config(args, parser):
                 raise SystemExit(f"{where}: {e}") from None
             print(f"{where}: {experiment.hyper_cut_line(blocks, every)}"
                   + (" (generated rows at the buffer's width)" if online else ""), flush=True)
-            cut = dict(hyper_blocks=blocks, hyper_scales=scales)
+            extra.update(hyper_blocks=blocks, hyper_scales=scales)
         elif cfg.method.method == "bds" and cfg.data.length_buckets > 1:
             print(f"{where}: the hypergradient's rows at one length (data.length_buckets="
                   f"{cfg.data.length_buckets} cuts them by the data's lengths, not read)",
                   flush=True)
         return (MeshConfig(data=data, fsdp=fsdp, tensor=tensor), where,
-                dataclasses.replace(shapes, hyper_batch_size=hyper), online, [cfg.method], cut)
+                dataclasses.replace(shapes, hyper_batch_size=hyper), online, [cfg.method], extra)
 
     return name, model, theta, cfg.model.param_dtype, cfg.online.gather_params, plan
 
@@ -406,7 +410,7 @@ def main(argv=None) -> int:
     worst = 0.0
     unfit = 0
     hints: set[str] = set()
-    for devices, mesh_cfg, where, shapes, online, methods, cut in plans:
+    for devices, mesh_cfg, where, shapes, online, methods, extra in plans:
         limit = _memory_limit(devices) if args.platform == "gpu" else None
         if limit is not None:
             print(f"{where}: each device may use {_gib(limit)} GiB (its allocator's limit)",
@@ -416,7 +420,7 @@ def main(argv=None) -> int:
                 report = aot.compile_memory(model, method_cfg, mesh_cfg, shapes,
                                             devices=devices, param_dtype=param_dtype,
                                             theta=theta, online=online, only=args.steps,
-                                            gather_params=gather, memory_limit=limit, **cut)
+                                            gather_params=gather, memory_limit=limit, **extra)
             except ValueError as e:  # settings that do not fit together: say which
                 raise SystemExit(f"{method_cfg.method} on {where}: {e}") from None
             method = method_cfg.method + ("+online" if online and online.enabled else "")

@@ -290,7 +290,8 @@ def test_the_final_evaluation_is_compiled_at_the_scored_splits_lengths(tmp_path,
                                                                          cache_state):
     """With the data read, ``evaluate`` is the run's first decoding batch of the splits it
     scores: their longest prompt, their longest reference answer as the budget, the batch
-    padded to the devices; kept in the compilation cache, the run's final evaluation loads it.
+    padded to the devices; compiled by default for a run that scores its answers, and kept in
+    the compilation cache, the run's final evaluation loads it.
     (On one device the run decodes off the mesh, and so does the check: not testable in this
     process of 8 devices.)"""
     from pathlib import Path
@@ -318,9 +319,10 @@ def test_the_final_evaluation_is_compiled_at_the_scored_splits_lengths(tmp_path,
     assert f"the final evaluation decodes prompts of at most {prompt} tokens for {answer}" in source
     cache = tmp_path / "cache"
     assert _llm.script("compile_check").main([
-        "--config", str(path), *overrides, "--platform", "cpu", "--devices", "8", "--steps",
-        "evaluate", "--compile-cache", str(cache)]) == 0
-    assert re.search(r"\| cpu x8 data=8 fsdp=1 \| evaluate \|", capsys.readouterr().out)
+        "--config", str(path), *overrides, "--platform", "cpu", "--devices", "8",
+        "--compile-cache", str(cache)]) == 0
+    steps = re.findall(r"\| cpu x8 data=8 fsdp=1 \| ([a-z ]+) \|", capsys.readouterr().out)
+    assert steps == ["train", "evaluate"]
     jax.clear_caches()  # as a new process: what it does not compile comes from the cache
     experiment.run(config.load(experiment.ExperimentConfig, path, overrides), tmp_path / "run",
                    console=Console(QUIET))
