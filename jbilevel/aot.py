@@ -262,10 +262,10 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
         also ``offline train``, the train step of the steps before the first refresh.
       only: compile just these of the steps above (default: all of them), e.g. to try
         sampler settings without recompiling the hypergradient; ``"evaluate"`` (compiled only
-        when named here) is one decoding batch of the final evaluation: greedy answers to
-        ``shapes.eval_batch_size`` prompts (rounded up to a multiple of the data-parallel
-        size, as the run pads them) of ``eval_prompt_len`` tokens for ``eval_new_tokens``, a
-        LoRA run's adapters unmerged over its base.
+        when named here, or with ``evaluate``) is one decoding batch of the final evaluation:
+        greedy answers to ``shapes.eval_batch_size`` prompts (rounded up to a multiple of the
+        data-parallel size, as the run pads them) of ``eval_prompt_len`` tokens for
+        ``eval_new_tokens``, a LoRA run's adapters unmerged over its base.
       gather_params: ``evaluate``'s weights while decoding: gathered over fsdp once per call,
         or kept split (``online.gather_params``, which a run's final evaluation follows).
       hyper_blocks, hyper_scales: bds with ``data.length_buckets`` > 1: how its hypergradient
