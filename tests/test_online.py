@@ -1024,8 +1024,9 @@ def test_bucketed_online_run_draws_each_step_from_one_bucket_and_resumes_exactly
 def test_generated_strata_by_hand():
     """A bds hypergradient's buffer rows from each length bucket: every row of each when it
     takes the whole buffer; else shares in proportion (largest remainders, one at least) in
-    multiples of the devices, the narrowest buckets joined while there are more buckets than
-    multiples; each with the scale that makes up for its share out of proportion."""
+    multiples of the devices, the bucket of fewest rows joined to its wider neighbour while
+    there are more buckets than multiples; each with the scale that makes up for its share
+    out of proportion."""
     spans = ((0, 128, 25), (128, 192, 3), (192, 256, 10))
     every = tuple((*s, 1.0) for s in spans)
     assert ol.generated_strata(spans, 38) == every == ol.generated_strata(spans, 64)
@@ -1038,11 +1039,15 @@ def test_generated_strata_by_hand():
     assert [g[:3] for g in got] == [(0, 128, 7), (128, 192, 2), (192, 256, 3)]
     np.testing.assert_allclose([g[3] for g in got], [25 / 38 * 12 / 7, 3 / 38 * 12 / 2,
                                                      10 / 38 * 12 / 3])
-    # 2 rows (or 16 on 8 devices) for 3 buckets: the two narrowest join
+    # 2 rows (or 16 on 8 devices) for 3 buckets: the 3 rows of 129-192 tokens join the wider
+    # bucket (3 rows padded to 256 tokens, not the 25 narrowest to 192)
     for rows, ways in ((2, 1), (16, 8)):
         got = ol.generated_strata(spans, rows, ways)
-        assert [g[:3] for g in got] == [(0, 192, ways), (192, 256, ways)]
-        np.testing.assert_allclose([g[3] for g in got], [28 / 38 * 2, 10 / 38 * 2])
+        assert [g[:3] for g in got] == [(0, 128, ways), (128, 256, ways)]
+        np.testing.assert_allclose([g[3] for g in got], [25 / 38 * 2, 13 / 38 * 2])
+    # the widest bucket the fewest: the one before it joins it
+    got = ol.generated_strata(((0, 64, 9), (64, 128, 20), (128, 256, 4)), 2)
+    assert [g[:3] for g in got] == [(0, 64, 1), (64, 256, 1)]
     # a bucket with fewer rows than its share: all of them, the rest of its block invalid
     got = ol.generated_strata(((0, 128, 30), (128, 256, 5)), 16, ways=8)
     assert [g[:3] for g in got] == [(0, 128, 8), (128, 256, 8)]

@@ -469,7 +469,8 @@ def generated_strata(spans: tuple[tuple[int, int, int], ...], rows: int, ways: i
     its rows (largest remainders, ``jbilevel.data.batching.strata_counts``) in whole
     multiples of ``ways`` (the data-parallel devices, so that each block splits evenly over
     them: ``jbilevel.data.batching.even_blocks``), at least one each: with more buckets than
-    ``rows / ways`` the narrowest joins the next (its rows then at the wider width). ``n`` is
+    ``rows / ways`` the one of fewest rows joins its wider neighbour (its rows then at the
+    wider width; the widest bucket takes the one before it), as ``length_strata`` does. ``n`` is
     rounded up to a multiple of ``ways`` (rows past a bucket's are drawn invalid), and
     ``scale``, on the rows' losses, is the bucket's share of the buffer over its share of the
     rows taken (1 in proportion: ``jbilevel.data.batching.stratum_scales``).
@@ -481,9 +482,13 @@ def generated_strata(spans: tuple[tuple[int, int, int], ...], rows: int, ways: i
     if rows >= sizes.sum():
         counts = sizes
     else:
-        while len(spans) > max(1, rows // ways):  # too few rows for one block each
-            (shorter, _, a), (_, width, b) = spans[0], spans[1]
-            spans[:2] = [(shorter, width, a + b)]
+        while len(spans) > max(1, rows // ways):  # too few rows for one block each: the
+            # bucket of fewest rows joins its wider neighbour (the widest: the one before it
+            # joins it), as length_strata joins the offline rows' buckets
+            i = int(np.argmin([n for *_, n in spans]))
+            i = min(i, len(spans) - 2)
+            (shorter, _, a), (_, width, b) = spans[i], spans[i + 1]
+            spans[i:i + 2] = [(shorter, width, a + b)]
         sizes = np.array([n for *_, n in spans], np.int64)
         counts = np.minimum(strata_counts(sizes, rows // ways) * ways, sizes)
     share = counts.sum() / sizes.sum()  # the rows taken, as a share of the buffer's
