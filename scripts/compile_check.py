@@ -300,7 +300,8 @@ def _from_config(args, parser):
         if not decoded and args.steps and "evaluate" in args.steps:
             print("evaluate: this run's final evaluation decodes nothing (no split is scored: "
                   "data.metric); compiled at the training prompts' bounds", flush=True)
-    scored = inputs.scored_splits(cfg.data)
+    # the run's final evaluation decodes the scored splits: compiled too, unless --steps says
+    evaluate = bool(decoded) if train is not None else bool(inputs.scored_splits(cfg.data))
     shapes, source = aot.run_shapes(cfg, train, validation, decoded=decoded,
                                     n_examples=args.n_examples, prompt_len=args.prompt_len)
     compute = inputs.compute_settings(cfg.model)
@@ -349,8 +350,7 @@ def _from_config(args, parser):
         where = f"{target} data={data} fsdp={fsdp}" + (f" tensor={tensor}" if tensor > 1 else "")
         # the trainer's hypergradient batch: padded to a multiple of the data-parallel ways
         hyper = shapes.hyper_batch_size + -shapes.hyper_batch_size % ways
-        # the run's final evaluation decodes the scored splits: compiled too, unless --steps
-        extra = dict(evaluate=bool(decoded) if train is not None else bool(scored))
+        extra = dict(evaluate=evaluate)
         if cfg.method.method == "bds" and cfg.data.length_buckets > 1 and train is not None:
             # its rows cut by length as the trainer cuts them for these devices
             try:

@@ -33,3 +33,9 @@ def script(name: str):
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def cached_programs(cache: Path) -> list[str]:
+    """The jitted functions' names of the programs in a persistent compilation cache
+    directory, one per entry, sorted (JAX names an entry ``jit_<name>-<key>-cache``)."""
+    return sorted(p.name.split("-", 1)[0] for p in cache.iterdir() if p.name.endswith("-cache"))

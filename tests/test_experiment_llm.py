@@ -237,8 +237,7 @@ def test_compile_check_caches_every_program_an_online_run_compiles_first(tmp_pat
                "cache" in log, (program, log)
     assert "compiled the" not in log, log
     # the log's ratio pass runs at the end, over the refresh's rows: found in the cache too
-    entries = sorted(p.name.split("-", 1)[0] for p in (tmp_path / "cache").iterdir()
-                     if p.name.endswith("-cache"))
+    entries = _llm.cached_programs(tmp_path / "cache")
     assert entries.count("jit_row_ratios") == 1 and entries.count("jit__generate") == 1, entries
 
 
