@@ -234,7 +234,7 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
                    online: online_lib.OnlineConfig | None = None,
                    only: Sequence[str] | None = None,
                    gather_params: bool = True, hyper_blocks=None,
-                   hyper_scales=None, memory_limit: int | None = None,
+                   hyper_scales=None, online_buckets=None, memory_limit: int | None = None,
                    evaluate: bool = False) -> MemoryReport:
     """Compiles ``method``'s steps for a mesh without materialising any array.
 
@@ -272,8 +272,14 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
         batch lies by length (``jbilevel.data.batching.hyper_cut``, for the mesh's
         data-parallel size), each block's per-example term (and Hessian products) taken at
         its length, as the trainer compiles it; the batch is then as wide as the longest
-        block. Online bds's generated rows stay at the buffer's width (the trainer cuts them
-        to the buckets a refresh fills, which are known only then).
+        block.
+      online_buckets: online generation with ``data.length_buckets`` > 1: the generated
+        rows' length buckets, fixed for the run (``refresh.buffer_buckets`` for these
+        devices' buffer): the train step is compiled for each (``"train"`` the widest,
+        ``"train A-B"`` the rows of A to B tokens), and a bds hypergradient over a sample
+        of the training rows takes its share of the buffer from each, at its width, as the
+        run does (one over every training row takes every generated row, in blocks that
+        follow the buffer: compiled here at the buffer's width).
       memory_limit: bytes a device may use (a GPU's allocator limit, ``bytes_limit`` of its
         ``memory_stats()``): a step whose ``peak`` exceeds it is also listed in ``errors``.
         XLA's GPU runtime allocates a program's parameters, live-out buffers and one
@@ -340,13 +346,24 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
     batches = (train_batch, val_batch) if compiled.with_val else (train_batch,)
     # each step's program lowered for its abstract arguments, on demand
     lower = {"train": functools.partial(compiled.train.lower, state, *batches)}
+    gen_blocks = ()  # the hypergradient's static argument: its rows from each bucket
+    if online is not None and online_buckets:
+        # a train step per bucket of generated rows (the widest one's named "train")
+        lower = {("train" if width == online_buckets[-1][1] else f"train {shorter + 1}-{width}"):
+                 functools.partial(compiled.train.lower, state, *batches, (shorter, width))
+                 for shorter, width, _ in online_buckets[::-1]}
+        rows = online_lib.hyper_buffer_rows(capacity, shapes.hyper_batch_size,
+                                            shapes.n_examples, ways)
+        if rows < capacity:
+            gen_blocks = (online_lib.generated_strata(online_buckets, rows, ways),)
     if online is not None and online.start > 0 and compiled.train_offline is not None:
         lower["offline train"] = functools.partial(compiled.train_offline.lower, state,
                                                    *batches)
     if compiled.hyper is not None:
         width = max(length for *_, length in hyper_blocks) if hyper_blocks else shapes.seq_len
         hyper_batch = _batch(shapes.hyper_batch_size, width, batch_sh)
-        lower["hyper"] = functools.partial(compiled.hyper.lower, state, hyper_batch, val_batch)
+        lower["hyper"] = functools.partial(compiled.hyper.lower, state, hyper_batch, val_batch,
+                                           *gen_blocks)
     if online is not None:
         lower["generate"] = _sampler_call(model, online, state, chunk, shapes, mesh, rules,
                                           batch_sh)

@@ -69,7 +69,8 @@ class DataConfig:
     # sampled hyper batch of a fixed number of rows from each bucket), the validation/test
     # loss passes sort their rows by length the same way, the greedy answers and an online
     # refresh's sampler calls pad their prompts to prompt-length buckets, and each online train
-    # step draws its generated rows from one length bucket of the buffer, cut to its width
+    # step draws its generated rows from one of n length buckets (fixed for the run from the
+    # training lengths), cut to its width
     length_buckets: int = 1
     overlength: Literal["error", "truncate", "skip"] = "truncate"  # longer sequences
     on_bad_row: Literal["error", "skip"] = "error"  # malformed rows: stop, or skip and count

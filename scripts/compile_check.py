@@ -267,6 +267,7 @@ def _from_config(args, parser):
     import tempfile
 
     from jbilevel import aot, config, experiment, inputs
+    from jbilevel.algorithms import refresh
     from jbilevel.console import Console
     from jbilevel.data.batching import hyper_cut
     from jbilevel.errors import UserError
@@ -357,13 +358,22 @@ def _from_config(args, parser):
                 blocks, scales, every = hyper_cut(train.length_N, hyper, buckets, ways)
             except ValueError as e:  # the trainer would stop there too
                 raise SystemExit(f"{where}: {e}") from None
-            print(f"{where}: {experiment.hyper_cut_line(blocks, every)}"
-                  + (" (generated rows at the buffer's width)" if online else ""), flush=True)
+            print(f"{where}: {experiment.hyper_cut_line(blocks, every)}", flush=True)
             extra.update(hyper_blocks=blocks, hyper_scales=scales)
         elif cfg.method.method == "bds" and cfg.data.length_buckets > 1:
             print(f"{where}: the hypergradient's rows at one length (data.length_buckets="
                   f"{cfg.data.length_buckets} cuts them by the data's lengths, not read)",
                   flush=True)
+        if online and cfg.data.length_buckets > 1 and train is not None:
+            # the generated rows' length buckets, as the run fixes them for these devices
+            _, chunk, n_chunks = refresh.calls(online, shapes.n_examples, ways)
+            gen = refresh.buffer_buckets(online, train, cfg.data.length_buckets,
+                                         n_chunks * chunk * online.num_samples)
+            print(f"{where}: online: train steps draw the generated rows from "
+                  f"{len(gen)} length bucket{'s' * (len(gen) > 1)}, "
+                  + ", ".join(f"{a + 1}-{b} tokens" for a, b, _ in gen)
+                  + " (a train step compiled for each)", flush=True)
+            extra.update(online_buckets=gen)
         return (MeshConfig(data=data, fsdp=fsdp, tensor=tensor), where,
                 dataclasses.replace(shapes, hyper_batch_size=hyper), online, [cfg.method], extra)
 

@@ -16,6 +16,7 @@ import pytest
 from jbilevel import config, experiment, inputs, train
 from jbilevel.adjoint import Implicit
 from jbilevel.algorithms import MethodConfig
+from jbilevel.algorithms import online as online_lib
 from jbilevel.data import load_sft
 from jbilevel.models import load_pretrained
 from jbilevel.objectives import lm_example_loss
@@ -203,8 +204,7 @@ def test_compile_check_caches_every_program_an_online_run_compiles_first(tmp_pat
     offline train step before the refresh, the online train step, the hypergradient, the
     sampler with the tokenizer's stop ids at the longest prompt, the log's ratio pass), and
     the run, in a process that has compiled nothing, loads each of them from the cache. (With
-    data.length_buckets > 1 the online steps take the generated rows at the widths the
-    refresh fills, known only then: the run compiles those two itself.)"""
+    data.length_buckets > 1: the next test.)"""
     import io
 
     from jbilevel.console import Console
@@ -239,6 +239,57 @@ def test_compile_check_caches_every_program_an_online_run_compiles_first(tmp_pat
     # the log's ratio pass runs at the end, over the refresh's rows: found in the cache too
     entries = _llm.cached_programs(tmp_path / "cache")
     assert entries.count("jit_row_ratios") == 1 and entries.count("jit__generate") == 1, entries
+
+
+def test_compile_check_caches_the_hypergradient_of_an_online_run_with_length_buckets(
+        tmp_path, model_dir, cache_state):
+    """bds + online generation with data.length_buckets=3 and a sampled hypergradient: the
+    generated rows' length buckets are fixed before the first refresh, so compile_check.py
+    compiles a train step for each of them and the run's one hypergradient, and the run, two
+    refreshes of different samples later, has loaded that hypergradient from the cache and
+    compiled it nowhere else; its train steps draw from the buckets the check named, and
+    every train step at the longest offline length comes from the cache too."""
+    import io
+
+    from jbilevel.console import Console
+
+    cfg = _mixed_lengths(tmp_path, model_dir, "bds", hessian_rows=0, hyper_every=1,
+                         hypergrad=Implicit("cg", maxiter=2, tol=0.0, ridge=100.0))
+    cfg = dataclasses.replace(
+        cfg, hyper_batch_size=16, loop=dataclasses.replace(cfg.loop, steps=4),
+        online=online_lib.OnlineConfig(every=2, fraction=1.0, num_samples=2, batch_size=8,
+                                       max_new_tokens=4, temperature=1.0))
+    config.dump(cfg, tmp_path / "run.yaml")
+    checked = io.StringIO()
+    with contextlib.redirect_stdout(checked):
+        assert _llm.script("compile_check").main([
+            "--config", str(tmp_path / "run.yaml"), "--platform", "cpu", "--devices", "8",
+            "--compile-cache", str(tmp_path / "cache")]) == 0
+    said = re.search(r"online: train steps draw the generated rows from (\d) length buckets, "
+                     r"(.*) \(a train step", checked.getvalue())
+    widths = [int(b.split("-")[1].split()[0]) for b in said[2].split(", ")]
+    assert int(said[1]) == len(widths) >= 2, checked.getvalue()
+    compiled = re.findall(r"\| cpu x8 data=8 fsdp=1 \| ([a-z0-9 -]+) \|", checked.getvalue())
+    assert compiled[:len(widths) + 1] == ["train", *(
+        f"train {a + 1}-{b}" for a, b in zip([0, *widths[:-2]][::-1], widths[-2::-1],
+                                             strict=True)), "hyper"], compiled
+    jax.clear_caches()  # as a new process: what it does not compile comes from the cache
+    out = io.StringIO()
+    experiment.run(cfg, tmp_path / "run", console=Console(stream=out))
+    log = out.getvalue()
+    assert len(re.findall(r"online refresh at step \d+: ", log)) == 2, log
+    assert log.count("compiling the hypergradient step") == 1
+    assert "loaded the hypergradient step from the compilation cache" in log
+    # the check compiles the train steps at the longest offline batch (the run's first); the
+    # run compiles those of the other offline lengths itself
+    longest = re.search(r"batches of at most (\d+) tokens", checked.getvalue())[1]
+    programs = re.findall(r"compiling the (bds train step with generated rows[^\n]*) \.\.\.\n"
+                          r"(loaded|compiled) the", log)
+    assert programs[0] == ("bds train step with generated rows", "loaded"), log
+    for name, how in programs[1:]:
+        drawn = re.search(r"sequence length (\d+), generated rows of (\d+) tokens", name)
+        assert int(drawn[2]) in widths, name
+        assert (how == "loaded") == (drawn[1] == longest), (name, log)
 
 
 def test_file_task_uses_the_model_tokenizer_and_options(model_dir):

@@ -899,20 +899,33 @@ def test_sampler_calls_pad_prompts_to_their_length_bucket(monkeypatch):
 # ------------------------------------------------- generated rows drawn by length bucket
 
 
-def test_generated_spans_by_hand():
-    """The buffer's rows in length buckets: quantiles rounded up to 64 tokens, the last one
-    the longest row's, a bucket with fewer rows than a draw joined to the next wider one."""
-    length_R = np.array([10] * 5 + [70] * 20 + [130] * 3 + [200] * 10)
-    # quartiles 70, 70, 182.5 -> 128, 192; the longest 200 -> 256; 3 rows of 129-192 tokens
-    # are fewer than a draw of 8 and join the 10 rows up to 256
-    assert ol.generated_spans(length_R, 4, 512, 8) == ((0, 128, 25), (128, 256, 13))
-    assert ol.generated_spans(length_R, 4, 512, 3) == ((0, 128, 25), (128, 192, 3),
-                                                       (192, 256, 10))
-    assert ol.generated_spans(length_R, 4, 200, 3) == ((0, 128, 25), (128, 192, 3),
-                                                       (192, 200, 10))  # the buffer's width
-    assert ol.generated_spans(length_R, 1, 512, 8) == ((0, 512, 38),)  # one length
-    assert ol.generated_spans(length_R, 4, 512, 39) == ((0, 256, 38),)  # too few for two
-    assert ol.generated_spans(length_R[25:], 4, 512, 8) == ((0, 256, 13),)  # the last joins
+def test_generated_buckets_by_hand():
+    """The generated rows' length buckets, fixed before the first refresh from the lengths the
+    training rows would have as buffer rows: quantiles rounded up to 64 tokens, the last one
+    the buffer's width; a bucket expected to hold fewer rows of a full buffer than a draw
+    joins the next wider one. A buffer's rows are then counted in those buckets."""
+    length_N = np.array([10] * 5 + [70] * 20 + [130] * 3 + [200] * 10)
+    # quartiles 70, 70, 182.5 -> 128, 192, and the buffer's 512; of a buffer of 38 rows the
+    # 3 of 129-192 tokens are fewer than a draw of 8 and join the 10 up to 512
+    assert ol.generated_buckets(length_N, 4, 512, 38, 8) == ((0, 128, 25), (128, 512, 13))
+    assert ol.generated_buckets(length_N, 4, 512, 38, 3) == ((0, 128, 25), (128, 192, 3),
+                                                             (192, 512, 10))
+    # a buffer of another size: its rows in the same proportions (largest remainders: 12.5,
+    # 1.5, 5 -> 13, 1, 5 in a buffer of 19, the 1 joining the 5)
+    assert ol.generated_buckets(length_N, 4, 512, 76, 5) == ((0, 128, 50), (128, 192, 6),
+                                                             (192, 512, 20))
+    assert ol.generated_buckets(length_N, 4, 512, 19, 2) == ((0, 128, 13), (128, 512, 6))
+    # rows longer than the buffer count at its width
+    assert ol.generated_buckets(length_N, 4, 200, 38, 3) == ((0, 128, 25), (128, 192, 3),
+                                                             (192, 200, 10))
+    assert ol.generated_buckets(length_N, 1, 512, 38, 8) == ((0, 512, 38),)  # one length
+    assert ol.generated_buckets(length_N, 4, 512, 38, 39) == ((0, 512, 38),)  # too few for 2
+    # a bucket of no rows but the buffer's width: the one before it reaches that width
+    assert ol.generated_buckets(length_N[25:], 4, 512, 13, 8) == ((0, 512, 13),)
+    buckets = ((0, 128, 25), (128, 192, 3), (192, 512, 10))
+    length_R = np.array([5] * 7 + [300] * 4 + [512])  # none of 129-192 tokens this time
+    assert ol.generated_spans(length_R, buckets) == ((0, 128, 7), (128, 192, 0),
+                                                     (192, 512, 5))
 
 
 def _short_rows(state, cut):
@@ -1025,34 +1038,46 @@ def test_generated_strata_by_hand():
     """A bds hypergradient's buffer rows from each length bucket: every row of each when it
     takes the whole buffer; else shares in proportion (largest remainders, one at least) in
     multiples of the devices, the bucket of fewest rows joined to its wider neighbour while
-    there are more buckets than multiples; each with the scale that makes up for its share
-    out of proportion."""
+    there are more buckets than multiples. The step scales each share by the bucket's rows
+    (strata_scales): 1 where every row is drawn or the shares are in proportion."""
     spans = ((0, 128, 25), (128, 192, 3), (192, 256, 10))
-    every = tuple((*s, 1.0) for s in spans)
-    assert ol.generated_strata(spans, 38) == every == ol.generated_strata(spans, 64)
+    assert ol.generated_strata(spans, 38) == spans == ol.generated_strata(spans, 64)
     # on 8 devices each bucket's rows are rounded up (the extra rows drawn are invalid)
-    assert ol.generated_strata(spans, 40, ways=8) == ((0, 128, 32, 1.0), (128, 192, 8, 1.0),
-                                                      (192, 256, 16, 1.0))
+    assert ol.generated_strata(spans, 40, ways=8) == ((0, 128, 32), (128, 192, 8),
+                                                      (192, 256, 16))
     # 12 rows: one each, the other 9 by size (5.92, 0.71, 2.37 -> 5, 0, 2, and the two
     # largest remainders, 0.92 and 0.71, take one more each)
-    got = ol.generated_strata(spans, 12)
-    assert [g[:3] for g in got] == [(0, 128, 7), (128, 192, 2), (192, 256, 3)]
-    np.testing.assert_allclose([g[3] for g in got], [25 / 38 * 12 / 7, 3 / 38 * 12 / 2,
-                                                     10 / 38 * 12 / 3])
+    twelve = ol.generated_strata(spans, 12)
+    assert twelve == ((0, 128, 7), (128, 192, 2), (192, 256, 3))
     # 2 rows (or 16 on 8 devices) for 3 buckets: the 3 rows of 129-192 tokens join the wider
     # bucket (3 rows padded to 256 tokens, not the 25 narrowest to 192)
     for rows, ways in ((2, 1), (16, 8)):
-        got = ol.generated_strata(spans, rows, ways)
-        assert [g[:3] for g in got] == [(0, 128, ways), (128, 256, ways)]
-        np.testing.assert_allclose([g[3] for g in got], [25 / 38 * 2, 13 / 38 * 2])
+        assert ol.generated_strata(spans, rows, ways) == ((0, 128, ways), (128, 256, ways))
     # the widest bucket the fewest: the one before it joins it
-    got = ol.generated_strata(((0, 64, 9), (64, 128, 20), (128, 256, 4)), 2)
-    assert [g[:3] for g in got] == [(0, 64, 1), (64, 256, 1)]
-    # a bucket with fewer rows than its share: all of them, the rest of its block invalid
-    got = ol.generated_strata(((0, 128, 30), (128, 256, 5)), 16, ways=8)
-    assert [g[:3] for g in got] == [(0, 128, 8), (128, 256, 8)]
-    np.testing.assert_allclose([g[3] for g in got], [30 / 35 * 13 / 8, 5 / 35 * 13 / 5])
-    assert ol.generated_strata(((0, 512, 38),), 8) == ((0, 512, 8, 1.0),)
+    assert ol.generated_strata(((0, 64, 9), (64, 128, 20), (128, 256, 4)), 2) == (
+        (0, 64, 1), (64, 256, 1))
+    assert ol.generated_strata(((0, 512, 38),), 8) == ((0, 512, 8),)
+
+    def scales(length_R, blocks, taken):
+        from types import SimpleNamespace
+
+        length_R = np.asarray(length_R)
+        buffer = SimpleNamespace(valid=jnp.ones(len(length_R)), attention_mask=jnp.asarray(
+            np.arange(512)[None, :] < length_R[:, None], jnp.int32))
+        gens = tuple({"valid": jnp.asarray(np.arange(n) < t, jnp.float32)}
+                     for (*_, n), t in zip(blocks, taken, strict=True))
+        return np.asarray(ol.strata_scales(buffer, blocks, gens))
+
+    length_R = [100] * 25 + [150] * 3 + [200] * 10
+    np.testing.assert_array_equal(scales(length_R, spans, (25, 3, 10)), [1, 1, 1])
+    np.testing.assert_allclose(scales(length_R, twelve, (7, 2, 3)), [
+        25 / 38 * 12 / 7, 3 / 38 * 12 / 2, 10 / 38 * 12 / 3], rtol=1e-6)
+    # a bucket with fewer rows than its share: all of them, the rest of its block invalid;
+    # an empty one: nothing to scale
+    np.testing.assert_allclose(scales([100] * 30 + [200] * 5, ((0, 128, 8), (128, 256, 8)),
+                                      (8, 5)), [30 / 35 * 13 / 8, 5 / 35 * 13 / 5], rtol=1e-6)
+    np.testing.assert_allclose(scales([100] * 30, ((0, 128, 8), (128, 256, 8)), (8, 0)),
+                               [1, 0])
 
 
 def test_hessian_blocks_sample_the_rows_one_batch_would():
@@ -1110,9 +1135,9 @@ def test_online_hypergradient_takes_generated_rows_at_their_bucket_widths(varied
     (blocks,) = s.refresher.hyper_args(capacity, 8)(state, 0)
     width = s.refresher.length
     assert len(blocks) >= 2 and blocks[-1][1] <= width and blocks[0][1] < width
-    spans = s.refresher.spans
+    spans = [sp for sp in s.refresher.spans if sp[2]]  # the buckets this buffer fills
     assert [b[:2] for b in blocks] == [sp[:2] for sp in spans] and all(
-        b[2] == -(-sp[2] // 8) * 8 and b[3] == 1.0 for b, sp in zip(blocks, spans, strict=True))
+        b[2] == -(-sp[2] // 8) * 8 for b, sp in zip(blocks, spans, strict=True))
     assert sum(sp[2] for sp in spans) == int(jax.device_get(state.online.valid).sum()) == 64
     hyper_b = s.put(task.train.batch(np.arange(len(task.train)), task.train.max_len))
     val_b = s.put(task.validation.batch(np.arange(8), task.validation.max_len))
@@ -1142,7 +1167,7 @@ def test_online_hypergradient_draws_its_share_from_each_bucket(varied_bds):
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 2), state.step)
     drawn = jax.device_get(ol.hyper_buffer(state.online, key, 8, len(task.train), blocks))
     buf = jax.device_get(state.online)
-    for (shorter, width, n, _), gen in zip(blocks, drawn, strict=True):
+    for (shorter, width, n), gen in zip(blocks, drawn, strict=True):
         length = gen["attention_mask"].sum(axis=1)
         assert gen["input_ids"].shape == (n, width) and np.all(gen["valid"] == 1)
         assert np.all((length > shorter) & (length <= width))
@@ -1156,3 +1181,38 @@ def test_online_hypergradient_draws_its_share_from_each_bucket(varied_bds):
                                 blocks)
     moved = set(np.flatnonzero(np.asarray(state.omega)).tolist())
     assert moved == set(offline.tolist()) | reached
+
+
+def test_bucketed_refreshes_keep_the_steps_programs(varied_bds):
+    """The generated rows' length buckets are fixed before the first refresh, from the
+    training rows' lengths: whatever lengths a refresh's samples have, train steps draw from
+    those buckets, and a hypergradient over a sample of the training rows takes the same
+    shares of the buffer, so one program of each serves the whole run (the step scales the
+    shares by the rows each bucket holds). Over the whole buffer it takes every row of each
+    bucket."""
+    s = varied_bds
+    task, ref = s.task, s.refresher
+    ways = sh.data_parallel_size(s.mesh, sh.AxisRules())
+    rows = ol.hyper_buffer_rows(ref.capacity, 12, len(task.train), ways)
+    assert rows == 24  # of the 64 rows: 8 from each of the 3 buckets
+    fixed = [b[:2] for b in ref.generated_buckets]
+    assert len(fixed) >= 3 and fixed[-1][1] == ref.length
+    state, _ = ref(s.fresh(), 0)
+    length_R = jax.device_get(jnp.sum(state.online.attention_mask, axis=1))
+    # the same refresh with its longer samples dropped, as if they had stopped sooner
+    short = _short_rows(state, fixed[1][1])
+    hyper_args, held = [], []
+    for st in (state, short):
+        ref.spans = None  # the buckets' rows counted again, from this buffer
+        assert [sp[:2] for sp in ref._current_spans(st)] == fixed
+        held.append(ref.spans)
+        assert {ref.train_args(st, t)[0] for t in range(12)} <= set(fixed)
+        hyper_args.append(ref.hyper_args(rows, ways)(st, 0))
+    assert held[0] != held[1] and held[1][-1][2] == 0 < held[0][-1][2]
+    assert int((length_R > fixed[1][1]).sum()) == held[0][-1][2]
+    assert hyper_args[0] == hyper_args[1] == (tuple((*b, 8) for b in fixed),)
+    # the whole buffer (a hyper batch of every training row): every row of each bucket
+    for st, spans in zip((state, short), held, strict=True):
+        ref.spans = None
+        (every,) = ref.hyper_args(ref.capacity, ways)(st, 0)
+        assert [b[2] for b in every] == [-(-n // ways) * ways for *_, n in spans if n]

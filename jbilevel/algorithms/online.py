@@ -376,7 +376,7 @@ def draw(buffer: Buffer, key, n: int, span: tuple[int, int] | None = None) -> di
 
     ``span`` = (shorter, width): among the valid rows longer than ``shorter`` tokens and at
     most ``width`` long, cut to ``width`` tokens (the rows are right-padded, so a cut row is
-    the same row: :func:`generated_spans`). A drawn row outside the span, possible only
+    the same row: :func:`generated_buckets`). A drawn row outside the span, possible only
     where it holds fewer than ``n`` rows, is marked invalid.
     """
     rows = buffer.batch()
@@ -393,38 +393,50 @@ def draw(buffer: Buffer, key, n: int, span: tuple[int, int] | None = None) -> di
     return jax.tree.map(lambda x: jnp.take(x, idx, axis=0), rows)
 
 
-def generated_spans(length_R: np.ndarray, buckets: int, top: int, min_rows: int,
-                    multiple: int = 64) -> tuple[tuple[int, int, int], ...]:
-    """The length buckets a train step draws the buffer's generated rows from (``data.
-    length_buckets`` > 1): ``(shorter, width, rows)``, the rows longer than ``shorter`` and at
-    most ``width`` tokens, increasing.
+def generated_buckets(length_N: np.ndarray, buckets: int, top: int, capacity: int,
+                      min_rows: int, multiple: int = 64) -> tuple[tuple[int, int, int], ...]:
+    """The length buckets of the buffer's generated rows (``data.length_buckets`` > 1), fixed
+    for the whole run so that a refresh compiles nothing new: ``(shorter, width, rows)``, the
+    rows longer than ``shorter`` and at most ``width`` tokens, increasing, ``rows`` how many of
+    a full buffer of ``capacity`` rows the bucket holds if the generated rows are as long as
+    ``length_N``.
 
-    The widths are the quantiles of the valid rows' lengths ``length_R`` rounded up to
-    ``multiple`` (:func:`jbilevel.data.batching.length_buckets`), the last one the longest
-    row's length rounded up, at most ``top`` (the buffer's width); a bucket with fewer than
-    ``min_rows`` rows (a train step's draw) joins the next wider one, the last one the one
-    before it. Every row lies in one bucket; no rows: one bucket of width ``top``.
+    ``length_N``: what the training rows would be as buffer rows (their prompt and their
+    response, at most ``max_new_tokens`` of it): a run knows them before it generates
+    anything. The widths are its quantiles rounded up to ``multiple``
+    (:func:`jbilevel.data.batching.length_buckets`), the last one ``top`` (the buffer's width),
+    so that every generated row lies in one bucket whatever its length; a bucket expected to
+    hold fewer than ``min_rows`` rows (a train step's draw) joins the next wider one, the last
+    one the one before it. One bucket: ``((0, top, capacity),)``.
     """
-    from jbilevel.data.batching import length_buckets
+    from jbilevel.data.batching import length_buckets, strata_counts
 
-    if buckets <= 1 or not length_R.size:
-        return ((0, top, int(length_R.size)),)
-    longest = min(top, -(-int(length_R.max()) // multiple) * multiple)
-    widths = length_buckets(length_R, buckets, multiple, top=longest)
-    counts = np.bincount(np.searchsorted(widths, length_R), minlength=len(widths))
+    length_N = np.minimum(np.asarray(length_N), top)
+    if buckets <= 1 or not length_N.size:
+        return ((0, top, capacity),)
+    widths = length_buckets(length_N, buckets, multiple, top=top)
+    expected = strata_counts(np.bincount(np.searchsorted(widths, length_N),
+                                         minlength=len(widths)), capacity, at_least_one=False)
     spans, shorter, rows = [], 0, 0
-    for width, count in zip(widths, counts, strict=True):
+    for width, count in zip(widths, expected, strict=True):
         rows += int(count)
         if rows >= min_rows:
             spans.append((shorter, int(width), rows))
             shorter, rows = int(width), 0
-    if rows:  # the widest rows, too few for a draw of their own
-        if spans:
-            before, _, more = spans.pop()
-            spans.append((before, longest, more + rows))
-        else:
-            spans.append((0, longest, rows))
-    return tuple(spans)
+    if spans and spans[-1][1] < top:  # the widest rows, too few for a draw of their own
+        before, _, more = spans.pop()
+        spans.append((before, top, more + rows))
+    return tuple(spans) or ((0, top, capacity),)
+
+
+def generated_spans(length_R: np.ndarray, buckets: tuple[tuple[int, int, int], ...]
+                    ) -> tuple[tuple[int, int, int], ...]:
+    """The buffer's valid rows per bucket of :func:`generated_buckets`: ``(shorter, width,
+    rows)`` with ``rows`` how many of the rows of lengths ``length_R`` it holds (0 for an
+    empty one, which a train step never draws from)."""
+    length_R = np.asarray(length_R)
+    return tuple((shorter, width, int(np.sum((length_R > shorter) & (length_R <= width))))
+                 for shorter, width, _ in buckets)
 
 
 def hyper_buffer_rows(capacity: int, hyper_rows: int, n_train: int, ways: int = 1) -> int:
@@ -440,40 +452,41 @@ def hyper_buffer_rows(capacity: int, hyper_rows: int, n_train: int, ways: int = 
 
 
 def hyper_buffer(buffer: Buffer, key, hyper_rows: int, n_train: int,
-                 blocks: tuple[tuple[int, int, int, float], ...] | None = None
+                 blocks: tuple[tuple[int, int, int], ...] | None = None
                  ) -> dict | tuple:
     """The buffer rows of a hypergradient over ``hyper_rows`` of the ``n_train`` training rows:
     the whole buffer, or a uniform draw of :func:`hyper_buffer_rows` valid rows (``key``),
     as many per device inside a sharded step.
 
-    ``blocks`` (:func:`generated_strata`, ``(shorter, width, rows, scale)`` each): instead, a
+    ``blocks`` (:func:`generated_strata`, ``(shorter, width, rows)`` each): instead, a
     tuple of batches, block ``j`` that many distinct rows of its length bucket (every one of
     them where it asks for all, the rest marked invalid), cut to its width.
     """
     if blocks is not None:
         return tuple(draw(buffer, jax.random.fold_in(key, j), rows, (shorter, width))
-                     for j, (shorter, width, rows, _) in enumerate(blocks))
+                     for j, (shorter, width, rows) in enumerate(blocks))
     capacity = buffer.valid.shape[0]
     n = hyper_buffer_rows(capacity, hyper_rows, n_train, sh.batch_ways())
     return buffer.batch() if n == capacity else draw(buffer, key, n)
 
 
 def generated_strata(spans: tuple[tuple[int, int, int], ...], rows: int, ways: int = 1
-                     ) -> tuple[tuple[int, int, int, float], ...]:
+                     ) -> tuple[tuple[int, int, int], ...]:
     """The buffer rows a bds hypergradient takes from each length bucket: ``(shorter, width,
-    n, scale)`` per bucket of ``spans`` (:func:`generated_spans`), each bucket's rows then
-    taking their terms at its width, as the offline rows' ``length_strata`` do.
+    n)`` per bucket of ``spans`` (``(shorter, width, rows)`` each: the buffer's rows, or the
+    rows a full buffer is expected to hold, :func:`generated_buckets`), each bucket's rows
+    then taking their terms at its width, as the offline rows' ``length_strata`` do.
 
     Every row of each bucket where ``rows`` (:func:`hyper_buffer_rows`, a multiple of
-    ``ways``) is at least the buffer's valid rows; else a share of ``rows`` in proportion to
+    ``ways``) is at least the buckets' rows; else a share of ``rows`` in proportion to
     its rows (largest remainders, ``jbilevel.data.batching.strata_counts``) in whole
     multiples of ``ways`` (the data-parallel devices, so that each block splits evenly over
     them: ``jbilevel.data.batching.even_blocks``), at least one each: with more buckets than
     ``rows / ways`` the one of fewest rows joins its wider neighbour (its rows then at the
     wider width; the widest bucket takes the one before it), as ``length_strata`` does. ``n`` is
-    rounded up to a multiple of ``ways`` (rows past a bucket's are drawn invalid), and
-    ``scale``, on the rows' losses, is the bucket's share of the buffer over its share of the
-    rows taken (1 in proportion: ``jbilevel.data.batching.stratum_scales``).
+    rounded up to a multiple of ``ways`` (rows past a bucket's are drawn invalid). The scale
+    that makes up for a share out of proportion depends on the rows the buffer holds, so the
+    step computes it (:func:`strata_scales`) and one program serves every refresh.
     """
     from jbilevel.data.batching import strata_counts
 
@@ -491,9 +504,23 @@ def generated_strata(spans: tuple[tuple[int, int, int], ...], rows: int, ways: i
             spans[i:i + 2] = [(shorter, width, a + b)]
         sizes = np.array([n for *_, n in spans], np.int64)
         counts = np.minimum(strata_counts(sizes, rows // ways) * ways, sizes)
-    share = counts.sum() / sizes.sum()  # the rows taken, as a share of the buffer's
-    return tuple((shorter, width, -(-int(n) // ways) * ways, float(size * share / n))
-                 for (shorter, width, size), n in zip(spans, counts, strict=True) if n > 0)
+    return tuple((shorter, width, -(-int(n) // ways) * ways)
+                 for (shorter, width, _), n in zip(spans, counts, strict=True) if n > 0)
+
+
+def strata_scales(buffer: Buffer, blocks: tuple[tuple[int, int, int], ...],
+                  gens: tuple[dict, ...]) -> jax.Array:
+    """The scale on each block's rows (:func:`generated_strata`, drawn as ``gens``) under
+    which they estimate the buffer's valid rows alike: the bucket's share of those rows over
+    its share of the rows drawn (1 in proportion, and 1 where every row is drawn), so that a
+    row of a bucket drawn with probability ``m_j / n_j`` counts ``m / n`` times on average, as
+    in a uniform draw; 0 for a block with no valid row."""
+    length_R = jnp.sum(buffer.attention_mask, axis=-1)
+    size = jnp.stack([jnp.sum(buffer.valid * ((length_R > shorter) & (length_R <= width)))
+                      for shorter, width, _ in blocks]).astype(jnp.float32)
+    taken = jnp.stack([jnp.sum(g["valid"]) for g in gens]).astype(jnp.float32)
+    return jnp.where(taken > 0, size * jnp.sum(taken)
+                     / jnp.maximum(jnp.sum(size) * taken, 1.0), 0.0)
 
 
 def make_online_steps(example_loss, model, method: MethodConfig,
@@ -522,7 +549,7 @@ def make_online_steps(example_loss, model, method: MethodConfig,
       per_sequence) and ``online_gen_loss`` (mean NLL of the drawn generated rows).
       ``train`` takes a last, static argument ``gen_span=(shorter, width)``: the step's
       generated rows drawn from that length bucket and cut to its width
-      (:func:`generated_spans`; default: every valid row at the buffer's width).
+      (:func:`generated_buckets`; default: every valid row at the buffer's width).
       ``train_offline`` is the offline step, for the steps before the first refresh. bds's
       hypergradient takes the whole buffer when its hyper batch is every training row, else
       a draw of the same share of the buffer (:func:`hyper_buffer_rows`); it takes a last,
@@ -586,7 +613,7 @@ def make_online_steps(example_loss, model, method: MethodConfig,
         return state, {**metrics, **stats}
 
     # gen_blocks (static): the buffer rows taken from each length bucket, each cut to its
-    # width, with its stratum scale (None: at the buffer's width)
+    # width (None: at the buffer's width)
     def bds_hyper(state: TrainState, hyper_batch: dict, val_batch: dict, gen_blocks=None):
         rows = hyper_buffer(state.online, jax.random.fold_in(hyper_key, state.step),
                             hyper_batch["ids"].shape[0], state.omega.shape[0], gen_blocks)
@@ -595,8 +622,8 @@ def make_online_steps(example_loss, model, method: MethodConfig,
             return steps.hyper(state, combine(hyper_batch, gen[0], cfg.gen_weight), val_batch)
         # a bucket's stratum scale weighs its rows' losses as the importance ratio does:
         # through the per-row term and the Hessian's products alike
-        gen = tuple({**g, "ratio": g["ratio"] * scale}
-                    for g, (*_, scale) in zip(gen, gen_blocks, strict=True))
+        scales = strata_scales(state.online, gen_blocks, gen)
+        gen = tuple({**g, "ratio": g["ratio"] * scales[j]} for j, g in enumerate(gen))
         return steps.hyper(state, combine(hyper_batch, gen, cfg.gen_weight), val_batch)
 
     # steps.train on a plain batch is the offline step: the trainer runs it until the first

@@ -21,6 +21,7 @@ from jbilevel.algorithms.offline import TrainState
 from jbilevel.algorithms.online import (
     Buffer,
     OnlineConfig,
+    generated_buckets,
     generated_spans,
     generated_strata,
     importance_ratio,
@@ -152,6 +153,21 @@ def _host(x) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def buffer_buckets(cfg: OnlineConfig, dataset, buckets: int, capacity: int
+                   ) -> tuple[tuple[int, int, int], ...]:
+    """The length buckets of an online run's generated rows (``data.length_buckets`` =
+    ``buckets``; :func:`~jbilevel.algorithms.online.generated_buckets`), as the run fixes
+    them before it generates anything and ``scripts/compile_check.py`` compiles them: the
+    training rows' lengths as buffer rows (each prompt and at most ``max_new_tokens`` of its
+    response) stand in for the generated rows', in a buffer of ``capacity`` rows
+    (:attr:`Refresher.capacity`) as wide as the longest prompt and ``max_new_tokens``."""
+    response_N = dataset.length_N - dataset.prompt_len_N
+    new_tokens = cfg.max_new_tokens or int(response_N.max())
+    return generated_buckets(dataset.prompt_len_N + np.minimum(response_N, new_tokens),
+                             buckets, int(dataset.prompt_len_N.max()) + new_tokens, capacity,
+                             cfg.batch_size)
+
+
 class Refresher:
     """The host side of online generation: ``(state, step) -> (state, metrics)`` before each
     train step; at ``cfg.start`` and every ``cfg.every`` steps after it regenerates the buffer
@@ -177,7 +193,8 @@ class Refresher:
         (quantiles of the prompt lengths) that holds them, one sampler program per length.
         Either way the rows fill a buffer of one row length (longest prompt +
         ``max_new_tokens``); with n > 1 each train step draws its generated rows from one of
-        up to n length buckets of the buffer's rows, cut to its width (:meth:`train_args`).
+        up to n length buckets, fixed for the run (:attr:`generated_buckets`, from
+        :func:`buffer_buckets`), cut to its width (:meth:`train_args`).
       console: where each refresh says what it sampled and how long it took (None: silent).
     """
 
@@ -212,6 +229,9 @@ class Refresher:
                 f"online.batch_size={cfg.batch_size} > the buffer's {self.capacity} rows "
                 f"(fraction {cfg.fraction} x {n} questions x {cfg.num_samples} samples); lower "
                 "online.batch_size or raise online.fraction / online.num_samples")
+        # the generated rows' length buckets, fixed before any is generated, so that every
+        # train step and sampled hypergradient has its program from the start
+        self.generated_buckets = buffer_buckets(cfg, dataset, buckets, self.capacity)
         rep = sh.replicated(batch_sharding.mesh)
         self._select = jax.jit(functools.partial(
             select_questions, n=self.n_select, mode=cfg.select, weighting=weighting),
@@ -249,8 +269,8 @@ class Refresher:
     def train_args(self, state: TrainState, step: int) -> tuple:
         """The online train step's static arguments at ``step`` (``train.run``'s
         ``train_args``): with length buckets, ``gen_span``, the bucket of the buffer's rows
-        its generated rows are drawn from (:func:`~jbilevel.algorithms.online.
-        generated_spans`), chosen with probability proportional to its rows, so every row is
+        its generated rows are drawn from (:attr:`generated_buckets`, fixed for the run, so
+        one program each), chosen with probability proportional to its rows, so every row is
         drawn as often as in a draw from the whole buffer, and a step's rows are alike in
         length. The choice depends on the seed, the step and the buffer alone (a resumed run
         makes the same ones). One length: no arguments."""
@@ -268,11 +288,18 @@ class Refresher:
         buffer's rows (:func:`~jbilevel.algorithms.online.hyper_buffer_rows`) on ``ways``
         data-parallel devices: with length buckets, ``gen_blocks``, how many it takes from
         each bucket, each cut to its width (:func:`~jbilevel.algorithms.online.
-        generated_strata`: every row of each, or a share in multiples of ``ways``); one
-        length, or an empty buffer: no arguments."""
+        generated_strata`): a share in multiples of ``ways``, in proportion to the rows a full
+        buffer is expected to hold (:attr:`generated_buckets`), so one program serves every
+        refresh (the step scales each share by the rows there are); or, where ``rows`` is
+        the whole buffer, every row of each bucket, which follows the buffer (a program per
+        refresh whose counts differ). One length, or an empty buffer: no arguments."""
+        every = rows >= self.capacity
+
         def args(state: TrainState, step: int) -> tuple:
             spans = self._current_spans(state)
-            return () if spans is None else (generated_strata(spans, rows, ways),)
+            if spans is None:
+                return ()
+            return (generated_strata(spans if every else self.generated_buckets, rows, ways),)
 
         return args
 
@@ -289,7 +316,7 @@ class Refresher:
         if not valid.any():
             return None
         length_R = _host(jnp.sum(buffer.attention_mask, axis=1))[valid]
-        return generated_spans(length_R, self.buckets, self.length, self.cfg.batch_size)
+        return generated_spans(length_R, self.generated_buckets)
 
     def __call__(self, state: TrainState, step: int) -> tuple[TrainState, dict]:
         if step < self.cfg.start or (step - self.cfg.start) % self.cfg.every:
@@ -308,7 +335,7 @@ class Refresher:
                 f"response{scores}" + ("" if self.spans is None else (
                     "; train steps draw them from " + ", ".join(
                         f"{n} rows of {shorter + 1}-{width} tokens"
-                        for shorter, width, n in self.spans))))
+                        for shorter, width, n in self.spans if n))))
         return state, metrics
 
     def _refresh(self, state: TrainState, step: int) -> tuple[TrainState, dict]:

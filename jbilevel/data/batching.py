@@ -178,12 +178,12 @@ def hyper_cut(length_N, n_rows: int, buckets, ways: int = 1):
     return strata, stratum_scales(length_N, strata), False
 
 
-def strata_counts(sizes, n_rows: int) -> np.ndarray:
+def strata_counts(sizes, n_rows: int, at_least_one: bool = True) -> np.ndarray:
     """``n_rows`` shared out over strata of ``sizes`` rows in proportion to their sizes
     (largest remainders), at least one from each stratum where there are as many rows as
-    strata."""
+    strata (unless ``at_least_one`` is False)."""
     sizes = np.asarray(sizes, np.int64)
-    least = 1 if n_rows >= len(sizes) else 0
+    least = 1 if at_least_one and n_rows >= len(sizes) else 0
     share = (n_rows - least * len(sizes)) * sizes / sizes.sum()  # the rest by size
     counts = least + np.floor(share).astype(np.int64)
     extra = n_rows - counts.sum()
