@@ -402,10 +402,10 @@ def _online_hyper(args, ds, model, mesh, rules):
           f"hyper step s | time vs {args.buckets[0]} |")
     print("|---|---|---|---|---|")
     for b, (*_, static, width, rows) in runs.items():
-        blocks = static[0] if static else ((0, width, rows, 1.0),)
-        tokens = sum(w * k for _, w, k, _ in blocks)
+        blocks = static[0] if static else ((0, width, rows),)
+        tokens = sum(w * k for _, w, k in blocks)
         s = statistics.median(seconds[b])
-        print(f"| {b} | {', '.join(f'{k} at {w}' for _, w, k, _ in blocks)} | {tokens} | "
+        print(f"| {b} | {', '.join(f'{k} at {w}' for _, w, k in blocks)} | {tokens} | "
               f"{s:.2f} | {s / base:.2f} |")
 
 

@@ -234,8 +234,8 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
                    online: online_lib.OnlineConfig | None = None,
                    only: Sequence[str] | None = None,
                    gather_params: bool = True, hyper_blocks=None,
-                   hyper_scales=None, online_buckets=None, memory_limit: int | None = None,
-                   evaluate: bool = False) -> MemoryReport:
+                   hyper_scales=None, online_buckets=None, train_lengths: Sequence[int] = (),
+                   memory_limit: int | None = None, evaluate: bool = False) -> MemoryReport:
     """Compiles ``method``'s steps for a mesh without materialising any array.
 
     Args:
@@ -280,6 +280,11 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
         of the training rows takes its share of the buffer from each, at its width, as the
         run does (one over every training row takes every generated row, in blocks that
         follow the buffer: compiled here at the buffer's width).
+      train_lengths: the other lengths the trainer pads training batches to
+        (``data.length_buckets`` > 1; ``shapes.seq_len`` is the longest): the train step is
+        compiled at each of them too (``"train 128"``, with online buckets ``"train 128
+        1-64"``; and ``"offline train 128"``), so that a run loads all of its train steps
+        from the compilation cache. Their memory is below the longest batch's.
       memory_limit: bytes a device may use (a GPU's allocator limit, ``bytes_limit`` of its
         ``memory_stats()``): a step whose ``peak`` exceeds it is also listed in ``errors``.
         XLA's GPU runtime allocates a program's parameters, live-out buffers and one
@@ -344,21 +349,28 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
     train_batch = _batch(shapes.batch_size, shapes.seq_len, batch_sh)
     val_batch = _batch(shapes.val_batch_size, shapes.val_seq_len or shapes.seq_len, batch_sh)
     batches = (train_batch, val_batch) if compiled.with_val else (train_batch,)
-    # each step's program lowered for its abstract arguments, on demand
-    lower = {"train": functools.partial(compiled.train.lower, state, *batches)}
+    # each step's program lowered for its abstract arguments, on demand: the train step at
+    # each batch length (the longest first) and, online with length buckets, for each bucket
+    # of generated rows (the widest first; the longest and widest one is named "train")
+    bucketed = online is not None and bool(online_buckets)
+    spans = [(a, b) for a, b, _ in online_buckets[::-1]] if bucketed else [None]
+    lower = {}
+    for length in (shapes.seq_len, *train_lengths):
+        args = (_batch(shapes.batch_size, length, batch_sh), val_batch)[:len(batches)]
+        at = [] if length == shapes.seq_len else [str(length)]
+        for span in spans:
+            drawn = [] if span in (None, spans[0]) else [f"{span[0] + 1}-{span[1]}"]
+            lower[" ".join(["train", *at, *drawn])] = functools.partial(
+                compiled.train.lower, state, *args, *([] if span is None else [span]))
+        if online is not None and online.start > 0 and compiled.train_offline is not None:
+            lower[" ".join(["offline train", *at])] = functools.partial(
+                compiled.train_offline.lower, state, *args)
     gen_blocks = ()  # the hypergradient's static argument: its rows from each bucket
-    if online is not None and online_buckets:
-        # a train step per bucket of generated rows (the widest one's named "train")
-        lower = {("train" if width == online_buckets[-1][1] else f"train {shorter + 1}-{width}"):
-                 functools.partial(compiled.train.lower, state, *batches, (shorter, width))
-                 for shorter, width, _ in online_buckets[::-1]}
+    if bucketed:
         rows = online_lib.hyper_buffer_rows(capacity, shapes.hyper_batch_size,
                                             shapes.n_examples, ways)
         if rows < capacity:
             gen_blocks = (online_lib.generated_strata(online_buckets, rows, ways),)
-    if online is not None and online.start > 0 and compiled.train_offline is not None:
-        lower["offline train"] = functools.partial(compiled.train_offline.lower, state,
-                                                   *batches)
     if compiled.hyper is not None:
         width = max(length for *_, length in hyper_blocks) if hyper_blocks else shapes.seq_len
         hyper_batch = _batch(shapes.hyper_batch_size, width, batch_sh)

@@ -56,7 +56,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --config: overrides, as jbilevel train takes them")
     p.add_argument("--no-data", action="store_true",
                    help="with --config: do not read the data files; size every batch at "
-                   "data.max_len (and --n-examples rows, --prompt-len)")
+                   "data.max_len (and --n-examples rows, --prompt-len); model.path's "
+                   "config.json is still read where it is on this machine (a built-in task: "
+                   "the shipped base)")
     p.add_argument("--model", default=None,
                    help="preset (jbilevel.models.presets; default pythia-1b); with --config "
                    "the architecture, where model.path's config.json is not on this machine")
@@ -135,7 +137,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --config on this host's devices (cpu, gpu): keep the compiled "
                    "steps in JAX's persistent compilation cache in DIR, from which `jbilevel "
                    "train --compile-cache DIR` (its default: OUT/xla_cache) on the same devices "
-                   "loads them instead of compiling them again")
+                   "loads them instead of compiling them again; with data.length_buckets > 1 "
+                   "the train step is then compiled at each of the data's batch lengths")
     return p
 
 
@@ -213,7 +216,10 @@ def _from_flags(args):
         overrides["compute_dtype"] = args.compute_dtype
     if args.layers is not None:
         overrides["num_layers"] = args.layers
-    model = preset(name, **overrides)
+    try:
+        model = preset(name, **overrides)
+    except ValueError as e:  # an unknown preset: its message lists them
+        raise SystemExit(f"--model: {e}") from None
     theta = ThetaConfig(kind=args.theta, rank=args.lora_rank, alpha=args.lora_alpha,
                         targets=tuple(args.lora_targets))
     full = preset(name)
@@ -271,6 +277,7 @@ def _from_config(args, parser):
     from jbilevel.console import Console
     from jbilevel.data.batching import hyper_cut
     from jbilevel.errors import UserError
+    from jbilevel.models import read_config
     from jbilevel.models.presets import param_count, preset, with_layers
     from jbilevel.sharding import MeshConfig
 
@@ -285,7 +292,10 @@ def _from_config(args, parser):
     here = cfg.model.path is None or os.path.isdir(cfg.model.path)
     train = validation = None
     decoded = ()  # the splits the final evaluation answers greedily (with the data read)
-    if here and not args.no_data:  # the trainer's own data, tokeniser and model config
+    if not here or args.no_data:  # a built-in task's settings (its metric, the shipped base)
+        # without its files (not written, not read)
+        cfg = experiment.resolve(cfg, tempfile.gettempdir(), write=False)
+    else:  # the trainer's own data, tokeniser and model config
         console = Console()
         with tempfile.TemporaryDirectory() as scratch:  # a built-in task's files
             cfg = experiment.resolve(cfg, scratch, write=True)
@@ -311,7 +321,10 @@ def _from_config(args, parser):
               "XLA's attention", flush=True)
         compute["attention"] = "xla"
     if args.model:
-        model = preset(args.model, **compute)
+        try:
+            model = preset(args.model, **compute)
+        except ValueError as e:  # an unknown preset: its message lists them
+            raise SystemExit(f"--model: {e}") from None
         name = args.model
     elif train is not None:
         model = inputs.model_config(cfg.model, task.tokenizer,
@@ -322,6 +335,12 @@ def _from_config(args, parser):
         raise SystemExit("model.path is unset (a random model sized by its tokenizer): read "
                          "the data (leave out --no-data) or name an architecture with --model "
                          "<preset> (jbilevel.models.presets)")
+    elif os.path.isdir(cfg.model.path):  # --no-data: the architecture of its config.json
+        try:
+            model = read_config(cfg.model.path).replace(**compute)
+        except (OSError, ValueError) as e:  # a config.json this library cannot read
+            raise SystemExit(f"error: model.path: {e}") from None
+        name = os.path.basename(os.path.normpath(cfg.model.path))
     else:
         raise SystemExit(f"model.path={cfg.model.path} is not on this machine: name its "
                          "architecture with --model <preset> (jbilevel.models.presets)")
@@ -364,6 +383,10 @@ def _from_config(args, parser):
             print(f"{where}: the hypergradient's rows at one length (data.length_buckets="
                   f"{cfg.data.length_buckets} cuts them by the data's lengths, not read)",
                   flush=True)
+        if args.compile_cache and cfg.data.length_buckets > 1 and train is not None:
+            # the run's train steps at its other batch lengths too, for the cache (the longest
+            # is the memory bound)
+            extra.update(train_lengths=tuple(buckets[:-1]))
         if online and cfg.data.length_buckets > 1 and train is not None:
             # the generated rows' length buckets, as the run fixes them for these devices
             _, chunk, n_chunks = refresh.calls(online, shapes.n_examples, ways)

@@ -331,6 +331,30 @@ def test_the_final_evaluation_is_compiled_at_the_scored_splits_lengths(tmp_path,
     assert entries.count("jit__generate") == 1, entries
 
 
+def test_a_built_in_task_without_its_data_compiles_the_shipped_base(capsys):
+    """``--no-data`` with a built-in task: its files are neither written nor read, but its
+    settings hold: the shipped base's architecture (its config.json) and the metric that makes
+    the run decode its answers, so the final evaluation is compiled by default. An unknown
+    ``--model`` preset is refused by name."""
+    from pathlib import Path
+
+    import _llm
+
+    from jbilevel.models import base_model_path, read_config
+
+    path = Path(__file__).parents[1] / "configs" / "finetune" / "quality_mix.yaml"
+    check = _llm.script("compile_check")
+    assert check.main(["--config", str(path), "--no-data", "data.max_len=24", "--n-examples",
+                       "64", "--platform", "cpu", "--devices", "8"]) == 0
+    out = capsys.readouterr().out
+    layers = read_config(base_model_path("pretrained")).num_layers
+    assert f"quality_mix.yaml: base, 0.001B parameters compiled ({layers} layers)" in out
+    assert re.findall(r"\| cpu x8 data=8 fsdp=1 \| ([a-z ]+) \|", out) == ["train", "evaluate"]
+    with pytest.raises(SystemExit, match="--model: unknown model preset 'tiny' \\(available: "):
+        check.main(["--config", str(path), "--no-data", "--model", "tiny", "--platform", "cpu",
+                    "--devices", "8"])
+
+
 def test_a_run_configuration_compiles_with_its_own_shapes(tmp_path, capsys):
     """``compile_check.py --config``: the run's own method, online settings and batch sizes
     over its mesh, at its data's lengths as the trainer pads them (or, without the data,
