@@ -55,7 +55,7 @@ class Shapes:
 
 
 def run_shapes(cfg, train=None, validation=None, *, decoded=(), n_examples: int = 51760,
-               prompt_len: int | None = None) -> tuple[Shapes, str]:
+               prompt_len: int | None = None, stop_ids: int = 1) -> tuple[Shapes, str]:
     """The batch geometry a run configuration's steps compile with, and where it comes from.
 
     Args:
@@ -69,7 +69,8 @@ def run_shapes(cfg, train=None, validation=None, *, decoded=(), n_examples: int 
         continuing the longest prompt for ``online.max_new_tokens`` tokens (0: the longest
         response), stopped by the tokenizer's end tokens. Without them, bounds from the
         configuration: every batch ``data.max_len`` long, prompts ``data.max_len - 1`` (or
-        ``prompt_len``) and answers as long, ``n_examples`` training rows, one end token.
+        ``prompt_len``) and answers as long, ``n_examples`` training rows, ``stop_ids`` end
+        tokens (the tokenizer's, where it is on the machine without the data).
       decoded: the splits whose prompts the final evaluation answers greedily (the task's
         scored splits: ``data.metric``): the evaluation's batches continue the longest of
         their prompts for as many tokens as their longest reference answer (each split's
@@ -106,7 +107,8 @@ def run_shapes(cfg, train=None, validation=None, *, decoded=(), n_examples: int 
                     hyper_batch_size=min(cfg.hyper_batch_size or n, n), n_examples=n,
                     prompt_len=prompt, new_tokens=cfg.online.max_new_tokens or answer,
                     eval_batch_size=cfg.eval_batch_size, val_seq_len=val_len,
-                    stop_ids=max(1, len(train.tokenizer.stop_ids)) if train is not None else 1)
+                    stop_ids=max(1, len(train.tokenizer.stop_ids)) if train is not None
+                    else stop_ids)
     if decoded:
         shapes = dataclasses.replace(
             shapes, eval_prompt_len=max(int(d.prompt_len_N.max()) for d in decoded),

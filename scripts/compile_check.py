@@ -292,9 +292,16 @@ def _from_config(args, parser):
     here = cfg.model.path is None or os.path.isdir(cfg.model.path)
     train = validation = None
     decoded = ()  # the splits the final evaluation answers greedily (with the data read)
+    stop_ids = 1  # the tokenizer's end tokens, at which the sampler stops
     if not here or args.no_data:  # a built-in task's settings (its metric, the shipped base)
         # without its files (not written, not read)
         cfg = experiment.resolve(cfg, tempfile.gettempdir(), write=False)
+        where = cfg.model.tokenizer or cfg.model.path
+        if where not in (None, "char") and os.path.isdir(where):  # the run's end tokens
+            try:
+                stop_ids = len(inputs.load_tokenizer(cfg.model).stop_ids)
+            except UserError as e:
+                raise SystemExit(f"error: {e}") from None
     else:  # the trainer's own data, tokeniser and model config
         console = Console()
         with tempfile.TemporaryDirectory() as scratch:  # a built-in task's files
@@ -314,7 +321,8 @@ def _from_config(args, parser):
     # the run's final evaluation decodes the scored splits: compiled too, unless --steps says
     evaluate = bool(decoded) if train is not None else bool(inputs.scored_splits(cfg.data))
     shapes, source = aot.run_shapes(cfg, train, validation, decoded=decoded,
-                                    n_examples=args.n_examples, prompt_len=args.prompt_len)
+                                    n_examples=args.n_examples, prompt_len=args.prompt_len,
+                                    stop_ids=stop_ids)
     compute = inputs.compute_settings(cfg.model)
     if args.platform != "gpu" and compute["attention"] == "cudnn":
         print(f"model.attention=cudnn is a GPU kernel: compiled for {args.platform} with "
@@ -359,7 +367,8 @@ def _from_config(args, parser):
               f"{online.num_samples} samples of {shapes.prompt_len} + {shapes.new_tokens} "
               f"tokens, {online.generate_batch_size or 'all'} prompts a sampler call, "
               f"{online.batch_size} generated rows a step, weights "
-              f"{'gathered' if online.gather_params else 'split'} while decoding", flush=True)
+              f"{'gathered' if online.gather_params else 'split'} while decoding, stopping at "
+              f"{shapes.stop_ids} end token{'s' * (shapes.stop_ids > 1)}", flush=True)
 
     def plan(target: str, devices: list):
         try:

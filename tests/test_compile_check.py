@@ -355,6 +355,29 @@ def test_a_built_in_task_without_its_data_compiles_the_shipped_base(capsys):
                     "--devices", "8"])
 
 
+def test_without_the_data_the_sampler_stops_at_the_tokenizers_end_tokens(tmp_path, capsys):
+    """``--no-data`` with ``model.path`` on the machine: the architecture is its config.json and
+    the sampler stops at its tokenizer's end tokens (here eos and the id generation_config.json
+    adds), as the run's does, not at one assumed end token."""
+    import json
+    from pathlib import Path
+
+    import _llm
+
+    model = _llm.model_dir(tmp_path)
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 3]}))
+    path = Path(__file__).parents[1] / "configs" / "llama3_8b_lora_bds_online.yaml"
+    assert _llm.script("compile_check").main([
+        "--config", str(path), "--no-data", f"model.path={model}", "data.max_len=32",
+        "mesh.fsdp=8", "online.max_new_tokens=4", "online.generate_batch_size=8",
+        "online.batch_size=8", "--n-examples", "64", "--steps", "generate", "--platform",
+        "cpu", "--devices", "8", "--max-ratio", "10"]) == 0  # (a tiny model's state)
+    out = capsys.readouterr().out
+    assert f"{path}: llama, 0.000B parameters compiled (2 layers)" in out
+    assert "while decoding, stopping at 2 end tokens" in out
+    assert re.findall(r"\| cpu x8 data=1 fsdp=8 \| ([a-z ]+) \|", out) == ["generate"]
+
+
 def test_a_run_configuration_compiles_with_its_own_shapes(tmp_path, capsys):
     """``compile_check.py --config``: the run's own method, online settings and batch sizes
     over its mesh, at its data's lengths as the trainer pads them (or, without the data,
