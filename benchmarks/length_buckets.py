@@ -40,8 +40,9 @@ on ``--gen-batch`` rows drawn from the buffer of generated pairs: at the buffer'
 (longest prompt + ``--new-tokens``), against drawn from one of n length buckets of the
 buffer's rows and cut to its width (``Refresher.train_args``). The buffer holds one refresh
 of ``--fraction`` of the questions, 2 samples each, each sample cut to its question's
-response length in the data (a model at its initialisation does not end its answers, a
-fine-tuned one does; the responses are then as long as the data's). The offline batches are
+response length in the data (a fine-tuned model ends its answers; the random one here draws
+its end token among 100 characters, and about half of its samples end sooner: the responses
+are at most as long as the data's). The offline batches are
 the same for every setting (rows of about the median length), so the difference is the
 generated rows'. The
 median seconds of ``--steps`` steps over ``--rounds`` rounds (every program compiled first)
