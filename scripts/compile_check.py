@@ -398,9 +398,7 @@ def _from_config(args, parser):
             extra.update(train_lengths=tuple(buckets[:-1]))
         if online and cfg.data.length_buckets > 1 and train is not None:
             # the generated rows' length buckets, as the run fixes them for these devices
-            _, chunk, n_chunks = refresh.calls(online, shapes.n_examples, ways)
-            gen = refresh.buffer_buckets(online, train, cfg.data.length_buckets,
-                                         n_chunks * chunk * online.num_samples)
+            gen = refresh.buffer_buckets(online, train, cfg.data.length_buckets, ways)
             print(f"{where}: online: train steps draw the generated rows from "
                   f"{len(gen)} length bucket{'s' * (len(gen) > 1)}, "
                   + ", ".join(f"{a + 1}-{b} tokens" for a, b, _ in gen)

@@ -153,19 +153,21 @@ def _host(x) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def buffer_buckets(cfg: OnlineConfig, dataset, buckets: int, capacity: int
+def buffer_buckets(cfg: OnlineConfig, dataset, buckets: int, ways: int
                    ) -> tuple[tuple[int, int, int], ...]:
     """The length buckets of an online run's generated rows (``data.length_buckets`` =
     ``buckets``; :func:`~jbilevel.algorithms.online.generated_buckets`), as the run fixes
     them before it generates anything and ``scripts/compile_check.py`` compiles them: the
     training rows' lengths as buffer rows (each prompt and at most ``max_new_tokens`` of its
-    response) stand in for the generated rows', in a buffer of ``capacity`` rows
-    (:attr:`Refresher.capacity`) as wide as the longest prompt and ``max_new_tokens``."""
+    response) stand in for the generated rows', in the buffer a run on ``ways`` data-parallel
+    devices fills (:func:`calls`; :attr:`Refresher.capacity` rows), as wide as the longest
+    prompt and ``max_new_tokens``."""
+    _, chunk, n_chunks = calls(cfg, len(dataset), ways)
     response_N = dataset.length_N - dataset.prompt_len_N
     new_tokens = cfg.max_new_tokens or int(response_N.max())
     return generated_buckets(dataset.prompt_len_N + np.minimum(response_N, new_tokens),
-                             buckets, int(dataset.prompt_len_N.max()) + new_tokens, capacity,
-                             cfg.batch_size)
+                             buckets, int(dataset.prompt_len_N.max()) + new_tokens,
+                             n_chunks * chunk * cfg.num_samples, cfg.batch_size)
 
 
 class Refresher:
@@ -231,7 +233,7 @@ class Refresher:
                 "online.batch_size or raise online.fraction / online.num_samples")
         # the generated rows' length buckets, fixed before any is generated, so that every
         # train step and sampled hypergradient has its program from the start
-        self.generated_buckets = buffer_buckets(cfg, dataset, buckets, self.capacity)
+        self.generated_buckets = buffer_buckets(cfg, dataset, buckets, ways)
         rep = sh.replicated(batch_sharding.mesh)
         self._select = jax.jit(functools.partial(
             select_questions, n=self.n_select, mode=cfg.select, weighting=weighting),
