@@ -149,7 +149,8 @@ class MemoryReport:
     state_total: int  # bytes of theta + opt_theta (+ frozen base params for LoRA), all devices
     state_per_device: int  # the same bytes on the most loaded device
     steps: dict  # step name ("train", "hyper"; online: "generate", "log ratios", "offline
-    #              train" with a later first refresh; "evaluate" when asked for) -> StepMemory
+    #              train" with a later first refresh; "eval loss", "evaluate" when asked
+    #              for) -> StepMemory
     # step name -> why it does not fit the devices' memory: the TPU compiler's message (the
     # step is then not in ``steps``), or its peak against ``memory_limit`` (it is)
     errors: dict
@@ -210,11 +211,12 @@ def _sampler_call(model, online: online_lib.OnlineConfig, state, prompts: int, s
 
 
 def _evaluate_call(model, state, lora: bool, shapes: Shapes, mesh, rules: sh.AxisRules,
-                   batch_sh, gather_params: bool):
-    """The final evaluation's first decoding batch, lowered through the sampler the run calls:
-    greedy answers to ``shapes.eval_batch_size`` prompts (rounded up to a multiple of the
-    data axes, as the run pads the batch) of the longest prompt's length, split over the data
-    axes, through a LoRA run's adapters over its base unmerged (as the run scores them)."""
+                   batch_sh, gather_params: bool, width: int, budget: int):
+    """A decoding batch of the final evaluation, lowered through the sampler the run calls:
+    greedy answers of ``budget`` tokens to ``shapes.eval_batch_size`` prompts (rounded up to
+    a multiple of the data axes, as the run pads the batch) of ``width`` tokens, split over
+    the data axes, through a LoRA run's adapters over its base unmerged (as the run scores
+    them)."""
     from jbilevel.models import generate
 
     rows = shapes.eval_batch_size + -shapes.eval_batch_size % sh.data_parallel_size(mesh, rules)
@@ -223,9 +225,8 @@ def _evaluate_call(model, state, lora: bool, shapes: Shapes, mesh, rules: sh.Axi
     on_mesh = dict(mesh=mesh, rules=rules, gather_params=gather_params) if mesh.size > 1 else {}
     return functools.partial(
         generate, model, params,
-        *_decoding_args(rows, shapes.eval_prompt_len or shapes.prompt_len,
-                        batch_sh if on_mesh else None),
-        max_new_tokens=shapes.eval_new_tokens or shapes.new_tokens, greedy=True,
+        *_decoding_args(rows, width, batch_sh if on_mesh else None),
+        max_new_tokens=budget, greedy=True,
         eos_id=list(range(shapes.stop_ids)), pad_id=0, lora=adapters, lower=True, **on_mesh)
 
 
@@ -237,7 +238,9 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
                    only: Sequence[str] | None = None,
                    gather_params: bool = True, hyper_blocks=None,
                    hyper_scales=None, online_buckets=None, train_lengths: Sequence[int] = (),
-                   memory_limit: int | None = None, evaluate: bool = False) -> MemoryReport:
+                   memory_limit: int | None = None, evaluate: bool = False,
+                   eval_loss: Sequence[int] = (),
+                   eval_decodes: Sequence[tuple[int, int]] = ()) -> MemoryReport:
     """Compiles ``method``'s steps for a mesh without materialising any array.
 
     Args:
@@ -295,6 +298,15 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
         needs none: its compiler refuses a step that does not fit.
       evaluate: compile ``"evaluate"`` with the others when ``only`` is None (a run that
         scores its answers decodes them after its last step).
+      eval_loss: the lengths of the evaluation's loss passes over the validation and test
+        splits (``jbilevel.experiment.split_loss``: ``shapes.eval_batch_size`` rows rounded up
+        to the data axes, the params as the run scores them), longest first: ``"eval loss"``
+        at the first, ``"eval loss 128"`` at each other (for the compilation cache; their
+        memory is below the longest's). Empty: none compiled.
+      eval_decodes: with ``"evaluate"``, the ``(prompt width, answer budget)`` of each of the
+        final evaluation's decoding programs (``jbilevel.experiment.evaluation_programs``)
+        other than ``"evaluate"``'s own: compiled as ``"evaluate 64+12"``, so that a run
+        loads every one of them from the compilation cache.
     Returns:
       The per-device memory of every step and the parameter + optimizer-state split. The
       invariant checked by the tests: ``state_ratio`` is close to 1 for an fsdp mesh.
@@ -386,10 +398,25 @@ def compile_memory(model_config: ModelConfig, method: MethodConfig, mesh_config:
                                            rules=rules))
         lower["log ratios"] = functools.partial(ratios.lower, state.theta, state.online,
                                                 state.frozen)
+    if eval_loss:  # the run's own loss pass (and its params: a LoRA run's adapters and base)
+        from jbilevel.experiment import loss_program, weights_loss
+
+        program = loss_program(weights_loss(loss, lora), mesh, rules)
+        scored = (state.theta, state.frozen) if lora else state.theta
+        rows = shapes.eval_batch_size + -shapes.eval_batch_size % ways
+        for k, length in enumerate(eval_loss):
+            lower[" ".join(["eval loss", *([str(length)] if k else [])])] = functools.partial(
+                program.lower, scored, _batch(rows, length, batch_sh))
     if (evaluate and only is None) or (only is not None and "evaluate" in only):
-        lower["evaluate"] = _evaluate_call(
-            model, state, lora, shapes, mesh, rules, batch_sh,
+        decode = functools.partial(
+            _evaluate_call, model, state, lora, shapes, mesh, rules, batch_sh,
             online.gather_params if online is not None else gather_params)
+        bound = (shapes.eval_prompt_len or shapes.prompt_len,
+                 shapes.eval_new_tokens or shapes.new_tokens)
+        lower["evaluate"] = decode(*bound)
+        for width, budget in eval_decodes:
+            if (width, budget) != bound:
+                lower[f"evaluate {width}+{budget}"] = decode(width, budget)
     if only is not None:
         unknown = set(only) - set(lower)
         if unknown:

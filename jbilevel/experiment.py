@@ -212,7 +212,8 @@ def longest_bucket(dataset) -> int:
 
 
 def evaluate(model, params, task, split: str = "test", batch_size: int = 250, *,
-             gather_params: bool = True, lora=None, buckets: int = 1) -> dict:
+             gather_params: bool = True, lora=None, buckets: int = 1,
+             announce: Callable | None = None) -> dict:
     """Greedy-decodes every prompt of ``split`` and scores the answers with the task metric.
 
     Every process calls it with the same arguments (params may span processes); the decoded
@@ -225,37 +226,77 @@ def evaluate(model, params, task, split: str = "test", batch_size: int = 250, *,
     longest first, each batch left-padded to the smallest of that many prompt lengths that
     holds it (one program per length) instead of the split's longest prompt; the answers come
     back in the split's order. Each call decodes until its rows have all ended (the split's
-    longest reference answer is the budget).
+    longest reference answer is the budget). ``announce``: wraps each batch's decoding
+    ``(params, prompt batch) -> answers``, e.g. ``Console.first_call``, which says when
+    each prompt width's program compiles.
     """
-    from jbilevel.data.batching import length_buckets, smallest_bucket
     from jbilevel.models import generate
 
     ds = task.splits[split]
-    max_new = int((ds.length_N - ds.prompt_len_N).max())
-    prompt_N = ds.prompt_len_N
-    order = np.arange(len(ds)) if buckets == 1 else np.argsort(-prompt_N, kind="stable")
-    lengths = length_buckets(prompt_N, buckets, top=int(prompt_N.max()))
+    max_new = answer_budget(ds)
     mesh = mesh_of(params)
     rows, put, on_mesh = batch_size, (lambda x: x), {}
     if mesh is not None and mesh.size > 1:
         rules = sh.AxisRules()
         rows, put = _rows_on(mesh, rules, batch_size)
         on_mesh = dict(mesh=mesh, rules=rules, gather_params=gather_params)
+    def decode(params, batch):
+        return generate(model, params, put(batch["prompt_ids"]), put(batch["prompt_mask"]),
+                        jax.random.key(0), max_new_tokens=max_new, greedy=True,
+                        eos_id=task.tokenizer.stop_ids, pad_id=task.tokenizer.pad_id,
+                        lora=lora, **on_mesh)
+
+    decode = announce(decode) if announce is not None else decode
     predictions: list = [None] * len(ds)
-    for start in range(0, len(ds), rows):
-        ids = order[start:start + rows]
-        valid = np.arange(rows) < len(ids)
-        ids = np.concatenate([ids, np.zeros(rows - len(ids), ids.dtype)])
-        longest = int(prompt_N[ids[valid]].max())
-        batch = ds.prompt_batch(ids, smallest_bucket(lengths, longest), valid)
-        out = generate(model, params, put(batch["prompt_ids"]), put(batch["prompt_mask"]),
-                       jax.random.key(0), max_new_tokens=max_new, greedy=True,
-                       eos_id=task.tokenizer.stop_ids, pad_id=task.tokenizer.pad_id, lora=lora,
-                       **on_mesh)
+    for ids, valid, width in _decoding_batches(ds, rows, buckets):
+        out = decode(params, ds.prompt_batch(ids, width, valid))
         tokens_BxT = inputs.to_host(out.tokens)[:, 0, :]
         for b in np.flatnonzero(valid):
             predictions[ids[b]] = task.tokenizer.decode(tokens_BxT[b])
     return {**task.score(predictions, split), "predictions": predictions}
+
+
+def answer_budget(ds) -> int:
+    """Tokens the final evaluation decodes for each prompt of split ``ds``: its longest
+    reference answer (a static setting of the decoding program)."""
+    return int((ds.length_N - ds.prompt_len_N).max())
+
+
+def _decoding_batches(ds, rows: int, buckets: int):
+    """Yields ``(ids, valid, width)`` for each decoding batch of :func:`evaluate`: ``rows``
+    prompts (padding rows at the end, ``valid`` False) left-padded to ``width`` tokens."""
+    from jbilevel.data.batching import length_buckets, smallest_bucket
+
+    prompt_N = ds.prompt_len_N
+    order = np.arange(len(ds)) if buckets == 1 else np.argsort(-prompt_N, kind="stable")
+    lengths = length_buckets(prompt_N, buckets, top=int(prompt_N.max()))
+    for start in range(0, len(ds), rows):
+        ids = order[start:start + rows]
+        valid = np.arange(rows) < len(ids)
+        ids = np.concatenate([ids, np.zeros(rows - len(ids), ids.dtype)])
+        yield ids, valid, smallest_bucket(lengths, int(prompt_N[ids[valid]].max()))
+
+
+def evaluation_programs(validation, test, decoded, batch_size: int, buckets: int, ways: int
+                        ) -> tuple[list[int], list[tuple[int, int]]]:
+    """The shapes of a run's evaluation programs, as it will meet them on a mesh of ``ways``
+    data-parallel ways (``eval_batch_size`` = ``batch_size``, ``data.length_buckets`` =
+    ``buckets``): the lengths its loss passes pad batches of the ``validation`` and ``test``
+    splits to (:func:`split_loss`; ``test`` may be None), longest first; and the ``(prompt
+    width, answer budget)`` of each decoding program of the ``decoded`` splits
+    (:func:`evaluate`), widest first. What ``scripts/compile_check.py --compile-cache``
+    compiles ahead of the run."""
+    rows = batch_size + -batch_size % ways
+    lengths: set = set()
+    for ds in (validation, test):
+        if ds is not None:
+            batcher = _split_batcher(ds, rows, buckets)
+            length_N = batcher.dataset.length_N  # in the pass's order
+            lengths |= {batcher.bucket(int(length_N[i:i + rows].max()))
+                        for i in range(0, len(length_N), rows)}
+    decodes = {(width, answer_budget(ds)) for ds in decoded
+               for _, _, width in _decoding_batches(ds, rows, buckets)}
+    return sorted(lengths, reverse=True), sorted(decodes, reverse=True)
 
 
 def _rows_on(mesh, rules: sh.AxisRules, batch_size: int):
@@ -274,10 +315,11 @@ SPLIT_PREFIX = {"validation": "val", "test": "test"}  # results.json keys: val_a
 
 
 def score_splits(model, params, task, batch_size: int, *,
-                 gather_params: bool = True, lora=None, buckets: int = 1) -> tuple[dict, dict]:
+                 gather_params: bool = True, lora=None, buckets: int = 1,
+                 console: Console | None = None) -> tuple[dict, dict]:
     """Greedy answers to the prompts of each split in ``task.scored``, scored with the task
     metric (:func:`evaluate`; ``lora``: adapters over ``params``, unmerged; ``buckets``:
-    prompt lengths).
+    prompt lengths; ``console``: says when each decoding program compiles).
 
     Returns: ({"val_<metric>" / "test_<metric>": value}, {split: decoded answers}); both empty
     for a task without a metric.
@@ -289,7 +331,9 @@ def score_splits(model, params, task, batch_size: int, *,
     for split in task.scored:
         if split in task.splits:
             record = evaluate(model, params, task, split, batch_size,
-                              gather_params=gather_params, lora=lora, buckets=buckets)
+                              gather_params=gather_params, lora=lora, buckets=buckets,
+                              announce=console and _announced(
+                                  console, f"decoding of the {split} answers"))
             predictions[split] = record.pop("predictions")
             scores.update({f"{SPLIT_PREFIX[split]}_{k}": v for k, v in record.items()})
     return scores, predictions
@@ -303,12 +347,27 @@ def mesh_of(params):
     return None
 
 
-def split_loss(example_loss, dataset, batch_size: int, buckets: int = 1
-               ) -> Callable[[Any], float]:
+def loss_program(example_loss, mesh, rules: sh.AxisRules):
+    """The jitted program of :func:`split_loss` on ``mesh``: ``(params, batch) -> per-row
+    losses``, replicated, the activations laid out as a train step's (``mesh`` None: params
+    on no mesh)."""
+    if mesh is None:
+        return jax.jit(example_loss)
+
+    def pinned(params, batch):
+        with sh.activation_sharding(mesh, rules):
+            return example_loss(params, batch)
+
+    return jax.jit(pinned, out_shardings=sh.replicated(mesh))
+
+
+def split_loss(example_loss, dataset, batch_size: int, buckets: int = 1, *,
+               announce: Callable | None = None) -> Callable[[Any], float]:
     """``params -> mean per-example loss over a whole split`` (fixed-shape batches, jitted once,
     padding rows ignored; ``buckets`` > 1: the rows sorted by length, each batch padded to the
     smallest of that many lengths that holds it, one program per length, as
-    ``data.length_buckets`` pads training batches).
+    ``data.length_buckets`` pads training batches). ``announce``: wraps the jitted program,
+    e.g. ``Console.first_call``, which says when each of its shapes compiles.
 
     With params on a mesh, each batch's rows are split over its data axes like a training
     batch (the batch size is rounded up to a multiple of them with padding rows) and the
@@ -317,14 +376,11 @@ def split_loss(example_loss, dataset, batch_size: int, buckets: int = 1
     """
     rules = sh.AxisRules()
     compiled: dict = {}  # mesh -> jitted loss
+    announce = announce or (lambda fn: fn)
 
     def place(mesh):
         if mesh not in compiled:
-            def pinned(params, batch):
-                with sh.activation_sharding(mesh, rules):
-                    return example_loss(params, batch)
-
-            compiled[mesh] = jax.jit(pinned, out_shardings=sh.replicated(mesh))
+            compiled[mesh] = announce(loss_program(example_loss, mesh, rules))
         return compiled[mesh]
 
     batches: dict = {}  # rows per batch -> the split's batches
@@ -332,7 +388,7 @@ def split_loss(example_loss, dataset, batch_size: int, buckets: int = 1
     def mean(params) -> float:
         mesh = mesh_of(params)
         if mesh is None:
-            fn, rows, put = jax.jit(example_loss), batch_size, lambda b: b
+            fn, rows, put = place(None), batch_size, lambda b: b
         else:
             fn = place(mesh)
             rows, put_rows = _rows_on(mesh, rules, batch_size)
@@ -364,10 +420,11 @@ def _split_batcher(dataset, rows: int, buckets: int):
                    shuffle=False, buckets=lengths)
 
 
-def mean_loss(example_loss, params, dataset, batch_size: int, buckets: int = 1) -> float:
+def mean_loss(example_loss, params, dataset, batch_size: int, buckets: int = 1, *,
+              announce: Callable | None = None) -> float:
     """Mean per-example loss over a whole split (see :func:`split_loss`; every process calls
     it when params span several)."""
-    return split_loss(example_loss, dataset, batch_size, buckets)(params)
+    return split_loss(example_loss, dataset, batch_size, buckets, announce=announce)(params)
 
 
 def state_setup(cfg: ExperimentConfig, model, n: int, mesh, rules, *, load_weights: bool):
@@ -419,8 +476,20 @@ def scoring_loss(model, params, lora=None):
     compute them)."""
     if lora is None:
         return lm_example_loss(model), params
-    loss = lm_lora_example_loss(model)
-    return (lambda w, batch: loss(w[0], w[1], batch)), (lora, params)
+    return weights_loss(lm_lora_example_loss(model), True), (lora, params)
+
+
+def weights_loss(example_loss, lora: bool):
+    """A train step's ``example_loss`` as a function of one weights argument, as the
+    evaluation's loss passes take it: a LoRA run's ``(adapters, base)``."""
+    if not lora:
+        return example_loss
+    return lambda w, batch: example_loss(w[0], w[1], batch)
+
+
+def _announced(console: Console, what: str) -> Callable:
+    """``announce`` for :func:`split_loss`: the console says when each pass compiles."""
+    return lambda fn: console.first_call(fn, what)
 
 
 def final_params(state, model, lora: bool):
@@ -669,14 +738,12 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
         eval_fn = None  # full validation loss every loop.eval_every steps
         evaluated: dict = {}  # its latest value: at the last step, the final evaluation's
         if loop.eval_every:
+            val_loss = split_loss(weights_loss(example_loss, lora), task.validation,
+                                  cfg.eval_batch_size, cfg.data.length_buckets,
+                                  announce=_announced(console, "validation loss pass"))
             if lora:  # (adapters, base): the base rides in the state
-                val_loss = split_loss(lambda p, b: example_loss(p[0], p[1], b),
-                                      task.validation, cfg.eval_batch_size,
-                                      cfg.data.length_buckets)
                 weights_of = lambda s: (s.theta, s.frozen)  # noqa: E731
             else:
-                val_loss = split_loss(example_loss, task.validation, cfg.eval_batch_size,
-                                      cfg.data.length_buckets)
                 weights_of = lambda s: s.theta  # noqa: E731
 
             def eval_fn(state):
@@ -768,13 +835,15 @@ def _finish(cfg, out: Path, console, result: dict, state, model, lora: bool, tas
     bs, buckets = cfg.eval_batch_size, cfg.data.length_buckets
     with (train.naming_out_of_memory("final evaluation", result["steps"], last),
           console.phase("final evaluation") as phase):
-        result["val_loss"] = (mean_loss(loss, scored, task.validation, bs, buckets)
+        result["val_loss"] = (mean_loss(loss, scored, task.validation, bs, buckets,
+                                        announce=_announced(console, "validation loss pass"))
                               if val_loss is None else val_loss)
         if task.test is not None:
-            result["test_loss"] = mean_loss(loss, scored, task.test, bs, buckets)
+            result["test_loss"] = mean_loss(loss, scored, task.test, bs, buckets,
+                                            announce=_announced(console, "test loss pass"))
         scores, predictions = score_splits(model, base, task, bs, lora=adapters,
                                            gather_params=cfg.online.gather_params,
-                                           buckets=buckets)
+                                           buckets=buckets, console=console)
         result.update(scores)
         if learned:
             if good_N is not None:

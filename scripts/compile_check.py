@@ -24,7 +24,7 @@ allocator may hand out.
     # fake CPU devices (no libtpu):
     python scripts/compile_check.py --model pythia-1b --platform cpu --devices 8 16 64
     # a run configuration's own steps (its method, LoRA, online settings, batch sizes, mesh
-    # and lengths; the final evaluation's decoding where it scores its answers), with
+    # and lengths; the evaluation's loss pass, and its decoding where it scores answers), with
     # overrides as `jbilevel train` takes them; --model names the architecture where
     # model.path is not on this machine:
     python scripts/compile_check.py --config configs/llama3_8b_lora_bds_online.yaml \
@@ -126,19 +126,22 @@ def _parser() -> argparse.ArgumentParser:
                    "(online.gather_params=false)")
     p.add_argument("--steps", nargs="+", default=None,
                    choices=["train", "offline train", "hyper", "generate", "log ratios",
-                            "evaluate"],
-                   help="compile only these steps (default: all of each method's; evaluate, "
-                   "the final evaluation's decoding batch, only with --config of a run that "
-                   "scores its answers (data.metric); from flags: --prompt-len, --new-tokens, "
-                   "--generate-per-device, --split-params)")
+                            "eval loss", "evaluate"],
+                   help="compile only these steps (default: all of each method's; eval loss, "
+                   "the evaluation's loss pass over the validation and test splits "
+                   "(eval_batch_size rows at their longest length), only with --config; "
+                   "evaluate, the final evaluation's decoding batch, only with --config of a run "
+                   "that scores its answers (data.metric); from flags: --prompt-len, "
+                   "--new-tokens, --generate-per-device, --split-params)")
     p.add_argument("--max-ratio", type=float, default=1.25)
     p.add_argument("--markdown", default=None, help="append each table row to this file")
     p.add_argument("--compile-cache", metavar="DIR", default=None,
                    help="with --config on this host's devices (cpu, gpu): keep the compiled "
                    "steps in JAX's persistent compilation cache in DIR, from which `jbilevel "
                    "train --compile-cache DIR` (its default: OUT/xla_cache) on the same devices "
-                   "loads them instead of compiling them again; with data.length_buckets > 1 "
-                   "the train step is then compiled at each of the data's batch lengths")
+                   "loads them instead of compiling them again: the train step at each of "
+                   "the data's batch lengths (data.length_buckets > 1), and the evaluation's "
+                   "loss passes and decoding batches at each of theirs")
     return p
 
 
@@ -290,7 +293,7 @@ def _from_config(args, parser):
                              for n in set_by_flags))
     cfg = config.load(experiment.ExperimentConfig, args.config, args.overrides)
     here = cfg.model.path is None or os.path.isdir(cfg.model.path)
-    train = validation = None
+    train = validation = test = None
     decoded = ()  # the splits the final evaluation answers greedily (with the data read)
     stop_ids = 1  # the tokenizer's end tokens, at which the sampler stops
     if not here or args.no_data:  # a built-in task's settings (its metric, the shipped base)
@@ -312,7 +315,7 @@ def _from_config(args, parser):
                 raise SystemExit(f"error: {e}\n(--no-data sizes the batches from the "
                                  "configuration instead)") from None
         train, _ = experiment.training_set(task, cfg.method.method)
-        validation = task.validation
+        validation, test = task.validation, task.test
         buckets = experiment.grouped(train, cfg.data)["buckets"]
         decoded = [task.splits[s] for s in task.scored if s in task.splits]
         if not decoded and args.steps and "evaluate" in args.steps:
@@ -380,6 +383,16 @@ def _from_config(args, parser):
         # the trainer's hypergradient batch: padded to a multiple of the data-parallel ways
         hyper = shapes.hyper_batch_size + -shapes.hyper_batch_size % ways
         extra = dict(evaluate=evaluate)
+        # the evaluation's loss passes (validation, test) and decoding batches, as the run
+        # will pad them on these devices: the longest pass always (its memory), the others
+        # for the cache
+        if train is not None:
+            lengths, decodes = experiment.evaluation_programs(
+                validation, test, decoded, cfg.eval_batch_size, cfg.data.length_buckets, ways)
+        else:
+            lengths, decodes = [cfg.data.max_len], []
+        extra.update(eval_loss=lengths if args.compile_cache else lengths[:1],
+                     eval_decodes=decodes if args.compile_cache else ())
         if cfg.method.method == "bds" and cfg.data.length_buckets > 1 and train is not None:
             # its rows cut by length as the trainer cuts them for these devices
             try:
@@ -423,6 +436,10 @@ def main(argv=None) -> int:
         from jbilevel.xla_options import use_compilation_cache
 
         used = use_compilation_cache(args.compile_cache)  # "none": off
+        if used:  # every step compiled here is for the run to load, however fast it compiled
+            import jax
+
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         print(f"compiled steps are cached in {used}" if used else "no compilation cache",
               flush=True)
 
@@ -506,6 +523,8 @@ def _hints(step: str, from_config: bool, gathered: bool, train_chunk: int) -> li
     if step in ("generate", "log ratios", "evaluate"):
         hints.append("fewer rows per sampler call: " + say(
             "--generate-per-device", "online.generate_batch_size, eval_batch_size"))
+    if step == "eval loss":  # only with --config
+        hints.append("fewer rows per evaluation batch: eval_batch_size")
     if step in ("train", "offline train") and not train_chunk:
         hints.append("the train step's gradient over passes of fewer rows: "
                      + say("--train-chunk-per-device", "method.train_chunk"))

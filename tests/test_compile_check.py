@@ -322,7 +322,7 @@ def test_the_final_evaluation_is_compiled_at_the_scored_splits_lengths(tmp_path,
         "--config", str(path), *overrides, "--platform", "cpu", "--devices", "8",
         "--compile-cache", str(cache)]) == 0
     steps = re.findall(r"\| cpu x8 data=8 fsdp=1 \| ([a-z ]+) \|", capsys.readouterr().out)
-    assert steps == ["train", "evaluate"]
+    assert steps == ["train", "eval loss", "evaluate"]
     jax.clear_caches()  # as a new process: what it does not compile comes from the cache
     experiment.run(config.load(experiment.ExperimentConfig, path, overrides), tmp_path / "run",
                    console=Console(QUIET))
@@ -349,7 +349,8 @@ def test_a_built_in_task_without_its_data_compiles_the_shipped_base(capsys):
     out = capsys.readouterr().out
     layers = read_config(base_model_path("pretrained")).num_layers
     assert f"quality_mix.yaml: base, 0.001B parameters compiled ({layers} layers)" in out
-    assert re.findall(r"\| cpu x8 data=8 fsdp=1 \| ([a-z ]+) \|", out) == ["train", "evaluate"]
+    assert re.findall(r"\| cpu x8 data=8 fsdp=1 \| ([a-z ]+) \|", out) == [
+        "train", "eval loss", "evaluate"]  # the loss pass at data.max_len
     with pytest.raises(SystemExit, match="--model: unknown model preset 'tiny' \\(available: "):
         check.main(["--config", str(path), "--no-data", "--model", "tiny", "--platform", "cpu",
                     "--devices", "8"])

@@ -25,8 +25,8 @@ def test_run_writes_report_and_resumes(tmp_path, method, monkeypatch):
                               eval_every=3))
     scored = []  # the splits the final evaluation takes a loss pass over
     mean_loss = experiment.mean_loss
-    monkeypatch.setattr(experiment, "mean_loss", lambda loss, params, split, *args: (
-        scored.append(len(split)) or mean_loss(loss, params, split, *args)))
+    monkeypatch.setattr(experiment, "mean_loss", lambda loss, params, split, *args, **kw: (
+        scored.append(len(split)) or mean_loss(loss, params, split, *args, **kw)))
     result = experiment.run(cfg, tmp_path)
     assert result["steps"] == 6 and result["test_n"] == 16
     assert 0.0 <= result["test_accuracy"] <= 1.0

@@ -202,9 +202,9 @@ def test_compile_check_caches_every_program_an_online_run_compiles_first(tmp_pat
     """The shipped 8B LoRA bds + online config pointed at the fixtures, its first refresh at
     step 1: compile_check.py --config --compile-cache compiles the run's own programs (the
     offline train step before the refresh, the online train step, the hypergradient, the
-    sampler with the tokenizer's stop ids at the longest prompt, the log's ratio pass), and
-    the run, in a process that has compiled nothing, loads each of them from the cache. (With
-    data.length_buckets > 1: the next test.)"""
+    sampler with the tokenizer's stop ids at the longest prompt, the log's ratio pass, the
+    final evaluation's loss pass), and the run, in a process that has compiled nothing, loads
+    each of them from the cache. (With data.length_buckets > 1: the next tests.)"""
     import io
 
     from jbilevel.console import Console
@@ -225,20 +225,35 @@ def test_compile_check_caches_every_program_an_online_run_compiles_first(tmp_pat
             "--config", str(path), *overrides, "--platform", "cpu", "--devices", "8",
             "--max-ratio", "10", "--compile-cache", str(tmp_path / "cache")]) == 0
     compiled = re.findall(r"\| cpu x8 data=1 fsdp=8 \| ([a-z ]+) \|", checked.getvalue())
-    assert compiled == ["train", "offline train", "hyper", "generate", "log ratios"], compiled
+    assert compiled == ["train", "offline train", "hyper", "generate", "log ratios",
+                        "eval loss"], compiled
     cfg = config.load(experiment.ExperimentConfig, path, overrides)
     jax.clear_caches()  # as a new process: what it does not compile comes from the cache
     out = io.StringIO()
     experiment.run(cfg, tmp_path / "run", console=Console(stream=out))
     log = out.getvalue()
     for program in ("bds train step", "bds train step with generated rows",
-                    "hypergradient step", "sampler"):
+                    "hypergradient step", "sampler", "validation loss pass", "test loss pass"):
         assert f"compiling the {program} ...\nloaded the {program} from the compilation " \
                "cache" in log, (program, log)
     assert "compiled the" not in log, log
     # the log's ratio pass runs at the end, over the refresh's rows: found in the cache too
     entries = _llm.cached_programs(tmp_path / "cache")
     assert entries.count("jit_row_ratios") == 1 and entries.count("jit__generate") == 1, entries
+
+
+def _checked_into_cache(cfg, tmp_path) -> str:
+    """compile_check.py --config (``cfg`` written to tmp_path/run.yaml) --compile-cache
+    tmp_path/cache on the 8 CPU devices: what it printed."""
+    import io
+
+    config.dump(cfg, tmp_path / "run.yaml")
+    checked = io.StringIO()
+    with contextlib.redirect_stdout(checked):
+        assert _llm.script("compile_check").main([
+            "--config", str(tmp_path / "run.yaml"), "--platform", "cpu", "--devices", "8",
+            "--compile-cache", str(tmp_path / "cache")]) == 0
+    return checked.getvalue()
 
 
 def test_compile_check_caches_every_step_of_an_online_run_with_length_buckets(
@@ -259,18 +274,13 @@ def test_compile_check_caches_every_step_of_an_online_run_with_length_buckets(
         cfg, hyper_batch_size=16, loop=dataclasses.replace(cfg.loop, steps=4),
         online=online_lib.OnlineConfig(every=2, fraction=1.0, num_samples=2, batch_size=8,
                                        max_new_tokens=4, temperature=1.0))
-    config.dump(cfg, tmp_path / "run.yaml")
-    checked = io.StringIO()
-    with contextlib.redirect_stdout(checked):
-        assert _llm.script("compile_check").main([
-            "--config", str(tmp_path / "run.yaml"), "--platform", "cpu", "--devices", "8",
-            "--compile-cache", str(tmp_path / "cache")]) == 0
+    checked = _checked_into_cache(cfg, tmp_path)
     said = re.search(r"online: train steps draw the generated rows from (\d) length buckets, "
-                     r"(.*) \(a train step", checked.getvalue())
+                     r"(.*) \(a train step", checked)
     spans = [b.split()[0] for b in said[2].split(", ")]
-    assert int(said[1]) == len(spans) >= 2, checked.getvalue()
+    assert int(said[1]) == len(spans) >= 2, checked
     widths = [int(s.split("-")[1]) for s in spans]
-    compiled = re.findall(r"\| cpu x8 data=8 fsdp=1 \| ([a-z0-9 -]+) \|", checked.getvalue())
+    compiled = re.findall(r"\| cpu x8 data=8 fsdp=1 \| ([a-z0-9 -]+) \|", checked)
     lengths = ["", *sorted({n.split()[1] for n in compiled if re.match(r"train \d+( |$)", n)})]
     assert len(lengths) >= 2  # the longest batch's, and the others'
     assert sorted(compiled[:len(lengths) * len(spans)]) == sorted(
@@ -289,6 +299,55 @@ def test_compile_check_caches_every_step_of_an_online_run_with_length_buckets(
     assert len(programs) >= 3, log
     for name in programs[1:]:
         assert int(re.search(r"generated rows of (\d+) tokens", name)[1]) in widths, name
+
+
+def test_compile_check_caches_every_program_of_the_evaluation(tmp_path, model_dir,
+                                                               cache_state):
+    """A LoRA run that measures its validation loss along the way and scores its answers on
+    both splits, with data.length_buckets=3: compile_check.py --compile-cache compiles the
+    evaluation's loss pass at each length its validation and test batches take and a
+    decoding program for each prompt width and answer budget the scored splits meet (the
+    test answers longer than the validation's); the run loads every one of them from the
+    cache and compiles none of them."""
+    import io
+
+    from jbilevel.console import Console
+
+    def rows(ids, words, answer):
+        return [{"question": f"Q{i}: " + "abc " * (i % 10) * words,
+                 "response": answer(i), "answer": answer(i)} for i in ids]
+
+    for split, part in (("train", rows(range(32), 3, str)),
+                        ("val", rows(range(32, 48), 3, str)),
+                        ("test", rows(range(48, 64), 2, lambda i: f"{i} is {i * 7}"))):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    cfg = _cfg(model_dir, "mix", inputs.ThetaConfig(kind="lora", rank=4, alpha=8.0))
+    cfg = dataclasses.replace(
+        cfg, loop=dataclasses.replace(cfg.loop, eval_every=1),
+        data=inputs.DataConfig(train=str(tmp_path / "train.jsonl"),
+                               validation=str(tmp_path / "val.jsonl"),
+                               test=str(tmp_path / "test.jsonl"), max_len=160,
+                               length_buckets=3, metric="answer", score_validation=True))
+    checked = _checked_into_cache(cfg, tmp_path)
+    compiled = re.findall(r"\| cpu x8 data=8 fsdp=1 \| ([a-z0-9 +]+) \|", checked)
+    losses = [n for n in compiled if n.startswith("eval loss")]
+    decodes = [n for n in compiled if n.startswith("evaluate")]
+    assert len(losses) >= 2 and len(decodes) >= 3, compiled  # the test budget and val's
+    cached = _llm.cached_programs(tmp_path / "cache")
+    jax.clear_caches()  # as a new process: what it does not compile comes from the cache
+    out = io.StringIO()
+    experiment.run(cfg, tmp_path / "run", console=Console(stream=out))
+    log = out.getvalue()
+    for what in ("{} loss pass", "decoding of the {} answers"):
+        said = re.findall(r"compiling the " + what.format("(validation|test)")
+                          + r"[^\n]* \.\.\.\n(loaded|compiled) the", log)
+        assert set(said) == {("validation", "loaded"), ("test", "loaded")}, (what, log)
+    assert "compiled the" not in log, log
+    # one program for each of the check's loss passes and decoding batches, and none added
+    # by the run (every program compiled is cached here)
+    after = _llm.cached_programs(tmp_path / "cache")
+    for program, n in (("jit_pinned", len(losses)), ("jit__generate", len(decodes))):
+        assert after.count(program) == cached.count(program) == n, (program, cached, after)
 
 
 def test_file_task_uses_the_model_tokenizer_and_options(model_dir):
