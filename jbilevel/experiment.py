@@ -332,7 +332,7 @@ def score_splits(model, params, task, batch_size: int, *,
         if split in task.splits:
             record = evaluate(model, params, task, split, batch_size,
                               gather_params=gather_params, lora=lora, buckets=buckets,
-                              announce=console and _announced(
+                              announce=console and announcer(
                                   console, f"decoding of the {split} answers"))
             predictions[split] = record.pop("predictions")
             scores.update({f"{SPLIT_PREFIX[split]}_{k}": v for k, v in record.items()})
@@ -487,8 +487,9 @@ def weights_loss(example_loss, lora: bool):
     return lambda w, batch: example_loss(w[0], w[1], batch)
 
 
-def _announced(console: Console, what: str) -> Callable:
-    """``announce`` for :func:`split_loss`: the console says when each pass compiles."""
+def announcer(console: Console, what: str) -> Callable:
+    """``announce`` for :func:`split_loss` and :func:`evaluate`: the console says when each
+    of ``what``'s programs compiles, or loads from the compilation cache."""
     return lambda fn: console.first_call(fn, what)
 
 
@@ -740,7 +741,7 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
         if loop.eval_every:
             val_loss = split_loss(weights_loss(example_loss, lora), task.validation,
                                   cfg.eval_batch_size, cfg.data.length_buckets,
-                                  announce=_announced(console, "validation loss pass"))
+                                  announce=announcer(console, "validation loss pass"))
             if lora:  # (adapters, base): the base rides in the state
                 weights_of = lambda s: (s.theta, s.frozen)  # noqa: E731
             else:
@@ -836,11 +837,11 @@ def _finish(cfg, out: Path, console, result: dict, state, model, lora: bool, tas
     with (train.naming_out_of_memory("final evaluation", result["steps"], last),
           console.phase("final evaluation") as phase):
         result["val_loss"] = (mean_loss(loss, scored, task.validation, bs, buckets,
-                                        announce=_announced(console, "validation loss pass"))
+                                        announce=announcer(console, "validation loss pass"))
                               if val_loss is None else val_loss)
         if task.test is not None:
             result["test_loss"] = mean_loss(loss, scored, task.test, bs, buckets,
-                                            announce=_announced(console, "test loss pass"))
+                                            announce=announcer(console, "test loss pass"))
         scores, predictions = score_splits(model, base, task, bs, lora=adapters,
                                            gather_params=cfg.online.gather_params,
                                            buckets=buckets, console=console)

@@ -140,7 +140,8 @@ def _file_loss(model, params, data: str, data_cfg: inputs.DataConfig, tokenizer,
         console.info(line)
     with console.phase("evaluating") as phase:
         loss = experiment.mean_loss(*experiment.scoring_loss(model, params, lora), ds, batch_size,
-                                    data_cfg.length_buckets)
+                                    data_cfg.length_buckets,
+                                    announce=experiment.announcer(console, "loss pass"))
         phase.summary = f"loss {loss:.4g}"
     return {"data": data, "n": len(ds), "loss": loss, "load_report": ds.report.as_dict()}
 
@@ -196,13 +197,15 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, overrides: Seq
     loss, weights = experiment.scoring_loss(model, params, lora)
     bs, buckets = cfg.eval_batch_size, cfg.data.length_buckets
     with console.phase("evaluating") as phase:
-        result = {"run": str(run_dir),
-                  "val_loss": experiment.mean_loss(loss, weights, task.validation, bs, buckets)}
-        if task.test is not None:
-            result["test_loss"] = experiment.mean_loss(loss, weights, task.test, bs, buckets)
+        result = {"run": str(run_dir)}
+        for split, ds in (("validation", task.validation), ("test", task.test)):
+            if ds is not None:
+                result[f"{experiment.SPLIT_PREFIX[split]}_loss"] = experiment.mean_loss(
+                    loss, weights, ds, bs, buckets,
+                    announce=experiment.announcer(console, f"{split} loss pass"))
         result.update(experiment.score_splits(
             model, params, task, bs, gather_params=cfg.online.gather_params, lora=lora,
-            buckets=buckets)[0])
+            buckets=buckets, console=console)[0])
         phase.summary = ", ".join(f"{k} {v:.4g}" for k, v in result.items()
                                   if isinstance(v, float))
     result["data"] = experiment.data_reports(cfg, task)
