@@ -26,25 +26,29 @@ def _first_process() -> bool:
     return jax.process_index() == 0
 
 
-# JAX's events for programs it looks up in its persistent compilation cache (--compile-cache)
+# JAX's events for programs it looks up in its persistent compilation cache (--compile-cache),
+# and for every program it compiles or loads from there (none: the program was in memory)
 _CACHE_EVENTS = {"/jax/compilation_cache/compile_requests_use_cache": 0,
-                 "/jax/compilation_cache/cache_hits": 0}
+                 "/jax/compilation_cache/cache_hits": 0,
+                 "/jax/core/compile/backend_compile_duration": 0}
 _listening = False
 
 
-def _count_cache_event(event: str, **_) -> None:
+def _count_cache_event(event: str, *_, **__) -> None:
     if event in _CACHE_EVENTS:
         _CACHE_EVENTS[event] += 1
 
 
-def _cache_lookups() -> tuple[int, int]:
-    """(programs looked up in the persistent compilation cache, programs found there) in this
-    process so far (counted from the first call on)."""
+def _cache_lookups() -> tuple[int, int, int]:
+    """(programs looked up in the persistent compilation cache, programs found there,
+    programs compiled or loaded from there) in this process so far (counted from the first
+    call on)."""
     global _listening
     if not _listening:
         import jax.monitoring
 
         jax.monitoring.register_event_listener(_count_cache_event)
+        jax.monitoring.register_event_duration_secs_listener(_count_cache_event)
         _listening = True
     return tuple(_CACHE_EVENTS.values())
 
@@ -130,7 +134,8 @@ class Console:
         A jitted call returns once its program is traced, compiled and dispatched (it runs
         asynchronously), so the first call's wall time is the compile time; the bar leaves it
         out of its rate. A program JAX read from its persistent compilation cache instead
-        (``--compile-cache``: a resumed or repeated run) is said to be loaded from it. Where
+        (``--compile-cache``: a resumed or repeated run) is said to be loaded from it, and one
+        this process holds already (the same program under another name) to be found. Where
         the devices count their memory (GPU, TPU), the first call is
         waited for and the line adds the fullest device's peak so far against what it may
         use: how close that step came to running out.
@@ -163,12 +168,12 @@ class Console:
                     widths = [b[1] for b in span] if isinstance(span[0], tuple) else [span[1]]
                     name += f", generated rows of {' / '.join(map(str, widths))} tokens"
             self.info(f"compiling the {name} ...")
-            looked, found = _cache_lookups()
+            before = _cache_lookups()
             t0 = time.perf_counter()
             out = fn(*args)
             seconds = time.perf_counter() - t0
-            looked, found = (a - b for a, b in zip(_cache_lookups(), (looked, found),
-                                                   strict=True))
+            looked, found, built = (a - b for a, b in zip(_cache_lookups(), before,
+                                                          strict=True))
             seen.add(shapes)
             memory = ""
             if device_memory() is not None:  # the step has run: its peak is counted
@@ -176,9 +181,12 @@ class Console:
                 peak, limit = device_memory()
                 memory = f"; device memory peak so far {_gib(peak)} GiB" + (
                     f" of {_gib(limit)} ({peak / limit:.0%})" if limit else "")
-            done = ("loaded the {} from the compilation cache" if looked and found == looked
-                    else "compiled the {}").format(name)
-            self.info(f"{done} in {_seconds(seconds)}{memory}")
+            if not built:  # in memory already, e.g. another split's decoding
+                self.info(f"found the {name} compiled already{memory}")
+            else:
+                done = ("loaded the {} from the compilation cache" if looked and found == looked
+                        else "compiled the {}").format(name)
+                self.info(f"{done} in {_seconds(seconds)}{memory}")
             if self._bar is not None:
                 self._bar.exclude(time.perf_counter() - t0)
             return out

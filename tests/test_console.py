@@ -29,6 +29,14 @@ def test_phase_says_what_and_how_long_and_quiet_keeps_warnings():
     assert console.train_bar(10, 0, "bds") is None  # no bar when quiet
 
 
+def _compiles(x):
+    """``x`` through a program compiled for this call alone (a fresh jit), as a step's first
+    call compiles its program."""
+    import jax
+
+    return np.asarray(jax.jit(lambda v: v * 1)(x))
+
+
 def test_first_call_is_timed_as_the_compile():
     out = io.StringIO()
     console = Console(NORMAL, stream=out)
@@ -37,7 +45,7 @@ def test_first_call_is_timed_as_the_compile():
     def step(x):
         calls.append(x)
         time.sleep(0.05 if len(calls) == 1 else 0.0)
-        return x + 1
+        return int(_compiles(x)) + 1
 
     timed = console.first_call(step, "bds train step")
     assert [timed(1), timed(2)] == [2, 3] and calls == [1, 2]
@@ -47,7 +55,8 @@ def test_first_call_is_timed_as_the_compile():
     assert 0.0 < seconds < 5.0 and len(lines) == 2
     assert console.first_call(None, "hypergradient step") is None
     # a batch of another padded length (data.length_buckets) is compiled again, and said so
-    train = console.first_call(lambda state, batch: batch["input_ids"].shape, "train step")
+    train = console.first_call(lambda state, batch: _compiles(batch["input_ids"]).shape,
+                               "train step")
     for length in (8, 16, 8, 16):
         assert train(None, {"input_ids": np.zeros((2, length))}) == (2, length)
     lines = out.getvalue().splitlines()[2:]
@@ -57,13 +66,25 @@ def test_first_call_is_timed_as_the_compile():
         "compiled the train step for sequence length 16"]
     # online: a train step's generated rows from one length bucket, a hypergradient's from
     # several (their widths named)
-    step = console.first_call(lambda state, batch, static=None: 0, "step")
+    step = console.first_call(lambda state, batch, static=None: _compiles(0), "step")
     batch = {"input_ids": np.zeros((2, 8))}
     for static in (None, (0, 64), ((0, 64, 8, 1.0), (64, 128, 8, 0.5))):
         step(None, batch, *(() if static is None else (static,)))
     assert [line.split(" in ")[0] for line in out.getvalue().splitlines()[9::2]] == [
         "compiled the step for sequence length 8, generated rows of 64 tokens",
         "compiled the step for sequence length 8, generated rows of 64 / 128 tokens"]
+    # a program this process holds already (another split's decoding, say) is found, not
+    # compiled: nothing was compiled or loaded for it
+    import jax
+
+    program = jax.jit(lambda x: x * 2)
+    for what in ("decoding of the validation answers", "decoding of the test answers"):
+        console.first_call(lambda params, batch: program(batch), what)(None, np.ones(3))
+    assert [line.split(" in ")[0] for line in out.getvalue().splitlines()[-4:]] == [
+        "compiling the decoding of the validation answers ...",
+        "compiled the decoding of the validation answers",
+        "compiling the decoding of the test answers ...",
+        "found the decoding of the test answers compiled already"]
 
 
 def test_first_call_reports_the_device_memory_peak_where_counted(monkeypatch):
