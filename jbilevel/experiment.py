@@ -240,6 +240,7 @@ def evaluate(model, params, task, split: str = "test", batch_size: int = 250, *,
         rules = sh.AxisRules()
         rows, put = _rows_on(mesh, rules, batch_size)
         on_mesh = dict(mesh=mesh, rules=rules, gather_params=gather_params)
+
     def decode(params, batch):
         return generate(model, params, put(batch["prompt_ids"]), put(batch["prompt_mask"]),
                         jax.random.key(0), max_new_tokens=max_new, greedy=True,
