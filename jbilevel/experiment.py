@@ -333,7 +333,7 @@ def score_splits(model, params, task, batch_size: int, *,
         if split in task.splits:
             record = evaluate(model, params, task, split, batch_size,
                               gather_params=gather_params, lora=lora, buckets=buckets,
-                              announce=console and announcer(
+                              announce=None if console is None else announcer(
                                   console, f"decoding of the {split} answers"))
             predictions[split] = record.pop("predictions")
             scores.update({f"{SPLIT_PREFIX[split]}_{k}": v for k, v in record.items()})
