@@ -288,13 +288,8 @@ def evaluation_programs(validation, test, decoded, batch_size: int, buckets: int
     (:func:`evaluate`), widest first. What ``scripts/compile_check.py --compile-cache``
     compiles ahead of the run."""
     rows = batch_size + -batch_size % ways
-    lengths: set = set()
-    for ds in (validation, test):
-        if ds is not None:
-            batcher = _split_batcher(ds, rows, buckets)
-            length_N = batcher.dataset.length_N  # in the pass's order
-            lengths |= {batcher.bucket(int(length_N[i:i + rows].max()))
-                        for i in range(0, len(length_N), rows)}
+    lengths = {batch["input_ids"].shape[1] for ds in (validation, test) if ds is not None
+               for batch in _split_batcher(ds, rows, buckets).epoch_batches()}
     decodes = {(width, answer_budget(ds)) for ds in decoded
                for _, _, width in _decoding_batches(ds, rows, buckets)}
     return sorted(lengths, reverse=True), sorted(decodes, reverse=True)
