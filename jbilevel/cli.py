@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 EXIT_USER_ERROR = 2  # bad input: the message says what to fix (argparse uses 2 as well)
+EXIT_CTRL_C = 130  # Ctrl-C (128 + SIGINT, what a shell reports for a process it ended)
 EXIT_INTERRUPTED = 3  # the run stopped early; results.json says why ("interrupted")
 
 
@@ -177,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"jbilevel {args.command}: error: {e}", file=sys.stderr)
         status = EXIT_USER_ERROR
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop, or a second one in it
+        console.close_bar()
+        print(f"jbilevel {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
+        status = EXIT_CTRL_C
     except Exception:
         if not distributed.stopped_here():
             raise

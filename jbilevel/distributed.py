@@ -159,8 +159,9 @@ def stopping_together():
     with watching_for_stops():
         try:
             yield
-        except Exception as e:  # this process's own error: the others must not wait for it
-            announce_stop(f"{type(e).__name__}: {e}")
+        except (Exception, KeyboardInterrupt) as e:  # this process's own error or a second
+            # Ctrl-C: the others must not wait for it
+            announce_stop(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
             raise
 
 

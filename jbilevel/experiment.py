@@ -571,6 +571,11 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
       memory, or the loop returning before ``loop.steps``) it says why, and only
       results.json is written (the last good checkpoint stays in ``out_dir/checkpoints``).
 
+    Raises:
+      train.Preempted: SIGTERM, or a first Ctrl-C, stopped the training loop at a step
+        whose checkpoint it wrote; results.json says so (``interrupted``, reason
+        ``sigterm`` or ``sigint``), and the same call resumes.
+
     In a multi-process run a process that stops by itself (out of memory on its devices, an
     exception of its own) tells the others (``jbilevel.distributed.announce_stop``), and
     writes results.json even if it is not process 0; the others leave within
@@ -627,6 +632,7 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
         else "continuing (no checkpoint yet)" if resuming else "new run"))
 
     mesh = sh.make_mesh(cfg.mesh)
+    console.info(f"mesh: {sh.describe_mesh(mesh)}")
     rules = sh.AxisRules()
     refresher = None
     if cfg.online.enabled:
@@ -767,7 +773,7 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
             distributed.announce_stop(str(e))
             interrupted = {"reason": "out_of_memory", "message": str(e)}
         except train.Preempted as stop:  # every process stopped at the same step, saved
-            interrupted = {"reason": "sigterm", "message": str(stop)}
+            interrupted = {"reason": stop.reason, "message": str(stop)}
             preempted, step = stop, stop.step
         finally:
             log.close()
@@ -800,7 +806,7 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
         if jax.process_index() == 0 or first:
             _write_json(out / "results.json", result)
         if preempted is not None:
-            raise preempted  # exit status 143; the same command resumes
+            raise preempted  # exit status 143 (130 after Ctrl-C); the same command resumes
         return result
 
     if interrupted is not None:  # not a finished run

@@ -93,10 +93,11 @@ def _load_model(model_dir: Path, mesh_cfg: sh.MeshConfig, console: Console,
 
     if not (model_dir / "config.json").exists():
         raise UserError(f"{model_dir}: no saved model (config.json); did the run finish?")
+    mesh, rules = sh.make_mesh(mesh_cfg), sh.AxisRules()
+    console.info(f"mesh: {sh.describe_mesh(mesh)}")
     with console.phase(f"loading the model from {model_dir}"):
         config = read_config(str(model_dir)).replace(compute_dtype=compute_dtype)
         model = build(config)
-        mesh, rules = sh.make_mesh(mesh_cfg), sh.AxisRules()
         shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), param_dtype))
         shardings = sh.tree_shardings(mesh, rules, model.param_axes(), shapes)
         _, params, _ = load_pretrained(str(model_dir), param_dtype, shardings=shardings)

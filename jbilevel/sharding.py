@@ -56,7 +56,10 @@ class MeshConfig:
     def __post_init__(self):
         sizes = self.sizes_tuple()
         if sum(s == -1 for s in sizes) > 1:
-            raise ValueError(f"mesh: at most one axis may be -1, got {self}")
+            filled = [n for n, s in zip(MESH_AXES, sizes, strict=True) if s == -1]
+            fix = " ".join([*(f"mesh.{n}=1" for n in filled[:-1]), f"mesh.{filled[-1]}=-1"])
+            raise ValueError(f"mesh: at most one axis may be -1 (mesh.data is unless set), got "
+                             f"{self}; give all but one a size, e.g. {fix}")
         bad = [n for n, s in zip(MESH_AXES, sizes, strict=True) if s == 0 or s < -1]
         if bad:
             raise ValueError(f"mesh: axis sizes must be positive or -1, got {self} (fix: {bad})")
@@ -97,6 +100,17 @@ def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[Any] | None =
     return jax.make_mesh(
         shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
     )
+
+
+def describe_mesh(mesh: Mesh) -> str:
+    """The mesh as a run reports it: ``data 1 x fsdp 4 x tensor 1 over 4 cpu devices`` (and
+    the processes when there are several)."""
+    sizes = " x ".join(f"{name} {mesh.shape[name]}" for name in MESH_AXES)
+    devices = mesh.devices.flat
+    processes = len({d.process_index for d in devices})
+    return (f"{sizes} over {mesh.devices.size} {devices[0].platform} device"
+            f"{'s' if mesh.devices.size > 1 else ''}"
+            + (f" in {processes} processes" if processes > 1 else ""))
 
 
 @dataclasses.dataclass(frozen=True)

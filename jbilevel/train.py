@@ -8,7 +8,9 @@ clear message on a non-finite loss, leaving the last good checkpoint in place.
 
 SIGTERM (preemption) stops the run at a step boundary: every process stops at the same step,
 writes the checkpoint of that step and raises :class:`Preempted` (exit status 143 unless
-caught). What bounds the delay: a compiled program cannot be interrupted, and the loop
+caught). Ctrl-C (SIGINT) while the loop runs asks for the same stop (exit status 130); a second
+Ctrl-C stops at once (``KeyboardInterrupt``), losing the steps since the last checkpoint.
+What bounds the delay: a compiled program cannot be interrupted, and the loop
 keeps one step in flight, so the programs running or queued when the signal arrives finish
 first: at most two training steps and, at a bds hypergradient step, that hypergradient (one
 program: ``method.hypergrad.maxiter`` Hessian-vector products over ``hessian_rows`` rows and
@@ -24,6 +26,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -151,23 +154,28 @@ def naming_out_of_memory(doing: str, step: int, last: str):
 
 
 class Preempted(SystemExit):
-    """SIGTERM stopped the run at ``step`` after that step's checkpoint was written.
+    """SIGTERM, or Ctrl-C (SIGINT), stopped the run at ``step`` after that step's checkpoint
+    was written.
 
-    A ``SystemExit`` with status 143 (128 + SIGTERM, what a shell reports for a process
-    ended by SIGTERM): uncaught, the process exits with that status and no traceback, and
-    ``except Exception`` handlers let it through. Rerunning the same command resumes.
+    A ``SystemExit`` with status 128 + the signal's number (143 for SIGTERM, 130 for SIGINT:
+    what a shell reports for a process ended by that signal): uncaught, the process exits
+    with that status and no traceback, and ``except Exception`` handlers let it through.
+    Rerunning the same command resumes. ``reason``: ``"sigterm"`` or ``"sigint"``.
     """
 
-    EXIT_STATUS = 128 + signal.SIGTERM
+    def __init__(self, step: int, checkpoint: str | None, signum: int = signal.SIGTERM):
+        super().__init__(128 + signum)
+        self.step, self.checkpoint, self.signum = step, checkpoint, signum
 
-    def __init__(self, step: int, checkpoint: str | None):
-        super().__init__(self.EXIT_STATUS)
-        self.step, self.checkpoint = step, checkpoint
+    @property
+    def reason(self) -> str:
+        return "sigint" if self.signum == signal.SIGINT else "sigterm"
 
     def __str__(self) -> str:
         saved = (f"its checkpoint is {self.checkpoint}; rerun the same command to resume"
                  if self.checkpoint else "no checkpoint directory was given, nothing saved")
-        return f"interrupted by SIGTERM at step {self.step}: {saved}"
+        by = "Ctrl-C (SIGINT)" if self.signum == signal.SIGINT else "SIGTERM"
+        return f"interrupted by {by} at step {self.step}: {saved}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,7 +274,8 @@ def compile_steps(steps: Steps, cfg: MethodConfig, mesh, rules: sh.AxisRules,
 
 
 class _Preemption:
-    """SIGTERM as a request to stop at a step boundary, the same step on every process.
+    """SIGTERM, or a first Ctrl-C, as a request to stop at a step boundary, the same step on
+    every process.
 
     One process: a Python handler sets a flag that :meth:`stop_at` reads. Several
     processes: JAX's preemption service (started by ``jax.distributed.initialize``, on by
@@ -276,30 +285,50 @@ class _Preemption:
     local check (20-40 us measured on this host), no device collective, so the loop's
     pipelining is untouched. A Python SIGTERM handler installed after
     ``jax.distributed.initialize`` would replace the service's, hence the warning below.
+
+    Ctrl-C: the first SIGINT is such a request (with several processes this process sends
+    itself SIGTERM, which the service hears) and says so; a second one raises
+    ``KeyboardInterrupt`` at once. SIGINTs that arrive while a program compiles or runs are
+    handled when it returns, several of them as one.
     """
 
-    def __init__(self):
+    def __init__(self, console: Console | None = None):
         self.requested = False
-        self._previous = None
+        self.signum = signal.SIGTERM  # the signal that asked first
+        self._console = console
+        self._previous: dict[int, Any] = {}
         self._multi = jax.process_count() > 1
 
     def __enter__(self):
-        if self._multi:
-            if callable(signal.getsignal(signal.SIGTERM)):
-                import warnings
+        if self._multi and callable(signal.getsignal(signal.SIGTERM)):
+            import warnings
 
-                warnings.warn("a Python SIGTERM handler is installed, so JAX's preemption "
-                              "service never sees SIGTERM and the processes cannot agree on "
-                              "a step to stop at; remove that handler", stacklevel=3)
-            return self
+            warnings.warn("a Python SIGTERM handler is installed, so JAX's preemption "
+                          "service never sees SIGTERM and the processes cannot agree on "
+                          "a step to stop at; remove that handler", stacklevel=3)
 
-        def handler(signum, frame):
+        def on_sigterm(signum, frame):
             self.requested = True
 
-        try:
-            self._previous = signal.signal(signal.SIGTERM, handler)
-        except ValueError:  # not the main thread: preemption is the caller's business
-            self._previous = None
+        def on_sigint(signum, frame):
+            if self.requested:  # the second Ctrl-C (or one after SIGTERM): stop now
+                raise KeyboardInterrupt
+            self.requested, self.signum = True, signal.SIGINT
+            line = ("Ctrl-C: stopping after this step, once its checkpoint is written "
+                    "(Ctrl-C again stops at once, without it)")
+            if self._console is not None:
+                self._console.warn(line, own=True)
+            if self._multi:  # JAX's preemption service agrees on the step with the others
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        handlers = {signal.SIGINT: on_sigint}
+        if not self._multi:
+            handlers[signal.SIGTERM] = on_sigterm
+        for signum, handler in handlers.items():
+            try:
+                self._previous[signum] = signal.signal(signum, handler)
+            except ValueError:  # not the main thread: stopping is the caller's business
+                break
         return self
 
     def stop_at(self, step: int) -> bool:
@@ -318,8 +347,8 @@ class _Preemption:
                 "jax_enable_preemption_service at its default (True)") from None
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 class MetricsLog:
@@ -434,7 +463,8 @@ def run(
     console: Console | None = None,
     clock: Callable[[], float] | None = None,
 ) -> tuple[TrainState, int]:
-    """Trains from ``start_step`` to ``loop.steps``, or until SIGTERM (see the module doc).
+    """Trains from ``start_step`` to ``loop.steps``, or until SIGTERM or Ctrl-C (see the
+    module doc).
 
     Args:
       compiled: jitted steps from :func:`compile_steps`.
@@ -476,8 +506,9 @@ def run(
       OutOfMemoryError: a step ran out of device memory (XLA's ``RESOURCE_EXHAUSTED``); the
         message names the phase and the settings that lower its memory; nothing after the
         last checkpoint is saved.
-      Preempted: SIGTERM on any process: every process stopped at the same step and that
-        step's checkpoint is written (when ``ckpt`` is given).
+      Preempted: SIGTERM on any process, or a first Ctrl-C: every process stopped at the same
+        step and that step's checkpoint is written (when ``ckpt`` is given).
+      KeyboardInterrupt: a second Ctrl-C; nothing after the last checkpoint is saved.
     """
     if compiled.hyper is not None and hyper_batches is None:
         raise ValueError("bds needs hyper_batches: the training data the hypergradient sees")
@@ -542,7 +573,7 @@ def run(
     # the phase last started and the step it counts as in metrics.jsonl (named if the device
     # runs out of memory when it is dispatched)
     doing, doing_at = "train step", start_step + 1
-    with _Preemption() as preempt:
+    with _Preemption(console) as preempt:
         try:
             while step < loop.steps:
                 if loop.steps_per_epoch and step and step % loop.steps_per_epoch == 0:
@@ -602,5 +633,6 @@ def run(
     if progress is not None:
         progress.close()
     if stopped:
-        raise Preempted(step, str(ckpt.directory / str(step)) if ckpt is not None else None)
+        raise Preempted(step, str(ckpt.directory / str(step)) if ckpt is not None else None,
+                        preempt.signum)
     return state, step

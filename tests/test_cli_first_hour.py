@@ -122,6 +122,7 @@ def test_every_phase_says_what_it_did_and_how_long(runs):
                  f"    skipped (bad_json): train.jsonl line {BROKEN_LINE}: broken JSON",
                  "  responses end with the tokenizer's eos <eos> (id 2) (data.response_end=auto)",
                  f"run directory {runs['whole']}: new run",
+                 "mesh: data 1 x fsdp 1 x tensor 1 over 1 cpu device\n",
                  f"loading weights from {runs['root'] / 'llama'}: llama (",
                  "initialising the train state: done (", "compiling the bmo train step ...",
                  "final evaluation: val_loss ", f"writing the run report and the model to "

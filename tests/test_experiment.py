@@ -2,6 +2,8 @@
 
 import csv
 import json
+import os
+import signal
 
 import jax
 import pytest
@@ -99,10 +101,12 @@ def test_hypergrad_signal_script_on_a_finished_run(tmp_path, capsys):
     assert all(0.0 <= float(r[2]) <= 1.0 for r in rows)
 
 
-def test_sigterm_marks_the_run_interrupted_and_writes_no_report(tmp_path, monkeypatch):
-    import os
-    import signal
-
+@pytest.mark.parametrize("signum, status, reason, by", [
+    (signal.SIGTERM, 143, "sigterm", "SIGTERM"),
+    (signal.SIGINT, 130, "sigint", "Ctrl-C (SIGINT)"),  # a first Ctrl-C: the same stop
+])
+def test_sigterm_marks_the_run_interrupted_and_writes_no_report(tmp_path, monkeypatch, capsys,
+                                                                signum, status, reason, by):
     from jbilevel.data import Batcher
 
     real, calls = Batcher.__next__, []
@@ -110,7 +114,7 @@ def test_sigterm_marks_the_run_interrupted_and_writes_no_report(tmp_path, monkey
     def signalled(self):  # the preemption notice arrives while step 2's batch is read
         calls.append(1)
         if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signum)
         return real(self)
 
     monkeypatch.setattr(Batcher, "__next__", signalled)
@@ -119,19 +123,32 @@ def test_sigterm_marks_the_run_interrupted_and_writes_no_report(tmp_path, monkey
         loop=train.LoopConfig(steps=50, log_every=1, checkpoint_every=0, progress=False))
     with pytest.raises(train.Preempted) as stop:
         experiment.run(cfg, tmp_path)
-    assert stop.value.code == 143 and stop.value.step == 2
+    assert stop.value.code == status and stop.value.step == 2
+    said = "warning: Ctrl-C: stopping after this step, once its checkpoint is written"
+    assert (said in capsys.readouterr().err) == (signum == signal.SIGINT)
     result = json.loads((tmp_path / "results.json").read_text())
     assert {k: result[k] for k in ("method", "online", "task", "theta", "n_train", "steps",
                                    "steps_planned")} == {
         "method": "sft", "online": False, "task": "quality", "theta": "full", "n_train": 64,
         "steps": 2, "steps_planned": 50}
     assert result["interrupted"] == {
-        "reason": "sigterm", "last_checkpoint": 2,
-        "message": f"interrupted by SIGTERM at step 2: its checkpoint is "
+        "reason": reason, "last_checkpoint": 2,
+        "message": f"interrupted by {by} at step 2: its checkpoint is "
                    f"{tmp_path / 'checkpoints' / '2'}; rerun the same command to resume"}
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["2"]
     for name in ("model", "weights.csv", "weights.npy", "test_predictions.jsonl", "curves.png"):
         assert not (tmp_path / name).exists(), name  # nothing that looks like a finished run
+
+
+def test_ctrl_c_outside_the_training_loop_ends_the_command_with_one_line(tmp_path, monkeypatch,
+                                                                        capsys):
+    def interrupted(*args, **kwargs):  # Ctrl-C while loading, compiling or evaluating
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment, "run", interrupted)
+    assert cli.main(["train", "--out", str(tmp_path), "--compile-cache", "none"]) == 130
+    err = capsys.readouterr().err
+    assert err.endswith("jbilevel train: interrupted (Ctrl-C)\n") and "Traceback" not in err
 
 
 def test_rounded_away_share_is_the_share_of_weights_a_step_leaves_as_they_were():

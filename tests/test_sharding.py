@@ -12,12 +12,14 @@ def test_mesh_fill_axis():
     assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
     mesh = sh.make_mesh(sh.MeshConfig(data=2, fsdp=-1, tensor=1))
     assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert sh.describe_mesh(mesh) == "data 2 x fsdp 4 x tensor 1 over 8 cpu devices"
 
 
 @pytest.mark.parametrize(
     "cfg, match",
     [
-        (dict(data=-1, fsdp=-1), "at most one axis"),
+        (dict(data=-1, fsdp=-1), "at most one axis.*e.g. mesh.data=1 mesh.fsdp=-1$"),
+        (dict(fsdp=-1, tensor=-1), "e.g. mesh.data=1 mesh.fsdp=1 mesh.tensor=-1$"),
         (dict(data=3, fsdp=1, tensor=1), "needs 3 devices but 8"),
         (dict(data=-1, fsdp=3), "does not divide 8"),
         (dict(data=0), "positive or -1"),

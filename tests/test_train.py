@@ -125,7 +125,9 @@ def test_restore_onto_another_mesh(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_sigterm_writes_checkpoint_and_exits_143(tmp_path):
+@pytest.mark.parametrize("signame, status, by", [("SIGTERM", 143, "SIGTERM"),
+                                                 ("SIGINT", 130, "Ctrl-C (SIGINT)")])
+def test_sigterm_writes_checkpoint_and_exits_143(tmp_path, signame, status, by):
     ckpt = tmp_path / "ckpt"
     script = textwrap.dedent(
         f"""
@@ -138,7 +140,7 @@ def test_sigterm_writes_checkpoint_and_exits_143(tmp_path):
             def __next__(self):
                 calls.append(1)
                 if len(calls) == 7:
-                    os.kill(os.getpid(), signal.SIGTERM)  # preemption notice mid-run
+                    os.kill(os.getpid(), signal.{signame})  # preemption notice mid-run
                 return super().__next__()
         toy.Batches = Source
         try:
@@ -149,12 +151,33 @@ def test_sigterm_writes_checkpoint_and_exits_143(tmp_path):
         """
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
-    assert proc.returncode == 143, proc.stderr.decode()[-3000:]
+    assert proc.returncode == status, proc.stderr.decode()[-3000:]
     assert b"Traceback" not in proc.stderr  # a SystemExit: no traceback
     out = proc.stdout.decode()
-    assert f"STOPPED AT 7 - interrupted by SIGTERM at step 7: its checkpoint is {ckpt}/7" in out
+    assert f"STOPPED AT 7 - interrupted by {by} at step 7: its checkpoint is {ckpt}/7" in out
     with Checkpointer(ckpt) as c:
         assert c.all_steps() == [7]
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path, monkeypatch):
+    calls = []
+
+    class Source(toy.Batches):
+        def __next__(self):
+            calls.append(1)
+            if len(calls) == 7:  # two Ctrl-Cs in a row mid-run
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().__next__()
+
+    monkeypatch.setattr(toy, "Batches", Source)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        toy.run_to("sft", sh.MeshConfig(data=-1), 1000, tmp_path / "ckpt", 0)
+    assert len(calls) == 7  # it stopped inside the step, not at the end of it
+    assert signal.getsignal(signal.SIGINT) is before  # the loop's handlers are gone
+    with Checkpointer(tmp_path / "ckpt") as c:
+        assert c.all_steps() == []  # nothing saved: the steps since the last checkpoint are lost
 
 
 def test_non_finite_loss_stops_with_message_and_keeps_checkpoint(tmp_path):
