@@ -521,19 +521,21 @@ def resolve(cfg: ExperimentConfig, out_dir: str | Path, *, write: bool = False
     return dataclasses.replace(cfg, data=data, model=model)
 
 
-def load_data(cfg: ExperimentConfig, console: Console):
-    """The run's task (built-in, or the SFT files tokenised), saying what became of each row."""
+def load_data(cfg: ExperimentConfig, console: Console,
+              splits: tuple[str, ...] = ("train", "validation", "test")):
+    """The run's task (built-in, or the SFT files tokenised), saying what became of each row;
+    ``splits``: the files to read (:func:`jbilevel.inputs.load_task`)."""
     what = ("reading and tokenising data" if cfg.data.train
             else f"building the built-in task {cfg.task.name!r}")
     with console.phase(what) as phase:
-        task = inputs.load_task(cfg.task, cfg.data, cfg.model)
+        task = inputs.load_task(cfg.task, cfg.data, cfg.model, splits)
         phase.summary = ", ".join(f"{name} {len(ds)}" for name, ds in task.splits.items())
-    train_report = task.splits["train"].report
-    if cfg.data.train and train_report.response_end:
-        console.info(f"  responses end with {train_report.response_end} "
+    first = next(iter(task.splits.values())).report  # the training file's, when it is read
+    if cfg.data.train and first.response_end:
+        console.info(f"  responses end with {first.response_end} "
                      f"(data.response_end={cfg.data.response_end})")
-    if cfg.data.train and train_report.assistant_turns:
-        console.info(f"  {train_report.assistant_turns} "
+    if cfg.data.train and first.assistant_turns:
+        console.info(f"  {first.assistant_turns} "
                      f"(data.assistant_turns={cfg.data.assistant_turns})")
     for name, ds in task.splits.items():
         for line in load_report_lines(name, _source(cfg, name), ds.report, console.verbosity):

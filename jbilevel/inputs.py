@@ -183,9 +183,13 @@ def load_tokenizer(model_spec, fallback=None):
                           ) from None
 
 
-def load_task(task_cfg, data_cfg: DataConfig, model_spec):
+def load_task(task_cfg, data_cfg: DataConfig, model_spec,
+              splits: tuple[str, ...] = ("train", "validation", "test")):
     """The built-in task (from scratch), or the SFT files of ``data_cfg`` tokenised for the run's
-    model, with their ground truth (``data.truth``) and test scorer (``data.metric``)."""
+    model, with their ground truth (``data.truth``) and test scorer (``data.metric``).
+    ``splits``: the files to read (an evaluation leaves the training set out: at LLM scale it
+    is the largest by far, and tokenising it takes the longest); a built-in task from scratch
+    makes every split."""
     if not data_cfg.train:
         from jbilevel.data import make_task
 
@@ -205,20 +209,21 @@ def load_task(task_cfg, data_cfg: DataConfig, model_spec):
     from jbilevel.data.tasks import scorer
 
     tokenizer = load_tokenizer(model_spec)
-    splits = {}
+    loaded = {}
     for split in ("train", "validation", "test"):
         path = getattr(data_cfg, split)
-        if path and not (split == "test" and data_cfg.test_withheld):
-            splits[split] = load_split(path, data_cfg, tokenizer, field=f"data.{split}",
+        if path and split in splits and not (split == "test" and data_cfg.test_withheld):
+            loaded[split] = load_split(path, data_cfg, tokenizer, field=f"data.{split}",
                                        max_rows=data_cfg.max_train_rows if split == "train"
                                        else 0)
     good_N = None
-    if data_cfg.truth:
-        good_N = ground_truth(splits["train"], data_cfg.truth)
+    if data_cfg.truth and "train" in loaded:
+        good_N = ground_truth(loaded["train"], data_cfg.truth)
     scored = scored_splits(data_cfg)
     for split in scored:
-        check_metric_columns(splits[split], data_cfg.metric, split)
-    return FileTask(name=str(data_cfg.train), tokenizer=tokenizer, splits=splits, good_N=good_N,
+        if split in loaded:
+            check_metric_columns(loaded[split], data_cfg.metric, split)
+    return FileTask(name=str(data_cfg.train), tokenizer=tokenizer, splits=loaded, good_N=good_N,
                     scorer=None if data_cfg.metric == "none" else scorer(data_cfg.metric),
                     scored=scored)
 

@@ -81,10 +81,12 @@ def _run_tokenizer(cfg: experiment.ExperimentConfig, model_dir: Path):
 
 
 def load_task(cfg: experiment.ExperimentConfig, model_dir: Path,
-              console: Console | None = None):
-    """The run's data, tokenised as in training (the saved model carries its tokenizer)."""
+              console: Console | None = None,
+              splits: tuple[str, ...] = ("train", "validation", "test")):
+    """The run's data (``splits`` of it), tokenised as in training (the saved model carries
+    its tokenizer)."""
     return experiment.load_data(dataclasses.replace(cfg, model=_run_tokenizer(cfg, model_dir)),
-                                console or Console())
+                                console or Console(), splits)
 
 
 def _load_model(model_dir: Path, mesh_cfg: sh.MeshConfig, console: Console,
@@ -192,7 +194,7 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, overrides: Seq
         return {"run": str(run_dir), **_file_loss(model, params, data, cfg.data, tokenizer,
                                                    cfg.eval_batch_size, console, lora=lora),
                 **_placement(model, params)}
-    task = load_task(cfg, model_dir, console)
+    task = load_task(cfg, model_dir, console, splits=("validation", "test"))  # not train's
     if (note := inputs.withheld_note(cfg.data, run_dir)) is not None:
         console.info(note)
     loss, weights = experiment.scoring_loss(model, params, lora)

@@ -28,14 +28,20 @@ def lora_run(tmp_path_factory):
     return out
 
 
-def test_eval_run_reproduces_the_report(lora_run, capsys):
+def test_eval_run_reproduces_the_report(lora_run, capsys, tmp_path):
     capsys.readouterr()
     assert cli.main(["eval", "--run", str(lora_run)]) == 0
-    printed = json.loads(capsys.readouterr().out)
+    out = capsys.readouterr()
+    printed = json.loads(out.out)
     trained = json.loads((lora_run / "results.json").read_text())
     for key in ("val_loss", "test_loss"):
         np.testing.assert_allclose(printed[key], trained[key], rtol=1e-5, err_msg=key)
     assert json.loads((lora_run / "eval.json").read_text()) == printed
+    # the training set, the largest file, is not read: a run whose SFT set is gone evaluates
+    assert "reading and tokenising data: validation 3, test 2 (" in out.err
+    assert set(printed["data"]) == {"validation", "test"}
+    assert cli.main(["eval", "--run", str(lora_run), f"data.train={tmp_path / 'gone.json'}"]) == 0
+    assert json.loads(capsys.readouterr().out)["val_loss"] == printed["val_loss"]
 
 
 def test_eval_model_on_a_file(lora_run, capsys):

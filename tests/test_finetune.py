@@ -102,7 +102,9 @@ def test_built_in_task_fine_tunes_the_base_through_its_files(tmp_path):
     (tmp_path / "task").rename(tmp_path / "moved")
     moved = saved_runs.evaluate_run(tmp_path / "moved")
     assert moved["val_accuracy"] == first["val_accuracy"]
-    assert moved["data"]["train"]["source"] == str(tmp_path / "moved" / "data" / "train.jsonl")
+    assert moved["data"]["validation"]["source"] == str(
+        tmp_path / "moved" / "data" / "validation.jsonl")
+    assert "train" not in moved["data"]  # eval reads the validation and test files only
 
 
 def _write(path, rows):
