@@ -180,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         status = EXIT_USER_ERROR
     except KeyboardInterrupt:  # Ctrl-C outside the training loop, or a second one in it
         console.close_bar()
-        print(f"jbilevel {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
+        resume = ("; rerun the same command to resume from the newest checkpoint"
+                  if args.command == "train" else "")
+        print(f"jbilevel {args.command}: interrupted (Ctrl-C){resume}", file=sys.stderr)
         status = EXIT_CTRL_C
     except Exception:
         if not distributed.stopped_here():

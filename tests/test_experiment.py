@@ -148,7 +148,8 @@ def test_ctrl_c_outside_the_training_loop_ends_the_command_with_one_line(tmp_pat
     monkeypatch.setattr(experiment, "run", interrupted)
     assert cli.main(["train", "--out", str(tmp_path), "--compile-cache", "none"]) == 130
     err = capsys.readouterr().err
-    assert err.endswith("jbilevel train: interrupted (Ctrl-C)\n") and "Traceback" not in err
+    assert err.endswith("jbilevel train: interrupted (Ctrl-C); rerun the same command to "
+                        "resume from the newest checkpoint\n") and "Traceback" not in err
 
 
 def test_rounded_away_share_is_the_share_of_weights_a_step_leaves_as_they_were():
