@@ -58,7 +58,7 @@ class MeshConfig:
         if sum(s == -1 for s in sizes) > 1:
             filled = [n for n, s in zip(MESH_AXES, sizes, strict=True) if s == -1]
             fix = " ".join([*(f"mesh.{n}=1" for n in filled[:-1]), f"mesh.{filled[-1]}=-1"])
-            raise ValueError(f"mesh: at most one axis may be -1 (mesh.data is unless set), got "
+            raise ValueError(f"mesh: at most one axis may be -1 (mesh.data is -1 unless set), got "
                              f"{self}; give all but one a size, e.g. {fix}")
         bad = [n for n, s in zip(MESH_AXES, sizes, strict=True) if s == 0 or s < -1]
         if bad:
