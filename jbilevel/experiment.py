@@ -358,12 +358,15 @@ def loss_program(example_loss, mesh, rules: sh.AxisRules):
 
 
 def split_loss(example_loss, dataset, batch_size: int, buckets: int = 1, *,
-               announce: Callable | None = None) -> Callable[[Any], float]:
+               announce: Callable | None = None,
+               programs: dict | None = None) -> Callable[[Any], float]:
     """``params -> mean per-example loss over a whole split`` (fixed-shape batches, jitted once,
     padding rows ignored; ``buckets`` > 1: the rows sorted by length, each batch padded to the
     smallest of that many lengths that holds it, one program per length, as
     ``data.length_buckets`` pads training batches). ``announce``: wraps the jitted program,
-    e.g. ``Console.first_call``, which says when each of its shapes compiles.
+    e.g. ``Console.first_call``, which says when each of its shapes compiles. ``programs``:
+    a dict (mesh -> jitted program) shared by the passes over several splits with the same
+    ``example_loss``, so that a length one split's batches compiled serves the others.
 
     With params on a mesh, each batch's rows are split over its data axes like a training
     batch (the batch size is rounded up to a multiple of them with padding rows) and the
@@ -371,12 +374,15 @@ def split_loss(example_loss, dataset, batch_size: int, buckets: int = 1, *,
     holds the whole split, and every process must call the returned function.
     """
     rules = sh.AxisRules()
-    compiled: dict = {}  # mesh -> jitted loss
+    programs = {} if programs is None else programs  # mesh -> jitted loss
+    compiled: dict = {}  # mesh -> that program, announced
     announce = announce or (lambda fn: fn)
 
     def place(mesh):
         if mesh not in compiled:
-            compiled[mesh] = announce(loss_program(example_loss, mesh, rules))
+            if mesh not in programs:
+                programs[mesh] = loss_program(example_loss, mesh, rules)
+            compiled[mesh] = announce(programs[mesh])
         return compiled[mesh]
 
     batches: dict = {}  # rows per batch -> the split's batches
@@ -417,10 +423,11 @@ def _split_batcher(dataset, rows: int, buckets: int):
 
 
 def mean_loss(example_loss, params, dataset, batch_size: int, buckets: int = 1, *,
-              announce: Callable | None = None) -> float:
+              announce: Callable | None = None, programs: dict | None = None) -> float:
     """Mean per-example loss over a whole split (see :func:`split_loss`; every process calls
     it when params span several)."""
-    return split_loss(example_loss, dataset, batch_size, buckets, announce=announce)(params)
+    return split_loss(example_loss, dataset, batch_size, buckets, announce=announce,
+                      programs=programs)(params)
 
 
 def state_setup(cfg: ExperimentConfig, model, n: int, mesh, rules, *, load_weights: bool):
@@ -742,9 +749,12 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
         log = train.MetricsLog(out, resumed_from=start)
         eval_fn = None  # full validation loss every loop.eval_every steps
         evaluated: dict = {}  # its latest value: at the last step, the final evaluation's
+        # the evaluation's loss (a LoRA run's of (adapters, base)) and its jitted passes, one
+        # per mesh, shared by every split and the final evaluation
+        passes = (weights_loss(example_loss, lora), {})
         if loop.eval_every:
-            val_loss = split_loss(weights_loss(example_loss, lora), task.validation,
-                                  cfg.eval_batch_size, cfg.data.length_buckets,
+            val_loss = split_loss(passes[0], task.validation, cfg.eval_batch_size,
+                                  cfg.data.length_buckets, programs=passes[1],
                                   announce=announcer(console, "validation loss pass"))
             if lora:  # (adapters, base): the base rides in the state
                 weights_of = lambda s: (s.theta, s.frozen)  # noqa: E731
@@ -817,22 +827,26 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
     last_val = evaluated.get("val_loss") if step == loop.steps and step > start else None
     try:  # on a copy: a final evaluation that stops leaves none of its figures in result
         return _finish(cfg, out, console, dict(result), state, model, lora, task, data_set,
-                       good_N, learned, val_loss=last_val)
+                       good_N, learned, val_loss=last_val, passes=passes)
     except train.OutOfMemoryError as e:  # the final state is saved: a rerun evaluates it
         return stopped({"reason": "out_of_memory", "message": str(e)})
 
 
 def _finish(cfg, out: Path, console, result: dict, state, model, lora: bool, task, data_set,
-            good_N, learned: bool, val_loss: float | None = None) -> dict:
+            good_N, learned: bool, val_loss: float | None = None,
+            passes: tuple[Callable, dict] | None = None) -> dict:
     """A finished run's final evaluation (out of device memory: ``train.OutOfMemoryError``),
     report and model. A LoRA run is scored through its adapters over the base, unmerged (the
     function it trained; ``model/`` is the merge, see :func:`_merge_rounding`). ``val_loss``:
     the state's validation loss when the loop has just measured it (its evaluation at the
-    last step), which the final evaluation then takes instead of a pass of its own."""
+    last step), which the final evaluation then takes instead of a pass of its own;
+    ``passes``: the loop's evaluation loss and its jitted passes (:func:`split_loss`'s
+    ``programs``), which the final passes share."""
     if lora:
         result.update(_merge_rounding(state, model, console))
     base, adapters = (state.frozen, state.theta) if lora else (state.theta, None)
     loss, scored = scoring_loss(model, base, adapters)
+    loss, programs = passes if passes is not None else (loss, {})
     if (note := inputs.withheld_note(cfg.data, out)) is not None:
         console.info(note)
     s_N = _host_weights(state, cfg.method.weighting)
@@ -841,11 +855,13 @@ def _finish(cfg, out: Path, console, result: dict, state, model, lora: bool, tas
     with (train.naming_out_of_memory("final evaluation", result["steps"], last),
           console.phase("final evaluation") as phase):
         result["val_loss"] = (mean_loss(loss, scored, task.validation, bs, buckets,
-                                        announce=announcer(console, "validation loss pass"))
+                                        announce=announcer(console, "validation loss pass"),
+                                        programs=programs)
                               if val_loss is None else val_loss)
         if task.test is not None:
             result["test_loss"] = mean_loss(loss, scored, task.test, bs, buckets,
-                                            announce=announcer(console, "test loss pass"))
+                                            announce=announcer(console, "test loss pass"),
+                                            programs=programs)
         scores, predictions = score_splits(model, base, task, bs, lora=adapters,
                                            gather_params=cfg.online.gather_params,
                                            buckets=buckets, console=console)

@@ -199,12 +199,13 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, overrides: Seq
         console.info(note)
     loss, weights = experiment.scoring_loss(model, params, lora)
     bs, buckets = cfg.eval_batch_size, cfg.data.length_buckets
+    programs: dict = {}  # the splits' passes share one program per batch length
     with console.phase("evaluating") as phase:
         result = {"run": str(run_dir)}
         for split, ds in (("validation", task.validation), ("test", task.test)):
             if ds is not None:
                 result[f"{experiment.SPLIT_PREFIX[split]}_loss"] = experiment.mean_loss(
-                    loss, weights, ds, bs, buckets,
+                    loss, weights, ds, bs, buckets, programs=programs,
                     announce=experiment.announcer(console, f"{split} loss pass"))
         result.update(experiment.score_splits(
             model, params, task, bs, gather_params=cfg.online.gather_params, lora=lora,

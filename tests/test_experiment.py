@@ -140,6 +140,25 @@ def test_sigterm_marks_the_run_interrupted_and_writes_no_report(tmp_path, monkey
         assert not (tmp_path / name).exists(), name  # nothing that looks like a finished run
 
 
+@pytest.mark.parametrize("eval_every", [0, 2])
+def test_the_evaluation_loss_passes_share_their_programs(tmp_path, eval_every):
+    """The loop's validation pass and the final evaluation's validation and test passes are
+    one jitted program (the same loss, the same batch shapes): compiled once, then found."""
+    import io
+
+    from jbilevel.console import Console
+
+    cfg = experiment.ExperimentConfig(
+        **TINY, method=MethodConfig(method="sft"),
+        loop=train.LoopConfig(steps=4, eval_every=eval_every, progress=False))
+    out = io.StringIO()
+    experiment.run(cfg, tmp_path, console=Console(stream=out))
+    log = out.getvalue()
+    assert log.count("compiled the validation loss pass in") == 1, log
+    assert "compiling the test loss pass ...\nfound the test loss pass compiled already" in log
+    assert "compiled the test loss pass" not in log, log
+
+
 def test_ctrl_c_outside_the_training_loop_ends_the_command_with_one_line(tmp_path, monkeypatch,
                                                                         capsys):
     def interrupted(*args, **kwargs):  # Ctrl-C while loading, compiling or evaluating
