@@ -178,11 +178,13 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"jbilevel {args.command}: error: {e}", file=sys.stderr)
         status = EXIT_USER_ERROR
-    except KeyboardInterrupt:  # Ctrl-C outside the training loop, or a second one in it
+    except KeyboardInterrupt as e:  # Ctrl-C
         console.close_bar()
-        resume = ("; rerun the same command to resume from the newest checkpoint"
-                  if args.command == "train" else "")
-        print(f"jbilevel {args.command}: interrupted (Ctrl-C){resume}", file=sys.stderr)
+        if getattr(e, "step", None) is None:  # not train.Interrupted, which the run has
+            # reported with its checkpoint: outside the training loop, or a second Ctrl-C
+            resume = ("; rerun the same command to resume from the newest checkpoint"
+                      if args.command == "train" else "")
+            print(f"jbilevel {args.command}: interrupted (Ctrl-C){resume}", file=sys.stderr)
         status = EXIT_CTRL_C
     except Exception:
         if not distributed.stopped_here():

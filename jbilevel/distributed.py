@@ -160,8 +160,12 @@ def stopping_together():
         try:
             yield
         except (Exception, KeyboardInterrupt) as e:  # this process's own error or a second
-            # Ctrl-C: the others must not wait for it
-            announce_stop(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+            # Ctrl-C: the others must not wait for it (a first Ctrl-C stopped them all at one
+            # step, train.Interrupted: nothing to announce)
+            from jbilevel.train import Interrupted
+
+            if not isinstance(e, Interrupted):
+                announce_stop(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
             raise
 
 

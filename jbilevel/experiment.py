@@ -581,9 +581,10 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None = N
       results.json is written (the last good checkpoint stays in ``out_dir/checkpoints``).
 
     Raises:
-      train.Preempted: SIGTERM, or a first Ctrl-C, stopped the training loop at a step
-        whose checkpoint it wrote; results.json says so (``interrupted``, reason
-        ``sigterm`` or ``sigint``), and the same call resumes.
+      train.Preempted: SIGTERM stopped the training loop at a step whose checkpoint it
+        wrote; results.json says so (``interrupted``, reason ``sigterm``), and the same call
+        resumes.
+      train.Interrupted: a first Ctrl-C did (reason ``sigint``); a ``KeyboardInterrupt``.
 
     In a multi-process run a process that stops by itself (out of memory on its devices, an
     exception of its own) tells the others (``jbilevel.distributed.announce_stop``), and
@@ -784,7 +785,8 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
             # others hear of it now, before the checkpointer closes (its writes sync them)
             distributed.announce_stop(str(e))
             interrupted = {"reason": "out_of_memory", "message": str(e)}
-        except train.Preempted as stop:  # every process stopped at the same step, saved
+        except (train.Preempted, train.Interrupted) as stop:  # every process stopped at
+            # the same step, saved
             interrupted = {"reason": stop.reason, "message": str(stop)}
             preempted, step = stop, stop.step
         finally:
@@ -818,7 +820,7 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
         if jax.process_index() == 0 or first:
             _write_json(out / "results.json", result)
         if preempted is not None:
-            raise preempted  # exit status 143 (130 after Ctrl-C); the same command resumes
+            raise preempted  # exit status 143 / a KeyboardInterrupt; the same command resumes
         return result
 
     if interrupted is not None:  # not a finished run

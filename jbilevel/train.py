@@ -8,8 +8,9 @@ clear message on a non-finite loss, leaving the last good checkpoint in place.
 
 SIGTERM (preemption) stops the run at a step boundary: every process stops at the same step,
 writes the checkpoint of that step and raises :class:`Preempted` (exit status 143 unless
-caught). Ctrl-C (SIGINT) while the loop runs asks for the same stop (exit status 130); a second
-Ctrl-C stops at once (``KeyboardInterrupt``), losing the steps since the last checkpoint.
+caught). Ctrl-C (SIGINT) while the loop runs asks for the same stop and raises
+:class:`Interrupted`, a ``KeyboardInterrupt``; a second Ctrl-C stops at once (a plain
+``KeyboardInterrupt``), losing the steps since the last checkpoint.
 What bounds the delay: a compiled program cannot be interrupted, and the loop
 keeps one step in flight, so the programs running or queued when the signal arrives finish
 first: at most two training steps and, at a bds hypergradient step, that hypergradient (one
@@ -153,29 +154,48 @@ def naming_out_of_memory(doing: str, step: int, last: str):
         _raise_named(e, doing, step, last)
 
 
-class Preempted(SystemExit):
-    """SIGTERM, or Ctrl-C (SIGINT), stopped the run at ``step`` after that step's checkpoint
-    was written.
+class _StoppedAt:
+    """What :class:`Preempted` and :class:`Interrupted` say: the step the run stopped at
+    after writing its checkpoint (``checkpoint``: that checkpoint's directory, or None)."""
 
-    A ``SystemExit`` with status 128 + the signal's number (143 for SIGTERM, 130 for SIGINT:
-    what a shell reports for a process ended by that signal): uncaught, the process exits
-    with that status and no traceback, and ``except Exception`` handlers let it through.
-    Rerunning the same command resumes. ``reason``: ``"sigterm"`` or ``"sigint"``.
-    """
+    by = ""  # the signal, as the message names it
+    reason = ""  # results.json's interrupted.reason
 
-    def __init__(self, step: int, checkpoint: str | None, signum: int = signal.SIGTERM):
-        super().__init__(128 + signum)
-        self.step, self.checkpoint, self.signum = step, checkpoint, signum
-
-    @property
-    def reason(self) -> str:
-        return "sigint" if self.signum == signal.SIGINT else "sigterm"
+    def _at(self, step: int, checkpoint: str | None) -> None:
+        self.step, self.checkpoint = step, checkpoint
 
     def __str__(self) -> str:
         saved = (f"its checkpoint is {self.checkpoint}; rerun the same command to resume"
                  if self.checkpoint else "no checkpoint directory was given, nothing saved")
-        by = "Ctrl-C (SIGINT)" if self.signum == signal.SIGINT else "SIGTERM"
-        return f"interrupted by {by} at step {self.step}: {saved}"
+        return f"interrupted by {self.by} at step {self.step}: {saved}"
+
+
+class Preempted(_StoppedAt, SystemExit):
+    """SIGTERM stopped the run at ``step`` after that step's checkpoint was written.
+
+    A ``SystemExit`` with status 143 (128 + SIGTERM, what a shell reports for a process
+    ended by SIGTERM): uncaught, the process exits with that status and no traceback, and
+    ``except Exception`` handlers let it through. Rerunning the same command resumes.
+    """
+
+    EXIT_STATUS = 128 + signal.SIGTERM
+    by, reason = "SIGTERM", "sigterm"
+
+    def __init__(self, step: int, checkpoint: str | None):
+        super().__init__(self.EXIT_STATUS)
+        self._at(step, checkpoint)
+
+
+class Interrupted(_StoppedAt, KeyboardInterrupt):
+    """A first Ctrl-C (SIGINT) stopped the run at ``step`` after that step's checkpoint was
+    written: a ``KeyboardInterrupt``, as a Ctrl-C is anywhere else (in a notebook too), whose
+    work up to that step is kept. Rerunning the same command resumes."""
+
+    by, reason = "Ctrl-C (SIGINT)", "sigint"
+
+    def __init__(self, step: int, checkpoint: str | None):
+        super().__init__()
+        self._at(step, checkpoint)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -506,8 +526,9 @@ def run(
       OutOfMemoryError: a step ran out of device memory (XLA's ``RESOURCE_EXHAUSTED``); the
         message names the phase and the settings that lower its memory; nothing after the
         last checkpoint is saved.
-      Preempted: SIGTERM on any process, or a first Ctrl-C: every process stopped at the same
-        step and that step's checkpoint is written (when ``ckpt`` is given).
+      Preempted: SIGTERM on any process: every process stopped at the same step and that
+        step's checkpoint is written (when ``ckpt`` is given).
+      Interrupted: a first Ctrl-C, the same stop (other processes of the run: Preempted).
       KeyboardInterrupt: a second Ctrl-C; nothing after the last checkpoint is saved.
     """
     if compiled.hyper is not None and hyper_batches is None:
@@ -633,6 +654,6 @@ def run(
     if progress is not None:
         progress.close()
     if stopped:
-        raise Preempted(step, str(ckpt.directory / str(step)) if ckpt is not None else None,
-                        preempt.signum)
+        stop = Interrupted if preempt.signum == signal.SIGINT else Preempted
+        raise stop(step, str(ckpt.directory / str(step)) if ckpt is not None else None)
     return state, step

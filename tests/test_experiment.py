@@ -101,12 +101,12 @@ def test_hypergrad_signal_script_on_a_finished_run(tmp_path, capsys):
     assert all(0.0 <= float(r[2]) <= 1.0 for r in rows)
 
 
-@pytest.mark.parametrize("signum, status, reason, by", [
-    (signal.SIGTERM, 143, "sigterm", "SIGTERM"),
-    (signal.SIGINT, 130, "sigint", "Ctrl-C (SIGINT)"),  # a first Ctrl-C: the same stop
+@pytest.mark.parametrize("signum, raised, reason, by", [
+    (signal.SIGTERM, train.Preempted, "sigterm", "SIGTERM"),
+    (signal.SIGINT, train.Interrupted, "sigint", "Ctrl-C (SIGINT)"),  # a first Ctrl-C
 ])
 def test_sigterm_marks_the_run_interrupted_and_writes_no_report(tmp_path, monkeypatch, capsys,
-                                                                signum, status, reason, by):
+                                                                signum, raised, reason, by):
     from jbilevel.data import Batcher
 
     real, calls = Batcher.__next__, []
@@ -121,9 +121,11 @@ def test_sigterm_marks_the_run_interrupted_and_writes_no_report(tmp_path, monkey
     cfg = experiment.ExperimentConfig(
         **TINY, method=MethodConfig(method="sft"),
         loop=train.LoopConfig(steps=50, log_every=1, checkpoint_every=0, progress=False))
-    with pytest.raises(train.Preempted) as stop:
+    with pytest.raises(raised) as stop:
         experiment.run(cfg, tmp_path)
-    assert stop.value.code == status and stop.value.step == 2
+    assert stop.value.step == 2
+    if raised is train.Preempted:  # SystemExit(143); Interrupted: a KeyboardInterrupt
+        assert stop.value.code == 143
     said = "warning: Ctrl-C: stopping after this step, once its checkpoint is written"
     assert (said in capsys.readouterr().err) == (signum == signal.SIGINT)
     result = json.loads((tmp_path / "results.json").read_text())
@@ -161,14 +163,20 @@ def test_the_evaluation_loss_passes_share_their_programs(tmp_path, eval_every):
 
 def test_ctrl_c_outside_the_training_loop_ends_the_command_with_one_line(tmp_path, monkeypatch,
                                                                         capsys):
-    def interrupted(*args, **kwargs):  # Ctrl-C while loading, compiling or evaluating
-        raise KeyboardInterrupt
+    stop = [KeyboardInterrupt()]  # Ctrl-C while loading, compiling or evaluating
+
+    def interrupted(*args, **kwargs):
+        raise stop[0]
 
     monkeypatch.setattr(experiment, "run", interrupted)
     assert cli.main(["train", "--out", str(tmp_path), "--compile-cache", "none"]) == 130
     err = capsys.readouterr().err
     assert err.endswith("jbilevel train: interrupted (Ctrl-C); rerun the same command to "
                         "resume from the newest checkpoint\n") and "Traceback" not in err
+    # in the training loop: the run has said where it stopped and what it saved
+    stop[0] = train.Interrupted(5, str(tmp_path / "checkpoints" / "5"))
+    assert cli.main(["train", "--out", str(tmp_path), "--compile-cache", "none"]) == 130
+    assert "interrupted (Ctrl-C)" not in capsys.readouterr().err
 
 
 def test_rounded_away_share_is_the_share_of_weights_a_step_leaves_as_they_were():

@@ -125,9 +125,7 @@ def test_restore_onto_another_mesh(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("signame, status, by", [("SIGTERM", 143, "SIGTERM"),
-                                                 ("SIGINT", 130, "Ctrl-C (SIGINT)")])
-def test_sigterm_writes_checkpoint_and_exits_143(tmp_path, signame, status, by):
+def test_sigterm_writes_checkpoint_and_exits_143(tmp_path):
     ckpt = tmp_path / "ckpt"
     script = textwrap.dedent(
         f"""
@@ -140,7 +138,7 @@ def test_sigterm_writes_checkpoint_and_exits_143(tmp_path, signame, status, by):
             def __next__(self):
                 calls.append(1)
                 if len(calls) == 7:
-                    os.kill(os.getpid(), signal.{signame})  # preemption notice mid-run
+                    os.kill(os.getpid(), signal.SIGTERM)  # preemption notice mid-run
                 return super().__next__()
         toy.Batches = Source
         try:
@@ -151,31 +149,52 @@ def test_sigterm_writes_checkpoint_and_exits_143(tmp_path, signame, status, by):
         """
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
-    assert proc.returncode == status, proc.stderr.decode()[-3000:]
+    assert proc.returncode == 143, proc.stderr.decode()[-3000:]
     assert b"Traceback" not in proc.stderr  # a SystemExit: no traceback
     out = proc.stdout.decode()
-    assert f"STOPPED AT 7 - interrupted by {by} at step 7: its checkpoint is {ckpt}/7" in out
+    assert f"STOPPED AT 7 - interrupted by SIGTERM at step 7: its checkpoint is {ckpt}/7" in out
     with Checkpointer(ckpt) as c:
         assert c.all_steps() == [7]
 
 
-def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path, monkeypatch):
+def _ctrl_c_at(batch: int, presses: int, monkeypatch) -> list:
+    """toy.Batches sends this process ``presses`` SIGINTs in a row when its ``batch``-th batch
+    is read; the calls made."""
     calls = []
 
     class Source(toy.Batches):
         def __next__(self):
             calls.append(1)
-            if len(calls) == 7:  # two Ctrl-Cs in a row mid-run
-                os.kill(os.getpid(), signal.SIGINT)
-                os.kill(os.getpid(), signal.SIGINT)
+            if len(calls) == batch:
+                for _ in range(presses):
+                    os.kill(os.getpid(), signal.SIGINT)
             return super().__next__()
 
     monkeypatch.setattr(toy, "Batches", Source)
+    return calls
+
+
+def test_ctrl_c_stops_at_the_step_with_its_checkpoint(tmp_path, monkeypatch, capsys):
+    _ctrl_c_at(7, 1, monkeypatch)
     before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(train.Interrupted) as stop:
         toy.run_to("sft", sh.MeshConfig(data=-1), 1000, tmp_path / "ckpt", 0)
-    assert len(calls) == 7  # it stopped inside the step, not at the end of it
+    assert isinstance(stop.value, KeyboardInterrupt) and stop.value.step == 7
+    assert str(stop.value) == (f"interrupted by Ctrl-C (SIGINT) at step 7: its checkpoint is "
+                               f"{tmp_path / 'ckpt' / '7'}; rerun the same command to resume")
+    assert ("warning: Ctrl-C: stopping after this step, once its checkpoint is written (Ctrl-C "
+            "again stops at once, without it)") in capsys.readouterr().err
     assert signal.getsignal(signal.SIGINT) is before  # the loop's handlers are gone
+    with Checkpointer(tmp_path / "ckpt") as c:
+        assert c.all_steps() == [7]
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path, monkeypatch):
+    calls = _ctrl_c_at(7, 2, monkeypatch)  # two Ctrl-Cs in a row mid-run
+    with pytest.raises(KeyboardInterrupt) as stop:
+        toy.run_to("sft", sh.MeshConfig(data=-1), 1000, tmp_path / "ckpt", 0)
+    assert not isinstance(stop.value, train.Interrupted)
+    assert len(calls) == 7  # it stopped inside the step, not at the end of it
     with Checkpointer(tmp_path / "ckpt") as c:
         assert c.all_steps() == []  # nothing saved: the steps since the last checkpoint are lost
 
