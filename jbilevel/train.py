@@ -309,7 +309,8 @@ class _Preemption:
     Ctrl-C: the first SIGINT is such a request (with several processes this process sends
     itself SIGTERM, which the service hears) and says so; a second one raises
     ``KeyboardInterrupt`` at once. SIGINTs that arrive while a program compiles or runs are
-    handled when it returns, several of them as one.
+    handled when it returns, several of them as one. A process that ignores SIGINT (a
+    shell's background job, ``nohup``) goes on ignoring it.
     """
 
     def __init__(self, console: Console | None = None):
@@ -341,7 +342,9 @@ class _Preemption:
             if self._multi:  # JAX's preemption service agrees on the step with the others
                 os.kill(os.getpid(), signal.SIGTERM)
 
-        handlers = {signal.SIGINT: on_sigint}
+        handlers = {}
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # (a background job's is)
+            handlers[signal.SIGINT] = on_sigint
         if not self._multi:
             handlers[signal.SIGTERM] = on_sigterm
         for signum, handler in handlers.items():

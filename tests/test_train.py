@@ -189,6 +189,17 @@ def test_ctrl_c_stops_at_the_step_with_its_checkpoint(tmp_path, monkeypatch, cap
         assert c.all_steps() == [7]
 
 
+def test_a_process_that_ignores_ctrl_c_goes_on_ignoring_it(tmp_path, monkeypatch):
+    _ctrl_c_at(3, 1, monkeypatch)
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a shell's background job
+    try:
+        _, step = toy.run_to("sft", sh.MeshConfig(data=-1), 6, tmp_path / "ckpt", 0)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert step == 6  # the Ctrl-C at step 3 was ignored
+
+
 def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path, monkeypatch):
     calls = _ctrl_c_at(7, 2, monkeypatch)  # two Ctrl-Cs in a row mid-run
     with pytest.raises(KeyboardInterrupt) as stop:
