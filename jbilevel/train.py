@@ -278,6 +278,17 @@ def compile_steps(steps: Steps, cfg: MethodConfig, mesh, rules: sh.AxisRules,
 
         return traced
 
+    def counted(step, batches: int):  # a train step that also reports the tokens it trained
+        if step is None:
+            return None
+
+        @functools.wraps(step)
+        def train_step(state, *args):
+            state, metrics = step(state, *args)
+            return state, {**metrics, **trained_tokens(*args[:batches])}
+
+        return train_step
+
     options = train_compiler_options(mesh.devices.flat[0].platform)
 
     def jitted(step, batches: int, static: int = 0):  # compiled on its first call: an unused
@@ -288,9 +299,20 @@ def compile_steps(steps: Steps, cfg: MethodConfig, mesh, rules: sh.AxisRules,
                        static_argnums=tuple(range(1 + batches, 1 + batches + static)),
                        compiler_options=options)
 
-    return CompiledSteps(jitted(steps.train, n_batches, steps.train_static),
+    return CompiledSteps(jitted(counted(steps.train, n_batches), n_batches, steps.train_static),
                          jitted(steps.hyper, 2, steps.hyper_static), with_val, batch_sh,
-                         train_offline=jitted(steps.train_offline, n_batches))
+                         train_offline=jitted(counted(steps.train_offline, n_batches),
+                                              n_batches))
+
+
+def trained_tokens(*batches: dict) -> dict:
+    """``{"tokens": the batches' tokens}`` (padding left out; for bmo its validation batch's
+    too) for a token batch's train step, which the loop turns into ``tokens_per_s``; ``{}``
+    for batches of other kinds. Online generation's rows are the step's own
+    (``online_tokens``)."""
+    if not all(isinstance(b, dict) and "attention_mask" in b for b in batches):
+        return {}
+    return {"tokens": sum(jnp.sum(b["attention_mask"]) for b in batches)}
 
 
 class _Preemption:
@@ -554,6 +576,7 @@ def run(
 
     hyper_metrics: dict = {}
     hook_metrics: dict = {}
+    tokens = [0.0]  # the tokens trained since start_step (every step's, read back)
     t0 = time.perf_counter()
     step = start_step
 
@@ -585,8 +608,13 @@ def run(
             )
         if record.get("hyper_step") == at:
             console.hyper_finished(at, record)
+        if "tokens" in record:
+            tokens[0] += record["tokens"] + record.get("online_tokens", 0.0)
         if logged(at):
-            record["steps_per_s"] = (at - start_step) / max(time.perf_counter() - t0, 1e-9)
+            elapsed = max(time.perf_counter() - t0, 1e-9)
+            record["steps_per_s"] = (at - start_step) / elapsed
+            if "tokens" in record:
+                record["tokens_per_s"] = tokens[0] / elapsed
             if log is not None and jax.process_index() == 0:
                 log.write(at, record)
             if on_log is not None:

@@ -142,6 +142,26 @@ def test_sigterm_marks_the_run_interrupted_and_writes_no_report(tmp_path, monkey
         assert not (tmp_path / name).exists(), name  # nothing that looks like a finished run
 
 
+@pytest.mark.parametrize("method", ["sft", "bmo"])
+def test_every_record_counts_the_tokens_trained(tmp_path, method):
+    """A batch of every training row: each step trains on their tokens (bmo: with its
+    validation batch's, every validation row), padding left out; tokens_per_s is their
+    running rate."""
+    from jbilevel.console import Console
+
+    cfg = experiment.ExperimentConfig(
+        **{**TINY, "batch_size": 64}, method=MethodConfig(method=method),
+        loop=train.LoopConfig(steps=2, log_every=1, progress=False))
+    experiment.run(cfg, tmp_path)
+    task = experiment.load_data(cfg, Console(verbosity=0))
+    want = int(task.train.length_N.sum()) + (
+        int(task.validation.length_N.sum()) if method == "bmo" else 0)
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in records] == [want, want]
+    assert want < 64 * task.train.max_len  # the batch's padding is not counted
+    assert all(r["tokens_per_s"] > 0 for r in records)
+
+
 @pytest.mark.parametrize("eval_every", [0, 2])
 def test_the_evaluation_loss_passes_share_their_programs(tmp_path, eval_every):
     """The loop's validation pass and the final evaluation's validation and test passes are

@@ -587,7 +587,9 @@ def make_online_steps(example_loss, model, method: MethodConfig,
         stats = {"online_ratio_mean": jnp.sum(ratio_s * mask) / count,
                  "online_clipped": jnp.sum(clipped_s * mask) / count,
                  "online_gen_loss": losses.weighted_mean(nll_B, jnp.ones_like(nll_B),
-                                                         gen["valid"])}
+                                                         gen["valid"]),
+                 # the generated rows' tokens (padding and invalid rows left out)
+                 "online_tokens": jnp.sum(gen["attention_mask"] * gen["valid"][:, None])}
         return {**gen, "ratio": ratio}, stats
 
     gen_loss = generated_loss(model, frozen=frozen)
