@@ -180,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         status = EXIT_USER_ERROR
     except KeyboardInterrupt as e:  # Ctrl-C
         console.close_bar()
-        if getattr(e, "step", None) is None:  # not train.Interrupted, which the run has
-            # reported with its checkpoint: outside the training loop, or a second Ctrl-C
+        train = sys.modules.get("jbilevel.train")  # (not imported: not its Interrupted)
+        if train is None or not isinstance(e, train.Interrupted):  # which the run reported
+            # with its checkpoint; this is outside the training loop, or a second Ctrl-C
             resume = ("; rerun the same command to resume from the newest checkpoint"
                       if args.command == "train" else "")
             print(f"jbilevel {args.command}: interrupted (Ctrl-C){resume}", file=sys.stderr)

@@ -752,10 +752,10 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
         evaluated: dict = {}  # its latest value: at the last step, the final evaluation's
         # the evaluation's loss (a LoRA run's of (adapters, base)) and its jitted passes, one
         # per mesh, shared by every split and the final evaluation
-        passes = (weights_loss(example_loss, lora), {})
+        eval_loss, eval_programs = weights_loss(example_loss, lora), {}
         if loop.eval_every:
-            val_loss = split_loss(passes[0], task.validation, cfg.eval_batch_size,
-                                  cfg.data.length_buckets, programs=passes[1],
+            val_loss = split_loss(eval_loss, task.validation, cfg.eval_batch_size,
+                                  cfg.data.length_buckets, programs=eval_programs,
                                   announce=announcer(console, "validation loss pass"))
             if lora:  # (adapters, base): the base rides in the state
                 weights_of = lambda s: (s.theta, s.frozen)  # noqa: E731
@@ -829,26 +829,25 @@ def _run(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool | None,
     last_val = evaluated.get("val_loss") if step == loop.steps and step > start else None
     try:  # on a copy: a final evaluation that stops leaves none of its figures in result
         return _finish(cfg, out, console, dict(result), state, model, lora, task, data_set,
-                       good_N, learned, val_loss=last_val, passes=passes)
+                       good_N, learned, eval_loss, eval_programs, val_loss=last_val)
     except train.OutOfMemoryError as e:  # the final state is saved: a rerun evaluates it
         return stopped({"reason": "out_of_memory", "message": str(e)})
 
 
 def _finish(cfg, out: Path, console, result: dict, state, model, lora: bool, task, data_set,
-            good_N, learned: bool, val_loss: float | None = None,
-            passes: tuple[Callable, dict] | None = None) -> dict:
+            good_N, learned: bool, loss: Callable, programs: dict,
+            val_loss: float | None = None) -> dict:
     """A finished run's final evaluation (out of device memory: ``train.OutOfMemoryError``),
     report and model. A LoRA run is scored through its adapters over the base, unmerged (the
     function it trained; ``model/`` is the merge, see :func:`_merge_rounding`). ``val_loss``:
     the state's validation loss when the loop has just measured it (its evaluation at the
-    last step), which the final evaluation then takes instead of a pass of its own;
-    ``passes``: the loop's evaluation loss and its jitted passes (:func:`split_loss`'s
-    ``programs``), which the final passes share."""
+    last step), which the final evaluation then takes instead of a pass of its own.
+    ``loss``, ``programs``: the loop's evaluation loss and its jitted passes
+    (:func:`split_loss`), which the final passes share."""
     if lora:
         result.update(_merge_rounding(state, model, console))
     base, adapters = (state.frozen, state.theta) if lora else (state.theta, None)
-    loss, scored = scoring_loss(model, base, adapters)
-    loss, programs = passes if passes is not None else (loss, {})
+    _, scored = scoring_loss(model, base, adapters)  # the weights as ``loss`` takes them
     if (note := inputs.withheld_note(cfg.data, out)) is not None:
         console.info(note)
     s_N = _host_weights(state, cfg.method.weighting)

@@ -310,7 +310,7 @@ def trained_tokens(*batches: dict) -> dict:
     too) for a token batch's train step, which the loop turns into ``tokens_per_s``; ``{}``
     for batches of other kinds. Online generation's rows are the step's own
     (``online_tokens``)."""
-    if not all(isinstance(b, dict) and "attention_mask" in b for b in batches):
+    if not all("attention_mask" in b for b in batches):
         return {}
     return {"tokens": sum(jnp.sum(b["attention_mask"]) for b in batches)}
 
@@ -335,7 +335,7 @@ class _Preemption:
     shell's background job, ``nohup``) goes on ignoring it.
     """
 
-    def __init__(self, console: Console | None = None):
+    def __init__(self, console: Console):
         self.requested = False
         self.signum = signal.SIGTERM  # the signal that asked first
         self._console = console
@@ -357,10 +357,8 @@ class _Preemption:
             if self.requested:  # the second Ctrl-C (or one after SIGTERM): stop now
                 raise KeyboardInterrupt
             self.requested, self.signum = True, signal.SIGINT
-            line = ("Ctrl-C: stopping after this step, once its checkpoint is written "
-                    "(Ctrl-C again stops at once, without it)")
-            if self._console is not None:
-                self._console.warn(line, own=True)
+            self._console.warn("Ctrl-C: stopping after this step, once its checkpoint is "
+                               "written (Ctrl-C again stops at once, without it)", own=True)
             if self._multi:  # JAX's preemption service agrees on the step with the others
                 os.kill(os.getpid(), signal.SIGTERM)
 
